@@ -1,0 +1,2 @@
+//! The `ddpm` command.
+fn main() {}

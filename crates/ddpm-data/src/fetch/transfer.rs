@@ -1,0 +1,328 @@
+//! Getting bytes from a URL or a directory into a file: HTTP Range resume, retries with
+//! exponential backoff, progress bars.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::FetchOptions;
+use crate::error::{DataError, Result};
+
+/// The longest wait between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The largest small text file (a checksum list) read into memory.
+const MAX_TEXT: u64 = 64 << 20;
+
+/// Where a file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    Url(String),
+    Path(PathBuf),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Url(u) => f.write_str(u),
+            Location::Path(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Whether an error means the file does not exist at its location.
+pub(crate) fn is_not_found(e: &DataError) -> bool {
+    matches!(
+        e,
+        DataError::MissingFile { .. } | DataError::HttpStatus { status: 404 | 410, .. }
+    )
+}
+
+/// Whether trying again may help.
+pub(crate) fn is_transient(e: &DataError) -> bool {
+    match e {
+        DataError::Interrupted { .. } => true,
+        DataError::HttpStatus { status, .. } => matches!(status, 408 | 429 | 500..=599),
+        DataError::Http { source, .. } => matches!(
+            **source,
+            ureq::Error::Io(_)
+                | ureq::Error::Timeout(_)
+                | ureq::Error::HostNotFound
+                | ureq::Error::ConnectionFailed
+                | ureq::Error::Protocol(_)
+        ),
+        _ => false,
+    }
+}
+
+fn status_hint(status: u16) -> String {
+    match status {
+        404 | 410 => "the file is not at this address; check --from / DDPM_DATA_MIRROR, or that the \
+                      upstream site still serves it"
+            .to_string(),
+        401 | 403 => "access denied; the server needs credentials this tool does not have".to_string(),
+        408 | 429 | 500..=599 => "the server failed or is overloaded; try again later".to_string(),
+        _ => "unexpected answer from the server".to_string(),
+    }
+}
+
+/// Fetches files for one data set.
+pub(crate) struct Transfer<'a> {
+    opts: &'a FetchOptions,
+    agent: ureq::Agent,
+}
+
+impl<'a> Transfer<'a> {
+    pub fn new(opts: &'a FetchOptions) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(opts.timeout))
+            .timeout_per_read(Some(opts.timeout))
+            .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Transfer { opts, agent }
+    }
+
+    /// A byte-count progress bar (hidden when progress is off).
+    pub fn byte_bar(&self, label: &str) -> ProgressBar {
+        let bar = if self.opts.progress {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        let style = ProgressStyle::with_template(
+            "{msg:32} [{bar:30}] {bytes:>10}/{total_bytes:10} {binary_bytes_per_sec:>12} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(label.to_string());
+        bar
+    }
+
+    /// A file-count progress bar (hidden when progress is off).
+    pub fn count_bar(&self, label: &str, len: u64) -> ProgressBar {
+        let bar = if self.opts.progress {
+            ProgressBar::new(len)
+        } else {
+            ProgressBar::hidden()
+        };
+        let style = ProgressStyle::with_template(
+            "{msg:32} [{bar:30}] {pos:>6}/{len:6} files {per_sec:>12} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(label.to_string());
+        bar
+    }
+
+    /// Fetches `from` into `part`, resuming a partial `part` over HTTP. With `bar`, progress is
+    /// shown on it (its length is set from the response).
+    pub fn fetch(&self, from: &Location, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+        if let Some(parent) = part.parent() {
+            std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
+        }
+        match from {
+            Location::Path(src) => copy_file(src, part, bar),
+            Location::Url(url) => self.http_with_retries(url, part, bar),
+        }
+    }
+
+    fn http_with_retries(&self, url: &str, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+        let mut attempt = 0u32;
+        loop {
+            match self.http_once(url, part, bar) {
+                Err(e) if attempt < self.opts.retries && is_transient(&e) => {
+                    attempt += 1;
+                    let delay = self
+                        .opts
+                        .backoff
+                        .saturating_mul(1 << (attempt - 1).min(16))
+                        .min(MAX_BACKOFF);
+                    tracing::warn!(
+                        "{e}; retrying in {delay:.1?} (try {} of {})",
+                        attempt + 1,
+                        self.opts.retries + 1
+                    );
+                    std::thread::sleep(delay);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn http_once(&self, url: &str, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+        let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+        let mut request = self.agent.get(url);
+        if have > 0 {
+            request = request.header("Range", format!("bytes={have}-"));
+        }
+        let response = request.call().map_err(|e| DataError::Http {
+            url: url.to_string(),
+            source: Box::new(e),
+        })?;
+        let status = response.status().as_u16();
+        let length = response.body().content_length();
+        let start = match status {
+            200 => 0,
+            206 => {
+                let range = response
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if !range.starts_with(&format!("bytes {have}-")) {
+                    // Not the range asked for: start over on the next try.
+                    let _ = std::fs::remove_file(part);
+                    return Err(DataError::Interrupted {
+                        url: url.to_string(),
+                        received: 0,
+                        source: std::io::Error::other(format!(
+                            "asked for bytes {have}- but got Content-Range {range:?}"
+                        )),
+                    });
+                }
+                have
+            }
+            // The partial file already holds everything; its checksum decides.
+            416 if have > 0 => return Ok(()),
+            _ => {
+                return Err(DataError::HttpStatus {
+                    url: url.to_string(),
+                    status,
+                    hint: status_hint(status),
+                })
+            }
+        };
+        if start > 0 {
+            tracing::info!("resuming {url} at byte {start}");
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(start > 0)
+            .truncate(start == 0)
+            .open(part)
+            .map_err(DataError::io(part))?;
+        if let Some(bar) = bar {
+            if let Some(len) = length {
+                bar.set_length(start + len);
+            }
+            bar.set_position(start);
+        }
+        let mut reader = response.into_body().into_reader();
+        let mut received = start;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    file.flush().map_err(DataError::io(part))?;
+                    return Err(DataError::Interrupted {
+                        url: url.to_string(),
+                        received,
+                        source,
+                    });
+                }
+            };
+            file.write_all(&buf[..n]).map_err(DataError::io(part))?;
+            received += n as u64;
+            if let Some(bar) = bar {
+                bar.inc(n as u64);
+            }
+        }
+        if let Some(len) = length {
+            if received != start + len {
+                return Err(DataError::Interrupted {
+                    url: url.to_string(),
+                    received,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("expected {} bytes", start + len),
+                    ),
+                });
+            }
+        }
+        file.flush().map_err(DataError::io(part))
+    }
+
+    /// Reads a small text file (a checksum list); `Ok(None)` if it does not exist.
+    pub fn read_text(&self, from: &Location) -> Result<Option<String>> {
+        let bytes = match from {
+            Location::Path(path) => {
+                if !path.is_file() {
+                    return Ok(None);
+                }
+                let file = File::open(path).map_err(DataError::io(path))?;
+                let mut bytes = Vec::new();
+                file.take(MAX_TEXT)
+                    .read_to_end(&mut bytes)
+                    .map_err(DataError::io(path))?;
+                bytes
+            }
+            Location::Url(url) => {
+                let tmp = tempfile::NamedTempFile::new().map_err(DataError::io(std::env::temp_dir()))?;
+                // A stale partial copy must not be resumed: always start from an empty file.
+                match self.http_with_retries(url, tmp.path(), None) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+                let len = std::fs::metadata(tmp.path()).map_err(DataError::io(tmp.path()))?.len();
+                if len > MAX_TEXT {
+                    return Err(DataError::BadChecksumList {
+                        list: url.clone(),
+                        line: 0,
+                        reason: format!("{len} bytes is too large for a checksum list"),
+                    });
+                }
+                std::fs::read(tmp.path()).map_err(DataError::io(tmp.path()))?
+            }
+        };
+        String::from_utf8(bytes).map(Some).map_err(|_| DataError::BadChecksumList {
+            list: from.to_string(),
+            line: 0,
+            reason: "not UTF-8 text".to_string(),
+        })
+    }
+}
+
+fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+    let mut input = match File::open(src) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DataError::MissingFile {
+                path: src.into(),
+                hint: "the mirror directory does not hold this file".to_string(),
+            })
+        }
+        Err(e) => return Err(DataError::io(src)(e)),
+    };
+    let len = input.metadata().map_err(DataError::io(src))?.len();
+    if let Some(bar) = bar {
+        bar.set_length(len);
+        bar.set_position(0);
+    }
+    let mut output = File::create(part).map_err(DataError::io(part))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DataError::io(src)(e)),
+        };
+        output.write_all(&buf[..n]).map_err(DataError::io(part))?;
+        if let Some(bar) = bar {
+            bar.inc(n as u64);
+        }
+    }
+    output.flush().map_err(DataError::io(part))
+}

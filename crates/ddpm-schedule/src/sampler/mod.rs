@@ -1,0 +1,130 @@
+//! Sampler step math: one reverse step x_t -> x_{t_prev} given the network's output.
+//!
+//! A sampling loop draws x_T ~ N(0, I), then for `i in 0..sampler.timesteps().len()` feeds
+//! `timesteps()[i]` (an original timestep) to the model and calls `step(output, x, i, ...)`,
+//! passing fresh Gaussian noise when [`Sampler::needs_noise`] says so. Every sample of the batch
+//! shares the step's timestep.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ScheduleError};
+use crate::forward::check_same_shape;
+use crate::objective::Objective;
+use crate::posterior::DdpmVariance;
+use crate::schedule::Schedule;
+
+pub mod ddim;
+pub mod ddpm;
+pub mod respace;
+
+pub use ddim::DdimSampler;
+pub use ddpm::DdpmSampler;
+pub use respace::{spaced_timesteps, RespacedSchedule};
+
+/// What a sampling loop needs from a sampler.
+pub trait Sampler {
+    /// The original timesteps to feed the model, in the order of the steps (descending).
+    fn timesteps(&self) -> &[usize];
+
+    /// Whether step `i` adds noise, so that the caller must pass a noise tensor.
+    fn needs_noise(&self, i: usize) -> bool;
+
+    /// One reverse step: from `x_t` at `timesteps()[i]` to the next, earlier timestep (or to x_0
+    /// after the last step). `model_output` is the network's output of kind `objective` for
+    /// `(x_t, timesteps()[i])`; `noise` is standard Gaussian noise shaped like `x_t`, required
+    /// when [`Sampler::needs_noise`] is true and ignored otherwise.
+    fn step(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        i: usize,
+        objective: Objective,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor>;
+}
+
+fn default_clip() -> bool {
+    true
+}
+
+/// A sampler choice as written in a config file, e.g. `{ kind = "ddim", steps = 50, eta = 0.0 }`
+/// or `{ kind = "ddpm", variance = "fixed_large" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SamplerConfig {
+    /// Ancestral DDPM sampling, see [`DdpmSampler`].
+    Ddpm {
+        /// Respace to this many steps; all T when absent.
+        #[serde(default)]
+        steps: Option<usize>,
+        /// The reverse-step variance.
+        #[serde(default)]
+        variance: DdpmVariance,
+        /// Clip the predicted x_0 to [-1, 1].
+        #[serde(default = "default_clip")]
+        clip_x0: bool,
+    },
+    /// DDIM sampling, see [`DdimSampler`].
+    Ddim {
+        /// The number of steps; all T when absent.
+        #[serde(default)]
+        steps: Option<usize>,
+        /// The stochasticity, 0 (deterministic) to 1.
+        #[serde(default)]
+        eta: f64,
+        /// Clip the predicted x_0 to [-1, 1].
+        #[serde(default = "default_clip")]
+        clip_x0: bool,
+    },
+}
+
+impl Default for SamplerConfig {
+    /// Full-length ancestral DDPM sampling with the posterior variance and clipping.
+    fn default() -> Self {
+        Self::Ddpm {
+            steps: None,
+            variance: DdpmVariance::default(),
+            clip_x0: true,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// Builds the configured sampler over `schedule`.
+    pub fn build(&self, schedule: &Schedule) -> Result<Box<dyn Sampler + Send + Sync>> {
+        Ok(match *self {
+            Self::Ddpm {
+                steps,
+                variance,
+                clip_x0,
+            } => Box::new(DdpmSampler::new(schedule, steps, variance, clip_x0)?),
+            Self::Ddim {
+                steps,
+                eta,
+                clip_x0,
+            } => Box::new(DdimSampler::new(schedule, steps, eta, clip_x0)?),
+        })
+    }
+}
+
+/// Errors unless `i` indexes one of `len` steps.
+pub(crate) fn check_index(i: usize, len: usize) -> Result<()> {
+    if i < len {
+        Ok(())
+    } else {
+        Err(ScheduleError::StepOutOfRange { index: i, len })
+    }
+}
+
+/// The noise for a stochastic step: present and shaped like `x_t`.
+pub(crate) fn required_noise<'a>(
+    noise: Option<&'a Tensor>,
+    x_t: &Tensor,
+    index: usize,
+    timestep: usize,
+) -> Result<&'a Tensor> {
+    let noise = noise.ok_or(ScheduleError::MissingNoise { index, timestep })?;
+    check_same_shape("noise", x_t, noise)?;
+    Ok(noise)
+}

@@ -1,0 +1,185 @@
+//! Attention layers: the lucidrains `LinearAttention` and `Attention` (multi-head, over all
+//! pixels), and the DDPM paper's single-head `AttnBlock`.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::layers::{Conv2d, GroupNorm};
+use crate::ops::{self, ConvParams};
+
+const POINTWISE: ConvParams = ConvParams {
+    stride: 1,
+    padding: 0,
+};
+
+/// Splits a (b, 3 * heads * d, h, w) projection into q, k, v of shape (b, heads, d, h*w).
+fn split_qkv(qkv: &Tensor, heads: usize, dim_head: usize) -> Result<[Tensor; 3]> {
+    let (b, _, h, w) = qkv.dims4()?;
+    let parts = qkv.chunk(3, 1)?;
+    let r = |t: &Tensor| t.reshape((b, heads, dim_head, h * w));
+    Ok([r(&parts[0])?, r(&parts[1])?, r(&parts[2])?])
+}
+
+/// Linear attention (Shen et al. 2018; lucidrains): softmax over features for queries and over
+/// positions for keys, cost linear in the number of pixels. Tensors: `to_qkv.weight`,
+/// `to_out.0.{weight,bias}` (1x1 conv), `to_out.1.{weight,bias}` (GroupNorm(1)).
+#[derive(Debug, Clone)]
+pub struct LinearAttention {
+    to_qkv: Conv2d,
+    to_out: Conv2d,
+    out_norm: GroupNorm,
+    heads: usize,
+    dim_head: usize,
+}
+
+impl LinearAttention {
+    /// Linear attention over `dim` channels with `heads` heads of `dim_head` features.
+    pub fn new(dim: usize, heads: usize, dim_head: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = heads * dim_head;
+        Ok(Self {
+            to_qkv: Conv2d::new(dim, hidden * 3, 1, POINTWISE, false, vb.pp("to_qkv"))?,
+            to_out: Conv2d::new(hidden, dim, 1, POINTWISE, true, vb.pp("to_out.0"))?,
+            out_norm: GroupNorm::new(1, dim, 1e-5, vb.pp("to_out.1"))?,
+            heads,
+            dim_head,
+        })
+    }
+
+    /// Applies the layer to `x` (b, c, h, w) (no residual).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let [q, k, v] = split_qkv(&self.to_qkv.forward(x)?, self.heads, self.dim_head)?;
+        let scale = (self.dim_head as f64).powf(-0.5);
+        let q = (ops::softmax(&q, 2)? * scale)?;
+        let k = ops::softmax(&k, 3)?;
+        // context[d, e] = sum_n k[d, n] v[e, n];  out[e, n] = sum_d context[d, e] q[d, n]
+        let context = ops::matmul(&k, &v.transpose(2, 3)?)?;
+        let out = ops::matmul(&context.transpose(2, 3)?, &q)?;
+        let out = out.reshape((b, self.heads * self.dim_head, h, w))?;
+        self.out_norm.forward(&self.to_out.forward(&out)?)
+    }
+}
+
+/// Multi-head softmax attention over all pixels (lucidrains `Attention`). Tensors:
+/// `to_qkv.weight`, `to_out.{weight,bias}`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_qkv: Conv2d,
+    to_out: Conv2d,
+    heads: usize,
+    dim_head: usize,
+}
+
+impl Attention {
+    /// Attention over `dim` channels with `heads` heads of `dim_head` features.
+    pub fn new(dim: usize, heads: usize, dim_head: usize, vb: VarBuilder) -> Result<Self> {
+        let hidden = heads * dim_head;
+        Ok(Self {
+            to_qkv: Conv2d::new(dim, hidden * 3, 1, POINTWISE, false, vb.pp("to_qkv"))?,
+            to_out: Conv2d::new(hidden, dim, 1, POINTWISE, true, vb.pp("to_out"))?,
+            heads,
+            dim_head,
+        })
+    }
+
+    /// Applies the layer to `x` (b, c, h, w) (no residual).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let [q, k, v] = split_qkv(&self.to_qkv.forward(x)?, self.heads, self.dim_head)?;
+        let scale = (self.dim_head as f64).powf(-0.5);
+        // sim[i, j] = sum_d q[d, i] k[d, j]
+        let sim = ops::matmul(&(q * scale)?.transpose(2, 3)?, &k)?;
+        let attn = ops::softmax(&sim, 3)?;
+        // out[d, i] = sum_j v[d, j] attn[i, j]
+        let out = ops::matmul(&v, &attn.transpose(2, 3)?)?;
+        self.to_out
+            .forward(&out.reshape((b, self.heads * self.dim_head, h, w))?)
+    }
+}
+
+/// `x + fn(GroupNorm(1)(x))`: the lucidrains `Residual(PreNorm(dim, fn))` wrapper. Tensors:
+/// `fn.norm.{weight,bias}` and `fn.fn.*` for the wrapped layer.
+#[derive(Debug, Clone)]
+pub struct PreNormResidual<L> {
+    norm: GroupNorm,
+    inner: L,
+}
+
+impl<L> PreNormResidual<L> {
+    /// Wraps `inner`, built under `vb.pp("fn.fn")`, with a pre-norm of `dim` channels.
+    pub fn new(
+        dim: usize,
+        vb: VarBuilder,
+        build: impl FnOnce(VarBuilder) -> Result<L>,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm: GroupNorm::new(1, dim, 1e-5, vb.pp("fn.norm"))?,
+            inner: build(vb.pp("fn.fn"))?,
+        })
+    }
+}
+
+/// A layer mapping (b, c, h, w) to the same shape.
+pub trait SpatialLayer {
+    /// Applies the layer.
+    fn apply(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+impl SpatialLayer for LinearAttention {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)
+    }
+}
+
+impl SpatialLayer for Attention {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x)
+    }
+}
+
+impl<L: SpatialLayer> PreNormResidual<L> {
+    /// `x + inner(norm(x))`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x + self.inner.apply(&self.norm.forward(x)?)?
+    }
+}
+
+/// The DDPM paper's self-attention block: GroupNorm(32), single-head attention with 1x1
+/// `q`, `k`, `v`, `proj_out` convs, and a residual connection.
+#[derive(Debug, Clone)]
+pub struct AttnBlock {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    proj_out: Conv2d,
+}
+
+impl AttnBlock {
+    /// An attention block over `channels` channels normalized in `groups` groups.
+    pub fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let conv = |name: &str| Conv2d::new(channels, channels, 1, POINTWISE, true, vb.pp(name));
+        Ok(Self {
+            norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("norm"))?,
+            q: conv("q")?,
+            k: conv("k")?,
+            v: conv("v")?,
+            proj_out: conv("proj_out")?,
+        })
+    }
+
+    /// `x + proj_out(attention(norm(x)))` for `x` (b, c, h, w).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hn = self.norm.forward(x)?;
+        let q = self.q.forward(&hn)?.reshape((b, c, h * w))?;
+        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
+        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?;
+        // weights[i, j] = sum_c q[c, i] k[c, j] / sqrt(c), softmax over j
+        let weights = (ops::matmul(&q.transpose(1, 2)?, &k)? * (c as f64).powf(-0.5))?;
+        let weights = ops::softmax(&weights, 2)?;
+        // out[c, i] = sum_j v[c, j] weights[i, j]
+        let out = ops::matmul(&v, &weights.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        x + self.proj_out.forward(&out)?
+    }
+}

@@ -1,0 +1,330 @@
+//! The DDPM paper's U-Net (Ho et al. 2020, after PixelCNN++): ResNet blocks with additive time
+//! conditioning and dropout, single-head self-attention at chosen resolutions, strided-conv
+//! downsampling and nearest upsampling.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::attention::AttnBlock;
+use crate::embedding::sinusoidal_embedding;
+use crate::layers::{Conv2d, GroupNorm, Linear, TrainRng};
+use crate::ops::{self, ConvParams};
+use crate::resample::{NearestUp, StridedConvDown};
+use crate::resnet::DdpmResnetBlock;
+use crate::unet::check_halvings;
+use crate::UnetError;
+
+/// Hyper-parameters of [`DdpmUnet`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdpmUnetConfig {
+    /// Height and width of the (square) images.
+    pub image_size: usize,
+    /// Image channels.
+    pub in_channels: usize,
+    /// Output channels (defaults to `in_channels`).
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Base channel count `ch`; level `i` has `ch * ch_mult[i]` channels.
+    pub ch: usize,
+    /// Channel multiplier of each resolution level.
+    pub ch_mult: Vec<usize>,
+    /// ResNet blocks per level on the way down (one more on the way up).
+    pub num_res_blocks: usize,
+    /// Resolutions (feature-map sizes) at which self-attention follows each ResNet block.
+    pub attn_resolutions: Vec<usize>,
+    /// Dropout probability inside the ResNet blocks (training only).
+    pub dropout: f64,
+    /// GroupNorm groups.
+    pub groups: usize,
+}
+
+impl DdpmUnetConfig {
+    /// The paper's CIFAR-10 model: 128 channels, mults 1,2,2,2, two blocks per level, attention
+    /// at 16x16, dropout 0.1 (35.7M parameters).
+    pub fn cifar10() -> Self {
+        Self {
+            image_size: 32,
+            in_channels: 3,
+            out_channels: None,
+            ch: 128,
+            ch_mult: vec![1, 2, 2, 2],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.1,
+            groups: 32,
+        }
+    }
+
+    /// A small 32x32 RGB model that trains usefully on a 2-core CPU.
+    pub fn cifar_small() -> Self {
+        Self {
+            ch: 32,
+            ch_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            attn_resolutions: vec![8],
+            groups: 8,
+            ..Self::cifar10()
+        }
+    }
+
+    /// Output channels of the model.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Feature-map size at each level.
+    fn resolutions(&self) -> Vec<usize> {
+        (0..self.ch_mult.len())
+            .map(|i| self.image_size >> i)
+            .collect()
+    }
+
+    /// Checks every field; the error names the field and why it is wrong.
+    pub fn validate(&self) -> std::result::Result<(), UnetError> {
+        let bad =
+            |field: &'static str, reason: String| Err(UnetError::InvalidConfig { field, reason });
+        if self.in_channels == 0 || self.out_channels() == 0 {
+            return bad("in_channels", "channel counts must be at least 1".into());
+        }
+        if self.ch == 0 {
+            return bad("ch", "must be at least 1".into());
+        }
+        if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
+            return bad(
+                "ch_mult",
+                format!("{:?} must be non-empty and positive", self.ch_mult),
+            );
+        }
+        if self.num_res_blocks == 0 {
+            return bad("num_res_blocks", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout", format!("{} must be in [0, 1)", self.dropout));
+        }
+        let g = self.groups;
+        let widths: Vec<usize> = std::iter::once(self.ch)
+            .chain(self.ch_mult.iter().map(|m| self.ch * m))
+            .collect();
+        if g == 0 || widths.iter().any(|w| w % g != 0) {
+            return bad(
+                "groups",
+                format!("{g} must divide every level's channel count {widths:?}"),
+            );
+        }
+        check_halvings(self.image_size, self.ch_mult.len(), "ch_mult")?;
+        let res = self.resolutions();
+        if let Some(r) = self.attn_resolutions.iter().find(|r| !res.contains(r)) {
+            return bad(
+                "attn_resolutions",
+                format!("{r} is not a feature-map size of this model (sizes: {res:?})"),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Level<S> {
+    blocks: Vec<DdpmResnetBlock>,
+    attns: Vec<AttnBlock>,
+    resample: Option<S>,
+}
+
+/// The DDPM paper's U-Net. Tensor names follow the PyTorch port of the paper's model:
+/// `temb.dense.{0,1}`, `conv_in`, `down.{i}.block.{j}`, `down.{i}.attn.{j}`,
+/// `down.{i}.downsample.conv`, `mid.block_1`, `mid.attn_1`, `mid.block_2`, `up.{i}.block.{j}`,
+/// `up.{i}.attn.{j}`, `up.{i}.upsample.conv`, `norm_out`, `conv_out`.
+#[derive(Debug, Clone)]
+pub struct DdpmUnet {
+    cfg: DdpmUnetConfig,
+    temb_dense0: Linear,
+    temb_dense1: Linear,
+    conv_in: Conv2d,
+    down: Vec<Level<StridedConvDown>>,
+    mid_block_1: DdpmResnetBlock,
+    mid_attn_1: AttnBlock,
+    mid_block_2: DdpmResnetBlock,
+    /// Indexed by level, like `down` (applied in reverse order).
+    up: Vec<Level<NearestUp>>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl DdpmUnet {
+    /// Builds the model from `cfg` (validated first) with tensors under `vb`.
+    pub fn new(cfg: &DdpmUnetConfig, vb: VarBuilder) -> std::result::Result<Self, UnetError> {
+        cfg.validate()?;
+        Ok(Self::build(cfg, vb)?)
+    }
+
+    fn build(cfg: &DdpmUnetConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = cfg.ch;
+        let temb_ch = ch * 4;
+        let g = cfg.groups;
+        let p = cfg.dropout;
+        let same3 = ConvParams {
+            stride: 1,
+            padding: 1,
+        };
+        let n = cfg.ch_mult.len();
+        let in_mult: Vec<usize> = std::iter::once(1)
+            .chain(cfg.ch_mult.iter().copied())
+            .collect();
+        let res = cfg.resolutions();
+        let with_attn = |level: usize| cfg.attn_resolutions.contains(&res[level]);
+
+        let mut down = Vec::with_capacity(n);
+        let mut block_in = ch;
+        for i in 0..n {
+            let vb = vb.pp(format!("down.{i}"));
+            let block_out = ch * cfg.ch_mult[i];
+            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+            for j in 0..cfg.num_res_blocks {
+                blocks.push(DdpmResnetBlock::new(
+                    block_in,
+                    block_out,
+                    temb_ch,
+                    g,
+                    p,
+                    vb.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if with_attn(i) {
+                    attns.push(AttnBlock::new(block_in, g, vb.pp(format!("attn.{j}")))?);
+                }
+            }
+            let resample = if i + 1 < n {
+                Some(StridedConvDown::new(block_in, vb.pp("downsample"))?)
+            } else {
+                None
+            };
+            down.push(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        let mid_block_1 =
+            DdpmResnetBlock::new(block_in, block_in, temb_ch, g, p, vb.pp("mid.block_1"))?;
+        let mid_attn_1 = AttnBlock::new(block_in, g, vb.pp("mid.attn_1"))?;
+        let mid_block_2 =
+            DdpmResnetBlock::new(block_in, block_in, temb_ch, g, p, vb.pp("mid.block_2"))?;
+
+        let mut up: Vec<Option<Level<NearestUp>>> = (0..n).map(|_| None).collect();
+        for i in (0..n).rev() {
+            let vb = vb.pp(format!("up.{i}"));
+            let block_out = ch * cfg.ch_mult[i];
+            let (mut blocks, mut attns) = (Vec::new(), Vec::new());
+            for j in 0..=cfg.num_res_blocks {
+                let skip_in = if j == cfg.num_res_blocks {
+                    ch * in_mult[i]
+                } else {
+                    ch * cfg.ch_mult[i]
+                };
+                blocks.push(DdpmResnetBlock::new(
+                    block_in + skip_in,
+                    block_out,
+                    temb_ch,
+                    g,
+                    p,
+                    vb.pp(format!("block.{j}")),
+                )?);
+                block_in = block_out;
+                if with_attn(i) {
+                    attns.push(AttnBlock::new(block_in, g, vb.pp(format!("attn.{j}")))?);
+                }
+            }
+            let resample = if i > 0 {
+                Some(NearestUp::new(block_in, block_in, vb.pp("upsample.conv"))?)
+            } else {
+                None
+            };
+            up[i] = Some(Level {
+                blocks,
+                attns,
+                resample,
+            });
+        }
+        let up = up.into_iter().flatten().collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            temb_dense0: Linear::new(ch, temb_ch, vb.pp("temb.dense.0"))?,
+            temb_dense1: Linear::new(temb_ch, temb_ch, vb.pp("temb.dense.1"))?,
+            conv_in: Conv2d::new(cfg.in_channels, ch, 3, same3, true, vb.pp("conv_in"))?,
+            down,
+            mid_block_1,
+            mid_attn_1,
+            mid_block_2,
+            up,
+            norm_out: GroupNorm::new(g, block_in, 1e-6, vb.pp("norm_out"))?,
+            conv_out: Conv2d::new(
+                block_in,
+                cfg.out_channels(),
+                3,
+                same3,
+                true,
+                vb.pp("conv_out"),
+            )?,
+        })
+    }
+
+    /// The configuration this model was built from.
+    pub fn config(&self) -> &DdpmUnetConfig {
+        &self.cfg
+    }
+
+    /// Predicts from `x` (b, in_channels, s, s) at timesteps `t` (b,). Dropout is active only
+    /// when a training RNG is given.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, mut rng: TrainRng) -> Result<Tensor> {
+        // x: (b, c, s, s), t: (b,)
+        let temb = sinusoidal_embedding(t, self.cfg.ch, x.dtype())?;
+        let temb = self
+            .temb_dense1
+            .forward(&ops::silu(&self.temb_dense0.forward(&temb)?)?)?;
+        let mut hs = vec![self.conv_in.forward(x)?];
+        for level in &self.down {
+            for (j, block) in level.blocks.iter().enumerate() {
+                let last = hs
+                    .last()
+                    .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
+                let mut h = block.forward(last, &temb, rng.as_deref_mut())?;
+                if let Some(attn) = level.attns.get(j) {
+                    h = attn.forward(&h)?;
+                }
+                hs.push(h);
+            }
+            if let Some(down) = &level.resample {
+                let last = hs
+                    .last()
+                    .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
+                let h = down.forward(last)?;
+                hs.push(h);
+            }
+        }
+        let mut h = hs
+            .last()
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
+        h = self.mid_block_1.forward(&h, &temb, rng.as_deref_mut())?;
+        h = self.mid_attn_1.forward(&h)?;
+        h = self.mid_block_2.forward(&h, &temb, rng.as_deref_mut())?;
+        for level in self.up.iter().rev() {
+            for (j, block) in level.blocks.iter().enumerate() {
+                let skip = hs
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
+                h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, rng.as_deref_mut())?;
+                if let Some(attn) = level.attns.get(j) {
+                    h = attn.forward(&h)?;
+                }
+            }
+            if let Some(up) = &level.resample {
+                h = up.forward(&h)?;
+            }
+        }
+        let h = ops::silu(&self.norm_out.forward(&h)?)?;
+        self.conv_out.forward(&h)
+    }
+}

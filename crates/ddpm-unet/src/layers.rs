@@ -1,0 +1,157 @@
+//! Basic layers (convolution, linear, group norm, dropout) built from a `VarBuilder` with
+//! PyTorch's default initialization, so the tensor names and init match the PyTorch models.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use rand::Rng;
+
+use crate::ops::{self, ConvParams};
+
+/// PyTorch's default init for weights and biases of conv/linear layers: U(-1/sqrt(fan_in), +).
+fn default_uniform(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// A 2-D convolution with square kernel, optionally weight-standardized (Qiao et al. 2019).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: ConvParams,
+    weight_standardized: bool,
+}
+
+impl Conv2d {
+    /// A conv `c_in -> c_out` with a `k`x`k` kernel, tensors `weight` (and `bias`) under `vb`.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        params: ConvParams,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let init = default_uniform(c_in * k * k);
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(c_out, "bias", init)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            params,
+            weight_standardized: false,
+        })
+    }
+
+    /// The same conv with its kernel standardized to zero mean and unit variance per output
+    /// channel at every forward (eps 1e-5 in f32 and wider, 1e-3 in half precision).
+    pub fn weight_standardized(mut self) -> Self {
+        self.weight_standardized = true;
+        self
+    }
+
+    /// Applies the convolution to `x` (b, c_in, h, w).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight_standardized {
+            let eps = match self.weight.dtype() {
+                candle_core::DType::F16 | candle_core::DType::BF16 => 1e-3,
+                _ => 1e-5,
+            };
+            let w = &self.weight;
+            let mean = w.mean_keepdim((1, 2, 3))?;
+            let centered = w.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim((1, 2, 3))?;
+            let w = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+            ops::conv2d(x, &w, self.bias.as_ref(), self.params)
+        } else {
+            ops::conv2d(x, &self.weight, self.bias.as_ref(), self.params)
+        }
+    }
+}
+
+/// A fully connected layer with bias, tensors `weight` (out, in) and `bias` (out).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// A linear map `d_in -> d_out` under `vb`.
+    pub fn new(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
+        let init = default_uniform(d_in);
+        Ok(Self {
+            weight: vb.get_with_hints((d_out, d_in), "weight", init)?,
+            bias: vb.get_with_hints(d_out, "bias", init)?,
+        })
+    }
+
+    /// Applies the layer to `x` (..., d_in).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, Some(&self.bias))
+    }
+}
+
+/// Group normalization with a learned per-channel affine (`weight` = 1, `bias` = 0 at init).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// GroupNorm of `channels` channels in `groups` groups.
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!(
+                "GroupNorm: {channels} channels are not divisible into {groups} groups"
+            );
+        }
+        Ok(Self {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalizes `x` (b, c, ...).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Source of randomness for training-mode layers (dropout). `None` means evaluation mode.
+pub type TrainRng<'a> = Option<&'a mut (dyn rand::RngCore + 'static)>;
+
+/// Inverted dropout with probability `p`, drawn from the caller's seeded RNG so that training is
+/// reproducible (candle's CPU RNG cannot be seeded). Identity when `rng` is `None` or `p == 0`.
+pub fn dropout(x: &Tensor, p: f64, rng: TrainRng) -> Result<Tensor> {
+    let Some(rng) = rng else {
+        return Ok(x.clone());
+    };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
+}

@@ -1,0 +1,321 @@
+//! [`DiffusionModel`]: either U-Net with its variables, seeded initialization, presets and
+//! safetensors persistence.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::ddpm_unet::{DdpmUnet, DdpmUnetConfig};
+use crate::init::SeededInit;
+use crate::layers::TrainRng;
+use crate::unet::{Unet, UnetConfig};
+use crate::weights::{assign_checked, read_safetensors, to_safetensors_bytes, write_atomic};
+use crate::UnetError;
+
+/// Metadata key holding the model config (JSON) in a weights file.
+pub const CONFIG_METADATA_KEY: &str = "ddpm.model_config";
+/// Metadata key holding the file format tag in a weights file.
+pub const FORMAT_METADATA_KEY: &str = "ddpm.format";
+/// Value of [`FORMAT_METADATA_KEY`] for model weights written by this crate.
+pub const WEIGHTS_FORMAT: &str = "ddpm-rs/model-weights/v1";
+
+/// The architecture and hyper-parameters of a noise-prediction network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "snake_case")]
+pub enum ModelConfig {
+    /// The lucidrains / annotated-diffusion [`Unet`].
+    Unet(UnetConfig),
+    /// The DDPM paper's [`DdpmUnet`].
+    DdpmUnet(DdpmUnetConfig),
+}
+
+/// Names of the built-in presets, for help texts and errors.
+pub const PRESETS: &[&str] = &["mnist-small", "fashion", "cifar-small", "cifar10"];
+
+impl ModelConfig {
+    /// A named preset: `mnist-small` (Unet, 28x28x1), `fashion` (the annotated-diffusion Unet,
+    /// 28x28x1), `cifar-small` (DdpmUnet, 32x32x3) or `cifar10` (the paper's 35.7M model).
+    pub fn preset(name: &str) -> Result<Self, UnetError> {
+        Ok(match name {
+            "mnist-small" => Self::Unet(UnetConfig::mnist_small()),
+            "fashion" => Self::Unet(UnetConfig::annotated_fashion()),
+            "cifar-small" => Self::DdpmUnet(DdpmUnetConfig::cifar_small()),
+            "cifar10" => Self::DdpmUnet(DdpmUnetConfig::cifar10()),
+            other => {
+                return Err(UnetError::UnknownPreset {
+                    name: other.to_string(),
+                    known: PRESETS.join(", "),
+                })
+            }
+        })
+    }
+
+    /// Image height and width.
+    pub fn image_size(&self) -> usize {
+        match self {
+            Self::Unet(c) => c.image_size,
+            Self::DdpmUnet(c) => c.image_size,
+        }
+    }
+
+    /// Sets the image size (validated when the model is built).
+    pub fn set_image_size(&mut self, size: usize) {
+        match self {
+            Self::Unet(c) => c.image_size = size,
+            Self::DdpmUnet(c) => c.image_size = size,
+        }
+    }
+
+    /// Image channels the model reads (excluding self-conditioning).
+    pub fn channels(&self) -> usize {
+        match self {
+            Self::Unet(c) => c.channels,
+            Self::DdpmUnet(c) => c.in_channels,
+        }
+    }
+
+    /// Sets the image channels (and the output channels with them).
+    pub fn set_channels(&mut self, channels: usize) {
+        match self {
+            Self::Unet(c) => c.channels = channels,
+            Self::DdpmUnet(c) => c.in_channels = channels,
+        }
+    }
+
+    /// Output channels of the model.
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Self::Unet(c) => c.out_channels(),
+            Self::DdpmUnet(c) => c.out_channels(),
+        }
+    }
+
+    /// Whether the model takes a self-conditioning input.
+    pub fn self_condition(&self) -> bool {
+        matches!(self, Self::Unet(c) if c.self_condition)
+    }
+
+    /// Checks the config; the error names the field and why it is wrong.
+    pub fn validate(&self) -> Result<(), UnetError> {
+        match self {
+            Self::Unet(c) => c.validate(),
+            Self::DdpmUnet(c) => c.validate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Network {
+    Unet(Box<Unet>),
+    DdpmUnet(Box<DdpmUnet>),
+}
+
+/// A noise-prediction network with its trainable variables.
+#[derive(Clone)]
+pub struct DiffusionModel {
+    config: ModelConfig,
+    network: Network,
+    varmap: VarMap,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for DiffusionModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiffusionModel")
+            .field("config", &self.config)
+            .field("parameters", &self.num_parameters())
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl DiffusionModel {
+    /// Builds a model with every parameter initialized from `seed` (PyTorch's default
+    /// distributions; the same seed gives the same weights on every machine).
+    pub fn new(
+        config: &ModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, UnetError> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let backend = SeededInit::new(varmap.clone(), seed);
+        let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+        let network = match config {
+            ModelConfig::Unet(c) => Network::Unet(Box::new(Unet::new(c, vb)?)),
+            ModelConfig::DdpmUnet(c) => Network::DdpmUnet(Box::new(DdpmUnet::new(c, vb)?)),
+        };
+        Ok(Self {
+            config: config.clone(),
+            network,
+            varmap,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a weights file written by [`DiffusionModel::save`]: the config is read from the
+    /// file's metadata, and every tensor is checked against it.
+    pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, UnetError> {
+        let file = read_safetensors(path, device)?;
+        let config = config_from_metadata(&file.metadata, path)?;
+        let model = Self::new(&config, 0, device, dtype)?;
+        assign_checked(&model.vars(), &file.tensors, path)?;
+        Ok(model)
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device of the model's variables.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of the model's variables.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The trainable variables, by tensor name.
+    pub fn vars(&self) -> BTreeMap<String, Var> {
+        match self.varmap.data().lock() {
+            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// The variables in a stable order (sorted by name), as an optimizer wants them.
+    pub fn var_list(&self) -> Vec<Var> {
+        self.vars().into_values().collect()
+    }
+
+    /// The current values of the variables, by name.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// The number of scalar parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.vars().values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Checks that `x` is (b, channels, s, s) and `t` is (b,).
+    fn check_input(&self, x: &Tensor, t: &Tensor) -> Result<(), UnetError> {
+        let (c, s) = (self.config.channels(), self.config.image_size());
+        let ok_x = matches!(x.dims(), &[_, xc, h, w] if xc == c && h == s && w == s);
+        let ok_t = t.rank() == 1 && x.rank() == 4 && t.dims()[0] == x.dims()[0];
+        if !ok_x || !ok_t {
+            return Err(UnetError::BadInput {
+                found: x.dims().to_vec(),
+                t_found: t.dims().to_vec(),
+                channels: c,
+                size: s,
+            });
+        }
+        Ok(())
+    }
+
+    /// Evaluation-mode prediction (no dropout) for `x` (b, c, s, s) at timesteps `t` (b,).
+    pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor, UnetError> {
+        self.forward_t(x, t, None, None)
+    }
+
+    /// Prediction with an optional self-conditioning input and, in training mode, the RNG that
+    /// draws dropout masks (`None` = evaluation mode).
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        x_self_cond: Option<&Tensor>,
+        rng: TrainRng,
+    ) -> Result<Tensor, UnetError> {
+        self.check_input(x, t)?;
+        if let Some(cond) = x_self_cond {
+            if cond.dims() != x.dims() {
+                return Err(UnetError::BadInput {
+                    found: cond.dims().to_vec(),
+                    t_found: t.dims().to_vec(),
+                    channels: self.config.channels(),
+                    size: self.config.image_size(),
+                });
+            }
+        }
+        let x = x.to_dtype(self.dtype)?;
+        Ok(match &self.network {
+            Network::Unet(n) => n.forward(&x, t, x_self_cond)?,
+            Network::DdpmUnet(n) => n.forward(&x, t, rng)?,
+        })
+    }
+
+    /// Metadata stored with the weights: the format tag and the config as JSON.
+    pub fn metadata(&self) -> Result<HashMap<String, String>, UnetError> {
+        let json = serde_json::to_string(&self.config).map_err(|e| UnetError::Weights {
+            path: "<config>".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(HashMap::from([
+            (FORMAT_METADATA_KEY.to_string(), WEIGHTS_FORMAT.to_string()),
+            (CONFIG_METADATA_KEY.to_string(), json),
+        ]))
+    }
+
+    /// Writes the weights and config to `path` as safetensors, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), UnetError> {
+        let bytes = to_safetensors_bytes(&self.tensors(), self.metadata()?)?;
+        write_atomic(path, &bytes).map_err(|e| UnetError::Weights {
+            path: path.to_path_buf(),
+            reason: format!("cannot write: {e}"),
+        })
+    }
+
+    /// Replaces this model's weights with those of `path`, which must hold exactly this model's
+    /// tensor names and shapes (the error names the first mismatch).
+    pub fn load_weights(&self, path: &Path) -> Result<(), UnetError> {
+        let file = read_safetensors(path, &self.device)?;
+        assign_checked(&self.vars(), &file.tensors, path)
+    }
+
+    /// Copies the values of `tensors` (same names and shapes) into the variables.
+    pub fn set_tensors(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<(), UnetError> {
+        assign_checked(&self.vars(), tensors, source)
+    }
+}
+
+/// Reads the model config stored in a weights file's metadata.
+pub fn config_from_metadata(
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<ModelConfig, UnetError> {
+    let json = metadata
+        .get(CONFIG_METADATA_KEY)
+        .ok_or_else(|| UnetError::Weights {
+            path: path.to_path_buf(),
+            reason: format!(
+                "no `{CONFIG_METADATA_KEY}` metadata: not written by ddpm-rs; build the model \
+                 from its config and use `load_weights` instead"
+            ),
+        })?;
+    serde_json::from_str(json).map_err(|e| UnetError::Weights {
+        path: path.to_path_buf(),
+        reason: format!("model config in metadata is invalid: {e}"),
+    })
+}
