@@ -1,6 +1,12 @@
-//! `cargo xtask`: developer workflows for ddpm-rs (fetching data, benchmarks, test matrices).
+//! `cargo xtask`: developer workflows for ddpm-rs (fetching data; benchmarks and test matrices
+//! can be added as further subcommands).
+
+mod fetch_data;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// Developer workflows for ddpm-rs.
 #[derive(Parser)]
@@ -12,12 +18,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download the datasets (filled by the datasets issue).
-    FetchData,
+    /// Download (or copy from a mirror) the data sets into the data directory, verified.
+    FetchData(fetch_data::FetchDataArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::FetchData => anyhow::bail!("fetch-data is not implemented yet"),
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::FetchData(args) => fetch_data::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

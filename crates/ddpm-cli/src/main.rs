@@ -1,2 +1,94 @@
-//! The `ddpm` command.
-fn main() {}
+//! `ddpm`: train denoising diffusion models on real images and sample from them.
+//!
+//! A thin layer over the crates: it parses flags, wires the pieces and reports. Every error is
+//! one clear line and a non-zero exit.
+
+mod forward;
+mod sample;
+mod schedule;
+mod train;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train denoising diffusion probabilistic models (DDPM) and generate images with them.
+#[derive(Parser)]
+#[command(name = "ddpm", version, about)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing-subscriber directive).
+    #[arg(long, global = true, default_value = "info", env = "DDPM_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (with no arguments: the MNIST preset on data/mnist).
+    Train(Box<train::TrainArgs>),
+    /// Generate images from a trained model.
+    Sample(sample::SampleArgs),
+    /// Draw the forward (noising) process on real images.
+    Forward(forward::ForwardArgs),
+    /// Print a noise schedule and every derived buffer.
+    Schedule(schedule::ScheduleArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command.unwrap_or(Command::Train(Box::default())) {
+        Command::Train(a) => train::run(*a),
+        Command::Sample(a) => sample::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::Schedule(a) => schedule::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line: "reading X: file is truncated".
+fn chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// Parses a serde enum from a command-line word, e.g. `eps` or `{kind = "cosine"}`-style tags.
+pub(crate) fn parse_word<T: serde::de::DeserializeOwned>(
+    word: &str,
+    what: &str,
+    choices: &str,
+) -> anyhow::Result<T> {
+    let w = word.trim().to_ascii_lowercase().replace('-', "_");
+    serde_json::from_value(serde_json::Value::String(w.clone()))
+        .or_else(|_| serde_json::from_value(serde_json::json!({ "kind": w })))
+        .map_err(|_| anyhow::anyhow!("unknown {what} `{word}`: choose one of {choices}"))
+}

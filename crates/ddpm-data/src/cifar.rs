@@ -195,12 +195,19 @@ mod tests {
             Err(DataError::RecordLength { len, record: 3073, .. }) if len == 2 * 3073 - 1
         ));
         std::fs::write(&path, []).unwrap();
-        assert!(matches!(read_batch(&path), Err(DataError::RecordLength { len: 0, .. })));
+        assert!(matches!(
+            read_batch(&path),
+            Err(DataError::RecordLength { len: 0, .. })
+        ));
         labels[1] = 200;
         write_batch(&path, &labels, &pixels).unwrap();
         assert!(matches!(
             read_batch(&path),
-            Err(DataError::BadLabel { index: 1, label: 200, .. })
+            Err(DataError::BadLabel {
+                index: 1,
+                label: 200,
+                ..
+            })
         ));
         assert!(matches!(
             read_batch(&dir.path().join("none.bin")),

@@ -17,7 +17,7 @@ pub const MAX_IMAGE_SIZE: usize = 4096;
 /// A split of a data set, decoded and resized in memory.
 ///
 /// Open one with [`Dataset::open`]; batch it with [`crate::Loader`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dataset {
     name: String,
     channels: usize,
@@ -27,6 +27,21 @@ pub struct Dataset {
     class_names: Vec<String>,
     flip: bool,
     skipped: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pixels are left out: they are megabytes.
+        f.debug_struct("Dataset")
+            .field("name", &self.name)
+            .field("len", &self.len())
+            .field("channels", &self.channels)
+            .field("size", &self.size)
+            .field("classes", &self.class_names)
+            .field("flip", &self.flip)
+            .field("skipped", &self.skipped.len())
+            .finish()
+    }
 }
 
 impl Dataset {
@@ -62,7 +77,13 @@ impl Dataset {
                     })?
                 };
                 let class_names = (0..mnist::NUM_CLASSES).map(|d| d.to_string()).collect();
-                Dataset::from_u8(1, size, pixels, labels.into_iter().map(u32::from).collect(), class_names)?
+                Dataset::from_u8(
+                    1,
+                    size,
+                    pixels,
+                    labels.into_iter().map(u32::from).collect(),
+                    class_names,
+                )?
             }
             DatasetSpec::Cifar10 => {
                 let batch = cifar::load(&dir, split)?;
@@ -72,11 +93,20 @@ impl Dataset {
                     let side = cifar::SIDE as u32;
                     resize_all(&batch.pixels, batch.len(), threads, |raw| {
                         let img = transform::chw_to_rgb(raw, side, side)?;
-                        Some(transform::rgb_to_chw(&transform::resize_square(&img, size as u32)))
+                        Some(transform::rgb_to_chw(&transform::resize_square(
+                            &img,
+                            size as u32,
+                        )))
                     })?
                 };
                 let class_names = cifar::CLASS_NAMES.iter().map(|s| s.to_string()).collect();
-                Dataset::from_u8(3, size, pixels, batch.labels.into_iter().map(u32::from).collect(), class_names)?
+                Dataset::from_u8(
+                    3,
+                    size,
+                    pixels,
+                    batch.labels.into_iter().map(u32::from).collect(),
+                    class_names,
+                )?
             }
             DatasetSpec::Flowers | DatasetSpec::Folder(_) => {
                 let index = folder::scan(&dir)?;
@@ -88,7 +118,8 @@ impl Dataset {
                         reason: format!("no readable image in the {split} split"),
                     });
                 }
-                let mut ds = Dataset::from_u8(3, size, decoded.pixels, decoded.labels, index.classes)?;
+                let mut ds =
+                    Dataset::from_u8(3, size, decoded.pixels, decoded.labels, index.classes)?;
                 ds.skipped = decoded.skipped;
                 ds
             }
@@ -230,7 +261,11 @@ impl Dataset {
     /// One image as a (c, h, w) `f32` tensor in [-1, 1] on the CPU, unflipped.
     pub fn image_tensor(&self, i: usize) -> Result<Tensor> {
         let data = self.image(i)?;
-        Ok(Tensor::from_vec(data, (self.channels, self.size, self.size), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            data,
+            (self.channels, self.size, self.size),
+            &Device::Cpu,
+        )?)
     }
 
     /// The number of values in one image.
@@ -276,7 +311,10 @@ mod tests {
         assert!(Dataset::from_u8(1, 2, vec![0; 8], vec![0, 1], vec!["a".into()]).is_err());
         assert!(Dataset::from_u8(0, 2, vec![], vec![], vec![]).is_err());
         let ds = toy(3);
-        assert_eq!((ds.len(), ds.channels(), ds.image_size(), ds.num_classes()), (3, 1, 2, 2));
+        assert_eq!(
+            (ds.len(), ds.channels(), ds.image_size(), ds.num_classes()),
+            (3, 1, 2, 2)
+        );
         assert!(!ds.flip());
         assert!(ds.with_flip(true).flip());
     }
@@ -286,10 +324,16 @@ mod tests {
         let ds = toy(3);
         assert_eq!(ds.image_u8(1).unwrap(), &[40, 50, 60, 70]);
         let img = ds.image(1).unwrap();
-        assert_eq!(img, [40u8, 50, 60, 70].map(transform::u8_to_signed).to_vec());
+        assert_eq!(
+            img,
+            [40u8, 50, 60, 70].map(transform::u8_to_signed).to_vec()
+        );
         let t = ds.image_tensor(2).unwrap();
         assert_eq!(t.dims(), &[1, 2, 2]);
-        assert!(matches!(ds.image(3), Err(DataError::IndexOutOfRange { index: 3, len: 3 })));
+        assert!(matches!(
+            ds.image(3),
+            Err(DataError::IndexOutOfRange { index: 3, len: 3 })
+        ));
     }
 
     #[test]

@@ -3,10 +3,13 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong while reading, transforming, batching or fetching data.
+///
+/// Messages name the file or URL; the underlying cause, where there is one, is the error's
+/// [`source`](std::error::Error::source) (print the chain, e.g. with anyhow's `{:#}`).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// An I/O error on a named file or directory.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: I/O error", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -63,7 +66,7 @@ pub enum DataError {
         found: u64,
     },
     /// A gzip stream is corrupt or cut short.
-    #[error("{}: corrupt or truncated gzip data: {source}", path.display())]
+    #[error("{}: corrupt or truncated gzip data", path.display())]
     Gzip {
         /// The file.
         path: PathBuf,
@@ -106,7 +109,7 @@ pub enum DataError {
         labels: usize,
     },
     /// An image file could not be decoded.
-    #[error("{}: cannot decode image: {source} (pass skip_corrupt to skip such files)", path.display())]
+    #[error("{}: cannot decode image (pass skip_corrupt to skip such files)", path.display())]
     Decode {
         /// The image file.
         path: PathBuf,
@@ -115,7 +118,7 @@ pub enum DataError {
         source: image::ImageError,
     },
     /// An image could not be encoded or written.
-    #[error("{}: cannot write image: {source}", path.display())]
+    #[error("{}: cannot write image", path.display())]
     Encode {
         /// The output file.
         path: PathBuf,
@@ -157,13 +160,13 @@ pub enum DataError {
     #[error("a data loader worker thread stopped unexpectedly")]
     WorkerDied,
     /// A loader worker thread could not be started.
-    #[error("cannot start a data loader thread: {0}")]
+    #[error("cannot start a data loader thread")]
     Spawn(#[source] std::io::Error),
     /// An error from candle while building tensors.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A transport-level HTTP failure (connection refused, reset, timeout, TLS...).
-    #[error("downloading {url}: {source}")]
+    #[error("downloading {url}")]
     Http {
         /// The URL.
         url: String,
@@ -172,7 +175,7 @@ pub enum DataError {
         source: Box<ureq::Error>,
     },
     /// The connection broke while the body of a download was being received.
-    #[error("downloading {url}: connection lost after {received} bytes: {source}")]
+    #[error("downloading {url}: connection lost after {received} bytes")]
     Interrupted {
         /// The URL.
         url: String,
@@ -251,6 +254,18 @@ pub enum DataError {
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 impl DataError {
+    /// The message followed by those of its sources, joined by `: `.
+    pub fn chain(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
+        }
+        out
+    }
+
     /// Wraps an I/O error with the path it happened on.
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> DataError {
         let path = path.into();

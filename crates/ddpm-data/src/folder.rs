@@ -132,6 +132,13 @@ pub fn scan(root: &Path) -> Result<FolderIndex> {
     Ok(index)
 }
 
+/// Whether a directory directly holds at least one image file.
+pub(crate) fn scan_class_has_images(dir: &Path) -> Result<bool> {
+    Ok(sorted_entries(dir)?
+        .iter()
+        .any(|(_, path, is_dir)| !is_dir && is_image(path)))
+}
+
 /// Reads and decodes one image file, center-crops it to a square and resizes it to `size`;
 /// returns its (3, size, size) RGB bytes.
 pub fn load_image(path: &Path, size: u32) -> Result<Vec<u8>> {
@@ -159,7 +166,12 @@ pub fn load_image(path: &Path, size: u32) -> Result<Vec<u8>> {
 ///
 /// Stops handing out work after the first `Err` when `stop_on_error` is set (later items then
 /// hold `None`).
-pub(crate) fn parallel_map<T, F>(n: usize, threads: usize, stop_on_error: bool, f: F) -> Vec<Option<Result<T>>>
+pub(crate) fn parallel_map<T, F>(
+    n: usize,
+    threads: usize,
+    stop_on_error: bool,
+    f: F,
+) -> Vec<Option<Result<T>>>
 where
     T: Send,
     F: Fn(usize) -> Result<T> + Sync,
@@ -193,7 +205,10 @@ where
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
             .collect()
     });
     for (i, r) in parts.into_iter().flatten() {
@@ -217,8 +232,15 @@ pub struct Decoded {
 ///
 /// A file that cannot be read or decoded is an error naming it, unless `skip_corrupt` is set: then
 /// it is logged with `tracing::warn!`, left out and listed in [`Decoded::skipped`].
-pub fn decode_all(files: &[(PathBuf, u32)], size: u32, threads: usize, skip_corrupt: bool) -> Result<Decoded> {
-    let results = parallel_map(files.len(), threads, !skip_corrupt, |i| load_image(&files[i].0, size));
+pub fn decode_all(
+    files: &[(PathBuf, u32)],
+    size: u32,
+    threads: usize,
+    skip_corrupt: bool,
+) -> Result<Decoded> {
+    let results = parallel_map(files.len(), threads, !skip_corrupt, |i| {
+        load_image(&files[i].0, size)
+    });
     let image_len = 3 * (size as usize).pow(2);
     let mut out = Decoded {
         pixels: Vec::with_capacity(files.len() * image_len),
@@ -232,7 +254,7 @@ pub fn decode_all(files: &[(PathBuf, u32)], size: u32, threads: usize, skip_corr
                 out.labels.push(*label);
             }
             Some(Err(e)) if skip_corrupt => {
-                tracing::warn!(file = %path.display(), error = %e, "skipping unreadable image");
+                tracing::warn!(file = %path.display(), error = %e.chain(), "skipping unreadable image");
                 out.skipped.push(path.clone());
             }
             Some(Err(e)) => {
@@ -298,7 +320,10 @@ mod tests {
     #[test]
     fn empty_or_missing_folders_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(scan(&dir.path().join("nope")), Err(DataError::MissingFile { .. })));
+        assert!(matches!(
+            scan(&dir.path().join("nope")),
+            Err(DataError::MissingFile { .. })
+        ));
         std::fs::create_dir(dir.path().join("a")).unwrap();
         assert!(matches!(scan(dir.path()), Err(DataError::Empty { .. })));
     }
@@ -335,9 +360,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.png");
         // 12x6 grey image: the centered 6x6 crop is the value 200, the sides 0.
-        image::GrayImage::from_fn(12, 6, |x, _| image::Luma([if (3..9).contains(&x) { 200 } else { 0 }]))
-            .save(&path)
-            .unwrap();
+        image::GrayImage::from_fn(12, 6, |x, _| {
+            image::Luma([if (3..9).contains(&x) { 200 } else { 0 }])
+        })
+        .save(&path)
+        .unwrap();
         let px = load_image(&path, 3).unwrap();
         assert_eq!(px, vec![200; 27]);
     }

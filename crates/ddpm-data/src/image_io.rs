@@ -50,7 +50,9 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
 /// `make_grid`), with [`GRID_PADDING`] black pixels around each.
 pub fn image_grid(images: &Tensor, nrow: usize) -> Result<RgbImage> {
     if nrow == 0 {
-        return Err(DataError::Config("a grid needs at least 1 image per row".to_string()));
+        return Err(DataError::Config(
+            "a grid needs at least 1 image per row".to_string(),
+        ));
     }
     let pictures = tensor_to_images(images)?;
     let Some(first) = pictures.first() else {
@@ -142,7 +144,10 @@ mod tests {
         assert_eq!(pics[0].get_pixel(0, 0), &Rgb([255, 0, 128]));
         let dir = tempfile::tempdir().unwrap();
         save_image(&t, dir.path().join("one.png")).unwrap();
-        assert_eq!(image::open(dir.path().join("one.png")).unwrap().to_rgb8(), pics[0]);
+        assert_eq!(
+            image::open(dir.path().join("one.png")).unwrap().to_rgb8(),
+            pics[0]
+        );
     }
 
     #[test]

@@ -115,7 +115,12 @@ impl Plan {
         })
     }
 
-    fn build(&self, ds: &Dataset, p: LoaderPosition, order: &mut Option<(u64, Vec<usize>)>) -> Result<Batch> {
+    fn build(
+        &self,
+        ds: &Dataset,
+        p: LoaderPosition,
+        order: &mut Option<(u64, Vec<usize>)>,
+    ) -> Result<Batch> {
         if order.as_ref().is_none_or(|(e, _)| *e != p.epoch) {
             *order = Some((p.epoch, epoch_permutation(self.seed, p.epoch, self.n)));
         }
@@ -152,7 +157,13 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn start(plan: Plan, ds: Arc<Dataset>, from: LoaderPosition, workers: usize, prefetch: usize) -> Result<Self> {
+    fn start(
+        plan: Plan,
+        ds: Arc<Dataset>,
+        from: LoaderPosition,
+        workers: usize,
+        prefetch: usize,
+    ) -> Result<Self> {
         let mut pipeline = Pipeline {
             receivers: Vec::with_capacity(workers),
             handles: Vec::with_capacity(workers),
@@ -246,7 +257,10 @@ impl Loader {
             return Err(DataError::Config("batch size 0".to_string()));
         }
         if n == 0 {
-            return Err(DataError::Config(format!("data set {} is empty", dataset.name())));
+            return Err(DataError::Config(format!(
+                "data set {} is empty",
+                dataset.name()
+            )));
         }
         if drop_last && batch_size > n {
             return Err(DataError::Config(format!(
@@ -307,7 +321,8 @@ impl Loader {
     /// The next batch; after the last batch of an epoch comes the first of the next epoch.
     pub fn next_batch(&mut self) -> Result<Batch> {
         let batch = if self.workers == 0 {
-            self.plan.build(&self.dataset, self.position, &mut self.order)?
+            self.plan
+                .build(&self.dataset, self.position, &mut self.order)?
         } else {
             if self.pipeline.is_none() {
                 self.pipeline = Some(Pipeline::start(
@@ -327,7 +342,10 @@ impl Loader {
                 }
             }
         };
-        debug_assert_eq!((batch.epoch, batch.start), (self.position.epoch, self.position.index));
+        debug_assert_eq!(
+            (batch.epoch, batch.start),
+            (self.position.epoch, self.position.index)
+        );
         self.position = self.plan.advance(self.position);
         Ok(batch)
     }
@@ -370,7 +388,14 @@ mod tests {
             pixels.extend(img);
         }
         let labels = (0..n).map(|i| (i % 3) as u32).collect();
-        Dataset::from_u8(channels, 2, pixels, labels, vec!["a".into(), "b".into(), "c".into()]).unwrap()
+        Dataset::from_u8(
+            channels,
+            2,
+            pixels,
+            labels,
+            vec!["a".into(), "b".into(), "c".into()],
+        )
+        .unwrap()
     }
 
     fn take(loader: &mut Loader, k: usize) -> Vec<(Vec<usize>, Vec<f32>, Vec<u32>)> {
@@ -408,7 +433,10 @@ mod tests {
         let mut loader = Loader::new(ds, 4, 1, false, 0).unwrap();
         assert_eq!(loader.batches_per_epoch(), 3);
         let batches = take(&mut loader, 3);
-        assert_eq!(batches.iter().map(|b| b.0.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(
+            batches.iter().map(|b| b.0.len()).collect::<Vec<_>>(),
+            vec![4, 4, 2]
+        );
         let mut seen: Vec<usize> = batches.iter().flat_map(|b| b.0.clone()).collect();
         assert_eq!(seen, epoch_permutation(1, 0, 10));
         seen.sort_unstable();
@@ -437,12 +465,18 @@ mod tests {
     #[test]
     fn same_seed_same_batches_for_any_number_of_workers() {
         let ds = Arc::new(indexed(37, 3).with_flip(true));
-        let reference = take(&mut Loader::new(Arc::clone(&ds), 5, 42, false, 0).unwrap(), 20);
+        let reference = take(
+            &mut Loader::new(Arc::clone(&ds), 5, 42, false, 0).unwrap(),
+            20,
+        );
         for workers in [1, 2, 3] {
             let mut loader = Loader::new(Arc::clone(&ds), 5, 42, false, workers).unwrap();
             assert_eq!(take(&mut loader, 20), reference, "{workers} workers");
         }
-        let other = take(&mut Loader::new(Arc::clone(&ds), 5, 43, false, 2).unwrap(), 20);
+        let other = take(
+            &mut Loader::new(Arc::clone(&ds), 5, 43, false, 2).unwrap(),
+            20,
+        );
         assert_ne!(other, reference);
     }
 
@@ -462,9 +496,18 @@ mod tests {
         b.seek(LoaderPosition::default()).unwrap();
         assert_eq!(take(&mut b, 8), before);
         // The end of an epoch is the start of the next; past the end is an error.
-        b.seek(LoaderPosition { epoch: 2, index: 23 }).unwrap();
+        b.seek(LoaderPosition {
+            epoch: 2,
+            index: 23,
+        })
+        .unwrap();
         assert_eq!(b.position(), LoaderPosition { epoch: 3, index: 0 });
-        assert!(b.seek(LoaderPosition { epoch: 2, index: 24 }).is_err());
+        assert!(b
+            .seek(LoaderPosition {
+                epoch: 2,
+                index: 24
+            })
+            .is_err());
     }
 
     #[test]
@@ -484,10 +527,16 @@ mod tests {
         }
         // Without flips, batches hold the images as they are.
         let plain = Arc::new(indexed(8, 1));
-        let b = Loader::new(Arc::clone(&plain), 8, 5, false, 0).unwrap().next_batch().unwrap();
+        let b = Loader::new(Arc::clone(&plain), 8, 5, false, 0)
+            .unwrap()
+            .next_batch()
+            .unwrap();
         let images: Vec<f32> = b.images.flatten_all().unwrap().to_vec1().unwrap();
         for (k, &i) in b.indices.iter().enumerate() {
-            assert_eq!(&images[k * 4..k * 4 + 4], plain.image(i).unwrap().as_slice());
+            assert_eq!(
+                &images[k * 4..k * 4 + 4],
+                plain.image(i).unwrap().as_slice()
+            );
         }
     }
 

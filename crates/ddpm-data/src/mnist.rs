@@ -99,6 +99,7 @@ fn read_idx(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, 
         let mut header = vec![0u8; header_len];
         let got = read_fully(&mut decoder, &mut header).map_err(gz_err)?;
         if got < header_len {
+            check_magic(path, &header[..got], magic, what)?;
             return Err(truncated(got));
         }
         let (dims, payload) = parse_header(path, &header, magic, what)?;
@@ -113,6 +114,7 @@ fn read_idx(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, 
         Ok((dims, data))
     } else {
         if raw.len() < header_len {
+            check_magic(path, &raw, magic, what)?;
             return Err(truncated(raw.len()));
         }
         let (dims, payload) = parse_header(path, &raw[..header_len], magic, what)?;
@@ -139,6 +141,22 @@ fn check_payload_len(path: &Path, header_len: usize, payload: usize, found: usiz
     }
 }
 
+/// Checks the magic number when at least its 4 bytes are there (a short file with the wrong magic
+/// number is reported as the wrong kind of file, not as a truncated one).
+fn check_magic(path: &Path, bytes: &[u8], magic: u32, what: &'static str) -> Result<()> {
+    match bytes.get(..4) {
+        Some(b) if u32::from_be_bytes([b[0], b[1], b[2], b[3]]) != magic => {
+            Err(DataError::BadMagic {
+                path: path.into(),
+                expected: magic,
+                found: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                what,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Parses the magic number and dimensions; returns the dimensions and the payload length.
 fn parse_header(
     path: &Path,
@@ -146,7 +164,8 @@ fn parse_header(
     magic: u32,
     what: &'static str,
 ) -> Result<(Vec<usize>, usize)> {
-    let word = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let found = word(0);
     if found != magic {
         return Err(DataError::BadMagic {
@@ -156,7 +175,9 @@ fn parse_header(
             what,
         });
     }
-    let dims: Vec<usize> = (1..header.len() / 4).map(|i| word(4 * i) as usize).collect();
+    let dims: Vec<usize> = (1..header.len() / 4)
+        .map(|i| word(4 * i) as usize)
+        .collect();
     let payload = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -327,7 +348,9 @@ mod tests {
         // A label file where an image file is expected.
         let path = write(dir.path(), "x", &idx(LABELS_MAGIC, &[3], &[1, 2, 3]));
         match read_images(&path) {
-            Err(DataError::BadMagic { expected, found, .. }) => {
+            Err(DataError::BadMagic {
+                expected, found, ..
+            }) => {
                 assert_eq!((expected, found), (IMAGES_MAGIC, LABELS_MAGIC));
             }
             other => panic!("expected BadMagic, got {other:?}"),
@@ -343,19 +366,33 @@ mod tests {
         let short = write(dir.path(), "short", &bytes[..bytes.len() - 1]);
         assert!(matches!(
             read_images(&short),
-            Err(DataError::Truncated { expected: 24, found: 23, .. })
+            Err(DataError::Truncated {
+                expected: 24,
+                found: 23,
+                ..
+            })
         ));
         let short_gz = write(dir.path(), "short.gz", &gz(&bytes[..bytes.len() - 3]));
         assert!(matches!(
             read_images(&short_gz),
-            Err(DataError::Truncated { expected: 24, found: 21, .. })
+            Err(DataError::Truncated {
+                expected: 24,
+                found: 21,
+                ..
+            })
         ));
         let header_only = write(dir.path(), "hdr", &bytes[..10]);
-        assert!(matches!(read_images(&header_only), Err(DataError::Truncated { .. })));
+        assert!(matches!(
+            read_images(&header_only),
+            Err(DataError::Truncated { .. })
+        ));
         let mut long = bytes.clone();
         long.push(0);
         let long = write(dir.path(), "long", &long);
-        assert!(matches!(read_images(&long), Err(DataError::TrailingData { .. })));
+        assert!(matches!(
+            read_images(&long),
+            Err(DataError::TrailingData { .. })
+        ));
     }
 
     #[test]
@@ -363,13 +400,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 4 billion images of 64k x 64k would overflow; 4 billion 28x28 images (3 TB) would not
         // overflow but must fail on the file's length without reserving memory for them.
-        let overflow = write(dir.path(), "o", &idx(IMAGES_MAGIC, &[u32::MAX, 65535, 65535], &[]));
-        assert!(matches!(read_images(&overflow), Err(DataError::BadHeader { .. })));
+        let overflow = write(
+            dir.path(),
+            "o",
+            &idx(IMAGES_MAGIC, &[u32::MAX, 65535, 65535], &[]),
+        );
+        assert!(matches!(
+            read_images(&overflow),
+            Err(DataError::BadHeader { .. })
+        ));
         let huge = idx(IMAGES_MAGIC, &[u32::MAX, 28, 28], &[0; 100]);
         let raw = write(dir.path(), "h", &huge);
-        assert!(matches!(read_images(&raw), Err(DataError::Truncated { .. })));
+        assert!(matches!(
+            read_images(&raw),
+            Err(DataError::Truncated { .. })
+        ));
         let zipped = write(dir.path(), "h.gz", &gz(&huge));
-        assert!(matches!(read_images(&zipped), Err(DataError::Truncated { .. })));
+        assert!(matches!(
+            read_images(&zipped),
+            Err(DataError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -394,11 +444,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let images = write(dir.path(), "i", &idx(IMAGES_MAGIC, &[2, 1, 1], &[0, 1]));
         let three = write(dir.path(), "l3", &idx(LABELS_MAGIC, &[3], &[0, 1, 2]));
-        assert!(matches!(read_pair(&images, &three), Err(DataError::CountMismatch { .. })));
+        assert!(matches!(
+            read_pair(&images, &three),
+            Err(DataError::CountMismatch { .. })
+        ));
         let bad = write(dir.path(), "lb", &idx(LABELS_MAGIC, &[2], &[0, 10]));
         assert!(matches!(
             read_pair(&images, &bad),
-            Err(DataError::BadLabel { index: 1, label: 10, .. })
+            Err(DataError::BadLabel {
+                index: 1,
+                label: 10,
+                ..
+            })
         ));
     }
 
@@ -408,8 +465,16 @@ mod tests {
         let n = 10u8;
         let pixels: Vec<u8> = (0..n).collect();
         let labels: Vec<u8> = (0..n).map(|i| i % 10).collect();
-        write(dir.path(), "t10k-images-idx3-ubyte.gz", &gz(&idx(IMAGES_MAGIC, &[n.into(), 1, 1], &pixels)));
-        write(dir.path(), "t10k-labels-idx1-ubyte", &idx(LABELS_MAGIC, &[n.into()], &labels));
+        write(
+            dir.path(),
+            "t10k-images-idx3-ubyte.gz",
+            &gz(&idx(IMAGES_MAGIC, &[n.into(), 1, 1], &pixels)),
+        );
+        write(
+            dir.path(),
+            "t10k-labels-idx1-ubyte",
+            &idx(LABELS_MAGIC, &[n.into()], &labels),
+        );
         let (train, _) = load(dir.path(), Split::Train).unwrap();
         let (test, test_labels) = load(dir.path(), Split::Test).unwrap();
         let (all, _) = load(dir.path(), Split::All).unwrap();
@@ -419,9 +484,20 @@ mod tests {
         assert_eq!(all.count, 10);
 
         // With the training files present the canonical split is used.
-        write(dir.path(), "train-images-idx3-ubyte", &idx(IMAGES_MAGIC, &[3, 1, 1], &[100, 101, 102]));
-        write(dir.path(), "train-labels-idx1-ubyte", &idx(LABELS_MAGIC, &[3], &[1, 2, 3]));
-        assert_eq!(load(dir.path(), Split::Train).unwrap().0.pixels, vec![100, 101, 102]);
+        write(
+            dir.path(),
+            "train-images-idx3-ubyte",
+            &idx(IMAGES_MAGIC, &[3, 1, 1], &[100, 101, 102]),
+        );
+        write(
+            dir.path(),
+            "train-labels-idx1-ubyte",
+            &idx(LABELS_MAGIC, &[3], &[1, 2, 3]),
+        );
+        assert_eq!(
+            load(dir.path(), Split::Train).unwrap().0.pixels,
+            vec![100, 101, 102]
+        );
         assert_eq!(load(dir.path(), Split::Test).unwrap().0.count, 10);
         assert_eq!(load(dir.path(), Split::All).unwrap().0.count, 13);
 
@@ -434,6 +510,9 @@ mod tests {
             other => panic!("expected MissingFile, got {other:?}"),
         }
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(load(empty.path(), Split::Test), Err(DataError::MissingFile { .. })));
+        assert!(matches!(
+            load(empty.path(), Split::Test),
+            Err(DataError::MissingFile { .. })
+        ));
     }
 }

@@ -201,14 +201,23 @@ mod tests {
             ("mnist", DatasetSpec::Mnist),
             ("cifar10", DatasetSpec::Cifar10),
             ("flowers", DatasetSpec::Flowers),
-            ("folder:/tmp/my images", DatasetSpec::Folder("/tmp/my images".into())),
+            (
+                "folder:/tmp/my images",
+                DatasetSpec::Folder("/tmp/my images".into()),
+            ),
         ] {
             let parsed: DatasetSpec = text.parse().unwrap();
             assert_eq!(parsed, spec);
             assert_eq!(parsed.to_string(), text);
         }
-        assert_eq!("CIFAR-10".parse::<DatasetSpec>().unwrap(), DatasetSpec::Cifar10);
-        assert!(matches!("imagenet".parse::<DatasetSpec>(), Err(DataError::BadSpec { .. })));
+        assert_eq!(
+            "CIFAR-10".parse::<DatasetSpec>().unwrap(),
+            DatasetSpec::Cifar10
+        );
+        assert!(matches!(
+            "imagenet".parse::<DatasetSpec>(),
+            Err(DataError::BadSpec { .. })
+        ));
         assert!("folder:".parse::<DatasetSpec>().is_err());
     }
 

@@ -182,7 +182,9 @@ mod tests {
 
         // A one-pixel checkerboard of 0/255 downscaled 4x: an antialiasing filter averages it to
         // mid-grey everywhere (away from the borders), where point sampling would keep 0 or 255.
-        let checker = GrayImage::from_fn(64, 64, |x, y| Luma([if (x + y) % 2 == 0 { 0 } else { 255 }]));
+        let checker = GrayImage::from_fn(64, 64, |x, y| {
+            Luma([if (x + y) % 2 == 0 { 0 } else { 255 }])
+        });
         let small = resize_square(&checker, 16);
         for y in 2..14 {
             for x in 2..14 {

@@ -492,10 +492,13 @@ mod tests {
 
     #[test]
     fn quadratic_is_a_square_of_evenly_spaced_roots() {
-        let b = betas(500, BetaSchedule::Quadratic {
-            start: 1e-4,
-            end: 0.02,
-        });
+        let b = betas(
+            500,
+            BetaSchedule::Quadratic {
+                start: 1e-4,
+                end: 0.02,
+            },
+        );
         assert!((b[0] - 1e-4).abs() < 1e-18);
         assert!((b[499] - 0.02).abs() < 1e-16);
         let roots: Vec<f64> = b.iter().map(|x| x.sqrt()).collect();
@@ -534,7 +537,10 @@ mod tests {
         };
         assert!(matches!(
             cfg(100, swapped).validate(),
-            Err(ScheduleError::StartNotBelowEnd { schedule: "linear", .. })
+            Err(ScheduleError::StartNotBelowEnd {
+                schedule: "linear",
+                ..
+            })
         ));
         let negative = BetaSchedule::Quadratic {
             start: -1e-4,
@@ -649,7 +655,11 @@ mod tests {
     fn unscaled_linear_below_1000_steps_warns() {
         let w = ScheduleConfig::linear(300).warnings();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("0.219") && w[0].contains("scaled_linear"), "{}", w[0]);
+        assert!(
+            w[0].contains("0.219") && w[0].contains("scaled_linear"),
+            "{}",
+            w[0]
+        );
         assert!(ScheduleConfig::linear(1000).warnings().is_empty());
         assert!(ScheduleConfig::scaled_linear(300).warnings().is_empty());
         assert!(ScheduleConfig::cosine(300).warnings().is_empty());

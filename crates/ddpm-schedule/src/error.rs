@@ -82,7 +82,9 @@ pub enum ScheduleError {
     },
 
     /// A stochastic sampler step needs fresh Gaussian noise but none was given.
-    #[error("sampler step {index} (timestep {timestep}) adds noise, but no noise tensor was given")]
+    #[error(
+        "sampler step {index} (timestep {timestep}) adds noise, but no noise tensor was given"
+    )]
     MissingNoise {
         /// The index into `timesteps()`.
         index: usize,

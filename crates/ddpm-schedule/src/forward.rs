@@ -108,7 +108,9 @@ mod tests {
             let x_t = s.q_sample(&x0, &t, &noise).expect("q_sample");
             let x_t = x_t.to_dtype(DType::F64).expect("f64");
             let mean = values(&x_t.mean(0).expect("mean"));
-            let centered = x_t.broadcast_sub(&x_t.mean_keepdim(0).expect("mean")).expect("c");
+            let centered = x_t
+                .broadcast_sub(&x_t.mean_keepdim(0).expect("mean"))
+                .expect("c");
             let var: Vec<f64> = values(&centered.sqr().and_then(|c| c.sum(0)).expect("var"))
                 .into_iter()
                 .map(|v| v / (n - 1) as f64)

@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use ddpm_schedule::{DdimSampler, Objective, Sampler, Schedule, ScheduleConfig};
+//! use ddpm_schedule::{DdimSampler, Objective, Schedule, ScheduleConfig};
 //!
 //! # fn main() -> ddpm_schedule::Result<()> {
 //! let device = Device::Cpu;

@@ -149,7 +149,12 @@ mod tests {
         // The log variance at t = 0 is clipped to the t = 1 entry.
         let logs = values(&g.log_variance);
         assert_eq!(logs[0], logs[1]);
-        assert_close(&logs[1..], &[want[1].ln(), want[2].ln(), want[3].ln()], TOL_F64, "log");
+        assert_close(
+            &logs[1..],
+            &[want[1].ln(), want[2].ln(), want[3].ln()],
+            TOL_F64,
+            "log",
+        );
     }
 
     #[test]
@@ -194,16 +199,26 @@ mod tests {
     #[test]
     fn clipping_recomputes_the_mean_from_the_clipped_x0() {
         let s = schedule_f64(&ScheduleConfig::default());
-        let x0_out = Tensor::new(&[[3.0f64, -0.5], [-2.0, 0.25]], &candle_core::Device::Cpu)
-            .expect("x0");
+        let x0_out =
+            Tensor::new(&[[3.0f64, -0.5], [-2.0, 0.25]], &candle_core::Device::Cpu).expect("x0");
         let x_t = normal_tensor(5, &[2, 2]);
         let t = ts(&[10, 600]);
         let p = s
-            .p_mean_variance(&x0_out, &x_t, &t, Objective::X0, DdpmVariance::FixedSmall, true)
+            .p_mean_variance(
+                &x0_out,
+                &x_t,
+                &t,
+                Objective::X0,
+                DdpmVariance::FixedSmall,
+                true,
+            )
             .expect("p");
         let clipped = [1.0, -0.5, -1.0, 0.25];
         assert_eq!(values(&p.pred_x0), clipped);
-        let (c1, c2) = (s.posterior_mean_coef1().values(), s.posterior_mean_coef2().values());
+        let (c1, c2) = (
+            s.posterior_mean_coef1().values(),
+            s.posterior_mean_coef2().values(),
+        );
         let x_tv = values(&x_t);
         let want: Vec<f64> = (0..4)
             .map(|i| {

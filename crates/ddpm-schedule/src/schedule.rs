@@ -59,10 +59,7 @@ impl Buffer {
         }
         let batch = x.dim(0)?;
         check_timestep_tensor(t, batch)?;
-        let coefs = self
-            .gather(t)?
-            .to_device(x.device())?
-            .to_dtype(x.dtype())?;
+        let coefs = self.gather(t)?.to_device(x.device())?.to_dtype(x.dtype())?;
         let mut shape = vec![1usize; rank];
         shape[0] = batch;
         Ok(coefs.reshape(shape)?)
@@ -358,10 +355,20 @@ mod tests {
             let map = |f: &dyn Fn(usize) -> f64| (0..n).map(f).collect::<Vec<_>>();
             assert_eq!(s.timesteps(), n);
             assert_eq!(s.betas().values(), betas.as_slice());
-            assert_close(s.alphas().values(), &map(&|t| 1.0 - betas[t]), TOL_F64, "alphas");
+            assert_close(
+                s.alphas().values(),
+                &map(&|t| 1.0 - betas[t]),
+                TOL_F64,
+                "alphas",
+            );
             assert_close(s.alphas_cumprod().values(), &abar, TOL_F64, "abar");
             assert_eq!(s.alphas_cumprod_prev().values()[0], 1.0);
-            assert_close(s.alphas_cumprod_prev().values(), &abar_prev, TOL_F64, "abar_prev");
+            assert_close(
+                s.alphas_cumprod_prev().values(),
+                &abar_prev,
+                TOL_F64,
+                "abar_prev",
+            );
             assert_close(
                 s.sqrt_alphas_cumprod().values(),
                 &map(&|t| abar[t].sqrt()),
@@ -398,7 +405,12 @@ mod tests {
             // Posterior variance (DDPM eq. 7): (1 - abar_{t-1}) / (1 - abar_t) beta_t.
             let post_var = map(&|t| (1.0 - abar_prev[t]) / (1.0 - abar[t]) * betas[t]);
             assert_eq!(s.posterior_variance().values()[0], 0.0);
-            assert_close(s.posterior_variance().values(), &post_var, TOL_F64, "post_var");
+            assert_close(
+                s.posterior_variance().values(),
+                &post_var,
+                TOL_F64,
+                "post_var",
+            );
             let clipped = map(&|t| post_var[t.max(1)].ln());
             assert_close(
                 s.posterior_log_variance_clipped().values(),
@@ -513,7 +525,10 @@ mod tests {
         ));
         // A single step: the clipped log variance falls back to ln(beta_0).
         let one = Schedule::from_betas(vec![0.3], &cpu, DType::F64).expect("valid");
-        assert_eq!(one.posterior_log_variance_clipped().values(), &[0.3f64.ln()]);
+        assert_eq!(
+            one.posterior_log_variance_clipped().values(),
+            &[0.3f64.ln()]
+        );
     }
 
     #[test]

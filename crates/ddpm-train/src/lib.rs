@@ -1,6 +1,105 @@
-//! Training and sampling for DDPM: the training loop, optimizer, EMA, checkpoints and evaluation.
+//! Training and sampling for DDPM: Algorithm 1 of the paper with AdamW, warm-up, clipping,
+//! accumulation and EMA; atomic, resumable checkpoints; sample grids, GIFs of the reverse
+//! process, metrics and a loss curve.
 //!
-//! This crate wires a schedule, a U-Net and a dataset together. It knows nothing about
-//! command-line flags.
+//! This crate wires a schedule ([`ddpm_schedule`]), a network ([`ddpm_unet`]) and a data set
+//! ([`ddpm_data`]) together. It knows nothing about command-line flags: the `ddpm` binary fills a
+//! [`TrainConfig`] and calls [`Trainer`].
 //!
-//! Placeholder: filled by the training issue.
+//! ```no_run
+//! use std::sync::atomic::AtomicBool;
+//! use ddpm_train::{Trainer, TrainConfig, RunOptions};
+//!
+//! let mut config = TrainConfig::default(); // the MNIST preset
+//! config.steps = 100;
+//! let mut trainer = Trainer::create(config, "runs/mnist".as_ref(), &candle_core::Device::Cpu)?;
+//! trainer.run(&AtomicBool::new(false), &RunOptions::default())?;
+//! # Ok::<(), ddpm_train::TrainError>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod ema;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod sample;
+pub mod trainer;
+
+use std::path::{Path, PathBuf};
+
+pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use config::TrainConfig;
+pub use device::parse_device;
+pub use sample::{sample, SampleOptions, Samples};
+pub use trainer::{RunOptions, RunSummary, Trainer};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The training configuration cannot be used.
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// A file or directory operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint is missing, incomplete, corrupt or from another configuration.
+    #[error("checkpoint{}: {reason}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Checkpoint {
+        /// The file at fault, when known.
+        path: Option<PathBuf>,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The loss became NaN or infinite.
+    #[error(
+        "the loss became {value} at step {step}: training stopped; the last good checkpoint \
+         (step {last_checkpoint}) is kept. Lower the learning rate or enable gradient clipping"
+    )]
+    NonFiniteLoss {
+        /// The step at which it happened.
+        step: usize,
+        /// The loss value.
+        value: f64,
+        /// The step of the last checkpoint on disk.
+        last_checkpoint: usize,
+    },
+    /// An error from the schedule crate.
+    #[error(transparent)]
+    Schedule(#[from] ddpm_schedule::ScheduleError),
+    /// An error from the model crate.
+    #[error(transparent)]
+    Model(#[from] ddpm_unet::UnetError),
+    /// An error from the data crate.
+    #[error(transparent)]
+    Data(#[from] ddpm_data::DataError),
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl TrainError {
+    /// An I/O error while doing `what` on `path`.
+    pub fn io(path: &Path, what: &str, source: std::io::Error) -> Self {
+        Self::Io {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -72,7 +72,12 @@ pub(crate) fn digest_file(path: &Path, md5: bool, sha256: bool) -> Result<Digest
 
 /// Checks a file against every expected checksum; on a mismatch the file is deleted and the error
 /// names it (`label`) and carries `hint`.
-pub(crate) fn verify_file(path: &Path, label: &str, expected: &[Checksum], hint: &str) -> Result<Digests> {
+pub(crate) fn verify_file(
+    path: &Path,
+    label: &str,
+    expected: &[Checksum],
+    hint: &str,
+) -> Result<Digests> {
     let wants = |algo| expected.iter().any(|c| c.algorithm() == algo);
     let digests = digest_file(path, wants("md5"), wants("sha256"))?;
     for checksum in expected {
@@ -136,14 +141,21 @@ impl ChecksumList {
                 path = p;
             }
             let safe = !path.is_empty()
-                && Path::new(path).components().all(|c| matches!(c, Component::Normal(_)));
+                && Path::new(path)
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_)));
             if !safe {
                 return Err(bad(&format!("unsafe or empty path {path:?}")));
             }
-            if out.index.insert(path.to_string(), out.entries.len()).is_some() {
+            if out
+                .index
+                .insert(path.to_string(), out.entries.len())
+                .is_some()
+            {
                 return Err(bad(&format!("{path} is listed twice")));
             }
-            out.entries.push((path.to_string(), hash.to_ascii_lowercase()));
+            out.entries
+                .push((path.to_string(), hash.to_ascii_lowercase()));
         }
         Ok(out)
     }
@@ -199,7 +211,9 @@ mod tests {
         assert_eq!(d.size, 3);
         let wrong = Checksum::Sha256("00".repeat(32));
         match verify_file(&path, "abc", &[md5, wrong], "do this") {
-            Err(DataError::ChecksumMismatch { file, algorithm, .. }) => {
+            Err(DataError::ChecksumMismatch {
+                file, algorithm, ..
+            }) => {
                 assert_eq!((file.as_str(), algorithm), ("abc", "sha256"));
             }
             other => panic!("{other:?}"),

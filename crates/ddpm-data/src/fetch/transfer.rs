@@ -37,7 +37,11 @@ impl fmt::Display for Location {
 pub(crate) fn is_not_found(e: &DataError) -> bool {
     matches!(
         e,
-        DataError::MissingFile { .. } | DataError::HttpStatus { status: 404 | 410, .. }
+        DataError::MissingFile { .. }
+            | DataError::HttpStatus {
+                status: 404 | 410,
+                ..
+            }
     )
 }
 
@@ -60,10 +64,14 @@ pub(crate) fn is_transient(e: &DataError) -> bool {
 
 fn status_hint(status: u16) -> String {
     match status {
-        404 | 410 => "the file is not at this address; check --from / DDPM_DATA_MIRROR, or that the \
+        404 | 410 => {
+            "the file is not at this address; check --from / DDPM_DATA_MIRROR, or that the \
                       upstream site still serves it"
-            .to_string(),
-        401 | 403 => "access denied; the server needs credentials this tool does not have".to_string(),
+                .to_string()
+        }
+        401 | 403 => {
+            "access denied; the server needs credentials this tool does not have".to_string()
+        }
         408 | 429 | 500..=599 => "the server failed or is overloaded; try again later".to_string(),
         _ => "unexpected answer from the server".to_string(),
     }
@@ -145,7 +153,8 @@ impl<'a> Transfer<'a> {
                         .saturating_mul(1 << (attempt - 1).min(16))
                         .min(MAX_BACKOFF);
                     tracing::warn!(
-                        "{e}; retrying in {delay:.1?} (try {} of {})",
+                        "{}; retrying in {delay:.1?} (try {} of {})",
+                        e.chain(),
                         attempt + 1,
                         self.opts.retries + 1
                     );
@@ -268,14 +277,17 @@ impl<'a> Transfer<'a> {
                 bytes
             }
             Location::Url(url) => {
-                let tmp = tempfile::NamedTempFile::new().map_err(DataError::io(std::env::temp_dir()))?;
+                let tmp =
+                    tempfile::NamedTempFile::new().map_err(DataError::io(std::env::temp_dir()))?;
                 // A stale partial copy must not be resumed: always start from an empty file.
                 match self.http_with_retries(url, tmp.path(), None) {
                     Ok(()) => {}
                     Err(e) if is_not_found(&e) => return Ok(None),
                     Err(e) => return Err(e),
                 }
-                let len = std::fs::metadata(tmp.path()).map_err(DataError::io(tmp.path()))?.len();
+                let len = std::fs::metadata(tmp.path())
+                    .map_err(DataError::io(tmp.path()))?
+                    .len();
                 if len > MAX_TEXT {
                     return Err(DataError::BadChecksumList {
                         list: url.clone(),
@@ -286,11 +298,13 @@ impl<'a> Transfer<'a> {
                 std::fs::read(tmp.path()).map_err(DataError::io(tmp.path()))?
             }
         };
-        String::from_utf8(bytes).map(Some).map_err(|_| DataError::BadChecksumList {
-            list: from.to_string(),
-            line: 0,
-            reason: "not UTF-8 text".to_string(),
-        })
+        String::from_utf8(bytes)
+            .map(Some)
+            .map_err(|_| DataError::BadChecksumList {
+                list: from.to_string(),
+                line: 0,
+                reason: "not UTF-8 text".to_string(),
+            })
     }
 }
 

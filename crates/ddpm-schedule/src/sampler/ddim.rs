@@ -96,7 +96,8 @@ impl DdimSampler {
             x0 = x0.clamp(-1.0, 1.0)?;
             self.schedule.predict_eps_from_x0(x_t, &t, &x0)?
         } else {
-            self.schedule.predict_eps(objective, model_output, x_t, &t)?
+            self.schedule
+                .predict_eps(objective, model_output, x_t, &t)?
         };
         let dir = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
         let x_prev = ((x0 * abar_prev.sqrt())? + (eps * dir)?)?;
@@ -127,5 +128,146 @@ impl Sampler for DdimSampler {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         DdimSampler::step(self, model_output, x_t, i, objective, noise)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{
+        assert_close, conversion_tol, normal_tensor, schedule_f64, ts, values, TOL_F64,
+    };
+    use crate::ScheduleConfig;
+
+    #[test]
+    fn eta_one_over_all_steps_has_the_ddpm_posterior_variance() {
+        // sigma^2 = (1 - abar_{t-1})/(1 - abar_t) (1 - abar_t/abar_{t-1}) = beta_tilde_t.
+        for cfg in [ScheduleConfig::default(), ScheduleConfig::cosine(1000)] {
+            let s = schedule_f64(&cfg);
+            let sampler = DdimSampler::new(&s, None, 1.0, false).expect("sampler");
+            let t_max = s.timesteps();
+            assert_eq!(sampler.timesteps(), (0..t_max).rev().collect::<Vec<_>>());
+            for i in 0..t_max {
+                let t = sampler.timesteps()[i];
+                let want = s.posterior_variance().values()[t].sqrt();
+                let got = sampler.sigma(i).expect("sigma");
+                assert!((got - want).abs() <= TOL_F64 * want.max(1e-3), "t = {t}");
+                assert_eq!(sampler.needs_noise(i), t > 0);
+            }
+            assert_eq!(sampler.prev_timestep(t_max - 1), None);
+        }
+    }
+
+    #[test]
+    fn eta_one_over_all_steps_is_the_ddpm_posterior_step() {
+        // With the true eps and zero noise, the DDIM (eta = 1) step lands on the posterior mean.
+        let s = schedule_f64(&ScheduleConfig::default());
+        let sampler = DdimSampler::new(&s, None, 1.0, false).expect("sampler");
+        let x0 = normal_tensor(50, &[2, 3, 2, 2]);
+        let eps = normal_tensor(51, &[2, 3, 2, 2]);
+        for i in [0usize, 500, 998, 999] {
+            let step = sampler.timesteps()[i] as u32;
+            let t = ts(&[step, step]);
+            let x_t = s.q_sample(&x0, &t, &eps).expect("q_sample");
+            let zero = x_t.zeros_like().expect("zeros");
+            let out = sampler
+                .step(&eps, &x_t, i, Objective::Eps, Some(&zero))
+                .expect("step");
+            let mean = s.q_posterior_mean(&x0, &x_t, &t).expect("mean");
+            let tol = conversion_tol(&s, &[step]);
+            assert_close(&values(&out), &values(&mean), tol, "ddim eta=1 mean");
+        }
+    }
+
+    #[test]
+    fn eta_zero_step_lands_on_the_noised_x0_at_the_previous_timestep() {
+        // x_t built from known x0 and eps; with the true model output the deterministic step
+        // gives sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps (x0 itself after the last step).
+        let s = schedule_f64(&ScheduleConfig::cosine(1000));
+        let x0 = normal_tensor(60, &[3, 4]).tanh().expect("tanh");
+        let eps = normal_tensor(61, &[3, 4]);
+        for steps in [None, Some(50), Some(1)] {
+            let sampler = DdimSampler::new(&s, steps, 0.0, false).expect("sampler");
+            let n = sampler.timesteps().len();
+            for i in [0, n / 2, n - 1] {
+                let step = sampler.timesteps()[i] as u32;
+                let t = ts(&[step; 3]);
+                let x_t = s.q_sample(&x0, &t, &eps).expect("q_sample");
+                let want = match sampler.prev_timestep(i) {
+                    Some(p) => s.q_sample(&x0, &ts(&[p as u32; 3]), &eps).expect("q"),
+                    None => x0.clone(),
+                };
+                let tol = conversion_tol(&s, &[step]);
+                for objective in [Objective::Eps, Objective::X0, Objective::V] {
+                    let out = s.training_target(objective, &x0, &eps, &t).expect("target");
+                    assert!(!sampler.needs_noise(i));
+                    for clip in [false, true] {
+                        let sampler = DdimSampler::new(&s, steps, 0.0, clip).expect("sampler");
+                        let x_prev = sampler
+                            .step(&out, &x_t, i, objective, None)
+                            .expect("deterministic step needs no noise");
+                        assert_close(&values(&x_prev), &values(&want), tol, "ddim eta=0");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stochastic_steps_add_sigma_times_the_noise() {
+        let s = schedule_f64(&ScheduleConfig::default());
+        let sampler = DdimSampler::new(&s, Some(20), 0.5, false).expect("sampler");
+        let x_t = normal_tensor(70, &[2, 5]);
+        let out = normal_tensor(71, &[2, 5]);
+        let noise = normal_tensor(72, &[2, 5]);
+        let zero = noise.zeros_like().expect("zeros");
+        let i = 3;
+        let with = sampler
+            .step(&out, &x_t, i, Objective::Eps, Some(&noise))
+            .expect("step");
+        let without = sampler
+            .step(&out, &x_t, i, Objective::Eps, Some(&zero))
+            .expect("step");
+        let sigma = sampler.sigma(i).expect("sigma");
+        assert!(sigma > 0.0);
+        let diff: Vec<f64> = values(&(with - without).expect("sub"));
+        let want: Vec<f64> = values(&noise).iter().map(|z| sigma * z).collect();
+        assert_close(&diff, &want, TOL_F64, "sigma z");
+        assert!(matches!(
+            sampler.step(&out, &x_t, i, Objective::Eps, None),
+            Err(ScheduleError::MissingNoise { index: 3, .. })
+        ));
+        let short = normal_tensor(73, &[2, 4]);
+        assert!(matches!(
+            sampler.step(&out, &x_t, i, Objective::Eps, Some(&short)),
+            Err(ScheduleError::Shape { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let s = schedule_f64(&ScheduleConfig::linear(100));
+        for eta in [-0.1, 1.5, f64::NAN] {
+            assert!(matches!(
+                DdimSampler::new(&s, None, eta, true),
+                Err(ScheduleError::InvalidParameter { field: "eta", .. })
+            ));
+        }
+        assert!(matches!(
+            DdimSampler::new(&s, Some(101), 0.0, true),
+            Err(ScheduleError::InvalidSteps { .. })
+        ));
+        assert!(matches!(
+            DdimSampler::new(&s, Some(0), 0.0, true),
+            Err(ScheduleError::InvalidSteps { .. })
+        ));
+        let sampler = DdimSampler::new(&s, Some(10), 0.0, true).expect("sampler");
+        let x = normal_tensor(1, &[1, 2]);
+        assert!(matches!(
+            sampler.step(&x, &x, 10, Objective::Eps, None),
+            Err(ScheduleError::StepOutOfRange { index: 10, len: 10 })
+        ));
+        assert!(sampler.sigma(10).is_err());
+        assert!(!sampler.needs_noise(10));
     }
 }

@@ -126,3 +126,111 @@ impl Sampler for DdpmSampler {
         DdpmSampler::step(self, model_output, x_t, i, objective, noise)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ScheduleError;
+    use crate::test_util::{
+        assert_close, conversion_tol, normal_tensor, schedule_f64, ts, values, TOL_F64,
+    };
+    use crate::ScheduleConfig;
+
+    #[test]
+    fn full_length_step_is_posterior_mean_plus_scaled_noise() {
+        let s = schedule_f64(&ScheduleConfig::default());
+        let x0 = normal_tensor(80, &[2, 3, 2]).tanh().expect("tanh");
+        let eps = normal_tensor(81, &[2, 3, 2]);
+        let z = normal_tensor(82, &[2, 3, 2]);
+        for variance in [DdpmVariance::FixedSmall, DdpmVariance::FixedLarge] {
+            let sampler = DdpmSampler::new(&s, None, variance, true).expect("sampler");
+            assert_eq!(sampler.timesteps(), (0..1000).rev().collect::<Vec<_>>());
+            for i in [0usize, 400, 998, 999] {
+                let step = sampler.timesteps()[i];
+                let t = ts(&[step as u32; 2]);
+                let x_t = s.q_sample(&x0, &t, &eps).expect("q_sample");
+                let mean = values(&s.q_posterior_mean(&x0, &x_t, &t).expect("mean"));
+                let var = match variance {
+                    _ if step == 0 => 0.0,
+                    DdpmVariance::FixedSmall => s.posterior_variance().values()[step],
+                    DdpmVariance::FixedLarge => s.betas().values()[step],
+                };
+                assert_eq!(sampler.step_variance(i).expect("var"), var);
+                assert_eq!(sampler.needs_noise(i), step > 0);
+                let want: Vec<f64> = mean
+                    .iter()
+                    .zip(values(&z))
+                    .map(|(m, z)| m + var.sqrt() * z)
+                    .collect();
+                let got = sampler
+                    .step(&eps, &x_t, i, Objective::Eps, Some(&z))
+                    .expect("step");
+                let tol = conversion_tol(&s, &[step as u32]);
+                assert_close(&values(&got), &want, tol, "ddpm step");
+            }
+        }
+    }
+
+    #[test]
+    fn respaced_sampler_uses_the_recomputed_betas_and_maps_timesteps() {
+        let s = schedule_f64(&ScheduleConfig::cosine(1000));
+        let sampler =
+            DdpmSampler::new(&s, Some(25), DdpmVariance::FixedLarge, false).expect("sampler");
+        let ts_desc = sampler.timesteps().to_vec();
+        assert_eq!(ts_desc.len(), 25);
+        assert_eq!((ts_desc[0], ts_desc[24]), (999, 0));
+        assert!(ts_desc.windows(2).all(|w| w[0] > w[1]));
+        let abar = s.alphas_cumprod().values();
+        for i in 0..24 {
+            // FixedLarge on the respaced schedule: beta = 1 - abar_{t_i} / abar_{t_{i+1}}.
+            let want = 1.0 - abar[ts_desc[i]] / abar[ts_desc[i + 1]];
+            let got = sampler.step_variance(i).expect("var");
+            assert!((got - want).abs() < 1e-15, "i = {i}: {got} vs {want}");
+        }
+        // With the true x0, the respaced step's mean is the posterior between the kept
+        // timesteps: coefficients from abar at t = ts_desc[i] and t_prev = ts_desc[i + 1].
+        let x0 = normal_tensor(90, &[1, 6]).tanh().expect("tanh");
+        let eps = normal_tensor(91, &[1, 6]);
+        let i = 10;
+        let (t, t_prev) = (ts_desc[i], ts_desc[i + 1]);
+        let x_t = s.q_sample(&x0, &ts(&[t as u32]), &eps).expect("q");
+        let zero = x_t.zeros_like().expect("zeros");
+        let got = sampler
+            .step(&x0, &x_t, i, Objective::X0, Some(&zero))
+            .expect("step");
+        let (a, ap) = (abar[t], abar[t_prev]);
+        let beta = 1.0 - a / ap;
+        let c1 = beta * ap.sqrt() / (1.0 - a);
+        let c2 = (1.0 - ap) * (1.0 - beta).sqrt() / (1.0 - a);
+        let want: Vec<f64> = values(&x0)
+            .iter()
+            .zip(values(&x_t))
+            .map(|(x0, xt)| c1 * x0 + c2 * xt)
+            .collect();
+        assert_close(&values(&got), &want, TOL_F64, "respaced mean");
+    }
+
+    #[test]
+    fn missing_noise_and_bad_indices_are_errors() {
+        let s = schedule_f64(&ScheduleConfig::linear(100));
+        let sampler = DdpmSampler::new(&s, Some(10), DdpmVariance::FixedSmall, true).expect("s");
+        let x = normal_tensor(1, &[2, 3]);
+        assert!(matches!(
+            sampler.step(&x, &x, 0, Objective::Eps, None),
+            Err(ScheduleError::MissingNoise {
+                index: 0,
+                timestep: 99
+            })
+        ));
+        // The last step adds no noise and needs none.
+        assert!(sampler.step(&x, &x, 9, Objective::Eps, None).is_ok());
+        assert!(matches!(
+            sampler.step(&x, &x, 10, Objective::Eps, None),
+            Err(ScheduleError::StepOutOfRange { index: 10, len: 10 })
+        ));
+        assert!(matches!(
+            DdpmSampler::new(&s, Some(0), DdpmVariance::FixedSmall, true),
+            Err(ScheduleError::InvalidSteps { .. })
+        ));
+    }
+}

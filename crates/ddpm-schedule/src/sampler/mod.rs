@@ -128,3 +128,85 @@ pub(crate) fn required_noise<'a>(
     check_same_shape("noise", x_t, noise)?;
     Ok(noise)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{assert_close, normal_tensor, schedule_f64, values};
+    use crate::ScheduleConfig;
+
+    #[test]
+    fn sampler_config_reads_and_round_trips_toml() {
+        let cases = [
+            ("kind = \"ddpm\"", SamplerConfig::default()),
+            (
+                "kind = \"ddpm\"\nsteps = 250\nvariance = \"fixed_large\"\nclip_x0 = false",
+                SamplerConfig::Ddpm {
+                    steps: Some(250),
+                    variance: DdpmVariance::FixedLarge,
+                    clip_x0: false,
+                },
+            ),
+            (
+                "kind = \"ddim\"\nsteps = 50",
+                SamplerConfig::Ddim {
+                    steps: Some(50),
+                    eta: 0.0,
+                    clip_x0: true,
+                },
+            ),
+        ];
+        for (text, want) in cases {
+            let got: SamplerConfig = toml::from_str(text).expect(text);
+            assert_eq!(got, want);
+            let back: SamplerConfig =
+                toml::from_str(&toml::to_string(&got).expect("ser")).expect("de");
+            assert_eq!(back, want);
+        }
+    }
+
+    #[test]
+    fn samplers_with_an_oracle_model_land_on_the_single_data_point() {
+        // For data that is a single point x*, the ideal eps-predictor is
+        // eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t). Every sampler driven by it
+        // through the `Sampler` trait must end exactly at x* (up to f64 rounding amplified by
+        // 1/sqrt(1 - abar) ~ 100 at the last step).
+        let s = schedule_f64(&ScheduleConfig::scaled_linear(200));
+        let x_star = normal_tensor(100, &[2, 3]).tanh().expect("tanh");
+        let configs = [
+            SamplerConfig::default(),
+            SamplerConfig::Ddpm {
+                steps: Some(20),
+                variance: DdpmVariance::FixedLarge,
+                clip_x0: false,
+            },
+            SamplerConfig::Ddim {
+                steps: Some(10),
+                eta: 0.0,
+                clip_x0: true,
+            },
+            SamplerConfig::Ddim {
+                steps: None,
+                eta: 1.0,
+                clip_x0: false,
+            },
+        ];
+        for (k, cfg) in configs.iter().enumerate() {
+            let sampler = cfg.build(&s).expect("build");
+            let mut x = normal_tensor(200 + k as u64, &[2, 3]);
+            for (i, &t) in sampler.timesteps().iter().enumerate() {
+                let abar = s.alphas_cumprod().values()[t];
+                let eps = ((&x - (&x_star * abar.sqrt()).expect("mul")).expect("sub")
+                    / (1.0 - abar).sqrt())
+                .expect("div");
+                let noise = sampler
+                    .needs_noise(i)
+                    .then(|| normal_tensor(1000 * k as u64 + i as u64, &[2, 3]));
+                x = sampler
+                    .step(&eps, &x, i, Objective::Eps, noise.as_ref())
+                    .expect("step");
+            }
+            assert_close(&values(&x), &values(&x_star), 1e-12, "sample");
+        }
+    }
+}

@@ -76,3 +76,98 @@ impl RespacedSchedule {
         self.timestep_map.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{assert_close, schedule_f64, TOL_F64};
+    use crate::ScheduleConfig;
+
+    #[test]
+    fn spaced_timesteps_are_even_and_span_the_schedule() {
+        assert_eq!(
+            spaced_timesteps(10, 10).expect("ok"),
+            (0..10).collect::<Vec<_>>()
+        );
+        assert_eq!(spaced_timesteps(1000, 1).expect("ok"), vec![999]);
+        assert_eq!(spaced_timesteps(1000, 2).expect("ok"), vec![0, 999]);
+        // i * 999 / 3 for i = 0..4.
+        assert_eq!(
+            spaced_timesteps(1000, 4).expect("ok"),
+            vec![0, 333, 666, 999]
+        );
+        for (t_max, steps) in [(1000, 50), (1000, 999), (300, 7), (4000, 250)] {
+            let ts = spaced_timesteps(t_max, steps).expect("ok");
+            assert_eq!(ts.len(), steps);
+            assert_eq!(ts[0], 0);
+            assert_eq!(ts[steps - 1], t_max - 1);
+            let gaps: Vec<usize> = ts.windows(2).map(|w| w[1] - w[0]).collect();
+            let (lo, hi) = (
+                gaps.iter().min().copied().unwrap_or(0),
+                gaps.iter().max().copied().unwrap_or(0),
+            );
+            assert!(
+                lo >= 1 && hi - lo <= 1,
+                "gaps {lo}..{hi} for {steps} of {t_max}"
+            );
+        }
+        for steps in [0, 11] {
+            assert!(matches!(
+                spaced_timesteps(10, steps),
+                Err(ScheduleError::InvalidSteps { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn respacing_to_all_steps_reproduces_the_betas() {
+        for cfg in [ScheduleConfig::default(), ScheduleConfig::cosine(500)] {
+            let s = schedule_f64(&cfg);
+            let r = RespacedSchedule::new(&s, s.timesteps()).expect("respace");
+            assert_eq!(r.timestep_map(), (0..s.timesteps()).collect::<Vec<_>>());
+            // 1 - abar_t / abar_{t-1} recovers beta_t up to the rounding of the ratio, a few
+            // ulps of 1 (~1e-16 absolute, whatever beta_t is).
+            let b = r.schedule().betas().values();
+            for (t, (&got, &want)) in b.iter().zip(s.betas().values()).enumerate() {
+                assert!(
+                    (got - want).abs() <= 8.0 * f64::EPSILON,
+                    "t = {t}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn respacing_keeps_alphas_cumprod_at_the_kept_timesteps() {
+        let s = schedule_f64(&ScheduleConfig::cosine(1000));
+        for steps in [1, 2, 50, 250] {
+            let r = RespacedSchedule::new(&s, steps).expect("respace");
+            assert_eq!(r.steps(), steps);
+            assert_eq!(r.schedule().timesteps(), steps);
+            let kept: Vec<f64> = r
+                .timestep_map()
+                .iter()
+                .map(|&t| s.alphas_cumprod().values()[t])
+                .collect();
+            assert_close(
+                r.schedule().alphas_cumprod().values(),
+                &kept,
+                TOL_F64,
+                "abar",
+            );
+            // beta_i = 1 - abar_{t_i} / abar_{t_{i-1}}.
+            let b = r.schedule().betas().values();
+            for i in 1..steps {
+                let want = 1.0 - kept[i] / kept[i - 1];
+                assert!((b[i] - want).abs() < 1e-15, "{} vs {want}", b[i]);
+            }
+        }
+        assert!(matches!(
+            RespacedSchedule::new(&s, 1001),
+            Err(ScheduleError::InvalidSteps {
+                steps: 1001,
+                timesteps: 1000
+            })
+        ));
+    }
+}

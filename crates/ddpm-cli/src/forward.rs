@@ -1,0 +1,116 @@
+//! `ddpm forward`: the forward-process figure (rows of images, columns of timesteps).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use ddpm_data::{image_io, DataConfig, Dataset, DatasetSpec, Split};
+use ddpm_schedule::{BetaSchedule, Schedule, ScheduleConfig};
+use rand::SeedableRng;
+
+/// Arguments of `ddpm forward`.
+#[derive(Args)]
+pub struct ForwardArgs {
+    /// mnist, cifar10, flowers or folder:PATH.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// Comma-separated timesteps (columns).
+    #[arg(long, default_value = "0,10,50,100,200,400,600,800,999")]
+    timesteps: String,
+    /// Images (rows).
+    #[arg(long, default_value_t = 4)]
+    num: usize,
+    /// Beta schedule: linear, scaled-linear, cosine, quadratic, sigmoid.
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Diffusion steps T.
+    #[arg(long = "total-steps", default_value_t = 1000)]
+    total_steps: usize,
+    /// Image size (default: the data set's).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Data root.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output PNG.
+    #[arg(long, default_value = "forward.png")]
+    out: PathBuf,
+}
+
+pub fn run(a: ForwardArgs) -> Result<()> {
+    let spec: DatasetSpec = a
+        .dataset
+        .parse()
+        .with_context(|| format!("--dataset {}", a.dataset))?;
+    let ts: Vec<usize> = a
+        .timesteps
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--timesteps: `{s}` is not a number"))
+        })
+        .collect::<Result<_>>()?;
+    if ts.is_empty() || a.num == 0 {
+        anyhow::bail!("--timesteps and --num must not be empty");
+    }
+    if let Some(t) = ts.iter().find(|&&t| t >= a.total_steps) {
+        anyhow::bail!("--timesteps: {t} is out of range for T = {}", a.total_steps);
+    }
+    let beta_schedule: BetaSchedule = crate::parse_word(
+        &a.schedule,
+        "schedule",
+        "linear, scaled-linear, cosine, quadratic, sigmoid",
+    )?;
+    let schedule = Schedule::new(
+        &ScheduleConfig {
+            timesteps: a.total_steps,
+            beta_schedule,
+        },
+        &Device::Cpu,
+    )?;
+    let cfg = DataConfig {
+        root: a.data_dir.clone(),
+        image_size: a.image_size,
+        ..DataConfig::default()
+    };
+    let ds = Dataset::open(&spec, &cfg, Split::Train).with_context(|| {
+        format!(
+            "opening {spec} in {} (fetch it with `cargo xtask fetch-data {}`)",
+            a.data_dir.display(),
+            spec.name()
+        )
+    })?;
+    let n = a.num.min(ds.len());
+    let x0 = Tensor::stack(
+        &(0..n)
+            .map(|i| ds.image_tensor(i))
+            .collect::<ddpm_data::Result<Vec<_>>>()?,
+        0,
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let noise = ddpm_train::sample::gaussian(&mut rng, x0.dims(), &Device::Cpu)?;
+    // Column-major tiles: row i is image i, column j is timestep j.
+    let mut tiles = Vec::with_capacity(n * ts.len());
+    let cols: Vec<Tensor> = ts
+        .iter()
+        .map(|&t| {
+            let tt = Tensor::from_vec(vec![t as u32; n], n, &Device::Cpu)?;
+            Ok(schedule.q_sample(&x0, &tt, &noise)?.clamp(-1f32, 1f32)?)
+        })
+        .collect::<Result<_>>()?;
+    for i in 0..n {
+        for col in &cols {
+            tiles.push(col.get(i)?);
+        }
+    }
+    let grid = Tensor::stack(&tiles, 0)?;
+    image_io::save_image_grid(&grid, ts.len(), &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    tracing::info!(path = %a.out.display(), rows = n, columns = ts.len(), "forward-process figure written");
+    Ok(())
+}

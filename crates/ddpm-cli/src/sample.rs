@@ -1,0 +1,232 @@
+//! `ddpm sample`: images (grid, single files, GIF of the reverse process) from a checkpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use ddpm_data::image_io;
+use ddpm_schedule::{DdpmVariance, Objective, SamplerConfig, Schedule, ScheduleConfig};
+use ddpm_train::checkpoint::{self, EMA_PREFIX, MODEL_PREFIX};
+use ddpm_train::{parse_device, sample, SampleOptions};
+use ddpm_unet::DiffusionModel;
+
+/// Arguments of `ddpm sample`.
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 64)]
+    num: usize,
+    /// ddpm or ddim.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Sampling steps (default: 50 for ddim, all T for ddpm).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DDIM stochasticity (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDPM step variance: fixed-small (posterior) or fixed-large (beta_t).
+    #[arg(long, default_value = "fixed-small")]
+    variance: String,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The grid of samples (PNG).
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Also write each sample as its own PNG in this directory.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Also write an animated GIF of the reverse process.
+    #[arg(long)]
+    gif: Option<PathBuf>,
+    /// Frames of the GIF.
+    #[arg(long, default_value_t = 20)]
+    frames: usize,
+    /// Which weights: ema (default) or raw.
+    #[arg(long, default_value = "ema")]
+    weights: String,
+    /// Images denoised at once.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+struct Loaded {
+    model: DiffusionModel,
+    schedule: ScheduleConfig,
+    objective: Objective,
+}
+
+/// Finds and loads the model from a run dir, checkpoint or weights file.
+fn load(path: &Path, which: &str, device: &Device) -> Result<Loaded> {
+    let prefix = match which {
+        "ema" => EMA_PREFIX,
+        "raw" => MODEL_PREFIX,
+        other => anyhow::bail!("unknown --weights `{other}`: choose ema or raw"),
+    };
+    let json = if path.is_dir() {
+        let all = checkpoint::list(path)?;
+        Some(all.last().map(|(_, p)| p.clone()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} holds no checkpoint (is it a run directory of `ddpm train`?)",
+                path.display()
+            )
+        })?)
+    } else if path.extension().is_some_and(|e| e == "json") {
+        Some(path.to_path_buf())
+    } else {
+        let sibling = path.with_extension("json");
+        sibling.exists().then_some(sibling)
+    };
+    if let Some(json) = json {
+        let ckpt = checkpoint::load(&json, device)?;
+        let model = DiffusionModel::new(&ckpt.meta.config.model, 0, device, DType::F32)?;
+        model.set_tensors(&ckpt.section(prefix), &ckpt.path)?;
+        tracing::info!(checkpoint = %ckpt.path.display(), step = ckpt.meta.step, weights = which, "model loaded");
+        return Ok(Loaded {
+            model,
+            schedule: ckpt.meta.config.schedule,
+            objective: ckpt.meta.config.objective,
+        });
+    }
+    // A plain weights file written by DiffusionModel::save (eps objective, default schedule
+    // unless its metadata says otherwise).
+    let file = ddpm_unet::weights::read_safetensors(path, device)?;
+    let config = ddpm_unet::model::config_from_metadata(&file.metadata, path)?;
+    let model = DiffusionModel::new(&config, 0, device, DType::F32)?;
+    let tensors: HashMap<String, Tensor> = if file.tensors.keys().any(|k| k.starts_with(prefix)) {
+        file.tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+            .collect()
+    } else {
+        file.tensors
+    };
+    model.set_tensors(&tensors, path)?;
+    let schedule = match file.metadata.get("ddpm.schedule_config") {
+        Some(s) => serde_json::from_str(s).context("schedule config in the weights file")?,
+        None => ScheduleConfig::default(),
+    };
+    let objective = match file.metadata.get("ddpm.objective") {
+        Some(s) => serde_json::from_str(s).context("objective in the weights file")?,
+        None => Objective::Eps,
+    };
+    Ok(Loaded {
+        model,
+        schedule,
+        objective,
+    })
+}
+
+fn check_writable(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "output directory {} does not exist: create it first",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    if a.num == 0 {
+        anyhow::bail!("--num must be at least 1");
+    }
+    check_writable(&a.out)?;
+    if let Some(g) = &a.gif {
+        check_writable(g)?;
+        if a.frames < 2 {
+            anyhow::bail!("--frames must be at least 2 for a GIF");
+        }
+    }
+    let device = parse_device(&a.device)?;
+    let loaded = load(&a.checkpoint, &a.weights, &device)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let sampler = match a.sampler.to_ascii_lowercase().as_str() {
+        "ddim" => SamplerConfig::Ddim {
+            steps: Some(a.steps.unwrap_or(50)),
+            eta: a.eta,
+            clip_x0: true,
+        },
+        "ddpm" => SamplerConfig::Ddpm {
+            steps: a.steps,
+            variance: crate::parse_word::<DdpmVariance>(
+                &a.variance,
+                "variance",
+                "fixed-small, fixed-large",
+            )?,
+            clip_x0: true,
+        },
+        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
+    };
+    let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let opts = SampleOptions {
+        num: a.num,
+        sampler,
+        seed: a.seed,
+        batch_size: a.batch_size,
+        frames: if a.gif.is_some() { a.frames } else { 0 },
+        progress: !a.quiet,
+    };
+    let samples = sample(&loaded.model, &schedule, loaded.objective, &opts)?;
+    let nrow = (a.num as f64).sqrt().ceil() as usize;
+    image_io::save_image_grid(&samples.images, nrow, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    tracing::info!(path = %a.out.display(), images = a.num, "sample grid written");
+    if let Some(dir) = &a.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for i in 0..a.num {
+            let p = dir.join(format!("sample-{i:05}.png"));
+            image_io::save_image(&samples.images.get(i)?, &p)
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        tracing::info!(dir = %dir.display(), "individual samples written");
+    }
+    if let Some(gif) = &a.gif {
+        write_gif(&samples.frames, nrow, gif)?;
+        tracing::info!(path = %gif.display(), frames = samples.frames.len(), "reverse-process GIF written");
+    }
+    Ok(())
+}
+
+fn write_gif(frames: &[Tensor], nrow: usize, path: &Path) -> Result<()> {
+    use image::codecs::gif::{GifEncoder, Repeat};
+    use image::{Delay, DynamicImage, Frame};
+    let tmp = path.with_extension("gif.tmp");
+    {
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut enc = GifEncoder::new_with_speed(file, 10);
+        enc.set_repeat(Repeat::Infinite)?;
+        let n = frames.len();
+        for (i, f) in frames.iter().enumerate() {
+            let grid = image_io::image_grid(&f.clamp(-1f32, 1f32)?, nrow)?;
+            let rgba = DynamicImage::ImageRgb8(grid).to_rgba8();
+            // Hold the last frame longer so the result is visible.
+            let ms = if i + 1 == n { 2000 } else { 120 };
+            enc.encode_frame(Frame::from_parts(
+                rgba,
+                0,
+                0,
+                Delay::from_numer_denom_ms(ms, 1),
+            ))?;
+        }
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! `ddpm train`: build a [`TrainConfig`] from a file and flags, fetch missing data, train.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ddpm_data::{fetch, DatasetSpec, FetchOptions};
+use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective};
+use ddpm_train::{parse_device, RunOptions, TrainConfig, Trainer};
+use ddpm_unet::ModelConfig;
+
+/// Arguments of `ddpm train`.
+#[derive(Args, Default)]
+pub struct TrainArgs {
+    /// A TOML training config; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// mnist, cifar10, flowers or folder:PATH.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Run directory (default: a new runs/<dataset>[-N]).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its newest checkpoint (exactly).
+    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr"])]
+    resume: Option<PathBuf>,
+    /// Total optimizer steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per optimizer step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Model preset: mnist-small, fashion, cifar-small, cifar10.
+    #[arg(long)]
+    model: Option<String>,
+    /// Image size (the model follows the data).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Beta schedule: linear, scaled-linear, cosine, quadratic, sigmoid.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Diffusion steps T.
+    #[arg(long)]
+    timesteps: Option<usize>,
+    /// What the network predicts: eps, x0 or v.
+    #[arg(long)]
+    objective: Option<String>,
+    /// Training loss: l1, l2 or huber.
+    #[arg(long)]
+    loss: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of init, noise and data order.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Data root holding mnist/, cifar10/, flowers/.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Write a sample grid every N steps (0: never).
+    #[arg(long)]
+    sample_every: Option<usize>,
+    /// Write a checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Append metrics every N steps.
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Do not fetch a missing data set; fail instead.
+    #[arg(long)]
+    no_fetch: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(d) = &a.dataset {
+        c.dataset = d.parse().with_context(|| format!("--dataset {d}"))?;
+        if a.model.is_none() && a.config.is_none() && c.dataset != DatasetSpec::Mnist {
+            c.model = ModelConfig::preset("cifar-small")?;
+        }
+    }
+    if let Some(m) = &a.model {
+        c.model = ModelConfig::preset(m)?;
+    }
+    if let Some(v) = a.steps {
+        c.steps = v;
+    }
+    if let Some(v) = a.batch_size {
+        c.batch_size = v;
+    }
+    if let Some(v) = a.lr {
+        c.optimizer.lr = v;
+    }
+    if let Some(v) = a.image_size {
+        c.data.image_size = Some(v);
+    }
+    if let Some(s) = &a.schedule {
+        c.schedule.beta_schedule = crate::parse_word::<BetaSchedule>(
+            s,
+            "schedule",
+            "linear, scaled-linear, cosine, quadratic, sigmoid",
+        )?;
+    }
+    if let Some(v) = a.timesteps {
+        c.schedule.timesteps = v;
+    }
+    if let Some(o) = &a.objective {
+        c.objective = crate::parse_word::<Objective>(o, "objective", "eps, x0, v")?;
+    }
+    if let Some(l) = &a.loss {
+        c.loss = DiffusionLoss {
+            kind: crate::parse_word::<LossKind>(l, "loss", "l1, l2, huber")?,
+            ..c.loss
+        };
+    }
+    if let Some(v) = a.seed {
+        c.seed = v;
+    }
+    if let Some(v) = &a.data_dir {
+        c.data.root = v.clone();
+    }
+    if let Some(v) = a.sample_every {
+        c.sample_every = v;
+    }
+    if let Some(v) = a.checkpoint_every {
+        c.checkpoint_every = v;
+    }
+    if let Some(v) = a.log_every {
+        c.log_every = v;
+    }
+    Ok(c)
+}
+
+/// The first of runs/NAME, runs/NAME-1, ... that holds no checkpoint.
+fn fresh_run_dir(name: &str) -> Result<PathBuf> {
+    for i in 0.. {
+        let p = if i == 0 {
+            PathBuf::from("runs").join(name)
+        } else {
+            PathBuf::from("runs").join(format!("{name}-{i}"))
+        };
+        if ddpm_train::checkpoint::list(&p)?.is_empty() {
+            return Ok(p);
+        }
+    }
+    unreachable!("an unbounded range always yields a directory")
+}
+
+/// Fetches the data set when it is missing (from `DDPM_DATA_MIRROR` when set).
+fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
+    if ddpm_data::fetch::is_fetched(&c.dataset, &c.data.root) {
+        return Ok(());
+    }
+    let how = format!(
+        "fetch it with `cargo xtask fetch-data {} --data-dir {}` (offline: add `--from ../shared/data` or set DDPM_DATA_MIRROR=../shared/data)",
+        c.dataset.name(),
+        c.data.root.display()
+    );
+    if let DatasetSpec::Folder(p) = &c.dataset {
+        anyhow::bail!("image folder {} does not exist", p.display());
+    }
+    if no_fetch {
+        anyhow::bail!(
+            "data set {} is not in {}: {how}",
+            c.dataset,
+            c.data.root.display()
+        );
+    }
+    tracing::info!(dataset = %c.dataset, dir = %c.data.root.display(), "data set missing: fetching it");
+    let report = fetch(&c.dataset, &FetchOptions::from_env(&c.data.root)).with_context(|| {
+        format!(
+            "data set {} is missing and fetching it failed; {how}",
+            c.dataset
+        )
+    })?;
+    tracing::info!("{report}");
+    Ok(())
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("second interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("interrupt: finishing the current step and writing a checkpoint");
+        })
+        .context("installing the SIGINT/SIGTERM handler")?;
+    }
+    let mut trainer = match &a.resume {
+        Some(dir) => {
+            let ckpt = ddpm_train::checkpoint::load_latest(dir, &candle_core::Device::Cpu)
+                .with_context(|| format!("resuming {}", dir.display()))?;
+            ensure_data(&ckpt.meta.config, a.no_fetch)?;
+            drop(ckpt);
+            Trainer::resume(dir, &device, a.steps)
+                .with_context(|| format!("resuming {}", dir.display()))?
+        }
+        None => {
+            let config = build_config(&a)?;
+            ensure_data(&config, a.no_fetch)?;
+            let out = match &a.out {
+                Some(o) => o.clone(),
+                None => fresh_run_dir(config.dataset.name())?,
+            };
+            tracing::info!(run_dir = %out.display(), "starting a new run");
+            Trainer::create(config, &out, &device)
+                .with_context(|| format!("starting run {}", out.display()))?
+        }
+    };
+    let opts = RunOptions {
+        progress: !a.quiet,
+        fault_nan_at_step: std::env::var("DDPM_FAULT_NAN_AT_STEP")
+            .ok()
+            .and_then(|s| s.parse().ok()),
+    };
+    let summary = trainer.run(&stop, &opts)?;
+    let ckpt = summary
+        .checkpoint
+        .as_deref()
+        .map(Path::display)
+        .map(|d| d.to_string())
+        .unwrap_or_else(|| "none".into());
+    if summary.interrupted {
+        tracing::info!(step = summary.step, checkpoint = %ckpt, "interrupted: checkpoint written, resume with --resume");
+    } else {
+        tracing::info!(step = summary.step, loss = summary.last_loss, checkpoint = %ckpt, "training finished");
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! Checkpoints: one safetensors file (model, EMA and optimizer tensors) plus a small JSON file
+//! (step, RNG state, data-loader position, full config) per saved step, in
+//! `RUN_DIR/checkpoints/`.
+//!
+//! Both files are written atomically (temporary file, fsync, rename), the JSON last: a checkpoint
+//! exists once its JSON does, so a crash or `kill -9` at any moment leaves every earlier
+//! checkpoint loadable and never a half-written one that looks complete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use ddpm_data::LoaderPosition;
+use ddpm_unet::weights::{read_safetensors, to_safetensors_bytes, write_atomic};
+use ddpm_unet::ModelConfig;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::{Result, TrainError};
+
+/// Format tag of the JSON metadata file.
+pub const CHECKPOINT_FORMAT: &str = "ddpm-rs/checkpoint/v1";
+/// Tensor-name prefix of the raw model weights in a checkpoint.
+pub const MODEL_PREFIX: &str = "model.";
+/// Tensor-name prefix of the EMA weights in a checkpoint.
+pub const EMA_PREFIX: &str = "ema.";
+/// Tensor-name prefix of the optimizer moments in a checkpoint.
+pub const OPTIM_PREFIX: &str = "optim.";
+
+/// The JSON half of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: String,
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// The training RNG (timesteps, noise, dropout) after `step` steps.
+    pub rng: ChaCha8Rng,
+    /// Where the data loader stands after `step` steps.
+    pub loader: LoaderPosition,
+    /// The run's full configuration.
+    pub config: TrainConfig,
+    /// File name of the tensors, beside this file.
+    pub tensors_file: String,
+    /// Its size in bytes, to detect truncation before parsing.
+    pub tensors_bytes: u64,
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The JSON metadata.
+    pub meta: CheckpointMeta,
+    /// Where the JSON was read from.
+    pub path: PathBuf,
+    /// All tensors, with their prefixes.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// The tensors under `prefix`, with the prefix removed.
+    pub fn section(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+            .collect()
+    }
+}
+
+/// The checkpoint directory of a run.
+pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn stem(step: usize) -> String {
+    format!("ckpt-{step:08}")
+}
+
+/// Writes an image as PNG atomically.
+pub fn write_png_atomic(img: &image::RgbImage, path: &Path) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(std::io::Error::other)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes the checkpoint of `step`: the tensors (each map's names get its prefix) and the JSON.
+pub fn save(
+    run_dir: &Path,
+    meta: &CheckpointMeta,
+    sections: &[(&str, &BTreeMap<String, Tensor>)],
+    model_config: &ModelConfig,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(run_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, "creating", e))?;
+    let mut all = BTreeMap::new();
+    for (prefix, map) in sections {
+        for (k, t) in map.iter() {
+            all.insert(format!("{prefix}{k}"), t.clone());
+        }
+    }
+    let model_json =
+        serde_json::to_string(model_config).map_err(|e| TrainError::Other(e.to_string()))?;
+    let schedule_json = serde_json::to_string(&meta.config.schedule)
+        .map_err(|e| TrainError::Other(e.to_string()))?;
+    let objective_json = serde_json::to_string(&meta.config.objective)
+        .map_err(|e| TrainError::Other(e.to_string()))?;
+    let metadata = HashMap::from([
+        (
+            ddpm_unet::model::FORMAT_METADATA_KEY.to_string(),
+            CHECKPOINT_FORMAT.to_string(),
+        ),
+        (
+            ddpm_unet::model::CONFIG_METADATA_KEY.to_string(),
+            model_json,
+        ),
+        ("ddpm.schedule_config".to_string(), schedule_json),
+        ("ddpm.objective".to_string(), objective_json),
+        ("ddpm.step".to_string(), meta.step.to_string()),
+    ]);
+    let bytes = to_safetensors_bytes(&all, metadata)?;
+    let tensors_path = dir.join(format!("{}.safetensors", stem(meta.step)));
+    write_atomic(&tensors_path, &bytes)
+        .map_err(|e| TrainError::io(&tensors_path, "writing checkpoint", e))?;
+    let mut meta = meta.clone();
+    meta.tensors_file = format!("{}.safetensors", stem(meta.step));
+    meta.tensors_bytes = bytes.len() as u64;
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| TrainError::Other(e.to_string()))?;
+    let json_path = dir.join(format!("{}.json", stem(meta.step)));
+    write_atomic(&json_path, &json)
+        .map_err(|e| TrainError::io(&json_path, "writing checkpoint", e))?;
+    Ok(json_path)
+}
+
+/// The complete checkpoints of a run (those whose JSON exists), as `(step, json path)` sorted by
+/// step.
+pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = checkpoint_dir(run_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(&dir, "listing", e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| TrainError::io(&dir, "listing", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("ckpt-")
+            .and_then(|s| s.strip_suffix(".json"))
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes all but the newest `keep` checkpoints (and any leftover temporary files).
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let all = list(run_dir)?;
+    let n = all.len().saturating_sub(keep);
+    for (step, json) in all.into_iter().take(n) {
+        // JSON first: a checkpoint without JSON no longer counts, whatever happens next.
+        std::fs::remove_file(&json).map_err(|e| TrainError::io(&json, "removing", e))?;
+        let tensors = checkpoint_dir(run_dir).join(format!("{}.safetensors", stem(step)));
+        let _ = std::fs::remove_file(tensors);
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint whose JSON is at `json_path`, checking the tensors file against it.
+pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: Some(json_path.to_path_buf()),
+        reason,
+    };
+    let text =
+        std::fs::read(json_path).map_err(|e| TrainError::io(json_path, "reading checkpoint", e))?;
+    let meta: CheckpointMeta = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("the metadata is not valid checkpoint JSON ({e}); delete this checkpoint to resume from the previous one")))?;
+    if meta.format != CHECKPOINT_FORMAT {
+        return Err(bad(format!(
+            "unknown format `{}` (expected `{CHECKPOINT_FORMAT}`)",
+            meta.format
+        )));
+    }
+    let dir = json_path.parent().unwrap_or(Path::new("."));
+    let tensors_path = dir.join(&meta.tensors_file);
+    let size = std::fs::metadata(&tensors_path)
+        .map_err(|e| TrainError::io(&tensors_path, "reading checkpoint", e))?
+        .len();
+    if size != meta.tensors_bytes {
+        return Err(TrainError::Checkpoint {
+            path: Some(tensors_path),
+            reason: format!(
+                "is {size} bytes but was written with {} (truncated or corrupted on disk); \
+                 delete it and its .json to resume from the previous checkpoint",
+                meta.tensors_bytes
+            ),
+        });
+    }
+    let file = read_safetensors(&tensors_path, device)?;
+    Ok(Checkpoint {
+        meta,
+        path: json_path.to_path_buf(),
+        tensors: file.tensors,
+    })
+}
+
+/// Loads the newest complete checkpoint of a run.
+pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Checkpoint> {
+    let all = list(run_dir)?;
+    let Some((_, json)) = all.last() else {
+        return Err(TrainError::Checkpoint {
+            path: Some(checkpoint_dir(run_dir)),
+            reason:
+                "holds no complete checkpoint (is this a run directory written by `ddpm train`?)"
+                    .into(),
+        });
+    };
+    load(json, device)
+}

@@ -1,0 +1,199 @@
+//! [`TrainConfig`]: everything a run needs, readable from TOML and stored in every checkpoint.
+
+use std::path::Path;
+
+use ddpm_data::{DataConfig, DatasetSpec};
+use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, ScheduleConfig};
+use ddpm_unet::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamWConfig;
+use crate::{Result, TrainError};
+
+/// The full configuration of a training run. Every field has a default (the MNIST preset), so a
+/// TOML file only needs the fields it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seed of the model init, the timesteps, the noise, dropout and the data order.
+    pub seed: u64,
+    /// Optimizer steps to train for (in total, counting steps before a resume).
+    pub steps: usize,
+    /// Images per optimizer step (split into `grad_accum` micro-batches).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged per optimizer step.
+    pub grad_accum: usize,
+    /// AdamW hyper-parameters.
+    pub optimizer: AdamWConfig,
+    /// Steps of linear learning-rate warm-up.
+    pub warmup_steps: usize,
+    /// Maximum global gradient norm (0 disables clipping).
+    pub grad_clip: f64,
+    /// EMA decay (warmed up as `min(decay, (1+n)/(10+n))`).
+    pub ema_decay: f64,
+    /// What the network predicts.
+    pub objective: Objective,
+    /// The training loss.
+    pub loss: DiffusionLoss,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept on disk (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Write a sample grid from the EMA model every this many steps (0: never).
+    pub sample_every: usize,
+    /// Images in each sample grid.
+    pub sample_num: usize,
+    /// Seed of the sample grids (fixed, so grids are comparable across steps).
+    pub sample_seed: u64,
+    /// Sampler of the grids written during training.
+    pub sampler: SamplerConfig,
+    /// Append a metrics line (and redraw the loss curve) every this many steps.
+    pub log_every: usize,
+    /// The data set.
+    pub dataset: DatasetSpec,
+    /// Data loading and transforms.
+    pub data: DataConfig,
+    /// Loader worker threads.
+    pub workers: usize,
+    /// The network.
+    pub model: ModelConfig,
+    /// The noise schedule.
+    pub schedule: ScheduleConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            steps: 3000,
+            batch_size: 32,
+            grad_accum: 1,
+            optimizer: AdamWConfig {
+                lr: 1e-3,
+                ..AdamWConfig::default()
+            },
+            warmup_steps: 100,
+            grad_clip: 1.0,
+            ema_decay: 0.995,
+            objective: Objective::Eps,
+            loss: DiffusionLoss::default(),
+            checkpoint_every: 250,
+            keep_checkpoints: 3,
+            sample_every: 500,
+            sample_num: 36,
+            sample_seed: 0,
+            sampler: SamplerConfig::Ddim {
+                steps: Some(50),
+                eta: 0.0,
+                clip_x0: true,
+            },
+            log_every: 10,
+            dataset: DatasetSpec::Mnist,
+            data: DataConfig::default(),
+            workers: 1,
+            model: ModelConfig::Unet(ddpm_unet::UnetConfig::mnist_small()),
+            schedule: ScheduleConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| TrainError::io(path, "reading config", e))?;
+        toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| TrainError::Config(format!("cannot write TOML: {e}")))
+    }
+
+    /// Checks the fields against each other and against the model and schedule.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.steps == 0 {
+            return bad("`steps` must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("`batch_size` and `grad_accum` must be at least 1".into());
+        }
+        if !self.batch_size.is_multiple_of(self.grad_accum) {
+            return bad(format!(
+                "`batch_size` {} is not divisible by `grad_accum` {}",
+                self.batch_size, self.grad_accum
+            ));
+        }
+        let o = &self.optimizer;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return bad(format!("`optimizer.lr` must be positive, got {}", o.lr));
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return bad("`optimizer.beta1` and `beta2` must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&self.ema_decay) {
+            return bad(format!(
+                "`ema_decay` must be in [0, 1), got {}",
+                self.ema_decay
+            ));
+        }
+        if self.grad_clip < 0.0 {
+            return bad("`grad_clip` must be >= 0 (0 disables it)".into());
+        }
+        if self.checkpoint_every == 0 || self.keep_checkpoints == 0 || self.log_every == 0 {
+            return bad(
+                "`checkpoint_every`, `keep_checkpoints` and `log_every` must be >= 1".into(),
+            );
+        }
+        if self.sample_every > 0 && self.sample_num == 0 {
+            return bad("`sample_num` must be >= 1 when `sample_every` > 0".into());
+        }
+        self.model.validate()?;
+        self.schedule.validate()?;
+        self.loss.validate()?;
+        self.sampler.build(&ddpm_schedule::Schedule::with_dtype(
+            &self.schedule,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips_through_toml() -> Result<()> {
+        let c = TrainConfig::default();
+        c.validate()?;
+        let back: TrainConfig =
+            toml::from_str(&c.to_toml()?).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(back, c);
+        Ok(())
+    }
+
+    #[test]
+    fn partial_toml_keeps_defaults_and_bad_values_are_named() -> Result<()> {
+        let c: TrainConfig = toml::from_str("steps = 7\ndataset = \"flowers\"\n[optimizer]\nlr = 0.5\nbeta1 = 0.9\nbeta2 = 0.99\neps = 1e-8\nweight_decay = 0.0\n")
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(c.steps, 7);
+        assert_eq!(c.dataset, DatasetSpec::Flowers);
+        assert_eq!(c.batch_size, TrainConfig::default().batch_size);
+        let bad = TrainConfig {
+            batch_size: 10,
+            grad_accum: 3,
+            ..TrainConfig::default()
+        };
+        let e = bad
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("grad_accum"), "{e}");
+        assert!(toml::from_str::<TrainConfig>("stepz = 3").is_err());
+        Ok(())
+    }
+}

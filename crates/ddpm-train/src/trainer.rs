@@ -1,0 +1,425 @@
+//! The training loop (Algorithm 1 of the DDPM paper) with checkpoints, sample grids, metrics,
+//! clean stops and exact resume.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use ddpm_data::{image_io, Dataset, Loader, Split};
+use ddpm_schedule::Schedule;
+use ddpm_unet::DiffusionModel;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checkpoint::{self, CheckpointMeta, EMA_PREFIX, MODEL_PREFIX, OPTIM_PREFIX};
+use crate::config::TrainConfig;
+use crate::ema::Ema;
+use crate::metrics::{self, MetricsLine};
+use crate::optim::{clip_grad_norm, warmup_lr, AdamW};
+use crate::sample::{gaussian, sample, SampleOptions};
+use crate::{Result, TrainError};
+
+/// Domain separator of the training RNG's seed (the model init uses the plain seed).
+const TRAIN_RNG_DOMAIN: u64 = 0x7472_6169_6e5f_726e; // "train_rn"
+
+/// How to run (not part of the stored config).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Testing aid: make the loss NaN at this step, to exercise the non-finite-loss stop.
+    pub fault_nan_at_step: Option<usize>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// The last checkpoint written (its JSON file).
+    pub checkpoint: Option<PathBuf>,
+    /// Whether the run stopped early on request (SIGINT/SIGTERM).
+    pub interrupted: bool,
+    /// Mean loss of the last logged window.
+    pub last_loss: Option<f64>,
+}
+
+/// A progress bar with rate and ETA in the project's style.
+pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} {{pos}}/{{len}} [{{bar:30}}] {{msg}} {{per_sec}} ETA {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar
+}
+
+/// A training run in a run directory.
+pub struct Trainer {
+    config: TrainConfig,
+    run_dir: PathBuf,
+    device: Device,
+    model: DiffusionModel,
+    ema_model: DiffusionModel,
+    opt: AdamW,
+    ema: Ema,
+    schedule: Schedule,
+    loader: Loader,
+    rng: ChaCha8Rng,
+    step: usize,
+    last_checkpoint: Option<(usize, PathBuf)>,
+}
+
+impl Trainer {
+    /// Starts a new run in `run_dir` (which must not hold checkpoints yet). The model's image
+    /// size and channels follow the data set.
+    pub fn create(mut config: TrainConfig, run_dir: &Path, device: &Device) -> Result<Self> {
+        if !checkpoint::list(run_dir)?.is_empty() {
+            return Err(TrainError::Config(format!(
+                "{} already holds checkpoints of a run: continue it with `--resume {}` or \
+                 choose another output directory",
+                run_dir.display(),
+                run_dir.display()
+            )));
+        }
+        let dataset = open_dataset(&mut config)?;
+        config.validate()?;
+        std::fs::create_dir_all(run_dir)
+            .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
+        let config_path = run_dir.join("config.toml");
+        ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
+            .map_err(|e| TrainError::io(&config_path, "writing", e))?;
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        Self::build(config, run_dir, device, dataset)
+    }
+
+    /// Continues the run in `run_dir` from its newest checkpoint, exactly: weights, EMA,
+    /// optimizer moments, RNG and data order are restored. `steps` (if given) replaces the total
+    /// number of steps to train for.
+    pub fn resume(run_dir: &Path, device: &Device, steps: Option<usize>) -> Result<Self> {
+        let ckpt = checkpoint::load_latest(run_dir, device)?;
+        let mut config = ckpt.meta.config.clone();
+        if let Some(s) = steps {
+            config.steps = s;
+        }
+        let dataset = open_dataset(&mut config)?;
+        if config.model != ckpt.meta.config.model {
+            return Err(TrainError::Checkpoint {
+                path: Some(ckpt.path.clone()),
+                reason: "the data set no longer matches the model of this run (image size or \
+                         channels changed)"
+                    .into(),
+            });
+        }
+        config.validate()?;
+        let mut trainer = Self::build(config, run_dir, device, dataset)?;
+        let bad = |e: TrainError| TrainError::Checkpoint {
+            path: Some(ckpt.path.clone()),
+            reason: format!("does not fit this run: {e}"),
+        };
+        trainer
+            .model
+            .set_tensors(&ckpt.section(MODEL_PREFIX), &ckpt.path)
+            .map_err(|e| bad(e.into()))?;
+        let ema = ckpt.section(EMA_PREFIX);
+        trainer
+            .ema_model
+            .set_tensors(&ema, &ckpt.path)
+            .map_err(|e| bad(e.into()))?;
+        trainer.ema.set_tensors(ema.into_iter().collect());
+        trainer
+            .opt
+            .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
+            .map_err(bad)?;
+        trainer.rng = ckpt.meta.rng.clone();
+        trainer.loader.seek(ckpt.meta.loader)?;
+        trainer.step = ckpt.meta.step;
+        trainer.last_checkpoint = Some((ckpt.meta.step, ckpt.path.clone()));
+        metrics::truncate_after(&run_dir.join("metrics.jsonl"), ckpt.meta.step)?;
+        tracing::info!(step = ckpt.meta.step, checkpoint = %ckpt.path.display(), "resumed");
+        Ok(trainer)
+    }
+
+    fn build(
+        config: TrainConfig,
+        run_dir: &Path,
+        device: &Device,
+        dataset: Dataset,
+    ) -> Result<Self> {
+        let model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?;
+        let ema_model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?;
+        let vars = model.vars();
+        let opt = AdamW::new(vars.clone(), config.optimizer)?;
+        let ema = Ema::new(&vars, config.ema_decay)?;
+        let schedule = Schedule::new(&config.schedule, device)?;
+        for w in config.schedule.warnings() {
+            tracing::warn!("{w}");
+        }
+        let micro = config.batch_size / config.grad_accum;
+        let loader = Loader::new(dataset, micro, config.seed, true, config.workers)?;
+        tracing::info!(
+            parameters = model.num_parameters(),
+            images = loader.dataset().len(),
+            "model and data ready"
+        );
+        Ok(Self {
+            rng: ChaCha8Rng::seed_from_u64(config.seed ^ TRAIN_RNG_DOMAIN),
+            config,
+            run_dir: run_dir.to_path_buf(),
+            device: device.clone(),
+            model,
+            ema_model,
+            opt,
+            ema,
+            schedule,
+            loader,
+            step: 0,
+            last_checkpoint: None,
+        })
+    }
+
+    /// The run's configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The trained (raw) model.
+    pub fn model(&self) -> &DiffusionModel {
+        &self.model
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm, lr).
+    fn train_step(&mut self, opts: &RunOptions) -> Result<(f64, f64, f64)> {
+        let accum = self.config.grad_accum;
+        let lr = warmup_lr(
+            self.config.optimizer.lr,
+            self.config.warmup_steps,
+            self.step + 1,
+        );
+        let vars = self.model.vars();
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = 0f64;
+        let t_max = self.schedule.timesteps() as u32;
+        for _ in 0..accum {
+            let batch = self.loader.next_batch()?;
+            let x0 = batch.images.to_device(&self.device)?;
+            let dims = x0.dims().to_vec();
+            let b = dims[0];
+            let ts: Vec<u32> = (0..b).map(|_| self.rng.random_range(0..t_max)).collect();
+            let t = Tensor::from_vec(ts, b, &self.device)?;
+            let noise = gaussian(&mut self.rng, &dims, &self.device)?;
+            let x_t = self.schedule.q_sample(&x0, &t, &noise)?;
+            let self_cond = if self.config.model.self_condition() && self.rng.random::<bool>() {
+                let out = self.model.forward_t(&x_t, &t, None, None)?;
+                let x0_hat = self
+                    .schedule
+                    .predict_x0(self.config.objective, &out, &x_t, &t)?
+                    .clamp(-1f32, 1f32)?
+                    .detach();
+                Some(x0_hat)
+            } else {
+                None
+            };
+            let pred = self
+                .model
+                .forward_t(&x_t, &t, self_cond.as_ref(), Some(&mut self.rng))?;
+            let target = self
+                .schedule
+                .training_target(self.config.objective, &x0, &noise, &t)?;
+            let mut loss = self.config.loss.compute(
+                &self.schedule,
+                self.config.objective,
+                &pred,
+                &target,
+                &t,
+            )?;
+            if opts.fault_nan_at_step == Some(self.step + 1) {
+                loss = (loss * f64::NAN)?;
+            }
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: self.step + 1,
+                    value,
+                    last_checkpoint: self.last_checkpoint.as_ref().map_or(0, |c| c.0),
+                });
+            }
+            loss_sum += value;
+            let g = (loss / accum as f64)?.backward()?;
+            for (name, var) in &vars {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    let acc = match grads.remove(name) {
+                        Some(prev) => (prev + gv)?,
+                        None => gv.clone(),
+                    };
+                    grads.insert(name.clone(), acc);
+                }
+            }
+        }
+        let norm = clip_grad_norm(&mut grads, self.config.grad_clip)?;
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        self.ema.update(&vars, self.step)?;
+        Ok((loss_sum / accum as f64, norm, lr))
+    }
+
+    /// Writes a checkpoint of the current step and prunes old ones.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let meta = CheckpointMeta {
+            format: checkpoint::CHECKPOINT_FORMAT.to_string(),
+            step: self.step,
+            rng: self.rng.clone(),
+            loader: self.loader.position(),
+            config: self.config.clone(),
+            tensors_file: String::new(),
+            tensors_bytes: 0,
+        };
+        let (optim, _) = self.opt.state();
+        let model = self.model.tensors();
+        let path = checkpoint::save(
+            &self.run_dir,
+            &meta,
+            &[
+                (MODEL_PREFIX, &model),
+                (EMA_PREFIX, self.ema.tensors()),
+                (OPTIM_PREFIX, &optim),
+            ],
+            &self.config.model,
+        )?;
+        checkpoint::prune(&self.run_dir, self.config.keep_checkpoints)?;
+        tracing::info!(step = self.step, path = %path.display(), "checkpoint written");
+        self.last_checkpoint = Some((self.step, path.clone()));
+        Ok(path)
+    }
+
+    /// Writes `samples/step-NNNNNNNN.png`: a grid sampled from the EMA weights with the fixed
+    /// sample seed.
+    pub fn write_sample_grid(&mut self) -> Result<PathBuf> {
+        let ema: std::collections::HashMap<String, Tensor> = self
+            .ema
+            .tensors()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        self.ema_model.set_tensors(&ema, Path::new("<ema>"))?;
+        let opts = SampleOptions {
+            num: self.config.sample_num,
+            sampler: self.config.sampler,
+            seed: self.config.sample_seed,
+            batch_size: 64,
+            frames: 0,
+            progress: false,
+        };
+        let samples = sample(
+            &self.ema_model,
+            &self.schedule,
+            self.config.objective,
+            &opts,
+        )?;
+        let dir = self.run_dir.join("samples");
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, "creating", e))?;
+        let path = dir.join(format!("step-{:08}.png", self.step));
+        let nrow = (self.config.sample_num as f64).sqrt().ceil() as usize;
+        let grid = image_io::image_grid(&samples.images, nrow)?;
+        checkpoint::write_png_atomic(&grid, &path)
+            .map_err(|e| TrainError::io(&path, "writing", e))?;
+        tracing::info!(step = self.step, path = %path.display(), "sample grid written");
+        Ok(path)
+    }
+
+    /// Trains until `config.steps` or until `stop` is set (then the current step finishes and a
+    /// checkpoint is written). A non-finite loss stops with an error and writes nothing.
+    pub fn run(&mut self, stop: &AtomicBool, opts: &RunOptions) -> Result<RunSummary> {
+        let total = self.config.steps;
+        let bar = if opts.progress {
+            progress_bar(total as u64, "step")
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_position(self.step as u64);
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let (mut window_loss, mut window_n) = (0f64, 0usize);
+        let mut window_start = Instant::now();
+        let mut last_loss = None;
+        let mut interrupted = false;
+        let mut checkpoint_path = self.last_checkpoint.as_ref().map(|c| c.1.clone());
+        while self.step < total {
+            if stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let (loss, norm, lr) = self.train_step(opts)?;
+            window_loss += loss;
+            window_n += 1;
+            bar.inc(1);
+            if self.step.is_multiple_of(self.config.log_every) || self.step == total {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                let line = MetricsLine {
+                    step: self.step,
+                    loss: window_loss / window_n as f64,
+                    lr,
+                    grad_norm: norm,
+                    images_per_sec: (window_n * self.config.batch_size) as f64 / secs,
+                };
+                bar.set_message(format!(
+                    "loss {:.4} {:.1} img/s",
+                    line.loss, line.images_per_sec
+                ));
+                tracing::debug!(
+                    step = line.step,
+                    loss = line.loss,
+                    lr,
+                    grad_norm = norm,
+                    "train"
+                );
+                metrics::append(&metrics_path, &line)?;
+                last_loss = Some(line.loss);
+                (window_loss, window_n) = (0.0, 0);
+                window_start = Instant::now();
+            }
+            if self.step.is_multiple_of(self.config.checkpoint_every) || self.step == total {
+                checkpoint_path = Some(self.save_checkpoint()?);
+                self.write_loss_curve()?;
+            }
+            if self.config.sample_every > 0
+                && (self.step.is_multiple_of(self.config.sample_every) || self.step == total)
+            {
+                self.write_sample_grid()?;
+            }
+        }
+        if interrupted && self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
+            checkpoint_path = Some(self.save_checkpoint()?);
+            self.write_loss_curve()?;
+        }
+        bar.finish_and_clear();
+        Ok(RunSummary {
+            step: self.step,
+            checkpoint: checkpoint_path,
+            interrupted,
+            last_loss,
+        })
+    }
+
+    fn write_loss_curve(&self) -> Result<()> {
+        let lines = metrics::read(&self.run_dir.join("metrics.jsonl"))?;
+        let points: Vec<(usize, f64)> = lines.iter().map(|l| (l.step, l.loss)).collect();
+        crate::plot::write_loss_curve(&points, &self.run_dir.join("loss.png"))
+    }
+}
+
+/// Opens the training split and makes the model's image size and channels follow it.
+fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
+    let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
+    config.model.set_channels(dataset.channels());
+    config.model.set_image_size(dataset.image_size());
+    Ok(dataset)
+}
