@@ -41,6 +41,7 @@ pub mod attention;
 pub mod ddpm_unet;
 pub mod embedding;
 pub mod init;
+pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod ops;

@@ -18,7 +18,7 @@ pub struct ConvParams {
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// Ours: convolution lowered onto GEMM (im2col), forward and backward.
+    /// Ours (on the CPU): convolution lowered onto GEMM and a fused GroupNorm, see [`crate::kernels`].
     Ours,
     /// candle's own ops (`DDPM_KERNELS=candle`), to compare against.
     Candle,
@@ -36,72 +36,22 @@ pub fn kernels() -> Kernels {
 
 /// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
-    let y = match kernels() {
-        Kernels::Ours => conv2d_gemm(x, weight, p)?,
-        Kernels::Candle => x.conv2d(weight, p.padding, p.stride, 1, 1)?,
-    };
+    if kernels() == Kernels::Ours && crate::kernels::supported(x) {
+        let zeros;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?;
+                &zeros
+            }
+        };
+        return crate::kernels::conv::conv2d(x, weight, bias, p.stride, p.padding);
+    }
+    let y = x.conv2d(weight, p.padding, p.stride, 1, 1)?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
-}
-
-/// Convolution as one GEMM over an im2col matrix built from strided views, so that the forward
-/// pass and both gradients run on candle's matmul instead of its direct convolution loops.
-fn conv2d_gemm(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c {
-        candle_core::bail!("conv2d: input has {c} channels, kernel expects {wc}");
-    }
-    let s = p.stride.max(1);
-    let (hp, wp) = (h + 2 * p.padding, w + 2 * p.padding);
-    if hp < kh || wp < kw {
-        candle_core::bail!("conv2d: kernel {kh}x{kw} larger than padded input {hp}x{wp}");
-    }
-    let (ho, wo) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
-    if kh == 1 && kw == 1 && s == 1 && p.padding == 0 {
-        // Pointwise: (o, c) x (b, c, h*w).
-        let y = weight
-            .reshape((o, c))?
-            .broadcast_matmul(&x.reshape((b, c, h * w))?)?;
-        return y.reshape((b, o, ho, wo));
-    }
-    let mut xp = x.clone();
-    if p.padding > 0 {
-        xp = xp
-            .pad_with_zeros(2, p.padding, p.padding)?
-            .pad_with_zeros(3, p.padding, p.padding)?;
-    }
-    if s > 1 {
-        // Room for the strided reshape below: (ho - 1) * s + kh <= rows, rounded up to s.
-        let need_h = (ho - 1) * s + kh + s;
-        let need_w = (wo - 1) * s + kw + s;
-        xp = xp
-            .pad_with_zeros(2, 0, need_h.saturating_sub(hp))?
-            .pad_with_zeros(3, 0, need_w.saturating_sub(wp))?;
-    }
-    let mut cols = Vec::with_capacity(kh * kw);
-    for ky in 0..kh {
-        for kx in 0..kw {
-            let v = if s == 1 {
-                xp.narrow(2, ky, ho)?.narrow(3, kx, wo)?
-            } else {
-                xp.narrow(2, ky, ho * s)?
-                    .narrow(3, kx, wo * s)?
-                    .reshape((b, c, ho, s, wo * s))?
-                    .narrow(3, 0, 1)?
-                    .reshape((b, c, ho, wo, s))?
-                    .narrow(4, 0, 1)?
-                    .reshape((b, c, ho, wo))?
-            };
-            cols.push(v);
-        }
-    }
-    // (b, c, k*k, ho, wo) -> (b, c*k*k, ho*wo), matching the weight layout (o, c, kh, kw).
-    let cols = Tensor::stack(&cols, 2)?.reshape((b, c * kh * kw, ho * wo))?;
-    let y = weight.reshape((o, c * kh * kw))?.broadcast_matmul(&cols)?;
-    y.reshape((b, o, ho, wo))
 }
 
 /// Affine map on the last dimension: `x` (..., in) times `weight` (out, in) transposed plus `bias`.
@@ -116,6 +66,20 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// Group normalization of `x` (b, c, ...) over `groups` channel groups, with a per-channel affine
 /// `weight` and `bias` (c). Statistics are computed in at least f32.
 pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    if kernels() == Kernels::Ours && crate::kernels::supported(x) {
+        return crate::kernels::group_norm::group_norm(x, groups, weight, bias, eps);
+    }
+    group_norm_candle(x, groups, weight, bias, eps)
+}
+
+/// GroupNorm composed of candle's ops (any device and dtype).
+fn group_norm_candle(
     x: &Tensor,
     groups: usize,
     weight: &Tensor,
@@ -186,10 +150,71 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Our GEMM convolution against candle's direct one, forward and both gradients, in f64.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    }
+
+    fn var(shape: &[usize], dtype: DType) -> Result<candle_core::Var> {
+        candle_core::Var::from_tensor(
+            &Tensor::randn(0f64, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)?,
+        )
+    }
+
+    /// Direct-loop convolution and its three gradients for `sum(conv(x, w) + bias) * r)`,
+    /// written from the definition: the independent reference for our kernel.
+    #[allow(clippy::type_complexity)]
+    fn naive_conv(
+        x: &[f64],
+        (b, c, h, w): (usize, usize, usize, usize),
+        wt: &[f64],
+        (o, k): (usize, usize),
+        bias: &[f64],
+        r: &[f64],
+        (s, p): (usize, usize),
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let mut y = vec![0.0; b * o * ho * wo];
+        let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; wt.len()], vec![0.0; o]);
+        for n in 0..b {
+            for oc in 0..o {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let yi = ((n * o + oc) * ho + oy) * wo + ox;
+                        let mut acc = bias[oc];
+                        db[oc] += r[yi];
+                        for ci in 0..c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * s + ky) as isize - p as isize;
+                                    let ix = (ox * s + kx) as isize - p as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xi = ((n * c + ci) * h + iy as usize) * w + ix as usize;
+                                    let wi = ((oc * c + ci) * k + ky) * k + kx;
+                                    acc += x[xi] * wt[wi];
+                                    dx[xi] += wt[wi] * r[yi];
+                                    dw[wi] += x[xi] * r[yi];
+                                }
+                            }
+                        }
+                        y[yi] = acc;
+                    }
+                }
+            }
+        }
+        (y, dx, dw, db)
+    }
+
+    /// Our convolution kernel against the direct loops (forward and the three gradients) and
+    /// candle's forward, on many shapes: batch 1, odd channels, non-square, strides 1 and 2
+    /// with sizes that do not divide, 1x1 and 7x7 kernels, non-contiguous inputs, f64 and f32.
     #[test]
-    fn gemm_conv_matches_candle_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
+    fn conv_kernel_matches_direct_loops_forward_and_backward() -> Result<()> {
         let cases = [
             // (b, c, h, w, o, k, stride, padding)
             (1, 1, 5, 5, 1, 3, 1, 1),
@@ -199,36 +224,122 @@ mod tests {
             (2, 5, 6, 6, 3, 1, 1, 0),
             (2, 2, 6, 5, 3, 7, 1, 3),
             (1, 3, 8, 8, 2, 3, 2, 1),
+            (5, 7, 4, 4, 9, 3, 1, 1),
         ];
-        for (b, c, h, w, o, k, stride, padding) in cases {
-            let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, c, h, w), &dev)?)?;
-            let wt = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1.0, (o, c, k, k), &dev)?)?;
-            let p = ConvParams { stride, padding };
-            let ours = conv2d_gemm(x.as_tensor(), wt.as_tensor(), p)?;
-            let theirs = x
-                .as_tensor()
-                .conv2d(wt.as_tensor(), padding, stride, 1, 1)?;
-            assert_eq!(
-                ours.dims(),
-                theirs.dims(),
-                "{:?}",
-                (b, c, h, w, o, k, stride, padding)
+        let flat = |t: &Tensor| -> Result<Vec<f64>> {
+            t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
+        };
+        let close = |a: &[f64], b: &[f64], tol: f64, what: &str| {
+            let scale = 1.0 + b.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                a.len() == b.len() && err <= tol * scale,
+                "{what}: error {err}"
             );
-            let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
-            let g1 = (&ours * &r)?.sum_all()?.backward()?;
-            let g2 = (&theirs * &r)?.sum_all()?.backward()?;
-            let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
-                (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
-            };
-            assert!(max_diff(&ours, &theirs)? < 1e-10);
-            for v in [&x, &wt] {
-                let (a, bb) = (g1.get(v.as_tensor()), g2.get(v.as_tensor()));
-                match (a, bb) {
-                    (Some(a), Some(bb)) => assert!(max_diff(a, bb)? < 1e-10),
-                    _ => panic!("missing gradient"),
+        };
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            for (i, &(b, c, h, w, o, k, stride, padding)) in cases.iter().enumerate() {
+                // Every other case reads a transposed (non-contiguous) input.
+                let x = var(&[b, c, w, h], dtype)?;
+                let xin = if i % 2 == 0 {
+                    x.as_tensor().transpose(2, 3)?
+                } else {
+                    x.as_tensor().reshape((b, c, h, w))?
+                };
+                let wt = var(&[o, c, k, k], dtype)?;
+                let bias = var(&[o], dtype)?;
+                let p = ConvParams { stride, padding };
+                let ours = conv2d(&xin, wt.as_tensor(), Some(bias.as_tensor()), p)?;
+                let r = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
+                let (y, dx, dw, db) = naive_conv(
+                    &flat(&xin)?,
+                    (b, c, h, w),
+                    &flat(wt.as_tensor())?,
+                    (o, k),
+                    &flat(bias.as_tensor())?,
+                    &flat(&r)?,
+                    (stride, padding),
+                );
+                close(&flat(&ours)?, &y, tol, "forward");
+                let candle = xin
+                    .conv2d(wt.as_tensor(), padding, stride, 1, 1)?
+                    .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?;
+                close(&flat(&ours)?, &flat(&candle)?, tol, "forward vs candle");
+                let g = (&ours * &r)?.sum_all()?.backward()?;
+                let get = |v: &candle_core::Var| -> Result<Vec<f64>> {
+                    match g.get(v.as_tensor()) {
+                        Some(t) => flat(t),
+                        None => candle_core::bail!("missing gradient"),
+                    }
+                };
+                // x was (b, c, w, h) for transposed cases: compare in the (b, c, h, w) view.
+                let dx_ours = if i % 2 == 0 {
+                    let t = g
+                        .get(x.as_tensor())
+                        .ok_or_else(|| candle_core::Error::Msg("dx".into()))?;
+                    flat(&t.transpose(2, 3)?)?
+                } else {
+                    get(&x)?
+                };
+                close(&dx_ours, &dx, tol, &format!("case {i} dx {dtype:?}"));
+                close(&get(&wt)?, &dw, tol, &format!("case {i} dw {dtype:?}"));
+                close(&get(&bias)?, &db, tol, &format!("case {i} db {dtype:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Our GroupNorm kernel against the composition of candle ops, forward and gradients.
+    #[test]
+    fn group_norm_kernel_matches_candle_forward_and_backward() -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            for (b, c, h, w, groups) in [
+                (1, 4, 3, 3, 2),
+                (3, 6, 5, 4, 3),
+                (2, 7, 2, 2, 1),
+                (2, 8, 4, 4, 8),
+            ] {
+                let x = var(&[b, c, h, w], dtype)?;
+                let gamma = var(&[c], dtype)?;
+                let beta = var(&[c], dtype)?;
+                let ours = group_norm(
+                    x.as_tensor(),
+                    groups,
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    1e-5,
+                )?;
+                let theirs = group_norm_candle(
+                    x.as_tensor(),
+                    groups,
+                    gamma.as_tensor(),
+                    beta.as_tensor(),
+                    1e-5,
+                )?;
+                assert!(max_diff(&ours, &theirs)? < tol * 10.0);
+                let vars = [&x, &gamma, &beta];
+                let seed_out =
+                    Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
+                let ga = (&ours * &seed_out)?.sum_all()?.backward()?;
+                let gb = (&theirs * &seed_out)?.sum_all()?.backward()?;
+                for v in vars {
+                    let (Some(a), Some(bb)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor())) else {
+                        panic!("missing gradient")
+                    };
+                    let scale = 1.0
+                        + bb.abs()?
+                            .max_all()?
+                            .to_dtype(DType::F64)?
+                            .to_scalar::<f64>()?;
+                    assert!(
+                        max_diff(a, bb)? < tol * scale,
+                        "{:?} {dtype:?}",
+                        (b, c, h, w, groups)
+                    );
                 }
             }
         }
+
         Ok(())
     }
 

@@ -1,0 +1,372 @@
+//! 2-D convolution lowered onto GEMM (im2col per image), with the input, weight and bias
+//! gradients also computed as GEMMs plus a col2im scatter. Work is split over the batch.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{slice, threads, Float};
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[b, c, h, wd], &[o, wc, kh, kw]) = (x, w) else {
+            candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}")
+        };
+        if wc != c {
+            candle_core::bail!("conv2d: input has {c} channels, kernel expects {wc}");
+        }
+        let stride = stride.max(1);
+        if h + 2 * pad < kh || wd + 2 * pad < kw {
+            candle_core::bail!("conv2d: kernel {kh}x{kw} larger than padded input");
+        }
+        Ok(Self {
+            b,
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: (h + 2 * pad - kh) / stride + 1,
+            wo: (wd + 2 * pad - kw) / stride + 1,
+        })
+    }
+    fn k(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_len(&self) -> usize {
+        self.o * self.n()
+    }
+}
+
+/// Input column `(oy, ox)` of kernel tap `(ky, kx)`: the source index, if inside the image.
+#[inline]
+fn src(g: &Geom, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+    let iy = (oy * g.stride + ky).checked_sub(g.pad)?;
+    let ix = (ox * g.stride + kx).checked_sub(g.pad)?;
+    (iy < g.h && ix < g.w).then_some((iy, ix))
+}
+
+fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+    let n = g.n();
+    for ci in 0..g.c {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = (ci * g.kh + ky) * g.kw + kx;
+                let dst = &mut cols[row * n..(row + 1) * n];
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        dst[oy * g.wo + ox] = match src(g, oy, ox, ky, kx) {
+                            Some((iy, ix)) => plane[iy * g.w + ix],
+                            None => T::ZERO,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
+    let n = g.n();
+    for ci in 0..g.c {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = (ci * g.kh + ky) * g.kw + kx;
+                let s = &cols[row * n..(row + 1) * n];
+                for oy in 0..g.ho {
+                    for ox in 0..g.wo {
+                        if let Some((iy, ix)) = src(g, oy, ox, ky, kx) {
+                            plane[iy * g.w + ix] += s[oy * g.wo + ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst (m x n) = [dst +] a (m x k) * b (k x n)` with explicit (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the slices cover every element addressed by the given strides and sizes: dst is
+    // m*n row-major, a and b are checked by the callers' shapes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { T::ONE } else { T::ZERO },
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Splits `0..b` into per-thread chunks; single-image work uses GEMM's own threads instead.
+fn plan(b: usize) -> (usize, Parallelism) {
+    let t = threads();
+    if b >= t {
+        (b.div_ceil(t), Parallelism::None)
+    } else {
+        (
+            1,
+            if t > 1 {
+                Parallelism::Rayon(t)
+            } else {
+                Parallelism::None
+            },
+        )
+    }
+}
+
+fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
+    let (k, n) = (g.k(), g.n());
+    let mut y = vec![T::ZERO; g.b * g.out_len()];
+    let (chunk, par) = plan(g.b);
+    y.par_chunks_mut(chunk * g.out_len())
+        .enumerate()
+        .for_each(|(ci, ys)| {
+            let mut cols = if g.is_pointwise() {
+                Vec::new()
+            } else {
+                vec![T::ZERO; k * n]
+            };
+            for (j, yb) in ys.chunks_mut(g.out_len()).enumerate() {
+                let bi = ci * chunk + j;
+                let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
+                let rhs: &[T] = if g.is_pointwise() {
+                    xb
+                } else {
+                    im2col(g, xb, &mut cols);
+                    &cols
+                };
+                matmul(g.o, n, k, yb, false, w, (k, 1), rhs, (n, 1), par);
+                for (oc, row) in yb.chunks_mut(n).enumerate() {
+                    let bv = bias[oc];
+                    row.iter_mut().for_each(|v| *v += bv);
+                }
+            }
+        });
+    y
+}
+
+/// Gradients `[dx | dw | db]` packed in one vector.
+fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
+    let (k, n) = (g.k(), g.n());
+    let (chunk, par) = plan(g.b);
+    let wlen = g.o * k;
+    let mut out = vec![T::ZERO; g.b * g.in_len() + wlen + g.o];
+    let (dx, dwb) = out.split_at_mut(g.b * g.in_len());
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(chunk * g.in_len())
+        .enumerate()
+        .map(|(ci, dxs)| {
+            let mut acc = vec![T::ZERO; wlen + g.o];
+            let mut cols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
+            let mut dcols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
+            for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
+                let bi = ci * chunk + j;
+                let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
+                let dyb = &dy[bi * g.out_len()..(bi + 1) * g.out_len()];
+                let (dw, db) = acc.split_at_mut(wlen);
+                let colsb: &[T] = if g.is_pointwise() {
+                    xb
+                } else {
+                    im2col(g, xb, &mut cols);
+                    &cols
+                };
+                // dW (o x k) += dY (o x n) * cols^T (n x k)
+                matmul(g.o, k, n, dw, true, dyb, (n, 1), colsb, (1, n), par);
+                for (oc, row) in dyb.chunks(n).enumerate() {
+                    let mut s = T::ZERO;
+                    row.iter().for_each(|&v| s += v);
+                    db[oc] += s;
+                }
+                // dcols (k x n) = W^T (k x o) * dY (o x n)
+                if g.is_pointwise() {
+                    matmul(k, n, g.o, dxb, false, w, (1, k), dyb, (n, 1), par);
+                } else {
+                    matmul(k, n, g.o, &mut dcols, false, w, (1, k), dyb, (n, 1), par);
+                    col2im_add(g, &dcols, dxb);
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in partials {
+        for (d, s) in dwb.iter_mut().zip(p) {
+            *d += s;
+        }
+    }
+    out
+}
+
+/// The convolution `conv2d(x, w) + bias` as a custom op over (x, w, bias).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2d {
+    /// Stride in both dimensions.
+    pub stride: usize,
+    /// Symmetric zero padding.
+    pub padding: usize,
+}
+
+struct Conv2dBackward(Conv2d);
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let shape = Shape::from((g.b, g.o, g.ho, g.wo));
+        let storage = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(forward(
+                &g,
+                slice(s1, l1, "conv2d x")?,
+                slice(s2, l2, "conv2d w")?,
+                slice(s3, l3, "conv2d bias")?,
+            )),
+            DType::F64 => CpuStorage::F64(forward(
+                &g,
+                slice(s1, l1, "conv2d x")?,
+                slice(s2, l2, "conv2d w")?,
+                slice(s3, l3, "conv2d bias")?,
+            )),
+            d => candle_core::bail!("conv2d kernel: unsupported dtype {d:?}"),
+        };
+        Ok((storage, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let packed = x.apply_op3_no_bwd(w, &grad, &Conv2dBackward(*self))?;
+        let (xn, wn) = (x.elem_count(), w.elem_count());
+        let o = w.dims()[0];
+        let dx = packed.narrow(0, 0, xn)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, xn, wn)?.reshape(w.shape())?;
+        let db = packed.narrow(0, xn + wn, o)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.0.stride, self.0.padding)?;
+        let storage = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(backward(
+                &g,
+                slice(s1, l1, "x")?,
+                slice(s2, l2, "w")?,
+                slice(s3, l3, "grad")?,
+            )),
+            DType::F64 => CpuStorage::F64(backward(
+                &g,
+                slice(s1, l1, "x")?,
+                slice(s2, l2, "w")?,
+                slice(s3, l3, "grad")?,
+            )),
+            d => candle_core::bail!("conv2d kernel: unsupported dtype {d:?}"),
+        };
+        let len = g.b * g.in_len() + g.o * g.k() + g.o;
+        Ok((storage, Shape::from(len)))
+    }
+}
+
+/// `conv2d(x, w) + bias` (bias of length c_out) through our kernel; inputs are made contiguous.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        Conv2d { stride, padding },
+    )
+}

@@ -1,0 +1,73 @@
+//! Our CPU kernels, as candle custom ops with native forward and backward passes.
+//!
+//! candle 0.11's CPU convolution and the backward passes of its broadcast ops are far slower
+//! than PyTorch's; these replace them for the U-Nets' hot ops on the CPU. [`crate::ops`] decides
+//! when they are used (CPU tensors of f32/f64, unless `DDPM_KERNELS=candle`).
+
+pub mod conv;
+pub mod group_norm;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The element types our kernels support.
+pub trait Float:
+    candle_core::WithDType
+    + Copy
+    + Send
+    + Sync
+    + 'static
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// From f64.
+    fn of(v: f64) -> Self;
+    /// To f64.
+    fn f64(self) -> f64;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    fn f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    fn of(v: f64) -> Self {
+        v
+    }
+    fn f64(self) -> f64 {
+        self
+    }
+}
+
+/// The contiguous slice of a storage under a layout.
+pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{what}: kernel input must be contiguous"),
+    }
+}
+
+/// Whether the fast kernels handle tensors of this dtype and device.
+pub fn supported(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// Threads to split work over.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
