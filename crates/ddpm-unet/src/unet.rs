@@ -69,7 +69,7 @@ impl UnetConfig {
         Self {
             image_size: 28,
             channels: 1,
-            dim: 32,
+            dim: 16,
             dim_mults: vec![1, 2, 4],
             resnet_block_groups: 4,
             init_conv_kernel: 1,

@@ -67,12 +67,13 @@ impl Geom {
     }
 }
 
-/// Input column `(oy, ox)` of kernel tap `(ky, kx)`: the source index, if inside the image.
+/// The output columns `ox` whose input column `ox * stride + kx - pad` lies inside `0..w`.
 #[inline]
-fn src(g: &Geom, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-    let iy = (oy * g.stride + ky).checked_sub(g.pad)?;
-    let ix = (ox * g.stride + kx).checked_sub(g.pad)?;
-    (iy < g.h && ix < g.w).then_some((iy, ix))
+fn valid_range(out: usize, stride: usize, k: usize, pad: usize, size: usize) -> (usize, usize) {
+    // first ox with ox*s + k >= pad; last ox with ox*s + k - pad < size
+    let lo = if k >= pad { 0 } else { (pad - k).div_ceil(stride) };
+    let hi = if size + pad > k { ((size + pad - k - 1) / stride + 1).min(out) } else { 0 };
+    (lo.min(hi), hi)
 }
 
 fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
@@ -80,15 +81,28 @@ fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
     for ci in 0..g.c {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..g.kh {
+            let (ylo, yhi) = valid_range(g.ho, g.stride, ky, g.pad, g.h);
             for kx in 0..g.kw {
+                let (xlo, xhi) = valid_range(g.wo, g.stride, kx, g.pad, g.w);
                 let row = (ci * g.kh + ky) * g.kw + kx;
                 let dst = &mut cols[row * n..(row + 1) * n];
                 for oy in 0..g.ho {
-                    for ox in 0..g.wo {
-                        dst[oy * g.wo + ox] = match src(g, oy, ox, ky, kx) {
-                            Some((iy, ix)) => plane[iy * g.w + ix],
-                            None => T::ZERO,
-                        };
+                    let line = &mut dst[oy * g.wo..(oy + 1) * g.wo];
+                    if oy < ylo || oy >= yhi {
+                        line.fill(T::ZERO);
+                        continue;
+                    }
+                    let iy = oy * g.stride + ky - g.pad;
+                    let src_row = &plane[iy * g.w..(iy + 1) * g.w];
+                    line[..xlo].fill(T::ZERO);
+                    line[xhi..].fill(T::ZERO);
+                    if g.stride == 1 {
+                        let ix0 = xlo + kx - g.pad;
+                        line[xlo..xhi].copy_from_slice(&src_row[ix0..ix0 + (xhi - xlo)]);
+                    } else {
+                        for (ox, v) in line.iter_mut().enumerate().take(xhi).skip(xlo) {
+                            *v = src_row[ox * g.stride + kx - g.pad];
+                        }
                     }
                 }
             }
@@ -101,14 +115,17 @@ fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
     for ci in 0..g.c {
         let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..g.kh {
+            let (ylo, yhi) = valid_range(g.ho, g.stride, ky, g.pad, g.h);
             for kx in 0..g.kw {
+                let (xlo, xhi) = valid_range(g.wo, g.stride, kx, g.pad, g.w);
                 let row = (ci * g.kh + ky) * g.kw + kx;
                 let s = &cols[row * n..(row + 1) * n];
-                for oy in 0..g.ho {
-                    for ox in 0..g.wo {
-                        if let Some((iy, ix)) = src(g, oy, ox, ky, kx) {
-                            plane[iy * g.w + ix] += s[oy * g.wo + ox];
-                        }
+                for oy in ylo..yhi {
+                    let iy = oy * g.stride + ky - g.pad;
+                    let line = &s[oy * g.wo..(oy + 1) * g.wo];
+                    let dst_row = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    for ox in xlo..xhi {
+                        dst_row[ox * g.stride + kx - g.pad] += line[ox];
                     }
                 }
             }
