@@ -78,6 +78,12 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         image_size: a.image_size,
         ..DataConfig::default()
     };
+    let probe = ddpm_train::TrainConfig {
+        dataset: spec.clone(),
+        data: cfg.clone(),
+        ..Default::default()
+    };
+    crate::train::ensure_data(&probe, false)?;
     let ds = Dataset::open(&spec, &cfg, Split::Train).with_context(|| {
         format!(
             "opening {spec} in {} (fetch it with `cargo xtask fetch-data {}`)",

@@ -158,7 +158,7 @@ fn fresh_run_dir(name: &str) -> Result<PathBuf> {
 }
 
 /// Fetches the data set when it is missing (from `DDPM_DATA_MIRROR` when set).
-fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
+pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
     if ddpm_data::fetch::is_fetched(&c.dataset, &c.data.root) {
         return Ok(());
     }

@@ -99,7 +99,9 @@ pub fn sample(
             } else {
                 None
             };
-            x = sampler.step(&out, &x, i, objective, noise.as_ref())?.detach();
+            x = sampler
+                .step(&out, &x, i, objective, noise.as_ref())?
+                .detach();
             bar.inc(1);
         }
         let x = x

@@ -71,8 +71,16 @@ impl Geom {
 #[inline]
 fn valid_range(out: usize, stride: usize, k: usize, pad: usize, size: usize) -> (usize, usize) {
     // first ox with ox*s + k >= pad; last ox with ox*s + k - pad < size
-    let lo = if k >= pad { 0 } else { (pad - k).div_ceil(stride) };
-    let hi = if size + pad > k { ((size + pad - k - 1) / stride + 1).min(out) } else { 0 };
+    let lo = if k >= pad {
+        0
+    } else {
+        (pad - k).div_ceil(stride)
+    };
+    let hi = if size + pad > k {
+        ((size + pad - k - 1) / stride + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 

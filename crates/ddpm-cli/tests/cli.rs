@@ -1,0 +1,500 @@
+//! End-to-end tests of the `ddpm` binary on the real MNIST files of ../shared/data: training,
+//! sampling, exact resume, SIGKILL and SIGINT, corrupt checkpoints, NaN losses and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn mirror() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+fn ddpm(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
+    c.current_dir(dir)
+        .env("DDPM_DATA_MIRROR", mirror())
+        .env("DDPM_LOG", "info")
+        .env_remove("DDPM_FAULT_NAN_AT_STEP")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("the ddpm binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "ddpm failed: {}", stderr(o));
+}
+
+/// A failure is one `error:` line, a non-zero exit and never a panic.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in: {err}"));
+    assert!(
+        line.contains(needle),
+        "`{needle}` not in error line: {line}"
+    );
+}
+
+/// A tiny model on MNIST resized to 16x16, so each step takes milliseconds.
+fn write_config(dir: &Path, steps: usize, checkpoint_every: usize) -> PathBuf {
+    let text = format!(
+        r#"
+steps = {steps}
+batch_size = 8
+warmup_steps = 2
+checkpoint_every = {checkpoint_every}
+keep_checkpoints = 100
+sample_every = {steps}
+sample_num = 4
+log_every = 1
+workers = 1
+
+[optimizer]
+lr = 0.002
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-8
+weight_decay = 0.0
+
+[data]
+root = "data"
+image_size = 16
+
+[model]
+arch = "ddpm_unet"
+image_size = 16
+in_channels = 1
+ch = 8
+ch_mult = [1, 2]
+num_res_blocks = 1
+attn_resolutions = [8]
+dropout = 0.1
+groups = 4
+
+[sampler]
+kind = "ddim"
+steps = 5
+"#
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+fn train(dir: &Path, out: &str, steps: usize, checkpoint_every: usize) -> Command {
+    let cfg = write_config(dir, steps, checkpoint_every);
+    let mut c = ddpm(dir);
+    c.args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .args(["--out", out]);
+    c
+}
+
+fn metrics(run: &Path) -> Vec<(usize, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()? as usize, v["loss"].as_f64()?))
+        })
+        .collect()
+}
+
+fn checkpoints(run: &Path) -> Vec<usize> {
+    let mut v: Vec<usize> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let n = e.ok()?.file_name().to_string_lossy().into_owned();
+                n.strip_prefix("ckpt-")?.strip_suffix(".json")?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(file).expect("checkpoint readable");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn png_dims(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn short_run_learns_and_writes_checkpoints_grid_and_curve() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = run(&mut train(dir.path(), "run", 40, 10));
+    assert_ok(&o);
+    let run_dir = dir.path().join("run");
+    // The data set was fetched from the mirror into ./data by the run itself.
+    assert!(dir
+        .path()
+        .join("data/mnist/t10k-images-idx3-ubyte.gz")
+        .exists());
+    let m = metrics(&run_dir);
+    assert_eq!(m.len(), 40);
+    let head: f64 = m[..5].iter().map(|p| p.1).sum::<f64>() / 5.0;
+    let tail: f64 = m[35..].iter().map(|p| p.1).sum::<f64>() / 5.0;
+    assert!(tail < 0.7 * head, "loss did not fall: {head} -> {tail}");
+    assert_eq!(checkpoints(&run_dir), vec![10, 20, 30, 40]);
+    // 4 samples of 16x16 in a 2x2 grid with 2-pixel padding.
+    assert_eq!(
+        png_dims(&run_dir.join("samples/step-00000040.png")),
+        (38, 38)
+    );
+    assert_eq!(png_dims(&run_dir.join("loss.png")), (720, 420));
+    assert!(run_dir.join("config.toml").exists());
+}
+
+#[test]
+fn sample_writes_grid_single_images_and_gif_of_requested_sizes() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert_ok(&run(&mut train(dir.path(), "run", 4, 4)));
+    let o = run(ddpm(dir.path()).args([
+        "sample",
+        "--checkpoint",
+        "run",
+        "--num",
+        "6",
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        "grid.png",
+        "--gif",
+        "rev.gif",
+        "--frames",
+        "5",
+        "--out-dir",
+        "each",
+        "--quiet",
+    ]));
+    assert_ok(&o);
+    // 6 images in rows of 3: 2 rows.
+    assert_eq!(
+        png_dims(&dir.path().join("grid.png")),
+        (3 * 18 + 2, 2 * 18 + 2)
+    );
+    let each: Vec<_> = std::fs::read_dir(dir.path().join("each"))
+        .expect("dir")
+        .collect();
+    assert_eq!(each.len(), 6);
+    assert_eq!(
+        png_dims(&dir.path().join("each/sample-00000.png")),
+        (16, 16)
+    );
+    let gif = std::fs::File::open(dir.path().join("rev.gif")).expect("gif");
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(gif)).expect("gif");
+    use image::AnimationDecoder;
+    let frames = decoder.into_frames().collect_frames().expect("frames");
+    assert_eq!(frames.len(), 5);
+    assert_eq!(frames[0].buffer().dimensions(), (56, 38));
+    // Same seed, same images; another seed, other images.
+    let again = |seed: &str, out: &str| {
+        assert_ok(&run(ddpm(dir.path()).args([
+            "sample",
+            "--checkpoint",
+            "run",
+            "--num",
+            "6",
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "8",
+            "--seed",
+            seed,
+            "--out",
+            out,
+            "--quiet",
+        ])));
+        std::fs::read(dir.path().join(out)).expect("png")
+    };
+    assert_eq!(
+        again("3", "a.png"),
+        std::fs::read(dir.path().join("grid.png")).expect("png")
+    );
+    assert_ne!(again("4", "b.png"), again("3", "c.png"));
+}
+
+#[test]
+fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert_ok(&run(&mut train(dir.path(), "straight", 12, 6)));
+    let cfg = write_config(dir.path(), 12, 6);
+    assert_ok(&run(ddpm(dir.path())
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .args(["--out", "split", "--steps", "6"])));
+    assert_eq!(checkpoints(&dir.path().join("split")), vec![6]);
+    assert_ok(&run(
+        ddpm(dir.path()).args(["train", "--quiet", "--resume", "split", "--steps", "12"])
+    ));
+    let a = tensors(
+        &dir.path()
+            .join("straight/checkpoints/ckpt-00000012.safetensors"),
+    );
+    let b = tensors(
+        &dir.path()
+            .join("split/checkpoints/ckpt-00000012.safetensors"),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().any(|(n, _)| n.starts_with("optim.m.")));
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(da == db, "tensor {na} differs after resume");
+    }
+    // The metrics of the resumed run continue where the checkpoint left off.
+    let m = metrics(&dir.path().join("split"));
+    assert_eq!(
+        m.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigkill_mid_training_resumes_from_the_last_checkpoint() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run_dir = dir.path().join("run");
+    let mut child = train(dir.path(), "run", 100_000, 3)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for("two checkpoints", Duration::from_secs(120), || {
+        checkpoints(&run_dir).len() >= 2
+    });
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let last = *checkpoints(&run_dir).last().expect("a checkpoint");
+    let target = last + 4;
+    let o = run(ddpm(dir.path()).args([
+        "train",
+        "--quiet",
+        "--resume",
+        "run",
+        "--steps",
+        &target.to_string(),
+    ]));
+    assert_ok(&o);
+    assert!(stderr(&o).contains(&format!("step={last}")) || stderr(&o).contains("resumed"));
+    assert_eq!(*checkpoints(&run_dir).last().expect("checkpoint"), target);
+    // Every checkpoint left on disk loads.
+    for step in checkpoints(&run_dir) {
+        let json = format!("run/checkpoints/ckpt-{step:08}.json");
+        assert_ok(&run(ddpm(dir.path()).args([
+            "sample",
+            "--checkpoint",
+            &json,
+            "--num",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            "s.png",
+            "--quiet",
+        ])));
+    }
+}
+
+#[test]
+fn sigint_finishes_the_step_and_leaves_a_fresh_checkpoint() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run_dir = dir.path().join("run");
+    let child = train(dir.path(), "run", 100_000, 100_000)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_for("a few steps", Duration::from_secs(120), || {
+        metrics(&run_dir).len() >= 3
+    });
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reached = metrics(&run_dir).last().map(|p| p.0).expect("metrics");
+    assert!(reached >= 3);
+    assert_eq!(checkpoints(&run_dir), vec![reached]);
+    assert!(stderr(&out).contains("interrupted"));
+}
+
+#[test]
+fn truncated_checkpoint_is_rejected_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    assert_ok(&run(&mut train(dir.path(), "run", 4, 2)));
+    let file = dir.path().join("run/checkpoints/ckpt-00000004.safetensors");
+    let bytes = std::fs::read(&file).expect("read");
+    std::fs::write(&file, &bytes[..bytes.len() / 3]).expect("truncate");
+    let o =
+        run(ddpm(dir.path()).args(["sample", "--checkpoint", "run", "--out", "s.png", "--quiet"]));
+    assert_clean_error(&o, "ckpt-00000004.safetensors");
+    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    let o = run(ddpm(dir.path()).args(["train", "--quiet", "--resume", "run"]));
+    assert_clean_error(&o, "truncated");
+    // The previous checkpoint is still intact.
+    assert_ok(&run(ddpm(dir.path()).args([
+        "sample",
+        "--checkpoint",
+        "run/checkpoints/ckpt-00000002.json",
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        "s.png",
+        "--quiet",
+    ])));
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = run(train(dir.path(), "run", 20, 4).env("DDPM_FAULT_NAN_AT_STEP", "7"));
+    assert_clean_error(&o, "step 7");
+    assert!(stderr(&o).contains("NaN"), "{}", stderr(&o));
+    assert_eq!(checkpoints(&dir.path().join("run")), vec![4]);
+    assert_ok(&run(ddpm(dir.path()).args([
+        "sample",
+        "--checkpoint",
+        "run",
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        "s.png",
+        "--quiet",
+    ])));
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_line() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    assert_clean_error(
+        &run(ddpm(p).args(["train", "--dataset", "imagenet"])),
+        "imagenet",
+    );
+    assert_clean_error(&run(ddpm(p).args(["train", "--model", "huge"])), "huge");
+    assert_clean_error(
+        &run(ddpm(p).args(["train", "--objective", "score"])),
+        "score",
+    );
+    assert_clean_error(&run(ddpm(p).args(["train", "--device", "cuda:0"])), "CUDA");
+    assert_clean_error(
+        &run(ddpm(p).args(["train", "--no-fetch", "--data-dir", "nowhere"])),
+        "cargo xtask fetch-data mnist",
+    );
+    assert_clean_error(
+        &run(ddpm(p).args(["sample", "--checkpoint", "missing-run"])),
+        "missing-run",
+    );
+    assert_ok(&run(&mut train(p, "run", 2, 2)));
+    assert_clean_error(
+        &run(ddpm(p).args([
+            "sample",
+            "--checkpoint",
+            "run",
+            "--out",
+            "no/such/dir/x.png",
+        ])),
+        "does not exist",
+    );
+    // A checkpoint of another model config cannot be loaded into this run's model.
+    let o = run(ddpm(p).args(["train", "--config", "tiny.toml", "--out", "run"]));
+    assert_clean_error(&o, "--resume");
+    // A weights file that is not safetensors.
+    std::fs::write(p.join("junk.safetensors"), b"junk").expect("write");
+    assert_clean_error(
+        &run(ddpm(p).args(["sample", "--checkpoint", "junk.safetensors"])),
+        "junk.safetensors",
+    );
+}
+
+#[test]
+fn schedule_and_forward_commands() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = run(ddpm(dir.path()).args([
+        "schedule",
+        "--kind",
+        "cosine",
+        "--timesteps",
+        "10",
+        "--format",
+        "csv",
+    ]));
+    assert_ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 11);
+    assert!(lines[0].starts_with("t,beta,alpha,alphas_cumprod"));
+    // alphas_cumprod is the running product of 1 - beta.
+    let mut prod = 1.0;
+    for l in &lines[1..] {
+        let f: Vec<f64> = l.split(',').map(|x| x.parse().expect("number")).collect();
+        prod *= 1.0 - f[1];
+        assert!((f[3] - prod).abs() < 1e-12 * prod.max(1e-300) + 1e-15);
+    }
+    assert_ok(&run(ddpm(dir.path()).args([
+        "schedule",
+        "--kind",
+        "sigmoid",
+        "--timesteps",
+        "5",
+    ])));
+    assert_clean_error(
+        &run(ddpm(dir.path()).args(["schedule", "--kind", "zigzag"])),
+        "zigzag",
+    );
+    let o = run(ddpm(dir.path()).args([
+        "forward",
+        "--timesteps",
+        "0,100,999",
+        "--num",
+        "2",
+        "--out",
+        "fwd.png",
+    ]));
+    assert_ok(&o);
+    // The MNIST data was fetched on demand; rows of images, columns of timesteps.
+    assert_eq!(
+        png_dims(&dir.path().join("fwd.png")),
+        (3 * 30 + 2, 2 * 30 + 2)
+    );
+}
