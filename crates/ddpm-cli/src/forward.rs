@@ -39,6 +39,9 @@ pub struct ForwardArgs {
     /// Output PNG.
     #[arg(long, default_value = "forward.png")]
     out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
@@ -66,12 +69,13 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         "schedule",
         "linear, scaled-linear, cosine, quadratic, sigmoid",
     )?;
+    let device = ddpm_train::parse_device(&a.device)?;
     let schedule = Schedule::new(
         &ScheduleConfig {
             timesteps: a.total_steps,
             beta_schedule,
         },
-        &Device::Cpu,
+        &device,
     )?;
     let cfg = DataConfig {
         root: a.data_dir.clone(),
@@ -97,16 +101,20 @@ pub fn run(a: ForwardArgs) -> Result<()> {
             .map(|i| ds.image_tensor(i))
             .collect::<ddpm_data::Result<Vec<_>>>()?,
         0,
-    )?;
+    )?
+    .to_device(&device)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let noise = ddpm_train::sample::gaussian(&mut rng, x0.dims(), &Device::Cpu)?;
+    let noise = ddpm_train::sample::gaussian(&mut rng, x0.dims(), &device)?;
     // Column-major tiles: row i is image i, column j is timestep j.
     let mut tiles = Vec::with_capacity(n * ts.len());
     let cols: Vec<Tensor> = ts
         .iter()
         .map(|&t| {
-            let tt = Tensor::from_vec(vec![t as u32; n], n, &Device::Cpu)?;
-            Ok(schedule.q_sample(&x0, &tt, &noise)?.clamp(-1f32, 1f32)?)
+            let tt = Tensor::from_vec(vec![t as u32; n], n, &device)?;
+            Ok(schedule
+                .q_sample(&x0, &tt, &noise)?
+                .clamp(-1f32, 1f32)?
+                .to_device(&Device::Cpu)?)
         })
         .collect::<Result<_>>()?;
     for i in 0..n {

@@ -172,6 +172,46 @@ fn short_run_learns_and_writes_checkpoints_grid_and_curve() {
 }
 
 #[test]
+fn gradient_accumulation_and_other_objectives_train() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = write_config(dir.path(), 30, 30);
+    let text = std::fs::read_to_string(&cfg).expect("config");
+    std::fs::write(&cfg, format!("grad_accum = 2\n{text}")).expect("config");
+    for (objective, loss) in [("eps", "l2"), ("v", "huber"), ("x0", "l1")] {
+        let out = format!("run-{objective}");
+        let o = run(ddpm(dir.path())
+            .args(["train", "--quiet", "--config"])
+            .arg(&cfg)
+            .args([
+                "--out",
+                &out,
+                "--objective",
+                objective,
+                "--loss",
+                loss,
+                "--schedule",
+                "cosine",
+            ]));
+        assert_ok(&o);
+        let m = metrics(&dir.path().join(&out));
+        assert_eq!(m.len(), 30, "{objective}");
+        let head = m[..5].iter().map(|p| p.1).sum::<f64>();
+        let tail = m[25..].iter().map(|p| p.1).sum::<f64>();
+        assert!(
+            tail < head,
+            "{objective}/{loss}: loss did not fall ({head} -> {tail})"
+        );
+        let saved =
+            std::fs::read_to_string(dir.path().join(&out).join("config.toml")).expect("config");
+        assert!(
+            saved.contains(&format!("objective = \"{objective}\"")),
+            "{saved}"
+        );
+        assert!(saved.contains("grad_accum = 2"));
+    }
+}
+
+#[test]
 fn sample_writes_grid_single_images_and_gif_of_requested_sizes() {
     let dir = tempfile::tempdir().expect("tmp");
     assert_ok(&run(&mut train(dir.path(), "run", 4, 4)));
@@ -333,6 +373,15 @@ fn sigkill_mid_training_resumes_from_the_last_checkpoint() {
 
 #[test]
 fn sigint_finishes_the_step_and_leaves_a_fresh_checkpoint() {
+    stop_signal_leaves_a_fresh_checkpoint(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_finishes_the_step_and_leaves_a_fresh_checkpoint() {
+    stop_signal_leaves_a_fresh_checkpoint(libc::SIGTERM);
+}
+
+fn stop_signal_leaves_a_fresh_checkpoint(signal: i32) {
     let dir = tempfile::tempdir().expect("tmp");
     let run_dir = dir.path().join("run");
     let child = train(dir.path(), "run", 100_000, 100_000)
@@ -344,7 +393,7 @@ fn sigint_finishes_the_step_and_leaves_a_fresh_checkpoint() {
     });
     // SAFETY: sending a signal to our own child process.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, signal);
     }
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -426,6 +475,9 @@ fn bad_input_gives_one_clear_error_line() {
         "missing-run",
     );
     assert_ok(&run(&mut train(p, "run", 2, 2)));
+    // An output directory that cannot be created.
+    std::fs::write(p.join("a-file"), b"x").expect("write");
+    assert_clean_error(&run(&mut train(p, "a-file/run", 2, 2)), "a-file/run");
     assert_clean_error(
         &run(ddpm(p).args([
             "sample",

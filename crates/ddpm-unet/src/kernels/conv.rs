@@ -309,21 +309,15 @@ impl CustomOp3 for Conv2d {
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let shape = Shape::from((g.b, g.o, g.ho, g.wo));
-        let storage = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(forward(
-                &g,
-                slice(s1, l1, "conv2d x")?,
-                slice(s2, l2, "conv2d w")?,
-                slice(s3, l3, "conv2d bias")?,
-            )),
-            DType::F64 => CpuStorage::F64(forward(
-                &g,
-                slice(s1, l1, "conv2d x")?,
-                slice(s2, l2, "conv2d w")?,
-                slice(s3, l3, "conv2d bias")?,
-            )),
-            d => candle_core::bail!("conv2d kernel: unsupported dtype {d:?}"),
-        };
+        let storage = dispatch!(
+            s1,
+            "conv2d",
+            forward,
+            &g,
+            slice(s1, l1, "conv2d x")?,
+            slice(s2, l2, "conv2d w")?,
+            slice(s3, l3, "conv2d bias")?
+        );
         Ok((storage, shape))
     }
 
@@ -361,21 +355,15 @@ impl CustomOp3 for Conv2dBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.0.stride, self.0.padding)?;
-        let storage = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(backward(
-                &g,
-                slice(s1, l1, "x")?,
-                slice(s2, l2, "w")?,
-                slice(s3, l3, "grad")?,
-            )),
-            DType::F64 => CpuStorage::F64(backward(
-                &g,
-                slice(s1, l1, "x")?,
-                slice(s2, l2, "w")?,
-                slice(s3, l3, "grad")?,
-            )),
-            d => candle_core::bail!("conv2d kernel: unsupported dtype {d:?}"),
-        };
+        let storage = dispatch!(
+            s1,
+            "conv2d",
+            backward,
+            &g,
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "w")?,
+            slice(s3, l3, "grad")?
+        );
         let len = g.b * g.in_len() + g.o * g.k() + g.o;
         Ok((storage, Shape::from(len)))
     }

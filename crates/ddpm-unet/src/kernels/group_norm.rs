@@ -135,16 +135,6 @@ pub struct GroupNorm {
 
 struct GroupNormBackward(GroupNorm);
 
-macro_rules! dispatch {
-    ($s1:expr, $f:ident, $($arg:expr),*) => {
-        match $s1.dtype() {
-            DType::F32 => CpuStorage::F32($f::<f32>($($arg),*)),
-            DType::F64 => CpuStorage::F64($f::<f64>($($arg),*)),
-            d => candle_core::bail!("group_norm kernel: unsupported dtype {d:?}"),
-        }
-    };
-}
-
 impl CustomOp3 for GroupNorm {
     fn name(&self) -> &'static str {
         "ddpm-group-norm"
@@ -160,23 +150,16 @@ impl CustomOp3 for GroupNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), self.groups)?;
-        let storage = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(forward::<f32>(
-                &g,
-                slice(s1, l1, "x")?,
-                slice(s2, l2, "gamma")?,
-                slice(s3, l3, "beta")?,
-                self.eps,
-            )),
-            DType::F64 => CpuStorage::F64(forward::<f64>(
-                &g,
-                slice(s1, l1, "x")?,
-                slice(s2, l2, "gamma")?,
-                slice(s3, l3, "beta")?,
-                self.eps,
-            )),
-            d => candle_core::bail!("group_norm kernel: unsupported dtype {d:?}"),
-        };
+        let storage = dispatch!(
+            s1,
+            "group_norm",
+            forward,
+            &g,
+            slice(s1, l1, "x")?,
+            slice(s2, l2, "gamma")?,
+            slice(s3, l3, "beta")?,
+            self.eps
+        );
         Ok((storage, l1.shape().clone()))
     }
 
@@ -218,6 +201,7 @@ impl CustomOp3 for GroupNormBackward {
         let eps = self.0.eps;
         let storage = dispatch!(
             s1,
+            "group_norm",
             backward,
             &g,
             slice(s1, x, "x")?,

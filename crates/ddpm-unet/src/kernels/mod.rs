@@ -4,6 +4,17 @@
 //! than PyTorch's; these replace them for the U-Nets' hot ops on the CPU. [`crate::ops`] decides
 //! when they are used (CPU tensors of f32/f64, unless `DDPM_KERNELS=candle`).
 
+/// Runs a generic kernel `$f::<T>(args)` for the storage's float type, wrapping the result.
+macro_rules! dispatch {
+    ($storage:expr, $what:literal, $f:ident, $($arg:expr),*) => {
+        match $storage.dtype() {
+            DType::F32 => CpuStorage::F32($f::<f32>($($arg),*)),
+            DType::F64 => CpuStorage::F64($f::<f64>($($arg),*)),
+            d => candle_core::bail!("{} kernel: unsupported dtype {d:?}", $what),
+        }
+    };
+}
+
 pub mod conv;
 pub mod group_norm;
 
