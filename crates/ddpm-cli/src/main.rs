@@ -3,6 +3,7 @@
 //! A thin layer over the crates: it parses flags, wires the pieces and reports. Every error is
 //! one clear line and a non-zero exit.
 
+mod eval;
 mod forward;
 mod sample;
 mod schedule;
@@ -34,6 +35,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate images from a trained model.
     Sample(sample::SampleArgs),
+    /// Measure a trained model: bits/dim on a data split and sample quality.
+    Eval(Box<eval::EvalArgs>),
     /// Draw the forward (noising) process on real images.
     Forward(forward::ForwardArgs),
     /// Print a noise schedule and every derived buffer.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Train(Box::default())) {
         Command::Train(a) => train::run(*a),
         Command::Sample(a) => sample::run(a),
+        Command::Eval(a) => eval::run(*a),
         Command::Forward(a) => forward::run(a),
         Command::Schedule(a) => schedule::run(a),
     };

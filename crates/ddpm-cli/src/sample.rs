@@ -1,17 +1,15 @@
 //! `ddpm sample`: images (grid, single files, GIF of the reverse process) from a checkpoint.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use clap::Args;
 use ddpm_data::image_io;
-use ddpm_schedule::{DdpmVariance, Objective, SamplerConfig, Schedule, ScheduleConfig};
-use ddpm_train::checkpoint::{self, EMA_PREFIX, MODEL_PREFIX};
+use ddpm_schedule::{DdpmVariance, SamplerConfig, Schedule};
+use ddpm_train::checkpoint::{load_model, WeightsKind};
 use ddpm_train::{parse_device, sample, SampleOptions};
-use ddpm_unet::DiffusionModel;
 
 /// Arguments of `ddpm sample`.
 #[derive(Args)]
@@ -63,71 +61,13 @@ pub struct SampleArgs {
     quiet: bool,
 }
 
-struct Loaded {
-    model: DiffusionModel,
-    schedule: ScheduleConfig,
-    objective: Objective,
-}
-
-/// Finds and loads the model from a run dir, checkpoint or weights file.
-fn load(path: &Path, which: &str, device: &Device) -> Result<Loaded> {
-    let prefix = match which {
-        "ema" => EMA_PREFIX,
-        "raw" => MODEL_PREFIX,
+/// Parses `--weights ema|raw`.
+pub(crate) fn parse_weights(which: &str) -> Result<WeightsKind> {
+    match which {
+        "ema" => Ok(WeightsKind::Ema),
+        "raw" => Ok(WeightsKind::Raw),
         other => anyhow::bail!("unknown --weights `{other}`: choose ema or raw"),
-    };
-    let json = if path.is_dir() {
-        let all = checkpoint::list(path)?;
-        Some(all.last().map(|(_, p)| p.clone()).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} holds no checkpoint (is it a run directory of `ddpm train`?)",
-                path.display()
-            )
-        })?)
-    } else if path.extension().is_some_and(|e| e == "json") {
-        Some(path.to_path_buf())
-    } else {
-        let sibling = path.with_extension("json");
-        sibling.exists().then_some(sibling)
-    };
-    if let Some(json) = json {
-        let ckpt = checkpoint::load(&json, device)?;
-        let model = DiffusionModel::new(&ckpt.meta.config.model, 0, device, DType::F32)?;
-        model.set_tensors(&ckpt.section(prefix), &ckpt.path)?;
-        tracing::info!(checkpoint = %ckpt.path.display(), step = ckpt.meta.step, weights = which, "model loaded");
-        return Ok(Loaded {
-            model,
-            schedule: ckpt.meta.config.schedule,
-            objective: ckpt.meta.config.objective,
-        });
     }
-    // A plain weights file written by DiffusionModel::save (eps objective, default schedule
-    // unless its metadata says otherwise).
-    let file = ddpm_unet::weights::read_safetensors(path, device)?;
-    let config = ddpm_unet::model::config_from_metadata(&file.metadata, path)?;
-    let model = DiffusionModel::new(&config, 0, device, DType::F32)?;
-    let tensors: HashMap<String, Tensor> = if file.tensors.keys().any(|k| k.starts_with(prefix)) {
-        file.tensors
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
-            .collect()
-    } else {
-        file.tensors
-    };
-    model.set_tensors(&tensors, path)?;
-    let schedule = match file.metadata.get("ddpm.schedule_config") {
-        Some(s) => serde_json::from_str(s).context("schedule config in the weights file")?,
-        None => ScheduleConfig::default(),
-    };
-    let objective = match file.metadata.get("ddpm.objective") {
-        Some(s) => serde_json::from_str(s).context("objective in the weights file")?,
-        None => Objective::Eps,
-    };
-    Ok(Loaded {
-        model,
-        schedule,
-        objective,
-    })
 }
 
 fn check_writable(path: &Path) -> Result<()> {
@@ -156,7 +96,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     let device = parse_device(&a.device)?;
-    let loaded = load(&a.checkpoint, &a.weights, &device)
+    let weights = parse_weights(&a.weights)?;
+    let loaded = load_model(&a.checkpoint, weights, &device)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let sampler = match a.sampler.to_ascii_lowercase().as_str() {
         "ddim" => SamplerConfig::Ddim {

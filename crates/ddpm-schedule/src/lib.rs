@@ -42,6 +42,7 @@
 pub mod config;
 pub mod error;
 pub mod forward;
+pub mod likelihood;
 pub mod loss;
 pub mod objective;
 pub mod posterior;
@@ -51,6 +52,9 @@ pub mod schedule;
 pub use config::{BetaSchedule, ScheduleConfig};
 pub use error::{Result, ScheduleError};
 pub use forward::Gaussian;
+pub use likelihood::{
+    bits_per_dim, discretized_gaussian_log_likelihood, normal_kl, BoundConfig, NormalCdf,
+};
 pub use loss::{weighted_mean, DiffusionLoss, LossKind, LossWeighting};
 pub use objective::Objective;
 pub use posterior::{DdpmVariance, ModelPrediction};

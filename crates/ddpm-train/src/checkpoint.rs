@@ -9,10 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use ddpm_data::LoaderPosition;
+use ddpm_schedule::{Objective, ScheduleConfig};
 use ddpm_unet::weights::{read_safetensors, to_safetensors_bytes, write_atomic};
-use ddpm_unet::ModelConfig;
+use ddpm_unet::{DiffusionModel, ModelConfig};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -225,4 +226,128 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Checkpoint> {
         });
     };
     load(json, device)
+}
+
+/// Which weights of a checkpoint to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsKind {
+    /// The exponential moving average of the weights (what sampling and evaluation use).
+    #[default]
+    Ema,
+    /// The raw trained weights.
+    Raw,
+}
+
+impl WeightsKind {
+    /// The tensor-name prefix of these weights in a checkpoint.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Ema => EMA_PREFIX,
+            Self::Raw => MODEL_PREFIX,
+        }
+    }
+
+    /// `"ema"` or `"raw"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ema => "ema",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// A model ready for sampling or evaluation, with what is needed to use it.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The network with the chosen weights (F32).
+    pub model: DiffusionModel,
+    /// The noise schedule it was trained with.
+    pub schedule: ScheduleConfig,
+    /// What the network predicts.
+    pub objective: Objective,
+    /// The training step of the weights, when known.
+    pub step: Option<usize>,
+    /// The run's full configuration, when loaded from a checkpoint.
+    pub config: Option<TrainConfig>,
+    /// The file the weights were read from (a checkpoint's JSON or a weights file).
+    pub source: PathBuf,
+    /// Which weights were loaded.
+    pub weights: WeightsKind,
+}
+
+/// Finds and loads a model: `path` is a run directory (its newest checkpoint), a checkpoint's
+/// `.json` or `.safetensors`, or a weights file written by [`DiffusionModel::save`] (then the
+/// schedule and objective come from its metadata, defaulting to the linear 1000-step schedule and
+/// eps). `weights` picks the EMA or the raw weights of a checkpoint.
+pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<LoadedModel> {
+    let prefix = weights.prefix();
+    let json = if path.is_dir() {
+        let all = list(path)?;
+        Some(
+            all.last()
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: Some(path.to_path_buf()),
+                    reason: "holds no checkpoint (is it a run directory of `ddpm train`?)".into(),
+                })?,
+        )
+    } else if path.extension().is_some_and(|e| e == "json") {
+        Some(path.to_path_buf())
+    } else {
+        let sibling = path.with_extension("json");
+        sibling.exists().then_some(sibling)
+    };
+    if let Some(json) = json {
+        let ckpt = load(&json, device)?;
+        let model = DiffusionModel::new(&ckpt.meta.config.model, 0, device, DType::F32)?;
+        model.set_tensors(&ckpt.section(prefix), &ckpt.path)?;
+        tracing::info!(checkpoint = %ckpt.path.display(), step = ckpt.meta.step, weights = weights.name(), "model loaded");
+        return Ok(LoadedModel {
+            model,
+            schedule: ckpt.meta.config.schedule,
+            objective: ckpt.meta.config.objective,
+            step: Some(ckpt.meta.step),
+            config: Some(ckpt.meta.config),
+            source: ckpt.path,
+            weights,
+        });
+    }
+    // A plain weights file written by DiffusionModel::save (eps objective, default schedule
+    // unless its metadata says otherwise).
+    let file = read_safetensors(path, device)?;
+    let config = ddpm_unet::model::config_from_metadata(&file.metadata, path)?;
+    let model = DiffusionModel::new(&config, 0, device, DType::F32)?;
+    let tensors: HashMap<String, Tensor> = if file.tensors.keys().any(|k| k.starts_with(prefix)) {
+        file.tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+            .collect()
+    } else {
+        file.tensors
+    };
+    model.set_tensors(&tensors, path)?;
+    let bad = |what: &str, e: serde_json::Error| TrainError::Checkpoint {
+        path: Some(path.to_path_buf()),
+        reason: format!("the {what} in the file's metadata is invalid: {e}"),
+    };
+    let schedule = match file.metadata.get("ddpm.schedule_config") {
+        Some(s) => serde_json::from_str(s).map_err(|e| bad("schedule config", e))?,
+        None => ScheduleConfig::default(),
+    };
+    let objective = match file.metadata.get("ddpm.objective") {
+        Some(s) => serde_json::from_str(s).map_err(|e| bad("objective", e))?,
+        None => Objective::Eps,
+    };
+    let step = file.metadata.get("ddpm.step").and_then(|s| s.parse().ok());
+    tracing::info!(weights_file = %path.display(), "model loaded");
+    Ok(LoadedModel {
+        model,
+        schedule,
+        objective,
+        step,
+        config: None,
+        source: path.to_path_buf(),
+        weights,
+    })
 }

@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod ema;
+pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -1,0 +1,405 @@
+//! `ddpm eval`: the negative variational bound in bits/dim on a data split, and sample quality
+//! in the feature space of a classifier the tool trains itself; a readable report on stdout and
+//! a JSON report (`docs/quality.md` says how every number is computed).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
+use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, SamplerConfig, Schedule};
+use ddpm_train::checkpoint::{load_model, LoadedModel};
+use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
+use ddpm_train::eval::memorization::MemorizationOptions;
+use ddpm_train::eval::report::EVAL_FORMAT;
+use ddpm_train::eval::{self as ev, EvalReport, NllOptions, QualityOptions};
+use ddpm_train::{parse_device, TrainConfig};
+
+/// Arguments of `ddpm eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// mnist, cifar10, flowers or folder:PATH (default: the run's data set).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// The split to evaluate: test, train or all.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Compute the bound on at most N images of the split (a seeded random subset).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Data root holding mnist/, cifar10/, flowers/ (default: the run's).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Image size of the data (default: the run's; it must match the model).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Compute the negative variational bound in bits/dim. With neither --nll nor --quality, both
+    /// are computed.
+    #[arg(long)]
+    nll: bool,
+    /// Estimate the middle terms from K stratified timesteps per image instead of all T.
+    #[arg(long, value_name = "K")]
+    nll_timesteps: Option<usize>,
+    /// Reverse variance of the bound: fixed-large (beta_t, the DDPM paper's) or fixed-small
+    /// (the posterior variance).
+    #[arg(long, default_value = "fixed-large")]
+    nll_variance: String,
+    /// Standard normal CDF of the decoder term: exact (erf) or approx (the DDPM code's tanh).
+    #[arg(long, default_value = "exact")]
+    nll_cdf: String,
+    /// Do not clip the predicted x_0 to [-1, 1] in the bound.
+    #[arg(long)]
+    nll_no_clip: bool,
+    /// Compute sample quality (classifier-feature FID, Inception-style score, class histogram,
+    /// memorization).
+    #[arg(long)]
+    quality: bool,
+    /// Samples to draw for the quality metrics (and test images to compare with).
+    #[arg(long, default_value_t = 1000)]
+    num_samples: usize,
+    /// Sampler of the quality metrics: ddim or ddpm.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Sampling steps (default: 50 for ddim, all T for ddpm).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DDIM stochasticity (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDPM sampler variance: fixed-small or fixed-large.
+    #[arg(long, default_value = "fixed-small")]
+    variance: String,
+    /// Train the feature classifier even if one is stored (implies --quality).
+    #[arg(long)]
+    train_classifier: bool,
+    /// The classifier file (default: DATA_ROOT/classifiers/<dataset>-<size>.safetensors).
+    #[arg(long)]
+    classifier: Option<PathBuf>,
+    /// Classifier training steps.
+    #[arg(long)]
+    classifier_steps: Option<usize>,
+    /// Classifier width (channels of its first convolution, a multiple of 4).
+    #[arg(long)]
+    classifier_width: Option<usize>,
+    /// Classifier feature dimension (the penultimate layer the FID uses).
+    #[arg(long)]
+    classifier_features: Option<usize>,
+    /// Classifier training batch size.
+    #[arg(long)]
+    classifier_batch_size: Option<usize>,
+    /// Memorization threshold as a multiple of the median test-to-train nearest-neighbour
+    /// distance.
+    #[arg(long, default_value_t = 0.5)]
+    memorization_ratio: f64,
+    /// Closest sample/training pairs to report and draw.
+    #[arg(long, default_value_t = 16)]
+    nearest_pairs: usize,
+    /// PNG of the closest pairs (default: beside the report, `<report>-nearest.png`).
+    #[arg(long)]
+    nearest_png: Option<PathBuf>,
+    /// PNG grid of the samples (default: beside the report, `<report>-samples.png`).
+    #[arg(long)]
+    samples_png: Option<PathBuf>,
+    /// The JSON report (default: RUN/eval.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Which weights: ema (default) or raw.
+    #[arg(long, default_value = "ema")]
+    weights: String,
+    /// Seed of the bound's noise and of the samples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Do not fetch a missing data set; fail instead.
+    #[arg(long)]
+    no_fetch: bool,
+    /// Hide the progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The run directory a checkpoint path belongs to: the directory itself, or the folder above
+/// `checkpoints/` for a checkpoint file, or the file's folder.
+fn run_dir_of(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        return path.to_path_buf();
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if parent.file_name().is_some_and(|n| n == "checkpoints") {
+        parent.parent().unwrap_or(parent).to_path_buf()
+    } else {
+        parent.to_path_buf()
+    }
+}
+
+/// `dir/stem-suffix` beside `report`.
+fn beside(report: &Path, suffix: &str) -> PathBuf {
+    let stem = report
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "eval".into());
+    report.with_file_name(format!("{stem}-{suffix}"))
+}
+
+fn check_dir_exists(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "output directory {} of {} does not exist: create it first",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The data set and its configuration: the run's unless flags say otherwise.
+fn data_of(a: &EvalArgs, loaded: &LoadedModel) -> Result<TrainConfig> {
+    let run = loaded.config.as_ref();
+    let spec: DatasetSpec = match (&a.dataset, run) {
+        (Some(d), _) => d.parse().with_context(|| format!("--dataset {d}"))?,
+        (None, Some(c)) => c.dataset.clone(),
+        (None, None) => anyhow::bail!(
+            "{} is a weights file without a run configuration: say which data to evaluate on \
+             with --dataset",
+            a.checkpoint.display()
+        ),
+    };
+    let mut data = match run {
+        Some(c) if c.dataset == spec => c.data.clone(),
+        _ => DataConfig {
+            image_size: spec
+                .native_size()
+                .is_none()
+                .then(|| loaded.model.config().image_size()),
+            ..DataConfig::default()
+        },
+    };
+    if let Some(root) = &a.data_dir {
+        data.root = root.clone();
+    } else if let Some(c) = run {
+        data.root = c.data.root.clone();
+    }
+    if let Some(s) = a.image_size {
+        data.image_size = Some(s);
+    }
+    Ok(TrainConfig {
+        dataset: spec,
+        data,
+        ..TrainConfig::default()
+    })
+}
+
+fn open(c: &TrainConfig, split: Split) -> Result<Dataset> {
+    Dataset::open(&c.dataset, &c.data, split)
+        .with_context(|| format!("opening the {split} split of {}", c.dataset))
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let started = Instant::now();
+    if a.limit == Some(0) {
+        anyhow::bail!("--limit must be at least 1");
+    }
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let (do_nll, do_quality) = match (a.nll, a.quality || a.train_classifier) {
+        (false, false) => (true, true),
+        other => other,
+    };
+    if do_quality && a.num_samples < 2 {
+        anyhow::bail!("--num-samples must be at least 2 (the Fréchet distance needs a covariance)");
+    }
+    let split: Split = a
+        .split
+        .parse()
+        .with_context(|| format!("--split {}", a.split))?;
+    let bound = BoundConfig {
+        variance: crate::parse_word::<DdpmVariance>(
+            &a.nll_variance,
+            "--nll-variance",
+            "fixed-large, fixed-small",
+        )?,
+        clip_x0: !a.nll_no_clip,
+        cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
+    };
+    let sampler = match a.sampler.to_ascii_lowercase().as_str() {
+        "ddim" => SamplerConfig::Ddim {
+            steps: Some(a.steps.unwrap_or(50)),
+            eta: a.eta,
+            clip_x0: true,
+        },
+        "ddpm" => SamplerConfig::Ddpm {
+            steps: a.steps,
+            variance: crate::parse_word::<DdpmVariance>(
+                &a.variance,
+                "variance",
+                "fixed-small, fixed-large",
+            )?,
+            clip_x0: true,
+        },
+        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
+    };
+    let weights = crate::sample::parse_weights(&a.weights)?;
+    let device = parse_device(&a.device)?;
+    let loaded = load_model(&a.checkpoint, weights, &device)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let report_path = a
+        .report
+        .clone()
+        .unwrap_or_else(|| run_dir_of(&a.checkpoint).join("eval.json"));
+    check_dir_exists(&report_path)?;
+    let nearest_png = a
+        .nearest_png
+        .clone()
+        .unwrap_or_else(|| beside(&report_path, "nearest.png"));
+    let samples_png = a
+        .samples_png
+        .clone()
+        .unwrap_or_else(|| beside(&report_path, "samples.png"));
+    if do_quality {
+        check_dir_exists(&nearest_png)?;
+        check_dir_exists(&samples_png)?;
+    }
+    let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let t_max = schedule.timesteps();
+    if let Some(k) = a.nll_timesteps {
+        if k == 0 || k >= t_max {
+            anyhow::bail!(
+                "--nll-timesteps must be in 1..={} (T - 1 for this model's T = {t_max}), got {k}",
+                t_max.saturating_sub(1)
+            );
+        }
+    }
+    sampler
+        .build(&schedule)
+        .context("the sampler does not fit the model's schedule")?;
+    let data = data_of(&a, &loaded)?;
+    crate::train::ensure_data(&data, a.no_fetch)?;
+    let eval_set = open(&data, split)?;
+    ev::check_compatible(&loaded.model, &eval_set)?;
+    let model_cfg = loaded.model.config();
+
+    let nll = if do_nll {
+        let n = a.limit.unwrap_or(eval_set.len()).min(eval_set.len());
+        let indices = ev::subset(eval_set.len(), n, a.seed);
+        let opts = NllOptions {
+            bound,
+            timesteps_per_image: a.nll_timesteps,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            ranges: 4,
+            progress: !a.quiet,
+        };
+        Some(ev::variational_bound(
+            &loaded.model,
+            &schedule,
+            loaded.objective,
+            &eval_set,
+            &indices,
+            &opts,
+        )?)
+    } else {
+        None
+    };
+
+    let quality = if do_quality {
+        let train = open(&data, Split::Train)?;
+        let test_owned;
+        let test = if split == Split::Test {
+            &eval_set
+        } else {
+            test_owned = open(&data, Split::Test)?;
+            &test_owned
+        };
+        let defaults = ClassifierConfig::for_dataset(&train);
+        let config = ClassifierConfig {
+            width: a.classifier_width.unwrap_or(defaults.width),
+            feature_dim: a.classifier_features.unwrap_or(defaults.feature_dim),
+            ..defaults
+        };
+        let base = ClassifierTraining::default();
+        let training = ClassifierTraining {
+            steps: a.classifier_steps.unwrap_or(base.steps),
+            batch_size: a.classifier_batch_size.unwrap_or(base.batch_size),
+            ..base
+        };
+        let path = a.classifier.clone().unwrap_or_else(|| {
+            classifier::default_path(&data.data.root, &data.dataset, train.image_size())
+        });
+        let clf = classifier::load_or_train(
+            &path,
+            a.train_classifier,
+            &config,
+            &training,
+            &data.dataset,
+            &train,
+            test,
+            &device,
+            !a.quiet,
+        )
+        .with_context(|| format!("feature classifier {}", path.display()))?;
+        let opts = QualityOptions {
+            num_samples: a.num_samples,
+            sampler,
+            seed: a.seed,
+            batch_size: a.batch_size,
+            memorization: MemorizationOptions {
+                ratio: a.memorization_ratio,
+                pairs: a.nearest_pairs,
+                png: Some(nearest_png),
+            },
+            samples_png: Some(samples_png),
+            progress: !a.quiet,
+        };
+        Some(ev::sample_quality(
+            &loaded.model,
+            &schedule,
+            loaded.objective,
+            &clf,
+            &train,
+            test,
+            &opts,
+        )?)
+    } else {
+        None
+    };
+
+    let report = EvalReport {
+        format: EVAL_FORMAT.to_string(),
+        checkpoint: loaded.source.display().to_string(),
+        step: loaded.step,
+        weights: loaded.weights.name().to_string(),
+        objective: loaded.objective,
+        schedule: loaded.schedule,
+        dataset: data.dataset.to_string(),
+        split: split.to_string(),
+        split_images: eval_set.len(),
+        image_size: model_cfg.image_size(),
+        channels: model_cfg.channels(),
+        nll,
+        quality,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    report
+        .write_json(&report_path)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("{}", report.to_text());
+    tracing::info!(path = %report_path.display(), "report written");
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The evaluation report: what was evaluated and every number, as JSON (written atomically) and
+//! as readable text.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use ddpm_schedule::{Objective, SamplerConfig, ScheduleConfig};
+use ddpm_unet::weights::write_atomic;
+use serde::{Deserialize, Serialize};
+
+use super::nll::NllReport;
+use super::quality::QualityReport;
+use crate::{Result, TrainError};
+
+/// Format tag of the JSON report.
+pub const EVAL_FORMAT: &str = "ddpm-rs/eval/v1";
+
+/// Everything `ddpm eval` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// [`EVAL_FORMAT`].
+    pub format: String,
+    /// The checkpoint or weights file evaluated.
+    pub checkpoint: String,
+    /// Its training step, when known.
+    pub step: Option<usize>,
+    /// `ema` or `raw`.
+    pub weights: String,
+    /// The model's objective.
+    pub objective: Objective,
+    /// The model's schedule.
+    pub schedule: ScheduleConfig,
+    /// The data set (`mnist`, `folder:PATH`, ...).
+    pub dataset: String,
+    /// The split evaluated (`test`, `train` or `all`).
+    pub split: String,
+    /// Images in that split.
+    pub split_images: usize,
+    /// Image side.
+    pub image_size: usize,
+    /// Image channels.
+    pub channels: usize,
+    /// The bound, when computed.
+    pub nll: Option<NllReport>,
+    /// Sample quality, when computed.
+    pub quality: Option<QualityReport>,
+    /// Wall-clock seconds of the whole evaluation.
+    pub seconds: f64,
+}
+
+/// The serde name of a unit enum value (`fixed_large`, `eps`, ...).
+fn word<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn sampler_text(s: &SamplerConfig) -> String {
+    let steps = |n: &Option<usize>| n.map_or_else(|| "all".to_string(), |n| n.to_string());
+    match s {
+        SamplerConfig::Ddim { steps: n, eta, .. } => format!("DDIM, {} steps, eta {eta}", steps(n)),
+        SamplerConfig::Ddpm {
+            steps: n, variance, ..
+        } => format!("DDPM, {} steps, {} variance", steps(n), word(variance)),
+    }
+}
+
+impl EvalReport {
+    /// Writes the report as pretty JSON to `path`, atomically.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| TrainError::Other(e.to_string()))?;
+        write_atomic(path, &json).map_err(|e| TrainError::io(path, "writing the report", e))
+    }
+
+    /// The report as a few readable lines.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let step = self.step.map_or_else(|| "?".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            s,
+            "{} (step {step}, {} weights, {:?} objective, T = {})",
+            self.checkpoint, self.weights, self.objective, self.schedule.timesteps
+        );
+        let _ = writeln!(
+            s,
+            "data: {} {} split, {} images, {}x{}x{}",
+            self.dataset,
+            self.split,
+            self.split_images,
+            self.channels,
+            self.image_size,
+            self.image_size
+        );
+        if let Some(n) = &self.nll {
+            let se = n
+                .bpd_stderr
+                .map_or_else(String::new, |v| format!(" +- {v:.4}"));
+            let how = match n.sampled_timesteps {
+                Some(k) => format!("{k} stratified timesteps per image"),
+                None => format!("all {} terms", n.timesteps),
+            };
+            let _ = writeln!(
+                s,
+                "\nnegative variational bound: {:.4}{se} bits/dim ({} images, {how}, {} variance, {} CDF)",
+                n.bpd,
+                n.images,
+                word(&n.bound.variance),
+                n.bound.cdf.name()
+            );
+            let _ = writeln!(s, "  prior   L_T          {:>9.4}", n.prior_bpd);
+            for r in n.middle.iter().rev() {
+                let _ = writeln!(
+                    s,
+                    "  L_t, t = {:>4}..{:<4}  {:>9.4}",
+                    r.first_t, r.last_t, r.bpd
+                );
+            }
+            let _ = writeln!(s, "  decoder L_0          {:>9.4}", n.decoder_bpd);
+            let _ = writeln!(s, "  ({:.1} s)", n.seconds);
+        }
+        if let Some(q) = &self.quality {
+            let c = &q.classifier;
+            let _ = writeln!(
+                s,
+                "\nsample quality: {} samples ({}, seed {}) vs {} test images",
+                q.num_samples,
+                sampler_text(&q.sampler),
+                q.seed,
+                q.test_images
+            );
+            let _ = writeln!(
+                s,
+                "  classifier {} ({}, width {}, {} features, test accuracy {:.2}%)",
+                c.path,
+                if c.trained_now {
+                    "trained now"
+                } else {
+                    "stored"
+                },
+                c.config.width,
+                c.config.feature_dim,
+                100.0 * c.test_accuracy
+            );
+            let _ = writeln!(
+                s,
+                "  classifier-feature FID {:.3} (train vs test images: {:.3}); not comparable with Inception FID",
+                q.fid, q.fid_train_vs_test
+            );
+            let _ = writeln!(
+                s,
+                "  Inception-style score {:.3} (test images: {:.3}; at most {})",
+                q.inception_score,
+                q.inception_score_test,
+                q.class_names.len()
+            );
+            let hist: Vec<String> = q
+                .class_names
+                .iter()
+                .zip(&q.class_histogram)
+                .map(|(n, c)| format!("{n}:{c}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  classes covered {}/{}: {}",
+                q.classes_covered,
+                q.class_names.len(),
+                hist.join(" ")
+            );
+            let m = &q.memorization;
+            let _ = writeln!(
+                s,
+                "  memorization: {:.2}% of samples within {:.3} (= {} x median test-to-train distance {:.3}) of a training image; test images: {:.2}%",
+                100.0 * m.fraction,
+                m.threshold,
+                m.ratio,
+                m.median_test_distance,
+                100.0 * m.test_fraction
+            );
+            let _ = writeln!(
+                s,
+                "  nearest-training-image distance of samples: median {:.3}, min {:.3}{}",
+                m.median_sample_distance,
+                m.min_sample_distance,
+                m.nearest_png
+                    .as_ref()
+                    .map_or_else(String::new, |p| format!(" (closest pairs: {p})"))
+            );
+            let _ = writeln!(s, "  ({:.1} s)", q.seconds);
+        }
+        let _ = write!(s, "\ntotal {:.1} s", self.seconds);
+        s
+    }
+}
