@@ -37,7 +37,9 @@ impl Ema {
         for (name, var) in vars {
             if let Some(s) = self.shadow.get_mut(name) {
                 let p = var.as_tensor().to_dtype(DType::F32)?;
-                *s = ((&*s * d)? + (p * (1.0 - d))?)?;
+                // Detached: the average must not keep an autograd graph reaching back through
+                // every earlier step (that would hold every old average in memory).
+                *s = ((&*s * d)? + (p * (1.0 - d))?)?.detach();
             }
         }
         Ok(())

@@ -95,16 +95,17 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
-            let g = g.to_dtype(DType::F32)?;
+            // Moments are detached so that they never chain an autograd graph across steps.
+            let g = g.to_dtype(DType::F32)?.detach();
             let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
                 continue;
             };
-            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
+            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let m_hat = (&*m / bc1)?;
             let v_hat = (&*v / bc2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let p = var.as_tensor().to_dtype(DType::F32)?;
+            let p = var.as_tensor().to_dtype(DType::F32)?.detach();
             let p = ((p * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
         }

@@ -52,6 +52,8 @@ pub fn sample(
     opts: &SampleOptions,
 ) -> Result<Samples> {
     let sampler = opts.sampler.build(schedule)?;
+    // Detached weights: no autograd graph is recorded during the forward passes.
+    let model = &model.frozen()?;
     let ts = sampler.timesteps().to_vec();
     let cfg = model.config();
     let (c, s) = (cfg.channels(), cfg.image_size());

@@ -257,9 +257,10 @@ impl Trainer {
             let g = (loss / accum as f64)?.backward()?;
             for (name, var) in &vars {
                 if let Some(gv) = g.get(var.as_tensor()) {
+                    let gv = gv.detach();
                     let acc = match grads.remove(name) {
                         Some(prev) => (prev + gv)?,
-                        None => gv.clone(),
+                        None => gv,
                     };
                     grads.insert(name.clone(), acc);
                 }

@@ -159,6 +159,29 @@ impl DiffusionModel {
         })
     }
 
+    /// A copy for inference: the same network over detached copies of the current weights, so
+    /// that forward passes record no autograd graph (far less memory while sampling). The copy
+    /// has no trainable variables and does not see later changes to this model's weights.
+    pub fn frozen(&self) -> Result<Self, UnetError> {
+        let tensors: HashMap<String, Tensor> = self
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?.detach())))
+            .collect::<Result<_, candle_core::Error>>()?;
+        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        let network = match &self.config {
+            ModelConfig::Unet(c) => Network::Unet(Box::new(Unet::new(c, vb)?)),
+            ModelConfig::DdpmUnet(c) => Network::DdpmUnet(Box::new(DdpmUnet::new(c, vb)?)),
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            network,
+            varmap: VarMap::new(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+        })
+    }
+
     /// Loads a weights file written by [`DiffusionModel::save`]: the config is read from the
     /// file's metadata, and every tensor is checked against it.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, UnetError> {

@@ -408,6 +408,29 @@ fn ddpm_unet_gradients_match_finite_differences_in_f64() -> R<()> {
 }
 
 #[test]
+fn frozen_copy_predicts_the_same_and_ignores_later_updates() -> R<()> {
+    for cfg in [
+        ModelConfig::Unet(tiny_unet()),
+        ModelConfig::DdpmUnet(tiny_ddpm()),
+    ] {
+        let model = DiffusionModel::new(&cfg, 4, &Device::Cpu, DType::F32)?;
+        let frozen = model.frozen()?;
+        let x = randn(&[2, 2, 8, 8], 5, DType::F32)?;
+        let t = Tensor::new(&[3u32, 700], &Device::Cpu)?;
+        let a = model.forward(&x, &t)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a, frozen.forward(&x, &t)?.flatten_all()?.to_vec1::<f32>()?);
+        // The frozen copy is a snapshot: changing the model's weights leaves it as it was.
+        for var in model.var_list() {
+            var.set(&var.as_tensor().affine(0.5, 0.1)?)?;
+        }
+        assert_ne!(a, model.forward(&x, &t)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(a, frozen.forward(&x, &t)?.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(frozen.num_parameters(), 0, "no trainable variables");
+    }
+    Ok(())
+}
+
+#[test]
 fn dropout_is_reproducible_from_the_training_rng() -> R<()> {
     let mut c = tiny_ddpm();
     c.dropout = 0.3;
