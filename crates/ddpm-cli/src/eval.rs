@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
-use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, SamplerConfig, Schedule};
+use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
 use ddpm_train::checkpoint::{load_model, LoadedModel};
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
 use ddpm_train::eval::memorization::MemorizationOptions;
@@ -238,23 +238,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         clip_x0: !a.nll_no_clip,
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
-    let sampler = match a.sampler.to_ascii_lowercase().as_str() {
-        "ddim" => SamplerConfig::Ddim {
-            steps: Some(a.steps.unwrap_or(50)),
-            eta: a.eta,
-            clip_x0: true,
-        },
-        "ddpm" => SamplerConfig::Ddpm {
-            steps: a.steps,
-            variance: crate::parse_word::<DdpmVariance>(
-                &a.variance,
-                "variance",
-                "fixed-small, fixed-large",
-            )?,
-            clip_x0: true,
-        },
-        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
-    };
+    let sampler = crate::sample::sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
     let weights = crate::sample::parse_weights(&a.weights)?;
     let device = parse_device(&a.device)?;
     let loaded = load_model(&a.checkpoint, weights, &device)

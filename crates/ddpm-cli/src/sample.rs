@@ -99,23 +99,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let weights = parse_weights(&a.weights)?;
     let loaded = load_model(&a.checkpoint, weights, &device)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    let sampler = match a.sampler.to_ascii_lowercase().as_str() {
-        "ddim" => SamplerConfig::Ddim {
-            steps: Some(a.steps.unwrap_or(50)),
-            eta: a.eta,
-            clip_x0: true,
-        },
-        "ddpm" => SamplerConfig::Ddpm {
-            steps: a.steps,
-            variance: crate::parse_word::<DdpmVariance>(
-                &a.variance,
-                "variance",
-                "fixed-small, fixed-large",
-            )?,
-            clip_x0: true,
-        },
-        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
-    };
+    let sampler = sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
     let schedule = Schedule::new(&loaded.schedule, &device)?;
     let opts = SampleOptions {
         num: a.num,
@@ -170,4 +154,31 @@ fn write_gif(frames: &[Tensor], nrow: usize, path: &Path) -> Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The sampler chosen by the `--sampler`, `--steps`, `--eta` and `--variance` flags (DDIM
+/// defaults to 50 steps, DDPM to all T; x0 is clipped to [-1, 1]).
+pub(crate) fn sampler_config(
+    name: &str,
+    steps: Option<usize>,
+    eta: f64,
+    variance: &str,
+) -> Result<SamplerConfig> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "ddim" => SamplerConfig::Ddim {
+            steps: Some(steps.unwrap_or(50)),
+            eta,
+            clip_x0: true,
+        },
+        "ddpm" => SamplerConfig::Ddpm {
+            steps,
+            variance: crate::parse_word::<DdpmVariance>(
+                variance,
+                "variance",
+                "fixed-small, fixed-large",
+            )?,
+            clip_x0: true,
+        },
+        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
+    })
 }
