@@ -100,6 +100,12 @@ pub fn run(a: ScheduleArgs) -> Result<()> {
         }
         other => anyhow::bail!("unknown format `{other}`: choose csv or table"),
     }
-    print!("{out}");
-    Ok(())
+    // A closed pipe (`ddpm schedule | head`) is a normal end, not an error or a panic.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing the schedule")
+        }
+        _ => Ok(()),
+    }
 }
