@@ -8,7 +8,12 @@ work as the Rust worker (`xtask bench-worker time`), and prints one line of JSON
   sample: per step: one forward pass without gradients (evaluation mode); then whole
           deterministic DDIM samples (eta 0, x0 clipped to [-1, 1]) of `--ddim-steps` steps.
 
+On CUDA (`--device cuda`) every timed step ends with `torch.cuda.synchronize()`, and
+`--precision bf16|f16` runs the model under `torch.autocast` (f32 weights and optimizer, as our
+side; f16 adds a GradScaler), which is PyTorch eager's standard mixed precision.
+
 Usage: python bench.py --preset mnist-small --task train --batch 32 --warmup 2 --iters 5 --threads 2
+       python bench.py --preset cifar10 --task train --batch 128 --device cuda --precision bf16
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ import torch
 import torch.nn.functional as F
 
 import models
+
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "f32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def peak_rss_kb() -> int | None:
@@ -51,62 +69,75 @@ def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
     return [min(int(round(i * stride)), timesteps - 1) for i in range(steps)]
 
 
-def time_train(model, shape, batch, warmup, iters, gen) -> list[float]:
+def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> list[float]:
     abar = linear_alphas_cumprod()
-    sa = abar.sqrt().float()
-    s1 = (1.0 - abar).sqrt().float()
+    sa = abar.sqrt().float().to(device)
+    s1 = (1.0 - abar).sqrt().float().to(device)
     model.train()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    x0 = torch.rand((batch, *shape), generator=gen) * 2 - 1
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "f16")
+    x0 = (torch.rand((batch, *shape), generator=gen) * 2 - 1).to(device)
     times = []
     for i in range(warmup + iters):
+        sync(device)
         start = time.perf_counter()
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        noise = torch.randn((batch, *shape), generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        noise = torch.randn((batch, *shape), generator=gen).to(device)
         x_t = sa[t][:, None, None, None] * x0 + s1[t][:, None, None, None] * noise
-        pred = model(x_t, t)
-        loss = F.mse_loss(pred, noise)
+        with autocast(device, precision):
+            pred = model(x_t, t)
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         loss.item()
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
 
 @torch.no_grad()
-def ddim_sample(model, shape, batch, steps, gen) -> torch.Tensor:
+def ddim_sample(model, shape, batch, steps, gen, device, precision) -> torch.Tensor:
     abar = linear_alphas_cumprod()
     ts = list(reversed(spaced_timesteps(1000, steps)))
-    x = torch.randn((batch, *shape), generator=gen)
+    x = torch.randn((batch, *shape), generator=gen).to(device)
     for i, t in enumerate(ts):
         a_t = abar[t].item()
         a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-        eps = model(x, torch.full((batch,), t, dtype=torch.int64))
+        with autocast(device, precision):
+            eps = model(x, torch.full((batch,), t, dtype=torch.int64, device=device)).float()
         x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-1, 1)
         eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
-    return x.clamp(-1, 1)
+    x = x.clamp(-1, 1)
+    sync(device)
+    return x
 
 
-def time_sample(model, shape, batch, warmup, iters, ddim_batch, ddim_steps, ddim_runs, gen):
+def time_sample(model, shape, batch, warmup, iters, ddim_batch, ddim_steps, ddim_runs, gen,
+                device, precision):
     model.eval()
     times = []
-    x = torch.randn((batch, *shape), generator=gen)
-    t = torch.randint(0, 1000, (batch,), generator=gen)
+    x = torch.randn((batch, *shape), generator=gen).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     with torch.no_grad():
         for i in range(warmup + iters):
+            sync(device)
             start = time.perf_counter()
-            model(x, t)
+            with autocast(device, precision):
+                model(x, t)
+            sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     ddim = []
     for _ in range(ddim_runs):
         start = time.perf_counter()
-        ddim_sample(model, shape, ddim_batch, ddim_steps, gen)
+        ddim_sample(model, shape, ddim_batch, ddim_steps, gen, device, precision)
         ddim.append(time.perf_counter() - start)
     return times, ddim
 
@@ -123,23 +154,33 @@ def main() -> int:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--ddim-runs", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
     args = ap.parse_args()
+    device = torch.device(args.device)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     config = models.PRESETS[args.preset]
-    model = models.build_model(config)
+    model = models.build_model(config).to(device)
     shape = models.image_shape(config)
     ddim = []
     if args.task == "train":
-        times = time_train(model, shape, args.batch, args.warmup, args.iters, gen)
+        times = time_train(model, shape, args.batch, args.warmup, args.iters, gen, device,
+                           args.precision)
     else:
         times, ddim = time_sample(
             model, shape, args.batch, args.warmup, args.iters,
-            args.ddim_batch or args.batch, args.ddim_steps, args.ddim_runs, gen,
+            args.ddim_batch or args.batch, args.ddim_steps, args.ddim_runs, gen, device,
+            args.precision,
         )
+    gpu_peak_kb = None
+    gpu_name = None
+    if device.type == "cuda":
+        gpu_peak_kb = torch.cuda.max_memory_allocated(device) // 1024
+        gpu_name = torch.cuda.get_device_name(device)
     print(
         json.dumps(
             {
@@ -154,6 +195,10 @@ def main() -> int:
                 "ddim_batch": args.ddim_batch or args.batch,
                 "ddim_steps": args.ddim_steps,
                 "peak_rss_kb": peak_rss_kb(),
+                "device": args.device,
+                "precision": args.precision,
+                "gpu_peak_kb": gpu_peak_kb,
+                "gpu_name": gpu_name,
                 "version": f"torch {torch.__version__}, Python {platform.python_version()}",
             }
         )

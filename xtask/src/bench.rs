@@ -125,6 +125,12 @@ struct TimeArgs {
     ddim_runs: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16 (half precision on CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Args, Debug)]
@@ -155,7 +161,7 @@ impl Task {
 
 /// The JSON line a worker (ours or PyTorch's) prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct WorkerResult {
+pub(crate) struct WorkerResult {
     engine: String,
     preset: String,
     task: String,
@@ -163,15 +169,27 @@ struct WorkerResult {
     threads: usize,
     params: usize,
     /// Seconds of each timed step.
-    times_s: Vec<f64>,
+    pub(crate) times_s: Vec<f64>,
     /// Seconds of each whole DDIM sample.
-    ddim_s: Vec<f64>,
+    pub(crate) ddim_s: Vec<f64>,
     ddim_batch: usize,
     ddim_steps: usize,
     peak_rss_kb: Option<u64>,
     version: String,
     #[serde(default)]
     kernels: Option<String>,
+    /// `cpu` or `cuda[:N]`.
+    #[serde(default)]
+    device: Option<String>,
+    /// `f32`, `bf16` or `f16`.
+    #[serde(default)]
+    precision: Option<String>,
+    /// Peak GPU memory allocated (PyTorch's allocator), in KiB.
+    #[serde(default)]
+    pub(crate) gpu_peak_kb: Option<u64>,
+    /// The GPU's name, on CUDA.
+    #[serde(default)]
+    pub(crate) gpu_name: Option<String>,
 }
 
 /// The JSON line `parity.py` prints.
@@ -237,14 +255,14 @@ impl Plan {
 
 /// One side of the comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Engine {
+pub(crate) enum Engine {
     Ours,
     OursCandle,
     PyTorch,
 }
 
 impl Engine {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Engine::Ours => "ours",
             Engine::OursCandle => "ours, candle ops",
@@ -253,14 +271,20 @@ impl Engine {
     }
 }
 
-/// The repository root (xtask lives one level below it).
-fn workspace_root() -> PathBuf {
+/// The repository root: the current directory when it is a checkout of ours (so that a binary
+/// carried to another machine finds `bench/`), else the root this xtask was built in.
+pub(crate) fn workspace_root() -> PathBuf {
+    if let Ok(cwd) = std::env::current_dir() {
+        if cwd.join("bench/pytorch/bench.py").is_file() {
+            return cwd;
+        }
+    }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 /// Cargo's target directory.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => {
             let d = PathBuf::from(d);
@@ -298,8 +322,11 @@ fn peak_rss_kb() -> Option<u64> {
 /// Times `a.task` in this process (our side of one measurement).
 fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
     let config = ModelConfig::preset(&a.preset)?;
-    let dev = Device::Cpu;
-    let model = DiffusionModel::new(&config, a.seed, &dev, DType::F32)?;
+    let dev = ddpm_train::parse_device(&a.device)?;
+    let precision = ddpm_train::Precision::parse(&a.precision)?;
+    precision.check_device(&dev)?;
+    let model = DiffusionModel::new(&config, a.seed, &dev, DType::F32)?
+        .with_compute_dtype(precision.compute_dtype());
     let schedule = Schedule::new(&ScheduleConfig::default(), &dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let shape = [
@@ -345,6 +372,7 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
                 }
                 clip_grad_norm(&mut grads, 1.0)?;
                 opt.step(&grads, lr)?;
+                dev.synchronize()?;
                 if i >= a.warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }
@@ -354,9 +382,12 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
             let x = gaussian(&mut rng, &shape, &dev)?;
             let ts: Vec<u32> = (0..a.batch).map(|_| rng.random_range(0..t_max)).collect();
             let t = Tensor::from_vec(ts, a.batch, &dev)?;
+            let model = model.frozen()?;
             for i in 0..a.warmup + a.iters {
+                dev.synchronize()?;
                 let start = Instant::now();
                 let _eps = model.forward(&x, &t)?.detach();
+                dev.synchronize()?;
                 if i >= a.warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }
@@ -407,6 +438,10 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
         peak_rss_kb: peak_rss_kb(),
         version: format!("ddpm-rs {}", env!("CARGO_PKG_VERSION")),
         kernels: Some(kernels.into()),
+        device: Some(a.device.clone()),
+        precision: Some(precision.name().into()),
+        gpu_peak_kb: None,
+        gpu_name: None,
     };
     Ok(result)
 }
@@ -471,7 +506,7 @@ enum Torch {
 }
 
 /// Checks that `python` imports every package; returns "torch X, Python Y".
-fn check_python(python: &Path) -> anyhow::Result<String> {
+pub(crate) fn check_python(python: &Path) -> anyhow::Result<String> {
     let out = Command::new(python)
         .args([
             "-c",
@@ -575,7 +610,10 @@ fn setup_torch(args: &BenchArgs) -> anyhow::Result<Torch> {
 }
 
 /// Runs a command whose last line of stdout is JSON, and parses it.
-fn run_json<T: serde::de::DeserializeOwned>(mut cmd: Command, what: &str) -> anyhow::Result<T> {
+pub(crate) fn run_json<T: serde::de::DeserializeOwned>(
+    mut cmd: Command,
+    what: &str,
+) -> anyhow::Result<T> {
     let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
@@ -591,7 +629,7 @@ fn run_json<T: serde::de::DeserializeOwned>(mut cmd: Command, what: &str) -> any
     }
 }
 
-fn our_worker(engine: Engine, threads: usize) -> anyhow::Result<Command> {
+pub(crate) fn our_worker(engine: Engine, threads: usize) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("finding the xtask executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("bench-worker")
@@ -605,7 +643,7 @@ fn our_worker(engine: Engine, threads: usize) -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
-fn python_cmd(python: &Path, script: &str, threads: usize) -> Command {
+pub(crate) fn python_cmd(python: &Path, script: &str, threads: usize) -> Command {
     let mut cmd = Command::new(python);
     cmd.arg(workspace_root().join("bench/pytorch").join(script))
         .env("OMP_NUM_THREADS", threads.to_string())
@@ -691,14 +729,14 @@ fn parity(preset: &str, python: &Path, threads: usize) -> anyhow::Result<ParityR
 
 /// Median, min and max of a sample.
 #[derive(Debug, Clone, Copy)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
 impl Stats {
-    fn of(values: &[f64]) -> Option<Self> {
+    pub(crate) fn of(values: &[f64]) -> Option<Self> {
         if values.is_empty() {
             return None;
         }
@@ -718,7 +756,7 @@ impl Stats {
     }
 
     /// Half the min-to-max range, relative to the median, in percent.
-    fn spread_pct(&self) -> f64 {
+    pub(crate) fn spread_pct(&self) -> f64 {
         if self.median > 0.0 {
             50.0 * (self.max - self.min) / self.median
         } else {
@@ -1408,6 +1446,8 @@ mod tests {
             ddim_steps: 2,
             ddim_runs: 1,
             seed: 0,
+            device: "cpu".into(),
+            precision: "f32".into(),
         };
         let train = worker_time(&args(Task::Train))?;
         assert_eq!((train.times_s.len(), train.ddim_s.len()), (2, 0));
@@ -1437,6 +1477,10 @@ mod tests {
             peak_rss_kb: Some(rss_kb),
             version: String::new(),
             kernels: None,
+            device: None,
+            precision: None,
+            gpu_peak_kb: None,
+            gpu_name: None,
         }
     }
 

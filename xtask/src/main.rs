@@ -2,8 +2,13 @@
 //! the quality measurement of the MNIST preset.
 
 mod bench;
+mod bench_gpu;
+mod build_cuda;
 mod fetch_data;
+mod fuzz;
 mod quality;
+mod reliability;
+mod test_matrix;
 
 use std::process::ExitCode;
 
@@ -26,6 +31,16 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train the MNIST CPU preset from a fixed seed and evaluate it (docs/quality.md).
     Quality(quality::QualityArgs),
+    /// Benchmark a training and a sampling step on a CUDA device against PyTorch.
+    BenchGpu(bench_gpu::BenchGpuArgs),
+    /// Build `ddpm` and this xtask with CUDA (toolkit from PyPI) into dist/cuda/.
+    BuildCuda(build_cuda::BuildCudaArgs),
+    /// End-to-end checks on every device and precision, as a pass/fail matrix.
+    TestMatrix(test_matrix::TestMatrixArgs),
+    /// Run every fuzz target for a bounded time (skips when cargo-fuzz is missing).
+    Fuzz(fuzz::FuzzArgs),
+    /// Kill, fill, lock and corrupt: every reliability attack, then a table (docs/reliability.md).
+    Reliability(reliability::ReliabilityArgs),
     /// Our side of `bench`, one measurement per process (internal).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -45,6 +60,11 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Quality(args) => quality::run_quality(args),
         Command::BenchWorker(args) => bench::run_worker(args),
+        Command::Fuzz(args) => fuzz::run(args),
+        Command::Reliability(args) => reliability::run(args),
+        Command::BenchGpu(args) => bench_gpu::run(args),
+        Command::BuildCuda(args) => build_cuda::run(args),
+        Command::TestMatrix(args) => test_matrix::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

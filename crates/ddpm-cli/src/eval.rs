@@ -9,12 +9,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
 use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
-use ddpm_train::checkpoint::{load_model, LoadedModel};
+use ddpm_train::checkpoint::LoadedModel;
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
 use ddpm_train::eval::memorization::MemorizationOptions;
 use ddpm_train::eval::report::EVAL_FORMAT;
 use ddpm_train::eval::{self as ev, EvalReport, NllOptions, QualityOptions};
-use ddpm_train::{parse_device, TrainConfig};
+use ddpm_train::TrainConfig;
 
 /// Arguments of `ddpm eval`.
 #[derive(Args)]
@@ -119,6 +119,9 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision of the network: f32, or bf16/f16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Do not fetch a missing data set; fail instead.
     #[arg(long)]
     no_fetch: bool,
@@ -239,10 +242,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
     let sampler = crate::sample::sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
-    let weights = crate::sample::parse_weights(&a.weights)?;
-    let device = parse_device(&a.device)?;
-    let loaded = load_model(&a.checkpoint, weights, &device)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let (device, loaded) =
+        crate::sample::load_for_inference(&a.checkpoint, &a.weights, &a.device, &a.precision)?;
     let report_path = a
         .report
         .clone()

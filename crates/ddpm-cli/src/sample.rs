@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use clap::Args;
 use ddpm_data::image_io;
 use ddpm_schedule::{DdpmVariance, SamplerConfig, Schedule};
-use ddpm_train::checkpoint::{load_model, WeightsKind};
-use ddpm_train::{parse_device, sample, SampleOptions};
+use ddpm_train::checkpoint::{load_model, LoadedModel, WeightsKind};
+use ddpm_train::{parse_device, sample, Precision, SampleOptions};
 
 /// Arguments of `ddpm sample`.
 #[derive(Args)]
@@ -56,9 +56,30 @@ pub struct SampleArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision of the network: f32, or bf16/f16 (CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// Loads `checkpoint` for inference on `device` (a `--device` value) in `precision` (a
+/// `--precision` value): the one loader of `sample` and `eval`.
+pub(crate) fn load_for_inference(
+    checkpoint: &Path,
+    weights: &str,
+    device: &str,
+    precision: &str,
+) -> Result<(candle_core::Device, LoadedModel)> {
+    let device = parse_device(device)?;
+    let precision = Precision::parse(precision)?;
+    precision.check_device(&device)?;
+    let weights = parse_weights(weights)?;
+    let mut loaded = load_model(checkpoint, weights, &device)
+        .with_context(|| format!("loading {}", checkpoint.display()))?;
+    loaded.model = loaded.model.with_compute_dtype(precision.compute_dtype());
+    Ok((device, loaded))
 }
 
 /// Parses `--weights ema|raw`.
@@ -95,10 +116,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
     }
-    let device = parse_device(&a.device)?;
-    let weights = parse_weights(&a.weights)?;
-    let loaded = load_model(&a.checkpoint, weights, &device)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let (device, loaded) = load_for_inference(&a.checkpoint, &a.weights, &a.device, &a.precision)?;
     let sampler = sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
     let schedule = Schedule::new(&loaded.schedule, &device)?;
     let opts = SampleOptions {

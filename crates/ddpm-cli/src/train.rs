@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
 use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective};
-use ddpm_train::{parse_device, RunOptions, TrainConfig, Trainer};
+use ddpm_train::{parse_device, Precision, RunOptions, TrainConfig, Trainer};
 use ddpm_unet::ModelConfig;
 
 /// Arguments of `ddpm train`.
@@ -24,7 +24,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint (exactly).
-    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr"])]
+    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr", "precision"])]
     resume: Option<PathBuf>,
     /// Total optimizer steps.
     #[arg(long)]
@@ -56,6 +56,9 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision: f32, or bf16/f16 (CUDA only) with f32 master weights.
+    #[arg(long)]
+    precision: Option<String>,
     /// Seed of init, noise and data order.
     #[arg(long)]
     seed: Option<u64>,
@@ -95,6 +98,9 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = a.steps {
         c.steps = v;
+    }
+    if let Some(p) = &a.precision {
+        c.precision = Precision::parse(p)?;
     }
     if let Some(v) = a.batch_size {
         c.batch_size = v;
@@ -213,6 +219,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => {
             let config = build_config(&a)?;
+            config.precision.check_device(&device)?;
             ensure_data(&config, a.no_fetch)?;
             let out = match &a.out {
                 Some(o) => o.clone(),

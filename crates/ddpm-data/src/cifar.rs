@@ -68,6 +68,12 @@ pub fn read_batch(path: &Path) -> Result<CifarBatch> {
     let len = std::fs::metadata(path).map_err(DataError::io(path))?.len();
     check_len(path, len)?;
     let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    parse_batch(&bytes, path)
+}
+
+/// Parses the bytes of one batch file, checking its length and labels; `path` only names the
+/// file in errors.
+pub fn parse_batch(bytes: &[u8], path: &Path) -> Result<CifarBatch> {
     check_len(path, bytes.len() as u64)?;
     let n = bytes.len() / RECORD_LEN;
     let mut batch = CifarBatch {

@@ -23,6 +23,11 @@ use crate::transform;
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "gif"];
 /// One file in this many per class is held out for the test split (see the module doc).
 pub const HOLDOUT_EVERY: usize = 10;
+/// Images up to this many decoded bytes (RGBA) are decoded whatever their file size.
+const MAX_DECODED_ANY: u64 = 64 << 20;
+/// Above [`MAX_DECODED_ANY`], the most decoded bytes per file byte believed: GIF's LZW expands at
+/// most about 2,700 times, deflate (PNG) 1,032 times, JPEG less.
+const MAX_EXPANSION: u64 = 4096;
 
 /// The classes and image files of a folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,10 +148,33 @@ pub(crate) fn scan_class_has_images(dir: &Path) -> Result<bool> {
 /// returns its (3, size, size) RGB bytes.
 pub fn load_image(path: &Path, size: u32) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    decode_image(bytes, path, size)
+}
+
+/// Decodes the bytes of a JPEG, PNG or GIF file like [`load_image`]; `path` only names the file
+/// in errors.
+pub fn decode_image(bytes: Vec<u8>, path: &Path, size: u32) -> Result<Vec<u8>> {
     let decode_err = |source| DataError::Decode {
         path: path.into(),
         source,
     };
+    // A header may lie about the image's size: refuse sizes that no JPEG, PNG or GIF of this
+    // many bytes can hold before the decoder allocates for them.
+    let (w, h) = ImageReader::new(Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| decode_err(image::ImageError::IoError(e)))?
+        .into_dimensions()
+        .map_err(decode_err)?;
+    let decoded = u64::from(w) * u64::from(h) * 4;
+    if decoded > MAX_DECODED_ANY && decoded > MAX_EXPANSION * bytes.len() as u64 {
+        return Err(DataError::BadHeader {
+            path: path.into(),
+            reason: format!(
+                "the header claims {w}x{h} pixels, more than a {}-byte file can encode",
+                bytes.len()
+            ),
+        });
+    }
     let image = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| decode_err(image::ImageError::IoError(e)))?

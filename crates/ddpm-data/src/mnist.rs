@@ -53,7 +53,14 @@ pub struct IdxImages {
 
 /// Reads an IDX image file (`u8`, 3 dimensions), gzip-compressed or not.
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let (dims, pixels) = read_idx(path, IMAGES_MAGIC, "IDX images (u8, 3 dimensions)")?;
+    let raw = std::fs::read(path).map_err(DataError::io(path))?;
+    parse_images(&raw, path)
+}
+
+/// Parses the bytes of an IDX image file (`u8`, 3 dimensions), gzip-compressed or not; `path`
+/// only names the file in errors.
+pub fn parse_images(raw: &[u8], path: &Path) -> Result<IdxImages> {
+    let (dims, pixels) = parse_idx(raw, path, IMAGES_MAGIC, "IDX images (u8, 3 dimensions)")?;
     if dims[1] == 0 || dims[2] == 0 {
         return Err(DataError::BadHeader {
             path: path.into(),
@@ -70,7 +77,14 @@ pub fn read_images(path: &Path) -> Result<IdxImages> {
 
 /// Reads an IDX label file (`u8`, 1 dimension), gzip-compressed or not.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
-    let (_, labels) = read_idx(path, LABELS_MAGIC, "IDX labels (u8, 1 dimension)")?;
+    let raw = std::fs::read(path).map_err(DataError::io(path))?;
+    parse_labels(&raw, path)
+}
+
+/// Parses the bytes of an IDX label file (`u8`, 1 dimension), gzip-compressed or not; `path`
+/// only names the file in errors.
+pub fn parse_labels(raw: &[u8], path: &Path) -> Result<Vec<u8>> {
+    let (_, labels) = parse_idx(raw, path, LABELS_MAGIC, "IDX labels (u8, 1 dimension)")?;
     Ok(labels)
 }
 
@@ -81,8 +95,12 @@ pub fn find_file(dir: &Path, stem: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn read_idx(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, Vec<u8>)> {
-    let raw = std::fs::read(path).map_err(DataError::io(path))?;
+fn parse_idx(
+    raw: &[u8],
+    path: &Path,
+    magic: u32,
+    what: &'static str,
+) -> Result<(Vec<usize>, Vec<u8>)> {
     let ndims = (magic & 0xff) as usize;
     let header_len = 4 + 4 * ndims;
     let truncated = |found: usize| DataError::Truncated {
@@ -95,7 +113,7 @@ fn read_idx(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, 
             path: path.into(),
             source,
         };
-        let mut decoder = GzDecoder::new(raw.as_slice());
+        let mut decoder = GzDecoder::new(raw);
         let mut header = vec![0u8; header_len];
         let got = read_fully(&mut decoder, &mut header).map_err(gz_err)?;
         if got < header_len {
@@ -114,7 +132,7 @@ fn read_idx(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, 
         Ok((dims, data))
     } else {
         if raw.len() < header_len {
-            check_magic(path, &raw, magic, what)?;
+            check_magic(path, raw, magic, what)?;
             return Err(truncated(raw.len()));
         }
         let (dims, payload) = parse_header(path, &raw[..header_len], magic, what)?;

@@ -21,6 +21,9 @@ pub const SIGMOID_RANGE: f64 = 6.0;
 
 /// The number of timesteps at which the DDPM paper's linear betas were tuned.
 const REFERENCE_TIMESTEPS: usize = 1000;
+/// The most timesteps a schedule may have (DDPMs use 1,000 to 4,000): a config or checkpoint
+/// claiming billions is an error, not a multi-gigabyte allocation.
+pub const MAX_TIMESTEPS: usize = 1_000_000;
 /// Above this `sqrt(alphas_cumprod[T-1])`, x_T keeps a visible amount of signal.
 const SIGNAL_WARNING_LEVEL: f64 = 0.05;
 
@@ -354,6 +357,12 @@ impl ScheduleConfig {
     pub fn betas(&self) -> Result<Vec<f64>> {
         if self.timesteps == 0 {
             return Err(ScheduleError::ZeroTimesteps);
+        }
+        if self.timesteps > MAX_TIMESTEPS {
+            return Err(ScheduleError::TooManyTimesteps {
+                got: self.timesteps,
+                max: MAX_TIMESTEPS,
+            });
         }
         self.beta_schedule.validate_parameters()?;
         let betas = self.beta_schedule.raw_betas(self.timesteps);

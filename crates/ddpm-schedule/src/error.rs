@@ -10,6 +10,16 @@ pub enum ScheduleError {
     #[error("timesteps must be at least 1, got 0")]
     ZeroTimesteps,
 
+    /// `timesteps` is beyond any usable diffusion (a typo or a corrupt config), and building its
+    /// buffers would take gigabytes.
+    #[error("timesteps must be at most {max}, got {got}")]
+    TooManyTimesteps {
+        /// The value given.
+        got: usize,
+        /// [`crate::config::MAX_TIMESTEPS`].
+        max: usize,
+    },
+
     /// A schedule's `start` is not below its `end`.
     #[error("{schedule} beta schedule: start ({start}) must be smaller than end ({end})")]
     StartNotBelowEnd {

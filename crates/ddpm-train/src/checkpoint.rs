@@ -18,6 +18,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
+use crate::precision::LossScaler;
 use crate::{Result, TrainError};
 
 /// Format tag of the JSON metadata file.
@@ -46,6 +47,9 @@ pub struct CheckpointMeta {
     pub tensors_file: String,
     /// Its size in bytes, to detect truncation before parsing.
     pub tensors_bytes: u64,
+    /// The f16 loss scaler's state (unused in f32 and bf16 runs).
+    #[serde(default)]
+    pub loss_scaler: LossScaler,
 }
 
 /// A loaded checkpoint.
@@ -162,28 +166,43 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// Deletes all but the newest `keep` checkpoints (and any leftover temporary files).
+/// Deletes all but the newest `keep` checkpoints, and tensors files whose JSON is gone (left by
+/// a process killed between writing a checkpoint's two files, or while pruning). Call it only
+/// while holding the run's [`crate::lock::RunLock`], right after a save.
 pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let all = list(run_dir)?;
     let n = all.len().saturating_sub(keep);
-    for (step, json) in all.into_iter().take(n) {
+    let dir = checkpoint_dir(run_dir);
+    for (step, json) in all.iter().take(n) {
         // JSON first: a checkpoint without JSON no longer counts, whatever happens next.
-        std::fs::remove_file(&json).map_err(|e| TrainError::io(&json, "removing", e))?;
-        let tensors = checkpoint_dir(run_dir).join(format!("{}.safetensors", stem(step)));
-        let _ = std::fs::remove_file(tensors);
+        std::fs::remove_file(json).map_err(|e| TrainError::io(json, "removing", e))?;
+        let _ = std::fs::remove_file(dir.join(format!("{}.safetensors", stem(*step))));
+    }
+    let kept: Vec<usize> = all.iter().skip(n).map(|(step, _)| *step).collect();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = name
+                .strip_prefix("ckpt-")
+                .and_then(|s| s.strip_suffix(".safetensors"))
+                .and_then(|s| s.parse::<usize>().ok())
+                .is_some_and(|step| !kept.contains(&step));
+            if orphan {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
     Ok(())
 }
 
-/// Loads the checkpoint whose JSON is at `json_path`, checking the tensors file against it.
-pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
+/// Parses the JSON half of a checkpoint and checks its format tag; `json_path` only names the
+/// file in errors.
+pub fn parse_meta(bytes: &[u8], json_path: &Path) -> Result<CheckpointMeta> {
     let bad = |reason: String| TrainError::Checkpoint {
         path: Some(json_path.to_path_buf()),
         reason,
     };
-    let text =
-        std::fs::read(json_path).map_err(|e| TrainError::io(json_path, "reading checkpoint", e))?;
-    let meta: CheckpointMeta = serde_json::from_slice(&text)
+    let meta: CheckpointMeta = serde_json::from_slice(bytes)
         .map_err(|e| bad(format!("the metadata is not valid checkpoint JSON ({e}); delete this checkpoint to resume from the previous one")))?;
     if meta.format != CHECKPOINT_FORMAT {
         return Err(bad(format!(
@@ -191,6 +210,24 @@ pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
             meta.format
         )));
     }
+    // The tensors live beside the JSON: a name that leads elsewhere is not ours.
+    let plain = Path::new(&meta.tensors_file)
+        .file_name()
+        .is_some_and(|n| n == meta.tensors_file.as_str());
+    if !plain {
+        return Err(bad(format!(
+            "`tensors_file` must name a file beside the JSON, got `{}`",
+            meta.tensors_file
+        )));
+    }
+    Ok(meta)
+}
+
+/// Loads the checkpoint whose JSON is at `json_path`, checking the tensors file against it.
+pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
+    let text =
+        std::fs::read(json_path).map_err(|e| TrainError::io(json_path, "reading checkpoint", e))?;
+    let meta = parse_meta(&text, json_path)?;
     let dir = json_path.parent().unwrap_or(Path::new("."));
     let tensors_path = dir.join(&meta.tensors_file);
     let size = std::fs::metadata(&tensors_path)

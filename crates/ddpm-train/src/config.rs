@@ -8,6 +8,7 @@ use ddpm_unet::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
+use crate::precision::Precision;
 use crate::{Result, TrainError};
 
 /// The full configuration of a training run. Every field has a default (the MNIST preset), so a
@@ -59,6 +60,9 @@ pub struct TrainConfig {
     pub model: ModelConfig,
     /// The noise schedule.
     pub schedule: ScheduleConfig,
+    /// The dtype of the forward and backward passes (`f32`, or `bf16`/`f16` on CUDA with f32
+    /// master weights).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -93,6 +97,7 @@ impl Default for TrainConfig {
             workers: 1,
             model: ModelConfig::Unet(ddpm_unet::UnetConfig::mnist_small()),
             schedule: ScheduleConfig::default(),
+            precision: Precision::F32,
         }
     }
 }

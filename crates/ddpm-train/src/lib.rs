@@ -23,9 +23,11 @@ pub mod config;
 pub mod device;
 pub mod ema;
 pub mod eval;
+pub mod lock;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod precision;
 pub mod sample;
 pub mod trainer;
 
@@ -34,6 +36,7 @@ use std::path::{Path, PathBuf};
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::TrainConfig;
 pub use device::parse_device;
+pub use precision::{LossScaler, Precision};
 pub use sample::{sample, SampleOptions, Samples};
 pub use trainer::{RunOptions, RunSummary, Trainer};
 
@@ -74,6 +77,9 @@ pub enum TrainError {
         /// The step of the last checkpoint on disk.
         last_checkpoint: usize,
     },
+    /// The run directory is locked by another live run, or cannot be locked.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     /// An error from the schedule crate.
     #[error(transparent)]
     Schedule(#[from] ddpm_schedule::ScheduleError),

@@ -17,8 +17,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::checkpoint::{self, CheckpointMeta, EMA_PREFIX, MODEL_PREFIX, OPTIM_PREFIX};
 use crate::config::TrainConfig;
 use crate::ema::Ema;
+use crate::lock::RunLock;
 use crate::metrics::{self, MetricsLine};
 use crate::optim::{clip_grad_norm, warmup_lr, AdamW};
+use crate::precision::{LossScaler, Precision};
 use crate::sample::{gaussian, sample, SampleOptions};
 use crate::{Result, TrainError};
 
@@ -72,6 +74,9 @@ pub struct Trainer {
     rng: ChaCha8Rng,
     step: usize,
     last_checkpoint: Option<(usize, PathBuf)>,
+    scaler: LossScaler,
+    /// One live run per directory: held as long as the trainer lives.
+    _lock: RunLock,
 }
 
 impl Trainer {
@@ -90,11 +95,12 @@ impl Trainer {
         config.validate()?;
         std::fs::create_dir_all(run_dir)
             .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
+        let lock = RunLock::acquire(run_dir)?;
         let config_path = run_dir.join("config.toml");
         ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
             .map_err(|e| TrainError::io(&config_path, "writing", e))?;
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        Self::build(config, run_dir, device, dataset)
+        Self::build(config, run_dir, device, dataset, lock)
     }
 
     /// Continues the run in `run_dir` from its newest checkpoint, exactly: weights, EMA,
@@ -102,6 +108,7 @@ impl Trainer {
     /// number of steps to train for.
     pub fn resume(run_dir: &Path, device: &Device, steps: Option<usize>) -> Result<Self> {
         let ckpt = checkpoint::load_latest(run_dir, device)?;
+        let lock = RunLock::acquire(run_dir)?;
         let mut config = ckpt.meta.config.clone();
         if let Some(s) = steps {
             config.steps = s;
@@ -116,7 +123,7 @@ impl Trainer {
             });
         }
         config.validate()?;
-        let mut trainer = Self::build(config, run_dir, device, dataset)?;
+        let mut trainer = Self::build(config, run_dir, device, dataset, lock)?;
         let bad = |e: TrainError| TrainError::Checkpoint {
             path: Some(ckpt.path.clone()),
             reason: format!("does not fit this run: {e}"),
@@ -136,6 +143,7 @@ impl Trainer {
             .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
             .map_err(bad)?;
         trainer.rng = ckpt.meta.rng.clone();
+        trainer.scaler = ckpt.meta.loss_scaler;
         trainer.loader.seek(ckpt.meta.loader)?;
         trainer.step = ckpt.meta.step;
         trainer.last_checkpoint = Some((ckpt.meta.step, ckpt.path.clone()));
@@ -149,9 +157,14 @@ impl Trainer {
         run_dir: &Path,
         device: &Device,
         dataset: Dataset,
+        lock: RunLock,
     ) -> Result<Self> {
-        let model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?;
-        let ema_model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?;
+        config.precision.check_device(device)?;
+        let compute = config.precision.compute_dtype();
+        let model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?
+            .with_compute_dtype(compute);
+        let ema_model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?
+            .with_compute_dtype(compute);
         let vars = model.vars();
         let opt = AdamW::new(vars.clone(), config.optimizer)?;
         let ema = Ema::new(&vars, config.ema_decay)?;
@@ -179,6 +192,8 @@ impl Trainer {
             loader,
             step: 0,
             last_checkpoint: None,
+            scaler: LossScaler::default(),
+            _lock: lock,
         })
     }
 
@@ -209,6 +224,14 @@ impl Trainer {
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
         let t_max = self.schedule.timesteps() as u32;
+        if !self.device.is_cpu() {
+            // Device-side randomness (dropout masks) follows the run's seed and step, so a
+            // resumed run draws what an uninterrupted one would.
+            self.device
+                .set_seed(self.config.seed ^ TRAIN_RNG_DOMAIN ^ (self.step as u64 + 1))?;
+        }
+        let f16 = self.config.precision == Precision::F16;
+        let loss_scale = if f16 { self.scaler.scale } else { 1.0 };
         for _ in 0..accum {
             let batch = self.loader.next_batch()?;
             let x0 = batch.images.to_device(&self.device)?;
@@ -254,10 +277,14 @@ impl Trainer {
                 });
             }
             loss_sum += value;
-            let g = (loss / accum as f64)?.backward()?;
+            let g = (loss * (loss_scale / accum as f64))?.backward()?;
             for (name, var) in &vars {
                 if let Some(gv) = g.get(var.as_tensor()) {
-                    let gv = gv.detach();
+                    let gv = if f16 {
+                        (gv.detach() / loss_scale)?
+                    } else {
+                        gv.detach()
+                    };
                     let acc = match grads.remove(name) {
                         Some(prev) => (prev + gv)?,
                         None => gv,
@@ -267,6 +294,16 @@ impl Trainer {
             }
         }
         let norm = clip_grad_norm(&mut grads, self.config.grad_clip)?;
+        if f16 && !self.scaler.update(norm) {
+            // Overflow in f16: skip the update (the scale is now halved), as GradScaler does.
+            tracing::debug!(
+                step = self.step + 1,
+                scale = self.scaler.scale,
+                "f16 overflow"
+            );
+            self.step += 1;
+            return Ok((loss_sum / accum as f64, norm, lr));
+        }
         self.opt.step(&grads, lr)?;
         self.step += 1;
         self.ema.update(&vars, self.step)?;
@@ -283,6 +320,7 @@ impl Trainer {
             config: self.config.clone(),
             tensors_file: String::new(),
             tensors_bytes: 0,
+            loss_scaler: self.scaler,
         };
         let (optim, _) = self.opt.state();
         let model = self.model.tensors();

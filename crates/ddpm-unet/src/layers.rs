@@ -1,7 +1,7 @@
 //! Basic layers (convolution, linear, group norm, dropout) built from a `VarBuilder` with
 //! PyTorch's default initialization, so the tensor names and init match the PyTorch models.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::Rng;
 
@@ -60,15 +60,19 @@ impl Conv2d {
     /// Applies the convolution to `x` (b, c_in, h, w).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.weight_standardized {
-            let eps = match self.weight.dtype() {
-                candle_core::DType::F16 | candle_core::DType::BF16 => 1e-3,
-                _ => 1e-5,
+            // Standardized in at least f32 (half-precision weights of a frozen bf16/f16 copy are
+            // upcast), so that a half-precision copy standardizes as its f32 master does.
+            let dtype = self.weight.dtype();
+            let w = match dtype {
+                DType::F16 | DType::BF16 => self.weight.to_dtype(DType::F32)?,
+                _ => self.weight.clone(),
             };
-            let w = &self.weight;
             let mean = w.mean_keepdim((1, 2, 3))?;
             let centered = w.broadcast_sub(&mean)?;
             let var = centered.sqr()?.mean_keepdim((1, 2, 3))?;
-            let w = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+            let w = centered
+                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+                .to_dtype(dtype)?;
             ops::conv2d(x, &w, self.bias.as_ref(), self.params)
         } else {
             ops::conv2d(x, &self.weight, self.bias.as_ref(), self.params)
@@ -143,6 +147,14 @@ pub fn dropout(x: &Tensor, p: f64, rng: TrainRng) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let keep = 1.0 / (1.0 - p);
+    if !x.device().is_cpu() {
+        // On an accelerator the mask is drawn there (seeded through `Device::set_seed`, which
+        // the trainer sets from the run's seed and step): drawing it on the host would cost
+        // more than the whole forward pass.
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let mask = (u.ge(p)?.to_dtype(DType::F32)? * keep)?.to_dtype(x.dtype())?;
+        return x.mul(&mask);
+    }
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| {
             if rng.random::<f64>() < p {

@@ -121,6 +121,7 @@ pub struct DiffusionModel {
     varmap: VarMap,
     device: Device,
     dtype: DType,
+    compute_dtype: DType,
 }
 
 impl std::fmt::Debug for DiffusionModel {
@@ -129,6 +130,7 @@ impl std::fmt::Debug for DiffusionModel {
             .field("config", &self.config)
             .field("parameters", &self.num_parameters())
             .field("dtype", &self.dtype)
+            .field("compute_dtype", &self.compute_dtype)
             .finish()
     }
 }
@@ -156,19 +158,35 @@ impl DiffusionModel {
             varmap,
             device: device.clone(),
             dtype,
+            compute_dtype: dtype,
         })
+    }
+
+    /// Mixed precision: keeps the variables in their dtype (the f32 master weights) and runs
+    /// every forward pass in `dtype` (bf16 or f16), with weights cast per op and the prediction
+    /// returned in the dtype of the input. Gradients reach the variables in their own dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype forward passes compute in (see [`DiffusionModel::with_compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// A copy for inference: the same network over detached copies of the current weights, so
     /// that forward passes record no autograd graph (far less memory while sampling). The copy
-    /// has no trainable variables and does not see later changes to this model's weights.
+    /// has no trainable variables and does not see later changes to this model's weights. Its
+    /// weights are stored in the compute dtype, so a bf16 sampler casts nothing per step.
     pub fn frozen(&self) -> Result<Self, UnetError> {
+        let dtype = self.compute_dtype;
         let tensors: HashMap<String, Tensor> = self
             .tensors()
             .into_iter()
-            .map(|(k, t)| Ok((k, t.copy()?.detach())))
+            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.copy()?.detach())))
             .collect::<Result<_, candle_core::Error>>()?;
-        let vb = VarBuilder::from_tensors(tensors, self.dtype, &self.device);
+        let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
         let network = match &self.config {
             ModelConfig::Unet(c) => Network::Unet(Box::new(Unet::new(c, vb)?)),
             ModelConfig::DdpmUnet(c) => Network::DdpmUnet(Box::new(DdpmUnet::new(c, vb)?)),
@@ -178,7 +196,8 @@ impl DiffusionModel {
             network,
             varmap: VarMap::new(),
             device: self.device.clone(),
-            dtype: self.dtype,
+            dtype,
+            compute_dtype: dtype,
         })
     }
 
@@ -253,7 +272,8 @@ impl DiffusionModel {
         Ok(())
     }
 
-    /// Evaluation-mode prediction (no dropout) for `x` (b, c, s, s) at timesteps `t` (b,).
+    /// Evaluation-mode prediction (no dropout) for `x` (b, c, s, s) at timesteps `t` (b,), in
+    /// the dtype of `x`.
     pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor, UnetError> {
         self.forward_t(x, t, None, None)
     }
@@ -278,11 +298,16 @@ impl DiffusionModel {
                 });
             }
         }
-        let x = x.to_dtype(self.dtype)?;
-        Ok(match &self.network {
-            Network::Unet(n) => n.forward(&x, t, x_self_cond)?,
+        let out_dtype = x.dtype();
+        let x = x.to_dtype(self.compute_dtype)?;
+        let cond = x_self_cond
+            .map(|c| c.to_dtype(self.compute_dtype))
+            .transpose()?;
+        let y = match &self.network {
+            Network::Unet(n) => n.forward(&x, t, cond.as_ref())?,
             Network::DdpmUnet(n) => n.forward(&x, t, rng)?,
-        })
+        };
+        Ok(y.to_dtype(out_dtype)?)
     }
 
     /// Metadata stored with the weights: the format tag and the config as JSON.

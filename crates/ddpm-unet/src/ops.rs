@@ -34,31 +34,99 @@ pub fn kernels() -> Kernels {
     })
 }
 
+/// `w` in the dtype of `x`: the one place where f32 master weights meet half-precision
+/// activations. The cast is differentiable, so gradients flow back to the f32 weights in f32.
+fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        Ok(w.clone())
+    } else {
+        w.to_dtype(x.dtype())
+    }
+}
+
 /// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out).
+/// Weights are cast to the dtype of `x` (mixed precision).
+///
+/// On the CPU (f32/f64) this is our im2col + GEMM kernel; on other devices it is
+/// [`conv2d_unfold`], an im2col built from candle's tensor ops so that the backward pass is
+/// matrix products too (candle's own CUDA conv backward goes through a direct transposed
+/// convolution). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
+    let weight = like(weight, x)?;
+    let bias = bias.map(|b| like(b, x)).transpose()?;
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
-        let zeros;
         let bias = match bias {
             Some(b) => b,
-            None => {
-                zeros = Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?;
-                &zeros
-            }
+            None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
         };
-        return crate::kernels::conv::conv2d(x, weight, bias, p.stride, p.padding);
+        return crate::kernels::conv::conv2d(x, &weight, &bias, p.stride, p.padding);
     }
-    let y = x.conv2d(weight, p.padding, p.stride, 1, 1)?;
+    let y = if kernels() == Kernels::Ours && !x.device().is_cpu() {
+        conv2d_unfold(x, &weight, p)?
+    } else {
+        x.conv2d(&weight, p.padding, p.stride, 1, 1)?
+    };
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
     }
 }
 
+/// Convolution (no bias) as one batched matrix product over an im2col matrix that is built
+/// from candle's differentiable ops (pad, strided windows, stack), on any device and dtype.
+/// Forward and both gradients are GEMMs plus memory copies.
+pub fn conv2d_unfold(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (c_out, c_in, kh, kw) = weight.dims4()?;
+    if c_in != c {
+        candle_core::bail!("conv2d: input has {c} channels, weight expects {c_in}");
+    }
+    let (s, pad) = (p.stride.max(1), p.padding);
+    if h + 2 * pad < kh || w + 2 * pad < kw {
+        candle_core::bail!(
+            "conv2d: {h}x{w} input (padding {pad}) is smaller than the {kh}x{kw} kernel"
+        );
+    }
+    let oh = (h + 2 * pad - kh) / s + 1;
+    let ow = (w + 2 * pad - kw) / s + 1;
+    let w2 = weight.reshape((c_out, c_in * kh * kw))?;
+    let cols = if kh == 1 && kw == 1 && s == 1 && pad == 0 {
+        x.reshape((b, c, h * w))?
+    } else {
+        // Extra zeros at the bottom/right so every strided window can take `o * s` rows.
+        let xp = x
+            .pad_with_zeros(2, pad, pad + s - 1)?
+            .pad_with_zeros(3, pad, pad + s - 1)?;
+        let wp = w + 2 * pad + s - 1;
+        let mut patches = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            let rows = xp.narrow(2, ky, oh * s)?;
+            let rows = if s > 1 {
+                rows.reshape((b, c, oh, s * wp))?.narrow(3, 0, wp)?
+            } else {
+                rows
+            };
+            for kx in 0..kw {
+                let win = rows.narrow(3, kx, ow * s)?;
+                let win = if s > 1 {
+                    win.reshape((b, c, oh, ow, s))?
+                        .narrow(4, 0, 1)?
+                        .squeeze(4)?
+                } else {
+                    win
+                };
+                patches.push(win);
+            }
+        }
+        Tensor::stack(&patches, 2)?.reshape((b, c * kh * kw, oh * ow))?
+    };
+    w2.broadcast_matmul(&cols)?.reshape((b, c_out, oh, ow))
+}
 /// Affine map on the last dimension: `x` (..., in) times `weight` (out, in) transposed plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&weight.t()?)?;
+    let y = x.broadcast_matmul(&like(weight, x)?.t()?)?;
     match bias {
-        Some(b) => y.broadcast_add(b),
+        Some(b) => y.broadcast_add(&like(b, x)?),
         None => Ok(y),
     }
 }
@@ -72,6 +140,7 @@ pub fn group_norm(
     bias: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
+    let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
         return crate::kernels::group_norm::group_norm(x, groups, weight, bias, eps);
     }
@@ -340,6 +409,67 @@ mod tests {
             }
         }
 
+        Ok(())
+    }
+
+    #[test]
+    fn unfold_conv_matches_candle_forward_and_backward() -> Result<()> {
+        // (b, c_in, h, w, c_out, k, stride, padding): odd channels, non-square, 1x1, stride 2.
+        let cases = [
+            (2, 3, 8, 6, 5, 3, 1, 1),
+            (1, 4, 7, 9, 2, 3, 2, 1),
+            (3, 5, 6, 6, 4, 1, 1, 0),
+            (2, 2, 8, 8, 3, 3, 2, 0),
+            (1, 3, 5, 5, 2, 3, 1, 0),
+        ];
+        for (b, ci, h, w, co, k, s, pad) in cases {
+            let x = var(&[b, ci, h, w], DType::F64)?;
+            let wt = var(&[co, ci, k, k], DType::F64)?;
+            let p = ConvParams {
+                stride: s,
+                padding: pad,
+            };
+            let ours = conv2d_unfold(x.as_tensor(), wt.as_tensor(), p)?;
+            let reference = x.as_tensor().conv2d(wt.as_tensor(), pad, s, 1, 1)?;
+            assert_eq!(ours.dims(), reference.dims());
+            assert!(
+                max_diff(&ours, &reference)? < 1e-10,
+                "forward {b} {ci} {h} {w} {k} {s}"
+            );
+            // Gradients against a fixed random cotangent.
+            let cot = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?;
+            let g_ours = (ours * &cot)?.sum_all()?.backward()?;
+            let g_ref = (reference * &cot)?.sum_all()?.backward()?;
+            for v in [&x, &wt] {
+                let a = g_ours.get(v.as_tensor()).expect("gradient");
+                let r = g_ref.get(v.as_tensor()).expect("gradient");
+                assert!(max_diff(a, r)? < 1e-9, "gradient {b} {ci} {h} {w} {k} {s}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn weights_follow_the_activation_dtype() -> Result<()> {
+        // f32 master weights with f16 activations: the output is f16 and the weight gradient
+        // arrives in f32, close to the all-f32 gradient.
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &Device::Cpu)?;
+        let w = var(&[4, 3, 3, 3], DType::F32)?;
+        let p = ConvParams {
+            stride: 1,
+            padding: 1,
+        };
+        let half = conv2d(&x.to_dtype(DType::F16)?, w.as_tensor(), None, p)?;
+        assert_eq!(half.dtype(), DType::F16);
+        let full = conv2d(&x, w.as_tensor(), None, p)?;
+        assert!(max_diff(&half.to_dtype(DType::F32)?, &full)? < 2e-2);
+        let g = half.to_dtype(DType::F32)?.sum_all()?.backward()?;
+        let gw = g.get(w.as_tensor()).expect("gradient");
+        assert_eq!(gw.dtype(), DType::F32);
+        let g_full = full.sum_all()?.backward()?;
+        let gw_full = g_full.get(w.as_tensor()).expect("gradient");
+        let scale = gw_full.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        assert!(max_diff(gw, gw_full)? < 1e-2 * scale);
         Ok(())
     }
 

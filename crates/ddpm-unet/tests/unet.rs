@@ -672,3 +672,47 @@ fn tensor_names_doc_is_up_to_date() -> R<()> {
     );
     Ok(())
 }
+
+/// Mixed precision on both architectures: f32 master weights, half-precision compute. The
+/// prediction comes back in the input's dtype and close to the f32 one, every variable gets an
+/// f32 gradient close to the f32 gradient, and the frozen copy computes in the half type too.
+#[test]
+fn half_precision_compute_keeps_f32_master_weights() -> R<()> {
+    for cfg in [
+        ModelConfig::Unet(tiny_unet()),
+        ModelConfig::DdpmUnet(tiny_ddpm()),
+    ] {
+        // candle's CPU matmul has no bf16; bf16 is checked on CUDA by `cargo xtask test-matrix`.
+        for (dtype, tol) in [(DType::F16, 2e-2)] {
+            let model = DiffusionModel::new(&cfg, 4, &Device::Cpu, DType::F32)?;
+            let half = model.clone().with_compute_dtype(dtype);
+            assert_eq!(half.compute_dtype(), dtype);
+            let x = randn(&[2, 2, 8, 8], 5, DType::F32)?;
+            let t = Tensor::new(&[3u32, 700], &Device::Cpu)?;
+            let want = model.forward(&x, &t)?;
+            let got = half.forward(&x, &t)?;
+            assert_eq!(got.dtype(), DType::F32);
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= tol * scale, "{dtype:?}: {diff} vs scale {scale}");
+            let g_half = got.sqr()?.mean_all()?.backward()?;
+            let g_full = want.sqr()?.mean_all()?.backward()?;
+            let (mut num, mut den) = (0f32, 0f32);
+            for var in model.var_list() {
+                let gh = g_half.get(var.as_tensor()).ok_or("no half gradient")?;
+                let gf = g_full.get(var.as_tensor()).ok_or("no f32 gradient")?;
+                assert_eq!(gh.dtype(), DType::F32);
+                num += (gh - gf)?.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                den += gf.sqr()?.sum_all()?.to_scalar::<f32>()?;
+            }
+            let rel = (num / den).sqrt();
+            assert!(rel <= 10.0 * tol, "{dtype:?}: gradient rel. error {rel}");
+            let frozen = half.frozen()?;
+            assert_eq!(frozen.dtype(), dtype);
+            let again = frozen.forward(&x, &t)?;
+            let diff = (&again - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= tol * scale, "frozen {dtype:?}: {diff}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The run-directory lock: one live `ddpm train` per run directory.
+//!
+//! A run holds `RUN_DIR/.lock`, a small text file naming its process (`pid` and, on Linux, the
+//! process's start time, so a recycled pid is not mistaken for the owner). The file is created
+//! atomically with its content (written to a temporary file, then hard-linked into place), so
+//! another process never reads a half-written lock. A second run into the same directory fails
+//! with [`LockError::Busy`] naming the owner's pid; a lock left behind by a process that no longer
+//! exists (a `kill -9`, a power cut) is taken over with a warning, and the temporary files that
+//! process left half-written (`.NAME.tmp-PID`) are removed. The lock is released when the
+//! [`RunLock`] is dropped.
+
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside a run directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// Why a run directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another live process holds the lock.
+    #[error(
+        "run directory {} is in use by another `ddpm train` (pid {pid}, lock file {}): wait for \
+         it to finish or stop it, or choose another output directory",
+        run_dir.display(),
+        lock_file.display()
+    )]
+    Busy {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// The lock file.
+        lock_file: PathBuf,
+        /// The pid of the process holding it.
+        pid: u32,
+    },
+    /// The lock file could not be created, read or replaced.
+    #[error("locking run directory {}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// Who holds a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    pid: u32,
+    /// The process's start time in clock ticks since boot (Linux), to tell a recycled pid apart.
+    start: Option<u64>,
+}
+
+impl Owner {
+    fn current() -> Self {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            start: process_start(pid),
+        }
+    }
+
+    fn to_text(self) -> String {
+        match self.start {
+            Some(s) => format!("pid {}\nstart {s}\n", self.pid),
+            None => format!("pid {}\n", self.pid),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut pid = None;
+        let mut start = None;
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("pid", v)) => pid = v.trim().parse().ok(),
+                Some(("start", v)) => start = v.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        Some(Owner { pid: pid?, start })
+    }
+
+    /// Whether the process that wrote the lock is still running.
+    fn is_alive(self) -> bool {
+        match process_state(self.pid) {
+            ProcessState::Gone => false,
+            ProcessState::Running { start } => match (self.start, start) {
+                // The pid was recycled by a process started at another time.
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            },
+            // Without /proc (not Linux) a lock is only taken over when its pid is our own.
+            ProcessState::Unknown => self.pid != std::process::id(),
+        }
+    }
+}
+
+enum ProcessState {
+    Gone,
+    Running { start: Option<u64> },
+    Unknown,
+}
+
+/// The state of `pid` from `/proc/PID/stat`: a zombie (killed, not yet reaped) counts as gone.
+fn process_state(pid: u32) -> ProcessState {
+    if !Path::new("/proc/self/stat").exists() {
+        return ProcessState::Unknown;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The command name (field 2) is in parentheses and may hold spaces: parse after it.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+                return ProcessState::Gone;
+            }
+            // Field 22 of stat is the start time; `fields` starts at field 3.
+            ProcessState::Running {
+                start: fields.get(19).and_then(|s| s.parse().ok()),
+            }
+        }
+        Err(_) => ProcessState::Gone,
+    }
+}
+
+fn process_start(pid: u32) -> Option<u64> {
+    match process_state(pid) {
+        ProcessState::Running { start } => start,
+        _ => None,
+    }
+}
+
+/// The lock on a run directory, held while this value lives.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+    owner: Owner,
+}
+
+impl RunLock {
+    /// Locks `run_dir` (which must exist) for this process. A process that already holds the
+    /// lock gets it again (the first of its locks to be dropped releases it).
+    ///
+    /// Fails with [`LockError::Busy`] when another live process holds it; takes over (with a
+    /// warning) a lock whose process is gone, removing that process's leftover temporary files.
+    pub fn acquire(run_dir: &Path) -> Result<Self, LockError> {
+        let path = run_dir.join(LOCK_FILE);
+        let owner = Owner::current();
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LockError::Io { path, source }
+        };
+        let tmp = run_dir.join(format!(".lock.tmp-{}", owner.pid));
+        std::fs::write(&tmp, owner.to_text()).map_err(io(&tmp))?;
+        // A few rounds: a stale lock removed by us may be retaken by a racing process.
+        let result = (|| {
+            for _ in 0..3 {
+                match std::fs::hard_link(&tmp, &path) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io(&path)(e)),
+                }
+                let text = match std::fs::read(&path) {
+                    Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+                    // Released between our link and our read: try again.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(&path)(e)),
+                };
+                match Owner::parse(&text) {
+                    Some(holder) if holder == owner => return Ok(()),
+                    Some(holder) if holder.is_alive() => {
+                        return Err(LockError::Busy {
+                            run_dir: run_dir.to_path_buf(),
+                            lock_file: path.clone(),
+                            pid: holder.pid,
+                        })
+                    }
+                    stale => {
+                        let who = stale.map_or("an unreadable lock".to_string(), |h| {
+                            format!("pid {}, no longer running", h.pid)
+                        });
+                        tracing::warn!(
+                            lock = %path.display(),
+                            "taking over the stale lock of run directory {} ({who})",
+                            run_dir.display()
+                        );
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io(&path)(e)),
+                        }
+                        if let Some(dead) = stale {
+                            remove_leftovers(run_dir, dead.pid);
+                        }
+                    }
+                }
+            }
+            Err(io(&path)(std::io::Error::other(
+                "the lock changed hands repeatedly while it was being taken",
+            )))
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result.map(|()| RunLock { path, owner })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Only remove the file if it is still ours (a user may have deleted and retaken it).
+        let ours = std::fs::read(&self.path)
+            .ok()
+            .and_then(|t| Owner::parse(&String::from_utf8_lossy(&t)))
+            .is_some_and(|o| o == self.owner);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes the half-written temporary files (`.NAME.tmp-PID`) a dead process left in the run
+/// directory and its `checkpoints/` and `samples/` folders.
+fn remove_leftovers(run_dir: &Path, pid: u32) {
+    let suffix = format!(".tmp-{pid}");
+    for dir in [
+        run_dir.to_path_buf(),
+        run_dir.join("checkpoints"),
+        run_dir.join("samples"),
+    ] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(&suffix) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::debug!(file = %entry.path().display(), "removed leftover"),
+                    Err(e) => {
+                        tracing::warn!(file = %entry.path().display(), "cannot remove leftover: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_the_same_directory_names_the_owner() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let lock = RunLock::acquire(dir.path()).expect("first lock");
+        assert!(lock.path().exists());
+        // The same process asking again gets it (it is the owner).
+        drop(RunLock::acquire(dir.path()).expect("owner relocks"));
+        // A live other process (pid 1 always runs) holds it: busy, naming the pid.
+        let init = Owner {
+            pid: 1,
+            start: process_start(1),
+        };
+        drop(lock);
+        std::fs::write(dir.path().join(LOCK_FILE), init.to_text()).expect("write");
+        let err = RunLock::acquire(dir.path()).expect_err("busy");
+        assert!(matches!(err, LockError::Busy { pid: 1, .. }), "{err}");
+        assert!(err.to_string().contains("pid 1"), "{err}");
+    }
+
+    #[test]
+    fn releasing_removes_the_file_and_stale_locks_are_taken_over() {
+        let dir = tempfile::tempdir().expect("tmp");
+        drop(RunLock::acquire(dir.path()).expect("lock"));
+        assert!(!dir.path().join(LOCK_FILE).exists());
+        // A pid far above any pid_max, and a recycled pid (ours, started at another time).
+        let dead = Owner {
+            pid: u32::MAX - 7,
+            start: None,
+        };
+        std::fs::write(dir.path().join(LOCK_FILE), dead.to_text()).expect("write");
+        let ckpts = dir.path().join("checkpoints");
+        std::fs::create_dir(&ckpts).expect("mkdir");
+        let leftover = ckpts.join(format!(".ckpt-00000001.safetensors.tmp-{}", dead.pid));
+        let other = ckpts.join(".ckpt-00000001.safetensors.tmp-12");
+        std::fs::write(&leftover, b"half").expect("write");
+        std::fs::write(&other, b"half").expect("write");
+        let lock = RunLock::acquire(dir.path()).expect("stale lock taken over");
+        assert!(
+            !leftover.exists(),
+            "the dead process's temporary file is removed"
+        );
+        assert!(other.exists(), "other processes' files are left alone");
+        drop(lock);
+        if let Some(start) = process_start(std::process::id()) {
+            let recycled = Owner {
+                pid: std::process::id(),
+                start: Some(start + 1),
+            };
+            std::fs::write(dir.path().join(LOCK_FILE), recycled.to_text()).expect("write");
+            drop(RunLock::acquire(dir.path()).expect("recycled pid is stale"));
+        }
+        // Garbage in the lock file is stale too.
+        std::fs::write(dir.path().join(LOCK_FILE), b"\xff\xfe").expect("write");
+        drop(RunLock::acquire(dir.path()).expect("garbage lock taken over"));
+    }
+}

@@ -1,0 +1,197 @@
+//! `cargo xtask reliability`: every reliability attack in bounded time, and a table of what it
+//! cost.
+//!
+//! The attacks are Rust tests (docs/reliability.md lists them and the promise each checks): the
+//! crash loop, full disk, read-only and missing directories, the run lock, concurrent samplers and
+//! the interrupted fetch in `crates/ddpm-cli/tests/reliability.rs`, and the replay of every
+//! corrupt input kept from fuzzing in `crates/*/tests/fuzz_regressions.rs`. This command runs
+//! them (release build, one at a time), collects the line each writes to a report file and prints
+//! `attack, runs, failures, data lost`. It fails when an attack fails, loses data, or does not
+//! report at all.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+/// Arguments of `reliability`.
+#[derive(Args, Debug)]
+pub struct ReliabilityArgs {
+    /// Short loops (what CI runs): fewer kills, rounds and restarts.
+    #[arg(long)]
+    quick: bool,
+    /// Seed of the kill times and sampling seeds (a failure prints the seed to replay it).
+    #[arg(long, default_value_t = 2024)]
+    seed: u64,
+    /// Give up (and fail) after this many minutes.
+    #[arg(long, default_value_t = 30)]
+    timeout_minutes: u64,
+}
+
+/// One test binary to run and the attacks it reports.
+struct Suite {
+    package: &'static str,
+    test: &'static str,
+    attacks: &'static [&'static str],
+}
+
+const SUITES: [Suite; 3] = [
+    Suite {
+        package: "ddpm-data",
+        test: "fuzz_regressions",
+        attacks: &["corrupt data files (fuzz regressions)"],
+    },
+    Suite {
+        package: "ddpm-train",
+        test: "fuzz_regressions",
+        attacks: &["corrupt checkpoints/configs (fuzz regressions)"],
+    },
+    Suite {
+        package: "ddpm-cli",
+        test: "reliability",
+        attacks: &[
+            "crash loop (SIGKILL + resume)",
+            "full disk during a checkpoint write",
+            "read-only / missing output dir",
+            "two runs in one directory (lock)",
+            "two `ddpm sample` on one checkpoint",
+            "fetch-data killed and rerun",
+        ],
+    },
+];
+
+/// A row of the table.
+#[derive(Debug, serde::Deserialize)]
+struct Row {
+    attack: String,
+    runs: usize,
+    failures: usize,
+    data_lost: usize,
+    #[serde(default)]
+    note: String,
+}
+
+/// Runs `reliability`: all attacks, then the table; fails on any failure or lost data.
+pub fn run(args: ReliabilityArgs) -> Result<()> {
+    let root = crate::fuzz::workspace_root();
+    let report =
+        std::env::temp_dir().join(format!("ddpm-reliability-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    let mirror = std::env::var("DDPM_DATA_MIRROR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("../shared/data"));
+    let deadline = Instant::now() + Duration::from_secs(60 * args.timeout_minutes);
+    let start = Instant::now();
+    let mut broken = Vec::new();
+    for suite in &SUITES {
+        eprintln!(
+            "reliability: cargo test --release -p {} --test {}",
+            suite.package, suite.test
+        );
+        let ok = run_suite(&root, suite, &args, &report, &mirror, deadline)
+            .with_context(|| format!("running the {} tests of {}", suite.test, suite.package))?;
+        if !ok {
+            broken.push(format!("{}/{}", suite.package, suite.test));
+        }
+    }
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    let _ = std::fs::remove_file(&report);
+    let rows: Vec<Row> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    println!();
+    println!(
+        "reliability ({}, seed {}, {:.0} s)",
+        if args.quick { "quick" } else { "full" },
+        args.seed,
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "{:<48} {:>5} {:>9} {:>10}  note",
+        "attack", "runs", "failures", "data lost"
+    );
+    let mut failed = 0;
+    for attack in SUITES.iter().flat_map(|s| s.attacks.iter()) {
+        match rows.iter().find(|r| r.attack == *attack) {
+            Some(r) => {
+                failed += usize::from(r.failures > 0 || r.data_lost > 0);
+                println!(
+                    "{:<48} {:>5} {:>9} {:>10}  {}",
+                    r.attack, r.runs, r.failures, r.data_lost, r.note
+                );
+            }
+            None => {
+                failed += 1;
+                println!(
+                    "{:<48} {:>5} {:>9} {:>10}  FAILED: no report (the test panicked or did not run)",
+                    attack, "-", "-", "-"
+                );
+            }
+        }
+    }
+    if failed > 0 || !broken.is_empty() {
+        bail!(
+            "{failed} attack(s) failed or did not report{}; rerun with `--seed {}` to replay",
+            if broken.is_empty() {
+                String::new()
+            } else {
+                format!(" (failing test binaries: {})", broken.join(", "))
+            },
+            args.seed
+        );
+    }
+    Ok(())
+}
+
+/// Runs one test binary; returns whether it passed.
+fn run_suite(
+    root: &Path,
+    suite: &Suite,
+    args: &ReliabilityArgs,
+    report: &Path,
+    mirror: &Path,
+    deadline: Instant,
+) -> Result<bool> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            suite.package,
+            "--test",
+            suite.test,
+        ])
+        .args(["--", "--test-threads=1"])
+        .env("DDPM_RELIABILITY_REPORT", report)
+        .env("DDPM_RELIABILITY_SEED", args.seed.to_string())
+        .env("DDPM_RELIABILITY_QUICK", if args.quick { "1" } else { "0" })
+        .env("DDPM_DATA_MIRROR", mirror)
+        .stdin(Stdio::null());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("starting cargo test")?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status.success());
+        }
+        if Instant::now() > deadline {
+            // The test binary runs in cargo's process group: stop them all.
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!(
+                "reliability: {}/{} ran past --timeout-minutes {}: stopped",
+                suite.package, suite.test, args.timeout_minutes
+            );
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
