@@ -9,7 +9,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("fuzz.idx");
     if let Ok(images) = ddpm_data::mnist::parse_images(data, path) {
-        assert_eq!(images.pixels.len(), images.count * images.rows * images.cols);
+        assert_eq!(
+            images.pixels.len(),
+            images.count * images.rows * images.cols
+        );
     }
     let _ = ddpm_data::mnist::parse_labels(data, path);
 });

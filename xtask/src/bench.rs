@@ -103,6 +103,25 @@ enum WorkerMode {
     /// Write a preset's weights (perturbed so that every tensor matters) and a fixed input with
     /// our output on it, for the parity check.
     Export(ExportArgs),
+    /// Time single hot ops (convolution variants, GroupNorm, a GEMM, per-op overhead) on one
+    /// device; prints one line per op to stdout.
+    Ops(OpsArgs),
+}
+
+#[derive(Args, Debug)]
+struct OpsArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 64)]
+    channels: usize,
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
 }
 
 #[derive(Args, Debug)]
@@ -306,6 +325,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
             Ok(())
         }
         WorkerMode::Export(a) => worker_export(a),
+        WorkerMode::Ops(a) => worker_ops(&a),
     }
 }
 
@@ -317,6 +337,150 @@ fn peak_rss_kb() -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Where a training step's time goes (`DDPM_BENCH_PHASES=1`): each phase ends with a device
+/// synchronization, so the split is exact on CUDA (and the total is a little slower).
+struct Phases {
+    on: bool,
+    last: Instant,
+    spent: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn from_env() -> Self {
+        Self {
+            on: std::env::var_os("DDPM_BENCH_PHASES").is_some(),
+            last: Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    fn start(&mut self) {
+        self.last = Instant::now();
+        self.spent.clear();
+    }
+
+    fn mark(&mut self, dev: &Device, phase: &'static str) -> candle_core::Result<()> {
+        if self.on {
+            dev.synchronize()?;
+            self.spent.push((phase, self.last.elapsed().as_secs_f64()));
+            self.last = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn report(&self, preset: &str) {
+        if self.on {
+            let parts: Vec<String> = self
+                .spent
+                .iter()
+                .map(|(p, s)| format!("{p} {:.1} ms", s * 1e3))
+                .collect();
+            eprintln!("phases {preset}: {}", parts.join(", "));
+        }
+    }
+}
+
+/// Median seconds of `iters` runs of `f` after two warm-up runs, each ended by a device sync.
+fn time_op(
+    dev: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..iters + 2 {
+        dev.synchronize()?;
+        let start = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        if i >= 2 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(Stats::of(&times).map_or(f64::NAN, |s| s.median))
+}
+
+/// `bench-worker ops`: where a device spends its time on the U-Nets' hot ops.
+fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
+    use ddpm_unet::ops::{self, ConvParams};
+    let dev = ddpm_train::parse_device(&a.device)?;
+    let dtype = ddpm_train::Precision::parse(&a.precision)?.compute_dtype();
+    let (b, c, s) = (a.batch, a.channels, a.size);
+    let x = candle_core::Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (b, c, s, s), &dev)?.to_dtype(dtype)?,
+    )?;
+    let w = candle_core::Var::from_tensor(
+        &(Tensor::randn(0f32, 1.0, (c, c, 3, 3), &dev)? * 0.05)?.to_dtype(dtype)?,
+    )?;
+    let p = ConvParams {
+        stride: 1,
+        padding: 1,
+    };
+    let flops = 2.0 * (b * c * c * 9 * s * s) as f64;
+    let line = |name: &str, secs: f64, work: f64| {
+        println!(
+            "ops {}: {name}: {:.3} ms{}",
+            a.device,
+            secs * 1e3,
+            if work > 0.0 {
+                format!(", {:.1} TFLOP/s", work / secs / 1e12)
+            } else {
+                String::new()
+            }
+        );
+    };
+    let t = time_op(&dev, a.iters, || {
+        ops::conv2d_unfold(x.as_tensor(), w.as_tensor(), p).map(|_| ())
+    })?;
+    line("conv3x3 forward, im2col from tensor ops", t, flops);
+    let t = time_op(&dev, a.iters, || {
+        let y = ops::conv2d_unfold(x.as_tensor(), w.as_tensor(), p)?;
+        y.sum_all()?.backward().map(|_| ())
+    })?;
+    line(
+        "conv3x3 forward+backward, im2col from tensor ops",
+        t,
+        3.0 * flops,
+    );
+    let t = time_op(&dev, a.iters, || {
+        x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1).map(|_| ())
+    })?;
+    line("conv3x3 forward, candle conv2d", t, flops);
+    let t = time_op(&dev, a.iters, || {
+        let y = x.as_tensor().conv2d(w.as_tensor(), 1, 1, 1, 1)?;
+        y.sum_all()?.backward().map(|_| ())
+    })?;
+    line("conv3x3 forward+backward, candle conv2d", t, 3.0 * flops);
+    let lhs = Tensor::randn(0f32, 1.0, (b * s * s, 9 * c), &dev)?.to_dtype(dtype)?;
+    let rhs = Tensor::randn(0f32, 1.0, (9 * c, c), &dev)?.to_dtype(dtype)?;
+    let t = time_op(&dev, a.iters, || lhs.matmul(&rhs).map(|_| ()))?;
+    line("GEMM of the conv's size", t, flops);
+    let gw = Tensor::ones(c, DType::F32, &dev)?;
+    let gb = Tensor::zeros(c, DType::F32, &dev)?;
+    let t = time_op(&dev, a.iters, || {
+        let y = ops::group_norm(x.as_tensor(), 32.min(c), &gw, &gb, 1e-5)?;
+        y.sum_all()?.backward().map(|_| ())
+    })?;
+    line("GroupNorm forward+backward", t, 0.0);
+    let small = Tensor::ones(1024, DType::F32, &dev)?;
+    let t = time_op(&dev, a.iters, || {
+        let mut acc = small.clone();
+        for _ in 0..1000 {
+            acc = (acc + &small)?;
+        }
+        Ok(())
+    })?;
+    line("1000 dependent tiny adds (per-op overhead x 1000)", t, 0.0);
+    let strided = Tensor::ones((32, 32), DType::F32, &dev)?.t()?;
+    let t = time_op(&dev, a.iters, || {
+        for _ in 0..1000 {
+            let _ = strided.contiguous()?;
+        }
+        Ok(())
+    })?;
+    line("1000 tiny strided copies (layout upload x 1000)", t, 0.0);
+    Ok(())
 }
 
 /// Times `a.task` in this process (our side of one measurement).
@@ -348,12 +512,15 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
             let n: usize = shape.iter().product();
             let x0: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
             let x0 = Tensor::from_vec(x0, &shape, &dev)?;
+            let mut phases = Phases::from_env();
             for i in 0..a.warmup + a.iters {
                 let start = Instant::now();
+                phases.start();
                 let ts: Vec<u32> = (0..a.batch).map(|_| rng.random_range(0..t_max)).collect();
                 let t = Tensor::from_vec(ts, a.batch, &dev)?;
                 let noise = gaussian(&mut rng, &shape, &dev)?;
                 let x_t = schedule.q_sample(&x0, &t, &noise)?;
+                phases.mark(&dev, "inputs")?;
                 let pred = model.forward_t(&x_t, &t, None, Some(&mut rng))?;
                 let loss = DiffusionLoss::default().compute(
                     &schedule,
@@ -363,7 +530,9 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
                     &t,
                 )?;
                 let _value = loss.to_scalar::<f32>()?;
+                phases.mark(&dev, "forward")?;
                 let g = loss.backward()?;
+                phases.mark(&dev, "backward")?;
                 let mut grads = BTreeMap::new();
                 for (name, var) in &vars {
                     if let Some(gv) = g.get(var.as_tensor()) {
@@ -371,9 +540,12 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
                     }
                 }
                 clip_grad_norm(&mut grads, 1.0)?;
+                phases.mark(&dev, "clip")?;
                 opt.step(&grads, lr)?;
                 dev.synchronize()?;
+                phases.mark(&dev, "adamw")?;
                 if i >= a.warmup {
+                    phases.report(&a.preset);
                     times.push(start.elapsed().as_secs_f64());
                 }
             }
@@ -382,11 +554,11 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
             let x = gaussian(&mut rng, &shape, &dev)?;
             let ts: Vec<u32> = (0..a.batch).map(|_| rng.random_range(0..t_max)).collect();
             let t = Tensor::from_vec(ts, a.batch, &dev)?;
-            let model = model.frozen()?;
+            let frozen = model.frozen()?;
             for i in 0..a.warmup + a.iters {
                 dev.synchronize()?;
                 let start = Instant::now();
-                let _eps = model.forward(&x, &t)?.detach();
+                let _eps = frozen.forward(&x, &t)?.detach();
                 dev.synchronize()?;
                 if i >= a.warmup {
                     times.push(start.elapsed().as_secs_f64());

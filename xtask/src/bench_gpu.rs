@@ -126,8 +126,15 @@ pub fn run(args: BenchGpuArgs) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "GPU: {gpu}; device {}, precision {}, {} rounds of {} timed steps after {} warm-up \
-         steps per process; median ms per step (spread = half the min-max range).\n",
-        args.device, args.precision, args.rounds, args.iters, args.warmup
+         steps per process; median ms per step (spread = half the min-max range). Our side: \
+         DDPM_KERNELS={}, DDPM_CUDA_POOL={}.\n",
+        args.device,
+        args.precision,
+        args.rounds,
+        args.iters,
+        args.warmup,
+        std::env::var("DDPM_KERNELS").unwrap_or_else(|_| "ours (default)".into()),
+        std::env::var("DDPM_CUDA_POOL").unwrap_or_else(|_| "keep (default)".into()),
     );
     let _ = writeln!(
         md,
@@ -226,6 +233,10 @@ fn measure(
         Engine::PyTorch => python_cmd(&args.python, "bench.py", threads),
         _ => {
             let mut c = our_worker(engine, threads)?;
+            // On the GPU the kernel choice of the caller's environment is what is measured.
+            if let Ok(k) = std::env::var("DDPM_KERNELS") {
+                c.env("DDPM_KERNELS", k);
+            }
             c.arg("time");
             c
         }

@@ -258,7 +258,12 @@ fn column(ctx: &Ctx, device: &'static str, precision: &str) -> Vec<Cell> {
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .filter_map(|v| v["loss"].as_f64())
                 .collect::<Vec<_>>();
-            if loss.len() == 6 && loss.iter().all(|l| l.is_finite()) {
+            let stored = std::fs::read_to_string(straight.join("config.toml")).unwrap_or_default();
+            let want = format!("precision = \"{precision}\"");
+            if !stored.lines().any(|l| l.trim() == want) {
+                cells.push(Cell::Fail(format!("config.toml lacks `{want}`")));
+                false
+            } else if loss.len() == 6 && loss.iter().all(|l| l.is_finite()) {
                 cells.push(Cell::Pass(format!(
                     "loss {:.3} -> {:.3}",
                     loss[0],
@@ -388,7 +393,8 @@ fn forward_cpu_vs_gpu(gpu: &Device, precision: &str) -> anyhow::Result<f64> {
 /// Finds or builds the `ddpm` binary.
 fn find_ddpm(args: &TestMatrixArgs) -> anyhow::Result<PathBuf> {
     if let Some(p) = &args.ddpm {
-        return Ok(p.clone());
+        // Absolute: the checks run `ddpm` from a scratch directory.
+        return Ok(std::path::absolute(p)?);
     }
     let exe = std::env::current_exe()?;
     if let Some(sibling) = exe.parent().map(|d| d.join("ddpm")) {

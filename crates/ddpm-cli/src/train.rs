@@ -199,12 +199,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        let first = std::sync::OnceLock::new();
         ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
+            // One signal can arrive twice (e.g. `timeout` signals the child and its process
+            // group): only a second request at least a second after the first forces an exit.
+            let since = first.get_or_init(std::time::Instant::now).elapsed();
+            if !stop.swap(true, Ordering::SeqCst) {
+                eprintln!("interrupt: finishing the current step and writing a checkpoint");
+            } else if since >= std::time::Duration::from_secs(1) {
                 eprintln!("second interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("interrupt: finishing the current step and writing a checkpoint");
         })
         .context("installing the SIGINT/SIGTERM handler")?;
     }

@@ -354,7 +354,7 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
     let attack = "crash loop (SIGKILL + resume)";
     let (mut rng, seed) = rng(attack);
     let mut tally = Tally::new(attack, seed);
-    let (steps, kills) = if quick() { (16, 8) } else { (40, 30) };
+    let (steps, kills) = if quick() { (16, 8) } else { (60, 30) };
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     let cfg = write_config(p, steps, 2, 3);
@@ -382,7 +382,7 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
             + if aim_at_write {
                 Duration::from_millis(3 * run_ms)
             } else {
-                Duration::from_millis(rng.random_range(0..run_ms))
+                Duration::from_millis(rng.random_range(0..run_ms / 4))
             };
         // Odd rounds: kill as soon as this process has a checkpoint file half-written.
         let tmp_suffix = format!(".tmp-{pid}");

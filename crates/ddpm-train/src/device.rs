@@ -31,7 +31,55 @@ pub fn parse_device(spec: &str) -> Result<Device> {
              with `--features cuda` (see README) or use --device cpu"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let device = Device::new_cuda(ordinal)?;
+    keep_freed_memory(ordinal)?;
+    Ok(device)
+}
+
+/// candle allocates a fresh buffer for every op through the device's default stream-ordered
+/// memory pool, whose default release threshold of 0 hands freed memory back to the driver at
+/// every synchronization; the next step must then map it again. Keeping it in the pool (as
+/// PyTorch's caching allocator does) makes allocation nearly free. `DDPM_CUDA_POOL=release`
+/// keeps the driver's default, to compare.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(ordinal: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if std::env::var("DDPM_CUDA_POOL").is_ok_and(|v| v == "release") {
+        return Ok(());
+    }
+    let fail = |what: &str, r: sys::CUresult| {
+        TrainError::Config(format!("CUDA device {ordinal}: {what} failed ({r:?})"))
+    };
+    // SAFETY: plain driver calls on out-parameters that live for the duration of each call.
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let r = sys::cuDeviceGet(&mut dev, ordinal as i32);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("cuDeviceGet", r));
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let r = sys::cuDeviceGetDefaultMemPool(&mut pool, dev);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // No memory pools on this device: candle then allocates synchronously anyway.
+            tracing::debug!("no default memory pool on CUDA device {ordinal} ({r:?})");
+            return Ok(());
+        }
+        let mut threshold: u64 = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("setting the memory pool's release threshold", r));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_freed_memory(_ordinal: usize) -> Result<()> {
+    Ok(())
 }
 
 #[cfg(test)]

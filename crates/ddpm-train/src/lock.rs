@@ -149,7 +149,8 @@ impl RunLock {
             let path = path.to_path_buf();
             move |source| LockError::Io { path, source }
         };
-        let tmp = run_dir.join(format!(".lock.tmp-{}", owner.pid));
+        // Not named `.NAME.tmp-PID`: a dead process with our pid had its leftovers removed below.
+        let tmp = run_dir.join(format!(".lock.pending-{}", owner.pid));
         std::fs::write(&tmp, owner.to_text()).map_err(io(&tmp))?;
         // A few rounds: a stale lock removed by us may be retaken by a racing process.
         let result = (|| {

@@ -180,6 +180,10 @@ impl DiffusionModel {
     /// has no trainable variables and does not see later changes to this model's weights. Its
     /// weights are stored in the compute dtype, so a bf16 sampler casts nothing per step.
     pub fn frozen(&self) -> Result<Self, UnetError> {
+        if self.varmap.all_vars().is_empty() {
+            // Already a frozen copy: its weights are detached and in the compute dtype.
+            return Ok(self.clone());
+        }
         let dtype = self.compute_dtype;
         let tensors: HashMap<String, Tensor> = self
             .tensors()
