@@ -337,8 +337,13 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     };
     if let Some(json) = json {
         let ckpt = load(&json, device)?;
-        let model = DiffusionModel::new(&ckpt.meta.config.model, 0, device, DType::F32)?;
-        model.set_tensors(&ckpt.section(prefix), &ckpt.path)?;
+        let model = DiffusionModel::from_tensors(
+            &ckpt.meta.config.model,
+            &ckpt.section(prefix),
+            device,
+            DType::F32,
+            &ckpt.path,
+        )?;
         tracing::info!(checkpoint = %ckpt.path.display(), step = ckpt.meta.step, weights = weights.name(), "model loaded");
         return Ok(LoadedModel {
             model,
@@ -354,7 +359,6 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     // unless its metadata says otherwise).
     let file = read_safetensors(path, device)?;
     let config = ddpm_unet::model::config_from_metadata(&file.metadata, path)?;
-    let model = DiffusionModel::new(&config, 0, device, DType::F32)?;
     let tensors: HashMap<String, Tensor> = if file.tensors.keys().any(|k| k.starts_with(prefix)) {
         file.tensors
             .iter()
@@ -363,7 +367,7 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     } else {
         file.tensors
     };
-    model.set_tensors(&tensors, path)?;
+    let model = DiffusionModel::from_tensors(&config, &tensors, device, DType::F32, path)?;
     let bad = |what: &str, e: serde_json::Error| TrainError::Checkpoint {
         path: Some(path.to_path_buf()),
         reason: format!("the {what} in the file's metadata is invalid: {e}"),

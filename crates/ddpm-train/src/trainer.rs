@@ -123,6 +123,13 @@ impl Trainer {
             });
         }
         config.validate()?;
+        // The checkpoint's tensors must make its config's model before that model is built, so
+        // a checkpoint claiming a far larger model fails without allocating it.
+        ddpm_unet::model::check_tensors(&config.model, &ckpt.section(MODEL_PREFIX), &ckpt.path)
+            .map_err(|e| TrainError::Checkpoint {
+                path: Some(ckpt.path.clone()),
+                reason: format!("does not fit this run: {e}"),
+            })?;
         let mut trainer = Self::build(config, run_dir, device, dataset, lock)?;
         let bad = |e: TrainError| TrainError::Checkpoint {
             path: Some(ckpt.path.clone()),

@@ -159,4 +159,12 @@ fn lying_sizes_are_named_errors() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("tensors_file"), "{err}");
+    // A 372-byte weights file whose config claims a model of 10^12+ parameters: an error naming
+    // the mismatch, found before the model is built (the replay above bounds its allocations).
+    let file = dir.join("weights_file/config-claims-huge-model");
+    let err = checkpoint::load_model(&file, WeightsKind::Ema, &Device::Cpu)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("do not make the model"), "{err}");
 }

@@ -210,8 +210,23 @@ impl DiffusionModel {
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, UnetError> {
         let file = read_safetensors(path, device)?;
         let config = config_from_metadata(&file.metadata, path)?;
-        let model = Self::new(&config, 0, device, dtype)?;
-        assign_checked(&model.vars(), &file.tensors, path)?;
+        Self::from_tensors(&config, &file.tensors, device, dtype, path)
+    }
+
+    /// A model of `config` holding `tensors` (from `source`, named in errors), which must be
+    /// exactly its tensors. They are checked against the config before the model is built, so
+    /// a file whose config claims a far larger model than its tensors fails without allocating
+    /// that model.
+    pub fn from_tensors(
+        config: &ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+        dtype: DType,
+        source: &Path,
+    ) -> Result<Self, UnetError> {
+        check_tensors(config, tensors, source)?;
+        let model = Self::new(config, 0, device, dtype)?;
+        assign_checked(&model.vars(), tensors, source)?;
         Ok(model)
     }
 
@@ -350,6 +365,31 @@ impl DiffusionModel {
     ) -> Result<(), UnetError> {
         assign_checked(&self.vars(), tensors, source)
     }
+}
+
+/// Checks that `tensors` hold every tensor `config`'s network asks for, with its shape, without
+/// allocating the network: it is built over the given tensors themselves, so nothing larger than
+/// them is created. The error names `source` and the first missing or mismatched tensor.
+pub fn check_tensors(
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<(), UnetError> {
+    config.validate()?;
+    let device = tensors
+        .values()
+        .next()
+        .map_or(Device::Cpu, |t| t.device().clone());
+    let dtype = tensors.values().next().map_or(DType::F32, |t| t.dtype());
+    let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &device);
+    let built = match config {
+        ModelConfig::Unet(c) => Unet::new(c, vb).map(|_| ()),
+        ModelConfig::DdpmUnet(c) => DdpmUnet::new(c, vb).map(|_| ()),
+    };
+    built.map_err(|e| UnetError::Weights {
+        path: source.to_path_buf(),
+        reason: format!("its tensors do not make the model its config describes: {e}"),
+    })
 }
 
 /// Reads the model config stored in a weights file's metadata.
