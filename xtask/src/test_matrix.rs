@@ -169,6 +169,16 @@ impl Ctx {
     fn ddpm(&self) -> Command {
         let mut c = Command::new(&self.ddpm);
         c.current_dir(&self.scratch).env("RUST_LOG", "warn");
+        // `ddpm` runs in the scratch directory: a relative mirror path must keep meaning what
+        // it meant here.
+        if let Some(m) = std::env::var_os("DDPM_DATA_MIRROR") {
+            let m = PathBuf::from(m);
+            if m.is_relative() && m.exists() {
+                if let Ok(abs) = std::path::absolute(&m) {
+                    c.env("DDPM_DATA_MIRROR", abs);
+                }
+            }
+        }
         c
     }
 
