@@ -1,107 +1,20 @@
 //! End-to-end tests of the `ddpm` binary on the real MNIST files of ../shared/data: training,
 //! sampling, exact resume, SIGKILL and SIGINT, corrupt checkpoints, NaN losses and bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-fn ddpm(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
-    c.current_dir(dir)
-        .env("DDPM_DATA_MIRROR", mirror())
-        .env("DDPM_LOG", "info")
-        .env_remove("DDPM_FAULT_NAN_AT_STEP")
-        .stdin(Stdio::null());
-    c
-}
+use common::{
+    assert_clean_error, assert_ok, ddpm, run, stderr, tensors, train_new, wait_for, write_config,
+};
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("the ddpm binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "ddpm failed: {}", stderr(o));
-}
-
-/// A failure is one `error:` line, a non-zero exit and never a panic.
-fn assert_clean_error(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line in: {err}"));
-    assert!(
-        line.contains(needle),
-        "`{needle}` not in error line: {line}"
-    );
-}
-
-/// A tiny model on MNIST resized to 16x16, so each step takes milliseconds.
-fn write_config(dir: &Path, steps: usize, checkpoint_every: usize) -> PathBuf {
-    let text = format!(
-        r#"
-steps = {steps}
-batch_size = 8
-warmup_steps = 2
-checkpoint_every = {checkpoint_every}
-keep_checkpoints = 100
-sample_every = {steps}
-sample_num = 4
-log_every = 1
-workers = 1
-
-[optimizer]
-lr = 0.002
-beta1 = 0.9
-beta2 = 0.999
-eps = 1e-8
-weight_decay = 0.0
-
-[data]
-root = "data"
-image_size = 16
-
-[model]
-arch = "ddpm_unet"
-image_size = 16
-in_channels = 1
-ch = 8
-ch_mult = [1, 2]
-num_res_blocks = 1
-attn_resolutions = [8]
-dropout = 0.1
-groups = 4
-
-[sampler]
-kind = "ddim"
-steps = 5
-"#
-    );
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, text).expect("config written");
-    path
-}
-
+/// `ddpm train` of a new run of the tiny model into `out`, keeping every checkpoint.
 fn train(dir: &Path, out: &str, steps: usize, checkpoint_every: usize) -> Command {
-    let cfg = write_config(dir, steps, checkpoint_every);
-    let mut c = ddpm(dir);
-    c.args(["train", "--quiet", "--config"])
-        .arg(&cfg)
-        .args(["--out", out]);
-    c
+    let cfg = write_config(dir, steps, checkpoint_every, 100);
+    train_new(dir, out, &cfg)
 }
 
 fn metrics(run: &Path) -> Vec<(usize, f64)> {
@@ -127,18 +40,6 @@ fn checkpoints(run: &Path) -> Vec<usize> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(file).expect("checkpoint readable");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let mut out: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 fn png_dims(path: &Path) -> (u32, u32) {
@@ -174,7 +75,7 @@ fn short_run_learns_and_writes_checkpoints_grid_and_curve() {
 #[test]
 fn gradient_accumulation_and_other_objectives_train() {
     let dir = tempfile::tempdir().expect("tmp");
-    let cfg = write_config(dir.path(), 30, 30);
+    let cfg = write_config(dir.path(), 30, 30, 100);
     let text = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(&cfg, format!("grad_accum = 2\n{text}")).expect("config");
     for (objective, loss) in [("eps", "l2"), ("v", "huber"), ("x0", "l1")] {
@@ -288,7 +189,7 @@ fn sample_writes_grid_single_images_and_gif_of_requested_sizes() {
 fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let dir = tempfile::tempdir().expect("tmp");
     assert_ok(&run(&mut train(dir.path(), "straight", 12, 6)));
-    let cfg = write_config(dir.path(), 12, 6);
+    let cfg = write_config(dir.path(), 12, 6, 100);
     assert_ok(&run(ddpm(dir.path())
         .args(["train", "--quiet", "--config"])
         .arg(&cfg)
@@ -317,14 +218,6 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
         m.iter().map(|p| p.0).collect::<Vec<_>>(),
         (1..=12).collect::<Vec<_>>()
     );
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -2,91 +2,31 @@
 //! trained a few steps at 16x16 with T = 50, its bound in bits/dim, the sample-quality metrics
 //! with a tiny classifier trained for a few steps, and bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
 
 use serde_json::Value;
 
-fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
-
-fn ddpm(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
-    c.current_dir(dir)
-        .env("DDPM_DATA_MIRROR", mirror())
-        .env("DDPM_LOG", "info")
-        .stdin(Stdio::null());
-    c
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("the ddpm binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "ddpm failed: {}", stderr(o));
-}
-
-/// A failure is one `error:` line, a non-zero exit and never a panic.
-fn assert_clean_error(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "panic: {err}"
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(lines.len(), 1, "not one error line: {err}");
-    assert!(
-        lines[0].contains(needle),
-        "`{needle}` not in error line: {}",
-        lines[0]
-    );
-}
+use common::{assert_ok, assert_one_clean_error, ddpm, run, write_tiny_config};
 
 /// Trains a tiny model on MNIST at 16x16 with T = 50 for 30 steps into `dir/run`.
 fn train_tiny(dir: &Path) {
-    let text = r#"
-steps = 30
+    write_tiny_config(
+        dir,
+        "steps = 30
 batch_size = 8
 warmup_steps = 2
 checkpoint_every = 30
 sample_every = 0
 log_every = 10
 workers = 1
-
-[optimizer]
-lr = 0.002
-beta1 = 0.9
-beta2 = 0.999
-eps = 1e-8
-weight_decay = 0.0
-
-[data]
-root = "data"
-image_size = 16
-
-[model]
-arch = "ddpm_unet"
-image_size = 16
-in_channels = 1
-ch = 8
-ch_mult = [1, 2]
-num_res_blocks = 1
-attn_resolutions = [8]
-dropout = 0.1
-groups = 4
-
-[schedule]
+",
+        r#"[schedule]
 timesteps = 50
 beta_schedule = { kind = "scaled_linear" }
-"#;
-    std::fs::write(dir.join("tiny.toml"), text).expect("config written");
+"#,
+    );
     assert_ok(&run(ddpm(dir).args([
         "train",
         "--quiet",
@@ -277,7 +217,7 @@ fn eval_reports_the_bound_and_sample_quality_of_a_tiny_model() {
 fn bad_eval_input_gives_one_clear_error_line() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
-    assert_clean_error(
+    assert_one_clean_error(
         &run(ddpm(p).args(["eval", "--checkpoint", "missing-run", "--nll"])),
         "missing-run",
     );
@@ -288,21 +228,21 @@ fn bad_eval_input_gives_one_clear_error_line() {
             .args(extra);
         run(&mut c)
     };
-    assert_clean_error(&eval(&["--nll", "--limit", "0"]), "--limit");
-    assert_clean_error(&eval(&["--nll", "--nll-timesteps", "0"]), "1..=49");
-    assert_clean_error(&eval(&["--nll", "--nll-timesteps", "50"]), "1..=49");
-    assert_clean_error(&eval(&["--nll", "--nll-variance", "wide"]), "wide");
-    assert_clean_error(&eval(&["--nll", "--nll-cdf", "guess"]), "guess");
-    assert_clean_error(&eval(&["--nll", "--split", "val"]), "val");
-    assert_clean_error(&eval(&["--nll", "--weights", "best"]), "best");
-    assert_clean_error(&eval(&["--quality", "--num-samples", "1"]), "--num-samples");
-    assert_clean_error(&eval(&["--quality", "--sampler", "euler"]), "euler");
-    assert_clean_error(
+    assert_one_clean_error(&eval(&["--nll", "--limit", "0"]), "--limit");
+    assert_one_clean_error(&eval(&["--nll", "--nll-timesteps", "0"]), "1..=49");
+    assert_one_clean_error(&eval(&["--nll", "--nll-timesteps", "50"]), "1..=49");
+    assert_one_clean_error(&eval(&["--nll", "--nll-variance", "wide"]), "wide");
+    assert_one_clean_error(&eval(&["--nll", "--nll-cdf", "guess"]), "guess");
+    assert_one_clean_error(&eval(&["--nll", "--split", "val"]), "val");
+    assert_one_clean_error(&eval(&["--nll", "--weights", "best"]), "best");
+    assert_one_clean_error(&eval(&["--quality", "--num-samples", "1"]), "--num-samples");
+    assert_one_clean_error(&eval(&["--quality", "--sampler", "euler"]), "euler");
+    assert_one_clean_error(
         &eval(&["--nll", "--report", "no/such/dir/r.json"]),
         "does not exist",
     );
     // Data of another size than the model.
-    assert_clean_error(&eval(&["--nll", "--image-size", "20"]), "20x20");
+    assert_one_clean_error(&eval(&["--nll", "--image-size", "20"]), "20x20");
     // Data with other channels: a folder of RGB images (10 per class, so that each class holds
     // one test image).
     for class in ["a", "b"] {
@@ -314,11 +254,11 @@ fn bad_eval_input_gives_one_clear_error_line() {
                 .expect("png");
         }
     }
-    assert_clean_error(&eval(&["--nll", "--dataset", "folder:rgb"]), "3-channel");
+    assert_one_clean_error(&eval(&["--nll", "--dataset", "folder:rgb"]), "3-channel");
     // A damaged stored classifier is named, not trusted.
     std::fs::create_dir_all(p.join("data/classifiers")).expect("dir");
     std::fs::write(p.join("data/classifiers/mnist-16.safetensors"), b"junk").expect("junk");
-    assert_clean_error(
+    assert_one_clean_error(
         &eval(&["--quality", "--num-samples", "4", "--steps", "2"]),
         "mnist-16.safetensors",
     );

@@ -9,10 +9,12 @@
 //! `cargo xtask reliability` prints as a table. docs/reliability.md lists the promises these
 //! tests check.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -20,12 +22,10 @@ use ddpm_train::checkpoint;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use common::{clean_error, ddpm, mirror, run, stderr, tensors, train_new, wait_for, write_config};
+
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
 
 fn quick() -> bool {
     std::env::var("DDPM_RELIABILITY_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -41,39 +41,6 @@ fn rng(attack: &str) -> (ChaCha8Rng, u64) {
         .bytes()
         .fold(base, |h, b| h.rotate_left(5) ^ u64::from(b));
     (ChaCha8Rng::seed_from_u64(mix), base)
-}
-
-fn ddpm(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
-    c.current_dir(dir)
-        .env("DDPM_DATA_MIRROR", mirror())
-        .env("DDPM_LOG", "info")
-        .env_remove("DDPM_FAULT_NAN_AT_STEP")
-        .stdin(Stdio::null());
-    c
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("the ddpm binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The `error:` line of a failed command that did not panic, or a description of what is wrong.
-fn clean_error(o: &Output) -> Result<String, String> {
-    let err = stderr(o);
-    if o.status.success() {
-        return Err(format!("expected a failure, got success: {err}"));
-    }
-    if err.contains("panicked") || err.contains("RUST_BACKTRACE") {
-        return Err(format!("panic: {err}"));
-    }
-    err.lines()
-        .find(|l| l.starts_with("error: "))
-        .map(str::to_string)
-        .ok_or_else(|| format!("no error line in: {err}"))
 }
 
 /// Counts what an attack did and what went wrong, then reports and asserts.
@@ -204,60 +171,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A tiny model on MNIST resized to 16x16, so that a step takes milliseconds.
-fn write_config(dir: &Path, steps: usize, checkpoint_every: usize, keep: usize) -> PathBuf {
-    let text = format!(
-        r#"
-steps = {steps}
-batch_size = 8
-warmup_steps = 2
-checkpoint_every = {checkpoint_every}
-keep_checkpoints = {keep}
-sample_every = {steps}
-sample_num = 4
-log_every = 1
-workers = 1
-
-[optimizer]
-lr = 0.002
-beta1 = 0.9
-beta2 = 0.999
-eps = 1e-8
-weight_decay = 0.0
-
-[data]
-root = "data"
-image_size = 16
-
-[model]
-arch = "ddpm_unet"
-image_size = 16
-in_channels = 1
-ch = 8
-ch_mult = [1, 2]
-num_res_blocks = 1
-attn_resolutions = [8]
-dropout = 0.1
-groups = 4
-
-[sampler]
-kind = "ddim"
-steps = 5
-"#
-    );
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, text).expect("config written");
-    path
-}
-
-fn train_new(dir: &Path, out: &str, cfg: &Path) -> Command {
-    let mut c = ddpm(dir);
-    c.args(["train", "--quiet", "--config"])
-        .arg(cfg)
-        .args(["--out", out]);
-    c
-}
-
 fn train_resume(dir: &Path, run_dir: &str) -> Command {
     let mut c = ddpm(dir);
     c.args(["train", "--quiet", "--resume", run_dir]);
@@ -302,29 +215,8 @@ fn unloadable(run: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The tensors of a safetensors file, sorted by name, as raw bytes.
-fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(file).expect("checkpoint readable");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-    let mut out: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.data().to_vec()))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 fn tensors_of(run: &Path, step: usize) -> Vec<(String, Vec<u8>)> {
     tensors(&run.join(format!("checkpoints/ckpt-{step:08}.safetensors")))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn kill9(child: &mut Child) {

@@ -3,102 +3,21 @@
 //! target drives: checkpoint JSON, weights files and training configs each give `Ok` or `Err`,
 //! never a panic, and never a single allocation beyond what the bytes can fill.
 
+use std::path::Path;
+
 use candle_core::Device;
 use ddpm_train::checkpoint::{self, WeightsKind};
 use ddpm_train::TrainConfig;
 
-// ---------------------------------------------------------------------------------------------
-// Harness shared by both crates' replay tests: a counting allocator and the replay loop.
+// The replay harness, shared with (and kept beside) ddpm-data's `tests/fuzz_regressions.rs`.
+#[path = "../../ddpm-data/tests/support/fuzz_replay.rs"]
+mod fuzz_replay;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use fuzz_replay::{replay, report, Largest};
 
-/// The system allocator, remembering the largest single allocation since the last reset.
-struct Largest;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: defers to the system allocator; only records sizes.
-unsafe impl GlobalAlloc for Largest {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
+// Every allocation of this test binary goes through the counter that `replay` reads.
 #[global_allocator]
 static GLOBAL: Largest = Largest;
-
-/// The most any input may make the parsers allocate at once: the 64 MiB that a reader may reserve
-/// up front, plus slack. A header's claims beyond what the file holds must not count.
-const MAX_ALLOCATION: usize = 80 << 20;
-
-/// The kept inputs of one fuzz target, sorted.
-fn inputs(target: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fuzz_regressions")
-        .join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    files
-}
-
-/// Feeds every kept input of `target` to `parse`; returns the problems (panics, huge allocations).
-fn replay(target: &str, parse: impl Fn(&Path)) -> (usize, Vec<String>) {
-    let files = inputs(target);
-    let mut problems = Vec::new();
-    for file in &files {
-        LARGEST.store(0, Ordering::Relaxed);
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| parse(file)));
-        let largest = LARGEST.load(Ordering::Relaxed);
-        if outcome.is_err() {
-            problems.push(format!("{}: panicked", file.display()));
-        }
-        if largest > MAX_ALLOCATION {
-            problems.push(format!(
-                "{}: allocated {} MiB at once",
-                file.display(),
-                largest >> 20
-            ));
-        }
-    }
-    (files.len(), problems)
-}
-
-/// Appends this suite's line to the `cargo xtask reliability` report, when one is being written.
-fn report(attack: &str, runs: usize, failures: usize) {
-    if let Ok(path) = std::env::var("DDPM_RELIABILITY_REPORT") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(
-                f,
-                r#"{{"attack":"{attack}","runs":{runs},"failures":{failures},"data_lost":0,"note":"inputs kept from fuzzing and hand-made lying headers"}}"#
-            );
-        }
-    }
-}
 
 #[test]
 fn kept_inputs_give_errors_not_panics_or_huge_allocations() {
