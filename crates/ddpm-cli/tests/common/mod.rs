@@ -1,0 +1,161 @@
+//! Helpers shared by the end-to-end tests of the `ddpm` binary (`cli.rs`, `eval.rs`,
+//! `reliability.rs`): the command builder, output checks, the tiny training config and checkpoint
+//! readers. Each test binary includes this module with `mod common;`; as a `mod.rs` in a
+//! subdirectory of `tests/`, cargo does not build it as a test of its own.
+
+// Each test binary uses a different subset of these helpers, so in any one of them the others
+// are unused.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The local mirror of the data sets (../shared/data), which the binary fetches from.
+pub fn mirror() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+/// The `ddpm` binary, run in `dir`, fetching from the mirror, with no input and no fault injected.
+pub fn ddpm(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
+    c.current_dir(dir)
+        .env("DDPM_DATA_MIRROR", mirror())
+        .env("DDPM_LOG", "info")
+        .env_remove("DDPM_FAULT_NAN_AT_STEP")
+        .stdin(Stdio::null());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("the ddpm binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "ddpm failed: {}", stderr(o));
+}
+
+/// The `error:` line of a failed command that did not panic, or a description of what is wrong.
+pub fn clean_error(o: &Output) -> Result<String, String> {
+    let err = stderr(o);
+    if o.status.success() {
+        return Err(format!("expected a failure, got success: {err}"));
+    }
+    if err.contains("panicked") || err.contains("RUST_BACKTRACE") {
+        return Err(format!("panic: {err}"));
+    }
+    err.lines()
+        .find(|l| l.starts_with("error: "))
+        .map(str::to_string)
+        .ok_or_else(|| format!("no error line in: {err}"))
+}
+
+/// A failure is an `error:` line naming `needle`, a non-zero exit and never a panic.
+pub fn assert_clean_error(o: &Output, needle: &str) {
+    let line = clean_error(o).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        line.contains(needle),
+        "`{needle}` not in error line: {line}"
+    );
+}
+
+/// [`assert_clean_error`], and the `error:` line is the only one.
+pub fn assert_one_clean_error(o: &Output, needle: &str) {
+    assert_clean_error(o, needle);
+    let err = stderr(o);
+    let lines = err.lines().filter(|l| l.starts_with("error: ")).count();
+    assert_eq!(lines, 1, "not one error line: {err}");
+}
+
+/// The optimizer, data and model sections of every test config: a tiny model on MNIST resized to
+/// 16x16, so that a step takes milliseconds.
+const TINY_MODEL: &str = r#"[optimizer]
+lr = 0.002
+beta1 = 0.9
+beta2 = 0.999
+eps = 1e-8
+weight_decay = 0.0
+
+[data]
+root = "data"
+image_size = 16
+
+[model]
+arch = "ddpm_unet"
+image_size = 16
+in_channels = 1
+ch = 8
+ch_mult = [1, 2]
+num_res_blocks = 1
+attn_resolutions = [8]
+dropout = 0.1
+groups = 4
+"#;
+
+/// Writes `dir/tiny.toml`: the top-level `settings`, the tiny model's sections, then `tables`
+/// (further sections, such as `[sampler]` or `[schedule]`).
+pub fn write_tiny_config(dir: &Path, settings: &str, tables: &str) -> PathBuf {
+    let text = format!("\n{settings}\n{TINY_MODEL}\n{tables}");
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// The tiny model trained `steps` steps, a checkpoint every `checkpoint_every` (the newest `keep`
+/// kept), 4 samples at the end and a 5-step DDIM sampler, written to `dir/tiny.toml`.
+pub fn write_config(dir: &Path, steps: usize, checkpoint_every: usize, keep: usize) -> PathBuf {
+    write_tiny_config(
+        dir,
+        &format!(
+            "steps = {steps}
+batch_size = 8
+warmup_steps = 2
+checkpoint_every = {checkpoint_every}
+keep_checkpoints = {keep}
+sample_every = {steps}
+sample_num = 4
+log_every = 1
+workers = 1
+"
+        ),
+        r#"[sampler]
+kind = "ddim"
+steps = 5
+"#,
+    )
+}
+
+/// `ddpm train` of a new run into `out` with the config `cfg`.
+pub fn train_new(dir: &Path, out: &str, cfg: &Path) -> Command {
+    let mut c = ddpm(dir);
+    c.args(["train", "--quiet", "--config"])
+        .arg(cfg)
+        .args(["--out", out]);
+    c
+}
+
+/// The tensors of a safetensors file, sorted by name, as raw bytes.
+pub fn tensors(file: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(file).expect("checkpoint readable");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Polls `cond` until it holds; fails the test after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
