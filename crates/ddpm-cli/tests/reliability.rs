@@ -324,7 +324,13 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
         newest = newest.max(now);
     }
     if !completed {
-        let o = run(&mut train_resume(p, "run"));
+        // Every kill may have landed before the first checkpoint: then the run starts afresh.
+        let mut cmd = if checkpoints(&run_dir).is_empty() {
+            train_new(p, "run", &cfg)
+        } else {
+            train_resume(p, "run")
+        };
+        let o = run(&mut cmd);
         tally.check(o.status.success(), || {
             format!("final resume: {}", stderr(&o))
         });
