@@ -324,7 +324,7 @@ impl DdpmUnet {
                 h = up.forward(&h)?;
             }
         }
-        let h = ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_silu(&h, None)?;
         self.conv_out.forward(&h)
     }
 }

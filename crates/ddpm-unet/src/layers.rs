@@ -132,6 +132,24 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::group_norm(x, self.groups, &self.weight, &self.bias, self.eps)
     }
+
+    /// Normalizes `x` (b, c, h, w), applies the time conditioning `h * (1 + scale) + shift`
+    /// (`scale`, `shift` (b, c, 1, 1)) when given, then SiLU: one fused op on the CPU.
+    pub fn forward_silu(
+        &self,
+        x: &Tensor,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        ops::group_norm_act(
+            x,
+            self.groups,
+            &self.weight,
+            &self.bias,
+            scale_shift,
+            true,
+            self.eps,
+        )
+    }
 }
 
 /// Source of randomness for training-mode layers (dropout). `None` means evaluation mode.

@@ -35,11 +35,7 @@ impl WsBlock {
     }
 
     fn forward(&self, x: &Tensor, scale_shift: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        let mut h = self.norm.forward(&self.proj.forward(x)?)?;
-        if let Some((scale, shift)) = scale_shift {
-            h = h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?;
-        }
-        ops::silu(&h)
+        self.norm.forward_silu(&self.proj.forward(x)?, scale_shift)
     }
 }
 
@@ -145,11 +141,11 @@ impl DdpmResnetBlock {
 
     /// `x` (b, c_in, h, w), `temb` (b, temb_dim) -> (b, c_out, h, w); dropout only with `rng`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rng: TrainRng) -> Result<Tensor> {
-        let h = self.conv1.forward(&ops::silu(&self.norm1.forward(x)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x, None)?)?;
         let t = self.temb_proj.forward(&ops::silu(temb)?)?;
         let (b, c) = t.dims2()?;
         let h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
-        let h = ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h, None)?;
         let h = self.conv2.forward(&dropout(&h, self.dropout, rng)?)?;
         match &self.nin_shortcut {
             Some(conv) => conv.forward(x)? + h,

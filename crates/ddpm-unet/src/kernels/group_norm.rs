@@ -45,94 +45,124 @@ fn stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn forward<T: Float>(g: &Geom, x: &[T], gamma: &[T], beta: &[T], eps: f64) -> Vec<T> {
+/// SiLU and its derivative at `h`.
+fn silu_and_grad(h: f64) -> (f64, f64) {
+    let s = 1.0 / (1.0 + (-h).exp());
+    (h * s, s * (1.0 + h * (1.0 - s)))
+}
+
+/// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
+fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], eps: f64, silu: bool) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
         .enumerate()
         .for_each(|(i, (ys, xs))| {
-            let grp = i % g.groups;
+            let (img, grp) = (i / g.groups, i % g.groups);
             let (mean, rstd) = stats(xs, eps);
             let (mean, rstd) = (T::of(mean), T::of(rstd));
             for cl in 0..g.cg() {
-                let ch = grp * g.cg() + cl;
-                let (a, bb) = (gamma[ch] * rstd, beta[ch]);
+                let ic = img * g.c + grp * g.cg() + cl;
+                let (scale, shift) = (a[ic] * rstd, d[ic]);
                 let r = cl * g.hw..(cl + 1) * g.hw;
                 for (yv, &xv) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                    *yv = (xv - mean) * a + bb;
+                    let h = (xv - mean) * scale + shift;
+                    *yv = if silu {
+                        T::of(silu_and_grad(h.f64()).0)
+                    } else {
+                        h
+                    };
                 }
             }
         });
     y
 }
 
-/// `[dx | dgamma | dbeta]` packed.
-fn backward<T: Float>(g: &Geom, x: &[T], gamma: &[T], dy: &[T], eps: f64) -> Vec<T> {
-    let mut out = vec![T::ZERO; x.len() + 2 * g.c];
+/// `[dx | da | dd]` packed, `da` and `dd` per (image, channel).
+fn backward<T: Float>(
+    g: &Geom,
+    x: &[T],
+    a: &[T],
+    d: &[T],
+    dy: &[T],
+    eps: f64,
+    silu: bool,
+) -> Vec<T> {
+    let bc = x.len() / g.hw;
+    let mut out = vec![T::ZERO; x.len() + 2 * bc];
     let (dx, rest) = out.split_at_mut(x.len());
-    // Per (image, channel): sum(dy * xhat) and sum(dy), reduced over images afterwards.
+    // Per (image, channel): sum(dh * xhat) and sum(dh), dh the gradient before the activation.
     let per_group: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
         .zip(dy.par_chunks(g.group_len()))
         .enumerate()
         .map(|(i, ((dxs, xs), dys))| {
-            let grp = i % g.groups;
+            let (img, grp) = (i / g.groups, i % g.groups);
             let (mean, rstd) = stats(xs, eps);
             let n = xs.len() as f64;
             let mut chan = Vec::with_capacity(g.cg());
-            // sums over the group of dxhat and dxhat * xhat, dxhat = dy * gamma
+            // Sums over the group of dxhat and dxhat * xhat, dxhat = dh * a.
             let (mut s1, mut s2) = (0f64, 0f64);
             for cl in 0..g.cg() {
-                let ch = grp * g.cg() + cl;
-                let gm = gamma[ch].f64();
-                let (mut sdyx, mut sdy) = (0f64, 0f64);
+                let ic = img * g.c + grp * g.cg() + cl;
+                let (am, dm) = (a[ic].f64(), d[ic].f64());
+                let (mut sdhx, mut sdh) = (0f64, 0f64);
                 let r = cl * g.hw..(cl + 1) * g.hw;
-                for (&xv, &dv) in xs[r.clone()].iter().zip(&dys[r]) {
-                    let xhat = (xv.f64() - mean) * rstd;
-                    let d = dv.f64();
-                    sdyx += d * xhat;
-                    sdy += d;
-                }
-                s1 += sdy * gm;
-                s2 += sdyx * gm;
-                chan.push((sdyx, sdy));
-            }
-            for cl in 0..g.cg() {
-                let ch = grp * g.cg() + cl;
-                let gm = gamma[ch].f64();
-                let r = cl * g.hw..(cl + 1) * g.hw;
+                // dh is parked in dx until the group sums are known.
                 for ((dxv, &xv), &dv) in dxs[r.clone()].iter_mut().zip(&xs[r.clone()]).zip(&dys[r])
                 {
                     let xhat = (xv.f64() - mean) * rstd;
-                    let dxhat = dv.f64() * gm;
+                    let dh = if silu {
+                        dv.f64() * silu_and_grad(xhat * am + dm).1
+                    } else {
+                        dv.f64()
+                    };
+                    *dxv = T::of(dh);
+                    sdhx += dh * xhat;
+                    sdh += dh;
+                }
+                s1 += sdh * am;
+                s2 += sdhx * am;
+                chan.push((sdhx, sdh));
+            }
+            for cl in 0..g.cg() {
+                let am = a[img * g.c + grp * g.cg() + cl].f64();
+                let r = cl * g.hw..(cl + 1) * g.hw;
+                for (dxv, &xv) in dxs[r.clone()].iter_mut().zip(&xs[r]) {
+                    let xhat = (xv.f64() - mean) * rstd;
+                    let dxhat = dxv.f64() * am;
                     *dxv = T::of(rstd / n * (n * dxhat - s1 - xhat * s2));
                 }
             }
             chan
         })
         .collect();
-    let (dgamma, dbeta) = rest.split_at_mut(g.c);
+    let (da, dd) = rest.split_at_mut(bc);
     for (i, chan) in per_group.iter().enumerate() {
-        let grp = i % g.groups;
-        for (cl, &(sdyx, sdy)) in chan.iter().enumerate() {
-            let ch = grp * g.cg() + cl;
-            dgamma[ch] += T::of(sdyx);
-            dbeta[ch] += T::of(sdy);
+        let (img, grp) = (i / g.groups, i % g.groups);
+        for (cl, &(sdhx, sdh)) in chan.iter().enumerate() {
+            let ic = img * g.c + grp * g.cg() + cl;
+            da[ic] = T::of(sdhx);
+            dd[ic] = T::of(sdh);
         }
     }
     out
 }
 
-/// GroupNorm over (x, gamma, beta) as a custom op.
+/// GroupNorm with a per-(image, channel) affine `a`, `d` (b, c) and an optional SiLU, over
+/// (x, a, d), as a custom op.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupNorm {
     /// Number of groups.
     pub groups: usize,
     /// Added to the variance.
     pub eps: f64,
+    /// Apply SiLU after the affine.
+    pub silu: bool,
 }
 
+/// The backward pass; its third input packs `[d | grad]`.
 struct GroupNormBackward(GroupNorm);
 
 impl CustomOp3 for GroupNorm {
@@ -156,9 +186,10 @@ impl CustomOp3 for GroupNorm {
             forward,
             &g,
             slice(s1, l1, "x")?,
-            slice(s2, l2, "gamma")?,
-            slice(s3, l3, "beta")?,
-            self.eps
+            slice(s2, l2, "a")?,
+            slice(s3, l3, "d")?,
+            self.eps,
+            self.silu
         );
         Ok((storage, l1.shape().clone()))
     }
@@ -166,18 +197,18 @@ impl CustomOp3 for GroupNorm {
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
+        a: &Tensor,
+        d: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let packed = x.apply_op3_no_bwd(gamma, &grad, &GroupNormBackward(*self))?;
-        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let (n, bc) = (x.elem_count(), a.elem_count());
+        let d_and_grad = Tensor::cat(&[&d.flatten_all()?, &grad.flatten_all()?], 0)?;
+        let packed = x.apply_op3_no_bwd(a, &d_and_grad, &GroupNormBackward(*self))?;
         Ok((
             Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, c)?),
-            Some(packed.narrow(0, n + c, c)?),
+            Some(packed.narrow(0, n, bc)?.reshape(a.shape())?),
+            Some(packed.narrow(0, n + bc, bc)?.reshape(d.shape())?),
         ))
     }
 }
@@ -197,20 +228,52 @@ impl CustomOp3 for GroupNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), self.0.groups)?;
-        let (x, gm, dy) = (l1, l2, l3);
-        let eps = self.0.eps;
-        let storage = dispatch!(
-            s1,
-            "group_norm",
-            backward,
-            &g,
-            slice(s1, x, "x")?,
-            slice(s2, gm, "gamma")?,
-            slice(s3, dy, "grad")?,
-            eps
-        );
-        Ok((storage, Shape::from(l1.shape().elem_count() + 2 * g.c)))
+        let bc = l2.shape().elem_count();
+        let (op, storage) = (self.0, s1);
+        let storage = match storage.dtype() {
+            DType::F32 => CpuStorage::F32(run_backward::<f32>(&g, op, s1, l1, s2, l2, s3, l3, bc)?),
+            DType::F64 => CpuStorage::F64(run_backward::<f64>(&g, op, s1, l1, s2, l2, s3, l3, bc)?),
+            dt => candle_core::bail!("group_norm kernel: unsupported dtype {dt:?}"),
+        };
+        Ok((storage, Shape::from(l1.shape().elem_count() + 2 * bc)))
     }
+}
+
+/// Unpacks the backward pass's inputs for one float type.
+#[allow(clippy::too_many_arguments)]
+fn run_backward<T: Float>(
+    g: &Geom,
+    op: GroupNorm,
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    s3: &CpuStorage,
+    l3: &Layout,
+    bc: usize,
+) -> Result<Vec<T>> {
+    let x = slice::<T>(s1, l1, "x")?;
+    let a = slice::<T>(s2, l2, "a")?;
+    let packed = slice::<T>(s3, l3, "grad")?;
+    let (d, dy) = packed.split_at(bc);
+    Ok(backward(g, x, a, d, dy, op.eps, op.silu))
+}
+
+/// GroupNorm of `x` (b, c, ...) with a per-(image, channel) affine `a`, `d` (b, c), then SiLU
+/// when `silu`, through our kernel: `act((x - mean) / std * a + d)`.
+pub fn group_norm_act(
+    x: &Tensor,
+    groups: usize,
+    a: &Tensor,
+    d: &Tensor,
+    silu: bool,
+    eps: f64,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &d.contiguous()?,
+        GroupNorm { groups, eps, silu },
+    )
 }
 
 /// GroupNorm of `x` (b, c, ...) with `gamma`, `beta` (c) through our kernel.
@@ -221,9 +284,15 @@ pub fn group_norm(
     beta: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        GroupNorm { groups, eps },
-    )
+    let (a, d) = per_image(x, gamma, beta)?;
+    group_norm_act(x, groups, &a, &d, false, eps)
+}
+
+/// `gamma`, `beta` (c) broadcast to (b, c): the per-image affine of a plain GroupNorm.
+pub fn per_image(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, c) = (x.dims()[0], gamma.elem_count());
+    Ok((
+        gamma.reshape((1, c))?.broadcast_as((b, c))?,
+        beta.reshape((1, c))?.broadcast_as((b, c))?,
+    ))
 }
