@@ -45,10 +45,11 @@ fn stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// SiLU and its derivative at `h`.
-fn silu_and_grad(h: f64) -> (f64, f64) {
-    let s = 1.0 / (1.0 + (-h).exp());
-    (h * s, s * (1.0 + h * (1.0 - s)))
+/// SiLU and its derivative at `h`, in the element type's precision (an f64 exponential per
+/// element would cost more than the rest of the pass).
+fn silu_and_grad<T: Float>(h: T) -> (T, T) {
+    let s = T::ONE / (T::ONE + (T::ZERO - h).exp());
+    (h * s, s * (T::ONE + h * (T::ONE - s)))
 }
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
@@ -67,11 +68,7 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], eps: f64, silu: bool) 
                 let r = cl * g.hw..(cl + 1) * g.hw;
                 for (yv, &xv) in ys[r.clone()].iter_mut().zip(&xs[r]) {
                     let h = (xv - mean) * scale + shift;
-                    *yv = if silu {
-                        T::of(silu_and_grad(h.f64()).0)
-                    } else {
-                        h
-                    };
+                    *yv = if silu { silu_and_grad(h).0 } else { h };
                 }
             }
         });
@@ -114,7 +111,7 @@ fn backward<T: Float>(
                 {
                     let xhat = (xv.f64() - mean) * rstd;
                     let dh = if silu {
-                        dv.f64() * silu_and_grad(xhat * am + dm).1
+                        dv.f64() * silu_and_grad(T::of(xhat * am + dm)).1.f64()
                     } else {
                         dv.f64()
                     };

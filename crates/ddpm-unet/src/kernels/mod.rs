@@ -41,6 +41,8 @@ pub trait Float:
     fn of(v: f64) -> Self;
     /// To f64.
     fn f64(self) -> f64;
+    /// e^self, in this type's precision.
+    fn exp(self) -> Self;
 }
 
 impl Float for f32 {
@@ -52,6 +54,9 @@ impl Float for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
 }
 
 impl Float for f64 {
@@ -62,6 +67,9 @@ impl Float for f64 {
     }
     fn f64(self) -> f64 {
         self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
     }
 }
 
