@@ -424,12 +424,27 @@ fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
             a.device,
             secs * 1e3,
             if work > 0.0 {
-                format!(", {:.1} TFLOP/s", work / secs / 1e12)
+                format!(", {:.0} GFLOP/s", work / secs / 1e9)
             } else {
                 String::new()
             }
         );
     };
+    if dev.is_cpu() {
+        let t = time_op(&dev, a.iters, || {
+            ops::conv2d(x.as_tensor(), w.as_tensor(), None, p).map(|_| ())
+        })?;
+        line("conv3x3 forward, ops::conv2d (our CPU kernel)", t, flops);
+        let t = time_op(&dev, a.iters, || {
+            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), None, p)?;
+            y.sum_all()?.backward().map(|_| ())
+        })?;
+        line(
+            "conv3x3 forward+backward, ops::conv2d (our CPU kernel)",
+            t,
+            3.0 * flops,
+        );
+    }
     let t = time_op(&dev, a.iters, || {
         ops::conv2d_unfold(x.as_tensor(), w.as_tensor(), p).map(|_| ())
     })?;
@@ -456,6 +471,13 @@ fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
     let rhs = Tensor::randn(0f32, 1.0, (9 * c, c), &dev)?.to_dtype(dtype)?;
     let t = time_op(&dev, a.iters, || lhs.matmul(&rhs).map(|_| ()))?;
     line("GEMM of the conv's size", t, flops);
+    let big = Tensor::randn(0f32, 1.0, (2048, 2048), &dev)?.to_dtype(dtype)?;
+    let t = time_op(&dev, a.iters, || big.matmul(&big).map(|_| ()))?;
+    line(
+        "GEMM 2048x2048x2048 (the machine's matmul)",
+        t,
+        2.0 * 2048f64.powi(3),
+    );
     let gw = Tensor::ones(c, DType::F32, &dev)?;
     let gb = Tensor::zeros(c, DType::F32, &dev)?;
     let t = time_op(&dev, a.iters, || {
