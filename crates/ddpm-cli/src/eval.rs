@@ -61,18 +61,11 @@ pub struct EvalArgs {
     /// Samples to draw for the quality metrics (and test images to compare with).
     #[arg(long, default_value_t = 1000)]
     num_samples: usize,
-    /// Sampler of the quality metrics: ddim or ddpm.
-    #[arg(long, default_value = "ddim")]
-    sampler: String,
-    /// Sampling steps (default: 50 for ddim, all T for ddpm).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// DDIM stochasticity (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// DDPM sampler variance: fixed-small or fixed-large.
-    #[arg(long, default_value = "fixed-small")]
-    variance: String,
+    /// The sampler of the quality metrics.
+    #[command(flatten)]
+    sampler: crate::sample::SamplerArgs,
+    #[command(flatten)]
+    inference: crate::sample::InferenceArgs,
     /// Train the feature classifier even if one is stored (implies --quality).
     #[arg(long)]
     train_classifier: bool,
@@ -107,21 +100,12 @@ pub struct EvalArgs {
     /// The JSON report (default: RUN/eval.json).
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Which weights: ema (default) or raw.
-    #[arg(long, default_value = "ema")]
-    weights: String,
     /// Seed of the bound's noise and of the samples.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Images per forward pass.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute precision of the network: f32, or bf16/f16 (CUDA only).
-    #[arg(long, default_value = "f32")]
-    precision: String,
     /// Do not fetch a missing data set; fail instead.
     #[arg(long)]
     no_fetch: bool,
@@ -241,9 +225,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         clip_x0: !a.nll_no_clip,
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
-    let sampler = crate::sample::sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
-    let (device, loaded) =
-        crate::sample::load_for_inference(&a.checkpoint, &a.weights, &a.device, &a.precision)?;
+    let sampler = a.sampler.config()?;
+    let (device, loaded) = a.inference.load(&a.checkpoint)?;
     let report_path = a
         .report
         .clone()

@@ -20,18 +20,10 @@ pub struct SampleArgs {
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     num: usize,
-    /// ddpm or ddim.
-    #[arg(long, default_value = "ddim")]
-    sampler: String,
-    /// Sampling steps (default: 50 for ddim, all T for ddpm).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// DDIM stochasticity (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    eta: f64,
-    /// DDPM step variance: fixed-small (posterior) or fixed-large (beta_t).
-    #[arg(long, default_value = "fixed-small")]
-    variance: String,
+    #[command(flatten)]
+    sampler: SamplerArgs,
+    #[command(flatten)]
+    inference: InferenceArgs,
     /// Seed of the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -47,39 +39,82 @@ pub struct SampleArgs {
     /// Frames of the GIF.
     #[arg(long, default_value_t = 20)]
     frames: usize,
-    /// Which weights: ema (default) or raw.
-    #[arg(long, default_value = "ema")]
-    weights: String,
     /// Images denoised at once.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The sampler flags of `sample` and `eval`.
+#[derive(Args, Debug)]
+pub(crate) struct SamplerArgs {
+    /// ddpm or ddim.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Sampling steps (default: 50 for ddim, all T for ddpm).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// DDIM stochasticity (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f64,
+    /// DDPM step variance: fixed-small (posterior) or fixed-large (beta_t).
+    #[arg(long, default_value = "fixed-small")]
+    variance: String,
+}
+
+impl SamplerArgs {
+    /// The sampler these flags choose (DDIM defaults to 50 steps, DDPM to all T; x0 is clipped
+    /// to [-1, 1]).
+    pub(crate) fn config(&self) -> Result<SamplerConfig> {
+        Ok(match self.sampler.to_ascii_lowercase().as_str() {
+            "ddim" => SamplerConfig::Ddim {
+                steps: Some(self.steps.unwrap_or(50)),
+                eta: self.eta,
+                clip_x0: true,
+            },
+            "ddpm" => SamplerConfig::Ddpm {
+                steps: self.steps,
+                variance: crate::parse_word::<DdpmVariance>(
+                    &self.variance,
+                    "variance",
+                    "fixed-small, fixed-large",
+                )?,
+                clip_x0: true,
+            },
+            other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
+        })
+    }
+}
+
+/// Which weights, on which device, in which precision: the model flags of `sample` and `eval`.
+#[derive(Args, Debug)]
+pub(crate) struct InferenceArgs {
+    /// Which weights: ema (default) or raw.
+    #[arg(long, default_value = "ema")]
+    weights: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Compute precision of the network: f32, or bf16/f16 (CUDA only).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// Hide the progress bar.
-    #[arg(long)]
-    quiet: bool,
 }
 
-/// Loads `checkpoint` for inference on `device` (a `--device` value) in `precision` (a
-/// `--precision` value): the one loader of `sample` and `eval`.
-pub(crate) fn load_for_inference(
-    checkpoint: &Path,
-    weights: &str,
-    device: &str,
-    precision: &str,
-) -> Result<(candle_core::Device, LoadedModel)> {
-    let device = parse_device(device)?;
-    let precision = Precision::parse(precision)?;
-    precision.check_device(&device)?;
-    let weights = parse_weights(weights)?;
-    let mut loaded = load_model(checkpoint, weights, &device)
-        .with_context(|| format!("loading {}", checkpoint.display()))?;
-    loaded.model = loaded.model.with_compute_dtype(precision.compute_dtype());
-    Ok((device, loaded))
+impl InferenceArgs {
+    /// Loads `checkpoint` for inference as these flags say: the one loader of `sample` and
+    /// `eval`.
+    pub(crate) fn load(&self, checkpoint: &Path) -> Result<(candle_core::Device, LoadedModel)> {
+        let device = parse_device(&self.device)?;
+        let precision = Precision::parse(&self.precision)?;
+        precision.check_device(&device)?;
+        let weights = parse_weights(&self.weights)?;
+        let mut loaded = load_model(checkpoint, weights, &device)
+            .with_context(|| format!("loading {}", checkpoint.display()))?;
+        loaded.model = loaded.model.with_compute_dtype(precision.compute_dtype());
+        Ok((device, loaded))
+    }
 }
 
 /// Parses `--weights ema|raw`.
@@ -116,8 +151,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
     }
-    let (device, loaded) = load_for_inference(&a.checkpoint, &a.weights, &a.device, &a.precision)?;
-    let sampler = sampler_config(&a.sampler, a.steps, a.eta, &a.variance)?;
+    let (device, loaded) = a.inference.load(&a.checkpoint)?;
+    let sampler = a.sampler.config()?;
     let schedule = Schedule::new(&loaded.schedule, &device)?;
     let opts = SampleOptions {
         num: a.num,
@@ -172,31 +207,4 @@ fn write_gif(frames: &[Tensor], nrow: usize, path: &Path) -> Result<()> {
     }
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// The sampler chosen by the `--sampler`, `--steps`, `--eta` and `--variance` flags (DDIM
-/// defaults to 50 steps, DDPM to all T; x0 is clipped to [-1, 1]).
-pub(crate) fn sampler_config(
-    name: &str,
-    steps: Option<usize>,
-    eta: f64,
-    variance: &str,
-) -> Result<SamplerConfig> {
-    Ok(match name.to_ascii_lowercase().as_str() {
-        "ddim" => SamplerConfig::Ddim {
-            steps: Some(steps.unwrap_or(50)),
-            eta,
-            clip_x0: true,
-        },
-        "ddpm" => SamplerConfig::Ddpm {
-            steps,
-            variance: crate::parse_word::<DdpmVariance>(
-                variance,
-                "variance",
-                "fixed-small, fixed-large",
-            )?,
-            clip_x0: true,
-        },
-        other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
-    })
 }
