@@ -319,6 +319,7 @@ pub(crate) fn target_dir() -> PathBuf {
 
 /// Runs the hidden `bench-worker`.
 pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    ddpm_train::device::keep_freed_host_memory();
     match args.mode {
         WorkerMode::Time(a) => {
             println!("{}", serde_json::to_string(&worker_time(&a)?)?);

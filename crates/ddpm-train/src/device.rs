@@ -1,4 +1,4 @@
-//! Parsing `--device cpu|cuda[:N]`.
+//! Parsing `--device cpu|cuda[:N]`, and how freed memory is kept for reuse on each device.
 
 use candle_core::Device;
 
@@ -99,4 +99,24 @@ mod tests {
             assert!(e.contains("without CUDA"), "{e}");
         }
     }
+}
+
+/// mimalloc's `mi_option_purge_delay` (index 15 of `mi_option_e` in mimalloc 2 and 3).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps memory that the process frees for its own reuse instead of handing it back to the OS,
+/// for programs whose global allocator is mimalloc (the `ddpm` binary, the benchmarks).
+///
+/// candle allocates a fresh buffer for every op. By default mimalloc returns freed pages to the
+/// OS after 10 ms, so every training step faults the same memory in again, and with transparent
+/// huge pages the kernel zeroes 2 MiB per fault: on our 2-core machines that was 15-30% of a
+/// CPU training step. The peak resident memory does not grow (freed memory is reused, not
+/// added to). A `MIMALLOC_PURGE_DELAY` set in the environment is left to win. Harmless when
+/// mimalloc is linked but not the global allocator.
+pub fn keep_freed_host_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: sets one integer option; called at start-up, before other threads exist.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
