@@ -12,14 +12,6 @@ const POINTWISE: ConvParams = ConvParams {
     padding: 0,
 };
 
-/// Splits a (b, 3 * heads * d, h, w) projection into q, k, v of shape (b, heads, d, h*w).
-fn split_qkv(qkv: &Tensor, heads: usize, dim_head: usize) -> Result<[Tensor; 3]> {
-    let (b, _, h, w) = qkv.dims4()?;
-    let parts = qkv.chunk(3, 1)?;
-    let r = |t: &Tensor| t.reshape((b, heads, dim_head, h * w));
-    Ok([r(&parts[0])?, r(&parts[1])?, r(&parts[2])?])
-}
-
 /// Linear attention (Shen et al. 2018; lucidrains): softmax over features for queries and over
 /// positions for keys, cost linear in the number of pixels. Tensors: `to_qkv.weight`,
 /// `to_out.0.{weight,bias}` (1x1 conv), `to_out.1.{weight,bias}` (GroupNorm(1)).
@@ -47,15 +39,9 @@ impl LinearAttention {
 
     /// Applies the layer to `x` (b, c, h, w) (no residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let [q, k, v] = split_qkv(&self.to_qkv.forward(x)?, self.heads, self.dim_head)?;
         let scale = (self.dim_head as f64).powf(-0.5);
-        let q = (ops::softmax(&q, 2)? * scale)?;
-        let k = ops::softmax(&k, 3)?;
-        // context[d, e] = sum_n k[d, n] v[e, n];  out[e, n] = sum_d context[d, e] q[d, n]
-        let context = ops::matmul(&k, &v.transpose(2, 3)?)?;
-        let out = ops::matmul(&context.transpose(2, 3)?, &q)?;
-        let out = out.reshape((b, self.heads * self.dim_head, h, w))?;
+        let qkv = self.to_qkv.forward(x)?;
+        let out = ops::linear_attention(&qkv, self.heads, self.dim_head, scale)?;
         self.out_norm.forward(&self.to_out.forward(&out)?)
     }
 }
@@ -84,16 +70,10 @@ impl Attention {
 
     /// Applies the layer to `x` (b, c, h, w) (no residual).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let [q, k, v] = split_qkv(&self.to_qkv.forward(x)?, self.heads, self.dim_head)?;
         let scale = (self.dim_head as f64).powf(-0.5);
-        // sim[i, j] = sum_d q[d, i] k[d, j]
-        let sim = ops::matmul(&(q * scale)?.transpose(2, 3)?, &k)?;
-        let attn = ops::softmax(&sim, 3)?;
-        // out[d, i] = sum_j v[d, j] attn[i, j]
-        let out = ops::matmul(&v, &attn.transpose(2, 3)?)?;
+        let qkv = self.to_qkv.forward(x)?;
         self.to_out
-            .forward(&out.reshape((b, self.heads * self.dim_head, h, w))?)
+            .forward(&ops::attention(&qkv, self.heads, self.dim_head, scale)?)
     }
 }
 
@@ -170,16 +150,11 @@ impl AttnBlock {
 
     /// `x + proj_out(attention(norm(x)))` for `x` (b, c, h, w).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let hn = self.norm.forward(x)?;
-        let q = self.q.forward(&hn)?.reshape((b, c, h * w))?;
-        let k = self.k.forward(&hn)?.reshape((b, c, h * w))?;
-        let v = self.v.forward(&hn)?.reshape((b, c, h * w))?;
-        // weights[i, j] = sum_c q[c, i] k[c, j] / sqrt(c), softmax over j
-        let weights = (ops::matmul(&q.transpose(1, 2)?, &k)? * (c as f64).powf(-0.5))?;
-        let weights = ops::softmax(&weights, 2)?;
-        // out[c, i] = sum_j v[c, j] weights[i, j]
-        let out = ops::matmul(&v, &weights.transpose(1, 2)?)?.reshape((b, c, h, w))?;
+        let c = x.dims4()?.1;
+        // q, k and v as one 1x1 conv with the three kernels stacked: one GEMM, and the packed
+        // layout the attention op takes.
+        let qkv = Conv2d::forward_stacked(&[&self.q, &self.k, &self.v], &self.norm.forward(x)?)?;
+        let out = ops::attention(&qkv, 1, c, (c as f64).powf(-0.5))?;
         x + self.proj_out.forward(&out)?
     }
 }

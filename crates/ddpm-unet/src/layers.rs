@@ -80,6 +80,37 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The convs in `convs` applied to `x` as one conv whose output channels are theirs in
+    /// order (their kernels and biases concatenated): one GEMM instead of several. The convs must
+    /// share kernel size, stride and padding, and all have biases or none; none may be
+    /// weight-standardized.
+    pub fn forward_stacked(convs: &[&Conv2d], x: &Tensor) -> Result<Tensor> {
+        let Some(first) = convs.first() else {
+            candle_core::bail!("forward_stacked: no convs given")
+        };
+        if convs.iter().any(|c| {
+            c.params != first.params
+                || c.weight_standardized
+                || c.bias.is_some() != first.bias.is_some()
+        }) {
+            candle_core::bail!(
+                "forward_stacked: the convs differ in params, bias or standardization"
+            );
+        }
+        let weights: Vec<&Tensor> = convs.iter().map(|c| &c.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = match first.bias {
+            Some(_) => {
+                let biases: Vec<&Tensor> = convs.iter().filter_map(|c| c.bias.as_ref()).collect();
+                Some(Tensor::cat(&biases, 0)?)
+            }
+            None => None,
+        };
+        ops::conv2d(x, &weight, bias.as_ref(), first.params)
+    }
+}
+
 /// A fully connected layer with bias, tensors `weight` (out, in) and `bias` (out).
 #[derive(Debug, Clone)]
 pub struct Linear {

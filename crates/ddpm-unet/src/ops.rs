@@ -6,6 +6,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels::attention::Kind as AttentionKind;
+
 /// Stride and symmetric zero padding of a 2-D convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvParams {
@@ -235,6 +237,76 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
     candle_nn::ops::softmax(x, dim)
 }
 
+/// Multi-head softmax attention over the pixels of a packed projection `qkv`
+/// (b, 3 * heads * dim_head, h, w): per head, `out = v softmax_j(scale * q^T k)^T`, into
+/// (b, heads * dim_head, h, w) with channels ordered `(head, feature)`. One fused op on the CPU
+/// ([`crate::kernels::attention`]); candle's ops elsewhere.
+pub fn attention(qkv: &Tensor, heads: usize, dim_head: usize, scale: f64) -> Result<Tensor> {
+    attention_of(AttentionKind::Softmax, qkv, heads, dim_head, scale)
+}
+
+/// Linear attention (Shen et al. 2018) over a packed `qkv` as [`attention`]: per head,
+/// `out = (softmax_n(k) v^T)^T (scale * softmax_d(q))`, queries normalized over their features
+/// and keys over the pixels.
+pub fn linear_attention(qkv: &Tensor, heads: usize, dim_head: usize, scale: f64) -> Result<Tensor> {
+    attention_of(AttentionKind::Linear, qkv, heads, dim_head, scale)
+}
+
+fn attention_of(
+    kind: AttentionKind,
+    qkv: &Tensor,
+    heads: usize,
+    dim_head: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    if kernels() == Kernels::Ours && crate::kernels::supported(qkv) {
+        let op = crate::kernels::attention::Attention {
+            kind,
+            heads,
+            dim_head,
+            scale,
+        };
+        return crate::kernels::attention::attention(qkv, op);
+    }
+    attention_candle(kind, qkv, heads, dim_head, scale)
+}
+
+/// [`attention`] and [`linear_attention`] composed of candle's ops (any device and dtype).
+fn attention_candle(
+    kind: AttentionKind,
+    qkv: &Tensor,
+    heads: usize,
+    dim_head: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, c, h, w) = qkv.dims4()?;
+    if c != 3 * heads * dim_head {
+        candle_core::bail!(
+            "attention: qkv has {c} channels, expected 3 * {heads} heads * {dim_head} features"
+        );
+    }
+    let parts = qkv.chunk(3, 1)?;
+    let r = |t: &Tensor| t.reshape((b, heads, dim_head, h * w));
+    let (q, k, v) = (r(&parts[0])?, r(&parts[1])?, r(&parts[2])?);
+    let out = match kind {
+        AttentionKind::Linear => {
+            let q = (softmax(&q, 2)? * scale)?;
+            let k = softmax(&k, 3)?;
+            // context[d, e] = sum_n k[d, n] v[e, n];  out[e, n] = sum_d context[d, e] q[d, n]
+            let context = matmul(&k, &v.transpose(2, 3)?)?;
+            matmul(&context.transpose(2, 3)?, &q)?
+        }
+        AttentionKind::Softmax => {
+            // sim[i, j] = sum_d q[d, i] k[d, j]
+            let sim = matmul(&(q * scale)?.transpose(2, 3)?, &k)?;
+            let attn = softmax(&sim, 3)?;
+            // out[d, i] = sum_j v[d, j] attn[i, j]
+            matmul(&v, &attn.transpose(2, 3)?)?
+        }
+    };
+    out.reshape((b, heads * dim_head, h, w))
+}
+
 /// Batched matrix product over the last two dimensions.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.matmul(&b.contiguous()?)
@@ -450,6 +522,125 @@ mod tests {
             }
         }
 
+        Ok(())
+    }
+
+    /// Attention of `qkv = f(v)` (`f`: identity, or doubled and transposed in its last two
+    /// dimensions) and the gradient of `sum(out * r)` with respect to `v`, through our kernel or
+    /// candle's ops.
+    fn attention_loss(
+        kind: AttentionKind,
+        v: &candle_core::Var,
+        transposed: bool,
+        heads: usize,
+        d: usize,
+        r: &Tensor,
+        ours: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let scale = (d as f64).powf(-0.5) * 1.3;
+        let qkv = if transposed {
+            (v.as_tensor() * 2.0)?.transpose(2, 3)?
+        } else {
+            v.as_tensor().clone()
+        };
+        let qkv = &qkv;
+        let out = if ours {
+            let op = crate::kernels::attention::Attention {
+                kind,
+                heads,
+                dim_head: d,
+                scale,
+            };
+            crate::kernels::attention::attention(qkv, op)?
+        } else {
+            attention_candle(kind, qkv, heads, d, scale)?
+        };
+        let loss = (&out * r)?.sum_all()?;
+        let grad = loss.backward()?.get(v).expect("gradient of qkv").clone();
+        Ok((out, grad))
+    }
+
+    /// Our fused attention and linear attention against candle's composition: forward and the
+    /// gradient of `qkv`, on batch 1, one head, odd feature counts, non-square images, a single
+    /// pixel, and a non-contiguous input; f64 and f32 (1e-4 relative).
+    #[test]
+    fn attention_kernels_match_candle_forward_and_backward() -> Result<()> {
+        let dev = &Device::Cpu;
+        for kind in [AttentionKind::Softmax, AttentionKind::Linear] {
+            for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+                // (b, heads, d, h, w, transposed input)
+                for (b, heads, d, h, w, transposed) in [
+                    (1, 1, 3, 2, 3, false),
+                    (2, 2, 4, 5, 3, false),
+                    (3, 4, 8, 4, 4, true),
+                    (2, 3, 5, 1, 1, false),
+                    (1, 2, 16, 7, 6, true),
+                ] {
+                    let c = 3 * heads * d;
+                    // Transposed: the same shape in strided memory, a (b, c, w, h) variable.
+                    let v = if transposed {
+                        var(&[b, c, w, h], dtype)?
+                    } else {
+                        var(&[b, c, h, w], dtype)?
+                    };
+                    let r = Tensor::randn(0f64, 1.0, (b, heads * d, h, w), dev)?.to_dtype(dtype)?;
+                    let (o1, g1) = attention_loss(kind, &v, transposed, heads, d, &r, true)?;
+                    let (o2, g2) = attention_loss(kind, &v, transposed, heads, d, &r, false)?;
+                    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                        let m = b
+                            .abs()?
+                            .max_all()?
+                            .to_dtype(DType::F64)?
+                            .to_scalar::<f64>()?;
+                        Ok(max_diff(a, b)? / m.max(1e-30))
+                    };
+                    let case = (kind, dtype, b, heads, d, h, w, transposed);
+                    assert!(rel(&o1, &o2)? < tol, "forward {case:?}: {}", rel(&o1, &o2)?);
+                    assert!(
+                        rel(&g1, &g2)? < tol,
+                        "gradient {case:?}: {}",
+                        rel(&g1, &g2)?
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention kernels' gradients against central finite differences of the loss, in f64:
+    /// a check that depends on neither candle's backward nor ours.
+    #[test]
+    fn attention_kernel_gradients_match_finite_differences() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (b, heads, d, h, w) = (2, 2, 3, 3, 2);
+        let c = 3 * heads * d;
+        let base: Vec<f64> = Tensor::randn(0f64, 1.0, b * c * h * w, dev)?.to_vec1()?;
+        let r = Tensor::randn(0f64, 1.0, (b, heads * d, h, w), dev)?;
+        for kind in [AttentionKind::Softmax, AttentionKind::Linear] {
+            let loss_at = |vals: &[f64]| -> Result<f64> {
+                let qkv = candle_core::Var::from_vec(vals.to_vec(), (b, c, h, w), dev)?;
+                attention_loss(kind, &qkv, false, heads, d, &r, true)?
+                    .0
+                    .mul(&r)?
+                    .sum_all()?
+                    .to_scalar::<f64>()
+            };
+            let qkv = candle_core::Var::from_vec(base.clone(), (b, c, h, w), dev)?;
+            let (_, grad) = attention_loss(kind, &qkv, false, heads, d, &r, true)?;
+            let grad: Vec<f64> = grad.flatten_all()?.to_vec1()?;
+            let eps = 1e-6;
+            for i in (0..base.len()).step_by(5) {
+                let (mut up, mut down) = (base.clone(), base.clone());
+                up[i] += eps;
+                down[i] -= eps;
+                let fd = (loss_at(&up)? - loss_at(&down)?) / (2.0 * eps);
+                assert!(
+                    (fd - grad[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                    "{kind:?} element {i}: finite difference {fd}, gradient {}",
+                    grad[i]
+                );
+            }
+        }
         Ok(())
     }
 

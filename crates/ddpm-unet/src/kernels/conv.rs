@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{slice, threads, Float};
+use super::{matmul, slice, threads, Float};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -138,48 +138,6 @@ fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
                 }
             }
         }
-    }
-}
-
-/// `dst (m x n) = [dst +] a (m x k) * b (k x n)` with explicit (row, column) strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    accumulate: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-    par: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover every element addressed by the given strides and sizes: dst is
-    // m*n row-major, a and b are checked by the callers' shapes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            if accumulate { T::ONE } else { T::ZERO },
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        )
     }
 }
 

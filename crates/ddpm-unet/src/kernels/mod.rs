@@ -15,10 +15,12 @@ macro_rules! dispatch {
     };
 }
 
+pub mod attention;
 pub mod conv;
 pub mod group_norm;
 
 use candle_core::{CpuStorage, Layout, Result};
+use gemm::Parallelism;
 
 /// The element types our kernels support.
 pub trait Float:
@@ -32,6 +34,7 @@ pub trait Float:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
 {
     /// Zero.
     const ZERO: Self;
@@ -89,4 +92,46 @@ pub fn supported(t: &candle_core::Tensor) -> bool {
 /// Threads to split work over.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+/// `dst (m x n) = [dst +] a (m x k) * b (k x n)` with explicit (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the slices cover every element addressed by the given strides and sizes: dst is
+    // m*n row-major, a and b are checked by the callers' shapes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            if accumulate { T::ONE } else { T::ZERO },
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }

@@ -1,0 +1,336 @@
+//! Multi-head attention over the pixels of a packed `qkv` projection (b, 3 * heads * d, h, w),
+//! forward and backward, one (image, head) pair at a time: softmax attention (Vaswani et al.)
+//! and the linear attention of Shen et al. 2018.
+//!
+//! Composed from candle's ops, one attention layer is about twenty graph nodes over the large
+//! activations (chunk, reshapes, transposes made contiguous, an exponential, a sum and a
+//! division per softmax, the matrix products), each with its own pass over memory and, in the
+//! backward pass, its own zero-filled gradient buffer. Here it is one op: the forward pass keeps
+//! nothing but its input, and the backward pass recomputes the softmaxes (cheap next to the
+//! matrix products) and writes the gradient of `qkv` in place.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{matmul, slice, Float};
+
+/// Which attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `out = v softmax_j(scale * q^T k)^T`, per head: cost quadratic in the pixels.
+    Softmax,
+    /// `out = (softmax_n(k) v^T)^T (scale * softmax_d(q))`: queries normalized over features,
+    /// keys over positions; cost linear in the pixels.
+    Linear,
+}
+
+/// Attention over a packed `qkv` (b, 3 * heads * dim_head, h, w) into (b, heads * dim_head, h, w),
+/// channels ordered `(head, feature)` within each of q, k and v; as a custom op.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention {
+    /// Softmax or linear attention.
+    pub kind: Kind,
+    /// Number of heads.
+    pub heads: usize,
+    /// Features per head.
+    pub dim_head: usize,
+    /// Softmax attention: multiplies `q^T k` before the softmax. Linear attention: multiplies
+    /// the normalized queries.
+    pub scale: f64,
+}
+
+/// Shape of one call.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    heads: usize,
+    d: usize,
+    n: usize,
+}
+
+impl Geom {
+    fn new(dims: &[usize], op: &Attention) -> Result<Self> {
+        let &[b, c, h, w] = dims else {
+            candle_core::bail!("attention: expected qkv of shape (b, c, h, w), got {dims:?}")
+        };
+        let (heads, d) = (op.heads, op.dim_head);
+        if heads == 0 || d == 0 || c != 3 * heads * d {
+            candle_core::bail!(
+                "attention: qkv has {c} channels, expected 3 * {heads} heads * {d} features"
+            );
+        }
+        Ok(Self {
+            b,
+            heads,
+            d,
+            n: h * w,
+        })
+    }
+    /// Elements of one head's q (or k, v, out).
+    fn head_len(&self) -> usize {
+        self.d * self.n
+    }
+    /// Elements of one image's q (or k, v, out).
+    fn part_len(&self) -> usize {
+        self.heads * self.head_len()
+    }
+}
+
+/// Softmax over each row of a (rows x cols) row-major matrix, in place.
+fn softmax_rows<T: Float>(m: &mut [T], cols: usize) {
+    for row in m.chunks_mut(cols) {
+        let mut max = row[0];
+        row.iter().for_each(|&v| {
+            if v > max {
+                max = v
+            }
+        });
+        let mut sum = T::ZERO;
+        row.iter_mut().for_each(|v| {
+            *v = (*v - max).exp();
+            sum += *v;
+        });
+        let inv = T::ONE / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// `dst = src` with a softmax over each column of the (rows x cols) row-major matrix, then
+/// times `scale`.
+fn softmax_cols<T: Float>(src: &[T], dst: &mut [T], cols: usize, scale: T) {
+    let mut max = src[..cols].to_vec();
+    for row in src.chunks(cols).skip(1) {
+        max.iter_mut().zip(row).for_each(|(m, &v)| {
+            if v > *m {
+                *m = v
+            }
+        });
+    }
+    let mut sum = vec![T::ZERO; cols];
+    for (drow, srow) in dst.chunks_mut(cols).zip(src.chunks(cols)) {
+        for (((dv, &sv), &m), s) in drow.iter_mut().zip(srow).zip(&max).zip(sum.iter_mut()) {
+            *dv = (sv - m).exp();
+            *s += *dv;
+        }
+    }
+    sum.iter_mut().for_each(|s| *s = scale / *s);
+    for drow in dst.chunks_mut(cols) {
+        drow.iter_mut().zip(&sum).for_each(|(v, &f)| *v *= f);
+    }
+}
+
+/// The q, k and v of one head of one image's `qkv`.
+fn head<'a, T>(g: &Geom, qkv_img: &'a [T], head: usize) -> [&'a [T]; 3] {
+    let at = |part: usize| {
+        let start = part * g.part_len() + head * g.head_len();
+        &qkv_img[start..start + g.head_len()]
+    };
+    [at(0), at(1), at(2)]
+}
+
+const SERIAL: Parallelism = Parallelism::None;
+
+/// One head's forward pass into `out` (d x n).
+fn forward_head<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &mut [T]) {
+    let (d, n) = (g.d, g.n);
+    let scale = T::of(op.scale);
+    match op.kind {
+        Kind::Linear => {
+            let mut sq = vec![T::ZERO; d * n];
+            softmax_cols(q, &mut sq, n, scale);
+            let mut sk = k.to_vec();
+            softmax_rows(&mut sk, n);
+            // context (d x d) = sk (d x n) v^T (n x d); out (d x n) = context^T sq
+            let mut ctx = vec![T::ZERO; d * d];
+            matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
+            matmul(d, n, d, out, false, &ctx, (1, d), &sq, (n, 1), SERIAL);
+        }
+        Kind::Softmax => {
+            let attn = attention_weights(q, k, n, d, scale);
+            // out (d x n) = v (d x n) attn^T (n x n)
+            matmul(d, n, n, out, false, v, (n, 1), &attn, (1, n), SERIAL);
+        }
+    }
+}
+
+/// `softmax_j(scale * q^T k)` (n x n) for q, k (d x n).
+fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -> Vec<T> {
+    let mut sim = vec![T::ZERO; n * n];
+    matmul(n, n, d, &mut sim, false, q, (1, n), k, (n, 1), SERIAL);
+    sim.iter_mut().for_each(|v| *v *= scale);
+    softmax_rows(&mut sim, n);
+    sim
+}
+
+fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
+    let mut out = vec![T::ZERO; g.b * g.part_len()];
+    out.par_chunks_mut(g.head_len())
+        .enumerate()
+        .for_each(|(i, out)| {
+            let (img, h) = (i / g.heads, i % g.heads);
+            let qkv_img = &qkv[img * 3 * g.part_len()..(img + 1) * 3 * g.part_len()];
+            forward_head(op, g, head(g, qkv_img, h), out);
+        });
+    out
+}
+
+/// `dst[i, j] = s[i, j] * (ds[i, j] - sum_j s[i, j] ds[i, j])` per row: the gradient through a
+/// row softmax with output `s` and output gradient `ds`.
+fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize) {
+    for ((srow, dsrow), drow) in s
+        .chunks(cols)
+        .zip(ds.chunks(cols))
+        .zip(dst.chunks_mut(cols))
+    {
+        let mut dot = T::ZERO;
+        srow.iter().zip(dsrow).for_each(|(&a, &b)| dot += a * b);
+        for ((dv, &a), &b) in drow.iter_mut().zip(srow).zip(dsrow) {
+            *dv = a * (b - dot);
+        }
+    }
+}
+
+/// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n).
+fn backward_head<T: Float>(
+    op: &Attention,
+    g: &Geom,
+    [q, k, v]: [&[T]; 3],
+    dout: &[T],
+    [dq, dk, dv]: [&mut [T]; 3],
+) {
+    let (d, n) = (g.d, g.n);
+    let scale = T::of(op.scale);
+    match op.kind {
+        Kind::Linear => {
+            // Recompute the forward's softmaxes (unscaled for queries) and context.
+            let mut s = vec![T::ZERO; d * n];
+            softmax_cols(q, &mut s, n, T::ONE);
+            let sq: Vec<T> = s.iter().map(|&v| v * scale).collect();
+            let mut sk = k.to_vec();
+            softmax_rows(&mut sk, n);
+            let mut ctx = vec![T::ZERO; d * d];
+            matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
+            // dctx (d x d) = sq dout^T; dsq (d x n) = ctx dout
+            let mut dctx = vec![T::ZERO; d * d];
+            matmul(d, d, n, &mut dctx, false, &sq, (n, 1), dout, (1, n), SERIAL);
+            let mut dsq = vec![T::ZERO; d * n];
+            matmul(d, n, d, &mut dsq, false, &ctx, (d, 1), dout, (n, 1), SERIAL);
+            // dsk (d x n) = dctx v; dv (d x n) = dctx^T sk
+            let mut dsk = vec![T::ZERO; d * n];
+            matmul(d, n, d, &mut dsk, false, &dctx, (d, 1), v, (n, 1), SERIAL);
+            matmul(d, n, d, dv, false, &dctx, (1, d), &sk, (n, 1), SERIAL);
+            softmax_rows_backward(&sk, &dsk, dk, n);
+            // Queries: softmax over each column, then the scale.
+            let mut dot = vec![T::ZERO; n];
+            for (srow, dsrow) in s.chunks(n).zip(dsq.chunks(n)) {
+                for ((acc, &a), &b) in dot.iter_mut().zip(srow).zip(dsrow) {
+                    *acc += a * b * scale;
+                }
+            }
+            for ((dqrow, srow), dsrow) in dq.chunks_mut(n).zip(s.chunks(n)).zip(dsq.chunks(n)) {
+                for (((dv, &a), &b), &t) in dqrow.iter_mut().zip(srow).zip(dsrow).zip(&dot) {
+                    *dv = a * (b * scale - t);
+                }
+            }
+        }
+        Kind::Softmax => {
+            let attn = attention_weights(q, k, n, d, scale);
+            // dattn (n x n) = dout^T v; dv (d x n) = dout attn
+            let mut dattn = vec![T::ZERO; n * n];
+            matmul(n, n, d, &mut dattn, false, dout, (1, n), v, (n, 1), SERIAL);
+            matmul(d, n, n, dv, false, dout, (n, 1), &attn, (n, 1), SERIAL);
+            let mut dsim = vec![T::ZERO; n * n];
+            softmax_rows_backward(&attn, &dattn, &mut dsim, n);
+            dsim.iter_mut().for_each(|v| *v *= scale);
+            // dq (d x n) = k dsim^T; dk (d x n) = q dsim
+            matmul(d, n, n, dq, false, k, (n, 1), &dsim, (1, n), SERIAL);
+            matmul(d, n, n, dk, false, q, (n, 1), &dsim, (n, 1), SERIAL);
+        }
+    }
+}
+
+fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
+    let mut dqkv = vec![T::ZERO; qkv.len()];
+    let img_len = 3 * g.part_len();
+    dqkv.par_chunks_mut(img_len)
+        .enumerate()
+        .for_each(|(img, dimg)| {
+            let qkv_img = &qkv[img * img_len..(img + 1) * img_len];
+            let (dq_all, rest) = dimg.split_at_mut(g.part_len());
+            let (dk_all, dv_all) = rest.split_at_mut(g.part_len());
+            let heads = dq_all
+                .chunks_mut(g.head_len())
+                .zip(dk_all.chunks_mut(g.head_len()))
+                .zip(dv_all.chunks_mut(g.head_len()));
+            for (h, ((dq, dk), dv)) in heads.enumerate() {
+                let start = (img * g.heads + h) * g.head_len();
+                let dout_h = &dout[start..start + g.head_len()];
+                backward_head(op, g, head(g, qkv_img, h), dout_h, [dq, dk, dv]);
+            }
+        });
+    dqkv
+}
+
+/// The backward pass, over (qkv, output gradient).
+struct AttentionBackward(Attention);
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "ddpm-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l.dims(), self)?;
+        let dims = l.dims();
+        let shape = Shape::from((g.b, g.heads * g.d, dims[2], dims[3]));
+        let storage = dispatch!(s, "attention", forward, self, &g, slice(s, l, "qkv")?);
+        Ok((storage, shape))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        Ok(Some(
+            qkv.apply_op2_no_bwd(&grad, &AttentionBackward(*self))?,
+        ))
+    }
+}
+
+impl CustomOp2 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "ddpm-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), &self.0)?;
+        if l2.shape().elem_count() != g.b * g.part_len() {
+            candle_core::bail!(
+                "attention backward: gradient {:?} does not match qkv {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let storage = dispatch!(
+            s1,
+            "attention",
+            backward,
+            &self.0,
+            &g,
+            slice(s1, l1, "qkv")?,
+            slice(s2, l2, "grad")?
+        );
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+/// Attention over `qkv` (b, 3 * heads * dim_head, h, w) through our kernel (made contiguous).
+pub fn attention(qkv: &Tensor, op: Attention) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(op)
+}
