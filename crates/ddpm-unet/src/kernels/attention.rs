@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{matmul, slice, Float};
+use super::{avx2, matmul, slice, Float};
 
 /// Which attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,7 @@ impl Geom {
 }
 
 /// Softmax over each row of a (rows x cols) row-major matrix, in place.
+#[inline(always)]
 fn softmax_rows<T: Float>(m: &mut [T], cols: usize) {
     for row in m.chunks_mut(cols) {
         let mut max = row[0];
@@ -99,6 +100,7 @@ fn softmax_rows<T: Float>(m: &mut [T], cols: usize) {
 
 /// `dst = src` with a softmax over each column of the (rows x cols) row-major matrix, then
 /// times `scale`.
+#[inline(always)]
 fn softmax_cols<T: Float>(src: &[T], dst: &mut [T], cols: usize, scale: T) {
     let mut max = src[..cols].to_vec();
     for row in src.chunks(cols).skip(1) {
@@ -133,6 +135,7 @@ fn head<'a, T>(g: &Geom, qkv_img: &'a [T], head: usize) -> [&'a [T]; 3] {
 const SERIAL: Parallelism = Parallelism::None;
 
 /// One head's forward pass into `out` (d x n).
+#[inline(always)]
 fn forward_head<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &mut [T]) {
     let (d, n) = (g.d, g.n);
     let scale = T::of(op.scale);
@@ -156,6 +159,7 @@ fn forward_head<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &
 }
 
 /// `softmax_j(scale * q^T k)` (n x n) for q, k (d x n).
+#[inline(always)]
 fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -> Vec<T> {
     let mut sim = vec![T::ZERO; n * n];
     matmul(n, n, d, &mut sim, false, q, (1, n), k, (n, 1), SERIAL);
@@ -166,18 +170,27 @@ fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -
 
 fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; g.b * g.part_len()];
+    let fast = avx2();
     out.par_chunks_mut(g.head_len())
         .enumerate()
         .for_each(|(i, out)| {
             let (img, h) = (i / g.heads, i % g.heads);
             let qkv_img = &qkv[img * 3 * g.part_len()..(img + 1) * 3 * g.part_len()];
-            forward_head(op, g, head(g, qkv_img, h), out);
+            let qkv_h = head(g, qkv_img, h);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+                unsafe { forward_head_avx2(op, g, qkv_h, out) };
+                return;
+            }
+            forward_head(op, g, qkv_h, out);
         });
     out
 }
 
 /// `dst[i, j] = s[i, j] * (ds[i, j] - sum_j s[i, j] ds[i, j])` per row: the gradient through a
 /// row softmax with output `s` and output gradient `ds`.
+#[inline(always)]
 fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize) {
     for ((srow, dsrow), drow) in s
         .chunks(cols)
@@ -193,6 +206,7 @@ fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize
 }
 
 /// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n).
+#[inline(always)]
 fn backward_head<T: Float>(
     op: &Attention,
     g: &Geom,
@@ -253,6 +267,7 @@ fn backward_head<T: Float>(
 
 fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
     let mut dqkv = vec![T::ZERO; qkv.len()];
+    let fast = avx2();
     let img_len = 3 * g.part_len();
     dqkv.par_chunks_mut(img_len)
         .enumerate()
@@ -267,10 +282,37 @@ fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T>
             for (h, ((dq, dk), dv)) in heads.enumerate() {
                 let start = (img * g.heads + h) * g.head_len();
                 let dout_h = &dout[start..start + g.head_len()];
-                backward_head(op, g, head(g, qkv_img, h), dout_h, [dq, dk, dv]);
+                let qkv_h = head(g, qkv_img, h);
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+                    unsafe { backward_head_avx2(op, g, qkv_h, dout_h, [dq, dk, dv]) };
+                    continue;
+                }
+                backward_head(op, g, qkv_h, dout_h, [dq, dk, dv]);
             }
         });
     dqkv
+}
+
+/// [`forward_head`] compiled for AVX2 and FMA (the crate's baseline target is plain x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_head_avx2<T: Float>(op: &Attention, g: &Geom, qkv: [&[T]; 3], out: &mut [T]) {
+    forward_head(op, g, qkv, out)
+}
+
+/// [`backward_head`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_head_avx2<T: Float>(
+    op: &Attention,
+    g: &Geom,
+    qkv: [&[T]; 3],
+    dout: &[T],
+    grads: [&mut [T]; 3],
+) {
+    backward_head(op, g, qkv, dout, grads)
 }
 
 /// The backward pass, over (qkv, output gradient).

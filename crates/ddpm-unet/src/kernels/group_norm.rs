@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, Float};
+use super::{avx2, slice, sum, sum2, Float};
 
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -37,40 +37,151 @@ impl Geom {
     }
 }
 
-/// Mean and reciprocal standard deviation of one group, accumulated in f64.
-fn stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
+/// Mean and reciprocal standard deviation of one group (two passes, sums in f64).
+#[inline(always)]
+fn stats<T: Float>(x: &[T], eps: f64) -> (T, T) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.f64()).sum::<f64>() / n;
-    let var = x.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
+    let mean = sum(x, |v| v) / n;
+    let m = T::of(mean);
+    let var = sum(x, |v| (v - m) * (v - m)) / n;
+    (m, T::of(1.0 / (var + eps).sqrt()))
 }
 
-/// SiLU and its derivative at `h`, in the element type's precision (an f64 exponential per
-/// element would cost more than the rest of the pass).
+/// SiLU and its derivative at `h`, in the element type's precision.
+#[inline(always)]
 fn silu_and_grad<T: Float>(h: T) -> (T, T) {
     let s = T::ONE / (T::ONE + (T::ZERO - h).exp());
     (h * s, s * (T::ONE + h * (T::ONE - s)))
 }
 
+/// One (image, group): `ys = act((xs - mean) * rstd * a[c] + d[c])`, `a`, `d` the group's
+/// channels.
+#[inline(always)]
+fn forward_group<T: Float>(
+    hw: usize,
+    xs: &[T],
+    ys: &mut [T],
+    a: &[T],
+    d: &[T],
+    eps: f64,
+    silu: bool,
+) {
+    let (mean, rstd) = stats(xs, eps);
+    for ((yc, xc), (&ac, &dc)) in ys.chunks_mut(hw).zip(xs.chunks(hw)).zip(a.iter().zip(d)) {
+        let scale = ac * rstd;
+        if silu {
+            for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = silu_and_grad((xv - mean) * scale + dc).0;
+            }
+        } else {
+            for (yv, &xv) in yc.iter_mut().zip(xc) {
+                *yv = (xv - mean) * scale + dc;
+            }
+        }
+    }
+}
+
+/// One (image, group) of the backward pass: `dxs` from `xs` and `dys`; returns per channel
+/// `(sum(dh * xhat), sum(dh))`, `dh` the gradient before the activation.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_group<T: Float>(
+    hw: usize,
+    xs: &[T],
+    dys: &[T],
+    dxs: &mut [T],
+    a: &[T],
+    d: &[T],
+    eps: f64,
+    silu: bool,
+) -> Vec<(f64, f64)> {
+    let (mean, rstd) = stats(xs, eps);
+    let n = xs.len() as f64;
+    let mut chan = Vec::with_capacity(a.len());
+    // Pass 1: dh, parked in dx, and its per-channel sums.
+    for (((dxc, xc), dyc), (&ac, &dc)) in dxs
+        .chunks_mut(hw)
+        .zip(xs.chunks(hw))
+        .zip(dys.chunks(hw))
+        .zip(a.iter().zip(d))
+    {
+        for ((dxv, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dyc) {
+            *dxv = if silu {
+                dv * silu_and_grad((xv - mean) * rstd * ac + dc).1
+            } else {
+                dv
+            };
+        }
+        let sdh = sum(dxc, |v| v);
+        let sdhx = sum2(dxc, xc, |dh, xv| dh * (xv - mean)) * rstd.f64();
+        chan.push((sdhx, sdh));
+    }
+    // Pass 2: dx = rstd / n * (n * dh * a - s1 - xhat * s2), s1, s2 the group's sums of
+    // dh * a and dh * xhat * a.
+    let s1: f64 = chan.iter().zip(a).map(|(c, &ac)| c.1 * ac.f64()).sum();
+    let s2: f64 = chan.iter().zip(a).map(|(c, &ac)| c.0 * ac.f64()).sum();
+    let r = rstd.f64();
+    let (c0, c2) = (T::of(-s1 * r / n), T::of(-s2 * r / n * r));
+    for ((dxc, xc), &ac) in dxs.chunks_mut(hw).zip(xs.chunks(hw)).zip(a) {
+        let c1 = ac * rstd;
+        for (dxv, &xv) in dxc.iter_mut().zip(xc) {
+            *dxv = *dxv * c1 + c0 + (xv - mean) * c2;
+        }
+    }
+    chan
+}
+
+/// [`forward_group`] compiled for AVX2 and FMA (the crate's baseline target is plain x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn forward_group_avx2<T: Float>(
+    hw: usize,
+    xs: &[T],
+    ys: &mut [T],
+    a: &[T],
+    d: &[T],
+    eps: f64,
+    silu: bool,
+) {
+    forward_group(hw, xs, ys, a, d, eps, silu)
+}
+
+/// [`backward_group`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn backward_group_avx2<T: Float>(
+    hw: usize,
+    xs: &[T],
+    dys: &[T],
+    dxs: &mut [T],
+    a: &[T],
+    d: &[T],
+    eps: f64,
+    silu: bool,
+) -> Vec<(f64, f64)> {
+    backward_group(hw, xs, dys, dxs, a, d, eps, silu)
+}
+
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
 fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], eps: f64, silu: bool) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
+    let fast = avx2();
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
         .enumerate()
         .for_each(|(i, (ys, xs))| {
             let (img, grp) = (i / g.groups, i % g.groups);
-            let (mean, rstd) = stats(xs, eps);
-            let (mean, rstd) = (T::of(mean), T::of(rstd));
-            for cl in 0..g.cg() {
-                let ic = img * g.c + grp * g.cg() + cl;
-                let (scale, shift) = (a[ic] * rstd, d[ic]);
-                let r = cl * g.hw..(cl + 1) * g.hw;
-                for (yv, &xv) in ys[r.clone()].iter_mut().zip(&xs[r]) {
-                    let h = (xv - mean) * scale + shift;
-                    *yv = if silu { silu_and_grad(h).0 } else { h };
-                }
+            let ch = img * g.c + grp * g.cg()..img * g.c + (grp + 1) * g.cg();
+            let (a, d) = (&a[ch.clone()], &d[ch]);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+                unsafe { forward_group_avx2(g.hw, xs, ys, a, d, eps, silu) };
+                return;
             }
+            let _ = fast;
+            forward_group(g.hw, xs, ys, a, d, eps, silu)
         });
     y
 }
@@ -88,7 +199,7 @@ fn backward<T: Float>(
     let bc = x.len() / g.hw;
     let mut out = vec![T::ZERO; x.len() + 2 * bc];
     let (dx, rest) = out.split_at_mut(x.len());
-    // Per (image, channel): sum(dh * xhat) and sum(dh), dh the gradient before the activation.
+    let fast = avx2();
     let per_group: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
@@ -96,43 +207,15 @@ fn backward<T: Float>(
         .enumerate()
         .map(|(i, ((dxs, xs), dys))| {
             let (img, grp) = (i / g.groups, i % g.groups);
-            let (mean, rstd) = stats(xs, eps);
-            let n = xs.len() as f64;
-            let mut chan = Vec::with_capacity(g.cg());
-            // Sums over the group of dxhat and dxhat * xhat, dxhat = dh * a.
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for cl in 0..g.cg() {
-                let ic = img * g.c + grp * g.cg() + cl;
-                let (am, dm) = (a[ic].f64(), d[ic].f64());
-                let (mut sdhx, mut sdh) = (0f64, 0f64);
-                let r = cl * g.hw..(cl + 1) * g.hw;
-                // dh is parked in dx until the group sums are known.
-                for ((dxv, &xv), &dv) in dxs[r.clone()].iter_mut().zip(&xs[r.clone()]).zip(&dys[r])
-                {
-                    let xhat = (xv.f64() - mean) * rstd;
-                    let dh = if silu {
-                        dv.f64() * silu_and_grad(T::of(xhat * am + dm)).1.f64()
-                    } else {
-                        dv.f64()
-                    };
-                    *dxv = T::of(dh);
-                    sdhx += dh * xhat;
-                    sdh += dh;
-                }
-                s1 += sdh * am;
-                s2 += sdhx * am;
-                chan.push((sdhx, sdh));
+            let ch = img * g.c + grp * g.cg()..img * g.c + (grp + 1) * g.cg();
+            let (a, d) = (&a[ch.clone()], &d[ch]);
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+                return unsafe { backward_group_avx2(g.hw, xs, dys, dxs, a, d, eps, silu) };
             }
-            for cl in 0..g.cg() {
-                let am = a[img * g.c + grp * g.cg() + cl].f64();
-                let r = cl * g.hw..(cl + 1) * g.hw;
-                for (dxv, &xv) in dxs[r.clone()].iter_mut().zip(&xs[r]) {
-                    let xhat = (xv.f64() - mean) * rstd;
-                    let dxhat = dxv.f64() * am;
-                    *dxv = T::of(rstd / n * (n * dxhat - s1 - xhat * s2));
-                }
-            }
-            chan
+            let _ = fast;
+            backward_group(g.hw, xs, dys, dxs, a, d, eps, silu)
         })
         .collect();
     let (da, dd) = rest.split_at_mut(bc);
