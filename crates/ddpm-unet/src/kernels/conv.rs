@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{matmul, slice, threads, Float};
+use super::{avx2, matmul, slice, threads, Float};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +84,8 @@ fn valid_range(out: usize, stride: usize, k: usize, pad: usize, size: usize) -> 
     (lo.min(hi), hi)
 }
 
-fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+#[inline(always)]
+fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
     let n = g.n();
     for ci in 0..g.c {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -118,7 +119,8 @@ fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
     }
 }
 
-fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
+#[inline(always)]
+fn col2im_add_impl<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
     let n = g.n();
     for ci in 0..g.c {
         let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -132,13 +134,53 @@ fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
                     let iy = oy * g.stride + ky - g.pad;
                     let line = &s[oy * g.wo..(oy + 1) * g.wo];
                     let dst_row = &mut plane[iy * g.w..(iy + 1) * g.w];
-                    for ox in xlo..xhi {
-                        dst_row[ox * g.stride + kx - g.pad] += line[ox];
+                    if g.stride == 1 {
+                        let ix0 = xlo + kx - g.pad;
+                        let dst = &mut dst_row[ix0..ix0 + (xhi - xlo)];
+                        for (d, &v) in dst.iter_mut().zip(&line[xlo..xhi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ox in xlo..xhi {
+                            dst_row[ox * g.stride + kx - g.pad] += line[ox];
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// The patches of one image `x` as a (k x n) matrix `cols` (AVX2 build when the CPU has it).
+fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+        return unsafe { im2col_avx2(g, x, cols) };
+    }
+    im2col_impl(g, x, cols)
+}
+
+/// Adds the (k x n) patch gradients `cols` onto one image's `dx` (AVX2 build when available).
+fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+        return unsafe { col2im_add_avx2(g, cols, dx) };
+    }
+    col2im_add_impl(g, cols, dx)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn im2col_avx2<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+    im2col_impl(g, x, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn col2im_add_avx2<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
+    col2im_add_impl(g, cols, dx)
 }
 
 /// Splits `0..b` into per-thread chunks; single-image work uses GEMM's own threads instead.
