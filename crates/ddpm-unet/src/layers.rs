@@ -178,8 +178,31 @@ impl GroupNorm {
             &self.bias,
             scale_shift,
             true,
+            None,
             self.eps,
         )
+    }
+
+    /// `dropout(silu(norm(x)), p)` for `x` (b, c, h, w); dropout only with `rng`. On the CPU
+    /// the dropout runs inside the fused GroupNorm kernel, its mask hashed from one seed drawn
+    /// from `rng`; elsewhere it is [`dropout`] after [`GroupNorm::forward_silu`].
+    pub fn forward_silu_dropout(&self, x: &Tensor, p: f64, rng: TrainRng) -> Result<Tensor> {
+        match rng {
+            Some(rng) if p > 0.0 && ops::fused_dropout(x) => ops::group_norm_act(
+                x,
+                self.groups,
+                &self.weight,
+                &self.bias,
+                None,
+                true,
+                Some(ops::Dropout {
+                    p,
+                    seed: rng.next_u64(),
+                }),
+                self.eps,
+            ),
+            rng => dropout(&self.forward_silu(x, None)?, p, rng),
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::kernels::attention::Kind as AttentionKind;
+pub use crate::kernels::group_norm::Dropout;
 
 /// Stride and symmetric zero padding of a 2-D convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +154,10 @@ pub fn group_norm(
 /// `h * (1 + scale) + shift` with `scale`, `shift` (b, c, 1, 1) when given, then SiLU when `silu`:
 /// the U-Nets' normalization blocks. On the CPU this is one fused kernel pass forward and two
 /// backward (the affine, scale and shift fold into one per-(image, channel) affine, computed on
-/// the small (b, c) tensors); elsewhere candle's ops, one per step.
+/// the small (b, c) tensors); elsewhere candle's ops, one per step. `dropout` (training) zeroes
+/// elements after the activation by a mask hashed from its seed, in the same kernel on the CPU
+/// (elsewhere the same mask, built on the host and multiplied).
+#[allow(clippy::too_many_arguments)]
 pub fn group_norm_act(
     x: &Tensor,
     groups: usize,
@@ -161,6 +165,7 @@ pub fn group_norm_act(
     bias: &Tensor,
     scale_shift: Option<(&Tensor, &Tensor)>,
     silu: bool,
+    dropout: Option<Dropout>,
     eps: f64,
 ) -> Result<Tensor> {
     let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
@@ -176,7 +181,7 @@ pub fn group_norm_act(
             }
             None => (a, d),
         };
-        return crate::kernels::group_norm::group_norm_act(x, groups, &a, &d, silu, eps);
+        return crate::kernels::group_norm::group_norm_act(x, groups, &a, &d, silu, dropout, eps);
     }
     let mut h = group_norm_candle(x, groups, weight, bias, eps)?;
     if let Some((scale, shift)) = scale_shift {
@@ -187,7 +192,17 @@ pub fn group_norm_act(
     if silu {
         h = h.silu()?;
     }
+    if let Some(d) = dropout.filter(|d| d.p > 0.0) {
+        let mask = Tensor::from_vec(d.mask(h.elem_count()), h.shape(), h.device())?;
+        h = h.mul(&mask.to_dtype(h.dtype())?)?;
+    }
     Ok(h)
+}
+
+/// Whether [`group_norm_act`] applies dropout inside our kernel for this input (CPU, f32/f64,
+/// our kernels on).
+pub fn fused_dropout(x: &Tensor) -> bool {
+    kernels() == Kernels::Ours && crate::kernels::supported(x)
 }
 
 /// GroupNorm composed of candle's ops (any device and dtype).
@@ -708,14 +723,19 @@ mod tests {
     /// The fused GroupNorm + scale-shift + SiLU against candle's ops, step by step, forward and
     /// the gradients of all five inputs (odd channels, batch 1, non-square).
     #[test]
-    fn fused_group_norm_scale_shift_silu_matches_candle() -> Result<()> {
+    fn fused_group_norm_scale_shift_silu_dropout_matches_candle() -> Result<()> {
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
-            for (b, c, h, w, groups, with_ss) in [
-                (1, 4, 3, 5, 2, true),
-                (3, 6, 5, 4, 3, true),
-                (2, 7, 2, 2, 1, false),
-                (2, 8, 4, 4, 8, true),
+            for (b, c, h, w, groups, with_ss, drop) in [
+                (1, 4, 3, 5, 2, true, false),
+                (3, 6, 5, 4, 3, true, true),
+                (2, 7, 2, 2, 1, false, false),
+                (2, 8, 4, 4, 8, true, false),
+                (2, 6, 7, 3, 2, false, true),
             ] {
+                let dropout = drop.then_some(Dropout {
+                    p: 0.3,
+                    seed: 0x1234_5678_9abc + b as u64,
+                });
                 let x = var(&[b, c, h, w], dtype)?;
                 let gamma = var(&[c], dtype)?;
                 let beta = var(&[c], dtype)?;
@@ -723,12 +743,20 @@ mod tests {
                 let shift = var(&[b, c, 1, 1], dtype)?;
                 let ss = with_ss.then(|| (scale.as_tensor(), shift.as_tensor()));
                 let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
-                let ours = group_norm_act(xt, groups, gt, bt, ss, true, 1e-5)?;
+                let ours = group_norm_act(xt, groups, gt, bt, ss, true, dropout, 1e-5)?;
                 let mut theirs = group_norm_candle(xt, groups, gt, bt, 1e-5)?;
                 if let Some((sc, sh)) = ss {
                     theirs = theirs.broadcast_mul(&(sc + 1.0)?)?.broadcast_add(sh)?;
                 }
-                let theirs = (&theirs * candle_nn::ops::sigmoid(&theirs)?)?;
+                let mut theirs = (&theirs * candle_nn::ops::sigmoid(&theirs)?)?;
+                if let Some(d) = dropout {
+                    let mask = Tensor::from_vec(
+                        d.mask(theirs.elem_count()),
+                        theirs.shape(),
+                        &Device::Cpu,
+                    )?;
+                    theirs = theirs.mul(&mask.to_dtype(dtype)?)?;
+                }
                 assert!(max_diff(&ours, &theirs)? < tol * 10.0, "forward {b} {c}");
                 let cot = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
                 let ga = (&ours * &cot)?.sum_all()?.backward()?;
@@ -754,6 +782,41 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The dropout mask: the dropped fraction is `p` within 4 standard deviations, kept
+    /// elements are scaled by exactly `1 / (1 - p)`, the mask is a function of the seed, and
+    /// the mask of a fused GroupNorm (by any thread count: it depends on indexes only) is the
+    /// one `Dropout::mask` gives.
+    #[test]
+    fn dropout_mask_has_the_asked_rate_and_follows_its_seed() -> Result<()> {
+        let n = 1 << 20;
+        for p in [0.1, 0.5, 0.9] {
+            let d = Dropout { p, seed: 7 };
+            let m = d.mask(n);
+            let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+            let sd = (p * (1.0 - p) / n as f64).sqrt();
+            assert!((dropped - p).abs() < 4.0 * sd, "p {p}: dropped {dropped}");
+            let keep = 1.0 / (1.0 - p);
+            assert!(m.iter().all(|&v| v == 0.0 || v == keep));
+            assert_eq!(m, d.mask(n));
+            assert_ne!(m, Dropout { p, seed: 8 }.mask(n));
+        }
+        // Through the kernel: zeros exactly where the mask is zero.
+        let d = Dropout { p: 0.5, seed: 99 };
+        let x = (Tensor::randn(0f32, 1.0, (4, 8, 6, 6), &Device::Cpu)?.abs()? + 0.5)?;
+        let ones = Tensor::ones(8, DType::F32, &Device::Cpu)?;
+        let zeros = Tensor::zeros(8, DType::F32, &Device::Cpu)?;
+        let y = group_norm_act(&x, 2, &ones, &zeros, None, false, Some(d), 1e-5)?;
+        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let m = d.mask(y.len());
+        let agree = y
+            .iter()
+            .zip(&m)
+            .filter(|(&v, &k)| (v == 0.0) == (k == 0.0))
+            .count();
+        assert_eq!(agree, y.len());
         Ok(())
     }
 

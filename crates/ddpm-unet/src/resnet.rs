@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{dropout, Conv2d, GroupNorm, Linear, TrainRng};
+use crate::layers::{Conv2d, GroupNorm, Linear, TrainRng};
 use crate::ops::{self, ConvParams};
 
 const SAME_3X3: ConvParams = ConvParams {
@@ -145,8 +145,8 @@ impl DdpmResnetBlock {
         let t = self.temb_proj.forward(&ops::silu(temb)?)?;
         let (b, c) = t.dims2()?;
         let h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
-        let h = self.norm2.forward_silu(&h, None)?;
-        let h = self.conv2.forward(&dropout(&h, self.dropout, rng)?)?;
+        let h = self.norm2.forward_silu_dropout(&h, self.dropout, rng)?;
+        let h = self.conv2.forward(&h)?;
         match &self.nin_shortcut {
             Some(conv) => conv.forward(x)? + h,
             None => x + h,

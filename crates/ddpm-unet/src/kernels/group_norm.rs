@@ -54,9 +54,80 @@ fn silu_and_grad<T: Float>(h: T) -> (T, T) {
     (h * s, s * (T::ONE + h * (T::ONE - s)))
 }
 
-/// One (image, group): `ys = act((xs - mean) * rstd * a[c] + d[c])`, `a`, `d` the group's
-/// channels.
+/// Inverted dropout applied after the activation: each element is zeroed with probability `p`
+/// (the rest scaled by `1 / (1 - p)`), by a mask that is a hash of (`seed`, element index), so
+/// the backward pass regenerates it instead of storing it, and the same seed gives the same
+/// mask on any thread count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// Probability of zeroing an element, in [0, 1).
+    pub p: f64,
+    /// Seed of the mask; draw a fresh one per call.
+    pub seed: u64,
+}
+
+impl Dropout {
+    /// The mask's factor per element: 0 or `1 / (1 - p)` (for composing dropout from tensor
+    /// ops off the fused kernel; cast to the activations' type).
+    pub fn mask(&self, len: usize) -> Vec<f64> {
+        let m = Mask::<f64>::new(*self);
+        (0..len).map(|i| m.factor(i)).collect()
+    }
+}
+
+/// [`Dropout`] prepared for the inner loops.
+#[derive(Debug, Clone, Copy)]
+struct Mask<T> {
+    threshold: u32,
+    s1: u32,
+    s2: u32,
+    keep: T,
+}
+
+/// A 32-bit integer hash with good avalanche (Wellons' "lowbias32"); 32-bit multiplies keep it
+/// vectorizable.
 #[inline(always)]
+fn hash32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+impl<T: Float> Mask<T> {
+    fn new(d: Dropout) -> Self {
+        Self {
+            threshold: (d.p * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32,
+            s1: hash32(d.seed as u32),
+            s2: hash32((d.seed >> 32) as u32 ^ 0x9e37_79b9),
+            keep: T::of(1.0 / (1.0 - d.p)),
+        }
+    }
+
+    /// 0 or `1 / (1 - p)` for element `i`.
+    #[inline(always)]
+    fn factor(&self, i: usize) -> T {
+        let h = hash32(hash32((i as u32).wrapping_add(self.s1)) ^ self.s2);
+        if h >= self.threshold {
+            self.keep
+        } else {
+            T::ZERO
+        }
+    }
+}
+
+/// What follows the normalization and affine: SiLU or nothing, then dropout or nothing.
+#[derive(Debug, Clone, Copy)]
+struct Post<T> {
+    silu: bool,
+    mask: Option<Mask<T>>,
+}
+
+/// One (image, group): `ys = post((xs - mean) * rstd * a[c] + d[c])`, `a`, `d` the group's
+/// channels, `start` the index of `xs[0]` in the whole tensor (for the dropout mask).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward_group<T: Float>(
     hw: usize,
     xs: &[T],
@@ -64,18 +135,30 @@ fn forward_group<T: Float>(
     a: &[T],
     d: &[T],
     eps: f64,
-    silu: bool,
+    post: Post<T>,
+    start: usize,
 ) {
     let (mean, rstd) = stats(xs, eps);
-    for ((yc, xc), (&ac, &dc)) in ys.chunks_mut(hw).zip(xs.chunks(hw)).zip(a.iter().zip(d)) {
+    for (cl, ((yc, xc), (&ac, &dc))) in ys
+        .chunks_mut(hw)
+        .zip(xs.chunks(hw))
+        .zip(a.iter().zip(d))
+        .enumerate()
+    {
         let scale = ac * rstd;
-        if silu {
+        if post.silu {
             for (yv, &xv) in yc.iter_mut().zip(xc) {
                 *yv = silu_and_grad((xv - mean) * scale + dc).0;
             }
         } else {
             for (yv, &xv) in yc.iter_mut().zip(xc) {
                 *yv = (xv - mean) * scale + dc;
+            }
+        }
+        if let Some(m) = post.mask {
+            let base = start + cl * hw;
+            for (j, yv) in yc.iter_mut().enumerate() {
+                *yv *= m.factor(base + j);
             }
         }
     }
@@ -93,24 +176,31 @@ fn backward_group<T: Float>(
     a: &[T],
     d: &[T],
     eps: f64,
-    silu: bool,
+    post: Post<T>,
+    start: usize,
 ) -> Vec<(f64, f64)> {
     let (mean, rstd) = stats(xs, eps);
     let n = xs.len() as f64;
     let mut chan = Vec::with_capacity(a.len());
     // Pass 1: dh, parked in dx, and its per-channel sums.
-    for (((dxc, xc), dyc), (&ac, &dc)) in dxs
+    for (cl, (((dxc, xc), dyc), (&ac, &dc))) in dxs
         .chunks_mut(hw)
         .zip(xs.chunks(hw))
         .zip(dys.chunks(hw))
         .zip(a.iter().zip(d))
+        .enumerate()
     {
-        for ((dxv, &xv), &dv) in dxc.iter_mut().zip(xc).zip(dyc) {
-            *dxv = if silu {
-                dv * silu_and_grad((xv - mean) * rstd * ac + dc).1
-            } else {
-                dv
-            };
+        dxc.copy_from_slice(dyc);
+        if let Some(m) = post.mask {
+            let base = start + cl * hw;
+            for (j, dv) in dxc.iter_mut().enumerate() {
+                *dv *= m.factor(base + j);
+            }
+        }
+        if post.silu {
+            for (dxv, &xv) in dxc.iter_mut().zip(xc) {
+                *dxv *= silu_and_grad((xv - mean) * rstd * ac + dc).1;
+            }
         }
         let sdh = sum(dxc, |v| v);
         let sdhx = sum2(dxc, xc, |dh, xv| dh * (xv - mean)) * rstd.f64();
@@ -134,6 +224,7 @@ fn backward_group<T: Float>(
 /// [`forward_group`] compiled for AVX2 and FMA (the crate's baseline target is plain x86-64).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 fn forward_group_avx2<T: Float>(
     hw: usize,
     xs: &[T],
@@ -141,9 +232,10 @@ fn forward_group_avx2<T: Float>(
     a: &[T],
     d: &[T],
     eps: f64,
-    silu: bool,
+    post: Post<T>,
+    start: usize,
 ) {
-    forward_group(hw, xs, ys, a, d, eps, silu)
+    forward_group(hw, xs, ys, a, d, eps, post, start)
 }
 
 /// [`backward_group`] compiled for AVX2 and FMA.
@@ -158,15 +250,17 @@ fn backward_group_avx2<T: Float>(
     a: &[T],
     d: &[T],
     eps: f64,
-    silu: bool,
+    post: Post<T>,
+    start: usize,
 ) -> Vec<(f64, f64)> {
-    backward_group(hw, xs, dys, dxs, a, d, eps, silu)
+    backward_group(hw, xs, dys, dxs, a, d, eps, post, start)
 }
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
-fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], eps: f64, silu: bool) -> Vec<T> {
+fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
     let fast = avx2();
+    let (eps, post) = (op.eps, op.post());
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
         .enumerate()
@@ -177,25 +271,18 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], eps: f64, silu: bool) 
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                unsafe { forward_group_avx2(g.hw, xs, ys, a, d, eps, silu) };
+                unsafe { forward_group_avx2(g.hw, xs, ys, a, d, eps, post, i * g.group_len()) };
                 return;
             }
             let _ = fast;
-            forward_group(g.hw, xs, ys, a, d, eps, silu)
+            forward_group(g.hw, xs, ys, a, d, eps, post, i * g.group_len())
         });
     y
 }
 
 /// `[dx | da | dd]` packed, `da` and `dd` per (image, channel).
-fn backward<T: Float>(
-    g: &Geom,
-    x: &[T],
-    a: &[T],
-    d: &[T],
-    dy: &[T],
-    eps: f64,
-    silu: bool,
-) -> Vec<T> {
+fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupNorm) -> Vec<T> {
+    let (eps, post) = (op.eps, op.post());
     let bc = x.len() / g.hw;
     let mut out = vec![T::ZERO; x.len() + 2 * bc];
     let (dx, rest) = out.split_at_mut(x.len());
@@ -212,10 +299,12 @@ fn backward<T: Float>(
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                return unsafe { backward_group_avx2(g.hw, xs, dys, dxs, a, d, eps, silu) };
+                return unsafe {
+                    backward_group_avx2(g.hw, xs, dys, dxs, a, d, eps, post, i * g.group_len())
+                };
             }
             let _ = fast;
-            backward_group(g.hw, xs, dys, dxs, a, d, eps, silu)
+            backward_group(g.hw, xs, dys, dxs, a, d, eps, post, i * g.group_len())
         })
         .collect();
     let (da, dd) = rest.split_at_mut(bc);
@@ -240,6 +329,17 @@ pub struct GroupNorm {
     pub eps: f64,
     /// Apply SiLU after the affine.
     pub silu: bool,
+    /// Dropout after the activation (training only).
+    pub dropout: Option<Dropout>,
+}
+
+impl GroupNorm {
+    fn post<T: Float>(&self) -> Post<T> {
+        Post {
+            silu: self.silu,
+            mask: self.dropout.filter(|d| d.p > 0.0).map(Mask::new),
+        }
+    }
 }
 
 /// The backward pass; its third input packs `[d | grad]`.
@@ -268,8 +368,7 @@ impl CustomOp3 for GroupNorm {
             slice(s1, l1, "x")?,
             slice(s2, l2, "a")?,
             slice(s3, l3, "d")?,
-            self.eps,
-            self.silu
+            self
         );
         Ok((storage, l1.shape().clone()))
     }
@@ -336,23 +435,30 @@ fn run_backward<T: Float>(
     let a = slice::<T>(s2, l2, "a")?;
     let packed = slice::<T>(s3, l3, "grad")?;
     let (d, dy) = packed.split_at(bc);
-    Ok(backward(g, x, a, d, dy, op.eps, op.silu))
+    Ok(backward(g, x, a, d, dy, &op))
 }
 
 /// GroupNorm of `x` (b, c, ...) with a per-(image, channel) affine `a`, `d` (b, c), then SiLU
-/// when `silu`, through our kernel: `act((x - mean) / std * a + d)`.
+/// when `silu`, then `dropout` when given, through our kernel:
+/// `dropout(act((x - mean) / std * a + d))`.
 pub fn group_norm_act(
     x: &Tensor,
     groups: usize,
     a: &Tensor,
     d: &Tensor,
     silu: bool,
+    dropout: Option<Dropout>,
     eps: f64,
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
         &d.contiguous()?,
-        GroupNorm { groups, eps, silu },
+        GroupNorm {
+            groups,
+            eps,
+            silu,
+            dropout,
+        },
     )
 }
 
@@ -365,7 +471,7 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let (a, d) = per_image(x, gamma, beta)?;
-    group_norm_act(x, groups, &a, &d, false, eps)
+    group_norm_act(x, groups, &a, &d, false, None, eps)
 }
 
 /// `gamma`, `beta` (c) broadcast to (b, c): the per-image affine of a plain GroupNorm.
