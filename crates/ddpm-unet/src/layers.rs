@@ -59,6 +59,23 @@ impl Conv2d {
 
     /// Applies the convolution to `x` (b, c_in, h, w).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with_bias(x, self.bias.as_ref())
+    }
+
+    /// Applies the convolution to `x` (b, c_in, h, w) with `extra` (b, c_out) added to each
+    /// image's bias: `conv(x) + bias + extra[:, :, None, None]` as one op on the CPU (no pass
+    /// over the output and no graph node for the broadcast add).
+    pub fn forward_plus_image_bias(&self, x: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(b) => extra
+                .to_dtype(b.dtype())?
+                .broadcast_add(&b.reshape((1, b.elem_count()))?)?,
+            None => extra.clone(),
+        };
+        self.forward_with_bias(x, Some(&bias))
+    }
+
+    fn forward_with_bias(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         if self.weight_standardized {
             // Standardized in at least f32 (half-precision weights of a frozen bf16/f16 copy are
             // upcast), so that a half-precision copy standardizes as its f32 master does.
@@ -73,9 +90,9 @@ impl Conv2d {
             let w = centered
                 .broadcast_div(&(var + 1e-5)?.sqrt()?)?
                 .to_dtype(dtype)?;
-            ops::conv2d(x, &w, self.bias.as_ref(), self.params)
+            ops::conv2d(x, &w, bias, self.params)
         } else {
-            ops::conv2d(x, &self.weight, self.bias.as_ref(), self.params)
+            ops::conv2d(x, &self.weight, bias, self.params)
         }
     }
 }

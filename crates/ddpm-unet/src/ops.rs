@@ -47,8 +47,8 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out).
-/// Weights are cast to the dtype of `x` (mixed precision).
+/// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out),
+/// or (b, c_out) for a bias per image. Weights are cast to the dtype of `x` (mixed precision).
 ///
 /// On the CPU (f32/f64) this is our im2col + GEMM kernel; on other devices it is
 /// [`conv2d_unfold`], an im2col built from candle's tensor ops so that the backward pass is
@@ -70,7 +70,11 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams)
         x.conv2d(&weight, p.padding, p.stride, 1, 1)?
     };
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        Some(b) => {
+            let (batch, c_out) = (x.dims()[0], weight.dims()[0]);
+            let rows = if b.elem_count() == c_out { 1 } else { batch };
+            y.broadcast_add(&b.reshape((rows, c_out, 1, 1))?)
+        }
         None => Ok(y),
     }
 }
@@ -654,6 +658,52 @@ mod tests {
                     "{kind:?} element {i}: finite difference {fd}, gradient {}",
                     grad[i]
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// A bias per image (b, c_out) through our conv kernel against candle's conv plus a
+    /// broadcast add: forward and the gradients of input, kernel and bias.
+    #[test]
+    fn conv_kernel_with_a_bias_per_image_matches_candle() -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            for (b, c, h, w, o, k, stride, pad) in [
+                (3, 2, 5, 4, 3, 3, 1, 1),
+                (2, 3, 6, 6, 5, 1, 1, 0),
+                (4, 2, 7, 5, 2, 3, 2, 1),
+            ] {
+                let x = var(&[b, c, h, w], dtype)?;
+                let wt = var(&[o, c, k, k], dtype)?;
+                let bias = var(&[b, o], dtype)?;
+                let p = ConvParams {
+                    stride,
+                    padding: pad,
+                };
+                let ours = conv2d(x.as_tensor(), wt.as_tensor(), Some(bias.as_tensor()), p)?;
+                let theirs = x
+                    .as_tensor()
+                    .conv2d(wt.as_tensor(), pad, stride, 1, 1)?
+                    .broadcast_add(&bias.as_tensor().reshape((b, o, 1, 1))?)?;
+                assert!(max_diff(&ours, &theirs)? < tol * 10.0);
+                let cot = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
+                let ga = (&ours * &cot)?.sum_all()?.backward()?;
+                let gb = (&theirs * &cot)?.sum_all()?.backward()?;
+                for v in [&x, &wt, &bias] {
+                    let (Some(a), Some(r)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor())) else {
+                        panic!("missing gradient")
+                    };
+                    let scale = 1.0
+                        + r.abs()?
+                            .max_all()?
+                            .to_dtype(DType::F64)?
+                            .to_scalar::<f64>()?;
+                    assert!(
+                        max_diff(a, r)? < tol * scale,
+                        "{:?} {dtype:?}",
+                        (b, c, h, w, o, k)
+                    );
+                }
             }
         }
         Ok(())

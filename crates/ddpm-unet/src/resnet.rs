@@ -141,10 +141,11 @@ impl DdpmResnetBlock {
 
     /// `x` (b, c_in, h, w), `temb` (b, temb_dim) -> (b, c_out, h, w); dropout only with `rng`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, rng: TrainRng) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x, None)?)?;
+        // The time embedding's projection (b, c_out) joins conv1's bias, per image.
         let t = self.temb_proj.forward(&ops::silu(temb)?)?;
-        let (b, c) = t.dims2()?;
-        let h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
+        let h = self
+            .conv1
+            .forward_plus_image_bias(&self.norm1.forward_silu(x, None)?, &t)?;
         let h = self.norm2.forward_silu_dropout(&h, self.dropout, rng)?;
         let h = self.conv2.forward(&h)?;
         match &self.nin_shortcut {

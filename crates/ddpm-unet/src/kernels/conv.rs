@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{avx2, matmul, slice, threads, Float};
+use super::{avx2, matmul, slice, sum, threads, Float};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -222,8 +222,13 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
                     &cols
                 };
                 matmul(g.o, n, k, yb, false, w, (k, 1), rhs, (n, 1), par);
-                for (oc, row) in yb.chunks_mut(n).enumerate() {
-                    let bv = bias[oc];
+                // One bias per channel, or one per (image, channel).
+                let bias_b = if bias.len() == g.o {
+                    bias
+                } else {
+                    &bias[bi * g.o..(bi + 1) * g.o]
+                };
+                for (row, &bv) in yb.chunks_mut(n).zip(bias_b) {
                     row.iter_mut().for_each(|v| *v += bv);
                 }
             }
@@ -231,25 +236,26 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
     y
 }
 
-/// Gradients `[dx | dw | db]` packed in one vector.
+/// Gradients `[dx | dw | db per (image, channel)]` packed in one vector.
 fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let (chunk, par) = plan(g.b);
     let wlen = g.o * k;
-    let mut out = vec![T::ZERO; g.b * g.in_len() + wlen + g.o];
-    let (dx, dwb) = out.split_at_mut(g.b * g.in_len());
+    let mut out = vec![T::ZERO; g.b * g.in_len() + wlen + g.b * g.o];
+    let (dx, rest) = out.split_at_mut(g.b * g.in_len());
+    let (dwb, db_rows) = rest.split_at_mut(wlen);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(chunk * g.in_len())
+        .zip(db_rows.par_chunks_mut(chunk * g.o))
         .enumerate()
-        .map(|(ci, dxs)| {
-            let mut acc = vec![T::ZERO; wlen + g.o];
+        .map(|(ci, (dxs, dbs))| {
+            let mut dw = vec![T::ZERO; wlen];
             let mut cols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
             let mut dcols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
             for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
                 let dyb = &dy[bi * g.out_len()..(bi + 1) * g.out_len()];
-                let (dw, db) = acc.split_at_mut(wlen);
                 let colsb: &[T] = if g.is_pointwise() {
                     xb
                 } else {
@@ -257,11 +263,9 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                     &cols
                 };
                 // dW (o x k) += dY (o x n) * cols^T (n x k)
-                matmul(g.o, k, n, dw, true, dyb, (n, 1), colsb, (1, n), par);
-                for (oc, row) in dyb.chunks(n).enumerate() {
-                    let mut s = T::ZERO;
-                    row.iter().for_each(|&v| s += v);
-                    db[oc] += s;
+                matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, n), par);
+                for (db, row) in dbs[j * g.o..(j + 1) * g.o].iter_mut().zip(dyb.chunks(n)) {
+                    *db = T::of(sum(row, |v| v));
                 }
                 // dcols (k x n) = W^T (k x o) * dY (o x n)
                 if g.is_pointwise() {
@@ -271,7 +275,7 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                     col2im_add(g, &dcols, dxb);
                 }
             }
-            acc
+            dw
         })
         .collect();
     for p in partials {
@@ -308,6 +312,14 @@ impl CustomOp3 for Conv2d {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let bias_len = l3.shape().elem_count();
+        if bias_len != g.o && bias_len != g.b * g.o {
+            candle_core::bail!(
+                "conv2d: bias of {bias_len} values for {} output channels and batch {}",
+                g.o,
+                g.b
+            );
+        }
         let shape = Shape::from((g.b, g.o, g.ho, g.wo));
         let storage = dispatch!(
             s1,
@@ -325,17 +337,22 @@ impl CustomOp3 for Conv2d {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let packed = x.apply_op3_no_bwd(w, &grad, &Conv2dBackward(*self))?;
         let (xn, wn) = (x.elem_count(), w.elem_count());
-        let o = w.dims()[0];
+        let (b, o) = (x.dims()[0], w.dims()[0]);
         let dx = packed.narrow(0, 0, xn)?.reshape(x.shape())?;
         let dw = packed.narrow(0, xn, wn)?.reshape(w.shape())?;
-        let db = packed.narrow(0, xn + wn, o)?;
+        let db_rows = packed.narrow(0, xn + wn, b * o)?;
+        let db = if bias.elem_count() == o {
+            db_rows.reshape((b, o))?.sum(0)?
+        } else {
+            db_rows.reshape(bias.shape())?
+        };
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -364,12 +381,13 @@ impl CustomOp3 for Conv2dBackward {
             slice(s2, l2, "w")?,
             slice(s3, l3, "grad")?
         );
-        let len = g.b * g.in_len() + g.o * g.k() + g.o;
+        let len = g.b * g.in_len() + g.o * g.k() + g.b * g.o;
         Ok((storage, Shape::from(len)))
     }
 }
 
-/// `conv2d(x, w) + bias` (bias of length c_out) through our kernel; inputs are made contiguous.
+/// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image;
+/// inputs are made contiguous.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
