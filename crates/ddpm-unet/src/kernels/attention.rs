@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{avx2, matmul, slice, Float};
+use super::{avx2, matmul, slice, sum, sum2, Float};
 
 /// Which attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,24 +78,36 @@ impl Geom {
     }
 }
 
-/// Softmax over each row of a (rows x cols) row-major matrix, in place.
+/// Softmax over each row of a (rows x cols) row-major matrix, in place. Written as separate
+/// loops (max, exponentials, sum, scaling), each of which vectorizes.
 #[inline(always)]
 fn softmax_rows<T: Float>(m: &mut [T], cols: usize) {
     for row in m.chunks_mut(cols) {
-        let mut max = row[0];
-        row.iter().for_each(|&v| {
-            if v > max {
-                max = v
-            }
-        });
-        let mut sum = T::ZERO;
-        row.iter_mut().for_each(|v| {
-            *v = (*v - max).exp();
-            sum += *v;
-        });
-        let inv = T::ONE / sum;
+        let max = max_of(row);
+        row.iter_mut().for_each(|v| *v = (*v - max).exp());
+        let inv = T::of(1.0 / sum(row, |v| v));
         row.iter_mut().for_each(|v| *v *= inv);
     }
+}
+
+/// The largest element of a non-empty slice, over independent lanes so that it vectorizes.
+#[inline(always)]
+fn max_of<T: Float>(xs: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [xs[0]; LANES];
+    let mut it = xs.chunks_exact(LANES);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = xs[0];
+    for &v in acc.iter().chain(it.remainder()) {
+        if v > m {
+            m = v;
+        }
+    }
+    m
 }
 
 /// `dst = src` with a softmax over each column of the (rows x cols) row-major matrix, then
@@ -197,8 +209,7 @@ fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize
         .zip(ds.chunks(cols))
         .zip(dst.chunks_mut(cols))
     {
-        let mut dot = T::ZERO;
-        srow.iter().zip(dsrow).for_each(|(&a, &b)| dot += a * b);
+        let dot = T::of(sum2(srow, dsrow, |a, b| a * b));
         for ((dv, &a), &b) in drow.iter_mut().zip(srow).zip(dsrow) {
             *dv = a * (b - dot);
         }
