@@ -59,7 +59,13 @@ impl Conv2d {
 
     /// Applies the convolution to `x` (b, c_in, h, w).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with_bias(x, self.bias.as_ref())
+        self.forward_with_bias(x, self.bias.as_ref(), 0)
+    }
+
+    /// Applies the convolution to `x` zero-padded by `extra_end` more rows and columns at the
+    /// bottom and right than at the top and left (see [`ops::conv2d_padded_end`]).
+    pub fn forward_padded_end(&self, x: &Tensor, extra_end: usize) -> Result<Tensor> {
+        self.forward_with_bias(x, self.bias.as_ref(), extra_end)
     }
 
     /// Applies the convolution to `x` (b, c_in, h, w) with `extra` (b, c_out) added to each
@@ -72,10 +78,10 @@ impl Conv2d {
                 .broadcast_add(&b.reshape((1, b.elem_count()))?)?,
             None => extra.clone(),
         };
-        self.forward_with_bias(x, Some(&bias))
+        self.forward_with_bias(x, Some(&bias), 0)
     }
 
-    fn forward_with_bias(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    fn forward_with_bias(&self, x: &Tensor, bias: Option<&Tensor>, end: usize) -> Result<Tensor> {
         if self.weight_standardized {
             // Standardized in at least f32 (half-precision weights of a frozen bf16/f16 copy are
             // upcast), so that a half-precision copy standardizes as its f32 master does.
@@ -90,9 +96,9 @@ impl Conv2d {
             let w = centered
                 .broadcast_div(&(var + 1e-5)?.sqrt()?)?
                 .to_dtype(dtype)?;
-            ops::conv2d(x, &w, bias, self.params)
+            ops::conv2d_padded_end(x, &w, bias, self.params, end)
         } else {
-            ops::conv2d(x, &self.weight, bias, self.params)
+            ops::conv2d_padded_end(x, &self.weight, bias, self.params, end)
         }
     }
 }

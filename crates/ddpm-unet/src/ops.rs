@@ -55,6 +55,19 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// matrix products too (candle's own CUDA conv backward goes through a direct transposed
 /// convolution). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
+    conv2d_padded_end(x, weight, bias, p, 0)
+}
+
+/// [`conv2d`] with `extra_end` more zero rows and columns padded after the input (bottom and
+/// right) than before: TensorFlow's "SAME" padding of the DDPM paper's stride-2 downsampling.
+/// In our CPU kernel the padding costs nothing (no padded copy of the input).
+pub fn conv2d_padded_end(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+    extra_end: usize,
+) -> Result<Tensor> {
     let weight = like(weight, x)?;
     let bias = bias.map(|b| like(b, x)).transpose()?;
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
@@ -62,8 +75,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams)
             Some(b) => b,
             None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
         };
-        return crate::kernels::conv::conv2d(x, &weight, &bias, p.stride, p.padding);
+        let pads = (p.padding, p.padding + extra_end);
+        return crate::kernels::conv::conv2d(x, &weight, &bias, p.stride, pads);
     }
+    let x = if extra_end > 0 {
+        &x.pad_with_zeros(2, 0, extra_end)?
+            .pad_with_zeros(3, 0, extra_end)?
+    } else {
+        x
+    };
     let y = if kernels() == Kernels::Ours && !x.device().is_cpu() {
         conv2d_unfold(x, &weight, p)?
     } else {
@@ -331,8 +351,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.matmul(&b.contiguous()?)
 }
 
-/// Nearest-neighbour 2x upsampling of `x` (b, c, h, w).
+/// Nearest-neighbour 2x upsampling of `x` (b, c, h, w); our kernel on the CPU (forward and
+/// backward), candle's `upsample_nearest2d` elsewhere.
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    if kernels() == Kernels::Ours && crate::kernels::supported(x) {
+        return crate::kernels::resample::upsample_nearest_2x(x);
+    }
     let (_, _, h, w) = x.dims4()?;
     x.upsample_nearest2d(2 * h, 2 * w)
 }
@@ -704,6 +728,98 @@ mod tests {
                         (b, c, h, w, o, k)
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradients of `sum(f(v) * r)` with respect to each of `vars`, `r` random of the
+    /// output's shape (the same `r` for every `f` given the same seed).
+    fn grads_of(out: &Tensor, vars: &[&candle_core::Var], seed: u64) -> Result<Vec<Tensor>> {
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let r: Vec<f64> = (0..out.elem_count())
+            .map(|_| rand::Rng::random_range(&mut rng, -1.0..1.0))
+            .collect();
+        let r = Tensor::from_vec(r, out.shape(), &Device::Cpu)?.to_dtype(out.dtype())?;
+        let g = (out * r)?.sum_all()?.backward()?;
+        Ok(vars
+            .iter()
+            .map(|v| g.get(v.as_tensor()).expect("gradient").clone())
+            .collect())
+    }
+
+    /// Relative difference `max |a - b| / max(|b|, 1e-30)`.
+    fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let m = b
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(max_diff(a, b)? / m.max(1e-30))
+    }
+
+    /// Extra padding at the bottom and right in our conv kernel (the DDPM downsampling) against
+    /// candle's padded copy then conv: forward and the three gradients.
+    #[test]
+    fn conv_kernel_with_end_padding_matches_padded_candle_conv() -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            // (b, c, h, w, o, k, stride, padding, extra end padding)
+            for (b, c, h, w, o, k, stride, pad, extra) in [
+                (2, 3, 8, 8, 4, 3, 2, 0, 1),
+                (1, 2, 6, 8, 3, 3, 2, 0, 1),
+                (2, 2, 5, 5, 2, 3, 1, 1, 2),
+            ] {
+                let x = var(&[b, c, h, w], dtype)?;
+                let wt = var(&[o, c, k, k], dtype)?;
+                let bias = var(&[o], dtype)?;
+                let p = ConvParams {
+                    stride,
+                    padding: pad,
+                };
+                let ours = conv2d_padded_end(
+                    x.as_tensor(),
+                    wt.as_tensor(),
+                    Some(bias.as_tensor()),
+                    p,
+                    extra,
+                )?;
+                let theirs = x
+                    .as_tensor()
+                    .pad_with_zeros(2, pad, pad + extra)?
+                    .pad_with_zeros(3, pad, pad + extra)?
+                    .conv2d(wt.as_tensor(), 0, stride, 1, 1)?
+                    .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?;
+                assert_eq!(ours.dims(), theirs.dims());
+                assert!(rel(&ours, &theirs)? < tol);
+                let vars = [&x, &wt, &bias];
+                for (a, r) in grads_of(&ours, &vars, 3)?
+                    .iter()
+                    .zip(grads_of(&theirs, &vars, 3)?)
+                {
+                    assert!(
+                        rel(a, &r)? < tol,
+                        "{:?} {dtype:?}",
+                        (b, c, h, w, stride, extra)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Our nearest 2x upsampling against candle's: forward (exactly) and the gradient.
+    #[test]
+    fn upsample_kernel_matches_candle() -> Result<()> {
+        for dtype in [DType::F64, DType::F32] {
+            for (b, c, h, w) in [(1, 1, 1, 1), (2, 3, 4, 5), (3, 2, 7, 3)] {
+                let x = var(&[b, c, h, w], dtype)?;
+                let ours = upsample_nearest_2x(x.as_tensor())?;
+                let theirs = x.as_tensor().upsample_nearest2d(2 * h, 2 * w)?;
+                assert_eq!(max_diff(&ours, &theirs)?, 0.0);
+                let ga = grads_of(&ours, &[&x], 5)?;
+                let gb = grads_of(&theirs, &[&x], 5)?;
+                assert!(rel(&ga[0], &gb[0])? < 1e-6, "{:?}", (b, c, h, w));
             }
         }
         Ok(())

@@ -77,7 +77,6 @@ impl StridedConvDown {
 
     /// (b, c, h, w) -> (b, c, h/2, w/2) for even h, w.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
-        self.conv.forward(&x)
+        self.conv.forward_padded_end(x, 1)
     }
 }

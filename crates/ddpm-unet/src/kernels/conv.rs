@@ -25,7 +25,7 @@ struct Geom {
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize, pad_end: usize) -> Result<Self> {
         let (&[b, c, h, wd], &[o, wc, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}")
         };
@@ -33,7 +33,7 @@ impl Geom {
             candle_core::bail!("conv2d: input has {c} channels, kernel expects {wc}");
         }
         let stride = stride.max(1);
-        if h + 2 * pad < kh || wd + 2 * pad < kw {
+        if h + pad + pad_end < kh || wd + pad + pad_end < kw {
             candle_core::bail!("conv2d: kernel {kh}x{kw} larger than padded input");
         }
         Ok(Self {
@@ -46,8 +46,8 @@ impl Geom {
             kw,
             stride,
             pad,
-            ho: (h + 2 * pad - kh) / stride + 1,
-            wo: (wd + 2 * pad - kw) / stride + 1,
+            ho: (h + pad + pad_end - kh) / stride + 1,
+            wo: (wd + pad + pad_end - kw) / stride + 1,
         })
     }
     fn k(&self) -> usize {
@@ -57,7 +57,7 @@ impl Geom {
         self.ho * self.wo
     }
     fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0 && self.ho == self.h
     }
     fn in_len(&self) -> usize {
         self.c * self.h * self.w
@@ -291,8 +291,11 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
 pub struct Conv2d {
     /// Stride in both dimensions.
     pub stride: usize,
-    /// Symmetric zero padding.
+    /// Zero padding before the first row and column.
     pub padding: usize,
+    /// Zero padding after the last row and column (usually `padding`; TensorFlow's "SAME"
+    /// padding of a stride-2 conv pads only after).
+    pub padding_end: usize,
 }
 
 struct Conv2dBackward(Conv2d);
@@ -311,7 +314,13 @@ impl CustomOp3 for Conv2d {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let g = Geom::new(
+            l1.dims(),
+            l2.dims(),
+            self.stride,
+            self.padding,
+            self.padding_end,
+        )?;
         let bias_len = l3.shape().elem_count();
         if bias_len != g.o && bias_len != g.b * g.o {
             candle_core::bail!(
@@ -371,7 +380,13 @@ impl CustomOp3 for Conv2dBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.0.stride, self.0.padding)?;
+        let g = Geom::new(
+            l1.dims(),
+            l2.dims(),
+            self.0.stride,
+            self.0.padding,
+            self.0.padding_end,
+        )?;
         let storage = dispatch!(
             s1,
             "conv2d",
@@ -386,18 +401,23 @@ impl CustomOp3 for Conv2dBackward {
     }
 }
 
-/// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image;
-/// inputs are made contiguous.
+/// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image,
+/// with `padding` zeros before and `padding_end` after the rows and columns; inputs are made
+/// contiguous.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
     bias: &Tensor,
     stride: usize,
-    padding: usize,
+    (padding, padding_end): (usize, usize),
 ) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &bias.contiguous()?,
-        Conv2d { stride, padding },
+        Conv2d {
+            stride,
+            padding,
+            padding_end,
+        },
     )
 }

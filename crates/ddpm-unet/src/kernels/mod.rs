@@ -18,6 +18,7 @@ macro_rules! dispatch {
 pub mod attention;
 pub mod conv;
 pub mod group_norm;
+pub mod resample;
 
 use candle_core::{CpuStorage, Layout, Result};
 use gemm::Parallelism;
