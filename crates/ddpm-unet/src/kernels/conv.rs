@@ -20,6 +20,7 @@ struct Geom {
     kw: usize,
     stride: usize,
     pad: usize,
+    pad_end: usize,
     ho: usize,
     wo: usize,
 }
@@ -46,12 +47,32 @@ impl Geom {
             kw,
             stride,
             pad,
+            pad_end,
             ho: (h + pad + pad_end - kh) / stride + 1,
             wo: (wd + pad + pad_end - kw) / stride + 1,
         })
     }
     fn k(&self) -> usize {
         self.c * self.kh * self.kw
+    }
+    /// For a stride-1 conv with equal padding on both sides (at most `k - 1`), the input
+    /// gradient is itself a convolution: of dY with the kernel flipped in space and transposed
+    /// in channels, padded by `k - 1 - pad`. Its geometry, when that holds.
+    fn input_gradient_as_conv(&self) -> Option<Geom> {
+        let same = self.stride == 1 && self.pad == self.pad_end && self.kh == self.kw;
+        if !same || self.pad >= self.kh || self.is_pointwise() {
+            return None;
+        }
+        let pad = self.kh - 1 - self.pad;
+        let t = Geom::new(
+            &[self.b, self.o, self.ho, self.wo],
+            &[self.c, self.o, self.kh, self.kw],
+            1,
+            pad,
+            pad,
+        )
+        .ok()?;
+        (t.ho == self.h && t.wo == self.w).then_some(t)
     }
     fn n(&self) -> usize {
         self.ho * self.wo
@@ -236,6 +257,24 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
     y
 }
 
+/// `W'[ci, oc, ky, kx] = W[oc, ci, kh-1-ky, kw-1-kx]`: the kernel of the input gradient.
+fn flip_kernel<T: Float>(g: &Geom, w: &[T]) -> Vec<T> {
+    let (kh, kw) = (g.kh, g.kw);
+    let mut f = vec![T::ZERO; w.len()];
+    for oc in 0..g.o {
+        for ci in 0..g.c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let src = ((oc * g.c + ci) * kh + ky) * kw + kx;
+                    let dst = ((ci * g.o + oc) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx);
+                    f[dst] = w[src];
+                }
+            }
+        }
+    }
+    f
+}
+
 /// Gradients `[dx | dw | db per (image, channel)]` packed in one vector.
 fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
@@ -243,6 +282,8 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let wlen = g.o * k;
     let mut out = vec![T::ZERO; g.b * g.in_len() + wlen + g.b * g.o];
     let (dx, rest) = out.split_at_mut(g.b * g.in_len());
+    let t = g.input_gradient_as_conv();
+    let w_flipped = t.map(|_| flip_kernel(g, w));
     let (dwb, db_rows) = rest.split_at_mut(wlen);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(chunk * g.in_len())
@@ -251,7 +292,9 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         .map(|(ci, (dxs, dbs))| {
             let mut dw = vec![T::ZERO; wlen];
             let mut cols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
-            let mut dcols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * n }];
+            let scatter = !g.is_pointwise() && t.is_none();
+            let mut dcols = vec![T::ZERO; if scatter { k * n } else { 0 }];
+            let mut dycols = vec![T::ZERO; t.map_or(0, |t| t.k() * t.n())];
             for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
@@ -266,6 +309,23 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                 matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, n), par);
                 for (db, row) in dbs[j * g.o..(j + 1) * g.o].iter_mut().zip(dyb.chunks(n)) {
                     *db = T::of(sum(row, |v| v));
+                }
+                if let (Some(t), Some(wf)) = (&t, &w_flipped) {
+                    // dX (c x h*w) = W' (c x o*kh*kw) * im2col(dY)
+                    im2col(t, dyb, &mut dycols);
+                    matmul(
+                        g.c,
+                        t.n(),
+                        t.k(),
+                        dxb,
+                        false,
+                        wf,
+                        (t.k(), 1),
+                        &dycols,
+                        (t.n(), 1),
+                        par,
+                    );
+                    continue;
                 }
                 // dcols (k x n) = W^T (k x o) * dY (o x n)
                 if g.is_pointwise() {
