@@ -82,25 +82,6 @@ fn keep_freed_memory(_ordinal: usize) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_cpu_and_rejects_nonsense() {
-        assert!(parse_device("cpu").is_ok_and(|d| d.is_cpu()));
-        assert!(parse_device("tpu").is_err());
-        assert!(parse_device("cuda:x").is_err());
-        if !candle_core::utils::cuda_is_available() {
-            let e = parse_device("cuda:0")
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            assert!(e.contains("without CUDA"), "{e}");
-        }
-    }
-}
-
 /// mimalloc's `mi_option_purge_delay` (index 15 of `mi_option_e` in mimalloc 2 and 3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -119,4 +100,23 @@ pub fn keep_freed_host_memory() {
     }
     // SAFETY: sets one integer option; called at start-up, before other threads exist.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_nonsense() {
+        assert!(parse_device("cpu").is_ok_and(|d| d.is_cpu()));
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        if !candle_core::utils::cuda_is_available() {
+            let e = parse_device("cuda:0")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("without CUDA"), "{e}");
+        }
+    }
 }
