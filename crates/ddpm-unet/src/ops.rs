@@ -544,26 +544,8 @@ mod tests {
                     1e-5,
                 )?;
                 assert!(max_diff(&ours, &theirs)? < tol * 10.0);
-                let vars = [&x, &gamma, &beta];
-                let seed_out =
-                    Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
-                let ga = (&ours * &seed_out)?.sum_all()?.backward()?;
-                let gb = (&theirs * &seed_out)?.sum_all()?.backward()?;
-                for v in vars {
-                    let (Some(a), Some(bb)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor())) else {
-                        panic!("missing gradient")
-                    };
-                    let scale = 1.0
-                        + bb.abs()?
-                            .max_all()?
-                            .to_dtype(DType::F64)?
-                            .to_scalar::<f64>()?;
-                    assert!(
-                        max_diff(a, bb)? < tol * scale,
-                        "{:?} {dtype:?}",
-                        (b, c, h, w, groups)
-                    );
-                }
+                let case = format!("{:?} {dtype:?}", (b, c, h, w, groups));
+                assert_same_grads(&ours, &theirs, &[&x, &gamma, &beta], tol, &case)?;
             }
         }
 
@@ -712,24 +694,8 @@ mod tests {
                     .conv2d(wt.as_tensor(), pad, stride, 1, 1)?
                     .broadcast_add(&bias.as_tensor().reshape((b, o, 1, 1))?)?;
                 assert!(max_diff(&ours, &theirs)? < tol * 10.0);
-                let cot = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
-                let ga = (&ours * &cot)?.sum_all()?.backward()?;
-                let gb = (&theirs * &cot)?.sum_all()?.backward()?;
-                for v in [&x, &wt, &bias] {
-                    let (Some(a), Some(r)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor())) else {
-                        panic!("missing gradient")
-                    };
-                    let scale = 1.0
-                        + r.abs()?
-                            .max_all()?
-                            .to_dtype(DType::F64)?
-                            .to_scalar::<f64>()?;
-                    assert!(
-                        max_diff(a, r)? < tol * scale,
-                        "{:?} {dtype:?}",
-                        (b, c, h, w, o, k)
-                    );
-                }
+                let case = format!("{:?} {dtype:?}", (b, c, h, w, o, k));
+                assert_same_grads(&ours, &theirs, &[&x, &wt, &bias], tol, &case)?;
             }
         }
         Ok(())
@@ -749,6 +715,32 @@ mod tests {
             .iter()
             .map(|v| g.get(v.as_tensor()).expect("gradient").clone())
             .collect())
+    }
+
+    /// Asserts that `ours` and `theirs` (the same function computed two ways) have the same
+    /// gradients of `sum(out * r)` with respect to `vars`: max difference below
+    /// `tol * (1 + max |reference|)`.
+    fn assert_same_grads(
+        ours: &Tensor,
+        theirs: &Tensor,
+        vars: &[&candle_core::Var],
+        tol: f64,
+        case: &str,
+    ) -> Result<()> {
+        let ga = grads_of(ours, vars, 17)?;
+        let gb = grads_of(theirs, vars, 17)?;
+        for (k, (a, r)) in ga.iter().zip(&gb).enumerate() {
+            let scale = 1.0
+                + r.abs()?
+                    .max_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+            assert!(
+                max_diff(a, r)? < tol * scale,
+                "gradient of input {k}, {case}"
+            );
+        }
+        Ok(())
     }
 
     /// Relative difference `max |a - b| / max(|b|, 1e-30)`.
@@ -926,28 +918,12 @@ mod tests {
                     theirs = theirs.mul(&mask.to_dtype(dtype)?)?;
                 }
                 assert!(max_diff(&ours, &theirs)? < tol * 10.0, "forward {b} {c}");
-                let cot = Tensor::randn(0f64, 1.0, ours.dims(), &Device::Cpu)?.to_dtype(dtype)?;
-                let ga = (&ours * &cot)?.sum_all()?.backward()?;
-                let gb = (&theirs * &cot)?.sum_all()?.backward()?;
                 let mut vars = vec![&x, &gamma, &beta];
                 if with_ss {
                     vars.extend([&scale, &shift]);
                 }
-                for (k, v) in vars.into_iter().enumerate() {
-                    let (Some(a), Some(r)) = (ga.get(v.as_tensor()), gb.get(v.as_tensor())) else {
-                        panic!("missing gradient of input {k}")
-                    };
-                    let scale = 1.0
-                        + r.abs()?
-                            .max_all()?
-                            .to_dtype(DType::F64)?
-                            .to_scalar::<f64>()?;
-                    assert!(
-                        max_diff(a, r)? < tol * scale,
-                        "gradient of input {k}, {:?} {dtype:?}",
-                        (b, c, h, w, groups)
-                    );
-                }
+                let case = format!("{:?} {dtype:?}", (b, c, h, w, groups));
+                assert_same_grads(&ours, &theirs, &vars, tol, &case)?;
             }
         }
         Ok(())
