@@ -452,6 +452,10 @@ mod tests {
             (5, 7, 4, 4, 9, 3, 1, 1),
             (2, 2, 6, 7, 3, 3, 1, 0),
             (1, 2, 2, 3, 2, 5, 1, 2),
+            // 256 and 128 pixels: the padded patch rows and the transposed weight gradient.
+            (2, 3, 16, 16, 4, 3, 1, 1),
+            (1, 2, 16, 8, 3, 3, 1, 1),
+            (2, 2, 32, 32, 3, 3, 2, 1),
         ];
         let flat = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()

@@ -186,20 +186,8 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Products with at most this many rows and at least [`NARROW_MIN_COLS`] columns are computed
-/// transposed (see [`matmul`]).
-const NARROW_MAX_ROWS: usize = 32;
-/// See [`NARROW_MAX_ROWS`].
-const NARROW_MIN_COLS: usize = 128;
-
 /// `dst (m x n) = [dst +] a (m x k) * b (k x n)` with explicit (row, column) strides; `dst` is
 /// row-major.
-///
-/// The `gemm` crate runs products with few rows (a 32-channel convolution: 32 x 1024 outputs)
-/// at about half its speed on our machines (measured: 50 against 96 GFLOP/s on one core, for
-/// 32 x 288 and 32 x 1024 outputs), but their transposes at full speed: such products are
-/// computed as `dst^T = b^T a^T` into a scratch matrix, then transposed into `dst` (a copy of
-/// `m * n` elements next to `m * n * k` multiply-adds).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<T: Float>(
     m: usize,
@@ -214,33 +202,6 @@ pub(crate) fn matmul<T: Float>(
     par: Parallelism,
 ) {
     debug_assert!(dst.len() >= m * n);
-    if m <= NARROW_MAX_ROWS && n >= NARROW_MIN_COLS {
-        let mut t = vec![T::ZERO; n * m];
-        gemm_row_major(
-            n,
-            m,
-            k,
-            &mut t,
-            false,
-            b,
-            (b_cs, b_rs),
-            a,
-            (a_cs, a_rs),
-            par,
-        );
-        for (i, row) in dst[..m * n].chunks_mut(n).enumerate() {
-            if accumulate {
-                row.iter_mut()
-                    .zip(t[i..].iter().step_by(m))
-                    .for_each(|(d, &v)| *d += v);
-            } else {
-                row.iter_mut()
-                    .zip(t[i..].iter().step_by(m))
-                    .for_each(|(d, &v)| *d = v);
-            }
-        }
-        return;
-    }
     gemm_row_major(
         m,
         n,
@@ -318,8 +279,7 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
     }
 
-    /// `matmul` against a direct triple loop, on both of its paths (few rows and many columns
-    /// go through the transposed product), with transposed operands and accumulation.
+    /// `matmul` against a direct triple loop, with transposed operands and accumulation.
     #[test]
     fn matmul_matches_direct_loops() {
         for (m, n, k) in [
