@@ -117,6 +117,47 @@ fn valid_range(out: usize, stride: usize, k: usize, pad: usize, size: usize) -> 
     (lo.min(hi), hi)
 }
 
+/// Whether a patch row is the input plane shifted by one flat offset (stride 1, output as wide
+/// as the input, kernel no larger than the image, padding less than the kernel): then
+/// `cols[j] = plane[j + off]` except in the padding's columns, which wrap into the neighbouring
+/// row and are zeroed after one block copy.
+#[inline(always)]
+fn is_flat(g: &Geom) -> bool {
+    g.stride == 1 && g.wo == g.w && g.kw <= g.w && g.kh <= g.h && g.pad < g.kw && g.pad < g.kh
+}
+
+/// One patch row (`ky`, `kx`) of a [`is_flat`] conv: `dst[j] = plane[j + off]` over the valid
+/// output rows `ylo..yhi`, zeros elsewhere and in the columns outside `xlo..xhi`.
+#[inline(always)]
+fn flat_row<T: Float>(
+    g: &Geom,
+    plane: &[T],
+    dst: &mut [T],
+    (ky, kx): (usize, usize),
+    (ylo, yhi): (usize, usize),
+    (xlo, xhi): (usize, usize),
+) {
+    let w = g.w as isize;
+    let off = (ky as isize - g.pad as isize) * w + (kx as isize - g.pad as isize);
+    let (lo, hi) = (ylo * g.wo, yhi * g.wo);
+    // The block whose sources lie inside the plane (it may lose one element at either end,
+    // which is then a padding column).
+    let start = (lo as isize).max(-off).min(hi as isize) as usize;
+    let end = ((hi as isize)
+        .min(plane.len() as isize - off)
+        .max(start as isize)) as usize;
+    dst[..start].fill(T::ZERO);
+    dst[end..].fill(T::ZERO);
+    let src = (start as isize + off) as usize;
+    dst[start..end].copy_from_slice(&plane[src..src + (end - start)]);
+    if xlo > 0 || xhi < g.wo {
+        for line in dst[lo..hi].chunks_mut(g.wo) {
+            line[..xlo].fill(T::ZERO);
+            line[xhi..].fill(T::ZERO);
+        }
+    }
+}
+
 #[inline(always)]
 fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
     let (n, ld) = (g.n(), g.ld());
@@ -128,6 +169,10 @@ fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
                 let (xlo, xhi) = valid_range(g.wo, g.stride, kx, g.pad, g.w);
                 let row = (ci * g.kh + ky) * g.kw + kx;
                 let dst = &mut cols[row * ld..row * ld + n];
+                if is_flat(g) {
+                    flat_row(g, plane, dst, (ky, kx), (ylo, yhi), (xlo, xhi));
+                    continue;
+                }
                 for oy in 0..g.ho {
                     let line = &mut dst[oy * g.wo..(oy + 1) * g.wo];
                     if oy < ylo || oy >= yhi {
