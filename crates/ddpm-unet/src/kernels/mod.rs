@@ -3,6 +3,19 @@
 //! candle 0.11's CPU convolution and the backward passes of its broadcast ops are far slower
 //! than PyTorch's; these replace them for the U-Nets' hot ops on the CPU. [`crate::ops`] decides
 //! when they are used (CPU tensors of f32/f64, unless `DDPM_KERNELS=candle`).
+//!
+//! - [`conv`]: convolution on GEMM (im2col, padded rows), a bias per channel or per image (the
+//!   time embedding), padding that may differ at the end; backward as GEMMs, the input gradient
+//!   of stride-1 convs as a convolution with the flipped kernel.
+//! - [`group_norm`]: GroupNorm with a per-(image, channel) affine (scale-shift conditioning),
+//!   SiLU and dropout in one pass forward and two backward.
+//! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
+//! - [`resample`]: nearest 2x upsampling.
+//!
+//! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
+//! plus an addition backward, so fusing ops here saves more than their own arithmetic.
+//! Element-wise loops are written to vectorize (branch-free [`exp_f32`], lane-wise sums) and are
+//! compiled a second time for AVX2 + FMA, chosen at run time ([`avx2`]).
 
 /// Runs a generic kernel `$f::<T>(args)` for the storage's float type, wrapping the result.
 macro_rules! dispatch {
@@ -155,7 +168,7 @@ pub(crate) fn sum2<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 {
 }
 
 /// Whether this CPU runs the AVX2 + FMA builds of our element-wise loops (checked once).
-pub(crate) fn avx2() -> bool {
+pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
