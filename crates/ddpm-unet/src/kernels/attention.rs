@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{avx2, matmul, slice, sum, sum2, Float};
+use super::{matmul, slice, sum, sum2, Float};
 
 /// Which attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +148,7 @@ const SERIAL: Parallelism = Parallelism::None;
 
 /// One head's forward pass into `out` (d x n).
 #[inline(always)]
-fn forward_head<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &mut [T]) {
+fn forward_head_impl<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &mut [T]) {
     let (d, n) = (g.d, g.n);
     let scale = T::of(op.scale);
     match op.kind {
@@ -182,20 +182,12 @@ fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -
 
 fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
     let mut out = vec![T::ZERO; g.b * g.part_len()];
-    let fast = avx2();
     out.par_chunks_mut(g.head_len())
         .enumerate()
         .for_each(|(i, out)| {
             let (img, h) = (i / g.heads, i % g.heads);
             let qkv_img = &qkv[img * 3 * g.part_len()..(img + 1) * 3 * g.part_len()];
-            let qkv_h = head(g, qkv_img, h);
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                unsafe { forward_head_avx2(op, g, qkv_h, out) };
-                return;
-            }
-            forward_head(op, g, qkv_h, out);
+            forward_head(op, g, head(g, qkv_img, h), out);
         });
     out
 }
@@ -218,7 +210,7 @@ fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize
 
 /// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n).
 #[inline(always)]
-fn backward_head<T: Float>(
+fn backward_head_impl<T: Float>(
     op: &Attention,
     g: &Geom,
     [q, k, v]: [&[T]; 3],
@@ -278,7 +270,6 @@ fn backward_head<T: Float>(
 
 fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
     let mut dqkv = vec![T::ZERO; qkv.len()];
-    let fast = avx2();
     let img_len = 3 * g.part_len();
     dqkv.par_chunks_mut(img_len)
         .enumerate()
@@ -293,37 +284,26 @@ fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T>
             for (h, ((dq, dk), dv)) in heads.enumerate() {
                 let start = (img * g.heads + h) * g.head_len();
                 let dout_h = &dout[start..start + g.head_len()];
-                let qkv_h = head(g, qkv_img, h);
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                    unsafe { backward_head_avx2(op, g, qkv_h, dout_h, [dq, dk, dv]) };
-                    continue;
-                }
-                backward_head(op, g, qkv_h, dout_h, [dq, dk, dv]);
+                backward_head(op, g, head(g, qkv_img, h), dout_h, [dq, dk, dv]);
             }
         });
     dqkv
 }
 
-/// [`forward_head`] compiled for AVX2 and FMA (the crate's baseline target is plain x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn forward_head_avx2<T: Float>(op: &Attention, g: &Geom, qkv: [&[T]; 3], out: &mut [T]) {
-    forward_head(op, g, qkv, out)
+avx2_dispatch! {
+    /// [`forward_head_impl`], AVX2 build when the CPU has it.
+    fn forward_head<T>(op: &Attention, g: &Geom, qkv: [&[T]; 3], out: &mut [T]) = forward_head_impl
 }
 
-/// [`backward_head`] compiled for AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn backward_head_avx2<T: Float>(
-    op: &Attention,
-    g: &Geom,
-    qkv: [&[T]; 3],
-    dout: &[T],
-    grads: [&mut [T]; 3],
-) {
-    backward_head(op, g, qkv, dout, grads)
+avx2_dispatch! {
+    /// [`backward_head_impl`], AVX2 build when the CPU has it.
+    fn backward_head<T>(
+        op: &Attention,
+        g: &Geom,
+        qkv: [&[T]; 3],
+        dout: &[T],
+        grads: [&mut [T]; 3],
+    ) = backward_head_impl
 }
 
 /// The backward pass, over (qkv, output gradient).

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{avx2, matmul, slice, sum, threads, Float};
+use super::{matmul, slice, sum, threads, Float};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -229,37 +229,14 @@ fn col2im_add_impl<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
     }
 }
 
-/// The patches of one image `x` as a (k x n) matrix `cols` with row stride `g.ld()` (AVX2
-/// build when the CPU has it).
-fn im2col<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-        return unsafe { im2col_avx2(g, x, cols) };
-    }
-    im2col_impl(g, x, cols)
+avx2_dispatch! {
+    /// The patches of one image `x` as a (k x n) matrix `cols` with row stride `g.ld()`.
+    fn im2col<T>(g: &Geom, x: &[T], cols: &mut [T]) = im2col_impl
 }
 
-/// Adds the (k x n) patch gradients `cols` onto one image's `dx` (AVX2 build when available).
-fn col2im_add<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-        return unsafe { col2im_add_avx2(g, cols, dx) };
-    }
-    col2im_add_impl(g, cols, dx)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn im2col_avx2<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
-    im2col_impl(g, x, cols)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn col2im_add_avx2<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
-    col2im_add_impl(g, cols, dx)
+avx2_dispatch! {
+    /// Adds the (k x n) patch gradients `cols` onto one image's `dx`.
+    fn col2im_add<T>(g: &Geom, cols: &[T], dx: &mut [T]) = col2im_add_impl
 }
 
 /// Splits `0..b` into per-thread chunks; single-image work uses GEMM's own threads instead.

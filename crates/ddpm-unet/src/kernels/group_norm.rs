@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{avx2, slice, sum, sum2, Float};
+use super::{slice, sum, sum2, Float};
 
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -128,7 +128,7 @@ struct Post<T> {
 /// channels, `start` the index of `xs[0]` in the whole tensor (for the dropout mask).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn forward_group<T: Float>(
+fn forward_group_impl<T: Float>(
     hw: usize,
     xs: &[T],
     ys: &mut [T],
@@ -168,7 +168,7 @@ fn forward_group<T: Float>(
 /// `(sum(dh * xhat), sum(dh))`, `dh` the gradient before the activation.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn backward_group<T: Float>(
+fn backward_group_impl<T: Float>(
     hw: usize,
     xs: &[T],
     dys: &[T],
@@ -221,45 +221,38 @@ fn backward_group<T: Float>(
     chan
 }
 
-/// [`forward_group`] compiled for AVX2 and FMA (the crate's baseline target is plain x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn forward_group_avx2<T: Float>(
-    hw: usize,
-    xs: &[T],
-    ys: &mut [T],
-    a: &[T],
-    d: &[T],
-    eps: f64,
-    post: Post<T>,
-    start: usize,
-) {
-    forward_group(hw, xs, ys, a, d, eps, post, start)
+avx2_dispatch! {
+    /// [`forward_group_impl`], AVX2 build when the CPU has it.
+    fn forward_group<T>(
+        hw: usize,
+        xs: &[T],
+        ys: &mut [T],
+        a: &[T],
+        d: &[T],
+        eps: f64,
+        post: Post<T>,
+        start: usize,
+    ) = forward_group_impl
 }
 
-/// [`backward_group`] compiled for AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn backward_group_avx2<T: Float>(
-    hw: usize,
-    xs: &[T],
-    dys: &[T],
-    dxs: &mut [T],
-    a: &[T],
-    d: &[T],
-    eps: f64,
-    post: Post<T>,
-    start: usize,
-) -> Vec<(f64, f64)> {
-    backward_group(hw, xs, dys, dxs, a, d, eps, post, start)
+avx2_dispatch! {
+    /// [`backward_group_impl`], AVX2 build when the CPU has it.
+    fn backward_group<T>(
+        hw: usize,
+        xs: &[T],
+        dys: &[T],
+        dxs: &mut [T],
+        a: &[T],
+        d: &[T],
+        eps: f64,
+        post: Post<T>,
+        start: usize,
+    ) -> Vec<(f64, f64)> = backward_group_impl
 }
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
 fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
     let mut y = vec![T::ZERO; x.len()];
-    let fast = avx2();
     let (eps, post) = (op.eps, op.post());
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
@@ -268,13 +261,6 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec
             let (img, grp) = (i / g.groups, i % g.groups);
             let ch = img * g.c + grp * g.cg()..img * g.c + (grp + 1) * g.cg();
             let (a, d) = (&a[ch.clone()], &d[ch]);
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                unsafe { forward_group_avx2(g.hw, xs, ys, a, d, eps, post, i * g.group_len()) };
-                return;
-            }
-            let _ = fast;
             forward_group(g.hw, xs, ys, a, d, eps, post, i * g.group_len())
         });
     y
@@ -286,7 +272,6 @@ fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupN
     let bc = x.len() / g.hw;
     let mut out = vec![T::ZERO; x.len() + 2 * bc];
     let (dx, rest) = out.split_at_mut(x.len());
-    let fast = avx2();
     let per_group: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
@@ -296,14 +281,6 @@ fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupN
             let (img, grp) = (i / g.groups, i % g.groups);
             let ch = img * g.c + grp * g.cg()..img * g.c + (grp + 1) * g.cg();
             let (a, d) = (&a[ch.clone()], &d[ch]);
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
-                return unsafe {
-                    backward_group_avx2(g.hw, xs, dys, dxs, a, d, eps, post, i * g.group_len())
-                };
-            }
-            let _ = fast;
             backward_group(g.hw, xs, dys, dxs, a, d, eps, post, i * g.group_len())
         })
         .collect();

@@ -15,7 +15,7 @@
 //! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
 //! plus an addition backward, so fusing ops here saves more than their own arithmetic.
 //! Element-wise loops are written to vectorize (branch-free [`exp_f32`], lane-wise sums) and are
-//! compiled a second time for AVX2 + FMA, chosen at run time ([`avx2`]).
+//! compiled a second time for AVX2 + FMA, chosen at run time (`avx2_dispatch!`, [`avx2`]).
 
 /// Runs a generic kernel `$f::<T>(args)` for the storage's float type, wrapping the result.
 macro_rules! dispatch {
@@ -24,6 +24,32 @@ macro_rules! dispatch {
             DType::F32 => CpuStorage::F32($f::<f32>($($arg),*)),
             DType::F64 => CpuStorage::F64($f::<f64>($($arg),*)),
             d => candle_core::bail!("{} kernel: unsupported dtype {d:?}", $what),
+        }
+    };
+}
+
+/// `avx2_dispatch! { /// docs  fn name<T>(args) -> R = body_fn }` defines `name`, which runs
+/// `body_fn` (an `#[inline(always)]` generic function) from a copy compiled for AVX2 + FMA when
+/// the CPU has them ([`avx2`]), and from the baseline x86-64 build otherwise: the crate is built
+/// for plain x86-64, where our element-wise loops get 4-wide SSE2 at most.
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* fn $name:ident<$t:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $body:ident) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name<$t: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2_build<$t: Float>($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if $crate::kernels::avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
+                    return unsafe { avx2_build($($arg),*) };
+                }
+            }
+            $body($($arg),*)
         }
     };
 }
@@ -215,34 +241,6 @@ pub(crate) fn matmul<T: Float>(
     par: Parallelism,
 ) {
     debug_assert!(dst.len() >= m * n);
-    gemm_row_major(
-        m,
-        n,
-        k,
-        dst,
-        accumulate,
-        a,
-        (a_rs, a_cs),
-        b,
-        (b_rs, b_cs),
-        par,
-    )
-}
-
-/// [`matmul`] straight through `gemm`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_row_major<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    accumulate: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-    par: Parallelism,
-) {
     // SAFETY: the slices cover every element addressed by the given strides and sizes: dst is
     // m*n row-major, a and b are checked by the callers' shapes.
     unsafe {
