@@ -194,16 +194,18 @@ impl GroupNorm {
         x: &Tensor,
         scale_shift: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
-        ops::group_norm_act(
-            x,
-            self.groups,
-            &self.weight,
-            &self.bias,
-            scale_shift,
-            true,
-            None,
-            self.eps,
-        )
+        self.norm_silu(x, scale_shift, None)
+    }
+
+    /// Our fused GroupNorm + optional scale-shift + SiLU + optional dropout.
+    fn norm_silu(
+        &self,
+        x: &Tensor,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        dropout: Option<ops::Dropout>,
+    ) -> Result<Tensor> {
+        let (w, b) = (&self.weight, &self.bias);
+        ops::group_norm_act(x, self.groups, w, b, scale_shift, true, dropout, self.eps)
     }
 
     /// `dropout(silu(norm(x)), p)` for `x` (b, c, h, w); dropout only with `rng`. On the CPU
@@ -211,19 +213,10 @@ impl GroupNorm {
     /// from `rng`; elsewhere it is [`dropout`] after [`GroupNorm::forward_silu`].
     pub fn forward_silu_dropout(&self, x: &Tensor, p: f64, rng: TrainRng) -> Result<Tensor> {
         match rng {
-            Some(rng) if p > 0.0 && ops::fused_dropout(x) => ops::group_norm_act(
-                x,
-                self.groups,
-                &self.weight,
-                &self.bias,
-                None,
-                true,
-                Some(ops::Dropout {
-                    p,
-                    seed: rng.next_u64(),
-                }),
-                self.eps,
-            ),
+            Some(rng) if p > 0.0 && ops::fused_dropout(x) => {
+                let seed = rng.next_u64();
+                self.norm_silu(x, None, Some(ops::Dropout { p, seed }))
+            }
             rng => dropout(&self.forward_silu(x, None)?, p, rng),
         }
     }
