@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand, ValueEnum};
 use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, Schedule, ScheduleConfig};
-use ddpm_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use ddpm_train::optim::{clip_factor, grad_norm, AdamW, AdamWConfig};
 use ddpm_train::sample::{gaussian, sample, SampleOptions};
 use ddpm_unet::{DiffusionModel, ModelConfig};
 use rand::{Rng, SeedableRng};
@@ -562,9 +562,10 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
                         grads.insert(name.clone(), gv.clone());
                     }
                 }
-                clip_grad_norm(&mut grads, 1.0)?;
+                // As the trainer: the clipping factor goes into AdamW's in-place update.
+                let clip = clip_factor(grad_norm(&grads)?, 1.0);
                 phases.mark(&dev, "clip")?;
-                opt.step(&grads, lr)?;
+                opt.step_scaled(&grads, lr, clip)?;
                 dev.synchronize()?;
                 phases.mark(&dev, "adamw")?;
                 if i >= a.warmup {
@@ -1422,8 +1423,8 @@ impl Report<'_> {
              schedule, T = 1000), predict eps in training mode (dropout on for the DdpmUnet \
              presets), MSE loss, backward, clip the gradient norm to 1, AdamW (lr 2e-4, betas \
              0.9/0.999, eps 1e-8, no weight decay). Ours: `DiffusionModel::forward_t`, \
-             `Schedule::q_sample`, `DiffusionLoss`, `ddpm_train::optim::{{clip_grad_norm, \
-             AdamW}}`, as `ddpm train` does minus the EMA update and data loading; PyTorch: \
+             `Schedule::q_sample`, `DiffusionLoss`, `ddpm_train::optim::{{grad_norm, \
+             clip_factor, AdamW::step_scaled}}` (clipping folded into the in-place update), as `ddpm train` does minus the EMA update and data loading; PyTorch: \
              `torch.optim.AdamW`, `clip_grad_norm_`.\n\
              - **sampling step**: one forward pass without gradients (evaluation mode).\n\
              - **DDIM sample**: a whole deterministic {DDIM_STEPS}-step DDIM sample (eta 0, x0 \

@@ -59,7 +59,8 @@ pub use loss::{weighted_mean, DiffusionLoss, LossKind, LossWeighting};
 pub use objective::Objective;
 pub use posterior::{DdpmVariance, ModelPrediction};
 pub use sampler::{
-    spaced_timesteps, DdimSampler, DdpmSampler, RespacedSchedule, Sampler, SamplerConfig,
+    spaced_timesteps, AffineStep, DdimSampler, DdpmSampler, RespacedSchedule, Sampler,
+    SamplerConfig,
 };
 pub use schedule::{timestep_tensor, Buffer, Schedule};
 

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::inplace;
 use crate::Result;
 
 /// The decay actually used at update number `step` (1-based):
@@ -14,7 +15,8 @@ pub fn warmed_decay(decay: f64, step: usize) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
 }
 
-/// EMA copies of a set of variables (held in f32).
+/// EMA copies of a set of variables (held in f32). On the CPU they are updated in place
+/// ([`crate::inplace`]).
 #[derive(Debug)]
 pub struct Ema {
     decay: f64,
@@ -36,6 +38,10 @@ impl Ema {
         let d = warmed_decay(self.decay, step);
         for (name, var) in vars {
             if let Some(s) = self.shadow.get_mut(name) {
+                if inplace::supported(&[s, var.as_tensor()]) {
+                    inplace::ema_update(s, var.as_tensor(), d)?;
+                    continue;
+                }
                 let p = var.as_tensor().to_dtype(DType::F32)?;
                 // Detached: the average must not keep an autograd graph reaching back through
                 // every earlier step (that would hold every old average in memory).
@@ -50,9 +56,14 @@ impl Ema {
         &self.shadow
     }
 
-    /// Replaces the averages (from a checkpoint).
-    pub fn set_tensors(&mut self, tensors: BTreeMap<String, Tensor>) {
-        self.shadow = tensors;
+    /// Replaces the averages (from a checkpoint). Each is copied, because the averages are
+    /// updated in place and must not share memory with the caller's tensors.
+    pub fn set_tensors(&mut self, tensors: BTreeMap<String, Tensor>) -> Result<()> {
+        self.shadow = tensors
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect::<Result<_>>()?;
+        Ok(())
     }
 }
 

@@ -23,6 +23,7 @@ pub mod config;
 pub mod device;
 pub mod ema;
 pub mod eval;
+pub mod inplace;
 pub mod lock;
 pub mod metrics;
 pub mod optim;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::inplace::{self, AdamWUpdate};
 use crate::{Result, TrainError};
 
 /// Hyper-parameters of [`AdamW`], as in PyTorch's `torch.optim.AdamW`.
@@ -63,9 +64,10 @@ impl AdamW {
         let mut m = BTreeMap::new();
         let mut v = BTreeMap::new();
         for (name, var) in &vars {
-            let z = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            m.insert(name.clone(), z.clone());
-            v.insert(name.clone(), z);
+            // Two buffers, never one shared: the moments are updated in place.
+            let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+            m.insert(name.clone(), zeros()?);
+            v.insert(name.clone(), zeros()?);
         }
         Ok(Self {
             config,
@@ -89,30 +91,65 @@ impl AdamW {
     /// One AdamW update with learning rate `lr` from the gradients in `grads` (by name). Variables
     /// without a gradient are left unchanged (their moments too).
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (the factor of
+    /// gradient clipping, see [`clip_factor`]), without materializing the scaled gradients.
+    ///
+    /// On the CPU (f32 variables) the moments and the variables are updated in place, in one
+    /// pass each ([`crate::inplace`]); elsewhere with tensor ops, to the same values.
+    pub fn step_scaled(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
-            // Moments are detached so that they never chain an autograd graph across steps.
-            let g = g.to_dtype(DType::F32)?.detach();
             let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
                 continue;
             };
+            let g = if g.is_contiguous() {
+                g.clone()
+            } else {
+                g.contiguous()?
+            };
+            let p = var.as_tensor();
+            if inplace::supported(&[p, &g, m, v]) {
+                inplace::moment_update(m, &g, c.beta1, grad_scale, false)?;
+                inplace::moment_update(v, &g, c.beta2, grad_scale, true)?;
+                let update = AdamWUpdate {
+                    lr,
+                    weight_decay: c.weight_decay,
+                    bc1,
+                    bc2,
+                    eps: c.eps,
+                };
+                p.inplace_op3(m, v, &update)?;
+                continue;
+            }
+            // Moments are detached so that they never chain an autograd graph across steps.
+            let g = (g.to_dtype(DType::F32)?.detach() * grad_scale)?;
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let m_hat = (&*m / bc1)?;
             let v_hat = (&*v / bc2)?;
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let p = var.as_tensor().to_dtype(DType::F32)?.detach();
+            let p = p.to_dtype(DType::F32)?.detach();
             let p = ((p * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
         }
         Ok(())
     }
 
-    /// The state as named tensors (`m.<var>`, `v.<var>`) plus the step count.
+    /// The state as named tensors (`m.<var>`, `v.<var>`) plus the step count. The tensors share
+    /// memory with the optimizer's moments, which the next step updates in place: write them out
+    /// (or copy them) before stepping again.
     pub fn state(&self) -> (BTreeMap<String, Tensor>, usize) {
         let mut out = BTreeMap::new();
         for (k, t) in &self.m {
@@ -146,9 +183,10 @@ impl AdamW {
                         ),
                     });
                 }
+                // A copy of its own: the moments are updated in place.
                 dst.insert(
                     name.clone(),
-                    t.to_dtype(DType::F32)?.to_device(var.device())?,
+                    t.to_dtype(DType::F32)?.to_device(var.device())?.copy()?,
                 );
             }
         }
@@ -159,26 +197,40 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients.
+/// The global L2 norm of all gradients (squares summed in f64).
 pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
-        total += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        total += match inplace::sum_of_squares(g) {
+            Some(s) => s,
+            None => g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+        };
     }
     Ok(total.sqrt())
 }
 
+/// The factor gradient clipping multiplies every gradient by, given their global `norm`:
+/// `max_norm / (norm + 1e-6)` when `norm > max_norm > 0`, else 1 (PyTorch's
+/// `clip_grad_norm_`).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
 /// Scales all gradients so their global norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`); returns the norm before clipping.
+/// `clip_grad_norm_`); returns the norm before clipping. (The trainer instead passes
+/// [`clip_factor`] to [`AdamW::step_scaled`], which scales without a copy of the gradients.)
 pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let norm = grad_norm(grads)?;
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    let scale = clip_factor(norm, max_norm);
+    if scale != 1.0 {
         for g in grads.values_mut() {
             *g = (&*g * scale)?;
         }
@@ -191,42 +243,79 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// AdamW against a scalar re-implementation of PyTorch's update equations in f64.
+    /// AdamW against a scalar re-implementation of PyTorch's update equations in f64, through
+    /// both paths: the in-place CPU kernels (f32 variable) and tensor ops (an f64 variable, which
+    /// the kernels do not take), with a clipping factor folded in.
     #[test]
     fn matches_reference_update() -> Result<()> {
         let dev = Device::Cpu;
-        let var = Var::new(&[1.0f32, -2.0, 0.5], &dev)?;
-        let cfg = AdamWConfig {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        };
-        let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), var.clone())]), cfg)?;
-        let (mut p, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
-        for step in 1..=5 {
-            let g = [0.3 * step as f64, -1.0, 2.0 / step as f64];
-            let gt = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &dev)?;
-            opt.step(&BTreeMap::from([("w".to_string(), gt)]), cfg.lr)?;
+        for dtype in [DType::F32, DType::F64] {
+            let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?.to_dtype(dtype)?)?;
+            let cfg = AdamWConfig {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            };
+            let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), var.clone())]), cfg)?;
+            let (mut p, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
+            let grad_scale = 0.75;
+            for step in 1..=5 {
+                let g = [0.3 * step as f64, -1.0, 2.0 / step as f64];
+                let gt = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &dev)?;
+                opt.step_scaled(&BTreeMap::from([("w".to_string(), gt)]), cfg.lr, grad_scale)?;
+                for i in 0..3 {
+                    let g = g[i] * grad_scale;
+                    p[i] *= 1.0 - cfg.lr * cfg.weight_decay;
+                    m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g;
+                    v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g * g;
+                    let mh = m[i] / (1.0 - cfg.beta1.powi(step));
+                    let vh = v[i] / (1.0 - cfg.beta2.powi(step));
+                    p[i] -= cfg.lr * mh / (vh.sqrt() + cfg.eps);
+                }
+            }
+            let got = var.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>()?;
             for i in 0..3 {
-                p[i] *= 1.0 - cfg.lr * cfg.weight_decay;
-                m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g[i];
-                v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
-                let mh = m[i] / (1.0 - cfg.beta1.powi(step));
-                let vh = v[i] / (1.0 - cfg.beta2.powi(step));
-                p[i] -= cfg.lr * mh / (vh.sqrt() + cfg.eps);
+                // f32 arithmetic over 5 steps: a few ulps of values of order 1.
+                assert!(
+                    (got[i] - p[i]).abs() < 1e-5,
+                    "{dtype:?}: {} vs {}",
+                    got[i],
+                    p[i]
+                );
             }
         }
-        let got = var.as_tensor().to_vec1::<f32>()?;
-        for i in 0..3 {
-            // f32 arithmetic over 5 steps: a few ulps of values of order 1.
-            assert!(
-                (got[i] as f64 - p[i]).abs() < 1e-5,
-                "{} vs {}",
-                got[i],
-                p[i]
-            );
+        Ok(())
+    }
+
+    /// The moments are updated in place, so a checkpointed state must be a snapshot: taking
+    /// `state()`, stepping, and loading it back must restore the old moments exactly.
+    #[test]
+    fn moments_are_separate_buffers_and_state_round_trips() -> Result<()> {
+        let dev = Device::Cpu;
+        let var = Var::new(&[1.0f32, 2.0], &dev)?;
+        let mut opt = AdamW::new(
+            BTreeMap::from([("w".to_string(), var.clone())]),
+            AdamWConfig::default(),
+        )?;
+        let g = BTreeMap::from([("w".to_string(), Tensor::new(&[1.0f32, -1.0], &dev)?)]);
+        opt.step(&g, 1e-3)?;
+        let (state, step) = opt.state();
+        let snapshot: HashMap<String, Tensor> = state
+            .iter()
+            .map(|(k, t)| (k.clone(), t.copy().expect("copy")))
+            .collect();
+        // m and v differ after a step (m = 0.1 g, v = 0.001 g^2): no shared zero buffer.
+        assert_ne!(
+            state["m.w"].to_vec1::<f32>()?,
+            state["v.w"].to_vec1::<f32>()?
+        );
+        opt.step(&g, 1e-3)?;
+        opt.load_state(&snapshot, step)?;
+        let (back, _) = opt.state();
+        for (k, t) in &snapshot {
+            assert_eq!(back[k].to_vec1::<f32>()?, t.to_vec1::<f32>()?, "{k}");
         }
         Ok(())
     }

@@ -3,12 +3,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_schedule::{Objective, SamplerConfig, Schedule};
+use ddpm_unet::ops::Kernels;
 use ddpm_unet::DiffusionModel;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::Result;
+use crate::{inplace, Result};
 
 /// What to sample.
 #[derive(Debug, Clone)]
@@ -44,12 +45,36 @@ pub fn gaussian(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Resul
     Ok(Tensor::from_vec(v, shape, device)?)
 }
 
+/// A copy of `x` on the CPU that later in-place steps leave alone.
+fn snapshot(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.device().is_cpu() {
+        x.copy()?
+    } else {
+        x.to_device(&Device::Cpu)?
+    })
+}
+
 /// Runs the reverse process of `schedule` with `model` (predicting `objective`).
+///
+/// On the CPU (f32) each step updates x_t in place ([`AffineStep`]); `DDPM_KERNELS=candle`
+/// selects the sampler's tensor ops instead, which give the same images up to float rounding.
 pub fn sample(
     model: &DiffusionModel,
     schedule: &Schedule,
     objective: Objective,
     opts: &SampleOptions,
+) -> Result<Samples> {
+    let in_place = ddpm_unet::ops::kernels() == Kernels::Ours;
+    sample_with(model, schedule, objective, opts, in_place)
+}
+
+/// [`sample`], with the in-place step allowed or not.
+fn sample_with(
+    model: &DiffusionModel,
+    schedule: &Schedule,
+    objective: Objective,
+    opts: &SampleOptions,
+    allow_in_place: bool,
 ) -> Result<Samples> {
     let sampler = opts.sampler.build(schedule)?;
     // Detached weights: no autograd graph is recorded during the forward passes.
@@ -79,31 +104,47 @@ pub fn sample(
     while done < opts.num {
         let b = batch.min(opts.num - done);
         let mut x = gaussian(&mut rng, &[b, c, s, s], &device)?;
+        // On the CPU in f32, x_t is updated in place by the step's scalar coefficients: nothing
+        // is allocated per step outside the model. Elsewhere, the sampler's tensor ops.
+        let in_place = allow_in_place && device.is_cpu() && x.dtype() == DType::F32;
+        // The timestep inputs of every step, made once per batch.
+        let tts = ts
+            .iter()
+            .map(|&t| Tensor::from_vec(vec![t as u32; b], b, &device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut self_cond: Option<Tensor> = None;
-        for (i, &t) in ts.iter().enumerate() {
+        for (i, tt) in tts.iter().enumerate() {
             for (k, &at) in frame_at.iter().enumerate() {
                 if at == i {
-                    frames[k].push(x.to_device(&Device::Cpu)?);
+                    frames[k].push(snapshot(&x)?);
                 }
             }
-            let tt = Tensor::from_vec(vec![t as u32; b], b, &device)?;
             // Sampling needs no gradients: detaching cuts the autograd graph at every step, so memory
             // stays that of one forward pass.
-            let out = model.forward_t(&x, &tt, self_cond.as_ref(), None)?.detach();
+            let out = model.forward_t(&x, tt, self_cond.as_ref(), None)?.detach();
             if cfg.self_condition() {
                 let x0 = schedule
-                    .predict_x0(objective, &out, &x, &tt)?
+                    .predict_x0(objective, &out, &x, tt)?
                     .clamp(-1f32, 1f32)?;
                 self_cond = Some(x0);
             }
-            let noise = if sampler.needs_noise(i) {
-                Some(gaussian(&mut rng, &[b, c, s, s], &device)?)
+            if in_place {
+                // The noise comes from the sampling RNG in element order: the values, in the
+                // order, that `gaussian` draws for the tensor path.
+                let step = sampler.affine_step(i, objective)?;
+                inplace::update_in_place("sampler-step", &x, &out.contiguous()?, |x, out| {
+                    step.apply(out, x, || StandardNormal.sample(&mut rng))
+                })?;
             } else {
-                None
-            };
-            x = sampler
-                .step(&out, &x, i, objective, noise.as_ref())?
-                .detach();
+                let noise = if sampler.needs_noise(i) {
+                    Some(gaussian(&mut rng, &[b, c, s, s], &device)?)
+                } else {
+                    None
+                };
+                x = sampler
+                    .step(&out, &x, i, objective, noise.as_ref())?
+                    .detach();
+            }
             bar.inc(1);
         }
         let x = x
@@ -125,4 +166,74 @@ pub fn sample(
         images: Tensor::cat(&images, 0)?,
         frames,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ddpm_schedule::{DdpmVariance, ScheduleConfig};
+    use ddpm_unet::{ModelConfig, UnetConfig};
+
+    /// The in-place loop and the sampler's tensor ops give the same images and frames (up to
+    /// f32 rounding carried through a few model evaluations), with and without noise and with
+    /// self-conditioning, including a ragged last batch.
+    #[test]
+    fn in_place_steps_match_the_tensor_steps() -> Result<()> {
+        let schedule = Schedule::new(&ScheduleConfig::default(), &Device::Cpu)?;
+        for self_condition in [false, true] {
+            let config = ModelConfig::Unet(UnetConfig {
+                image_size: 8,
+                channels: 2,
+                dim: 8,
+                dim_mults: vec![1, 2],
+                resnet_block_groups: 2,
+                self_condition,
+                ..UnetConfig::default()
+            });
+            let model = DiffusionModel::new(&config, 3, &Device::Cpu, DType::F32)?;
+            let samplers = [
+                SamplerConfig::Ddpm {
+                    steps: Some(8),
+                    variance: DdpmVariance::FixedSmall,
+                    clip_x0: true,
+                },
+                SamplerConfig::Ddim {
+                    steps: Some(6),
+                    eta: 0.5,
+                    clip_x0: false,
+                },
+            ];
+            for sampler in samplers {
+                let opts = SampleOptions {
+                    num: 5,
+                    sampler,
+                    seed: 11,
+                    batch_size: 3,
+                    frames: 3,
+                    progress: false,
+                };
+                let a = sample_with(&model, &schedule, Objective::Eps, &opts, true)?;
+                let b = sample_with(&model, &schedule, Objective::Eps, &opts, false)?;
+                let pairs =
+                    std::iter::once((&a.images, &b.images)).chain(a.frames.iter().zip(&b.frames));
+                assert_eq!(a.frames.len(), 3);
+                for (x, y) in pairs {
+                    assert_eq!(x.dims(), y.dims());
+                    let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let size = y.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(size > 0.1, "{sampler:?}: degenerate samples");
+                    assert!(
+                        diff <= 1e-4,
+                        "{sampler:?} self-cond {self_condition}: {diff}"
+                    );
+                }
+                // The first frame is the initial noise, untouched by the in-place steps.
+                assert_eq!(
+                    a.frames[0].flatten_all()?.to_vec1::<f32>()?,
+                    b.frames[0].flatten_all()?.to_vec1::<f32>()?
+                );
+            }
+        }
+        Ok(())
+    }
 }

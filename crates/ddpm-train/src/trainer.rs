@@ -19,7 +19,7 @@ use crate::config::TrainConfig;
 use crate::ema::Ema;
 use crate::lock::RunLock;
 use crate::metrics::{self, MetricsLine};
-use crate::optim::{clip_grad_norm, warmup_lr, AdamW};
+use crate::optim::{clip_factor, grad_norm, warmup_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
 use crate::sample::{gaussian, sample, SampleOptions};
 use crate::{Result, TrainError};
@@ -144,7 +144,7 @@ impl Trainer {
             .ema_model
             .set_tensors(&ema, &ckpt.path)
             .map_err(|e| bad(e.into()))?;
-        trainer.ema.set_tensors(ema.into_iter().collect());
+        trainer.ema.set_tensors(ema.into_iter().collect())?;
         trainer
             .opt
             .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
@@ -300,7 +300,7 @@ impl Trainer {
                 }
             }
         }
-        let norm = clip_grad_norm(&mut grads, self.config.grad_clip)?;
+        let norm = grad_norm(&grads)?;
         if f16 && !self.scaler.update(norm) {
             // Overflow in f16: skip the update (the scale is now halved), as GradScaler does.
             tracing::debug!(
@@ -311,7 +311,8 @@ impl Trainer {
             self.step += 1;
             return Ok((loss_sum / accum as f64, norm, lr));
         }
-        self.opt.step(&grads, lr)?;
+        let clip = clip_factor(norm, self.config.grad_clip);
+        self.opt.step_scaled(&grads, lr, clip)?;
         self.step += 1;
         self.ema.update(&vars, self.step)?;
         Ok((loss_sum / accum as f64, norm, lr))

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::affine::{x0_coefficients, AffineStep};
 use super::respace::spaced_timesteps;
 use super::{check_index, required_noise, Sampler};
 use crate::error::{Result, ScheduleError};
@@ -108,6 +109,28 @@ impl DdimSampler {
             Ok(x_prev)
         }
     }
+
+    /// Step `i` as scalar coefficients, see [`Sampler::affine_step`]. With
+    /// `eps_hat = (a x_t - x0_hat) / b` (`a = 1 / sqrt(abar_t)`, `b = sqrt(1 / abar_t - 1)`), the
+    /// step is `(sqrt(abar_prev) - dir / b) x0_hat + (dir a / b) x_t + sigma z`; without clipping
+    /// this `eps_hat` is the model's own prediction of eps, so one form serves both.
+    pub fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep> {
+        let (_, abar_prev) = self.alphas_cumprod_pair(i)?;
+        let sigma = self.sigma(i)?;
+        let t = self.timesteps[i];
+        let (x0_from_x, x0_from_out) = x0_coefficients(&self.schedule, objective, t);
+        let a = self.schedule.sqrt_recip_alphas_cumprod().values()[t];
+        let b = self.schedule.sqrt_recipm1_alphas_cumprod().values()[t];
+        let dir = (1.0 - abar_prev - sigma * sigma).max(0.0).sqrt();
+        Ok(AffineStep {
+            x0_from_x,
+            x0_from_out,
+            clip_x0: self.clip_x0,
+            prev_from_x0: abar_prev.sqrt() - dir / b,
+            prev_from_x: dir * a / b,
+            sigma: (sigma > 0.0).then_some(sigma),
+        })
+    }
 }
 
 impl Sampler for DdimSampler {
@@ -128,6 +151,10 @@ impl Sampler for DdimSampler {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         DdimSampler::step(self, model_output, x_t, i, objective, noise)
+    }
+
+    fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep> {
+        DdimSampler::affine_step(self, i, objective)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use super::affine::{x0_coefficients, AffineStep};
 use super::respace::RespacedSchedule;
 use super::{check_index, required_noise, Sampler};
 use crate::error::Result;
@@ -104,6 +105,25 @@ impl DdpmSampler {
         let std = (pred.log_variance * 0.5)?.exp()?;
         Ok((pred.mean + noise.broadcast_mul(&std)?)?)
     }
+
+    /// Step `i` as scalar coefficients, see [`Sampler::affine_step`].
+    pub fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep> {
+        let k = self.respaced_index(i)?;
+        let schedule = self.respaced.schedule();
+        let (x0_from_x, x0_from_out) = x0_coefficients(schedule, objective, k);
+        let log_variance = match self.variance {
+            DdpmVariance::FixedSmall => schedule.posterior_log_variance_clipped().values()[k],
+            DdpmVariance::FixedLarge => schedule.betas().values()[k].ln(),
+        };
+        Ok(AffineStep {
+            x0_from_x,
+            x0_from_out,
+            clip_x0: self.clip_x0,
+            prev_from_x0: schedule.posterior_mean_coef1().values()[k],
+            prev_from_x: schedule.posterior_mean_coef2().values()[k],
+            sigma: (k > 0).then(|| (0.5 * log_variance).exp()),
+        })
+    }
 }
 
 impl Sampler for DdpmSampler {
@@ -124,6 +144,10 @@ impl Sampler for DdpmSampler {
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         DdpmSampler::step(self, model_output, x_t, i, objective, noise)
+    }
+
+    fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep> {
+        DdpmSampler::affine_step(self, i, objective)
     }
 }
 

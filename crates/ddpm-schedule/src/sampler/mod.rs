@@ -14,10 +14,12 @@ use crate::objective::Objective;
 use crate::posterior::DdpmVariance;
 use crate::schedule::Schedule;
 
+pub mod affine;
 pub mod ddim;
 pub mod ddpm;
 pub mod respace;
 
+pub use affine::AffineStep;
 pub use ddim::DdimSampler;
 pub use ddpm::DdpmSampler;
 pub use respace::{spaced_timesteps, RespacedSchedule};
@@ -42,6 +44,11 @@ pub trait Sampler {
         objective: Objective,
         noise: Option<&Tensor>,
     ) -> Result<Tensor>;
+
+    /// Step `i` as scalar coefficients ([`AffineStep`]), for loops that update x_t in place: the
+    /// same step as [`Sampler::step`], whose noise is drawn when `sigma` is `Some` (exactly
+    /// when [`Sampler::needs_noise`] is true).
+    fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep>;
 }
 
 fn default_clip() -> bool {
