@@ -131,7 +131,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5 * 2^23 (exact for |v| < 2^22): plain float
     // arithmetic, where `round` would be a library call on baseline x86-64.
     const SHIFTER: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -139,7 +140,15 @@ pub fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `shifted` lies in [2^23, 2^24), where the float's step is 1, so its low bits are n itself:
+    // bits(shifted) = bits(SHIFTER) + n. Integer arithmetic on those bits gives 2^n's exponent
+    // field without `n as i32`, whose saturating, NaN-checked conversion does not vectorize.
+    // (For NaN, p is NaN and so is the product.)
+    let exponent = shifted
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits())
+        .wrapping_add(127);
+    p * f32::from_bits(exponent << 23)
 }
 
 /// The sum of `xs` in f64, from f32-width partial sums over short runs: the runs vectorize,

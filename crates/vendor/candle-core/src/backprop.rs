@@ -721,15 +721,22 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Adds `grad` to the gradient of `tensor`, storing it directly when there is none yet.
+    /// Adds `grad` to the gradient of `tensor`, storing it directly when there is none yet
+    /// (ddpm-rs patch: this used to be `zeros + grad` for every first contribution).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
                 entry.insert(sum);
             }
+            // A strided first contribution (often a broadcast) is still summed into zeros, as
+            // before: that add runs in parallel and yields a contiguous gradient.
             Entry::Vacant(entry) => {
-                let g = if grad.is_contiguous() { grad.clone() } else { grad.contiguous()? };
+                let g = if grad.is_contiguous() {
+                    grad.clone()
+                } else {
+                    tensor.zeros_like()?.add(grad)?
+                };
                 entry.insert(g);
             }
         }
