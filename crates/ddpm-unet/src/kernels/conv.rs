@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{matmul, slice, sum, threads, Float};
+use super::{matmul, slice, sum, threads, unfilled, Float};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy)]
@@ -258,15 +258,17 @@ fn plan(b: usize) -> (usize, Parallelism) {
 
 fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
-    let mut y = vec![T::ZERO; g.b * g.out_len()];
+    // Every image's (o x n) block is written by its GEMM (no accumulation), then gets its bias.
+    let mut y = unfilled(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
     y.par_chunks_mut(chunk * g.out_len())
         .enumerate()
         .for_each(|(ci, ys)| {
+            // im2col writes the n columns of every row; the GEMM reads no others.
             let mut cols = if g.is_pointwise() {
                 Vec::new()
             } else {
-                vec![T::ZERO; k * g.ld()]
+                unfilled(k * g.ld())
             };
             for (j, yb) in ys.chunks_mut(g.out_len()).enumerate() {
                 let bi = ci * chunk + j;
@@ -320,29 +322,31 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let (chunk, par) = plan(g.b);
     let wlen = g.o * k;
-    let mut out = vec![T::ZERO; g.b * g.in_len() + wlen + g.b * g.o];
+    // dx: each image's block is written by a GEMM without accumulation, or zeroed before the
+    // scatter of its patch gradients; dW: zeroed below; db: every (image, channel) written.
+    let mut out = unfilled(g.b * g.in_len() + wlen + g.b * g.o);
     let (dx, rest) = out.split_at_mut(g.b * g.in_len());
     let t = g.input_gradient_as_conv();
     let w_flipped = t.map(|_| flip_kernel(g, w));
     let (dwb, db_rows) = rest.split_at_mut(wlen);
+    dwb.fill(T::ZERO);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(chunk * g.in_len())
         .zip(db_rows.par_chunks_mut(chunk * g.o))
         .enumerate()
         .map(|(ci, (dxs, dbs))| {
             let mut dw = vec![T::ZERO; wlen];
-            let mut cols = vec![T::ZERO; if g.is_pointwise() { 0 } else { k * g.ld() }];
-            let mut dw_t = vec![
-                T::ZERO;
-                if n >= DW_TRANSPOSED_MIN_PIXELS {
-                    k * g.o
-                } else {
-                    0
-                }
-            ];
+            // Scratch written in full before use: patches by im2col, dW^T and dcols by GEMMs
+            // without accumulation.
+            let mut cols = unfilled(if g.is_pointwise() { 0 } else { k * g.ld() });
+            let mut dw_t = unfilled(if n >= DW_TRANSPOSED_MIN_PIXELS {
+                k * g.o
+            } else {
+                0
+            });
             let scatter = !g.is_pointwise() && t.is_none();
-            let mut dcols = vec![T::ZERO; if scatter { k * n } else { 0 }];
-            let mut dycols = vec![T::ZERO; t.map_or(0, |t| t.k() * t.ld())];
+            let mut dcols = unfilled(if scatter { k * n } else { 0 });
+            let mut dycols = unfilled(t.map_or(0, |t| t.k() * t.ld()));
             for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
@@ -401,6 +405,7 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                     matmul(k, n, g.o, dxb, false, w, (1, k), dyb, (n, 1), par);
                 } else {
                     matmul(k, n, g.o, &mut dcols, false, w, (1, k), dyb, (n, 1), par);
+                    dxb.fill(T::ZERO);
                     col2im_add(g, &dcols, dxb);
                 }
             }

@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, sum, sum2, Float};
+use super::{slice, sum, sum2, unfilled, Float};
 
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -252,7 +252,8 @@ avx2_dispatch! {
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
 fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
-    let mut y = vec![T::ZERO; x.len()];
+    // Every group's block is written by `forward_group`.
+    let mut y = unfilled(x.len());
     let (eps, post) = (op.eps, op.post());
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
@@ -270,7 +271,8 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec
 fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupNorm) -> Vec<T> {
     let (eps, post) = (op.eps, op.post());
     let bc = x.len() / g.hw;
-    let mut out = vec![T::ZERO; x.len() + 2 * bc];
+    // dx: every group's block is written by `backward_group`; da, dd: every (image, channel).
+    let mut out = unfilled(x.len() + 2 * bc);
     let (dx, rest) = out.split_at_mut(x.len());
     let per_group: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(g.group_len())
