@@ -155,6 +155,6 @@ impl AttnBlock {
         // layout the attention op takes.
         let qkv = Conv2d::forward_stacked(&[&self.q, &self.k, &self.v], &self.norm.forward(x)?)?;
         let out = ops::attention(&qkv, 1, c, (c as f64).powf(-0.5))?;
-        x + self.proj_out.forward(&out)?
+        self.proj_out.forward_residual(&out, x)
     }
 }

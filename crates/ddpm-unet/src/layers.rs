@@ -81,25 +81,40 @@ impl Conv2d {
         self.forward_with_bias(x, Some(&bias), 0)
     }
 
+    /// Applies the convolution to `x` and adds `residual` (shaped like the output): a ResNet
+    /// block's `residual + conv(h)` as one op on the CPU ([`ops::conv2d_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        ops::conv2d_residual(
+            x,
+            &self.kernel()?,
+            self.bias.as_ref(),
+            self.params,
+            residual,
+        )
+    }
+
     fn forward_with_bias(&self, x: &Tensor, bias: Option<&Tensor>, end: usize) -> Result<Tensor> {
-        if self.weight_standardized {
-            // Standardized in at least f32 (half-precision weights of a frozen bf16/f16 copy are
-            // upcast), so that a half-precision copy standardizes as its f32 master does.
-            let dtype = self.weight.dtype();
-            let w = match dtype {
-                DType::F16 | DType::BF16 => self.weight.to_dtype(DType::F32)?,
-                _ => self.weight.clone(),
-            };
-            let mean = w.mean_keepdim((1, 2, 3))?;
-            let centered = w.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((1, 2, 3))?;
-            let w = centered
-                .broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                .to_dtype(dtype)?;
-            ops::conv2d_padded_end(x, &w, bias, self.params, end)
-        } else {
-            ops::conv2d_padded_end(x, &self.weight, bias, self.params, end)
+        ops::conv2d_padded_end(x, &self.kernel()?, bias, self.params, end)
+    }
+
+    /// The kernel the convolution applies: the weight, standardized if asked.
+    fn kernel(&self) -> Result<Tensor> {
+        if !self.weight_standardized {
+            return Ok(self.weight.clone());
         }
+        // Standardized in at least f32 (half-precision weights of a frozen bf16/f16 copy are
+        // upcast), so that a half-precision copy standardizes as its f32 master does.
+        let dtype = self.weight.dtype();
+        let w = match dtype {
+            DType::F16 | DType::BF16 => self.weight.to_dtype(DType::F32)?,
+            _ => self.weight.clone(),
+        };
+        let mean = w.mean_keepdim((1, 2, 3))?;
+        let centered = w.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim((1, 2, 3))?;
+        centered
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .to_dtype(dtype)
     }
 }
 

@@ -99,6 +99,28 @@ pub fn conv2d_padded_end(
     }
 }
 
+/// `conv2d(x, weight) + bias + residual`, the output of a ResNet block (`residual` shaped like
+/// the output). On the CPU our kernel adds the residual in the convolution's own output loop
+/// (no pass over memory and no graph node of its own); elsewhere a convolution and an add.
+pub fn conv2d_residual(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    if kernels() == Kernels::Ours && crate::kernels::supported(x) && residual.dtype() == x.dtype() {
+        let weight = like(weight, x)?;
+        let bias = match bias {
+            Some(b) => like(b, x)?,
+            None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
+        };
+        let pads = (p.padding, p.padding);
+        return crate::kernels::conv::conv2d_residual(x, &weight, &bias, p.stride, pads, residual);
+    }
+    conv2d(x, weight, bias, p)? + residual
+}
+
 /// Convolution (no bias) as one batched matrix product over an im2col matrix that is built
 /// from candle's differentiable ops (pad, strided windows, stack), on any device and dtype.
 /// Forward and both gradients are GEMMs plus memory copies.
@@ -702,6 +724,63 @@ mod tests {
                 assert_same_grads(&ours, &theirs, &[&x, &wt, &bias], tol, &case)?;
             }
         }
+        Ok(())
+    }
+
+    /// The residual added by our conv kernel (a ResNet block's output) against candle's conv
+    /// plus an add: forward and the four gradients (input, weight, bias, residual), with batch
+    /// 1, odd channel counts, non-square inputs, 1x1 and stride 2, and a strided residual.
+    #[test]
+    fn conv_kernel_with_a_residual_matches_candle() -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            for (b, c, h, w, o, k, stride, pad) in [
+                (1, 3, 5, 4, 3, 3, 1, 1),
+                (2, 4, 6, 6, 5, 1, 1, 0),
+                (3, 2, 7, 5, 2, 3, 2, 1),
+            ] {
+                let x = var(&[b, c, h, w], dtype)?;
+                let wt = var(&[o, c, k, k], dtype)?;
+                let bias = var(&[o], dtype)?;
+                let (ho, wo) = (
+                    (h + 2 * pad - k) / stride + 1,
+                    (w + 2 * pad - k) / stride + 1,
+                );
+                // Stored transposed, so the op gets a non-contiguous residual.
+                let res = var(&[b, o, wo, ho], dtype)?;
+                let residual = res.as_tensor().transpose(2, 3)?;
+                let p = ConvParams {
+                    stride,
+                    padding: pad,
+                };
+                let ours = conv2d_residual(
+                    x.as_tensor(),
+                    wt.as_tensor(),
+                    Some(bias.as_tensor()),
+                    p,
+                    &residual,
+                )?;
+                let theirs = (x
+                    .as_tensor()
+                    .conv2d(wt.as_tensor(), pad, stride, 1, 1)?
+                    .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?
+                    + &residual)?;
+                assert_eq!(ours.dims(), theirs.dims());
+                assert!(max_diff(&ours, &theirs)? < tol * 10.0);
+                let case = format!("{:?} {dtype:?}", (b, c, h, w, o, k, stride));
+                assert_same_grads(&ours, &theirs, &[&x, &wt, &bias, &res], tol, &case)?;
+            }
+        }
+        // A residual of the wrong shape is an error, not a panic.
+        let x = var(&[1, 2, 4, 4], DType::F32)?;
+        let wt = var(&[3, 2, 3, 3], DType::F32)?;
+        let wrong = var(&[1, 3, 4, 5], DType::F32)?;
+        let p = ConvParams {
+            stride: 1,
+            padding: 1,
+        };
+        assert!(
+            conv2d_residual(x.as_tensor(), wt.as_tensor(), None, p, wrong.as_tensor()).is_err()
+        );
         Ok(())
     }
 

@@ -147,10 +147,10 @@ impl DdpmResnetBlock {
             .conv1
             .forward_plus_image_bias(&self.norm1.forward_silu(x, None)?, &t)?;
         let h = self.norm2.forward_silu_dropout(&h, self.dropout, rng)?;
-        let h = self.conv2.forward(&h)?;
-        match &self.nin_shortcut {
-            Some(conv) => conv.forward(x)? + h,
-            None => x + h,
-        }
+        let shortcut = match &self.nin_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_residual(&h, &shortcut)
     }
 }

@@ -256,7 +256,8 @@ fn plan(b: usize) -> (usize, Parallelism) {
     }
 }
 
-fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
+/// `conv(x, w) + bias [+ residual]`, the residual shaped like the output.
+fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[T]>) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     // Every image's (o x n) block is written by its GEMM (no accumulation), then gets its bias.
     let mut y = unfilled(g.b * g.out_len());
@@ -286,8 +287,19 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T]) -> Vec<T> {
                 } else {
                     &bias[bi * g.o..(bi + 1) * g.o]
                 };
-                for (row, &bv) in yb.chunks_mut(n).zip(bias_b) {
-                    row.iter_mut().for_each(|v| *v += bv);
+                match residual {
+                    // Added here, while the image's output is still in cache: no pass of its own.
+                    Some(r) => {
+                        let rb = &r[bi * g.out_len()..(bi + 1) * g.out_len()];
+                        for ((row, rrow), &bv) in yb.chunks_mut(n).zip(rb.chunks(n)).zip(bias_b) {
+                            row.iter_mut().zip(rrow).for_each(|(v, &r)| *v += bv + r);
+                        }
+                    }
+                    None => {
+                        for (row, &bv) in yb.chunks_mut(n).zip(bias_b) {
+                            row.iter_mut().for_each(|v| *v += bv);
+                        }
+                    }
                 }
             }
         });
@@ -471,7 +483,8 @@ impl CustomOp3 for Conv2d {
             &g,
             slice(s1, l1, "conv2d x")?,
             slice(s2, l2, "conv2d w")?,
-            slice(s3, l3, "conv2d bias")?
+            slice(s3, l3, "conv2d bias")?,
+            None
         );
         Ok((storage, shape))
     }
@@ -484,19 +497,110 @@ impl CustomOp3 for Conv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let packed = x.apply_op3_no_bwd(w, &grad, &Conv2dBackward(*self))?;
-        let (xn, wn) = (x.elem_count(), w.elem_count());
-        let (b, o) = (x.dims()[0], w.dims()[0]);
-        let dx = packed.narrow(0, 0, xn)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, xn, wn)?.reshape(w.shape())?;
-        let db_rows = packed.narrow(0, xn + wn, b * o)?;
-        let db = if bias.elem_count() == o {
-            db_rows.reshape((b, o))?.sum(0)?
-        } else {
-            db_rows.reshape(bias.shape())?
-        };
+        let (dx, dw, db) = gradients(*self, x, w, bias.elem_count(), &grad.contiguous()?)?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(dx, dw, db)` of `conv2d(x, w) + bias` from the output's gradient `grad` (contiguous), for a
+/// bias of `bias_len` values (one per channel, or one per image and channel).
+fn gradients(
+    conv: Conv2d,
+    x: &Tensor,
+    w: &Tensor,
+    bias_len: usize,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let packed = x.apply_op3_no_bwd(w, grad, &Conv2dBackward(conv))?;
+    let (xn, wn) = (x.elem_count(), w.elem_count());
+    let (b, o) = (x.dims()[0], w.dims()[0]);
+    let dx = packed.narrow(0, 0, xn)?.reshape(x.shape())?;
+    let dw = packed.narrow(0, xn, wn)?.reshape(w.shape())?;
+    let db_rows = packed.narrow(0, xn + wn, b * o)?;
+    let db = if bias_len == o {
+        db_rows.reshape((b, o))?.sum(0)?
+    } else {
+        db_rows.reshape((b, o))?
+    };
+    Ok((dx, dw, db))
+}
+
+/// `conv2d(x, w) + bias + residual` as a custom op over (x, [w | bias] flattened, residual): the
+/// residual connection of a ResNet block added by the convolution's own output loop, so the sum
+/// costs no pass over memory and no graph node. (The weight and bias travel packed because
+/// candle's custom ops take at most three inputs; both are small.)
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dResidual {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// The weight's shape (c_out, c_in, kh, kw).
+    pub w_dims: [usize; 4],
+}
+
+impl Conv2dResidual {
+    fn w_len(&self) -> usize {
+        self.w_dims.iter().product()
+    }
+}
+
+impl CustomOp3 for Conv2dResidual {
+    fn name(&self) -> &'static str {
+        "ddpm-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = self.conv;
+        let g = Geom::new(l1.dims(), &self.w_dims, c.stride, c.padding, c.padding_end)?;
+        let wn = self.w_len();
+        if l2.shape().elem_count() != wn + g.o {
+            candle_core::bail!("conv2d-residual: packed weight and bias of the wrong length");
+        }
+        let out = [g.b, g.o, g.ho, g.wo];
+        if l3.dims() != out {
+            candle_core::bail!(
+                "conv2d-residual: residual {:?} for an output of {out:?}",
+                l3.dims()
+            );
+        }
+        fn run<T: Float>(g: &Geom, x: &[T], wb: &[T], wn: usize, r: &[T]) -> Vec<T> {
+            forward(g, x, &wb[..wn], &wb[wn..], Some(r))
+        }
+        let storage = dispatch!(
+            s1,
+            "conv2d-residual",
+            run,
+            &g,
+            slice(s1, l1, "conv2d x")?,
+            slice(s2, l2, "conv2d weight and bias")?,
+            wn,
+            slice(s3, l3, "conv2d residual")?
+        );
+        Ok((storage, Shape::from(&out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _residual: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let wn = self.w_len();
+        let w = wb.narrow(0, 0, wn)?.reshape(self.w_dims.as_slice())?;
+        let (dx, dw, db) = gradients(self.conv, x, &w, self.w_dims[0], &grad)?;
+        let dwb = Tensor::cat(&[dw.flatten_all()?, db], 0)?;
+        // The residual's gradient is the output's.
+        Ok((Some(dx), Some(dwb), Some(grad)))
     }
 }
 
@@ -533,6 +637,32 @@ impl CustomOp3 for Conv2dBackward {
         let len = g.b * g.in_len() + g.o * g.k() + g.b * g.o;
         Ok((storage, Shape::from(len)))
     }
+}
+
+/// `conv2d(x, w) + bias + residual` through our kernel ([`Conv2dResidual`]): `bias` (c_out) per
+/// channel, `residual` shaped like the output; inputs are made contiguous.
+pub fn conv2d_residual(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    (padding, padding_end): (usize, usize),
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let w_dims = w.dims4()?;
+    let wb = Tensor::cat(&[w.flatten_all()?, bias.flatten_all()?], 0)?;
+    x.contiguous()?.apply_op3(
+        &wb,
+        &residual.contiguous()?,
+        Conv2dResidual {
+            conv: Conv2d {
+                stride,
+                padding,
+                padding_end,
+            },
+            w_dims: [w_dims.0, w_dims.1, w_dims.2, w_dims.3],
+        },
+    )
 }
 
 /// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image,
