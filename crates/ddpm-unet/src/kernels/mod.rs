@@ -5,8 +5,9 @@
 //! when they are used (CPU tensors of f32/f64, unless `DDPM_KERNELS=candle`).
 //!
 //! - [`conv`]: convolution on GEMM (im2col, padded rows), a bias per channel or per image (the
-//!   time embedding), padding that may differ at the end; backward as GEMMs, the input gradient
-//!   of stride-1 convs as a convolution with the flipped kernel.
+//!   time embedding), a residual added in the output loop (a ResNet block's sum), padding that
+//!   may differ at the end; backward as GEMMs, the input gradient of stride-1 convs as a
+//!   convolution with the flipped kernel.
 //! - [`group_norm`]: GroupNorm with a per-(image, channel) affine (scale-shift conditioning),
 //!   SiLU and dropout in one pass forward and two backward.
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
