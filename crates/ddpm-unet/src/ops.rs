@@ -478,6 +478,10 @@ mod tests {
             (2, 3, 16, 16, 4, 3, 1, 1),
             (1, 2, 16, 8, 3, 3, 1, 1),
             (2, 2, 32, 32, 3, 3, 2, 1),
+            // Several images per thread's chunk: the transposed weight gradient summed over
+            // them before its one transposition.
+            (5, 3, 12, 12, 4, 3, 1, 1),
+            (7, 2, 16, 9, 3, 3, 1, 1),
         ];
         let flat = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()

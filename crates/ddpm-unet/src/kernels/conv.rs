@@ -329,6 +329,22 @@ fn flip_kernel<T: Float>(g: &Geom, w: &[T]) -> Vec<T> {
     f
 }
 
+/// `dst (cols x rows) += src^T` for `src` (rows x cols), both row-major, in 32 x 32 blocks so
+/// that the strided side stays in cache.
+fn add_transposed<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const BLOCK: usize = 32;
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for c in c0..(c0 + BLOCK).min(cols) {
+                let drow = &mut dst[c * rows..(c + 1) * rows];
+                for r in r0..(r0 + BLOCK).min(rows) {
+                    drow[r] += src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
 /// Gradients `[dx | dw | db per (image, channel)]` packed in one vector.
 fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
@@ -348,14 +364,11 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         .enumerate()
         .map(|(ci, (dxs, dbs))| {
             let mut dw = vec![T::ZERO; wlen];
-            // Scratch written in full before use: patches by im2col, dW^T and dcols by GEMMs
-            // without accumulation.
+            // Scratch written in full before use: patches by im2col, dcols by a GEMM without
+            // accumulation, dW^T by the chunk's first image's GEMM (the others accumulate).
             let mut cols = unfilled(if g.is_pointwise() { 0 } else { k * g.ld() });
-            let mut dw_t = unfilled(if n >= DW_TRANSPOSED_MIN_PIXELS {
-                k * g.o
-            } else {
-                0
-            });
+            let transposed = n >= DW_TRANSPOSED_MIN_PIXELS;
+            let mut dw_t = unfilled(if transposed { k * g.o } else { 0 });
             let scatter = !g.is_pointwise() && t.is_none();
             let mut dcols = unfilled(if scatter { k * n } else { 0 });
             let mut dycols = unfilled(t.map_or(0, |t| t.k() * t.ld()));
@@ -369,25 +382,21 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                     im2col(g, xb, &mut cols);
                     (&cols, g.ld())
                 };
-                if n >= DW_TRANSPOSED_MIN_PIXELS {
-                    // dW^T (k x o) = cols (k x n) * dY^T (n x o), then added transposed.
+                if transposed {
+                    // dW^T (k x o) [+]= cols (k x n) * dY^T (n x o), summed over the chunk's
+                    // images and transposed into dW once, after them.
                     matmul(
                         k,
                         g.o,
                         n,
                         &mut dw_t,
-                        false,
+                        j > 0,
                         colsb,
                         (ld, 1),
                         dyb,
                         (1, n),
                         par,
                     );
-                    for (i, row) in dw.chunks_mut(k).enumerate() {
-                        row.iter_mut()
-                            .zip(dw_t[i..].iter().step_by(g.o))
-                            .for_each(|(d, &v)| *d += v);
-                    }
                 } else {
                     // dW (o x k) += dY (o x n) * cols^T (n x k)
                     matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, ld), par);
@@ -420,6 +429,9 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                     dxb.fill(T::ZERO);
                     col2im_add(g, &dcols, dxb);
                 }
+            }
+            if transposed {
+                add_transposed(&dw_t, k, g.o, &mut dw);
             }
             dw
         })
