@@ -315,7 +315,7 @@ impl DdpmUnet {
                 let skip = hs
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
-                h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &temb, rng.as_deref_mut())?;
+                h = block.forward(&ops::cat_channels(&h, &skip)?, &temb, rng.as_deref_mut())?;
                 if let Some(attn) = level.attns.get(j) {
                     h = attn.forward(&h)?;
                 }

@@ -383,6 +383,21 @@ pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     x.upsample_nearest2d(2 * h, 2 * w)
 }
 
+/// `cat([a, b], 1)` of two (b, c, h, w) tensors (a U-Net's skip connection): on the CPU our
+/// kernel, which copies on every core and hands back contiguous gradients; elsewhere candle's
+/// `cat`.
+pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if kernels() == Kernels::Ours
+        && crate::kernels::supported(a)
+        && a.dtype() == b.dtype()
+        && a.rank() == 4
+        && b.rank() == 4
+    {
+        return crate::kernels::concat::concat_channels(a, b);
+    }
+    Tensor::cat(&[a, b], 1)
+}
+
 /// Pixel unshuffle by 2: (b, c, h, w) -> (b, 4c, h/2, w/2), channel order `(c, p1, p2)` as
 /// einops' `b c (h p1) (w p2) -> b (c p1 p2) h w`.
 pub fn pixel_unshuffle_2x(x: &Tensor) -> Result<Tensor> {
@@ -785,6 +800,31 @@ mod tests {
         assert!(
             conv2d_residual(x.as_tensor(), wt.as_tensor(), None, p, wrong.as_tensor()).is_err()
         );
+        Ok(())
+    }
+
+    /// The channel concatenation kernel against candle's `cat`: forward and both gradients,
+    /// with batch 1, odd channel counts, non-square planes and a non-contiguous input; inputs
+    /// that differ outside the channels are an error.
+    #[test]
+    fn concat_kernel_matches_candle_cat() -> Result<()> {
+        for dtype in [DType::F64, DType::F32] {
+            for (b, ca, cb, h, w) in [(1, 1, 2, 3, 3), (3, 5, 3, 4, 7), (2, 2, 6, 1, 5)] {
+                let a = var(&[b, ca, h, w], dtype)?;
+                // Stored transposed, so the op gets a strided second input.
+                let bt = var(&[b, cb, w, h], dtype)?;
+                let bv = bt.as_tensor().transpose(2, 3)?;
+                let ours = cat_channels(a.as_tensor(), &bv)?;
+                let theirs = Tensor::cat(&[a.as_tensor(), &bv], 1)?;
+                assert_eq!(ours.dims(), theirs.dims());
+                assert_eq!(max_diff(&ours, &theirs)?, 0.0);
+                let case = format!("{:?} {dtype:?}", (b, ca, cb, h, w));
+                assert_same_grads(&ours, &theirs, &[&a, &bt], 1e-12, &case)?;
+            }
+        }
+        let a = var(&[2, 3, 4, 4], DType::F32)?;
+        let other = var(&[2, 3, 4, 5], DType::F32)?;
+        assert!(cat_channels(a.as_tensor(), other.as_tensor()).is_err());
         Ok(())
     }
 

@@ -317,7 +317,7 @@ impl Unet {
                 Some(c) => c.clone(),
                 None => x.zeros_like()?,
             };
-            Tensor::cat(&[&cond, x], 1)?
+            ops::cat_channels(&cond, x)?
         } else {
             x.clone()
         };
@@ -346,11 +346,11 @@ impl Unet {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
-            x = level.block1.forward(&Tensor::cat(&[&x, &skip], 1)?, &t)?;
+            x = level.block1.forward(&ops::cat_channels(&x, &skip)?, &t)?;
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("skip".into()))?;
-            x = level.block2.forward(&Tensor::cat(&[&x, &skip], 1)?, &t)?;
+            x = level.block2.forward(&ops::cat_channels(&x, &skip)?, &t)?;
             x = level.attn.forward(&x)?;
             x = match &level.resample {
                 Up::Nearest(u) => u.forward(&x)?,
@@ -359,7 +359,7 @@ impl Unet {
         }
         let x = self
             .final_res_block
-            .forward(&Tensor::cat(&[&x, &r], 1)?, &t)?;
+            .forward(&ops::cat_channels(&x, &r)?, &t)?;
         self.final_conv.forward(&x)
     }
 }

@@ -12,6 +12,7 @@
 //!   SiLU and dropout in one pass forward and two backward.
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
 //! - [`resample`]: nearest 2x upsampling.
+//! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
 //!
 //! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
 //! plus an addition backward, so fusing ops here saves more than their own arithmetic.
@@ -56,6 +57,7 @@ macro_rules! avx2_dispatch {
 }
 
 pub mod attention;
+pub mod concat;
 pub mod conv;
 pub mod group_norm;
 pub mod resample;
