@@ -13,6 +13,7 @@
 use std::cell::RefCell;
 
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use ddpm_unet::kernels::sum;
 use ddpm_unet::ops::Kernels;
 use rayon::prelude::*;
 
@@ -216,12 +217,7 @@ pub fn sum_of_squares(t: &Tensor) -> Option<f64> {
         return None;
     };
     let v = values(cpu, layout, "sum-of-squares").ok()?;
-    let partial = |c: &[f32]| {
-        // f32 runs of 256 keep the loop vectorized; their sums are added in f64.
-        c.chunks(256)
-            .map(|r| r.iter().map(|&x| x * x).sum::<f32>() as f64)
-            .sum::<f64>()
-    };
+    let partial = |c: &[f32]| sum(c, |x| x * x);
     Some(if v.len() >= 2 * CHUNK {
         v.par_chunks(CHUNK).map(partial).sum()
     } else {

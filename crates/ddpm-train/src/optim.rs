@@ -197,16 +197,18 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients (squares summed in f64).
+/// The global L2 norm of all gradients (on the CPU the squares are summed in f64; elsewhere in
+/// f32 per tensor, as candle's `sum_all` does).
 pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
         total += match inplace::sum_of_squares(g) {
             Some(s) => s,
             None => g
-                .to_dtype(DType::F64)?
+                .to_dtype(DType::F32)?
                 .sqr()?
                 .sum_all()?
+                .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?,
         };
     }

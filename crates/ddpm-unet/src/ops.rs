@@ -68,16 +68,13 @@ pub fn conv2d_padded_end(
     p: ConvParams,
     extra_end: usize,
 ) -> Result<Tensor> {
-    let weight = like(weight, x)?;
-    let bias = bias.map(|b| like(b, x)).transpose()?;
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
-        let bias = match bias {
-            Some(b) => b,
-            None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
-        };
+        let (weight, bias) = kernel_weight_and_bias(x, weight, bias)?;
         let pads = (p.padding, p.padding + extra_end);
         return crate::kernels::conv::conv2d(x, &weight, &bias, p.stride, pads);
     }
+    let weight = like(weight, x)?;
+    let bias = bias.map(|b| like(b, x)).transpose()?;
     let x = if extra_end > 0 {
         &x.pad_with_zeros(2, 0, extra_end)?
             .pad_with_zeros(3, 0, extra_end)?
@@ -99,6 +96,20 @@ pub fn conv2d_padded_end(
     }
 }
 
+/// The weight and bias our conv kernel takes: in the dtype of `x`, and zeros for a missing bias.
+fn kernel_weight_and_bias(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let weight = like(weight, x)?;
+    let bias = match bias {
+        Some(b) => like(b, x)?,
+        None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
+    };
+    Ok((weight, bias))
+}
+
 /// `conv2d(x, weight) + bias + residual`, the output of a ResNet block (`residual` shaped like
 /// the output). On the CPU our kernel adds the residual in the convolution's own output loop
 /// (no pass over memory and no graph node of its own); elsewhere a convolution and an add.
@@ -110,11 +121,7 @@ pub fn conv2d_residual(
     residual: &Tensor,
 ) -> Result<Tensor> {
     if kernels() == Kernels::Ours && crate::kernels::supported(x) && residual.dtype() == x.dtype() {
-        let weight = like(weight, x)?;
-        let bias = match bias {
-            Some(b) => like(b, x)?,
-            None => Tensor::zeros(weight.dims()[0], x.dtype(), x.device())?,
-        };
+        let (weight, bias) = kernel_weight_and_bias(x, weight, bias)?;
         let pads = (p.padding, p.padding);
         return crate::kernels::conv::conv2d_residual(x, &weight, &bias, p.stride, pads, residual);
     }

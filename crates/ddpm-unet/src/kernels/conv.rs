@@ -458,6 +458,13 @@ pub struct Conv2d {
 
 struct Conv2dBackward(Conv2d);
 
+impl Conv2d {
+    /// The geometry of this convolution over an input and a kernel of these dims.
+    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
+        Geom::new(x, w, self.stride, self.padding, self.padding_end)
+    }
+}
+
 impl CustomOp3 for Conv2d {
     fn name(&self) -> &'static str {
         "ddpm-conv2d"
@@ -472,13 +479,7 @@ impl CustomOp3 for Conv2d {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(
-            l1.dims(),
-            l2.dims(),
-            self.stride,
-            self.padding,
-            self.padding_end,
-        )?;
+        let g = self.geom(l1.dims(), l2.dims())?;
         let bias_len = l3.shape().elem_count();
         if bias_len != g.o && bias_len != g.b * g.o {
             candle_core::bail!(
@@ -569,8 +570,7 @@ impl CustomOp3 for Conv2dResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c = self.conv;
-        let g = Geom::new(l1.dims(), &self.w_dims, c.stride, c.padding, c.padding_end)?;
+        let g = self.conv.geom(l1.dims(), &self.w_dims)?;
         let wn = self.w_len();
         if l2.shape().elem_count() != wn + g.o {
             candle_core::bail!("conv2d-residual: packed weight and bias of the wrong length");
@@ -630,13 +630,7 @@ impl CustomOp3 for Conv2dBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(
-            l1.dims(),
-            l2.dims(),
-            self.0.stride,
-            self.0.padding,
-            self.0.padding_end,
-        )?;
+        let g = self.0.geom(l1.dims(), l2.dims())?;
         let storage = dispatch!(
             s1,
             "conv2d",

@@ -154,10 +154,10 @@ pub fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(exponent << 23)
 }
 
-/// The sum of `xs` in f64, from f32-width partial sums over short runs: the runs vectorize,
-/// and the f64 total keeps the error of long sums down.
+/// The sum of `f(x)` over `xs` in f64, from f32-width partial sums over short runs: the runs
+/// vectorize, and the f64 total keeps the error of long sums down.
 #[inline(always)]
-pub(crate) fn sum<T: Float>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
+pub fn sum<T: Float>(xs: &[T], f: impl Fn(T) -> T) -> f64 {
     const LANES: usize = 16;
     let mut total = 0f64;
     for run in xs.chunks(256) {
