@@ -134,7 +134,12 @@ impl AdamW {
                 continue;
             }
             // Moments are detached so that they never chain an autograd graph across steps.
-            let g = (g.to_dtype(DType::F32)?.detach() * grad_scale)?;
+            let g = g.to_dtype(DType::F32)?.detach();
+            let g = if grad_scale == 1.0 {
+                g
+            } else {
+                (g * grad_scale)?
+            };
             *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
             *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let m_hat = (&*m / bc1)?;
