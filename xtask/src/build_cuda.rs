@@ -30,15 +30,20 @@ const WHEELS: &[&str] = &[
 ];
 /// Added with `--cudnn`.
 const CUDNN_WHEEL: &str = "nvidia-cudnn-cu13==9.13.0.50";
+/// Added with `--nccl`.
+const NCCL_WHEEL: &str = "nvidia-nccl-cu13==2.28.9";
 /// Written into the toolkit once every wheel is installed.
 const READY_MARKER: &str = ".ddpm-cuda-ready";
-/// The shared libraries linked by name (`-lNAME`) whose wheels ship only versioned files.
+/// The shared libraries linked by name (`-lNAME`) whose wheels ship only versioned files, and
+/// where the versioned file is, relative to the toolkit's `lib`.
 const LINKED: &[(&str, &str)] = &[
     ("libcudart.so", "libcudart.so.13"),
     ("libcublas.so", "libcublas.so.13"),
     ("libcublasLt.so", "libcublasLt.so.13"),
     ("libnvrtc.so", "libnvrtc.so.13"),
     ("libcurand.so", "libcurand.so.10"),
+    ("libcudnn.so", "../../cudnn/lib/libcudnn.so.9"),
+    ("libnccl.so", "../../nccl/lib/libnccl.so.2"),
 ];
 
 /// Arguments of `build-cuda`.
@@ -47,9 +52,14 @@ pub struct BuildCudaArgs {
     /// Compute capability to compile the kernels for (90: H100/H200; 80: A100).
     #[arg(long, default_value = "90")]
     compute_cap: String,
-    /// Also build with cuDNN (candle's `cudnn`; installs the cuDNN wheel).
+    /// Also build with cuDNN (candle's `cudnn`; installs the cuDNN wheel). Convolutions then run
+    /// forward and backward through cuDNN.
     #[arg(long)]
     cudnn: bool,
+    /// Also build with NCCL (data-parallel training, see docs/distributed.md; installs the NCCL
+    /// wheel). The binary then needs `libnccl.so.2` at run time (PyTorch's, or a system NCCL).
+    #[arg(long)]
+    nccl: bool,
     /// Where the binaries go.
     #[arg(long, default_value = "dist/cuda")]
     out: PathBuf,
@@ -66,7 +76,7 @@ pub struct BuildCudaArgs {
 pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
     let root = workspace_root();
     let venv = target_dir().join("cuda-venv");
-    let cuda = install_toolkit(&venv, args.cudnn)?;
+    let cuda = install_toolkit(&venv, args.cudnn, args.nccl)?;
     link_shims(&cuda)?;
     let target = target_dir().join("cuda");
     let path = format!(
@@ -86,8 +96,15 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let feature = if args.cudnn { "cudnn" } else { "cuda" };
-    let features = format!("ddpm-cli/{feature},xtask/{feature}");
+    let mut wanted = vec![if args.cudnn { "cudnn" } else { "cuda" }];
+    if args.nccl {
+        wanted.push("nccl");
+    }
+    let features = wanted
+        .iter()
+        .flat_map(|f| [format!("ddpm-cli/{f}"), format!("xtask/{f}")])
+        .collect::<Vec<_>>()
+        .join(",");
     eprintln!(
         "build-cuda: cargo build --release -p ddpm-cli -p xtask --features {features} \
          (CUDA 13.0, compute capability {}; the first build takes 15-25 minutes on 2 cores)",
@@ -154,15 +171,27 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 \
 done
 [ -n "$_ddpm_found" ] || echo "ddpm: no CUDA 13 libraries (libcublas.so.13) found; install CUDA 13 or PyTorch cu13" >&2
 unset _ddpm_found
+# cuDNN 9 and NCCL 2, needed by builds with `--cudnn` / `--nccl`: a system copy, else PyTorch's.
+for _ddpm_lib in libcudnn.so.9 libnccl.so.2; do
+  if ! ldconfig -p 2>/dev/null | grep -q "$_ddpm_lib "; then
+    for d in $(python3 -c 'import nvidia, os; print(" ".join(os.path.join(p, n, "lib") for p in nvidia.__path__ for n in ("cudnn", "nccl", "cu13")))' 2>/dev/null); do
+      if [ -e "$d/$_ddpm_lib" ]; then _ddpm_add "$d"; break; fi
+    done
+  fi
+done
+unset _ddpm_lib
 "#;
 
 /// Installs the pinned wheels into `venv` unless done; returns the toolkit root
 /// (`.../site-packages/nvidia/cu13`).
-fn install_toolkit(venv: &Path, cudnn: bool) -> anyhow::Result<PathBuf> {
+fn install_toolkit(venv: &Path, cudnn: bool, nccl: bool) -> anyhow::Result<PathBuf> {
     let marker = venv.join(READY_MARKER);
     let mut wheels: Vec<&str> = WHEELS.to_vec();
     if cudnn {
         wheels.push(CUDNN_WHEEL);
+    }
+    if nccl {
+        wheels.push(NCCL_WHEEL);
     }
     let wanted = wheels.join("\n");
     if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
@@ -216,7 +245,8 @@ fn link_shims(cuda: &Path) -> anyhow::Result<()> {
     let lib = cuda.join("lib");
     for (name, real) in LINKED {
         let link = lib.join(name);
-        if !link.exists() {
+        // cuDNN's and NCCL's links only where their wheels are installed.
+        if !link.exists() && lib.join(real).exists() {
             std::os::unix::fs::symlink(real, &link)
                 .with_context(|| format!("linking {}", link.display()))?;
         }

@@ -31,9 +31,37 @@ pub fn parse_device(spec: &str) -> Result<Device> {
              with `--features cuda` (see README) or use --device cpu"
         )));
     }
+    check_ordinal(&spec, ordinal)?;
     let device = Device::new_cuda(ordinal)?;
     keep_freed_memory(ordinal)?;
     Ok(device)
+}
+
+/// An error naming the devices there are when `cuda:N` asks for one beyond them (the driver's
+/// own answer is an opaque `CUDA_ERROR_INVALID_DEVICE`).
+#[cfg(feature = "cuda")]
+fn check_ordinal(spec: &str, ordinal: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    match CudaContext::device_count() {
+        Ok(n) if n <= 0 => Err(TrainError::Config(format!(
+            "device `{spec}` asked for, but the NVIDIA driver reports no CUDA device: use --device cpu"
+        ))),
+        Ok(n) if ordinal >= n as usize => Err(TrainError::Config(format!(
+            "device `{spec}` asked for, but this machine has {n} CUDA device(s): use cuda:0 to \
+             cuda:{} (nvidia-smi lists them)",
+            n - 1
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(TrainError::Config(format!(
+            "device `{spec}`: the NVIDIA driver could not be queried ({e}); is the driver \
+             (libcuda.so.1) installed and a GPU visible?"
+        ))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_ordinal(_spec: &str, _ordinal: usize) -> Result<()> {
+    Ok(())
 }
 
 /// candle allocates a fresh buffer for every op through the device's default stream-ordered

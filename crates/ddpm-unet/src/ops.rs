@@ -50,10 +50,10 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out),
 /// or (b, c_out) for a bias per image. Weights are cast to the dtype of `x` (mixed precision).
 ///
-/// On the CPU (f32/f64) this is our im2col + GEMM kernel; on other devices it is
-/// [`conv2d_unfold`], an im2col built from candle's tensor ops so that the backward pass is
-/// matrix products too (candle's own CUDA conv backward goes through a direct transposed
-/// convolution). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
+/// On the CPU (f32/f64) this is our im2col + GEMM kernel; on other devices it is candle's
+/// `conv2d` (cuDNN) in a `cudnn` build and otherwise [`conv2d_unfold`], an im2col built from
+/// candle's tensor ops so that the backward pass is matrix products too (see
+/// [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
     conv2d_padded_end(x, weight, bias, p, 0)
 }
@@ -81,7 +81,7 @@ pub fn conv2d_padded_end(
     } else {
         x
     };
-    let y = if kernels() == Kernels::Ours && !x.device().is_cpu() {
+    let y = if kernels() == Kernels::Ours && !x.device().is_cpu() && !cuda_conv_is_candle() {
         conv2d_unfold(x, &weight, p)?
     } else {
         x.conv2d(&weight, p.padding, p.stride, 1, 1)?
@@ -94,6 +94,19 @@ pub fn conv2d_padded_end(
         }
         None => Ok(y),
     }
+}
+
+/// Whether convolutions off the CPU use candle's `conv2d` (cuDNN in a `cudnn` build; its
+/// backward pass is forward convolutions too, see `crates/vendor/candle-core`) rather than
+/// [`conv2d_unfold`]: by default in a `cudnn` build; `DDPM_CUDA_CONV=unfold` or `=candle`
+/// chooses. Read once per process.
+pub fn cuda_conv_is_candle() -> bool {
+    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CANDLE.get_or_init(|| match std::env::var("DDPM_CUDA_CONV") {
+        Ok(v) if v.eq_ignore_ascii_case("unfold") => false,
+        Ok(v) if v.eq_ignore_ascii_case("candle") || v.eq_ignore_ascii_case("cudnn") => true,
+        _ => cfg!(feature = "cudnn"),
+    })
 }
 
 /// The weight and bias our conv kernel takes: in the dtype of `x`, and zeros for a missing bias.

@@ -60,3 +60,50 @@ fn a_gradient_reused_downstream_is_not_changed_by_later_sums() -> Result<()> {
     close(grads.get(x.as_tensor()).expect("grad"), &[12.0, 12.0, 12.0])?;
     Ok(())
 }
+
+/// The input gradient of a convolution as a forward convolution of the dilated gradient with the
+/// flipped kernel (what the patched backward pass uses on CUDA, where it goes through cuDNN)
+/// equals candle's transposed convolution, for every stride, padding and kernel of our models
+/// and odd sizes where the last input rows are not covered by a stride-2 window.
+#[test]
+fn conv_input_gradient_as_a_forward_convolution_matches_conv_transpose() -> Result<()> {
+    let dev = Device::Cpu;
+    let cases = [
+        // (b, c_in, c_out, h, w, k, padding, stride)
+        (2, 3, 5, 7, 6, 3, 1, 1),
+        (1, 4, 2, 8, 8, 3, 1, 2),
+        (2, 3, 4, 9, 7, 3, 1, 2),
+        (1, 2, 3, 6, 9, 3, 0, 2),
+        (2, 5, 3, 5, 5, 1, 0, 1),
+        (1, 2, 2, 10, 8, 3, 2, 1),
+        (1, 3, 2, 11, 11, 3, 0, 3),
+    ];
+    for (b, ci, co, h, w, k, p, s) in cases {
+        let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev)?;
+        let kernel = Tensor::randn(0f32, 1.0, (co, ci, k, k), &dev)?;
+        let y = x.conv2d(&kernel, p, s, 1, 1)?;
+        let grad = Tensor::randn(0f32, 1.0, y.shape(), &dev)?;
+        // The transposed convolution takes one output padding for both axes: pad both fully
+        // and cut to the input's size (padding only appends rows and columns).
+        let want = grad
+            .conv_transpose2d(&kernel, p, s - 1, s, 1)?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?;
+        let got = candle_core::backprop::conv2d_input_grad(&x, &grad, &kernel, p, s, 1)?
+            .expect("applies to these shapes");
+        assert_eq!(got.dims(), want.dims(), "{:?}", (b, ci, co, h, w, k, p, s));
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            err <= 1e-5 * scale,
+            "{:?}: max error {err} of {scale}",
+            (b, ci, co, h, w, k, p, s)
+        );
+    }
+    // Dilation and non-square kernels are left to the transposed convolution.
+    let x = Tensor::zeros((1, 1, 5, 5), candle_core::DType::F32, &dev)?;
+    let kernel = Tensor::zeros((1, 1, 3, 3), candle_core::DType::F32, &dev)?;
+    let grad = Tensor::zeros((1, 1, 1, 1), candle_core::DType::F32, &dev)?;
+    assert!(candle_core::backprop::conv2d_input_grad(&x, &grad, &kernel, 0, 1, 2)?.is_none());
+    Ok(())
+}

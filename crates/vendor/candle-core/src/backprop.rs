@@ -278,18 +278,34 @@ impl Tensor {
                         let out_size =
                             (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
                         let out_padding = arg.dim(2)? - out_size;
-                        let grad_arg = grad.conv_transpose2d(
-                            kernel,
-                            *padding,
-                            out_padding,
-                            *stride,
-                            *dilation,
-                        )?;
+                        let on_cuda = arg.device().is_cuda();
+                        let grad_arg = if on_cuda {
+                            conv2d_input_grad(arg, &grad, kernel, *padding, *stride, *dilation)?
+                        } else {
+                            None
+                        };
+                        let grad_arg = match grad_arg {
+                            Some(g) => g,
+                            None => grad.conv_transpose2d(
+                                kernel,
+                                *padding,
+                                out_padding,
+                                *stride,
+                                *dilation,
+                            )?,
+                        };
                         grads.accumulate(arg, &grad_arg)?;
 
+                        // On CUDA the gradient is the kernel of this convolution: contiguous,
+                        // it goes through cuDNN (a strided kernel takes candle's direct loop).
+                        let grad_t = if on_cuda {
+                            grad.transpose(0, 1)?.contiguous()?
+                        } else {
+                            grad.transpose(0, 1)?
+                        };
                         let grad_kernel = arg
                             .transpose(0, 1)?
-                            .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
+                            .conv2d(&grad_t, *padding, *dilation, *stride, 1)?
                             .transpose(0, 1)?;
                         let sum_grad = grads.or_insert(kernel)?;
                         let (_, _, k0, k1) = kernel.dims4()?;
@@ -786,4 +802,59 @@ impl GradStore {
     pub fn get_ids(&self) -> impl Iterator<Item = &TensorId> {
         self.0.keys()
     }
+}
+
+/// The input gradient of `arg.conv2d(kernel, padding, stride, dilation)` as a forward
+/// convolution (cuDNN on CUDA), instead of candle's direct transposed-convolution loop: the
+/// output gradient, dilated by the stride with zeros, convolved with the kernel flipped in space
+/// and with its channel axes swapped. `None` where this form does not apply (dilation, a
+/// non-square kernel, padding beyond the kernel). Used on CUDA; public so that it can be
+/// checked against `conv_transpose2d` on any device.
+pub fn conv2d_input_grad(
+    arg: &Tensor,
+    grad: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Option<Tensor>> {
+    let (c_out, c_in, k_h, k_w) = kernel.dims4()?;
+    let (_, _, h, w) = arg.dims4()?;
+    if dilation != 1 || k_h != k_w || padding + 1 > k_h || stride == 0 {
+        return Ok(None);
+    }
+    let taps = k_h * k_w;
+    let reversed: Vec<u32> = (0..taps as u32).rev().collect();
+    let reversed = Tensor::new(reversed.as_slice(), kernel.device())?;
+    let flipped = kernel
+        .reshape((c_out, c_in, taps))?
+        .index_select(&reversed, 2)?
+        .reshape((c_out, c_in, k_h, k_w))?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let grad = if stride > 1 {
+        // Each gradient value followed by `stride - 1` zeros, along both spatial axes.
+        let (b, c, gh, gw) = grad.dims4()?;
+        let zeros = grad.zeros_like()?;
+        let mut cols = vec![grad.clone()];
+        cols.extend(std::iter::repeat_n(zeros, stride - 1));
+        let g = Tensor::stack(&cols, 4)?.reshape((b, c, gh, gw * stride))?;
+        let zeros = g.zeros_like()?;
+        let mut rows = vec![g];
+        rows.extend(std::iter::repeat_n(zeros, stride - 1));
+        Tensor::stack(&rows, 3)?.reshape((b, c, gh * stride, gw * stride))?
+    } else {
+        grad.clone()
+    };
+    let dx = grad.conv2d(&flipped, k_h - 1 - padding, 1, 1, 1)?;
+    let (_, _, dh, dw) = dx.dims4()?;
+    if dh < h || dw < w {
+        return Ok(None);
+    }
+    let dx = if dh > h || dw > w {
+        dx.narrow(2, 0, h)?.narrow(3, 0, w)?
+    } else {
+        dx
+    };
+    Ok(Some(dx))
 }
