@@ -5,7 +5,8 @@
 //! A device that is not there is reported as skipped with the reason, never as a pass. Half
 //! precision on the CPU is expected to be refused with a clear message, and that refusal is what
 //! its column checks. With a CUDA device, one forward pass of the same weights on the CPU and on
-//! the GPU must also agree within a stated tolerance per precision.
+//! the GPU must also agree within a stated tolerance per precision, and (in a build with the
+//! `nccl` feature) a launched world of one rank must train bit for bit like the plain run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -72,7 +73,11 @@ const CHECKS: &[&str] = &[
     "sample deterministic",
     "eval (bits/dim)",
     "forward CPU vs GPU",
+    "nccl world size 1 = plain",
 ];
+
+/// The checks [`column`] makes; the GPU-only ones after them are made by [`run`].
+const COLUMN_CHECKS: usize = 4;
 
 /// A column: one device and precision.
 struct Column {
@@ -169,6 +174,10 @@ impl Ctx {
     fn ddpm(&self) -> Command {
         let mut c = Command::new(&self.ddpm);
         c.current_dir(&self.scratch).env("RUST_LOG", "warn");
+        // A plain run is one process, even when this runs under a data-parallel launcher.
+        for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "DDPM_NCCL_ID_FILE"] {
+            c.env_remove(var);
+        }
         // `ddpm` runs in the scratch directory: a relative mirror path must keep meaning what
         // it meant here.
         if let Some(m) = std::env::var_os("DDPM_DATA_MIRROR") {
@@ -292,7 +301,7 @@ fn column(ctx: &Ctx, device: &'static str, precision: &str) -> Vec<Cell> {
         } else {
             "training failed"
         };
-        while cells.len() < CHECKS.len() - 1 {
+        while cells.len() < COLUMN_CHECKS {
             cells.push(Cell::Skipped(why.into()));
         }
         return cells;
@@ -367,6 +376,52 @@ fn column(ctx: &Ctx, device: &'static str, precision: &str) -> Vec<Cell> {
         Err(e) => Cell::Fail(e.to_string()),
     });
     cells
+}
+
+/// With NCCL, a launched world of one rank (`RANK=0 WORLD_SIZE=1 LOCAL_RANK=0`, whose gradients
+/// and loss go through a one-rank all-reduce) must give the plain run's final checkpoint bit for
+/// bit (docs/distributed.md). Without the `nccl` feature the check is skipped, never passed.
+fn world_of_one(ctx: &Ctx, device: &str, precision: &str) -> Cell {
+    if !cfg!(feature = "nccl") {
+        return Cell::Skipped("built without nccl".into());
+    }
+    let tag = format!("{}-{precision}", device.replace(':', ""));
+    let plain = checkpoint_file(&ctx.scratch.join(format!("{tag}-straight")), 6);
+    if !plain.is_file() {
+        return Cell::Skipped("training failed".into());
+    }
+    let run = |name: &str, launched: bool| -> anyhow::Result<PathBuf> {
+        let out = ctx.scratch.join(format!("{tag}-{name}"));
+        let mut c = ctx.train(&out, device, precision, 6);
+        if launched {
+            c.env("RANK", "0")
+                .env("WORLD_SIZE", "1")
+                .env("LOCAL_RANK", "0");
+        }
+        let o = run_limited(c, ctx.limit)?;
+        if !o.status.success() {
+            bail!("{name}: {}", error_line(&o));
+        }
+        Ok(checkpoint_file(&out, 6))
+    };
+    let world1 = match run("world1", true) {
+        Ok(p) => p,
+        Err(e) => return Cell::Fail(e.to_string()),
+    };
+    match compare_tensor_files(&plain, &world1) {
+        Ok((0.0, _)) => Cell::Pass("bit-identical".into()),
+        Ok((d, s)) => {
+            // Say whether the plain run is itself deterministic here; either way it is a fail.
+            let again = run("plain-again", false)
+                .and_then(|p| compare_tensor_files(&plain, &p))
+                .map(|(d2, _)| format!("two plain runs differ by {d2:.1e}"))
+                .unwrap_or_else(|e| format!("second plain run: {e}"));
+            Cell::Fail(format!(
+                "weights differ: max diff {d:.3e} (scale {s:.2}); {again}"
+            ))
+        }
+        Err(e) => Cell::Fail(e.to_string()),
+    }
 }
 
 /// Tolerance of the CPU-vs-GPU forward check: max |gpu - cpu| / max |cpu|.
@@ -472,7 +527,9 @@ pub fn run(args: TestMatrixArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 let mut c = column(&ctx, device, p);
-                c.push(Cell::Skipped("GPU column only".into()));
+                while c.len() < CHECKS.len() {
+                    c.push(Cell::Skipped("GPU column only".into()));
+                }
                 c
             } else {
                 match &gpu {
@@ -491,6 +548,7 @@ pub fn run(args: TestMatrixArgs) -> anyhow::Result<()> {
                             Ok(r) => Cell::Fail(format!("rel. diff {r:.2e} > {tol:.0e}")),
                             Err(e) => Cell::Fail(e.to_string()),
                         });
+                        c.push(world_of_one(&ctx, device, p));
                         c
                     }
                 }
@@ -591,6 +649,25 @@ mod tests {
                 .count(),
             CHECKS.len()
         );
+    }
+
+    #[test]
+    fn world_of_one_without_nccl_is_skipped_never_passed() {
+        if cfg!(feature = "nccl") {
+            return;
+        }
+        let ctx = Ctx {
+            ddpm: PathBuf::from("/nonexistent/ddpm"),
+            config: PathBuf::new(),
+            data_dir: PathBuf::new(),
+            scratch: std::env::temp_dir(),
+            limit: Duration::from_secs(1),
+        };
+        assert_eq!(
+            world_of_one(&ctx, "cuda:0", "f32"),
+            Cell::Skipped("built without nccl".into())
+        );
+        assert_eq!(CHECKS.len(), COLUMN_CHECKS + 2);
     }
 
     #[test]

@@ -195,7 +195,17 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let device = parse_device(&a.device)?;
+    // One process per GPU under a launcher (RANK, WORLD_SIZE, LOCAL_RANK; docs/distributed.md).
+    let world = ddpm_train::World::from_env().context("reading the data-parallel launch")?;
+    if world.launched {
+        tracing::info!(
+            rank = world.rank,
+            size = world.size,
+            local_rank = world.local_rank,
+            "data-parallel rank"
+        );
+    }
+    let device = parse_device(&world.device_spec(&a.device))?;
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -217,21 +227,26 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(dir) => {
             let ckpt = ddpm_train::checkpoint::load_latest(dir, &candle_core::Device::Cpu)
                 .with_context(|| format!("resuming {}", dir.display()))?;
-            ensure_data(&ckpt.meta.config, a.no_fetch)?;
+            // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
+            ensure_data(&ckpt.meta.config, a.no_fetch || !world.is_lead())?;
             drop(ckpt);
-            Trainer::resume(dir, &device, a.steps)
+            Trainer::resume_with_world(dir, &device, a.steps, world)
                 .with_context(|| format!("resuming {}", dir.display()))?
         }
         None => {
             let config = build_config(&a)?;
             config.precision.check_device(&device)?;
-            ensure_data(&config, a.no_fetch)?;
+            ensure_data(&config, a.no_fetch || !world.is_lead())?;
             let out = match &a.out {
                 Some(o) => o.clone(),
+                None if world.size > 1 => anyhow::bail!(
+                    "data-parallel training needs --out DIR, the same on every rank, so that \
+                     all ranks join one run"
+                ),
                 None => fresh_run_dir(config.dataset.name())?,
             };
             tracing::info!(run_dir = %out.display(), "starting a new run");
-            Trainer::create(config, &out, &device)
+            Trainer::create_with_world(config, &out, &device, world)
                 .with_context(|| format!("starting run {}", out.display()))?
         }
     };

@@ -221,6 +221,44 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 }
 
 #[test]
+fn launched_worlds_one_rank_trains_as_one_process_and_bad_worlds_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    assert_ok(&run(&mut train(p, "plain", 4, 4)));
+    // RANK=0 WORLD_SIZE=1 on the CPU: the same run, bit for bit (on CUDA with NCCL this is the
+    // test-matrix row `nccl world size 1 = plain`).
+    assert_ok(&run(train(p, "world1", 4, 4)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("LOCAL_RANK", "0")));
+    let a = tensors(&p.join("plain/checkpoints/ckpt-00000004.safetensors"));
+    let b = tensors(&p.join("world1/checkpoints/ckpt-00000004.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(da == db, "tensor {na} differs with RANK=0 WORLD_SIZE=1");
+    }
+    assert_eq!(metrics(&p.join("plain")), metrics(&p.join("world1")));
+    // Two ranks need NCCL and CUDA; a rank out of range is named.
+    let two = run(train(p, "two", 4, 4)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0"));
+    if cfg!(feature = "nccl") {
+        assert_clean_error(&two, "one CUDA device per rank");
+    } else {
+        assert_clean_error(&two, "cargo xtask build-cuda --nccl");
+    }
+    assert_clean_error(
+        &run(train(p, "bad", 4, 4)
+            .env("RANK", "2")
+            .env("WORLD_SIZE", "2")),
+        "RANK=2",
+    );
+    assert!(!p.join("two/checkpoints").exists() && !p.join("bad/checkpoints").exists());
+}
+
+#[test]
 fn sigkill_mid_training_resumes_from_the_last_checkpoint() {
     let dir = tempfile::tempdir().expect("tmp");
     let run_dir = dir.path().join("run");

@@ -50,7 +50,8 @@ pub struct Batch {
     pub indices: Vec<usize>,
     /// The epoch the batch belongs to.
     pub epoch: u64,
-    /// The position of its first sample within the epoch.
+    /// The position of its first sample within the epoch (of the global batch, when the loader
+    /// is sharded).
     pub start: usize,
 }
 
@@ -86,6 +87,9 @@ struct Plan {
     seed: u64,
     drop_last: bool,
     flip: bool,
+    /// `(rank, world)`: this process takes the positions `rank, rank + world, ...` of each batch
+    /// (`(0, 1)`: all of them).
+    shard: (usize, usize),
 }
 
 impl Plan {
@@ -125,13 +129,22 @@ impl Plan {
             *order = Some((p.epoch, epoch_permutation(self.seed, p.epoch, self.n)));
         }
         let perm = &order.as_ref().expect("set above").1;
-        let len = self.batch_len(p);
-        let indices = perm[p.index..p.index + len].to_vec();
-        let flips = if self.flip {
-            flip_decisions(self.seed, p.epoch, p.index, len)
+        let global_len = self.batch_len(p);
+        let mut indices = perm[p.index..p.index + global_len].to_vec();
+        let mut flips = if self.flip {
+            flip_decisions(self.seed, p.epoch, p.index, global_len)
         } else {
-            vec![false; len]
+            vec![false; global_len]
         };
+        let (rank, world) = self.shard;
+        if world > 1 {
+            // The epoch positions `rank, rank + world, ...` of the global batch, with the flips
+            // drawn for those positions: the ranks together make the single-process batch.
+            let mine = |k: &usize| (p.index + k) % world == rank;
+            indices = (0..global_len).filter(mine).map(|k| indices[k]).collect();
+            flips = (0..global_len).filter(mine).map(|k| flips[k]).collect();
+        }
+        let len = indices.len();
         let image_len = ds.image_len();
         let mut data = vec![0f32; len * image_len];
         for ((out, &i), &flip) in data.chunks_exact_mut(image_len).zip(&indices).zip(&flips) {
@@ -274,6 +287,7 @@ impl Loader {
             seed,
             drop_last,
             flip: dataset.flip(),
+            shard: (0, 1),
         };
         Ok(Loader {
             dataset,
@@ -284,6 +298,27 @@ impl Loader {
             order: None,
             pipeline: None,
         })
+    }
+
+    /// Makes this loader hand out only rank `rank`'s share of each batch of `world` data-parallel
+    /// processes: the epoch positions `rank, rank + world, ...`, so `batch_size / world` images.
+    /// The position (and so a checkpoint's loader state) stays the global batch's. `batch_size`
+    /// must divide by `world`.
+    pub fn with_shard(mut self, rank: usize, world: usize) -> Result<Self> {
+        if world == 0 || rank >= world {
+            return Err(DataError::Config(format!(
+                "data shard {rank} of {world}: the rank must be below the world size"
+            )));
+        }
+        if self.plan.batch_size % world != 0 {
+            return Err(DataError::Config(format!(
+                "batch size {} does not divide among {world} data-parallel ranks",
+                self.plan.batch_size
+            )));
+        }
+        self.pipeline = None;
+        self.plan.shard = (rank, world);
+        Ok(self)
     }
 
     /// Sets how many batches each worker prepares ahead (at least 1).
@@ -538,6 +573,49 @@ mod tests {
                 plain.image(i).unwrap().as_slice()
             );
         }
+    }
+
+    #[test]
+    fn shards_together_make_the_single_process_batches() {
+        let ds = Arc::new(indexed(37, 1).with_flip(true));
+        // 37 images, batches of 6 with drop_last: 6 batches per epoch, so 8 batches cross into
+        // the second epoch.
+        let whole = take(&mut Loader::new(Arc::clone(&ds), 6, 3, true, 0).unwrap(), 8);
+        for world in [1, 2, 3, 6] {
+            let shards: Vec<_> = (0..world)
+                .map(|r| {
+                    let mut l = Loader::new(Arc::clone(&ds), 6, 3, true, 2)
+                        .unwrap()
+                        .with_shard(r, world)
+                        .unwrap();
+                    let b = take(&mut l, 8);
+                    assert_eq!(
+                        l.position(),
+                        LoaderPosition {
+                            epoch: 1,
+                            index: 12
+                        }
+                    );
+                    b
+                })
+                .collect();
+            for (step, (indices, images, labels)) in whole.iter().enumerate() {
+                for (k, &i) in indices.iter().enumerate() {
+                    // Position k of the global batch is rank k % world's entry k / world.
+                    let (r, j) = (k % world, k / world);
+                    let (si, sx, sl) = &shards[r][step];
+                    assert_eq!(si.len(), 6 / world);
+                    assert_eq!(si[j], i, "world {world} step {step} position {k}");
+                    assert_eq!(sl[j], labels[k]);
+                    // Same pixels, flips included.
+                    assert_eq!(sx[j * 4..j * 4 + 4], images[k * 4..k * 4 + 4]);
+                }
+            }
+        }
+        let loader = || Loader::new(Arc::clone(&ds), 6, 3, true, 0).unwrap();
+        assert!(loader().with_shard(0, 4).is_err());
+        assert!(loader().with_shard(2, 2).is_err());
+        assert!(loader().with_shard(0, 0).is_err());
     }
 
     #[test]

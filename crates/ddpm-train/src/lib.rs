@@ -21,6 +21,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod distributed;
 pub mod ema;
 pub mod eval;
 pub mod inplace;
@@ -37,6 +38,7 @@ use std::path::{Path, PathBuf};
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::TrainConfig;
 pub use device::parse_device;
+pub use distributed::{Collective, DistError, World};
 pub use precision::{LossScaler, Precision};
 pub use sample::{sample, SampleOptions, Samples};
 pub use trainer::{RunOptions, RunSummary, Trainer};
@@ -90,6 +92,9 @@ pub enum TrainError {
     /// An error from the data crate.
     #[error(transparent)]
     Data(#[from] ddpm_data::DataError),
+    /// A data-parallel launch or reduction failed.
+    #[error(transparent)]
+    Distributed(#[from] distributed::DistError),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, CheckpointMeta, EMA_PREFIX, MODEL_PREFIX, OPTIM_PREFIX};
 use crate::config::TrainConfig;
+use crate::distributed::{Collective, DistError, World};
 use crate::ema::Ema;
 use crate::lock::RunLock;
 use crate::metrics::{self, MetricsLine};
@@ -75,14 +76,28 @@ pub struct Trainer {
     step: usize,
     last_checkpoint: Option<(usize, PathBuf)>,
     scaler: LossScaler,
-    /// One live run per directory: held as long as the trainer lives.
-    _lock: RunLock,
+    /// The other data-parallel ranks (none for a single process).
+    collective: Collective,
+    /// One live run per directory: held as long as the trainer lives (by rank 0 only).
+    _lock: Option<RunLock>,
 }
 
 impl Trainer {
     /// Starts a new run in `run_dir` (which must not hold checkpoints yet). The model's image
     /// size and channels follow the data set.
-    pub fn create(mut config: TrainConfig, run_dir: &Path, device: &Device) -> Result<Self> {
+    pub fn create(config: TrainConfig, run_dir: &Path, device: &Device) -> Result<Self> {
+        Self::create_with_world(config, run_dir, device, World::single())
+    }
+
+    /// Starts a new run as one rank of a data-parallel `world` (docs/distributed.md): each rank
+    /// trains on its share of every batch, and only rank 0 writes to `run_dir`. Blocks until
+    /// every rank has joined.
+    pub fn create_with_world(
+        mut config: TrainConfig,
+        run_dir: &Path,
+        device: &Device,
+        world: World,
+    ) -> Result<Self> {
         if !checkpoint::list(run_dir)?.is_empty() {
             return Err(TrainError::Config(format!(
                 "{} already holds checkpoints of a run: continue it with `--resume {}` or \
@@ -93,22 +108,45 @@ impl Trainer {
         }
         let dataset = open_dataset(&mut config)?;
         config.validate()?;
-        std::fs::create_dir_all(run_dir)
-            .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
-        let lock = RunLock::acquire(run_dir)?;
-        let config_path = run_dir.join("config.toml");
-        ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
-            .map_err(|e| TrainError::io(&config_path, "writing", e))?;
-        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        Self::build(config, run_dir, device, dataset, lock)
+        world.check_batch(config.batch_size, config.grad_accum)?;
+        let lock = if world.is_lead() {
+            std::fs::create_dir_all(run_dir)
+                .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
+            let lock = RunLock::acquire(run_dir)?;
+            let config_path = run_dir.join("config.toml");
+            ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
+                .map_err(|e| TrainError::io(&config_path, "writing", e))?;
+            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+            Some(lock)
+        } else {
+            None
+        };
+        Self::build(config, run_dir, device, dataset, lock, world)
     }
 
     /// Continues the run in `run_dir` from its newest checkpoint, exactly: weights, EMA,
     /// optimizer moments, RNG and data order are restored. `steps` (if given) replaces the total
     /// number of steps to train for.
     pub fn resume(run_dir: &Path, device: &Device, steps: Option<usize>) -> Result<Self> {
+        Self::resume_with_world(run_dir, device, steps, World::single())
+    }
+
+    /// Continues the run in `run_dir` as one rank of a data-parallel `world`: every rank loads
+    /// the newest checkpoint; only rank 0 locks and writes the directory. Rank 0's random state
+    /// is the checkpoint's; the others continue from it on their own ChaCha stream, so a resumed
+    /// run of several ranks is not bit-exact with an uninterrupted one (logged as a warning).
+    pub fn resume_with_world(
+        run_dir: &Path,
+        device: &Device,
+        steps: Option<usize>,
+        world: World,
+    ) -> Result<Self> {
         let ckpt = checkpoint::load_latest(run_dir, device)?;
-        let lock = RunLock::acquire(run_dir)?;
+        let lock = if world.is_lead() {
+            Some(RunLock::acquire(run_dir)?)
+        } else {
+            None
+        };
         let mut config = ckpt.meta.config.clone();
         if let Some(s) = steps {
             config.steps = s;
@@ -123,6 +161,7 @@ impl Trainer {
             });
         }
         config.validate()?;
+        world.check_batch(config.batch_size, config.grad_accum)?;
         // The checkpoint's tensors must make its config's model before that model is built, so
         // a checkpoint claiming a far larger model fails without allocating it.
         ddpm_unet::model::check_tensors(&config.model, &ckpt.section(MODEL_PREFIX), &ckpt.path)
@@ -130,7 +169,8 @@ impl Trainer {
                 path: Some(ckpt.path.clone()),
                 reason: format!("does not fit this run: {e}"),
             })?;
-        let mut trainer = Self::build(config, run_dir, device, dataset, lock)?;
+        let (rank, size) = (world.rank, world.size);
+        let mut trainer = Self::build(config, run_dir, device, dataset, lock, world)?;
         let bad = |e: TrainError| TrainError::Checkpoint {
             path: Some(ckpt.path.clone()),
             reason: format!("does not fit this run: {e}"),
@@ -150,11 +190,24 @@ impl Trainer {
             .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
             .map_err(bad)?;
         trainer.rng = ckpt.meta.rng.clone();
+        if rank > 0 {
+            trainer.rng.set_stream(rank as u64);
+        }
+        if size > 1 {
+            tracing::warn!(
+                rank,
+                size,
+                "resuming with several ranks: the checkpoint holds rank 0's random state only, \
+                 so this run is not bit-exact with an uninterrupted one"
+            );
+        }
         trainer.scaler = ckpt.meta.loss_scaler;
         trainer.loader.seek(ckpt.meta.loader)?;
         trainer.step = ckpt.meta.step;
         trainer.last_checkpoint = Some((ckpt.meta.step, ckpt.path.clone()));
-        metrics::truncate_after(&run_dir.join("metrics.jsonl"), ckpt.meta.step)?;
+        if rank == 0 {
+            metrics::truncate_after(&run_dir.join("metrics.jsonl"), ckpt.meta.step)?;
+        }
         tracing::info!(step = ckpt.meta.step, checkpoint = %ckpt.path.display(), "resumed");
         Ok(trainer)
     }
@@ -164,7 +217,8 @@ impl Trainer {
         run_dir: &Path,
         device: &Device,
         dataset: Dataset,
-        lock: RunLock,
+        lock: Option<RunLock>,
+        world: World,
     ) -> Result<Self> {
         config.precision.check_device(device)?;
         let compute = config.precision.compute_dtype();
@@ -180,14 +234,28 @@ impl Trainer {
             tracing::warn!("{w}");
         }
         let micro = config.batch_size / config.grad_accum;
-        let loader = Loader::new(dataset, micro, config.seed, true, config.workers)?;
+        // Each rank takes its share of every global micro-batch.
+        let loader = world.shard(Loader::new(
+            dataset,
+            micro,
+            config.seed,
+            true,
+            config.workers,
+        )?)?;
+        // Each rank's training RNG is the run's seed on the rank's own ChaCha stream (rank 0's is
+        // the single-process one).
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ TRAIN_RNG_DOMAIN);
+        if world.rank > 0 {
+            rng.set_stream(world.rank as u64);
+        }
+        let collective = Collective::connect(world, device, run_dir)?;
         tracing::info!(
             parameters = model.num_parameters(),
             images = loader.dataset().len(),
             "model and data ready"
         );
         Ok(Self {
-            rng: ChaCha8Rng::seed_from_u64(config.seed ^ TRAIN_RNG_DOMAIN),
+            rng,
             config,
             run_dir: run_dir.to_path_buf(),
             device: device.clone(),
@@ -200,6 +268,7 @@ impl Trainer {
             step: 0,
             last_checkpoint: None,
             scaler: LossScaler::default(),
+            collective,
             _lock: lock,
         })
     }
@@ -234,8 +303,11 @@ impl Trainer {
         if !self.device.is_cpu() {
             // Device-side randomness (dropout masks) follows the run's seed and step, so a
             // resumed run draws what an uninterrupted one would.
-            self.device
-                .set_seed(self.config.seed ^ TRAIN_RNG_DOMAIN ^ (self.step as u64 + 1))?;
+            // Ranks other than 0 mix their rank in: (seed, rank, step).
+            let rank = self.collective.world().rank as u64;
+            self.device.set_seed(
+                self.config.seed ^ TRAIN_RNG_DOMAIN ^ (self.step as u64 + 1) ^ (rank << 40),
+            )?;
         }
         let f16 = self.config.precision == Precision::F16;
         let loss_scale = if f16 { self.scaler.scale } else { 1.0 };
@@ -276,7 +348,9 @@ impl Trainer {
                 loss = (loss * f64::NAN)?;
             }
             let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
+            // With other ranks, a non-finite loss stops every rank after the loss is reduced
+            // below: a rank leaving alone would leave the others waiting.
+            if !value.is_finite() && !self.collective.has_comm() {
                 return Err(TrainError::NonFiniteLoss {
                     step: self.step + 1,
                     value,
@@ -300,6 +374,20 @@ impl Trainer {
                 }
             }
         }
+        let mut loss = loss_sum / accum as f64;
+        if self.collective.has_comm() {
+            loss = self.collective.mean(loss)?;
+            if !loss.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    step: self.step + 1,
+                    value: loss,
+                    last_checkpoint: self.last_checkpoint.as_ref().map_or(0, |c| c.0),
+                });
+            }
+            // Every rank now holds the same gradients, so clipping, the scaler, AdamW and the
+            // EMA keep the weights equal on all ranks.
+            self.collective.all_reduce_mean(&mut grads)?;
+        }
         let norm = grad_norm(&grads)?;
         if f16 && !self.scaler.update(norm) {
             // Overflow in f16: skip the update (the scale is now halved), as GradScaler does.
@@ -309,13 +397,57 @@ impl Trainer {
                 "f16 overflow"
             );
             self.step += 1;
-            return Ok((loss_sum / accum as f64, norm, lr));
+            return Ok((loss, norm, lr));
         }
         let clip = clip_factor(norm, self.config.grad_clip);
         self.opt.step_scaled(&grads, lr, clip)?;
         self.step += 1;
         self.ema.update(&vars, self.step)?;
-        Ok((loss_sum / accum as f64, norm, lr))
+        Ok((loss, norm, lr))
+    }
+
+    /// Runs `f` (which writes to the run directory) on rank 0 only. With other ranks, all then
+    /// learn whether it failed, so that they stop together; `None` on the other ranks.
+    fn on_lead<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<Option<T>> {
+        if !self.collective.has_comm() {
+            return f(self).map(Some);
+        }
+        let out = if self.collective.is_lead() {
+            Some(f(self))
+        } else {
+            None
+        };
+        let failed = self.collective.any(matches!(out, Some(Err(_))))?;
+        match out {
+            Some(Ok(v)) => Ok(Some(v)),
+            Some(Err(e)) => Err(e),
+            None if failed => Err(DistError::LeadFailed { what }.into()),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a checkpoint and the loss curve on rank 0; the checkpoint's JSON path on every
+    /// rank.
+    fn checkpoint_on_lead(&mut self) -> Result<PathBuf> {
+        let written = self.on_lead("writing a checkpoint", |t| {
+            let path = t.save_checkpoint()?;
+            t.write_loss_curve()?;
+            Ok(path)
+        })?;
+        Ok(match written {
+            Some(path) => path,
+            None => {
+                // The file rank 0 has just written.
+                let path = checkpoint::checkpoint_dir(&self.run_dir)
+                    .join(format!("ckpt-{:08}.json", self.step));
+                self.last_checkpoint = Some((self.step, path.clone()));
+                path
+            }
+        })
     }
 
     /// Writes a checkpoint of the current step and prunes old ones.
@@ -387,7 +519,7 @@ impl Trainer {
     /// checkpoint is written). A non-finite loss stops with an error and writes nothing.
     pub fn run(&mut self, stop: &AtomicBool, opts: &RunOptions) -> Result<RunSummary> {
         let total = self.config.steps;
-        let bar = if opts.progress {
+        let bar = if opts.progress && self.collective.is_lead() {
             progress_bar(total as u64, "step")
         } else {
             ProgressBar::hidden()
@@ -400,7 +532,8 @@ impl Trainer {
         let mut interrupted = false;
         let mut checkpoint_path = self.last_checkpoint.as_ref().map(|c| c.1.clone());
         while self.step < total {
-            if stop.load(Ordering::SeqCst) {
+            // A stop asked of any rank stops them all after the same step.
+            if self.collective.any(stop.load(Ordering::SeqCst))? {
                 interrupted = true;
                 break;
             }
@@ -428,24 +561,24 @@ impl Trainer {
                     grad_norm = norm,
                     "train"
                 );
-                metrics::append(&metrics_path, &line)?;
+                self.on_lead("appending to metrics.jsonl", |_| {
+                    metrics::append(&metrics_path, &line)
+                })?;
                 last_loss = Some(line.loss);
                 (window_loss, window_n) = (0.0, 0);
                 window_start = Instant::now();
             }
             if self.step.is_multiple_of(self.config.checkpoint_every) || self.step == total {
-                checkpoint_path = Some(self.save_checkpoint()?);
-                self.write_loss_curve()?;
+                checkpoint_path = Some(self.checkpoint_on_lead()?);
             }
             if self.config.sample_every > 0
                 && (self.step.is_multiple_of(self.config.sample_every) || self.step == total)
             {
-                self.write_sample_grid()?;
+                self.on_lead("writing a sample grid", |t| t.write_sample_grid())?;
             }
         }
         if interrupted && self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
-            checkpoint_path = Some(self.save_checkpoint()?);
-            self.write_loss_curve()?;
+            checkpoint_path = Some(self.checkpoint_on_lead()?);
         }
         bar.finish_and_clear();
         Ok(RunSummary {
