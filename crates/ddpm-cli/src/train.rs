@@ -255,6 +255,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fault_nan_at_step: std::env::var("DDPM_FAULT_NAN_AT_STEP")
             .ok()
             .and_then(|s| s.parse().ok()),
+        f16_initial_scale: std::env::var("DDPM_F16_INITIAL_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok()),
     };
     let summary = trainer.run(&stop, &opts)?;
     let ckpt = summary

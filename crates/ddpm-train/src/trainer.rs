@@ -35,6 +35,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Testing aid: make the loss NaN at this step, to exercise the non-finite-loss stop.
     pub fault_nan_at_step: Option<usize>,
+    /// Testing aid: the f16 loss scale a new run starts from (instead of 2^16), to exercise
+    /// the scaler under a real overflow. Ignored by resumed runs and other precisions.
+    pub f16_initial_scale: Option<f64>,
 }
 
 /// What a run did.
@@ -519,6 +522,12 @@ impl Trainer {
     /// checkpoint is written). A non-finite loss stops with an error and writes nothing.
     pub fn run(&mut self, stop: &AtomicBool, opts: &RunOptions) -> Result<RunSummary> {
         let total = self.config.steps;
+        if let Some(scale) = opts.f16_initial_scale {
+            if self.step == 0 && self.config.precision == Precision::F16 {
+                tracing::info!(scale, "f16 loss scale set by DDPM_F16_INITIAL_SCALE");
+                self.scaler.scale = scale;
+            }
+        }
         let bar = if opts.progress && self.collective.is_lead() {
             progress_bar(total as u64, "step")
         } else {

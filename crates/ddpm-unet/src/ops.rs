@@ -50,10 +50,11 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// 2-D convolution: `x` (b, c_in, h, w), `weight` (c_out, c_in, k, k), optional `bias` (c_out),
 /// or (b, c_out) for a bias per image. Weights are cast to the dtype of `x` (mixed precision).
 ///
-/// On the CPU (f32/f64) this is our im2col + GEMM kernel; on other devices it is candle's
-/// `conv2d` (cuDNN) in a `cudnn` build and otherwise [`conv2d_unfold`], an im2col built from
-/// candle's tensor ops so that the backward pass is matrix products too (see
-/// [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
+/// On the CPU (f32/f64) this is our im2col + GEMM kernel (Winograd for 3x3 stride-1 convs with
+/// enough channels); on other devices it is [`conv2d_unfold`], an im2col built from candle's
+/// tensor ops so that the backward pass is matrix products too, or candle's `conv2d` with
+/// `DDPM_CUDA_CONV=cudnn` (see [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's
+/// `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
     conv2d_padded_end(x, weight, bias, p, 0)
 }
@@ -98,14 +99,18 @@ pub fn conv2d_padded_end(
 
 /// Whether convolutions off the CPU use candle's `conv2d` (cuDNN in a `cudnn` build; its
 /// backward pass is forward convolutions too, see `crates/vendor/candle-core`) rather than
-/// [`conv2d_unfold`]: by default in a `cudnn` build; `DDPM_CUDA_CONV=unfold` or `=candle`
-/// chooses. Read once per process.
+/// [`conv2d_unfold`]: only when `DDPM_CUDA_CONV=cudnn` (or `=candle`). Read once per process.
+///
+/// Not the default, even with cuDNN: measured on an H200 (docs/benchmarks.md), a `cifar10`
+/// training step in bf16 took 1.05 s through candle's cuDNN calls against 0.73 s through
+/// [`conv2d_unfold`] (candle builds descriptors, picks an algorithm and zero-fills a workspace
+/// on every call), and cuDNN's f32 convolutions use TF32, which moved a forward pass 5.6e-4
+/// (relative) away from the CPU's.
 pub fn cuda_conv_is_candle() -> bool {
     static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CANDLE.get_or_init(|| match std::env::var("DDPM_CUDA_CONV") {
-        Ok(v) if v.eq_ignore_ascii_case("unfold") => false,
-        Ok(v) if v.eq_ignore_ascii_case("candle") || v.eq_ignore_ascii_case("cudnn") => true,
-        _ => cfg!(feature = "cudnn"),
+    *CANDLE.get_or_init(|| {
+        std::env::var("DDPM_CUDA_CONV")
+            .is_ok_and(|v| v.eq_ignore_ascii_case("candle") || v.eq_ignore_ascii_case("cudnn"))
     })
 }
 
@@ -517,6 +522,12 @@ mod tests {
             // them before its one transposition.
             (5, 3, 12, 12, 4, 3, 1, 1),
             (7, 2, 16, 9, 3, 3, 1, 1),
+            // 32 channels and more: 3x3 stride-1 convolutions and their input gradients go
+            // through Winograd (odd sizes, a one-pixel image, several images per chunk).
+            (2, 32, 8, 8, 32, 3, 1, 1),
+            (3, 33, 7, 9, 36, 3, 1, 1),
+            (1, 32, 1, 1, 32, 3, 1, 1),
+            (5, 34, 6, 5, 32, 3, 1, 1),
         ];
         let flat = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
@@ -776,6 +787,8 @@ mod tests {
                 (1, 3, 5, 4, 3, 3, 1, 1),
                 (2, 4, 6, 6, 5, 1, 1, 0),
                 (3, 2, 7, 5, 2, 3, 2, 1),
+                // Winograd (32 channels and more), odd width.
+                (3, 32, 6, 7, 33, 3, 1, 1),
             ] {
                 let x = var(&[b, c, h, w], dtype)?;
                 let wt = var(&[o, c, k, k], dtype)?;

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::winograd::{self, Shape as WinogradShape};
 use super::{matmul, slice, sum, threads, unfilled, Float};
 
 /// Geometry of one convolution.
@@ -88,6 +89,23 @@ impl Geom {
     }
     fn n(&self) -> usize {
         self.ho * self.wo
+    }
+    /// A 3x3, stride-1, padding-1 convolution with enough channels for Winograd
+    /// ([`winograd::worthwhile`]): its shape there.
+    fn winograd(&self) -> Option<WinogradShape> {
+        let fits = self.kh == 3
+            && self.kw == 3
+            && self.stride == 1
+            && self.pad == 1
+            && self.pad_end == 1
+            && self.ho == self.h
+            && self.wo == self.w;
+        (fits && winograd::worthwhile(self.c, self.o)).then_some(WinogradShape {
+            c: self.c,
+            o: self.o,
+            h: self.h,
+            w: self.w,
+        })
     }
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0 && self.ho == self.h
@@ -259,9 +277,27 @@ fn plan(b: usize) -> (usize, Parallelism) {
 /// `conv(x, w) + bias [+ residual]`, the residual shaped like the output.
 fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[T]>) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
-    // Every image's (o x n) block is written by its GEMM (no accumulation), then gets its bias.
+    // Every image's (o x n) block is written by its GEMM (no accumulation), then gets its bias;
+    // or, through Winograd, by its output transform.
     let mut y = unfilled(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
+    if let Some(s) = g.winograd() {
+        let u = winograd::transform_kernel(g.o, g.c, w);
+        y.par_chunks_mut(chunk * g.out_len())
+            .enumerate()
+            .for_each(|(ci, ys)| {
+                let (first, count) = (ci * chunk, ys.len() / g.out_len());
+                let xs = &x[first * g.in_len()..(first + count) * g.in_len()];
+                let bias = if bias.len() == g.o {
+                    bias
+                } else {
+                    &bias[first * g.o..(first + count) * g.o]
+                };
+                let rs = residual.map(|r| &r[first * g.out_len()..(first + count) * g.out_len()]);
+                winograd::conv(s, count, xs, &u, Some(bias), rs, ys, par);
+            });
+        return y;
+    }
     y.par_chunks_mut(chunk * g.out_len())
         .enumerate()
         .for_each(|(ci, ys)| {
@@ -356,6 +392,12 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (dx, rest) = out.split_at_mut(g.b * g.in_len());
     let t = g.input_gradient_as_conv();
     let w_flipped = t.map(|_| flip_kernel(g, w));
+    // The input gradient through Winograd: a whole chunk of images at once, before the
+    // per-image loop.
+    let t_winograd = t.and_then(|t| t.winograd());
+    let u_flipped = t_winograd
+        .zip(w_flipped.as_ref())
+        .map(|(_, wf)| winograd::transform_kernel(g.c, g.o, wf));
     let (dwb, db_rows) = rest.split_at_mut(wlen);
     dwb.fill(T::ZERO);
     let partials: Vec<Vec<T>> = dx
@@ -364,6 +406,11 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         .enumerate()
         .map(|(ci, (dxs, dbs))| {
             let mut dw = vec![T::ZERO; wlen];
+            if let (Some(s), Some(u)) = (t_winograd, &u_flipped) {
+                let (first, count) = (ci * chunk, dxs.len() / g.in_len());
+                let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
+                winograd::conv(s, count, dys, u, None, None, dxs, par);
+            }
             // Scratch written in full before use: patches by im2col, dcols by a GEMM without
             // accumulation, dW^T by the chunk's first image's GEMM (the others accumulate).
             let mut cols = unfilled(if g.is_pointwise() { 0 } else { k * g.ld() });
@@ -371,7 +418,8 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
             let mut dw_t = unfilled(if transposed { k * g.o } else { 0 });
             let scatter = !g.is_pointwise() && t.is_none();
             let mut dcols = unfilled(if scatter { k * n } else { 0 });
-            let mut dycols = unfilled(t.map_or(0, |t| t.k() * t.ld()));
+            let dx_by_im2col = t.filter(|_| t_winograd.is_none());
+            let mut dycols = unfilled(dx_by_im2col.map_or(0, |t| t.k() * t.ld()));
             for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
@@ -404,7 +452,10 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                 for (db, row) in dbs[j * g.o..(j + 1) * g.o].iter_mut().zip(dyb.chunks(n)) {
                     *db = T::of(sum(row, |v| v));
                 }
-                if let (Some(t), Some(wf)) = (&t, &w_flipped) {
+                if t_winograd.is_some() {
+                    continue;
+                }
+                if let (Some(t), Some(wf)) = (&dx_by_im2col, &w_flipped) {
                     // dX (c x h*w) = W' (c x o*kh*kw) * im2col(dY)
                     im2col(t, dyb, &mut dycols);
                     matmul(

@@ -61,6 +61,7 @@ pub mod concat;
 pub mod conv;
 pub mod group_norm;
 pub mod resample;
+mod winograd;
 
 use candle_core::{CpuStorage, Layout, Result};
 use gemm::Parallelism;
