@@ -406,15 +406,24 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         .enumerate()
         .map(|(ci, (dxs, dbs))| {
             let mut dw = vec![T::ZERO; wlen];
+            let (first, count) = (ci * chunk, dxs.len() / g.in_len());
+            let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
             if let (Some(s), Some(u)) = (t_winograd, &u_flipped) {
-                let (first, count) = (ci * chunk, dxs.len() / g.in_len());
-                let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
                 winograd::conv(s, count, dys, u, None, None, dxs, par);
+            }
+            // The weight gradient through Winograd: the chunk's images at once, no patches.
+            let dw_winograd = g
+                .winograd()
+                .filter(|&s| winograd::weight_grad_worthwhile(s));
+            if let Some(s) = dw_winograd {
+                let xs = &x[first * g.in_len()..(first + count) * g.in_len()];
+                winograd::weight_grad(s, count, xs, dys, &mut dw, par);
             }
             // Scratch written in full before use: patches by im2col, dcols by a GEMM without
             // accumulation, dW^T by the chunk's first image's GEMM (the others accumulate).
-            let mut cols = unfilled(if g.is_pointwise() { 0 } else { k * g.ld() });
-            let transposed = n >= DW_TRANSPOSED_MIN_PIXELS;
+            let patches = !g.is_pointwise() && dw_winograd.is_none();
+            let mut cols = unfilled(if patches { k * g.ld() } else { 0 });
+            let transposed = n >= DW_TRANSPOSED_MIN_PIXELS && dw_winograd.is_none();
             let mut dw_t = unfilled(if transposed { k * g.o } else { 0 });
             let scatter = !g.is_pointwise() && t.is_none();
             let mut dcols = unfilled(if scatter { k * n } else { 0 });
@@ -424,13 +433,15 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
                 let dyb = &dy[bi * g.out_len()..(bi + 1) * g.out_len()];
-                let (colsb, ld): (&[T], usize) = if g.is_pointwise() {
+                let (colsb, ld): (&[T], usize) = if !patches {
                     (xb, n)
                 } else {
                     im2col(g, xb, &mut cols);
                     (&cols, g.ld())
                 };
-                if transposed {
+                if dw_winograd.is_some() {
+                    // Done above.
+                } else if transposed {
                     // dW^T (k x o) [+]= cols (k x n) * dY^T (n x o), summed over the chunk's
                     // images and transposed into dW once, after them.
                     matmul(

@@ -47,6 +47,16 @@ pub(super) fn worthwhile(c: usize, o: usize) -> bool {
     on && c >= MIN_CHANNELS && o >= MIN_CHANNELS
 }
 
+/// Whether the weight gradient of a convolution [`worthwhile`] takes also goes through
+/// Winograd ([`weight_grad`]): its GEMMs are (o x tiles) by (tiles x c) per image, which only ran
+/// faster than im2col's with 64 channels and more on 32x32 images (conv forward + backward, b32
+/// c64 32x32: 31-43 ms against 39-49 ms); a `cifar-small` step (32 channels at 32x32, 64 at
+/// 16x16 and 8x8) was 7% slower with it everywhere.
+pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
+    let (th, tw) = s.tiles();
+    s.c >= 64 && s.o >= 64 && th * tw >= 256
+}
+
 /// The fewest input and output channels [`worthwhile`] takes.
 const MIN_CHANNELS: usize = 32;
 
@@ -139,6 +149,134 @@ pub(super) fn conv<T: Float>(
             });
             let rb = residual.map(|r| &r[bi * s.out_len()..(bi + 1) * s.out_len()]);
             output_transform(s, (&m, ml, p, img * per_image), (bias_b, rb), yb, &mut d);
+        }
+    }
+}
+
+/// The weight gradient `dW` (o, c, 3, 3) of the convolution over `n` images `x` (n, c, h, w)
+/// with output gradient `dy` (n, o, h, w), added to `dw`. With `U = G g G^T` the forward pass is
+/// linear in `U`, so `dL/dU_ξ = Σ_tiles (A dY A^T)_ξ V_ξ`: per ξ one GEMM (o x tiles) by
+/// (tiles x c), summed over the images, then `dL/dg = G^T (dL/dU) G`. The products do 4/9 of
+/// im2col's multiply-adds, with the long inner dimension (the tiles) GEMMs run fastest on.
+pub(super) fn weight_grad<T: Float>(
+    s: Shape,
+    n: usize,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    par: Parallelism,
+) {
+    let (th, tw) = s.tiles();
+    let per_image = th * tw;
+    // Written in full before being read: V and Y' by their transforms, dU by the first image's
+    // GEMMs (the others accumulate).
+    let mut v = unfilled(16 * s.c * per_image);
+    let mut yt = unfilled(16 * s.o * per_image);
+    let mut du = unfilled(16 * s.o * s.c);
+    let mut d = unfilled(16 * (tw + 1));
+    for img in 0..n {
+        let xb = &x[img * s.in_len()..(img + 1) * s.in_len()];
+        let dyb = &dy[img * s.out_len()..(img + 1) * s.out_len()];
+        input_transform(s, xb, &mut v, (s.c * per_image, per_image), 0, &mut d);
+        grad_transform(s, dyb, &mut yt, &mut d);
+        for xi in 0..16 {
+            // dU_ξ (o x c) [+]= Y'_ξ (o x tiles) V_ξ^T (tiles x c)
+            matmul(
+                s.o,
+                s.c,
+                per_image,
+                &mut du[xi * s.o * s.c..(xi + 1) * s.o * s.c],
+                img > 0,
+                &yt[xi * s.o * per_image..(xi + 1) * s.o * per_image],
+                (per_image, 1),
+                &v[xi * s.c * per_image..(xi + 1) * s.c * per_image],
+                (1, per_image),
+                par,
+            );
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    // dW += G^T dU G, per channel pair, in f64.
+    let (o, c) = (s.o, s.c);
+    for oc in 0..o {
+        for ci in 0..c {
+            let u = |i: usize, j: usize| du[((i * 4 + j) * o + oc) * c + ci].f64();
+            // t = G^T dU (3 x 4): rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3.
+            let t: [[f64; 4]; 3] = [
+                std::array::from_fn(|j| u(0, j) + 0.5 * (u(1, j) + u(2, j))),
+                std::array::from_fn(|j| 0.5 * (u(1, j) - u(2, j))),
+                std::array::from_fn(|j| 0.5 * (u(1, j) + u(2, j)) + u(3, j)),
+            ];
+            let g = &mut dw[(oc * c + ci) * 9..(oc * c + ci + 1) * 9];
+            for (ky, r) in t.iter().enumerate() {
+                let [t0, t1, t2, t3] = *r;
+                let row = [t0 + 0.5 * (t1 + t2), 0.5 * (t1 - t2), 0.5 * (t1 + t2) + t3];
+                for (kx, &val) in row.iter().enumerate() {
+                    g[ky * 3 + kx] += T::of(val);
+                }
+            }
+        }
+    }
+}
+
+/// `Y'_ξ[oc][tile] = (A dY A^T)_ξ` for one image's output gradient `dy` (o, h, w): each 2x2
+/// tile of the gradient spread to the 4x4 of its input tile, `A = [1 0; 1 1; 1 -1; 0 -1]`. In
+/// `yt`, matrix ξ holds `o` rows of `th * tw` tiles. `d` is scratch of `16 * (tw + 1)` values.
+#[inline(always)]
+fn grad_transform_impl<T: Float>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) {
+    let (th, tw) = s.tiles();
+    let per_image = th * tw;
+    // rows[r] = (even, odd) columns of gradient row 2 ty + r, zero outside the image;
+    // t[i] = (A dY)_i, the same split.
+    let (rows, t) = d[..12 * tw].split_at_mut(4 * tw);
+    for oc in 0..s.o {
+        let plane = &dy[oc * s.h * s.w..(oc + 1) * s.h * s.w];
+        for ty in 0..th {
+            for r in 0..2 {
+                let (e, o) = rows[2 * r * tw..(2 * r + 2) * tw].split_at_mut(tw);
+                e.fill(T::ZERO);
+                o.fill(T::ZERO);
+                let y = 2 * ty + r;
+                if y >= s.h {
+                    continue;
+                }
+                for (k, pair) in plane[y * s.w..(y + 1) * s.w].chunks(2).enumerate() {
+                    e[k] = pair[0];
+                    if let Some(&odd) = pair.get(1) {
+                        o[k] = odd;
+                    }
+                }
+            }
+            // A dY on rows: r0, r0 + r1, r0 - r1, -r1.
+            let (r0, r1) = rows.split_at(2 * tw);
+            for (i, out) in t.chunks_mut(2 * tw).enumerate() {
+                for ((o, &a), &b) in out.iter_mut().zip(r0).zip(r1) {
+                    *o = match i {
+                        0 => a,
+                        1 => a + b,
+                        2 => a - b,
+                        _ => T::ZERO - b,
+                    };
+                }
+            }
+            // (A dY) A^T on columns: e, e + o, e - o, -o.
+            for i in 0..4 {
+                let (e, o) = t[2 * i * tw..(2 * i + 2) * tw].split_at(tw);
+                for j in 0..4 {
+                    let at = ((i * 4 + j) * s.o + oc) * per_image + ty * tw;
+                    let out = &mut yt[at..at + tw];
+                    for ((v, &a), &b) in out.iter_mut().zip(e).zip(o) {
+                        *v = match j {
+                            0 => a,
+                            1 => a + b,
+                            2 => a - b,
+                            _ => T::ZERO - b,
+                        };
+                    }
+                }
+            }
         }
     }
 }
@@ -316,6 +454,11 @@ avx2_dispatch! {
 }
 
 avx2_dispatch! {
+    /// See [`grad_transform_impl`].
+    fn grad_transform<T>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) = grad_transform_impl
+}
+
+avx2_dispatch! {
     /// See [`output_transform_impl`].
     fn output_transform<T>(
         s: Shape,
@@ -330,35 +473,41 @@ avx2_dispatch! {
 mod tests {
     use super::*;
 
-    /// Direct 3x3, stride-1, padding-1 convolution in f64.
-    fn direct(s: Shape, n: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
-        let mut y = vec![0f64; n * s.out_len()];
+    /// Calls `f(x index, w index, y index)` for every product of a direct 3x3, stride-1,
+    /// padding-1 convolution of `n` images.
+    fn taps(s: Shape, n: usize, mut f: impl FnMut(usize, usize, usize)) {
         for b in 0..n {
             for oc in 0..s.o {
                 for oy in 0..s.h {
                     for ox in 0..s.w {
-                        let mut acc = bias[oc] as f64;
                         for ci in 0..s.c {
                             for ky in 0..3 {
                                 for kx in 0..3 {
-                                    let (iy, ix) = (oy as isize + ky - 1, ox as isize + kx - 1);
-                                    if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize
-                                    {
+                                    // Input row oy + ky - 1, column ox + kx - 1, if inside.
+                                    let (iy, ix) = (oy + ky, ox + kx);
+                                    if iy < 1 || ix < 1 || iy > s.h || ix > s.w {
                                         continue;
                                     }
-                                    let xv =
-                                        x[((b * s.c + ci) * s.h + iy as usize) * s.w + ix as usize];
-                                    let wv =
-                                        w[((oc * s.c + ci) * 3 + ky as usize) * 3 + kx as usize];
-                                    acc += xv as f64 * wv as f64;
+                                    f(
+                                        ((b * s.c + ci) * s.h + iy - 1) * s.w + ix - 1,
+                                        ((oc * s.c + ci) * 3 + ky) * 3 + kx,
+                                        ((b * s.o + oc) * s.h + oy) * s.w + ox,
+                                    );
                                 }
                             }
                         }
-                        y[((b * s.o + oc) * s.h + oy) * s.w + ox] = acc;
                     }
                 }
             }
         }
+    }
+
+    /// Direct 3x3, stride-1, padding-1 convolution in f64.
+    fn direct(s: Shape, n: usize, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
+        let mut y: Vec<f64> = (0..n * s.out_len())
+            .map(|i| bias[(i / (s.h * s.w)) % s.o] as f64)
+            .collect();
+        taps(s, n, |xi, wi, yi| y[yi] += x[xi] as f64 * w[wi] as f64);
         y
     }
 
@@ -373,17 +522,41 @@ mod tests {
             .collect()
     }
 
+    /// (c, o, h, w, n): odd and non-square sizes, one-pixel images, more images than a group.
+    const CASES: [(usize, usize, usize, usize, usize); 6] = [
+        (3, 5, 6, 8, 2),
+        (4, 3, 7, 5, 3),
+        (2, 2, 1, 1, 1),
+        (5, 4, 2, 3, 2),
+        (8, 6, 32, 32, 3),
+        (3, 2, 9, 4, 70),
+    ];
+
+    #[test]
+    fn weight_gradient_matches_direct_sums() {
+        for (c, o, h, w, n) in CASES {
+            let s = Shape { c, o, h, w };
+            let x = values(n * s.in_len(), 6);
+            let dy = values(n * s.out_len(), 7);
+            // dW[oc][ci][ky][kx] = sum over images and outputs of dy * x at the shifted input.
+            let mut want = vec![0f64; o * c * 9];
+            taps(s, n, |xi, wi, yi| want[wi] += x[xi] as f64 * dy[yi] as f64);
+            // Added to what is there.
+            let mut dw = vec![1f32; o * c * 9];
+            weight_grad(s, n, &x, &dy, &mut dw, Parallelism::None);
+            for (i, (&g, &e)) in dw.iter().zip(&want).enumerate() {
+                let e = e + 1.0;
+                assert!(
+                    (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{s:?} n={n} [{i}] {g} vs {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_a_direct_convolution_on_even_odd_and_tiny_images() {
-        // (c, o, h, w, n): odd and non-square sizes, one-pixel images, more images than a group.
-        for (c, o, h, w, n) in [
-            (3, 5, 6, 8, 2),
-            (4, 3, 7, 5, 3),
-            (2, 2, 1, 1, 1),
-            (5, 4, 2, 3, 2),
-            (8, 6, 32, 32, 3),
-            (3, 2, 9, 4, 70),
-        ] {
+        for (c, o, h, w, n) in CASES {
             let s = Shape { c, o, h, w };
             let x = values(n * s.in_len(), 1);
             let wt = values(o * c * 9, 2);
