@@ -82,6 +82,11 @@ fn stem(step: usize) -> String {
     format!("ckpt-{step:08}")
 }
 
+/// The JSON file of the checkpoint of `step` in the run `run_dir`.
+pub fn json_path(run_dir: &Path, step: usize) -> PathBuf {
+    checkpoint_dir(run_dir).join(format!("{}.json", stem(step)))
+}
+
 /// Writes an image as PNG atomically.
 pub fn write_png_atomic(img: &image::RgbImage, path: &Path) -> std::io::Result<()> {
     let mut bytes = Vec::new();
@@ -135,7 +140,7 @@ pub fn save(
     meta.tensors_file = format!("{}.safetensors", stem(meta.step));
     meta.tensors_bytes = bytes.len() as u64;
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| TrainError::Other(e.to_string()))?;
-    let json_path = dir.join(format!("{}.json", stem(meta.step)));
+    let json_path = json_path(run_dir, meta.step);
     write_atomic(&json_path, &json)
         .map_err(|e| TrainError::io(&json_path, "writing checkpoint", e))?;
     Ok(json_path)

@@ -459,12 +459,8 @@ pub fn write_id_file(path: &Path, id: &IdBytes) -> Result<(), DistError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| bad(format!("creating {}: {e}", dir.display())))?;
     }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, encode_id(id)).map_err(|e| bad(format!("writing: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        bad(format!("renaming {} over it: {e}", tmp.display()))
-    })
+    ddpm_unet::weights::write_atomic(path, encode_id(id).as_bytes())
+        .map_err(|e| bad(format!("writing: {e}")))
 }
 
 /// Ranks other than 0: waits up to `world.id_timeout` for rank 0's id file at `path`, then

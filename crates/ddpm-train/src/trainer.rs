@@ -445,8 +445,7 @@ impl Trainer {
             Some(path) => path,
             None => {
                 // The file rank 0 has just written.
-                let path = checkpoint::checkpoint_dir(&self.run_dir)
-                    .join(format!("ckpt-{:08}.json", self.step));
+                let path = checkpoint::json_path(&self.run_dir, self.step);
                 self.last_checkpoint = Some((self.step, path.clone()));
                 path
             }

@@ -398,6 +398,10 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let u_flipped = t_winograd
         .zip(w_flipped.as_ref())
         .map(|(_, wf)| winograd::transform_kernel(g.c, g.o, wf));
+    // The weight gradient through Winograd: a whole chunk of images at once, no patches.
+    let dw_winograd = g
+        .winograd()
+        .filter(|&s| winograd::weight_grad_worthwhile(s));
     let (dwb, db_rows) = rest.split_at_mut(wlen);
     dwb.fill(T::ZERO);
     let partials: Vec<Vec<T>> = dx
@@ -411,10 +415,6 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
             if let (Some(s), Some(u)) = (t_winograd, &u_flipped) {
                 winograd::conv(s, count, dys, u, None, None, dxs, par);
             }
-            // The weight gradient through Winograd: the chunk's images at once, no patches.
-            let dw_winograd = g
-                .winograd()
-                .filter(|&s| winograd::weight_grad_worthwhile(s));
             if let Some(s) = dw_winograd {
                 let xs = &x[first * g.in_len()..(first + count) * g.in_len()];
                 winograd::weight_grad(s, count, xs, dys, &mut dw, par);
@@ -433,32 +433,22 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
                 let dyb = &dy[bi * g.out_len()..(bi + 1) * g.out_len()];
-                let (colsb, ld): (&[T], usize) = if !patches {
-                    (xb, n)
-                } else {
-                    im2col(g, xb, &mut cols);
-                    (&cols, g.ld())
-                };
-                if dw_winograd.is_some() {
-                    // Done above.
-                } else if transposed {
-                    // dW^T (k x o) [+]= cols (k x n) * dY^T (n x o), summed over the chunk's
-                    // images and transposed into dW once, after them.
-                    matmul(
-                        k,
-                        g.o,
-                        n,
-                        &mut dw_t,
-                        j > 0,
-                        colsb,
-                        (ld, 1),
-                        dyb,
-                        (1, n),
-                        par,
-                    );
-                } else {
-                    // dW (o x k) += dY (o x n) * cols^T (n x k)
-                    matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, ld), par);
+                if dw_winograd.is_none() {
+                    let (colsb, ld): (&[T], usize) = if patches {
+                        im2col(g, xb, &mut cols);
+                        (&cols, g.ld())
+                    } else {
+                        (xb, n)
+                    };
+                    if transposed {
+                        // dW^T (k x o) [+]= cols (k x n) * dY^T (n x o), summed over the
+                        // chunk's images and transposed into dW once, after them.
+                        let (a, b) = ((ld, 1), (1, n));
+                        matmul(k, g.o, n, &mut dw_t, j > 0, colsb, a, dyb, b, par);
+                    } else {
+                        // dW (o x k) += dY (o x n) * cols^T (n x k)
+                        matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, ld), par);
+                    }
                 }
                 for (db, row) in dbs[j * g.o..(j + 1) * g.o].iter_mut().zip(dyb.chunks(n)) {
                     *db = T::of(sum(row, |v| v));

@@ -221,6 +221,15 @@ pub(super) fn weight_grad<T: Float>(
     }
 }
 
+/// `out[k] = f(a[k], b[k])`: one element-wise pass over rows of tiles (vectorized where
+/// inlined into the transforms).
+#[inline(always)]
+fn zip_with<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
+    out.iter_mut()
+        .zip(a.iter().zip(b))
+        .for_each(|(o, (&a, &b))| *o = f(a, b));
+}
+
 /// `Y'_ξ[oc][tile] = (A dY A^T)_ξ` for one image's output gradient `dy` (o, h, w): each 2x2
 /// tile of the gradient spread to the 4x4 of its input tile, `A = [1 0; 1 1; 1 -1; 0 -1]`. In
 /// `yt`, matrix ξ holds `o` rows of `th * tw` tiles. `d` is scratch of `16 * (tw + 1)` values.
@@ -251,31 +260,21 @@ fn grad_transform_impl<T: Float>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) 
             }
             // A dY on rows: r0, r0 + r1, r0 - r1, -r1.
             let (r0, r1) = rows.split_at(2 * tw);
-            for (i, out) in t.chunks_mut(2 * tw).enumerate() {
-                for ((o, &a), &b) in out.iter_mut().zip(r0).zip(r1) {
-                    *o = match i {
-                        0 => a,
-                        1 => a + b,
-                        2 => a - b,
-                        _ => T::ZERO - b,
-                    };
-                }
-            }
+            let (t0, rest) = t.split_at_mut(2 * tw);
+            let (t1, rest) = rest.split_at_mut(2 * tw);
+            let (t2, t3) = rest.split_at_mut(2 * tw);
+            zip_with(t0, r0, r1, |a, _| a);
+            zip_with(t1, r0, r1, |a, b| a + b);
+            zip_with(t2, r0, r1, |a, b| a - b);
+            zip_with(t3, r0, r1, |_, b| T::ZERO - b);
             // (A dY) A^T on columns: e, e + o, e - o, -o.
             for i in 0..4 {
                 let (e, o) = t[2 * i * tw..(2 * i + 2) * tw].split_at(tw);
-                for j in 0..4 {
-                    let at = ((i * 4 + j) * s.o + oc) * per_image + ty * tw;
-                    let out = &mut yt[at..at + tw];
-                    for ((v, &a), &b) in out.iter_mut().zip(e).zip(o) {
-                        *v = match j {
-                            0 => a,
-                            1 => a + b,
-                            2 => a - b,
-                            _ => T::ZERO - b,
-                        };
-                    }
-                }
+                let at = |j: usize| ((i * 4 + j) * s.o + oc) * per_image + ty * tw;
+                zip_with(&mut yt[at(0)..at(0) + tw], e, o, |a, _| a);
+                zip_with(&mut yt[at(1)..at(1) + tw], e, o, |a, b| a + b);
+                zip_with(&mut yt[at(2)..at(2) + tw], e, o, |a, b| a - b);
+                zip_with(&mut yt[at(3)..at(3) + tw], e, o, |_, b| T::ZERO - b);
             }
         }
     }
@@ -327,24 +326,11 @@ fn input_transform_impl<T: Float>(
             // t = B^T d on rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3 (each for e and o).
             for half in 0..2 {
                 let (a, b, c, dd) = (row(half), row(2 + half), row(4 + half), row(6 + half));
-                for (k, out) in t.chunks_mut(2 * n).enumerate() {
-                    let out = &mut out[half * n..(half + 1) * n];
-                    let (l, r, sub) = match k {
-                        0 => (a, c, true),
-                        1 => (b, c, false),
-                        2 => (c, b, true),
-                        _ => (b, dd, true),
-                    };
-                    if sub {
-                        out.iter_mut()
-                            .zip(l.iter().zip(r))
-                            .for_each(|(o, (&l, &r))| *o = l - r);
-                    } else {
-                        out.iter_mut()
-                            .zip(l.iter().zip(r))
-                            .for_each(|(o, (&l, &r))| *o = l + r);
-                    }
-                }
+                let at = |k: usize| (2 * k + half) * n..(2 * k + half + 1) * n;
+                zip_with(&mut t[at(0)], a, c, |l, r| l - r);
+                zip_with(&mut t[at(1)], b, c, |l, r| l + r);
+                zip_with(&mut t[at(2)], c, b, |l, r| l - r);
+                zip_with(&mut t[at(3)], b, dd, |l, r| l - r);
             }
             // V = t B on columns: o[tx] - o[tx+1], e[tx] + o[tx+1], o[tx+1] - e[tx],
             // e[tx] - e[tx+1].
@@ -353,22 +339,10 @@ fn input_transform_impl<T: Float>(
                 let (e, o) = t[2 * i * n..(2 * i + 2) * n].split_at(n);
                 let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
                 let at = |j: usize| (i * 4 + j) * xi_stride + base;
-                let out = &mut v[at(0)..at(0) + tw];
-                out.iter_mut()
-                    .zip(o0.iter().zip(o1))
-                    .for_each(|(v, (&a, &b))| *v = a - b);
-                let out = &mut v[at(1)..at(1) + tw];
-                out.iter_mut()
-                    .zip(e0.iter().zip(o1))
-                    .for_each(|(v, (&a, &b))| *v = a + b);
-                let out = &mut v[at(2)..at(2) + tw];
-                out.iter_mut()
-                    .zip(o1.iter().zip(e0))
-                    .for_each(|(v, (&a, &b))| *v = a - b);
-                let out = &mut v[at(3)..at(3) + tw];
-                out.iter_mut()
-                    .zip(e0.iter().zip(e1))
-                    .for_each(|(v, (&a, &b))| *v = a - b);
+                zip_with(&mut v[at(0)..at(0) + tw], o0, o1, |a, b| a - b);
+                zip_with(&mut v[at(1)..at(1) + tw], e0, o1, |a, b| a + b);
+                zip_with(&mut v[at(2)..at(2) + tw], o1, e0, |a, b| a - b);
+                zip_with(&mut v[at(3)..at(3) + tw], e0, e1, |a, b| a - b);
             }
         }
     }
