@@ -78,6 +78,7 @@ pub trait Float:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::AddAssign
+    + std::ops::SubAssign
     + std::ops::MulAssign
 {
     /// Zero.

@@ -61,8 +61,9 @@ pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
 const MIN_CHANNELS: usize = 32;
 
 /// Tiles per GEMM: one 32x32 image. The transformed input and output of a group (16 values
-/// per tile and channel each, 1 MiB apiece at 64 channels) then stay in a core's 2 MiB L2;
-/// groups of four images were slower on our machines (8 MiB of scratch per group).
+/// per tile and channel each, 1 MiB apiece at 64 channels) then stay near a core's L2 (1 MiB
+/// on our machines); groups of four images were slower (8 MiB of scratch per group), groups of
+/// 128 tiles no faster.
 const TILES_PER_GROUP: usize = 256;
 
 /// `U_ξ[oc][ci] = (G g G^T)_ξ` for the kernel `w` (o, c, 3, 3): 16 matrices (o x c), computed in
@@ -114,7 +115,7 @@ pub(super) fn conv<T: Float>(
     // channel), M by the GEMMs (no accumulation).
     let mut v = unfilled(16 * s.c * group * per_image);
     let mut m = unfilled(16 * s.o * group * per_image);
-    let mut d = unfilled(16 * (tw + 1));
+    let mut d = unfilled(scratch_len(s));
     for first in (0..n).step_by(group) {
         let count = group.min(n - first);
         let p = count * per_image;
@@ -173,7 +174,7 @@ pub(super) fn weight_grad<T: Float>(
     let mut v = unfilled(16 * s.c * per_image);
     let mut yt = unfilled(16 * s.o * per_image);
     let mut du = unfilled(16 * s.o * s.c);
-    let mut d = unfilled(16 * (tw + 1));
+    let mut d = unfilled(scratch_len(s));
     for img in 0..n {
         let xb = &x[img * s.in_len()..(img + 1) * s.in_len()];
         let dyb = &dy[img * s.out_len()..(img + 1) * s.out_len()];
@@ -221,73 +222,219 @@ pub(super) fn weight_grad<T: Float>(
     }
 }
 
-/// `out[k] = f(a[k], b[k])`: one element-wise pass over rows of tiles (vectorized where
-/// inlined into the transforms).
+/// `L` consecutive values of `s` from `k`.
 #[inline(always)]
-fn zip_with<T: Float>(out: &mut [T], a: &[T], b: &[T], f: impl Fn(T, T) -> T) {
-    out.iter_mut()
-        .zip(a.iter().zip(b))
-        .for_each(|(o, (&a, &b))| *o = f(a, b));
+fn load<T: Float, const L: usize>(s: &[T], k: usize) -> [T; L] {
+    let mut v = [T::ZERO; L];
+    v.copy_from_slice(&s[k..k + L]);
+    v
+}
+
+/// Writes `v` to `d[k..k + L]`.
+#[inline(always)]
+fn store<T: Float, const L: usize>(d: &mut [T], k: usize, v: [T; L]) {
+    d[k..k + L].copy_from_slice(&v);
+}
+
+/// `a + b`, lane-wise (one or two vector instructions once inlined).
+#[inline(always)]
+fn add<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
+    for l in 0..L {
+        a[l] += b[l];
+    }
+    a
+}
+
+/// `a - b`, lane-wise.
+#[inline(always)]
+fn sub<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
+    for l in 0..L {
+        a[l] -= b[l];
+    }
+    a
+}
+
+/// Runs the block function `$f::<_, L>(args.., k)` over `k` in `0..$p`: blocks of eight lanes
+/// (one AVX2 vector of f32), then single lanes for the rest.
+macro_rules! over_blocks {
+    ($p:expr, $f:ident($($arg:expr),*)) => {{
+        let p = $p;
+        let mut k = 0;
+        while k + 8 <= p {
+            $f::<_, 8>($($arg,)* k);
+            k += 8;
+        }
+        while k < p {
+            $f::<_, 1>($($arg,)* k);
+            k += 1;
+        }
+    }};
+}
+
+/// The 16 matrices ξ of a transformed buffer, `stride` values apart.
+fn matrices<T>(v: &mut [T], stride: usize) -> [&mut [T]; 16] {
+    let mut it = v.chunks_mut(stride);
+    std::array::from_fn(|_| it.next().expect("a Winograd buffer holds 16 matrices"))
+}
+
+/// Scratch the transforms need for a shape: the input transform's eight column arrays of
+/// `th + 1` rows of tiles (the output transforms need less).
+fn scratch_len(s: Shape) -> usize {
+    let (th, tw) = s.tiles();
+    8 * (th + 1) * tw
+}
+
+/// Splits an image row into the four input columns of its tiles: for tile `tx`,
+/// `c[j][tx] = row[2 tx + j - 1]`, zero outside the row.
+#[inline(always)]
+fn split_row<T: Float>(row: &[T], c: [&mut [T]; 4]) {
+    let [c0, c1, c2, c3] = c;
+    let tw = c1.len();
+    for ((e, o), pair) in c1.iter_mut().zip(c2.iter_mut()).zip(row.chunks_exact(2)) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    if row.len() % 2 == 1 {
+        c1[tw - 1] = row[row.len() - 1];
+        c2[tw - 1] = T::ZERO;
+    }
+    c0[0] = T::ZERO;
+    c0[1..].copy_from_slice(&c2[..tw - 1]);
+    c3[..tw - 1].copy_from_slice(&c1[1..]);
+    c3[tw - 1] = T::ZERO;
+}
+
+/// Splits an image row into its even and odd columns, `even[k] = row[2k]`,
+/// `odd[k] = row[2k + 1]`, zero past the row's end.
+#[inline(always)]
+fn deinterleave<T: Float>(row: &[T], even: &mut [T], odd: &mut [T]) {
+    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    if row.len() % 2 == 1 {
+        let k = row.len() / 2;
+        even[k] = row[row.len() - 1];
+        odd[k] = T::ZERO;
+    }
+}
+
+/// `B^T d B` for `L` tiles from `k` on: `d[i * 4 + j]` holds the tiles' input at row `i`,
+/// column `j` of their 4x4; the result goes to `v[ξ]`, ξ = row * 4 + column.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // j indexes the columns of d and of t
+fn input_block<T: Float, const L: usize>(d: &[&[T]; 16], v: &mut [&mut [T]; 16], k: usize) {
+    let d = |i: usize, j: usize| load::<T, L>(d[i * 4 + j], k);
+    let mut t = [[[T::ZERO; L]; 4]; 4];
+    // B^T d on the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
+    for j in 0..4 {
+        let (d0, d1, d2, d3) = (d(0, j), d(1, j), d(2, j), d(3, j));
+        t[0][j] = sub(d0, d2);
+        t[1][j] = add(d1, d2);
+        t[2][j] = sub(d2, d1);
+        t[3][j] = sub(d1, d3);
+    }
+    // Times B on the columns, the same combinations.
+    for (i, [t0, t1, t2, t3]) in t.into_iter().enumerate() {
+        store(v[i * 4], k, sub(t0, t2));
+        store(v[i * 4 + 1], k, add(t1, t2));
+        store(v[i * 4 + 2], k, sub(t2, t1));
+        store(v[i * 4 + 3], k, sub(t1, t3));
+    }
+}
+
+/// `A^T m A + bias` for `L` tiles from `k` on: the tiles' 2x2 outputs to `q[a * 2 + b]`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // j indexes the columns of m and of r
+fn output_block<T: Float, const L: usize>(
+    m: &[&[T]; 16],
+    bias: T,
+    q: &mut [&mut [T]; 4],
+    k: usize,
+) {
+    let m = |i: usize, j: usize| load::<T, L>(m[i * 4 + j], k);
+    let mut r = [[[T::ZERO; L]; 4]; 2];
+    // A^T m on the rows: m0 + m1 + m2, m1 - m2 - m3.
+    for j in 0..4 {
+        let (m0, m1, m2, m3) = (m(0, j), m(1, j), m(2, j), m(3, j));
+        r[0][j] = add(add(m0, m1), m2);
+        r[1][j] = sub(sub(m1, m2), m3);
+    }
+    // Times A on the columns, plus the bias.
+    let bias = [bias; L];
+    for (a, [r0, r1, r2, r3]) in r.into_iter().enumerate() {
+        store(q[a * 2], k, add(add(add(r0, r1), r2), bias));
+        store(q[a * 2 + 1], k, add(sub(sub(r1, r2), r3), bias));
+    }
+}
+
+/// `A dY A^T` for `L` tiles from `k` on: `q[a * 2 + b]` holds the tiles' output gradient at
+/// (a, b) of their 2x2; the 4x4 result goes to `yt[ξ]`.
+#[inline(always)]
+fn grad_block<T: Float, const L: usize>(q: &[&[T]; 4], yt: &mut [&mut [T]; 16], k: usize) {
+    let zero = [T::ZERO; L];
+    let (q00, q01, q10, q11) = (load(q[0], k), load(q[1], k), load(q[2], k), load(q[3], k));
+    // A dY on the rows: y0, y0 + y1, y0 - y1, -y1 (each an (even, odd) column pair).
+    let rows = [
+        (q00, q01),
+        (add(q00, q10), add(q01, q11)),
+        (sub(q00, q10), sub(q01, q11)),
+        (sub(zero, q10), sub(zero, q11)),
+    ];
+    // Times A^T on the columns, the same combinations.
+    for (i, (e, o)) in rows.into_iter().enumerate() {
+        store(yt[i * 4], k, e);
+        store(yt[i * 4 + 1], k, add(e, o));
+        store(yt[i * 4 + 2], k, sub(e, o));
+        store(yt[i * 4 + 3], k, sub(zero, o));
+    }
 }
 
 /// `Y'_ξ[oc][tile] = (A dY A^T)_ξ` for one image's output gradient `dy` (o, h, w): each 2x2
 /// tile of the gradient spread to the 4x4 of its input tile, `A = [1 0; 1 1; 1 -1; 0 -1]`. In
-/// `yt`, matrix ξ holds `o` rows of `th * tw` tiles. `d` is scratch of `16 * (tw + 1)` values.
+/// `yt`, matrix ξ holds `o` rows of `th * tw` tiles. `d` is scratch of [`scratch_len`] values.
 #[inline(always)]
 fn grad_transform_impl<T: Float>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) {
     let (th, tw) = s.tiles();
-    let per_image = th * tw;
-    // rows[r] = (even, odd) columns of gradient row 2 ty + r, zero outside the image;
-    // t[i] = (A dY)_i, the same split.
-    let (rows, t) = d[..12 * tw].split_at_mut(4 * tw);
+    let p = th * tw;
+    let mut mats = matrices(yt, s.o * p);
+    // q[a * 2 + b][ty * tw + tx]: the gradient at row 2 ty + a, column 2 tx + b (zero outside).
+    let mut it = d.chunks_mut(p);
+    let mut q: [&mut [T]; 4] = std::array::from_fn(|_| it.next().expect("scratch"));
     for oc in 0..s.o {
         let plane = &dy[oc * s.h * s.w..(oc + 1) * s.h * s.w];
         for ty in 0..th {
-            for r in 0..2 {
-                let (e, o) = rows[2 * r * tw..(2 * r + 2) * tw].split_at_mut(tw);
-                e.fill(T::ZERO);
-                o.fill(T::ZERO);
-                let y = 2 * ty + r;
-                if y >= s.h {
-                    continue;
+            let [q00, q01, q10, q11] = &mut q;
+            for (a, (even, odd)) in [(q00, q01), (q10, q11)].into_iter().enumerate() {
+                let (even, odd) = (
+                    &mut even[ty * tw..(ty + 1) * tw],
+                    &mut odd[ty * tw..(ty + 1) * tw],
+                );
+                let y = 2 * ty + a;
+                if y < s.h {
+                    deinterleave(&plane[y * s.w..(y + 1) * s.w], even, odd);
+                } else {
+                    even.fill(T::ZERO);
+                    odd.fill(T::ZERO);
                 }
-                for (k, pair) in plane[y * s.w..(y + 1) * s.w].chunks(2).enumerate() {
-                    e[k] = pair[0];
-                    if let Some(&odd) = pair.get(1) {
-                        o[k] = odd;
-                    }
-                }
-            }
-            // A dY on rows: r0, r0 + r1, r0 - r1, -r1.
-            let (r0, r1) = rows.split_at(2 * tw);
-            let (t0, rest) = t.split_at_mut(2 * tw);
-            let (t1, rest) = rest.split_at_mut(2 * tw);
-            let (t2, t3) = rest.split_at_mut(2 * tw);
-            zip_with(t0, r0, r1, |a, _| a);
-            zip_with(t1, r0, r1, |a, b| a + b);
-            zip_with(t2, r0, r1, |a, b| a - b);
-            zip_with(t3, r0, r1, |_, b| T::ZERO - b);
-            // (A dY) A^T on columns: e, e + o, e - o, -o.
-            for i in 0..4 {
-                let (e, o) = t[2 * i * tw..(2 * i + 2) * tw].split_at(tw);
-                let at = |j: usize| ((i * 4 + j) * s.o + oc) * per_image + ty * tw;
-                zip_with(&mut yt[at(0)..at(0) + tw], e, o, |a, _| a);
-                zip_with(&mut yt[at(1)..at(1) + tw], e, o, |a, b| a + b);
-                zip_with(&mut yt[at(2)..at(2) + tw], e, o, |a, b| a - b);
-                zip_with(&mut yt[at(3)..at(3) + tw], e, o, |_, b| T::ZERO - b);
             }
         }
+        let q: [&[T]; 4] = std::array::from_fn(|i| &*q[i]);
+        let mut out = mats.each_mut().map(|m| &mut m[oc * p..(oc + 1) * p]);
+        over_blocks!(p, grad_block(&q, &mut out));
     }
 }
 
-/// `V_ξ[ci][p0 + tile]` for one image `x` (c, h, w): `B^T d B` of every 4x4 input tile, the
-/// tiles of a row of tiles side by side. In `v`, matrix ξ starts at `ξ * xi_stride` and its
-/// rows are `ld` apart. `d` is scratch of `16 * (tw + 1)` values.
+/// `V_ξ[ci][p0 + tile]` for one image `x` (c, h, w): `B^T d B` of every 4x4 input tile,
+/// `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`. In `v`, matrix ξ starts at `ξ * xi_stride`
+/// and its rows are `ld` apart. `d` is scratch of [`scratch_len`] values.
 ///
-/// The tile at column `tx` reads input columns `2 tx - 1 ..= 2 tx + 2`: with each input row
-/// split into its even columns `e[k] = row[2k]` and odd ones shifted by one,
-/// `o[k] = row[2k - 1]` (zero outside the image), those are `o[tx], e[tx], o[tx + 1], e[tx + 1]`:
-/// every step below is an element-wise pass over contiguous rows of tiles.
+/// Each input row is first split into the four columns its tiles read
+/// ([`split_row`]: `row[2 tx + j - 1]` for tile `tx`), the rows of even and odd index
+/// (`2 a - 1` and `2 a`) into separate arrays. Tile row `ty` reads input rows `2 ty - 1` to
+/// `2 ty + 2`, which are row `ty` and row `ty + 1` of those two arrays: every one of the 16
+/// inputs of all the image's tiles is then one contiguous run, and the transform one vectorized
+/// pass.
 #[inline(always)]
 fn input_transform_impl<T: Float>(
     s: Shape,
@@ -298,59 +445,40 @@ fn input_transform_impl<T: Float>(
     d: &mut [T],
 ) {
     let (th, tw) = s.tiles();
-    let n = tw + 1;
-    // rows[i] = (e, o) of input row 2 ty + i - 1; t[i] = (B^T d)_i, the same split.
-    let (rows, t) = d[..16 * n].split_at_mut(8 * n);
+    let (p, len) = (th * tw, (th + 1) * tw);
+    let mut mats = matrices(v, xi_stride);
+    // cols[par * 4 + j][a * tw + tx] = input row 2 a + par - 1, column 2 tx + j - 1.
+    let cols = &mut d[..8 * len];
     for ci in 0..s.c {
         let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
-        for ty in 0..th {
-            for i in 0..4 {
-                let (e, o) = rows[2 * i * n..(2 * i + 2) * n].split_at_mut(n);
-                let r = (2 * ty + i).wrapping_sub(1);
-                if r >= s.h {
-                    e.fill(T::ZERO);
-                    o.fill(T::ZERO);
-                    continue;
+        for par in 0..2 {
+            for a in 0..=th {
+                let mut it = cols[par * 4 * len..(par + 1) * 4 * len].chunks_mut(len);
+                let c: [&mut [T]; 4] =
+                    std::array::from_fn(|_| &mut it.next().expect("scratch")[a * tw..(a + 1) * tw]);
+                let r = (2 * a + par).wrapping_sub(1);
+                if r < s.h {
+                    split_row(&plane[r * s.w..(r + 1) * s.w], c);
+                } else {
+                    c.into_iter().for_each(|c| c.fill(T::ZERO));
                 }
-                let row = &plane[r * s.w..(r + 1) * s.w];
-                e.fill(T::ZERO);
-                o.fill(T::ZERO);
-                for (k, pair) in row.chunks(2).enumerate() {
-                    e[k] = pair[0];
-                    if let Some(&odd) = pair.get(1) {
-                        o[k + 1] = odd;
-                    }
-                }
-            }
-            let row = |i: usize| &rows[i * n..(i + 1) * n];
-            // t = B^T d on rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3 (each for e and o).
-            for half in 0..2 {
-                let (a, b, c, dd) = (row(half), row(2 + half), row(4 + half), row(6 + half));
-                let at = |k: usize| (2 * k + half) * n..(2 * k + half + 1) * n;
-                zip_with(&mut t[at(0)], a, c, |l, r| l - r);
-                zip_with(&mut t[at(1)], b, c, |l, r| l + r);
-                zip_with(&mut t[at(2)], c, b, |l, r| l - r);
-                zip_with(&mut t[at(3)], b, dd, |l, r| l - r);
-            }
-            // V = t B on columns: o[tx] - o[tx+1], e[tx] + o[tx+1], o[tx+1] - e[tx],
-            // e[tx] - e[tx+1].
-            let base = ci * ld + p0 + ty * tw;
-            for i in 0..4 {
-                let (e, o) = t[2 * i * n..(2 * i + 2) * n].split_at(n);
-                let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
-                let at = |j: usize| (i * 4 + j) * xi_stride + base;
-                zip_with(&mut v[at(0)..at(0) + tw], o0, o1, |a, b| a - b);
-                zip_with(&mut v[at(1)..at(1) + tw], e0, o1, |a, b| a + b);
-                zip_with(&mut v[at(2)..at(2) + tw], o1, e0, |a, b| a - b);
-                zip_with(&mut v[at(3)..at(3) + tw], e0, e1, |a, b| a - b);
             }
         }
+        let cols = &*cols;
+        let src: [&[T]; 16] = std::array::from_fn(|q| {
+            let (i, j) = (q / 4, q % 4);
+            let at = ((i % 2) * 4 + j) * len + (i / 2) * tw;
+            &cols[at..at + p]
+        });
+        let base = ci * ld + p0;
+        let mut out = mats.each_mut().map(|m| &mut m[base..base + p]);
+        over_blocks!(p, input_block(&src, &mut out));
     }
 }
 
 /// One image's output from `M_ξ[oc][p0 + tile]` (16 matrices `ld` values apart, rows of `p`
 /// columns): `A^T M A` per tile, plus bias and residual, into `y` (o, h, w). `d` is scratch of
-/// `16 * (tw + 1)` values.
+/// [`scratch_len`] values.
 #[inline(always)]
 fn output_transform_impl<T: Float>(
     s: Shape,
@@ -360,41 +488,24 @@ fn output_transform_impl<T: Float>(
     d: &mut [T],
 ) {
     let (th, tw) = s.tiles();
-    // r[a][j] = (A^T M)_{a j} for the row of tiles; q[a][b] = the tiles' outputs (a, b).
-    let (r, q) = d[..12 * tw].split_at_mut(8 * tw);
+    let tiles = th * tw;
+    let mut it = d.chunks_mut(tiles);
+    let mut q: [&mut [T]; 4] = std::array::from_fn(|_| it.next().expect("scratch"));
     for oc in 0..s.o {
         let bv = bias.map_or(T::ZERO, |b| b[oc]);
+        let base = oc * p + p0;
+        let src: [&[T]; 16] = std::array::from_fn(|xi| &m[xi * ld + base..xi * ld + base + tiles]);
+        over_blocks!(tiles, output_block(&src, bv, &mut q));
+        // Interleave the tiles' columns into the image's rows.
+        let plane = oc * s.h * s.w;
         for ty in 0..th {
-            let base = oc * p + p0 + ty * tw;
-            let mm = |i: usize, j: usize| &m[(i * 4 + j) * ld + base..(i * 4 + j) * ld + base + tw];
-            // A^T M: rows m0 + m1 + m2 and m1 - m2 - m3.
-            for j in 0..4 {
-                let (m0, m1, m2, m3) = (mm(0, j), mm(1, j), mm(2, j), mm(3, j));
-                let (r0, r1) = r.split_at_mut(4 * tw);
-                let r0 = &mut r0[j * tw..(j + 1) * tw];
-                let r1 = &mut r1[j * tw..(j + 1) * tw];
-                for k in 0..tw {
-                    r0[k] = m0[k] + m1[k] + m2[k];
-                    r1[k] = m1[k] - m2[k] - m3[k];
-                }
-            }
-            // (A^T M) A on columns, plus the bias.
-            for a in 0..2 {
-                let rr = |j: usize| &r[(a * 4 + j) * tw..(a * 4 + j + 1) * tw];
-                let (c0, c1, c2, c3) = (rr(0), rr(1), rr(2), rr(3));
-                let (left, right) = q[2 * a * tw..(2 * a + 2) * tw].split_at_mut(tw);
-                for k in 0..tw {
-                    left[k] = c0[k] + c1[k] + c2[k] + bv;
-                    right[k] = c1[k] - c2[k] - c3[k] + bv;
-                }
-            }
-            let plane = oc * s.h * s.w;
             for a in 0..2 {
                 let row = 2 * ty + a;
                 if row >= s.h {
                     continue;
                 }
-                let (left, right) = q[2 * a * tw..(2 * a + 2) * tw].split_at(tw);
+                let left = &q[a * 2][ty * tw..(ty + 1) * tw];
+                let right = &q[a * 2 + 1][ty * tw..(ty + 1) * tw];
                 let at = plane + row * s.w;
                 let out = &mut y[at..at + s.w];
                 let pairs = s.w / 2;
