@@ -321,7 +321,7 @@ impl GroupNorm {
     }
 }
 
-/// The backward pass; its third input packs `[d | grad]`.
+/// The backward pass over (x, `[a | d]`, grad).
 struct GroupNormBackward(GroupNorm);
 
 impl CustomOp3 for GroupNorm {
@@ -361,8 +361,11 @@ impl CustomOp3 for GroupNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, bc) = (x.elem_count(), a.elem_count());
-        let d_and_grad = Tensor::cat(&[&d.flatten_all()?, &grad.flatten_all()?], 0)?;
-        let packed = x.apply_op3_no_bwd(a, &d_and_grad, &GroupNormBackward(*self))?;
+        // The two small affines packed into one input (a custom op takes three), so that the
+        // gradient, as large as `x`, goes in without a copy.
+        let a_and_d = Tensor::cat(&[&a.flatten_all()?, &d.flatten_all()?], 0)?;
+        let packed =
+            x.apply_op3_no_bwd(&a_and_d, &grad.contiguous()?, &GroupNormBackward(*self))?;
         Ok((
             Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
             Some(packed.narrow(0, n, bc)?.reshape(a.shape())?),
@@ -386,7 +389,7 @@ impl CustomOp3 for GroupNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), self.0.groups)?;
-        let bc = l2.shape().elem_count();
+        let bc = l2.shape().elem_count() / 2;
         let (op, storage) = (self.0, s1);
         let storage = match storage.dtype() {
             DType::F32 => CpuStorage::F32(run_backward::<f32>(&g, op, s1, l1, s2, l2, s3, l3, bc)?),
@@ -411,9 +414,8 @@ fn run_backward<T: Float>(
     bc: usize,
 ) -> Result<Vec<T>> {
     let x = slice::<T>(s1, l1, "x")?;
-    let a = slice::<T>(s2, l2, "a")?;
-    let packed = slice::<T>(s3, l3, "grad")?;
-    let (d, dy) = packed.split_at(bc);
+    let (a, d) = slice::<T>(s2, l2, "a and d")?.split_at(bc);
+    let dy = slice::<T>(s3, l3, "grad")?;
     Ok(backward(g, x, a, d, dy, &op))
 }
 
