@@ -168,10 +168,11 @@ fn flat_row<T: Float>(
     dst[end..].fill(T::ZERO);
     let src = (start as isize + off) as usize;
     dst[start..end].copy_from_slice(&plane[src..src + (end - start)]);
-    if xlo > 0 || xhi < g.wo {
-        for line in dst[lo..hi].chunks_mut(g.wo) {
-            line[..xlo].fill(T::ZERO);
-            line[xhi..].fill(T::ZERO);
+    // The padding columns, one column at a time: a strided store per line rather than two
+    // one-element `fill`s, each a call to memset (3% of a training step).
+    for j in (0..xlo).chain(xhi..g.wo) {
+        for line in dst[lo..hi].chunks_exact_mut(g.wo) {
+            line[j] = T::ZERO;
         }
     }
 }
