@@ -207,6 +207,13 @@ pub(crate) fn sum2<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> f64 {
     total
 }
 
+/// `s` as f32 values, when `T` is f32 (for kernels written for f32 only).
+pub(crate) fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: `T` is f32: same layout, same length.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) })
+}
+
 /// Whether this CPU runs the AVX2 + FMA builds of our element-wise loops (checked once).
 pub fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

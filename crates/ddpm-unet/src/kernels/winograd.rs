@@ -13,7 +13,9 @@
 
 use gemm::Parallelism;
 
-use super::{matmul, unfilled, Float};
+use super::{as_f32, matmul, unfilled, Float};
+
+mod dots;
 
 /// A convolution's shape as this module sees it: `c` input and `o` output channels of
 /// `h` x `w` images, the output the same size (stride 1, padding 1).
@@ -48,13 +50,13 @@ pub(super) fn worthwhile(c: usize, o: usize) -> bool {
 }
 
 /// Whether the weight gradient of a convolution [`worthwhile`] takes also goes through
-/// Winograd ([`weight_grad`]): its GEMMs are (o x tiles) by (tiles x c) per image, which only ran
-/// faster than im2col's with 64 channels and more on 32x32 images (conv forward + backward, b32
-/// c64 32x32: 31-43 ms against 39-49 ms); a `cifar-small` step (32 channels at 32x32, 64 at
-/// 16x16 and 8x8) was 7% slower with it everywhere.
+/// Winograd ([`weight_grad`]): on images of at least 256 tiles (32x32). Measured (conv forward
+/// and backward, batch 32, fastest of 20, three runs each): at 32 channels 10.5-11.4 ms against
+/// 10.7-12.3 through im2col, at 96 55-65 against 64-80, at 64 channels 28-30 against 31-32; on
+/// 16x16 and 8x8 images (64 and 16 tiles) no faster than im2col.
 pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     let (th, tw) = s.tiles();
-    s.c >= 64 && s.o >= 64 && th * tw >= 256
+    th * tw >= 256
 }
 
 /// The fewest input and output channels [`worthwhile`] takes.
@@ -169,38 +171,75 @@ pub(super) fn weight_grad<T: Float>(
 ) {
     let (th, tw) = s.tiles();
     let per_image = th * tw;
-    // Written in full before being read: V and Y' by their transforms, dU by the first image's
-    // GEMMs (the others accumulate).
-    let mut v = unfilled(16 * s.c * per_image);
-    let mut yt = unfilled(16 * s.o * per_image);
-    let mut du = unfilled(16 * s.o * s.c);
+    let (o, c) = (s.o, s.c);
+    // In f32 on an AVX2 CPU, dU by lane-wise dot products ([`dots`]), the tiles padded to a
+    // multiple of 8 with zeros; otherwise by GEMMs.
+    let lanes = as_f32(x).is_some() && super::avx2();
+    // Images in groups of about TILES_PER_GROUP tiles side by side, as in `conv`: long rows for
+    // the dot products (and GEMMs) on small images.
+    let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
+    let ld = if lanes {
+        (group * per_image).next_multiple_of(8)
+    } else {
+        group * per_image
+    };
+    // V and Y' are written by their transforms where a group's images are; the rest (padding
+    // columns, a short last group's columns) stays zero. dU is written by the first group's
+    // GEMMs (the others accumulate), or summed from zero into `du_lanes`.
+    let (mut v, mut yt) = (vec![T::ZERO; 16 * c * ld], vec![T::ZERO; 16 * o * ld]);
+    let mut du = unfilled(16 * o * c);
+    let mut du_lanes = vec![0f32; if lanes { 16 * o * c * 8 } else { 0 }];
     let mut d = unfilled(scratch_len(s));
-    for img in 0..n {
-        let xb = &x[img * s.in_len()..(img + 1) * s.in_len()];
-        let dyb = &dy[img * s.out_len()..(img + 1) * s.out_len()];
-        input_transform(s, xb, &mut v, (s.c * per_image, per_image), 0, &mut d);
-        grad_transform(s, dyb, &mut yt, &mut d);
+    for first in (0..n).step_by(group) {
+        let count = group.min(n - first);
+        if count < group {
+            // The last, short group: the columns of the missing images must not count.
+            v.fill(T::ZERO);
+            yt.fill(T::ZERO);
+        }
+        for img in 0..count {
+            let b = first + img;
+            let xb = &x[b * s.in_len()..(b + 1) * s.in_len()];
+            let dyb = &dy[b * s.out_len()..(b + 1) * s.out_len()];
+            let p0 = img * per_image;
+            input_transform(s, xb, &mut v, (c * ld, ld), p0, &mut d);
+            grad_transform(s, dyb, &mut yt, (o * ld, ld), p0, &mut d);
+        }
         for xi in 0..16 {
+            let (ys, vs) = (
+                &yt[xi * o * ld..(xi + 1) * o * ld],
+                &v[xi * c * ld..(xi + 1) * c * ld],
+            );
+            if let (true, Some(ys), Some(vs)) = (lanes, as_f32(ys), as_f32(vs)) {
+                let acc = &mut du_lanes[xi * o * c * 8..(xi + 1) * o * c * 8];
+                let done = dots::accumulate((o, c, ld), ys, ld, vs, ld, acc);
+                debug_assert!(done, "AVX2 was checked");
+                continue;
+            }
             // dU_ξ (o x c) [+]= Y'_ξ (o x tiles) V_ξ^T (tiles x c)
             matmul(
-                s.o,
-                s.c,
-                per_image,
-                &mut du[xi * s.o * s.c..(xi + 1) * s.o * s.c],
-                img > 0,
-                &yt[xi * s.o * per_image..(xi + 1) * s.o * per_image],
-                (per_image, 1),
-                &v[xi * s.c * per_image..(xi + 1) * s.c * per_image],
-                (1, per_image),
+                o,
+                c,
+                ld,
+                &mut du[xi * o * c..(xi + 1) * o * c],
+                first > 0,
+                ys,
+                (ld, 1),
+                vs,
+                (1, ld),
                 par,
             );
+        }
+    }
+    if lanes {
+        for (u, l) in du.iter_mut().zip(du_lanes.chunks_exact(8)) {
+            *u = T::of(l.iter().map(|&v| v as f64).sum());
         }
     }
     if n == 0 {
         return;
     }
     // dW += G^T dU G, per channel pair, in f64.
-    let (o, c) = (s.o, s.c);
     for oc in 0..o {
         for ci in 0..c {
             let u = |i: usize, j: usize| du[((i * 4 + j) * o + oc) * c + ci].f64();
@@ -402,12 +441,20 @@ fn grad_block<T: Float, const L: usize>(q: &[&[T]; 4], yt: &mut [&mut [T]; 16], 
 
 /// `Y'_ξ[oc][tile] = (A dY A^T)_ξ` for one image's output gradient `dy` (o, h, w): each 2x2
 /// tile of the gradient spread to the 4x4 of its input tile, `A = [1 0; 1 1; 1 -1; 0 -1]`. In
-/// `yt`, matrix ξ holds `o` rows of `th * tw` tiles. `d` is scratch of [`scratch_len`] values.
+/// `yt`, matrix ξ starts at `ξ * xi_stride`, its rows are `ld` apart and the image's tiles start
+/// at column `p0`. `d` is scratch of [`scratch_len`] values.
 #[inline(always)]
-fn grad_transform_impl<T: Float>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) {
+fn grad_transform_impl<T: Float>(
+    s: Shape,
+    dy: &[T],
+    yt: &mut [T],
+    (xi_stride, ld): (usize, usize),
+    p0: usize,
+    d: &mut [T],
+) {
     let (th, tw) = s.tiles();
     let p = th * tw;
-    let mut mats = matrices(yt, s.o * p);
+    let mut mats = matrices(yt, xi_stride);
     // q[a * 2 + b][ty * tw + tx]: the gradient at row 2 ty + a, column 2 tx + b (zero outside).
     let mut it = d.chunks_mut(p);
     let mut q: [&mut [T]; 4] = std::array::from_fn(|_| it.next().expect("scratch"));
@@ -430,7 +477,8 @@ fn grad_transform_impl<T: Float>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) 
             }
         }
         let q: [&[T]; 4] = std::array::from_fn(|i| &*q[i]);
-        let mut out = mats.each_mut().map(|m| &mut m[oc * p..(oc + 1) * p]);
+        let base = oc * ld + p0;
+        let mut out = mats.each_mut().map(|m| &mut m[base..base + p]);
         over_blocks!(p, grad_block(&q, &mut out));
     }
 }
@@ -550,7 +598,14 @@ avx2_dispatch! {
 
 avx2_dispatch! {
     /// See [`grad_transform_impl`].
-    fn grad_transform<T>(s: Shape, dy: &[T], yt: &mut [T], d: &mut [T]) = grad_transform_impl
+    fn grad_transform<T>(
+        s: Shape,
+        dy: &[T],
+        yt: &mut [T],
+        strides: (usize, usize),
+        p0: usize,
+        d: &mut [T],
+    ) = grad_transform_impl
 }
 
 avx2_dispatch! {
@@ -636,14 +691,25 @@ mod tests {
             // dW[oc][ci][ky][kx] = sum over images and outputs of dy * x at the shifted input.
             let mut want = vec![0f64; o * c * 9];
             taps(s, n, |xi, wi, yi| want[wi] += x[xi] as f64 * dy[yi] as f64);
-            // Added to what is there.
+            // Added to what is there. f32 takes the lane-wise dot products (on an AVX2 CPU),
+            // f64 the GEMMs.
             let mut dw = vec![1f32; o * c * 9];
             weight_grad(s, n, &x, &dy, &mut dw, Parallelism::None);
-            for (i, (&g, &e)) in dw.iter().zip(&want).enumerate() {
+            let (x64, dy64): (Vec<f64>, Vec<f64>) = (
+                x.iter().map(|&v| v as f64).collect(),
+                dy.iter().map(|&v| v as f64).collect(),
+            );
+            let mut dw64 = vec![1f64; o * c * 9];
+            weight_grad(s, n, &x64, &dy64, &mut dw64, Parallelism::None);
+            for (i, ((&g, &g64), &e)) in dw.iter().zip(&dw64).zip(&want).enumerate() {
                 let e = e + 1.0;
                 assert!(
                     (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
                     "{s:?} n={n} [{i}] {g} vs {e}"
+                );
+                assert!(
+                    (g64 - e).abs() <= 1e-10 * (1.0 + e.abs()),
+                    "f64 {s:?} [{i}]"
                 );
             }
         }
