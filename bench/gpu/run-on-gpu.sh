@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/gpu.md in two bounded calls, on a GPU machine with PyTorch and no Rust:
 #
-#   bash bench/gpu/run-on-gpu.sh          # checks, convolution variants, the cifar10 benchmark
-#                                         # against PyTorch eager, then starts the Flowers run
+#   bash bench/gpu/run-on-gpu.sh          # our CUDA kernels' tests, the step with and without
+#                                         # them, single ops, the cifar10 benchmark against
+#                                         # PyTorch eager, then starts the Flowers run
 #                                         # (detached) and runs the test matrix beside it
 #   bash bench/gpu/run-on-gpu.sh finish   # waits for the Flowers run, samples its EMA weights
 #
@@ -12,15 +13,18 @@
 # the first call, so a lost second call loses only the longer run.
 #
 # Needs, from the repository root: dist/cuda/{ddpm,xtask,env.sh} from `cargo xtask build-cuda`
-# (or ddpm.xz/xtask.xz, unpacked here), and data/mnist + data/flowers (`cargo xtask fetch-data`).
-# Environment: OUT (where results go), FLOWERS_SECONDS (length of the Flowers run, default 420).
+# (or ddpm.xz/xtask.xz, unpacked here), optionally dist/cuda/unet-tests(.xz) (ddpm-unet's test
+# binary built with `--features cuda`, see docs/gpu.md), and data/mnist + data/flowers
+# (`cargo xtask fetch-data`).
+# Environment: OUT (where results go), FLOWERS_SECONDS (length of the Flowers run, default 420;
+# 0: no Flowers run, the test matrix alone). With nsys on the machine, a kernel profile too.
 set -uo pipefail
 OUT=${OUT:-target/gpu-out}
 BIN=${BIN:-dist/cuda}
 FLOWERS_SECONDS=${FLOWERS_SECONDS:-420}
 RUN=/tmp/flowers-run
 mkdir -p "$OUT"
-for b in ddpm xtask; do
+for b in ddpm xtask unet-tests; do
   if [ -f "$BIN/$b.xz" ] && [ ! -x "$BIN/$b" ]; then
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
       "$BIN/$b.xz" "$BIN/$b" && chmod +x "$BIN/$b"
@@ -53,20 +57,60 @@ fi
   echo "libraries:"; ldd "$BIN/ddpm" | grep -E "cudnn|nccl|cublas|not found"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-stage "a device that is not there (this machine has one GPU)" | tee -a "$OUT/gpu.txt"
-timeout 60 "$BIN/ddpm" train --dataset mnist --model mnist-small --device cuda:1 --steps 1 --data-dir data --no-fetch --out /tmp/cuda1-run \
-  2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+if [ -x "$BIN/unet-tests" ]; then
+  stage "our CUDA kernels against the CPU (ddpm-unet's tests, CUDA device required)"
+  if DDPM_REQUIRE_CUDA=1 timeout 120 "$BIN/unet-tests" kernels::cuda --test-threads 1 \
+    > "$OUT/kernel-tests.txt" 2>&1; then
+    echo "kernel tests: pass"
+  else
+    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=off"
+    export DDPM_CUDA_KERNELS=off
+  fi
+  tail -8 "$OUT/kernel-tests.txt"
+fi
 
-stage "a cifar10 training step (batch 128, bf16): convolutions by cuDNN vs im2col tensor ops"
-for conv in cudnn unfold; do
-  line=$(DDPM_CUDA_CONV=$conv DDPM_BENCH_PHASES=1 timeout 90 "$BIN/xtask" bench-worker time \
+stage "a cifar10 training step (batch 128, bf16): our CUDA kernels off and on"
+for k in off on; do
+  line=$(DDPM_CUDA_KERNELS=$k DDPM_BENCH_PHASES=1 timeout 90 "$BIN/xtask" bench-worker time \
     --preset cifar10 --task train --batch 128 --warmup 2 --iters 4 --device cuda --precision bf16 \
     2>>"$OUT/bench.log")
-  echo "DDPM_CUDA_CONV=$conv: $line" | tee -a "$OUT/bench.log"
+  echo "DDPM_CUDA_KERNELS=$k: $line" | tee -a "$OUT/bench.log"
 done
 
+stage "single ops, batch 128, 128 channels, 32x32, bf16"
+timeout 60 "$BIN/xtask" bench-worker ops --device cuda --precision bf16 --batch 128 \
+  --channels 128 --size 32 --iters 10 2>&1 | tee "$OUT/ops.txt"
+
+stage "is the step bound by the host? a sampling step at batch 1 and 128, and CPU time used"
+for b in 1 128; do
+  ( TIMEFORMAT="batch $b: %U s user + %S s sys CPU over %R s"
+    time DDPM_BENCH_PHASES=1 timeout 60 "$BIN/xtask" bench-worker time --preset cifar10 --task sample \
+      --batch $b --warmup 2 --iters 20 --device cuda --precision bf16 2>/dev/null \
+      | python3 -c 'import json,sys; t=json.load(sys.stdin)["times_s"]; t.sort(); print("median %.1f ms" % (1e3*t[len(t)//2]))' ) 2>&1 \
+    | tee -a "$OUT/host-bound.txt"
+done
+
+nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+if [ -n "$nsys" ]; then
+  stage "where the GPU time of a cifar10 training step goes (nsys, 3 steps)"
+  timeout 120 "$nsys" profile -o /tmp/step --force-overwrite true --stats=false \
+    "$BIN/xtask" bench-worker time --preset cifar10 --task train --batch 128 --warmup 1 \
+    --iters 3 --device cuda --precision bf16 > /dev/null 2>&1
+  timeout 60 "$nsys" stats --report cuda_gpu_kern_sum --format csv /tmp/step.nsys-rep \
+    2>/dev/null | head -40 | cut -c1-220 | tee "$OUT/kernels.csv"
+else
+  echo "(no nsys on this machine: no kernel profile)"
+fi
+
 stage "benchmark: cifar10 training and sampling steps, batch 128, bf16, ours vs PyTorch"
-timeout 200 "$BIN/xtask" bench-gpu --python python3 --out "$OUT/gpu-bench.md" 2>&1 | tail -30 | tee -a "$OUT/bench.log"
+timeout 200 "$BIN/xtask" bench-gpu --python python3 --rounds 1 --out "$OUT/gpu-bench.md" 2>&1 | tail -30 | tee -a "$OUT/bench.log"
+
+if [ "$FLOWERS_SECONDS" = 0 ]; then
+  stage "test matrix (GPU column)"
+  timeout 240 "$BIN/xtask" test-matrix --gpu --ddpm "$PWD/$BIN/ddpm" --data-dir data 2>&1 | tee "$OUT/test-matrix.txt"
+  stage "done (FLOWERS_SECONDS=0: no Flowers run)"
+  exit
+fi
 
 stage "Flowers 32x32, cifar-small, bf16, ${FLOWERS_SECONDS}s (detached)"
 rm -rf "$RUN"
@@ -77,20 +121,10 @@ setsid nohup timeout -s TERM "$FLOWERS_SECONDS" "$BIN/ddpm" train --dataset flow
   --log-every 50 --quiet --out "$RUN" >/tmp/flowers.log 2>&1 < /dev/null &
 sleep 1
 
-stage "f16 with dynamic loss scaling, from a scale of 2^24: real overflows skipped, the scale halved"
-DDPM_F16_INITIAL_SCALE=16777216 DDPM_LOG=ddpm_train=debug NO_COLOR=1 timeout 90 "$BIN/ddpm" train \
-  --dataset mnist --model mnist-small --device cuda --precision f16 --batch-size 64 --steps 40 \
-  --data-dir data --no-fetch --sample-every 0 --checkpoint-every 1000 --log-every 10 --quiet \
-  --out /tmp/f16-run > /tmp/f16.log 2>&1
-echo "overflow steps skipped: $(grep -c 'f16 overflow' /tmp/f16.log)" | tee "$OUT/f16.txt"
-grep -E "f16 overflow|loss scale|rror" /tmp/f16.log | head -12 | tee -a "$OUT/f16.txt"
-grep -h -A5 '"loss_scaler"' "$(ls /tmp/f16-run/checkpoints/*.json | tail -1)" | tee -a "$OUT/f16.txt"
-tail -2 /tmp/f16-run/metrics.jsonl 2>/dev/null | tee -a "$OUT/f16.txt"
-
 stage "test matrix (GPU column), beside the Flowers run"
-timeout 300 "$BIN/xtask" test-matrix --gpu --ddpm "$PWD/$BIN/ddpm" --data-dir data 2>&1 | tee "$OUT/test-matrix.txt"
+timeout 240 "$BIN/xtask" test-matrix --gpu --ddpm "$PWD/$BIN/ddpm" --data-dir data 2>&1 | tee "$OUT/test-matrix.txt"
 
-if [ $(( $(date +%s) - start )) -lt 480 ]; then
+if [ $(( $(date +%s) - start )) -lt 500 ]; then
   stage "a grid from the Flowers run's newest checkpoint so far"
   flowers_grid "$OUT/flowers-samples-partial.png" 2>&1 | tee "$OUT/flowers-partial.log"
 fi

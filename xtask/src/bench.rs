@@ -431,21 +431,21 @@ fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
             }
         );
     };
-    if dev.is_cpu() {
-        let t = time_op(&dev, a.iters, || {
-            ops::conv2d(x.as_tensor(), w.as_tensor(), None, p).map(|_| ())
-        })?;
-        line("conv3x3 forward, ops::conv2d (our CPU kernel)", t, flops);
-        let t = time_op(&dev, a.iters, || {
-            let y = ops::conv2d(x.as_tensor(), w.as_tensor(), None, p)?;
-            y.sum_all()?.backward().map(|_| ())
-        })?;
-        line(
-            "conv3x3 forward+backward, ops::conv2d (our CPU kernel)",
-            t,
-            3.0 * flops,
-        );
-    }
+    // ops::conv2d: our CPU kernel, or on CUDA our im2col kernel and a cuBLAS GEMM (the same
+    // as the tensor-op im2col below with DDPM_CUDA_KERNELS=off).
+    let t = time_op(&dev, a.iters, || {
+        ops::conv2d(x.as_tensor(), w.as_tensor(), None, p).map(|_| ())
+    })?;
+    line("conv3x3 forward, ops::conv2d (our kernels)", t, flops);
+    let t = time_op(&dev, a.iters, || {
+        let y = ops::conv2d(x.as_tensor(), w.as_tensor(), None, p)?;
+        y.sum_all()?.backward().map(|_| ())
+    })?;
+    line(
+        "conv3x3 forward+backward, ops::conv2d (our kernels)",
+        t,
+        3.0 * flops,
+    );
     let t = time_op(&dev, a.iters, || {
         ops::conv2d_unfold(x.as_tensor(), w.as_tensor(), p).map(|_| ())
     })?;
@@ -486,6 +486,81 @@ fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
         y.sum_all()?.backward().map(|_| ())
     })?;
     line("GroupNorm forward+backward", t, 0.0);
+    let t = time_op(&dev, a.iters, || {
+        ops::group_norm(x.as_tensor(), 32.min(c), &gw, &gb, 1e-5).map(|_| ())
+    })?;
+    line("GroupNorm forward", t, 0.0);
+    let t = time_op(&dev, a.iters, || {
+        let y = ops::upsample_nearest_2x(x.as_tensor())?;
+        y.sum_all()?.backward().map(|_| ())
+    })?;
+    line("nearest 2x upsampling forward+backward", t, 0.0);
+    let t = time_op(&dev, a.iters, || {
+        ops::cat_channels(x.as_tensor(), x.as_tensor()).map(|_| ())
+    })?;
+    line("skip concatenation (channels)", t, 0.0);
+    let t = time_op(&dev, a.iters, || {
+        x.as_tensor().sum_all()?.backward().map(|_| ())
+    })?;
+    line(
+        "sum_all + backward (the loss the timings above add)",
+        t,
+        0.0,
+    );
+    #[cfg(feature = "cuda")]
+    if ddpm_unet::kernels::cuda_supported(x.as_tensor()) {
+        use ddpm_unet::kernels::cuda::{im2col, Unfold};
+        let g = Unfold {
+            b,
+            c,
+            h: s,
+            w: s,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+            oh: s,
+            ow: s,
+        };
+        let t = time_op(&dev, a.iters, || im2col(x.as_tensor(), g).map(|_| ()))?;
+        line("our im2col kernel alone", t, 0.0);
+        let cols = im2col(x.as_tensor(), g)?;
+        let w2 = w.as_tensor().reshape((c, 9 * c))?;
+        let t = time_op(&dev, a.iters, || w2.broadcast_matmul(&cols).map(|_| ()))?;
+        line(
+            "the conv's batched GEMM alone (weight broadcast over images)",
+            t,
+            flops,
+        );
+    }
+    // The element-wise and small ops a U-Net forward is made of besides convolutions.
+    let xt = x.as_tensor();
+    let bias = Tensor::ones((1, c, 1, 1), dtype, &dev)?;
+    let t = time_op(&dev, a.iters, || xt.broadcast_add(&bias).map(|_| ()))?;
+    line("bias add, (1, c, 1, 1) broadcast", t, 0.0);
+    let image_bias = Tensor::ones((b, c, 1, 1), dtype, &dev)?;
+    let t = time_op(&dev, a.iters, || xt.broadcast_add(&image_bias).map(|_| ()))?;
+    line("per-image bias add, (b, c, 1, 1) broadcast", t, 0.0);
+    let t = time_op(&dev, a.iters, || (xt + xt).map(|_| ()))?;
+    line("residual add, same shapes", t, 0.0);
+    let t = time_op(&dev, a.iters, || xt.to_dtype(DType::F32).map(|_| ()))?;
+    line("cast to f32", t, 0.0);
+    let t = time_op(&dev, a.iters, || ops::silu(xt).map(|_| ()))?;
+    line("SiLU", t, 0.0);
+    let qkv = Tensor::randn(0f32, 1.0, (b, 3 * 2 * c, s / 2, s / 2), &dev)?.to_dtype(dtype)?;
+    let t = time_op(&dev, a.iters, || {
+        ops::attention(&qkv, 1, 2 * c, 0.05).map(|_| ())
+    })?;
+    line("attention forward, 2c channels at half the size", t, 0.0);
+    let scores = Tensor::randn(0f32, 1.0, (b, 1, s * s / 4, s * s / 4), &dev)?.to_dtype(dtype)?;
+    let t = time_op(&dev, a.iters, || ops::softmax(&scores, 3).map(|_| ()))?;
+    line("softmax over the attention scores alone", t, 0.0);
+    let t = time_op(&dev, a.iters, || xt.sum_keepdim(0).map(|_| ()))?;
+    line(
+        "sum over the batch dimension (a broadcast's backward)",
+        t,
+        0.0,
+    );
     let small = Tensor::ones(1024, DType::F32, &dev)?;
     let t = time_op(&dev, a.iters, || {
         let mut acc = small.clone();

@@ -21,12 +21,41 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 15;
 
 /// Whether the in-place kernels apply to all of `tensors`: contiguous f32 tensors on the CPU,
-/// unless `DDPM_KERNELS=candle` asks for candle's ops everywhere.
+/// or on CUDA where our CUDA kernels are on ([`ddpm_unet::kernels::cuda_supported`]), unless
+/// `DDPM_KERNELS=candle` asks for candle's ops everywhere.
 pub fn supported(tensors: &[&Tensor]) -> bool {
     ddpm_unet::ops::kernels() == Kernels::Ours
-        && tensors
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+        && tensors.iter().all(|t| {
+            t.dtype() == DType::F32
+                && t.is_contiguous()
+                && (t.device().is_cpu() || ddpm_unet::kernels::cuda_supported(t))
+        })
+}
+
+/// `dst = keep * dst + take * f(scale * src)` in place on CUDA (`f` the square when `square`).
+#[cfg(feature = "cuda")]
+fn cuda_axpby(
+    dst: &Tensor,
+    src: &Tensor,
+    [keep, take, scale]: [f64; 3],
+    square: bool,
+) -> Result<()> {
+    let op = ddpm_unet::kernels::cuda::Axpby {
+        keep: keep as f32,
+        take: take as f32,
+        scale: scale as f32,
+        square,
+    };
+    dst.inplace_op2(src, &op)
+}
+
+/// Without the `cuda` feature there are no CUDA tensors to update.
+#[cfg(not(feature = "cuda"))]
+fn cuda_axpby(dst: &Tensor, _: &Tensor, _: [f64; 3], _: bool) -> Result<()> {
+    bail!(
+        "in-place update of a {:?} tensor in a build without CUDA",
+        dst.device()
+    )
 }
 
 /// The elements of a contiguous f32 storage.
@@ -140,6 +169,9 @@ pub fn update_in_place(
 /// Updates an exponential moving average of a gradient (or of its square) in place:
 /// `m <- decay m + (1 - decay) (scale g)` or, with `square`, `(scale g)^2`.
 pub fn moment_update(m: &Tensor, g: &Tensor, decay: f64, scale: f64, square: bool) -> Result<()> {
+    if !m.device().is_cpu() {
+        return cuda_axpby(m, g, [decay, 1.0 - decay, scale], square);
+    }
     let (keep, take, scale) = (decay as f32, (1.0 - decay) as f32, scale as f32);
     update_in_place("adamw-moment", m, g, |m, g| {
         if square {
@@ -196,10 +228,33 @@ impl InplaceOp3 for AdamWUpdate {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let params = [
+            (1.0 - self.lr * self.weight_decay) as f32,
+            (1.0 / self.bc1) as f32,
+            (1.0 / self.bc2) as f32,
+            self.lr as f32,
+            self.eps as f32,
+        ];
+        ddpm_unet::kernels::cuda::adamw_update(s1, l1, s2, l2, s3, l3, params)
+    }
 }
 
 /// One step of an exponential moving average, in place: `s <- decay s + (1 - decay) p`.
 pub fn ema_update(s: &Tensor, p: &Tensor, decay: f64) -> Result<()> {
+    if !s.device().is_cpu() {
+        return cuda_axpby(s, p, [decay, 1.0 - decay, 1.0], false);
+    }
     let (keep, take) = (decay as f32, (1.0 - decay) as f32);
     update_in_place("ema-update", s, p, |s, p| {
         zip1(s, p, |s, p| *s = *s * keep + p * take)

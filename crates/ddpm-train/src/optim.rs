@@ -206,16 +206,20 @@ impl AdamW {
 /// f32 per tensor, as candle's `sum_all` does).
 pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
+    // Sums computed on a device stay there until the end: one read back (one synchronization)
+    // for all of them instead of one per gradient.
+    let mut on_device = Vec::new();
     for g in grads.values() {
-        total += match inplace::sum_of_squares(g) {
-            Some(s) => s,
-            None => g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?,
-        };
+        match inplace::sum_of_squares(g) {
+            Some(s) => total += s,
+            None => on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
+        }
+    }
+    if !on_device.is_empty() {
+        total += Tensor::stack(&on_device, 0)?
+            .to_dtype(DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(total.sqrt())
 }
@@ -340,6 +344,24 @@ mod tests {
         let mut small = BTreeMap::from([("a".to_string(), Tensor::new(&[0.3f32], &dev)?)]);
         clip_grad_norm(&mut small, 1.0)?;
         assert_eq!(small["a"].to_vec1::<f32>()?, vec![0.3]);
+        Ok(())
+    }
+
+    /// Gradients the in-place sums do not take (f64, a strided view) are summed on their device
+    /// and read back once; mixed with ones they take, the norm is still the global one.
+    #[test]
+    fn grad_norm_mixes_in_place_and_device_sums() -> Result<()> {
+        let dev = Device::Cpu;
+        let strided = Tensor::new(&[[1.0f32, 2.0], [2.0, 0.0]], &dev)?.t()?;
+        let g = BTreeMap::from([
+            ("a".to_string(), Tensor::new(&[3.0f32, 0.0], &dev)?),
+            ("b".to_string(), Tensor::new(&[4.0f64, 2.0], &dev)?),
+            ("c".to_string(), strided),
+        ]);
+        // 9 + (16 + 4) + (1 + 4 + 4 + 0) = 38
+        assert!((grad_norm(&g)? - 38f64.sqrt()).abs() < 1e-9);
+        let only_device = BTreeMap::from([("b".to_string(), Tensor::new(&[4.0f64, 2.0], &dev)?)]);
+        assert!((grad_norm(&only_device)? - 20f64.sqrt()).abs() < 1e-12);
         Ok(())
     }
 

@@ -76,6 +76,11 @@ pub fn conv2d_padded_end(
     }
     let weight = like(weight, x)?;
     let bias = bias.map(|b| like(b, x)).transpose()?;
+    #[cfg(feature = "cuda")]
+    if kernels() == Kernels::Ours && !cuda_conv_is_candle() && crate::kernels::cuda_supported(x) {
+        let pads = (p.padding, p.padding + extra_end);
+        return crate::kernels::cuda::conv2d(x, &weight, bias.as_ref(), p.stride, pads);
+    }
     let x = if extra_end > 0 {
         &x.pad_with_zeros(2, 0, extra_end)?
             .pad_with_zeros(3, 0, extra_end)?
@@ -87,9 +92,14 @@ pub fn conv2d_padded_end(
     } else {
         x.conv2d(&weight, p.padding, p.stride, 1, 1)?
     };
+    add_bias(y, bias.as_ref(), x.dims()[0])
+}
+
+/// `y` (batch, c_out, h, w) plus a bias per channel (c_out) or per image (batch, c_out).
+fn add_bias(y: Tensor, bias: Option<&Tensor>, batch: usize) -> Result<Tensor> {
     match bias {
         Some(b) => {
-            let (batch, c_out) = (x.dims()[0], weight.dims()[0]);
+            let c_out = y.dims()[1];
             let rows = if b.elem_count() == c_out { 1 } else { batch };
             y.broadcast_add(&b.reshape((rows, c_out, 1, 1))?)
         }
@@ -215,7 +225,7 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
-    if kernels() == Kernels::Ours && crate::kernels::supported(x) {
+    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x) {
         return crate::kernels::group_norm::group_norm(x, groups, weight, bias, eps);
     }
     group_norm_candle(x, groups, weight, bias, eps)
@@ -240,7 +250,7 @@ pub fn group_norm_act(
     eps: f64,
 ) -> Result<Tensor> {
     let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
-    if kernels() == Kernels::Ours && crate::kernels::supported(x) {
+    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x) {
         let (a, d) = crate::kernels::group_norm::per_image(x, weight, bias)?;
         let (a, d) = match scale_shift {
             Some((scale, shift)) => {
@@ -273,7 +283,7 @@ pub fn group_norm_act(
 /// Whether [`group_norm_act`] applies dropout inside our kernel for this input (CPU, f32/f64,
 /// our kernels on).
 pub fn fused_dropout(x: &Tensor) -> bool {
-    kernels() == Kernels::Ours && crate::kernels::supported(x)
+    kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x)
 }
 
 /// GroupNorm composed of candle's ops (any device and dtype).
@@ -398,11 +408,17 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.matmul(&b.contiguous()?)
 }
 
-/// Nearest-neighbour 2x upsampling of `x` (b, c, h, w); our kernel on the CPU (forward and
-/// backward), candle's `upsample_nearest2d` elsewhere.
+/// Nearest-neighbour 2x upsampling of `x` (b, c, h, w); our kernels on the CPU and on CUDA
+/// (forward and backward), candle's `upsample_nearest2d` elsewhere (whose backward pass is a
+/// grouped convolution, which candle runs as one convolution per channel).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
         return crate::kernels::resample::upsample_nearest_2x(x);
+    }
+    #[cfg(feature = "cuda")]
+    if kernels() == Kernels::Ours && crate::kernels::cuda_supported(x) {
+        x.dims4()?;
+        return crate::kernels::cuda::upsample_nearest_2x(x);
     }
     let (_, _, h, w) = x.dims4()?;
     x.upsample_nearest2d(2 * h, 2 * w)

@@ -73,6 +73,16 @@ impl Dropout {
         let m = Mask::<f64>::new(*self);
         (0..len).map(|i| m.factor(i)).collect()
     }
+
+    /// The hash's threshold and two seed words: element `i` is kept when
+    /// `hash32(hash32(i + s1) ^ s2) >= threshold` (shared with the CUDA kernel).
+    pub(crate) fn hash_params(&self) -> (u32, u32, u32) {
+        (
+            (self.p * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32,
+            hash32(self.seed as u32),
+            hash32((self.seed >> 32) as u32 ^ 0x9e37_79b9),
+        )
+    }
 }
 
 /// [`Dropout`] prepared for the inner loops.
@@ -97,10 +107,11 @@ fn hash32(mut x: u32) -> u32 {
 
 impl<T: Float> Mask<T> {
     fn new(d: Dropout) -> Self {
+        let (threshold, s1, s2) = d.hash_params();
         Self {
-            threshold: (d.p * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32,
-            s1: hash32(d.seed as u32),
-            s2: hash32((d.seed >> 32) as u32 ^ 0x9e37_79b9),
+            threshold,
+            s1,
+            s2,
             keep: T::of(1.0 / (1.0 - d.p)),
         }
     }
@@ -352,6 +363,20 @@ impl CustomOp3 for GroupNorm {
         Ok((storage, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = super::cuda::group_norm_fwd(self, s1, l1, s2, l2, s3, l3)?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -397,6 +422,20 @@ impl CustomOp3 for GroupNormBackward {
             dt => candle_core::bail!("group_norm kernel: unsupported dtype {dt:?}"),
         };
         Ok((storage, Shape::from(l1.shape().elem_count() + 2 * bc)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, len) = super::cuda::group_norm_bwd(&self.0, s1, l1, s2, l2, s3, l3)?;
+        Ok((out, Shape::from(len)))
     }
 }
 

@@ -59,6 +59,8 @@ macro_rules! avx2_dispatch {
 pub mod attention;
 pub mod concat;
 pub mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod group_norm;
 pub mod resample;
 mod winograd;
@@ -256,6 +258,27 @@ pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> 
 /// Whether the fast kernels handle tensors of this dtype and device.
 pub fn supported(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// Whether our CUDA kernels ([`cuda`]: im2col convolutions, the fused GroupNorm) take `t`: a
+/// CUDA tensor of a float type, in a build with the `cuda` feature, unless
+/// `DDPM_CUDA_KERNELS=off`.
+pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::enabled() && cuda::supported(t)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = t;
+        false
+    }
+}
+
+/// Whether the fused GroupNorm op ([`group_norm`]) runs for `t`: on the CPU ([`supported`]) or
+/// on CUDA ([`cuda_supported`]).
+pub fn group_norm_supported(t: &candle_core::Tensor) -> bool {
+    supported(t) || cuda_supported(t)
 }
 
 /// Threads to split work over.
