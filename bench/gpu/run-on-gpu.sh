@@ -13,9 +13,8 @@
 # the first call, so a lost second call loses only the longer run.
 #
 # Needs, from the repository root: dist/cuda/{ddpm,xtask,env.sh} from `cargo xtask build-cuda`
-# (or ddpm.xz/xtask.xz, unpacked here), optionally dist/cuda/unet-tests(.xz) (ddpm-unet's test
-# binary built with `--features cuda`, see docs/gpu.md), and data/mnist + data/flowers
-# (`cargo xtask fetch-data`).
+# (or ddpm.xz/xtask.xz, unpacked here), dist/cuda/unet-tests(.xz) (our CUDA kernels' tests, from
+# the same command; skipped where missing), and data/mnist + data/flowers (`cargo xtask fetch-data`).
 # Environment: OUT (where results go), FLOWERS_SECONDS (length of the Flowers run, default 420;
 # 0: no Flowers run, the test matrix alone). With nsys on the machine, a kernel profile too.
 set -uo pipefail

@@ -7,7 +7,9 @@
 //! which only a driver installs, so a stub exporting the driver functions that cudarc binds is
 //! compiled from cudarc's own list; at run time the real driver's `libcuda.so.1` is loaded. The
 //! binaries go to `dist/cuda/` with `env.sh`, which points the loader at the CUDA 13 libraries
-//! of the machine it runs on (PyTorch's `nvidia/cu13/lib` where there is no system CUDA).
+//! of the machine it runs on (PyTorch's `nvidia/cu13/lib` where there is no system CUDA), and
+//! with `unet-tests`, ddpm-unet's test binary, whose `kernels::cuda` tests check our CUDA
+//! kernels against the CPU on the GPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,6 +74,38 @@ pub struct BuildCudaArgs {
     xz: bool,
 }
 
+/// Builds ddpm-unet's test binary with `--features cuda` (its CUDA kernels' tests against the
+/// CPU, run on a GPU machine as `unet-tests kernels::cuda` with `DDPM_REQUIRE_CUDA=1`) and
+/// returns its path, read from cargo's JSON messages.
+fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<PathBuf> {
+    eprintln!("build-cuda: cargo test -p ddpm-unet --features cuda --release --no-run");
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "-p",
+            "ddpm-unet",
+            "--lib",
+            "--features",
+            "cuda",
+            "--release",
+        ])
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building ddpm-unet's CUDA tests failed (see above)");
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "ddpm_unet")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no test executable for ddpm-unet")
+}
+
 /// Runs `build-cuda`.
 pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
     let root = workspace_root();
@@ -126,8 +160,13 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
         root.join(&args.out)
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    for bin in ["ddpm", "xtask"] {
-        let from = target.join("release").join(bin);
+    let tests = build_kernel_tests(&root, &env)?;
+    let binaries = [
+        ("ddpm", target.join("release").join("ddpm")),
+        ("xtask", target.join("release").join("xtask")),
+        ("unet-tests", tests),
+    ];
+    for (bin, from) in binaries {
         let to = out.join(bin);
         std::fs::copy(&from, &to)
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
@@ -146,9 +185,10 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
     }
     std::fs::write(out.join("env.sh"), ENV_SH).context("writing env.sh")?;
     eprintln!(
-        "build-cuda: wrote {dir}/ddpm, {dir}/xtask and {dir}/env.sh. On the GPU machine, from \
-         the repository root: `. {dir}/env.sh && {dir}/ddpm train --device cuda ...` and \
-         `{dir}/xtask test-matrix`",
+        "build-cuda: wrote {dir}/ddpm, {dir}/xtask, {dir}/unet-tests and {dir}/env.sh. On the \
+         GPU machine, from the repository root: `. {dir}/env.sh && {dir}/ddpm train --device \
+         cuda ...`, `{dir}/xtask test-matrix` and `DDPM_REQUIRE_CUDA=1 {dir}/unet-tests \
+         kernels::cuda` (our CUDA kernels against the CPU)",
         dir = args.out.display()
     );
     Ok(())
