@@ -264,6 +264,7 @@ fn write_seeds(target: &str, corpus: &Path) -> Result<()> {
                 tensors_file: "ckpt-00000012.safetensors".into(),
                 tensors_bytes: 1234,
                 loss_scaler: Default::default(),
+                rank_word_pos: vec![96, 1 << 40, u64::MAX as u128 + 3],
             };
             seeds.push(("meta", serde_json::to_vec_pretty(&meta)?));
         }

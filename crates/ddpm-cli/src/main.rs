@@ -5,6 +5,7 @@
 
 mod eval;
 mod forward;
+mod launch;
 mod sample;
 mod schedule;
 mod train;
@@ -42,6 +43,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Print a noise schedule and every derived buffer.
     Schedule(schedule::ScheduleArgs),
+    /// Train data-parallel: start N ranks of `ddpm train` on this machine, one per GPU.
+    Launch(launch::LaunchArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval::run(*a),
         Command::Forward(a) => forward::run(a),
         Command::Schedule(a) => schedule::run(a),
+        Command::Launch(a) => launch::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    assert_clean_error, assert_ok, ddpm, run, stderr, tensors, train_new, wait_for, write_config,
+    assert_clean_error, assert_ok, clean_error, ddpm, run, stderr, tensors, train_new, wait_for,
+    write_config,
 };
 
 /// `ddpm train` of a new run of the tiny model into `out`, keeping every checkpoint.
@@ -258,6 +259,75 @@ fn launched_worlds_one_rank_trains_as_one_process_and_bad_worlds_are_refused() {
     assert!(!p.join("two/checkpoints").exists() && !p.join("bad/checkpoints").exists());
 }
 
+/// `ddpm launch`: one rank trains bit for bit like a plain run; two ranks in a build without
+/// NCCL fail, and the launcher names the failed rank and stops the other; bad launches are
+/// refused before any rank starts.
+#[test]
+fn launch_starts_ranks_and_reports_a_failed_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let cfg = write_config(p, 4, 4, 100);
+    let launch = |nproc: &str, out: &str| {
+        let mut c = ddpm(p);
+        c.args([
+            "launch", "--nproc", nproc, "--", "train", "--quiet", "--config",
+        ])
+        .arg(&cfg)
+        .args(["--out", out]);
+        c
+    };
+    assert_ok(&run(&mut train_new(p, "plain", &cfg)));
+    assert_ok(&run(&mut launch("1", "one")));
+    let a = tensors(&p.join("plain/checkpoints/ckpt-00000004.safetensors"));
+    let b = tensors(&p.join("one/checkpoints/ckpt-00000004.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for ((na, da), (nb, db)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(
+            da == db,
+            "tensor {na} differs under `ddpm launch --nproc 1`"
+        );
+    }
+    assert_eq!(metrics(&p.join("plain")), metrics(&p.join("one")));
+
+    let two = run(&mut launch("2", "two"));
+    // The ranks' own errors come first (they share the launcher's stderr), the launcher's last.
+    assert!(clean_error(&two).is_ok(), "{:?}", clean_error(&two));
+    let err = stderr(&two);
+    let last = err
+        .lines()
+        .rfind(|l| l.starts_with("error: "))
+        .unwrap_or_default();
+    assert!(
+        last.contains("of 2 failed"),
+        "the launcher names the failed rank: {err}"
+    );
+    let needle = if cfg!(feature = "nccl") {
+        "one CUDA device per rank"
+    } else {
+        "cargo xtask build-cuda --nccl"
+    };
+    assert!(err.contains(needle), "the rank's own error is shown: {err}");
+    assert!(!p.join("two/checkpoints").exists());
+
+    assert_clean_error(&run(&mut launch("0", "zero")), "--nproc must be at least 1");
+    let mut sample = ddpm(p);
+    sample.args([
+        "launch",
+        "--nproc",
+        "1",
+        "--",
+        "sample",
+        "--checkpoint",
+        "one",
+    ]);
+    assert_clean_error(&run(&mut sample), "runs `ddpm train`");
+    assert_clean_error(
+        &run(launch("1", "nested").env("RANK", "0")),
+        "RANK is already set",
+    );
+}
+
 #[test]
 fn sigkill_mid_training_resumes_from_the_last_checkpoint() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -314,15 +384,23 @@ fn sigterm_finishes_the_step_and_leaves_a_fresh_checkpoint() {
 
 fn stop_signal_leaves_a_fresh_checkpoint(signal: i32) {
     let dir = tempfile::tempdir().expect("tmp");
-    let run_dir = dir.path().join("run");
-    let child = train(dir.path(), "run", 100_000, 100_000)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let out = stopped_after_steps(
+        train(dir.path(), "run", 100_000, 100_000),
+        dir.path(),
+        signal,
+    );
+    assert!(stderr(&out).contains("interrupted"));
+}
+
+/// Starts `cmd` (training into `dir/run`), sends `signal` to it after a few steps, and checks
+/// that it exits cleanly with one checkpoint, of the last logged step.
+fn stopped_after_steps(mut cmd: Command, dir: &Path, signal: i32) -> std::process::Output {
+    let run_dir = dir.join("run");
+    let child = cmd.stderr(Stdio::piped()).spawn().expect("spawn");
     wait_for("a few steps", Duration::from_secs(120), || {
         metrics(&run_dir).len() >= 3
     });
-    // SAFETY: sending a signal to our own child process.
+    // SAFETY: sending a signal to our own child process (not to its process group).
     unsafe {
         libc::kill(child.id() as i32, signal);
     }
@@ -331,7 +409,27 @@ fn stop_signal_leaves_a_fresh_checkpoint(signal: i32) {
     let reached = metrics(&run_dir).last().map(|p| p.0).expect("metrics");
     assert!(reached >= 3);
     assert_eq!(checkpoints(&run_dir), vec![reached]);
-    assert!(stderr(&out).contains("interrupted"));
+    out
+}
+
+/// SIGTERM to `ddpm launch` (a job scheduler's stop) reaches the ranks: they finish the step and
+/// rank 0 writes a checkpoint of it, and the launcher exits cleanly.
+#[test]
+fn sigterm_to_launch_reaches_the_ranks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = write_config(dir.path(), 100_000, 100_000, 100);
+    let mut launch = ddpm(dir.path());
+    launch
+        .args([
+            "launch", "--nproc", "1", "--", "train", "--quiet", "--config",
+        ])
+        .arg(&cfg)
+        .args(["--out", "run"]);
+    let err = stderr(&stopped_after_steps(launch, dir.path(), libc::SIGTERM));
+    assert!(
+        err.contains("passing the interrupt on") && err.contains("interrupted"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -50,6 +50,44 @@ pub struct CheckpointMeta {
     /// The f16 loss scaler's state (unused in f32 and bf16 runs).
     #[serde(default)]
     pub loss_scaler: LossScaler,
+    /// With several ranks: where each rank's training RNG stands (ChaCha word positions, index =
+    /// rank). Every rank draws from the seed of [`CheckpointMeta::rng`] on its own stream (its
+    /// rank); with these a resumed run of the same world size draws what an uninterrupted one
+    /// would. Empty for a single process (and in checkpoints older than this field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_word_pos: Vec<u128>,
+}
+
+impl CheckpointMeta {
+    /// The training RNG of `rank` in a world of `size` after this checkpoint's step, and
+    /// whether it is exactly the one an uninterrupted run would have: rank 0's is
+    /// [`CheckpointMeta::rng`]; another rank's is that seed on its own stream, at its word
+    /// position in [`CheckpointMeta::rank_word_pos`] when the checkpoint has one for this world
+    /// size, else at rank 0's position (a valid stream, not the uninterrupted one).
+    pub fn rank_rng(&self, rank: usize, size: usize) -> (ChaCha8Rng, bool) {
+        rank_rng(&self.rng, &self.rank_word_pos, rank, size)
+    }
+}
+
+/// [`CheckpointMeta::rank_rng`] from rank 0's RNG and the ranks' word positions.
+pub fn rank_rng(
+    lead: &ChaCha8Rng,
+    word_pos: &[u128],
+    rank: usize,
+    size: usize,
+) -> (ChaCha8Rng, bool) {
+    let mut rng = lead.clone();
+    if rank == 0 {
+        return (rng, true);
+    }
+    rng.set_stream(rank as u64);
+    match word_pos.get(rank) {
+        Some(&pos) if word_pos.len() == size => {
+            rng.set_word_pos(pos);
+            (rng, true)
+        }
+        _ => (rng, false),
+    }
 }
 
 /// A loaded checkpoint.
@@ -396,4 +434,66 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
         source: path.to_path_buf(),
         weights,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    /// Ranks drawing different amounts (not whole ChaCha blocks) from their own streams: each
+    /// rank's RNG rebuilt from rank 0's state and the word positions continues exactly as the
+    /// live one does.
+    #[test]
+    fn rank_rngs_resume_exactly_from_word_positions() {
+        let size = 3;
+        let mut live: Vec<ChaCha8Rng> = (0..size)
+            .map(|r| {
+                let mut rng = ChaCha8Rng::seed_from_u64(42);
+                rng.set_stream(r as u64);
+                rng
+            })
+            .collect();
+        for (r, rng) in live.iter_mut().enumerate() {
+            for _ in 0..(37 + 101 * r) {
+                rng.next_u32();
+            }
+            rng.next_u64();
+        }
+        let pos: Vec<u128> = live.iter().map(|r| r.get_word_pos()).collect();
+        assert!(
+            pos[1] != pos[2],
+            "the test needs ranks at different positions"
+        );
+        for (r, rng) in live.iter_mut().enumerate() {
+            let (mut rebuilt, exact) = rank_rng(&live_lead(42, pos[0]), &pos, r, size);
+            assert!(exact, "rank {r}");
+            for _ in 0..100 {
+                assert_eq!(rebuilt.next_u64(), rng.next_u64(), "rank {r}");
+            }
+        }
+        // Another world size: rank 0's position on the rank's own stream, flagged inexact.
+        let (other, exact) = rank_rng(&live_lead(42, pos[0]), &pos, 1, 2);
+        assert!(!exact);
+        assert_eq!((other.get_stream(), other.get_word_pos()), (1, pos[0]));
+        // A single process has no positions: its RNG is the checkpoint's.
+        let (single, exact) = rank_rng(&live_lead(42, pos[0]), &[], 0, 1);
+        assert!(exact && single == live_lead(42, pos[0]));
+    }
+
+    /// Rank 0's RNG at word position `pos`.
+    fn live_lead(seed: u64, pos: u128) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_word_pos(pos);
+        rng
+    }
+
+    /// Word positions past 2^64 survive the checkpoint's JSON.
+    #[test]
+    fn word_positions_round_trip_through_json() {
+        let pos: Vec<u128> = vec![0, 17, u64::MAX as u128 + 5, (1u128 << 68) - 1];
+        let json = serde_json::to_string(&pos).expect("serialize");
+        let back: Vec<u128> = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, pos);
+    }
 }

@@ -392,6 +392,16 @@ impl Collective {
         Ok(value)
     }
 
+    /// Every rank's `local` value (index = rank), `[local]` with one rank: the training RNGs'
+    /// word positions, which rank 0 writes into checkpoints.
+    pub fn word_positions(&self, local: u128) -> Result<Vec<u128>> {
+        #[cfg(feature = "nccl")]
+        if let Some(comm) = &self.comm {
+            return comm.word_positions(local);
+        }
+        Ok(vec![local])
+    }
+
     /// Whether `flag` is set on any rank.
     pub fn any(&self, flag: bool) -> Result<bool> {
         #[cfg(feature = "nccl")]
@@ -400,6 +410,33 @@ impl Collective {
         }
         Ok(flag)
     }
+}
+
+/// How many f64 values a u128 is carried in through a floating-point all-reduce: chunks of 43 bits
+/// (f64 holds integers up to 2^53 exactly, so sums of one non-zero and zeros are exact).
+pub const WORD_CHUNKS: usize = 3;
+const CHUNK_BITS: u32 = 43;
+
+/// `v` as [`WORD_CHUNKS`] exact f64 chunks, lowest first.
+pub fn split_word(v: u128) -> [f64; WORD_CHUNKS] {
+    let mask = (1u128 << CHUNK_BITS) - 1;
+    std::array::from_fn(|i| ((v >> (CHUNK_BITS * i as u32)) & mask) as f64)
+}
+
+/// The u128 of [`split_word`]'s chunks; an error unless each is a whole number in range (a
+/// corrupted reduction).
+pub fn join_word(chunks: &[f64]) -> Result<u128> {
+    let mut v = 0u128;
+    for (i, &c) in chunks.iter().enumerate() {
+        if !(c >= 0.0 && c < (1u64 << CHUNK_BITS) as f64 && c.fract() == 0.0) {
+            return Err(candle_core::Error::Msg(format!(
+                "all-reduced RNG position chunk {c} is not a {CHUNK_BITS}-bit integer"
+            ))
+            .into());
+        }
+        v |= (c as u128) << (CHUNK_BITS * i as u32);
+    }
+    Ok(v)
 }
 
 /// Buckets of gradient names: consecutive in the sorted order, of one dtype, each of about
@@ -508,7 +545,10 @@ mod nccl {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-    use super::{buckets, read_id_file, write_id_file, DistError, World, BUCKET_BYTES};
+    use super::{
+        buckets, join_word, read_id_file, split_word, write_id_file, DistError, World,
+        BUCKET_BYTES, WORD_CHUNKS,
+    };
     use crate::Result;
 
     /// An NCCL communicator on the device's stream, so that its collectives are ordered with
@@ -517,6 +557,7 @@ mod nccl {
         comm: Comm,
         device: Device,
         size: usize,
+        rank: usize,
     }
 
     // SAFETY: `Comm` holds a raw `ncclComm_t` and so is neither `Send` nor `Sync`. An NCCL
@@ -556,6 +597,7 @@ mod nccl {
                 comm,
                 device: device.clone(),
                 size: world.size,
+                rank: world.rank,
             })
         }
 
@@ -593,6 +635,17 @@ mod nccl {
             } else {
                 sum
             })
+        }
+
+        pub(super) fn word_positions(&self, local: u128) -> Result<Vec<u128>> {
+            // Each rank fills its own slot and zeros elsewhere; the sum is every rank's value.
+            let mut slots = vec![0f64; WORD_CHUNKS * self.size];
+            let rank = self.rank;
+            slots[WORD_CHUNKS * rank..WORD_CHUNKS * (rank + 1)].copy_from_slice(&split_word(local));
+            let summed = self
+                .sum(&Tensor::new(slots, &self.device)?)?
+                .to_vec1::<f64>()?;
+            summed.chunks(WORD_CHUNKS).map(join_word).collect()
         }
 
         pub(super) fn any(&self, flag: bool) -> Result<bool> {
@@ -654,6 +707,27 @@ mod nccl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RNG word positions cross the f64 all-reduce exactly, summed with the other ranks' zeros.
+    #[test]
+    fn word_positions_split_into_exact_f64_chunks() {
+        for v in [
+            0u128,
+            1,
+            12_345,
+            u64::MAX as u128,
+            (1u128 << 100) + 7,
+            u128::MAX,
+        ] {
+            let chunks = split_word(v);
+            let summed: Vec<f64> = chunks.iter().map(|c| c + 0.0 + 0.0).collect();
+            assert_eq!(join_word(&summed).unwrap(), v);
+        }
+        // What a corrupted reduction would give is an error, not a wrong position.
+        assert!(join_word(&[0.5, 0.0, 0.0]).is_err());
+        assert!(join_word(&[-1.0, 0.0, 0.0]).is_err());
+        assert!(join_word(&[(1u64 << 43) as f64, 0.0, 0.0]).is_err());
+    }
 
     fn world(vars: &[(&str, &str)]) -> Result<World, DistError> {
         World::from_vars(|name| {

@@ -136,8 +136,10 @@ impl Trainer {
 
     /// Continues the run in `run_dir` as one rank of a data-parallel `world`: every rank loads
     /// the newest checkpoint; only rank 0 locks and writes the directory. Rank 0's random state
-    /// is the checkpoint's; the others continue from it on their own ChaCha stream, so a resumed
-    /// run of several ranks is not bit-exact with an uninterrupted one (logged as a warning).
+    /// is the checkpoint's; every other rank continues its own ChaCha stream from the word
+    /// position the checkpoint recorded for it ([`CheckpointMeta::rank_rng`]), so a resumed run
+    /// of the same world size draws what an uninterrupted one would. With another world size the
+    /// other ranks start from rank 0's position on their streams (logged as a warning).
     pub fn resume_with_world(
         run_dir: &Path,
         device: &Device,
@@ -192,16 +194,16 @@ impl Trainer {
             .opt
             .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
             .map_err(bad)?;
-        trainer.rng = ckpt.meta.rng.clone();
-        if rank > 0 {
-            trainer.rng.set_stream(rank as u64);
-        }
-        if size > 1 {
+        let (rng, exact) = ckpt.meta.rank_rng(rank, size);
+        trainer.rng = rng;
+        if !exact {
             tracing::warn!(
                 rank,
                 size,
-                "resuming with several ranks: the checkpoint holds rank 0's random state only, \
-                 so this run is not bit-exact with an uninterrupted one"
+                saved_for = ckpt.meta.rank_word_pos.len().max(1),
+                "resuming with another number of ranks than the checkpoint was written with: \
+                 this rank's random stream continues from rank 0's position, so the run is not \
+                 bit-exact with an uninterrupted one"
             );
         }
         trainer.scaler = ckpt.meta.loss_scaler;
@@ -436,8 +438,10 @@ impl Trainer {
     /// Writes a checkpoint and the loss curve on rank 0; the checkpoint's JSON path on every
     /// rank.
     fn checkpoint_on_lead(&mut self) -> Result<PathBuf> {
+        // Every rank takes part; rank 0 writes where each rank's random stream stands.
+        let positions = self.collective.word_positions(self.rng.get_word_pos())?;
         let written = self.on_lead("writing a checkpoint", |t| {
-            let path = t.save_checkpoint()?;
+            let path = t.write_checkpoint(positions)?;
             t.write_loss_curve()?;
             Ok(path)
         })?;
@@ -454,6 +458,17 @@ impl Trainer {
 
     /// Writes a checkpoint of the current step and prunes old ones.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.write_checkpoint(Vec::new())
+    }
+
+    /// [`Trainer::save_checkpoint`] with every rank's RNG word position (several ranks; empty
+    /// for one, whose RNG is the checkpoint's own).
+    fn write_checkpoint(&mut self, rank_word_pos: Vec<u128>) -> Result<PathBuf> {
+        let rank_word_pos = if rank_word_pos.len() > 1 {
+            rank_word_pos
+        } else {
+            Vec::new()
+        };
         let meta = CheckpointMeta {
             format: checkpoint::CHECKPOINT_FORMAT.to_string(),
             step: self.step,
@@ -463,6 +478,7 @@ impl Trainer {
             tensors_file: String::new(),
             tensors_bytes: 0,
             loss_scaler: self.scaler,
+            rank_word_pos,
         };
         let (optim, _) = self.opt.state();
         let model = self.model.tensors();

@@ -1,0 +1,141 @@
+//! `ddpm launch --nproc N -- train ...`: data-parallel training as N processes of this binary on
+//! one machine, started the way torchrun starts them (rank r gets `RANK=r`, `WORLD_SIZE=N`,
+//! `LOCAL_RANK=r`, so it trains on `cuda:r`; see docs/distributed.md). The launcher waits for
+//! every rank; when one fails it stops the others (they could only wait on the failed rank's
+//! collectives) and names the failed rank; SIGINT/SIGTERM are passed on to the ranks as SIGTERM,
+//! so they finish the step and rank 0 writes a checkpoint.
+
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+/// Arguments of `ddpm launch`.
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Processes to start, one per GPU: ranks 0..N-1 on cuda:0..cuda:N-1.
+    #[arg(long, alias = "gpus", value_name = "N")]
+    pub nproc: usize,
+    /// The command every rank runs, after `--`: `train` and its arguments (the same `--out` for
+    /// all ranks).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<String>,
+}
+
+/// The environment variables that make a `ddpm train` process one rank.
+const RANK_VARS: [&str; 3] = ["RANK", "WORLD_SIZE", "LOCAL_RANK"];
+
+/// Runs `ddpm launch`.
+pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
+    if a.nproc == 0 {
+        bail!("--nproc must be at least 1 (one process per GPU)");
+    }
+    if a.command.first().map(String::as_str) != Some("train") {
+        bail!(
+            "`ddpm launch` runs `ddpm train` as several ranks: give the training command after \
+             `--`, e.g. `ddpm launch --nproc 2 -- train --config my.toml --out runs/dp --device \
+             cuda`"
+        );
+    }
+    if let Some(var) = RANK_VARS.iter().find(|v| std::env::var_os(v).is_some()) {
+        bail!(
+            "{var} is already set: `ddpm launch` sets the ranks' variables itself (unset them, \
+             or run `ddpm train` directly under your own launcher)"
+        );
+    }
+    let exe = std::env::current_exe().context("finding this ddpm binary to start the ranks")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("installing the SIGINT/SIGTERM handler")?;
+    }
+    let n = a.nproc;
+    let mut ranks: Vec<Option<Child>> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&a.command)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .spawn();
+        match child {
+            Ok(c) => ranks.push(Some(c)),
+            Err(e) => {
+                stop_all(&mut ranks);
+                return Err(e).with_context(|| format!("starting rank {rank} ({})", exe.display()));
+            }
+        }
+    }
+    tracing::info!(nproc = n, "ranks started");
+    let mut failed: Option<(usize, ExitStatus)> = None;
+    let mut forwarded = false;
+    loop {
+        let mut running = 0;
+        for (rank, slot) in ranks.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            match child.try_wait().context("waiting for a rank")? {
+                Some(status) => {
+                    if !status.success() && failed.is_none() {
+                        failed = Some((rank, status));
+                    }
+                    *slot = None;
+                }
+                None => running += 1,
+            }
+        }
+        if running == 0 {
+            break;
+        }
+        if failed.is_some() {
+            stop_all(&mut ranks);
+        } else if stop.load(Ordering::SeqCst) && !forwarded {
+            forwarded = true;
+            eprintln!("launch: passing the interrupt on to the {running} running rank(s)");
+            for child in ranks.iter().flatten() {
+                terminate(child);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match failed {
+        Some((rank, status)) => bail!(
+            "rank {rank} of {n} failed ({status}), so the other ranks were stopped; its error is \
+             above. The run keeps its last checkpoint: the same `ddpm launch` with `train --resume \
+             DIR` continues it"
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Kills every rank still running and reaps it (a rank whose peer failed would wait on it
+/// forever in a collective). Checkpoints are written atomically, so none is lost.
+fn stop_all(ranks: &mut [Option<Child>]) {
+    for slot in ranks.iter_mut() {
+        if let Some(mut child) = slot.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asks a rank to stop as `ddpm train` does on SIGTERM: finish the step, write a checkpoint.
+fn terminate(child: &Child) {
+    #[cfg(unix)]
+    {
+        // SAFETY: sending a signal to a child process we started and have not reaped.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = child;
+}
