@@ -3,12 +3,14 @@
 //! `LOCAL_RANK=r`, so it trains on `cuda:r`; see docs/distributed.md). The launcher waits for
 //! every rank; when one fails it stops the others (they could only wait on the failed rank's
 //! collectives) and names the failed rank; SIGINT/SIGTERM are passed on to the ranks as SIGTERM,
-//! so they finish the step and rank 0 writes a checkpoint.
+//! so they finish the step and rank 0 writes a checkpoint (a second signal, a second or more
+//! later, is passed on too: the ranks then exit at once). On Linux a rank also gets SIGTERM if
+//! the launcher itself dies.
 
 use std::process::{Child, Command, ExitStatus};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -52,21 +54,25 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         );
     }
     let exe = std::env::current_exe().context("finding this ddpm binary to start the ranks")?;
-    let stop = Arc::new(AtomicBool::new(false));
+    // Signals received; each new one (a second, to force the ranks out) is passed on.
+    let signals = Arc::new(AtomicUsize::new(0));
     {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
-            .context("installing the SIGINT/SIGTERM handler")?;
+        let signals = signals.clone();
+        ctrlc::set_handler(move || {
+            signals.fetch_add(1, Ordering::SeqCst);
+        })
+        .context("installing the SIGINT/SIGTERM handler")?;
     }
     let n = a.nproc;
     let mut ranks: Vec<Option<Child>> = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(&exe)
-            .args(&a.command)
+        let mut cmd = Command::new(&exe);
+        cmd.args(&a.command)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .spawn();
+            .env("LOCAL_RANK", rank.to_string());
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn();
         match child {
             Ok(c) => ranks.push(Some(c)),
             Err(e) => {
@@ -77,12 +83,19 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
     }
     tracing::info!(nproc = n, "ranks started");
     let mut failed: Option<(usize, ExitStatus)> = None;
-    let mut forwarded = false;
+    let (mut forwarded, mut last_forward) = (0, Instant::now());
     loop {
         let mut running = 0;
         for (rank, slot) in ranks.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
-            match child.try_wait().context("waiting for a rank")? {
+            let status = match child.try_wait() {
+                Ok(s) => s,
+                Err(e) => {
+                    stop_all(&mut ranks);
+                    return Err(e).context(format!("waiting for rank {rank}"));
+                }
+            };
+            match status {
                 Some(status) => {
                     if !status.success() && failed.is_none() {
                         failed = Some((rank, status));
@@ -95,10 +108,17 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         if running == 0 {
             break;
         }
+        let received = signals.load(Ordering::SeqCst);
         if failed.is_some() {
             stop_all(&mut ranks);
-        } else if stop.load(Ordering::SeqCst) && !forwarded {
-            forwarded = true;
+        } else if received > forwarded
+            && (forwarded == 0 || last_forward.elapsed() >= Duration::from_secs(1))
+        {
+            // The ranks treat a second signal at least a second after the first as "exit now";
+            // one that arrives twice at once (a terminal's SIGINT reaches the ranks directly
+            // too) is passed on once.
+            forwarded = received;
+            last_forward = Instant::now();
             eprintln!("launch: passing the interrupt on to the {running} running rank(s)");
             for child in ranks.iter().flatten() {
                 terminate(child);
@@ -125,6 +145,26 @@ fn stop_all(ranks: &mut [Option<Child>]) {
             let _ = child.wait();
         }
     }
+}
+
+/// On Linux, a rank gets SIGTERM when the launcher dies (killed, out of memory), instead of
+/// training on without it, holding its GPU.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 /// Asks a rank to stop as `ddpm train` does on SIGTERM: finish the step, write a checkpoint.

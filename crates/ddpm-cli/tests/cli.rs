@@ -432,6 +432,39 @@ fn sigterm_to_launch_reaches_the_ranks() {
     );
 }
 
+/// A rank whose launcher is killed (SIGKILL, out of memory) does not train on without it: it
+/// gets SIGTERM, finishes the step and writes a checkpoint (Linux).
+#[cfg(target_os = "linux")]
+#[test]
+fn ranks_stop_when_their_launcher_is_killed() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let run_dir = dir.path().join("run");
+    let cfg = write_config(dir.path(), 100_000, 100_000, 100);
+    let mut launcher = ddpm(dir.path())
+        .args([
+            "launch", "--nproc", "1", "--", "train", "--quiet", "--config",
+        ])
+        .arg(&cfg)
+        .args(["--out", "run"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    wait_for("a few steps", Duration::from_secs(120), || {
+        metrics(&run_dir).len() >= 3
+    });
+    launcher.kill().expect("kill the launcher");
+    launcher.wait().expect("reap the launcher");
+    wait_for(
+        "the orphaned rank's checkpoint",
+        Duration::from_secs(120),
+        || !checkpoints(&run_dir).is_empty(),
+    );
+    // Its last step is checkpointed, and it trains no further.
+    std::thread::sleep(Duration::from_millis(500));
+    let reached = metrics(&run_dir).last().map(|p| p.0).expect("metrics");
+    assert_eq!(checkpoints(&run_dir), vec![reached]);
+}
+
 #[test]
 fn truncated_checkpoint_is_rejected_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -4,8 +4,9 @@
 //! Written with candle's tensor ops, an AdamW step allocates a dozen temporaries per variable
 //! (each a pass over memory) and replaces the moments with new tensors; the EMA three more. The
 //! ops here overwrite the moments, the variables and the averages where they are, as PyTorch's
-//! `foreach`/fused optimizers do. They apply to f32 tensors on the CPU ([`supported`]); on other
-//! devices the callers keep the tensor-op path.
+//! `foreach`/fused optimizers do. They apply to f32 tensors on the CPU and, in a `cuda` build,
+//! on CUDA (our kernels in `ddpm_unet::kernels::cuda`) ([`supported`]); elsewhere the callers
+//! keep the tensor-op path.
 //!
 //! Large buffers are split into chunks processed in parallel (rayon), so the update uses every
 //! core the user gave.
@@ -28,7 +29,8 @@ pub fn supported(tensors: &[&Tensor]) -> bool {
         && tensors.iter().all(|t| {
             t.dtype() == DType::F32
                 && t.is_contiguous()
-                && (t.device().is_cpu() || ddpm_unet::kernels::cuda_supported(t))
+                && (t.device().is_cpu()
+                    || (cfg!(feature = "cuda") && ddpm_unet::kernels::cuda_supported(t)))
         })
 }
 

@@ -194,15 +194,18 @@ impl Trainer {
             .opt
             .load_state(&ckpt.section(OPTIM_PREFIX), ckpt.meta.step)
             .map_err(bad)?;
-        let (rng, exact) = ckpt.meta.rank_rng(rank, size);
+        let (rng, _) = ckpt.meta.rank_rng(rank, size);
         trainer.rng = rng;
-        if !exact {
+        // Said on every rank (rank 0 included, whose own state is exact), so the lead's log
+        // shows it too.
+        if size > 1 && ckpt.meta.rank_word_pos.len() != size {
             tracing::warn!(
                 rank,
                 size,
                 saved_for = ckpt.meta.rank_word_pos.len().max(1),
-                "resuming with another number of ranks than the checkpoint was written with: \
-                 this rank's random stream continues from rank 0's position, so the run is not \
+                "the checkpoint holds no random state for this rank in a world of this size \
+                 (written by another number of ranks, or before ranks' states were saved): \
+                 this rank's stream continues from rank 0's position, so the run is not \
                  bit-exact with an uninterrupted one"
             );
         }

@@ -228,7 +228,7 @@ impl GroupNorm {
     /// from `rng`; elsewhere it is [`dropout`] after [`GroupNorm::forward_silu`].
     pub fn forward_silu_dropout(&self, x: &Tensor, p: f64, rng: TrainRng) -> Result<Tensor> {
         match rng {
-            Some(rng) if p > 0.0 && ops::fused_dropout(x) => {
+            Some(rng) if p > 0.0 && ops::fused_dropout(x, self.groups) => {
                 let seed = rng.next_u64();
                 self.norm_silu(x, None, Some(ops::Dropout { p, seed }))
             }

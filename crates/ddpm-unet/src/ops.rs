@@ -225,7 +225,7 @@ pub fn group_norm(
     eps: f64,
 ) -> Result<Tensor> {
     let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
-    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x) {
+    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x, groups) {
         return crate::kernels::group_norm::group_norm(x, groups, weight, bias, eps);
     }
     group_norm_candle(x, groups, weight, bias, eps)
@@ -250,7 +250,7 @@ pub fn group_norm_act(
     eps: f64,
 ) -> Result<Tensor> {
     let (weight, bias) = (&like(weight, x)?, &like(bias, x)?);
-    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x) {
+    if kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x, groups) {
         let (a, d) = crate::kernels::group_norm::per_image(x, weight, bias)?;
         let (a, d) = match scale_shift {
             Some((scale, shift)) => {
@@ -280,10 +280,10 @@ pub fn group_norm_act(
     Ok(h)
 }
 
-/// Whether [`group_norm_act`] applies dropout inside our kernel for this input (CPU, f32/f64,
-/// our kernels on).
-pub fn fused_dropout(x: &Tensor) -> bool {
-    kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x)
+/// Whether [`group_norm_act`] applies dropout inside our kernel for this input normalized in
+/// `groups` groups (CPU f32/f64, or CUDA; our kernels on).
+pub fn fused_dropout(x: &Tensor, groups: usize) -> bool {
+    kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x, groups)
 }
 
 /// GroupNorm composed of candle's ops (any device and dtype).

@@ -22,11 +22,19 @@ const MODULE: &str = "ddpm_unet_kernels";
 
 /// Whether our CUDA kernels take `t`: a CUDA tensor of a float type.
 pub fn supported(t: &Tensor) -> bool {
+    // Empty tensors go to candle's ops: a kernel launch over zero blocks is an error.
     t.device().is_cuda()
+        && t.elem_count() > 0
         && matches!(
             t.dtype(),
             DType::F32 | DType::F64 | DType::F16 | DType::BF16
         )
+}
+
+/// Whether the GroupNorm kernels take `groups` groups of `channels`: the backward pass keeps
+/// two sums per channel of a group in shared memory, at most 48 KiB (f64).
+pub fn group_norm_fits(channels: usize, groups: usize) -> bool {
+    groups > 0 && channels / groups * 2 * 8 <= 48 * 1024
 }
 
 /// The name of kernel `name` for `dtype` in kernels.cu, e.g. `im2col_bf16`.
@@ -225,6 +233,11 @@ impl Gather {
         }
         let dev = src.device().clone();
         let func = dev.get_or_load_custom_func(&kernel(name, src.dtype()), MODULE, PTX)?;
+        if blocks == 0 || blocks > i32::MAX as usize {
+            candle_core::bail!(
+                "{name}: {blocks} thread blocks is outside CUDA's grid for {self:?}"
+            );
+        }
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (per_block.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
@@ -679,8 +692,10 @@ fn span(l: &Layout, n: Option<usize>, what: &str) -> Result<(usize, usize)> {
             b - a
         );
     }
-    if b - a > u32::MAX as usize {
-        candle_core::bail!("{what}: tensors over 2^32 elements are not supported");
+    // The kernels' 32-bit grid-stride index must not wrap: n plus one grid (at most 2^24
+    // threads, see `elementwise`) stays below 2^32.
+    if b - a > (u32::MAX as usize) - (1 << 24) {
+        candle_core::bail!("{what}: tensors over 2^32 - 2^24 elements are not supported");
     }
     Ok((a, b - a))
 }

@@ -275,10 +275,17 @@ pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
     }
 }
 
-/// Whether the fused GroupNorm op ([`group_norm`]) runs for `t`: on the CPU ([`supported`]) or
-/// on CUDA ([`cuda_supported`]).
-pub fn group_norm_supported(t: &candle_core::Tensor) -> bool {
-    supported(t) || cuda_supported(t)
+/// Whether the fused GroupNorm op ([`group_norm`]) runs for `t` (b, c, ...) in `groups` groups:
+/// on the CPU ([`supported`]) or on CUDA ([`cuda_supported`], groups of at most 3072 channels).
+pub fn group_norm_supported(t: &candle_core::Tensor, groups: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    let cuda = cuda_supported(t) && t.rank() >= 2 && cuda::group_norm_fits(t.dims()[1], groups);
+    #[cfg(not(feature = "cuda"))]
+    let cuda = {
+        let _ = groups;
+        false
+    };
+    supported(t) || cuda
 }
 
 /// Threads to split work over.
