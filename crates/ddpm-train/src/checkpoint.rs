@@ -65,28 +65,18 @@ impl CheckpointMeta {
     /// position in [`CheckpointMeta::rank_word_pos`] when the checkpoint has one for this world
     /// size, else at rank 0's position (a valid stream, not the uninterrupted one).
     pub fn rank_rng(&self, rank: usize, size: usize) -> (ChaCha8Rng, bool) {
-        rank_rng(&self.rng, &self.rank_word_pos, rank, size)
-    }
-}
-
-/// [`CheckpointMeta::rank_rng`] from rank 0's RNG and the ranks' word positions.
-pub fn rank_rng(
-    lead: &ChaCha8Rng,
-    word_pos: &[u128],
-    rank: usize,
-    size: usize,
-) -> (ChaCha8Rng, bool) {
-    let mut rng = lead.clone();
-    if rank == 0 {
-        return (rng, true);
-    }
-    rng.set_stream(rank as u64);
-    match word_pos.get(rank) {
-        Some(&pos) if word_pos.len() == size => {
-            rng.set_word_pos(pos);
-            (rng, true)
+        let mut rng = self.rng.clone();
+        if rank == 0 {
+            return (rng, true);
         }
-        _ => (rng, false),
+        rng.set_stream(rank as u64);
+        match self.rank_word_pos.get(rank) {
+            Some(&pos) if self.rank_word_pos.len() == size => {
+                rng.set_word_pos(pos);
+                (rng, true)
+            }
+            _ => (rng, false),
+        }
     }
 }
 
@@ -441,6 +431,21 @@ mod tests {
     use super::*;
     use rand::{RngCore, SeedableRng};
 
+    /// A checkpoint's metadata with rank 0's RNG `lead` and the ranks' `word_pos`.
+    fn meta(lead: ChaCha8Rng, word_pos: Vec<u128>) -> CheckpointMeta {
+        CheckpointMeta {
+            format: CHECKPOINT_FORMAT.to_string(),
+            step: 1,
+            rng: lead,
+            loader: LoaderPosition::default(),
+            config: TrainConfig::default(),
+            tensors_file: String::new(),
+            tensors_bytes: 0,
+            loss_scaler: LossScaler::default(),
+            rank_word_pos: word_pos,
+        }
+    }
+
     /// Ranks drawing different amounts (not whole ChaCha blocks) from their own streams: each
     /// rank's RNG rebuilt from rank 0's state and the word positions continues exactly as the
     /// live one does.
@@ -465,19 +470,20 @@ mod tests {
             pos[1] != pos[2],
             "the test needs ranks at different positions"
         );
+        let saved = meta(live_lead(42, pos[0]), pos.clone());
         for (r, rng) in live.iter_mut().enumerate() {
-            let (mut rebuilt, exact) = rank_rng(&live_lead(42, pos[0]), &pos, r, size);
+            let (mut rebuilt, exact) = saved.rank_rng(r, size);
             assert!(exact, "rank {r}");
             for _ in 0..100 {
                 assert_eq!(rebuilt.next_u64(), rng.next_u64(), "rank {r}");
             }
         }
         // Another world size: rank 0's position on the rank's own stream, flagged inexact.
-        let (other, exact) = rank_rng(&live_lead(42, pos[0]), &pos, 1, 2);
+        let (other, exact) = saved.rank_rng(1, 2);
         assert!(!exact);
         assert_eq!((other.get_stream(), other.get_word_pos()), (1, pos[0]));
         // A single process has no positions: its RNG is the checkpoint's.
-        let (single, exact) = rank_rng(&live_lead(42, pos[0]), &[], 0, 1);
+        let (single, exact) = meta(live_lead(42, pos[0]), Vec::new()).rank_rng(0, 1);
         assert!(exact && single == live_lead(42, pos[0]));
     }
 

@@ -9,25 +9,33 @@ use rayon::prelude::*;
 use super::winograd::{self, Shape as WinogradShape};
 use super::{matmul, slice, sum, threads, unfilled, Float};
 
-/// Geometry of one convolution.
+/// Geometry of one convolution (also that of the CUDA kernels' im2col, [`super::cuda`]).
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: usize,
-    pad_end: usize,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geom {
+    pub(super) b: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) pad_end: usize,
+    pub(super) ho: usize,
+    pub(super) wo: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize, pad_end: usize) -> Result<Self> {
+    /// The geometry of `x` (b, c, h, w) convolved with a kernel `w` (o, c, kh, kw): checks the
+    /// channels and that the padded input holds the kernel.
+    pub(super) fn new(
+        x: &[usize],
+        w: &[usize],
+        stride: usize,
+        pad: usize,
+        pad_end: usize,
+    ) -> Result<Self> {
         let (&[b, c, h, wd], &[o, wc, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}")
         };

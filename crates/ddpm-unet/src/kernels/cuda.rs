@@ -488,33 +488,22 @@ pub fn conv2d(
     stride: usize,
     pads: (usize, usize),
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    if c_in != c {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {c_in}");
-    }
-    let s = stride.max(1);
-    let (hp, wp) = (h + pads.0 + pads.1, w + pads.0 + pads.1);
-    if hp < kh || wp < kw {
-        candle_core::bail!(
-            "conv2d: {h}x{w} input (padding {pads:?}) is smaller than the {kh}x{kw} kernel"
-        );
-    }
-    let (oh, ow) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+    let geom = super::conv::Geom::new(x.dims(), weight.dims(), stride, pads.0, pads.1)?;
+    let (b, c_out, oh, ow) = (geom.b, geom.o, geom.ho, geom.wo);
     let g = Unfold {
         b,
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        stride: s,
-        pad: pads.0,
+        c: geom.c,
+        h: geom.h,
+        w: geom.w,
+        kh: geom.kh,
+        kw: geom.kw,
+        stride: geom.stride,
+        pad: geom.pad,
         oh,
         ow,
     };
     let yt = weight
-        .reshape((c_out, c * kh * kw))?
+        .reshape((c_out, g.c * g.kh * g.kw))?
         .matmul(&im2col(x, g)?)?;
     let bias = match bias {
         Some(v) if v.elem_count() == c_out => v.reshape((1, c_out))?,
