@@ -21,7 +21,8 @@ pub struct ConvParams {
 /// Which implementation the hot ops use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {
-    /// Ours (on the CPU): convolution lowered onto GEMM and a fused GroupNorm, see [`crate::kernels`].
+    /// Ours: on the CPU convolution lowered onto GEMM and a fused GroupNorm, on CUDA our CUDA
+    /// kernels (unless `DDPM_CUDA_KERNELS=off`); see [`crate::kernels`].
     Ours,
     /// candle's own ops (`DDPM_KERNELS=candle`), to compare against.
     Candle,
@@ -51,10 +52,10 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// or (b, c_out) for a bias per image. Weights are cast to the dtype of `x` (mixed precision).
 ///
 /// On the CPU (f32/f64) this is our im2col + GEMM kernel (Winograd for 3x3 stride-1 convs with
-/// enough channels); on other devices it is [`conv2d_unfold`], an im2col built from candle's
-/// tensor ops so that the backward pass is matrix products too, or candle's `conv2d` with
-/// `DDPM_CUDA_CONV=cudnn` (see [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's
-/// `conv2d` everywhere.
+/// enough channels); on CUDA our im2col kernel, one cuBLAS GEMM and a bias epilogue
+/// (`kernels::cuda::conv2d`); with `DDPM_CUDA_KERNELS=off` (or off both) [`conv2d_unfold`], an
+/// im2col built from candle's tensor ops, or candle's `conv2d` with `DDPM_CUDA_CONV=cudnn` (see
+/// [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
     conv2d_padded_end(x, weight, bias, p, 0)
 }
@@ -233,10 +234,10 @@ pub fn group_norm(
 
 /// GroupNorm of `x` (b, c, h, w) with its per-channel affine, then the time conditioning's
 /// `h * (1 + scale) + shift` with `scale`, `shift` (b, c, 1, 1) when given, then SiLU when `silu`:
-/// the U-Nets' normalization blocks. On the CPU this is one fused kernel pass forward and two
-/// backward (the affine, scale and shift fold into one per-(image, channel) affine, computed on
-/// the small (b, c) tensors); elsewhere candle's ops, one per step. `dropout` (training) zeroes
-/// elements after the activation by a mask hashed from its seed, in the same kernel on the CPU
+/// the U-Nets' normalization blocks. On the CPU and on CUDA this is one fused kernel forward
+/// (the affine, scale and shift fold into one per-(image, channel) affine, computed on the small
+/// (b, c) tensors) and one backward; elsewhere candle's ops, one per step. `dropout` (training)
+/// zeroes elements after the activation by a mask hashed from its seed, in the same kernel
 /// (elsewhere the same mask, built on the host and multiplied).
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_act(

@@ -1,8 +1,9 @@
-//! Our CPU kernels, as candle custom ops with native forward and backward passes.
+//! Our kernels, as candle custom ops with native forward and backward passes: for the CPU, and
+//! (the `cuda` feature) for CUDA in `cuda`.
 //!
 //! candle 0.11's CPU convolution and the backward passes of its broadcast ops are far slower
 //! than PyTorch's; these replace them for the U-Nets' hot ops on the CPU. [`crate::ops`] decides
-//! when they are used (CPU tensors of f32/f64, unless `DDPM_KERNELS=candle`).
+//! when they are used (CPU tensors of f32/f64, CUDA float tensors, unless `DDPM_KERNELS=candle`).
 //!
 //! - [`conv`]: convolution on GEMM (im2col, padded rows), a bias per channel or per image (the
 //!   time embedding), a residual added in the output loop (a ResNet block's sum), padding that
@@ -13,6 +14,8 @@
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
 //! - [`resample`]: nearest 2x upsampling.
 //! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
+//! - `cuda` (with the `cuda` feature): im2col/col2im convolutions on cuBLAS, the GroupNorm op's
+//!   CUDA passes, nearest upsampling, in-place AdamW/EMA updates.
 //!
 //! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
 //! plus an addition backward, so fusing ops here saves more than their own arithmetic.
@@ -260,7 +263,7 @@ pub fn supported(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
-/// Whether our CUDA kernels ([`cuda`]: im2col convolutions, the fused GroupNorm) take `t`: a
+/// Whether our CUDA kernels (`cuda`: im2col convolutions, the fused GroupNorm) take `t`: a
 /// CUDA tensor of a float type, in a build with the `cuda` feature, unless
 /// `DDPM_CUDA_KERNELS=off`.
 pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
