@@ -16,7 +16,8 @@
 # (or ddpm.xz/xtask.xz, unpacked here), dist/cuda/unet-tests(.xz) (our CUDA kernels' tests, from
 # the same command; skipped where missing), and data/mnist + data/flowers (`cargo xtask fetch-data`).
 # Environment: OUT (where results go), FLOWERS_SECONDS (length of the Flowers run, default 420;
-# 0: no Flowers run, the test matrix alone). With nsys on the machine, a kernel profile too.
+# 0: no Flowers run, the test matrix alone), SKIP_OPS (set: no single-op timings and host-bound
+# check). With nsys on the machine, a kernel profile too (bench/gpu/profile.sh uses ncu).
 set -uo pipefail
 OUT=${OUT:-target/gpu-out}
 BIN=${BIN:-dist/cuda}
@@ -62,20 +63,21 @@ if [ -x "$BIN/unet-tests" ]; then
     > "$OUT/kernel-tests.txt" 2>&1; then
     echo "kernel tests: pass"
   else
-    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=off"
-    export DDPM_CUDA_KERNELS=off
+    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=basic (the first kernels)"
+    export DDPM_CUDA_KERNELS=basic
   fi
   tail -8 "$OUT/kernel-tests.txt"
 fi
 
-stage "a cifar10 training step (batch 128, bf16): our CUDA kernels off and on"
-for k in off on; do
+stage "a cifar10 training step (batch 128, bf16): the first CUDA kernels (basic) and all"
+for k in basic "${DDPM_CUDA_KERNELS:-all}"; do
   line=$(DDPM_CUDA_KERNELS=$k DDPM_BENCH_PHASES=1 timeout 90 "$BIN/xtask" bench-worker time \
     --preset cifar10 --task train --batch 128 --warmup 2 --iters 4 --device cuda --precision bf16 \
     2>>"$OUT/bench.log")
   echo "DDPM_CUDA_KERNELS=$k: $line" | tee -a "$OUT/bench.log"
 done
 
+if [ -z "${SKIP_OPS:-}" ]; then
 stage "single ops, batch 128, 128 channels, 32x32, bf16"
 timeout 60 "$BIN/xtask" bench-worker ops --device cuda --precision bf16 --batch 128 \
   --channels 128 --size 32 --iters 10 2>&1 | tee "$OUT/ops.txt"
@@ -88,6 +90,8 @@ for b in 1 128; do
       | python3 -c 'import json,sys; t=json.load(sys.stdin)["times_s"]; t.sort(); print("median %.1f ms" % (1e3*t[len(t)//2]))' ) 2>&1 \
     | tee -a "$OUT/host-bound.txt"
 done
+
+fi
 
 nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
 if [ -n "$nsys" ]; then

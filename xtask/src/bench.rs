@@ -582,6 +582,36 @@ fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
 }
 
 /// Times `a.task` in this process (our side of one measurement).
+/// With `DDPM_PROFILE_LAST_STEP` set on CUDA: starts (`on`) or stops the profiler's capture
+/// range around the last timed training step (`ncu --profile-from-start off` then sees one
+/// step's kernels, see bench/gpu/profile.sh). The device is synchronized first.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn profile_range(dev: &Device, on: bool) -> anyhow::Result<()> {
+    if std::env::var_os("DDPM_PROFILE_LAST_STEP").is_none() || !dev.is_cuda() {
+        return Ok(());
+    }
+    dev.synchronize()?;
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: plain driver calls without arguments; the context is current (the device
+        // was just used).
+        let r = unsafe {
+            if on {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            eprintln!(
+                "warning: cuProfilerStart/Stop failed ({r:?}): the profile covers every step"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
     let config = ModelConfig::preset(&a.preset)?;
     let dev = ddpm_train::parse_device(&a.device)?;
@@ -612,6 +642,9 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
             let x0 = Tensor::from_vec(x0, &shape, &dev)?;
             let mut phases = Phases::from_env();
             for i in 0..a.warmup + a.iters {
+                if i + 1 == a.warmup + a.iters {
+                    profile_range(&dev, true)?;
+                }
                 let start = Instant::now();
                 phases.start();
                 let ts: Vec<u32> = (0..a.batch).map(|_| rng.random_range(0..t_max)).collect();
@@ -648,6 +681,7 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
                     times.push(start.elapsed().as_secs_f64());
                 }
             }
+            profile_range(&dev, false)?;
         }
         Task::Sample => {
             let x = gaussian(&mut rng, &shape, &dev)?;

@@ -36,6 +36,15 @@ impl Ema {
     /// Moves the averages towards `vars` after optimizer step `step` (1-based).
     pub fn update(&mut self, vars: &BTreeMap<String, Var>, step: usize) -> Result<()> {
         let d = warmed_decay(self.decay, step);
+        // On CUDA, every average in one kernel launch.
+        let pairs: Vec<[&Tensor; 2]> = vars
+            .iter()
+            .filter_map(|(name, var)| Some([self.shadow.get(name)?, var.as_tensor()]))
+            .collect();
+        if !pairs.is_empty() && pairs.iter().all(|pair| inplace::cuda_multi(pair)) {
+            inplace::cuda_ema(&pairs, d)?;
+            return Ok(());
+        }
         for (name, var) in vars {
             if let Some(s) = self.shadow.get_mut(name) {
                 if inplace::supported(&[s, var.as_tensor()]) {

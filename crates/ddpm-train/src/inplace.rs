@@ -263,6 +263,79 @@ pub fn ema_update(s: &Tensor, p: &Tensor, decay: f64) -> Result<()> {
     })
 }
 
+/// Whether the multi-tensor CUDA kernels take all of `tensors` (one launch for all variables:
+/// [`cuda_sum_of_squares`], [`cuda_adamw`], [`cuda_ema`]): CUDA tensors that [`supported`]
+/// takes, with the later CUDA kernels on (`ddpm_unet::kernels::cuda::extended`).
+pub fn cuda_multi(tensors: &[&Tensor]) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        ddpm_unet::kernels::cuda::extended()
+            && tensors.iter().all(|t| t.device().is_cuda())
+            && supported(tensors)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = tensors;
+        false
+    }
+}
+
+/// Fails for CUDA work in a build without CUDA (only empty lists are accepted).
+#[cfg(not(feature = "cuda"))]
+fn no_cuda(len: usize, what: &str) -> Result<()> {
+    if len > 0 {
+        bail!("{what} of CUDA tensors in a build without CUDA");
+    }
+    Ok(())
+}
+
+/// The sum of squares of the elements of all of `tensors` (taken by [`cuda_multi`]),
+/// accumulated in f64 with one read-back for all of them (our CUDA kernel).
+pub fn cuda_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    return ddpm_unet::kernels::cuda::sum_of_squares(tensors);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda(tensors.len(), "sum of squares").map(|_| 0.0)
+}
+
+/// One AdamW step of every group `[p, m, v, g]` (taken by [`cuda_multi`]) in one CUDA kernel,
+/// with the values of [`moment_update`] (twice) and [`AdamWUpdate`]; `grad_scale` multiplies
+/// the gradients first. `p`, `m` and `v` are overwritten in place.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn cuda_adamw(
+    groups: &[[&Tensor; 4]],
+    update: &AdamWUpdate,
+    [beta1, beta2]: [f64; 2],
+    grad_scale: f64,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let f = ddpm_unet::kernels::cuda::AdamWFactors {
+            scale: grad_scale as f32,
+            first: [beta1 as f32, (1.0 - beta1) as f32],
+            second: [beta2 as f32, (1.0 - beta2) as f32],
+            decay: (1.0 - update.lr * update.weight_decay) as f32,
+            inv_bc1: (1.0 / update.bc1) as f32,
+            inv_bc2: (1.0 / update.bc2) as f32,
+            lr: update.lr as f32,
+            eps: update.eps as f32,
+        };
+        ddpm_unet::kernels::cuda::adamw_multi(groups, &f)
+    }
+    #[cfg(not(feature = "cuda"))]
+    no_cuda(groups.len(), "AdamW")
+}
+
+/// One EMA step `s <- decay s + (1 - decay) p` of every pair `[s, p]` (taken by
+/// [`cuda_multi`]) in one CUDA kernel, as [`ema_update`].
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn cuda_ema(pairs: &[[&Tensor; 2]], decay: f64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    return ddpm_unet::kernels::cuda::axpby_multi(pairs, decay as f32, (1.0 - decay) as f32);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda(pairs.len(), "EMA")
+}
+
 /// The sum of squares of a tensor's elements, accumulated in f64; `None` unless [`supported`]
 /// (then the caller computes it with tensor ops).
 pub fn sum_of_squares(t: &Tensor) -> Option<f64> {

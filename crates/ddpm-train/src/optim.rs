@@ -109,6 +109,16 @@ impl AdamW {
         let c = self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let update = AdamWUpdate {
+            lr,
+            weight_decay: c.weight_decay,
+            bc1,
+            bc2,
+            eps: c.eps,
+        };
+        if self.cuda_step(grads, &update, grad_scale)? {
+            return Ok(());
+        }
         for (name, var) in &self.vars {
             let Some(g) = grads.get(name) else { continue };
             let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
@@ -123,13 +133,6 @@ impl AdamW {
             if inplace::supported(&[p, &g, m, v]) {
                 inplace::moment_update(m, &g, c.beta1, grad_scale, false)?;
                 inplace::moment_update(v, &g, c.beta2, grad_scale, true)?;
-                let update = AdamWUpdate {
-                    lr,
-                    weight_decay: c.weight_decay,
-                    bc1,
-                    bc2,
-                    eps: c.eps,
-                };
                 p.inplace_op3(m, v, &update)?;
                 continue;
             }
@@ -150,6 +153,36 @@ impl AdamW {
             var.set(&p.to_dtype(var.dtype())?)?;
         }
         Ok(())
+    }
+
+    /// The whole step in one CUDA kernel ([`inplace::cuda_adamw`]) when every variable, moment
+    /// and gradient is a tensor the multi-tensor kernels take; `false` (nothing done) otherwise.
+    fn cuda_step(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        update: &AdamWUpdate,
+        grad_scale: f64,
+    ) -> Result<bool> {
+        let mut owned = Vec::new();
+        for (name, var) in &self.vars {
+            let Some(g) = grads.get(name) else { continue };
+            let (Some(m), Some(v)) = (self.m.get(name), self.v.get(name)) else {
+                continue;
+            };
+            let g = if g.is_contiguous() {
+                g.clone()
+            } else {
+                g.contiguous()?
+            };
+            if !inplace::cuda_multi(&[var.as_tensor(), m, v, &g]) {
+                return Ok(false);
+            }
+            owned.push((var.as_tensor(), m, v, g));
+        }
+        let groups: Vec<[&Tensor; 4]> = owned.iter().map(|(p, m, v, g)| [*p, *m, *v, g]).collect();
+        let c = self.config;
+        inplace::cuda_adamw(&groups, update, [c.beta1, c.beta2], grad_scale)?;
+        Ok(true)
     }
 
     /// The state as named tensors (`m.<var>`, `v.<var>`) plus the step count. The tensors share
@@ -202,19 +235,23 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients (on the CPU the squares are summed in f64; elsewhere in
-/// f32 per tensor, as candle's `sum_all` does).
+/// The global L2 norm of all gradients (on the CPU and, with our kernels, on CUDA the squares
+/// are summed in f64; elsewhere in f32 per tensor, as candle's `sum_all` does).
 pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
     // Sums computed on a device stay there until the end: one read back (one synchronization)
     // for all of them instead of one per gradient.
     let mut on_device = Vec::new();
+    let mut cuda = Vec::new();
     for g in grads.values() {
         match inplace::sum_of_squares(g) {
             Some(s) => total += s,
+            // CUDA f32 gradients: our kernel, all of them at once (below).
+            None if inplace::cuda_multi(&[g]) => cuda.push(g),
             None => on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
         }
     }
+    total += inplace::cuda_sum_of_squares(&cuda)?;
     if !on_device.is_empty() {
         total += Tensor::stack(&on_device, 0)?
             .to_dtype(DType::F64)?

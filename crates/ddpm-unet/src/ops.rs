@@ -337,7 +337,7 @@ pub fn softmax(x: &Tensor, dim: usize) -> Result<Tensor> {
 /// Multi-head softmax attention over the pixels of a packed projection `qkv`
 /// (b, 3 * heads * dim_head, h, w): per head, `out = v softmax_j(scale * q^T k)^T`, into
 /// (b, heads * dim_head, h, w) with channels ordered `(head, feature)`. One fused op on the CPU
-/// ([`crate::kernels::attention`]); candle's ops elsewhere.
+/// and on CUDA ([`crate::kernels::attention`]); candle's ops elsewhere.
 pub fn attention(qkv: &Tensor, heads: usize, dim_head: usize, scale: f64) -> Result<Tensor> {
     attention_of(AttentionKind::Softmax, qkv, heads, dim_head, scale)
 }
@@ -357,6 +357,22 @@ fn attention_of(
     scale: f64,
 ) -> Result<Tensor> {
     if kernels() == Kernels::Ours && crate::kernels::supported(qkv) {
+        let op = crate::kernels::attention::Attention {
+            kind,
+            heads,
+            dim_head,
+            scale,
+        };
+        return crate::kernels::attention::attention(qkv, op);
+    }
+    // Softmax attention on CUDA: the same op's CUDA passes (cuBLAS GEMMs on the packed qkv and
+    // our softmax kernels).
+    #[cfg(feature = "cuda")]
+    if kind == AttentionKind::Softmax
+        && kernels() == Kernels::Ours
+        && crate::kernels::cuda_supported(qkv)
+        && crate::kernels::cuda::extended()
+    {
         let op = crate::kernels::attention::Attention {
             kind,
             heads,

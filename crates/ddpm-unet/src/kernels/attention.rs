@@ -68,6 +68,21 @@ impl Geom {
             n: h * w,
         })
     }
+    /// The sizes for the CUDA passes, which run softmax attention only.
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, op: &Attention) -> Result<super::cuda::attention::Dims> {
+        if op.kind != Kind::Softmax {
+            candle_core::bail!(
+                "attention: linear attention has no CUDA kernel (candle's ops run it)"
+            );
+        }
+        Ok(super::cuda::attention::Dims {
+            b: self.b,
+            heads: self.heads,
+            d: self.d,
+            n: self.n,
+        })
+    }
     /// Elements of one head's q (or k, v, out).
     fn head_len(&self) -> usize {
         self.d * self.n
@@ -322,6 +337,23 @@ impl CustomOp1 for Attention {
         Ok((storage, shape))
     }
 
+    /// Softmax attention on CUDA: [`super::cuda::attention`] (linear attention there is
+    /// composed of candle's ops by `ops::linear_attention`).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geom::new(l.dims(), self)?;
+        let dims = l.dims();
+        let shape = Shape::from((g.b, g.heads * g.d, dims[2], dims[3]));
+        Ok((
+            super::cuda::attention::forward(self, g.cuda(self)?, s, l)?,
+            shape,
+        ))
+    }
+
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         Ok(Some(
@@ -359,6 +391,26 @@ impl CustomOp2 for AttentionBackward {
             slice(s1, l1, "qkv")?,
             slice(s2, l2, "grad")?
         );
+        Ok((storage, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geom::new(l1.dims(), &self.0)?;
+        if l2.shape().elem_count() != g.b * g.part_len() {
+            candle_core::bail!(
+                "attention backward: gradient {:?} does not match qkv {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let storage = super::cuda::attention::backward(&self.0, g.cuda(&self.0)?, s1, l1, s2, l2)?;
         Ok((storage, l1.shape().clone()))
     }
 }

@@ -15,6 +15,8 @@ use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::group_norm::{Dropout, GroupNorm};
 
+pub(crate) mod attention;
+
 /// The PTX of `cuda/kernels.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ddpm_kernels.ptx"));
 /// The module name the PTX is cached under in candle's device.
@@ -40,6 +42,15 @@ pub fn group_norm_fits(channels: usize, groups: usize) -> bool {
 /// The name of kernel `name` for `dtype` in kernels.cu, e.g. `im2col_bf16`.
 fn kernel(name: &str, dtype: DType) -> String {
     format!("{name}_{}", dtype.as_str())
+}
+
+/// One block per plane of `len` elements (at most 256 threads, a whole number of warps).
+fn per_plane(planes: usize, len: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (planes as u32, 1, 1),
+        block_dim: (len.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A launch over `n` elements with a grid-stride loop: 256 threads, at most 64k blocks.
@@ -166,9 +177,11 @@ impl Gather {
         }
     }
 
-    /// The kernel's name (without the dtype), the input and output element counts, the blocks
-    /// and the elements per block, and the kernel's u32 arguments after the two pointers.
-    fn plan(&self) -> (&'static str, usize, usize, usize, usize, Vec<u32>) {
+    /// The kernel's name (without the dtype), the input and output element counts, the launch,
+    /// and the kernel's u32 arguments after the two pointers. `vec`: elements of the dtype in
+    /// 16 bytes; im2col and stride-1 col2im move that many per thread and tap (`*_vec`
+    /// kernels) where the rows are whole multiples of it, else one (`vec` 1: always one).
+    fn plan(&self, vec: usize) -> (&'static str, usize, usize, LaunchConfig, Vec<u32>) {
         let u = |v: usize| v as u32;
         match *self {
             Self::Im2col(g) | Self::Col2im(g) => {
@@ -176,32 +189,28 @@ impl Gather {
                 let (image, cols) = (g.input_shape().elem_count(), g.cols_shape().elem_count());
                 let args = args.map(u).to_vec();
                 if let Self::Im2col(_) = self {
-                    (
-                        "im2col",
-                        image,
-                        cols,
-                        g.c * g.kh * g.kw * g.b,
-                        g.oh * g.ow,
-                        args,
-                    )
+                    // One thread per (channel, image, output row, vec output columns).
+                    let threads = g.c * g.b * g.oh * g.ow;
+                    if vec > 1 && g.ow % vec == 0 {
+                        ("im2col_vec", image, cols, elementwise(threads / vec), args)
+                    } else {
+                        ("im2col", image, cols, elementwise(threads), args)
+                    }
+                } else if vec > 1 && g.stride == 1 && g.w % vec == 0 {
+                    ("col2im_vec", cols, image, elementwise(image / vec), args)
                 } else {
-                    ("col2im", cols, image, g.b * g.c, g.h * g.w, args)
+                    ("col2im", cols, image, elementwise(image), args)
                 }
             }
             Self::Upsample2x { planes, h, w } => {
                 let n = planes * h * w;
-                ("upsample2x", n, 4 * n, planes, 4 * h * w, vec![u(h), u(w)])
+                let cfg = per_plane(planes, 4 * h * w);
+                ("upsample2x", n, 4 * n, cfg, vec![u(h), u(w)])
             }
             Self::Upsample2xAdjoint { planes, h, w } => {
                 let n = planes * h * w;
-                (
-                    "upsample2x_adjoint",
-                    4 * n,
-                    n,
-                    planes,
-                    h * w,
-                    vec![u(h), u(w)],
-                )
+                let cfg = per_plane(planes, h * w);
+                ("upsample2x_adjoint", 4 * n, n, cfg, vec![u(h), u(w)])
             }
         }
     }
@@ -224,25 +233,27 @@ impl Gather {
     }
 
     fn launch(&self, src: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
-        let (name, in_len, out_len, blocks, per_block, args) = self.plan();
+        let vec = if extended() {
+            16 / src.dtype().size_in_bytes()
+        } else {
+            1
+        };
+        let (name, in_len, out_len, cfg, args) = self.plan(vec);
         if l.shape().elem_count() != in_len {
             candle_core::bail!("{name}: input of shape {:?} for {self:?}", l.shape());
         }
-        if in_len.max(out_len) > u32::MAX as usize {
-            candle_core::bail!("{name}: tensors over 2^32 elements are not supported");
+        // The kernels' 32-bit grid-stride index must not wrap (see `span`).
+        if in_len.max(out_len) > (u32::MAX as usize) - (1 << 24) {
+            candle_core::bail!("{name}: tensors over 2^32 - 2^24 elements are not supported");
+        }
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.0 > i32::MAX as u32 {
+            candle_core::bail!(
+                "{name}: {} thread blocks is outside CUDA's grid for {self:?}",
+                cfg.grid_dim.0
+            );
         }
         let dev = src.device().clone();
         let func = dev.get_or_load_custom_func(&kernel(name, src.dtype()), MODULE, PTX)?;
-        if blocks == 0 || blocks > i32::MAX as usize {
-            candle_core::bail!(
-                "{name}: {blocks} thread blocks is outside CUDA's grid for {self:?}"
-            );
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (per_block.next_multiple_of(32).clamp(32, 256) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let slice = float_slices!("gather", &src.slice, |s: T| {
             let input = view(s, l, name)?;
             // SAFETY: every element is written by the kernel.
@@ -357,6 +368,10 @@ fn gn_dims(l: &Layout, groups: usize) -> Result<(usize, usize, usize)> {
     Ok((b, c, dims[2..].iter().product()))
 }
 
+/// Dynamic shared memory a GroupNorm kernel may ask for: CUDA's 48 KiB without opting in,
+/// less the kernels' static scratch.
+const SHARED_LIMIT: usize = 46 * 1024;
+
 /// One block per (image, group): 256 threads, or 128 for small groups.
 fn per_group(blocks: usize, group_len: usize, shared: usize) -> LaunchConfig {
     let threads = if group_len >= 2048 { 256 } else { 128 };
@@ -392,10 +407,18 @@ pub(super) fn group_norm_fwd(
     check_len(la, b * c, "a")?;
     check_len(ld, b * c, "d")?;
     let dev = x.device().clone();
-    let func = dev.get_or_load_custom_func(&kernel("group_norm_fwd", x.dtype()), MODULE, PTX)?;
+    let len = c / op.groups * hw;
+    // The group in shared memory where it fits (and the later kernels are on).
+    let shared = len * x.dtype().size_in_bytes();
+    let (name, shared) = if extended() && shared <= SHARED_LIMIT {
+        ("group_norm_fwd_shared", shared)
+    } else {
+        ("group_norm_fwd", 0)
+    };
+    let func = dev.get_or_load_custom_func(&kernel(name, x.dtype()), MODULE, PTX)?;
     let post = PostArgs::new(op);
     let (groups, c32, hw32) = (op.groups as u32, c as u32, hw as u32);
-    let cfg = per_group(b * op.groups, c / op.groups * hw, 0);
+    let cfg = per_group(b * op.groups, len, shared);
     let slice = float_slices!("group_norm", &x.slice, |s: T| {
         let xs = view(s, lx, "group_norm x")?;
         let av = view(same_type::<T>(a, "group_norm a")?, la, "group_norm a")?;
@@ -429,11 +452,19 @@ pub(super) fn group_norm_bwd(
     check_len(lad, 2 * b * c, "[a | d]")?;
     check_len(ldy, lx.shape().elem_count(), "the gradient")?;
     let dev = x.device().clone();
-    let func = dev.get_or_load_custom_func(&kernel("group_norm_bwd", x.dtype()), MODULE, PTX)?;
     let post = PostArgs::new(op);
     let cg = c / op.groups;
     let acc = if x.dtype() == DType::F64 { 8 } else { 4 };
-    let cfg = per_group(b * op.groups, cg * hw, 2 * cg * acc);
+    // The accumulators, then (where it fits) the group of x and of the gradient.
+    let sums = (2 * cg * acc).next_multiple_of(16);
+    let shared = sums + 2 * cg * hw * x.dtype().size_in_bytes();
+    let (name, shared) = if extended() && shared <= SHARED_LIMIT {
+        ("group_norm_bwd_shared", shared)
+    } else {
+        ("group_norm_bwd", 2 * cg * acc)
+    };
+    let func = dev.get_or_load_custom_func(&kernel(name, x.dtype()), MODULE, PTX)?;
+    let cfg = per_group(b * op.groups, cg * hw, shared);
     let (b32, groups, c32, hw32) = (b as u32, op.groups as u32, c as u32, hw as u32);
     let out_len = lx.shape().elem_count() + 2 * b * c;
     let slice = float_slices!("group_norm", &x.slice, |s: T| {
@@ -469,9 +500,31 @@ pub(super) fn group_norm_bwd(
 /// Whether our CUDA kernels are on: unless `DDPM_CUDA_KERNELS=off` (then convolutions and
 /// GroupNorm on CUDA are composed of candle's ops, as before these kernels). Read once.
 pub fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !std::env::var("DDPM_CUDA_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+    setting() != Setting::Off
+}
+
+/// Whether the later CUDA kernels are on too (attention, 16-byte im2col/col2im, the gradient
+/// norm's sums): unless `DDPM_CUDA_KERNELS=basic` (only the first set: scalar im2col/col2im,
+/// GroupNorm, upsampling, optimizer updates) or `off`. For comparisons, and a way around a
+/// kernel that fails its tests on some GPU.
+pub fn extended() -> bool {
+    setting() == Setting::All
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setting {
+    Off,
+    Basic,
+    All,
+}
+
+/// `DDPM_CUDA_KERNELS`, read once.
+fn setting() -> Setting {
+    static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
+    *SETTING.get_or_init(|| match std::env::var("DDPM_CUDA_KERNELS") {
+        Ok(v) if v.eq_ignore_ascii_case("off") => Setting::Off,
+        Ok(v) if v.eq_ignore_ascii_case("basic") => Setting::Basic,
+        _ => Setting::All,
     })
 }
 
@@ -535,16 +588,35 @@ impl ConvOut {
     fn len(&self) -> usize {
         self.b * self.c_out * self.oh * self.ow
     }
-    fn config(&self) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: ((self.b * self.c_out) as u32, 1, 1),
-            block_dim: (
-                (self.oh * self.ow).next_multiple_of(32).clamp(32, 256) as u32,
-                1,
-                1,
-            ),
-            shared_mem_bytes: 0,
+    /// Elements per thread (forward) or per lane and step (backward): 16 bytes of `dtype`
+    /// where planes are whole multiples of it and the later kernels are on, else one.
+    fn vec(&self, dtype: DType) -> usize {
+        let v = 16 / dtype.size_in_bytes();
+        if extended() && (self.oh * self.ow) % v == 0 {
+            v
+        } else {
+            1
         }
+    }
+    /// The forward kernel and its launch: a grid-stride loop over vectors of a plane.
+    fn forward_launch(&self, dtype: DType) -> (&'static str, LaunchConfig) {
+        match self.vec(dtype) {
+            1 => ("conv_out", elementwise(self.len())),
+            v => ("conv_out_vec", elementwise(self.len() / v)),
+        }
+    }
+    /// The backward kernel and its launch: one warp per plane, 8 per block.
+    fn backward_launch(&self, dtype: DType) -> (&'static str, LaunchConfig) {
+        let name = match self.vec(dtype) {
+            1 => "conv_out_bwd",
+            _ => "conv_out_bwd_vec",
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((self.b * self.c_out).div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (name, cfg)
     }
     fn dims(&self) -> [u32; 3] {
         [self.b, self.c_out, self.oh * self.ow].map(|v| v as u32)
@@ -580,15 +652,16 @@ impl candle_core::CustomOp2 for ConvOut {
                 lb.shape()
             );
         }
-        if self.len() > u32::MAX as usize {
+        if self.len() + self.b * self.c_out > (u32::MAX as usize) - (1 << 24) {
             candle_core::bail!(
-                "{}: tensors over 2^32 elements are not supported",
+                "{}: tensors over 2^32 - 2^24 elements are not supported",
                 self.name()
             );
         }
         let dev = yt.device().clone();
-        let func = dev.get_or_load_custom_func(&kernel("conv_out", yt.dtype()), MODULE, PTX)?;
-        let (dims, rows, cfg) = (self.dims(), rows as u32, self.config());
+        let (name, cfg) = self.forward_launch(yt.dtype());
+        let func = dev.get_or_load_custom_func(&kernel(name, yt.dtype()), MODULE, PTX)?;
+        let (dims, rows) = (self.dims(), rows as u32);
         let slice = float_slices!("conv_out", &yt.slice, |s: T| {
             let ys = view(s, ly, "conv_out")?;
             let bv = view(same_type::<T>(bias, "conv_out bias")?, lb, "conv_out bias")?;
@@ -644,8 +717,9 @@ impl CustomOp1 for ConvOutBackward {
             );
         }
         let dev = g.device().clone();
-        let func = dev.get_or_load_custom_func(&kernel("conv_out_bwd", g.dtype()), MODULE, PTX)?;
-        let (dims, cfg) = (op.dims(), op.config());
+        let (name, cfg) = op.backward_launch(g.dtype());
+        let func = dev.get_or_load_custom_func(&kernel(name, g.dtype()), MODULE, PTX)?;
+        let dims = op.dims();
         let out_len = op.len() + op.b * op.c_out;
         let slice = float_slices!("conv_out_bwd", &g.slice, |s: T| {
             let gs = view(s, lg, "conv_out_bwd")?;
@@ -781,6 +855,175 @@ pub fn adamw_update(
         .arg(&eps);
     // SAFETY: the arguments match the kernel's signature in kernels.cu.
     unsafe { launch.launch(elementwise(n)) }.w()?;
+    Ok(())
+}
+
+/// One group of tensors of a multi-tensor kernel (kernels.cu's `Slot`): up to four f32
+/// tensors of `n` elements, and the first thread block that works on them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    ptr: [u64; 4],
+    n: u32,
+    first_block: u32,
+}
+
+// SAFETY: plain data laid out as kernels.cu's `Slot` (four u64, two u32; repr(C)).
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Slot {}
+
+/// Elements per thread block of the multi-tensor kernels (kernels.cu's `MULTI_CHUNK`).
+const MULTI_CHUNK: usize = 4096;
+
+/// The device address of the first element of a contiguous f32 CUDA tensor, and its length.
+fn f32_address(t: &Tensor, what: &str) -> Result<(u64, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("{what}: expected CUDA tensors, got one on {:?}", t.device());
+    };
+    let (start, n) = span(layout, None, what)?;
+    let slice = f32_slice(s, what)?;
+    let stream = s.device.cuda_stream();
+    let (ptr, _guard) = slice.device_ptr(&stream);
+    Ok((ptr + (start * std::mem::size_of::<f32>()) as u64, n))
+}
+
+/// The slots of `groups` (each group's tensors of one length; empty groups left out) on the
+/// device of the first tensor, and the thread blocks they take.
+fn slots<const K: usize>(
+    groups: &[[&Tensor; K]],
+    what: &str,
+) -> Result<Option<(candle_core::CudaDevice, CudaSlice<Slot>, usize)>> {
+    let Some(first) = groups.first() else {
+        return Ok(None);
+    };
+    let candle_core::Device::Cuda(dev) = first[0].device() else {
+        candle_core::bail!("{what}: expected CUDA tensors");
+    };
+    let mut out = Vec::with_capacity(groups.len());
+    let mut blocks = 0usize;
+    for group in groups {
+        let mut slot = Slot::default();
+        for (i, t) in group.iter().enumerate() {
+            if !t.device().same_device(first[0].device()) {
+                candle_core::bail!("{what}: tensors on different devices");
+            }
+            let (ptr, n) = f32_address(t, what)?;
+            if i > 0 && n != slot.n as usize {
+                candle_core::bail!(
+                    "{what}: tensors of {} and {n} elements in one group",
+                    slot.n
+                );
+            }
+            slot.ptr[i] = ptr;
+            slot.n = n as u32;
+        }
+        if slot.n == 0 {
+            continue;
+        }
+        slot.first_block = blocks as u32;
+        blocks += (slot.n as usize).div_ceil(MULTI_CHUNK);
+        out.push(slot);
+    }
+    if out.is_empty() {
+        return Ok(None);
+    }
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("{what}: {blocks} thread blocks is outside CUDA's grid");
+    }
+    let slots = dev.clone_htod(&out)?;
+    Ok(Some((dev.clone(), slots, blocks)))
+}
+
+/// A launch of `blocks` blocks of 256 threads (the multi-tensor kernels).
+fn multi_config(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The sum of the squares of all elements of `tensors` (contiguous f32 CUDA tensors of one
+/// device), in f64: one kernel for all of them writes per-block partial sums, read back once
+/// and added on the host in a fixed order (the same result every run), instead of a square, a
+/// `sum_all` and a stack per gradient.
+pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    let groups: Vec<[&Tensor; 1]> = tensors.iter().map(|&t| [t]).collect();
+    let Some((dev, slots, blocks)) = self::slots(&groups, "sum-of-squares")? else {
+        return Ok(0.0);
+    };
+    let func = dev.get_or_load_custom_func("sumsq_multi_f32", MODULE, PTX)?;
+    // SAFETY: every block writes its partial.
+    let partials = unsafe { dev.alloc::<f64>(blocks)? };
+    let count = slots.len() as u32;
+    let mut launch = func.builder();
+    launch.arg(&slots).arg(&count).arg(&partials);
+    // SAFETY: the arguments match the kernel's signature in kernels.cu; the slots address
+    // tensors the caller holds, and one partial per block.
+    unsafe { launch.launch(multi_config(blocks)) }.w()?;
+    Ok(dev.clone_dtoh(&partials)?.iter().sum())
+}
+
+/// AdamW's factors for one step of [`adamw_multi`], in f32 as the kernels use them.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWFactors {
+    /// Multiplies every gradient first (the clipping factor).
+    pub scale: f32,
+    /// beta1 and 1 - beta1.
+    pub first: [f32; 2],
+    /// beta2 and 1 - beta2.
+    pub second: [f32; 2],
+    /// `1 - lr * weight_decay`.
+    pub decay: f32,
+    /// `1 / (1 - beta1^t)`.
+    pub inv_bc1: f32,
+    /// `1 / (1 - beta2^t)`.
+    pub inv_bc2: f32,
+    /// The learning rate.
+    pub lr: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+}
+
+/// One AdamW step for every group `[p, m, v, g]` (contiguous f32 CUDA tensors) in one kernel
+/// launch: the moments and the variables are overwritten where they are, with the arithmetic
+/// of [`Axpby`] (for m, then v) followed by [`adamw_update`].
+///
+/// `p`, `m` and `v` are written although only read access to them is taken: they must be the
+/// caller's own buffers (an optimizer's variables and moments), not shared with other tensors.
+pub fn adamw_multi(groups: &[[&Tensor; 4]], f: &AdamWFactors) -> Result<()> {
+    let Some((dev, slots, blocks)) = slots(groups, "adamw-multi")? else {
+        return Ok(());
+    };
+    let func = dev.get_or_load_custom_func("adamw_multi_f32", MODULE, PTX)?;
+    let count = slots.len() as u32;
+    let mut launch = func.builder();
+    launch.arg(&slots).arg(&count).arg(&f.scale);
+    launch.arg(&f.first[0]).arg(&f.first[1]);
+    launch.arg(&f.second[0]).arg(&f.second[1]);
+    launch.arg(&f.decay).arg(&f.inv_bc1).arg(&f.inv_bc2);
+    launch.arg(&f.lr).arg(&f.eps);
+    // SAFETY: the arguments match the kernel's signature in kernels.cu; the slots address
+    // tensors the caller holds.
+    unsafe { launch.launch(multi_config(blocks)) }.w()?;
+    Ok(())
+}
+
+/// `dst = keep * dst + take * src` for every pair `[dst, src]` (contiguous f32 CUDA tensors) in
+/// one kernel launch: an EMA of all variables. `dst` is written although only read access is
+/// taken: it must be the caller's own buffer.
+pub fn axpby_multi(pairs: &[[&Tensor; 2]], keep: f32, take: f32) -> Result<()> {
+    let Some((dev, slots, blocks)) = slots(pairs, "axpby-multi")? else {
+        return Ok(());
+    };
+    let func = dev.get_or_load_custom_func("axpby_multi_f32", MODULE, PTX)?;
+    let count = slots.len() as u32;
+    let mut launch = func.builder();
+    launch.arg(&slots).arg(&count).arg(&keep).arg(&take);
+    // SAFETY: the arguments match the kernel's signature in kernels.cu; the slots address
+    // tensors the caller holds.
+    unsafe { launch.launch(multi_config(blocks)) }.w()?;
     Ok(())
 }
 
@@ -1005,6 +1248,8 @@ mod tests {
         check_group_norm(&dev, &[1, 5, 7], 1, true, None); // 1-D, one group of odd size
         check_group_norm(&dev, &[4, 64, 32, 32], 32, true, drop);
         check_group_norm(&dev, &[2, 512, 4, 4], 32, true, None);
+        // Groups too large for shared memory: the kernels that read global memory throughout.
+        check_group_norm(&dev, &[2, 8, 64, 64], 2, true, drop);
     }
 
     #[test]
@@ -1100,5 +1345,150 @@ mod tests {
             rel_err(&p.narrow(0, 0, 5).unwrap(), &pc.narrow(0, 0, 5).unwrap()),
             0.0
         );
+    }
+
+    /// The gradient norm's sum of squares against f64 sums on the CPU, over several tensors
+    /// (one of them a view with an offset, one of a single element).
+    #[test]
+    fn sum_of_squares_matches_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let cpu = [randn(&[3, 1000], 20), randn(&[70_001], 21), randn(&[1], 22)];
+        let on: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+        let view = on[1].narrow(0, 7, 60_000).unwrap();
+        let sq = |t: &Tensor| -> f64 {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|&x| x as f64 * x as f64).sum()
+        };
+        let expected = sq(&cpu[0]) + sq(&cpu[1].narrow(0, 7, 60_000).unwrap()) + sq(&cpu[2]);
+        let got = sum_of_squares(&[&on[0], &view, &on[2]]).unwrap();
+        assert!(
+            (got - expected).abs() <= 1e-12 * expected,
+            "sum of squares {got} vs {expected}"
+        );
+        assert_eq!(sum_of_squares(&[]).unwrap(), 0.0);
+    }
+
+    /// Softmax attention on CUDA against our CPU attention op (tested against candle's ops and
+    /// finite differences): output and the gradient of qkv, several heads, pixel counts that
+    /// are not multiples of a warp, f32 and bf16.
+    #[test]
+    fn attention_matches_the_cpu_op() {
+        use crate::kernels::attention::{attention, Attention, Kind};
+        let Some(dev) = gpu() else { return };
+        for (i, &(b, heads, d, h, w)) in [
+            (2, 1, 8, 4, 5),
+            (3, 2, 4, 3, 3),
+            (1, 4, 16, 7, 1),
+            (2, 1, 64, 16, 16),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let op = Attention {
+                kind: Kind::Softmax,
+                heads,
+                dim_head: d,
+                scale: (d as f64).powf(-0.5),
+            };
+            let qkv = randn(&[b, 3 * heads * d, h, w], 30 + i as u64);
+            let probe = randn(&[b, heads * d, h, w], 40 + i as u64);
+            let run = |dev: &Device, dtype: DType| {
+                let x = Var::from_tensor(&qkv.to_device(dev).unwrap().to_dtype(dtype).unwrap())
+                    .unwrap();
+                let y = attention(&x, op).unwrap();
+                let p = probe.to_device(dev).unwrap().to_dtype(dtype).unwrap();
+                let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
+                (y, g.get(&x).unwrap().clone())
+            };
+            let what = format!("attention b {b} heads {heads} d {d} pixels {h}x{w}");
+            let (yc, gc) = run(&Device::Cpu, DType::F32);
+            let (yg, gg) = run(&dev, DType::F32);
+            assert!(
+                rel_err(&yg, &yc) < 1e-4,
+                "{what}: forward {}",
+                rel_err(&yg, &yc)
+            );
+            assert!(
+                rel_err(&gg, &gc) < 1e-4,
+                "{what}: dqkv {}",
+                rel_err(&gg, &gc)
+            );
+            let (yh, gh) = run(&dev, DType::BF16);
+            assert!(
+                rel_err(&yh, &yc) < 3e-2,
+                "{what}: bf16 forward {}",
+                rel_err(&yh, &yc)
+            );
+            assert!(
+                rel_err(&gh, &gc) < 5e-2,
+                "{what}: bf16 dqkv {}",
+                rel_err(&gh, &gc)
+            );
+        }
+    }
+
+    /// The multi-tensor AdamW and EMA kernels against the single-tensor kernels, over tensors
+    /// of several sizes (one of a single element, one not a whole number of chunks).
+    #[test]
+    fn multi_tensor_updates_match_the_single_tensor_kernels() {
+        let Some(dev) = gpu() else { return };
+        let sizes = [70_001usize, 4096, 1, 9000];
+        let make = |seed: u64| -> Vec<Tensor> {
+            let on = |(i, &n): (usize, &usize)| randn(&[n], seed + i as u64).to_device(&dev);
+            sizes.iter().enumerate().map(|x| on(x).unwrap()).collect()
+        };
+        let copy =
+            |ts: &[Tensor]| -> Vec<Tensor> { ts.iter().map(|t| t.copy().unwrap()).collect() };
+        let (p1, g, m1) = (make(100), make(200), make(300));
+        let v1: Vec<Tensor> = make(400).iter().map(|t| t.abs().unwrap()).collect();
+        let (p2, m2, v2) = (copy(&p1), copy(&m1), copy(&v1));
+        let axpby = |keep: f32, take: f32, scale: f32, square: bool| Axpby {
+            keep,
+            take,
+            scale,
+            square,
+        };
+        for i in 0..sizes.len() {
+            m1[i]
+                .inplace_op2(&g[i], &axpby(0.9, 0.1, 0.5, false))
+                .unwrap();
+            v1[i]
+                .inplace_op2(&g[i], &axpby(0.99, 0.01, 0.5, true))
+                .unwrap();
+            let params = [0.999f32, 10.0, 100.0, 1e-3, 1e-8];
+            p1[i].inplace_op3(&m1[i], &v1[i], &AdamW(params)).unwrap();
+        }
+        let f = AdamWFactors {
+            scale: 0.5,
+            first: [0.9, 0.1],
+            second: [0.99, 0.01],
+            decay: 0.999,
+            inv_bc1: 10.0,
+            inv_bc2: 100.0,
+            lr: 1e-3,
+            eps: 1e-8,
+        };
+        let groups: Vec<[&Tensor; 4]> = (0..sizes.len())
+            .map(|i| [&p2[i], &m2[i], &v2[i], &g[i]])
+            .collect();
+        adamw_multi(&groups, &f).unwrap();
+        for i in 0..sizes.len() {
+            for (name, a, b) in [("p", &p2, &p1), ("m", &m2, &m1), ("v", &v2, &v1)] {
+                let e = rel_err(&a[i], &b[i]);
+                assert!(e < 1e-6, "adamw-multi {name} of size {}: {e}", sizes[i]);
+            }
+        }
+        let (e1, e2) = (make(500), make(500));
+        for i in 0..sizes.len() {
+            e1[i]
+                .inplace_op2(&p1[i], &axpby(0.95, 0.05, 1.0, false))
+                .unwrap();
+        }
+        let pairs: Vec<[&Tensor; 2]> = (0..sizes.len()).map(|i| [&e2[i], &p1[i]]).collect();
+        axpby_multi(&pairs, 0.95, 0.05).unwrap();
+        for i in 0..sizes.len() {
+            let e = rel_err(&e2[i], &e1[i]);
+            assert!(e < 1e-6, "axpby-multi of size {}: {e}", sizes[i]);
+        }
     }
 }
