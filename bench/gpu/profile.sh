@@ -4,7 +4,7 @@
 # (kernel_summary.py sums them by kernel), and PyTorch's profiler over its reference step
 # (torch_profile.py). Needs dist/cuda/{xtask(.xz),env.sh} from `cargo xtask build-cuda --xz`.
 #
-#   OUT=/tmp/out bash bench/gpu/profile.sh
+#   OUT=/tmp/out bash bench/gpu/profile.sh   # NCU_ONLY=1: the ncu profile alone
 set -uo pipefail
 OUT=${OUT:-target/gpu-out}
 BIN=${BIN:-dist/cuda}
@@ -19,7 +19,7 @@ done
 . "$BIN/env.sh"
 start=$(date +%s)
 stage() { echo "== $1 (t+$(( $(date +%s) - start ))s)"; }
-if [ -x "$BIN/unet-tests" ]; then
+if [ -x "$BIN/unet-tests" ] && [ -z "${NCU_ONLY:-}" ]; then
   stage "our CUDA kernels against the CPU"
   if DDPM_REQUIRE_CUDA=1 timeout 120 "$BIN/unet-tests" kernels::cuda --test-threads 1 \
     > "$OUT/kernel-tests.txt" 2>&1; then
@@ -30,8 +30,8 @@ if [ -x "$BIN/unet-tests" ]; then
   fi
   grep -E "^test |test result" "$OUT/kernel-tests.txt" | tail -12
 fi
-stage "a cifar10 training step (batch 128, bf16) with DDPM_CUDA_KERNELS=basic and as set"
-for k in basic "${DDPM_CUDA_KERNELS:-all}"; do
+[ -n "${NCU_ONLY:-}" ] || stage "a cifar10 training step (batch 128, bf16) with DDPM_CUDA_KERNELS=basic and as set"
+[ -n "${NCU_ONLY:-}" ] || for k in basic "${DDPM_CUDA_KERNELS:-all}"; do
   line=$(DDPM_CUDA_KERNELS=$k DDPM_BENCH_PHASES=1 timeout 90 "$BIN/xtask" bench-worker time \
     --preset cifar10 --task train --batch 128 --warmup 2 --iters 4 --device cuda --precision bf16 \
     2>"$OUT/phases-$k.log" | python3 -c 'import json,sys; t=sorted(json.load(sys.stdin)["times_s"]); print("median step %.1f ms" % (1e3*t[len(t)//2]))')
@@ -51,6 +51,7 @@ if [ -n "$ncu" ]; then
 else
   echo "(no ncu on this machine)"
 fi
+[ -n "${NCU_ONLY:-}" ] && exit
 stage "PyTorch's reference step under torch.profiler"
 timeout 120 python3 bench/gpu/torch_profile.py cifar10 128 2>&1 | tee "$OUT/torch-kernels.txt" | cut -c1-200 | head -60
 stage done

@@ -17,7 +17,7 @@
 # the same command; skipped where missing), and data/mnist + data/flowers (`cargo xtask fetch-data`).
 # Environment: OUT (where results go), FLOWERS_SECONDS (length of the Flowers run, default 420;
 # 0: no Flowers run, the test matrix alone), SKIP_OPS (set: no single-op timings and host-bound
-# check). With nsys on the machine, a kernel profile too (bench/gpu/profile.sh uses ncu).
+# check), PROFILE (set: ncu's kernel times of one step, bench/gpu/profile.sh).
 set -uo pipefail
 OUT=${OUT:-target/gpu-out}
 BIN=${BIN:-dist/cuda}
@@ -63,8 +63,8 @@ if [ -x "$BIN/unet-tests" ]; then
     > "$OUT/kernel-tests.txt" 2>&1; then
     echo "kernel tests: pass"
   else
-    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=basic (the first kernels)"
-    export DDPM_CUDA_KERNELS=basic
+    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=off (candle's ops)"
+    export DDPM_CUDA_KERNELS=off
   fi
   tail -8 "$OUT/kernel-tests.txt"
 fi
@@ -103,6 +103,11 @@ if [ -n "$nsys" ]; then
     2>/dev/null | head -40 | cut -c1-220 | tee "$OUT/kernels.csv"
 else
   echo "(no nsys on this machine: no kernel profile)"
+fi
+
+if [ -n "${PROFILE:-}" ]; then
+  stage "kernel times of one training step (ncu)"
+  NCU_ONLY=1 OUT="$OUT" BIN="$BIN" bash bench/gpu/profile.sh 2>&1 | tail -32
 fi
 
 stage "benchmark: cifar10 training and sampling steps, batch 128, bf16, ours vs PyTorch"
