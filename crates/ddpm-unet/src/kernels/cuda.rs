@@ -191,12 +191,12 @@ impl Gather {
                 if let Self::Im2col(_) = self {
                     // One thread per (channel, image, output row, vec output columns).
                     let threads = g.c * g.b * g.oh * g.ow;
-                    if vec > 1 && g.ow % vec == 0 {
+                    if vec > 1 && g.ow.is_multiple_of(vec) {
                         ("im2col_vec", image, cols, elementwise(threads / vec), args)
                     } else {
                         ("im2col", image, cols, elementwise(threads), args)
                     }
-                } else if vec > 1 && g.stride == 1 && g.w % vec == 0 {
+                } else if vec > 1 && g.stride == 1 && g.w.is_multiple_of(vec) {
                     ("col2im_vec", cols, image, elementwise(image / vec), args)
                 } else {
                     ("col2im", cols, image, elementwise(image), args)
@@ -592,7 +592,7 @@ impl ConvOut {
     /// where planes are whole multiples of it and the later kernels are on, else one.
     fn vec(&self, dtype: DType) -> usize {
         let v = 16 / dtype.size_in_bytes();
-        if extended() && (self.oh * self.ow) % v == 0 {
+        if extended() && (self.oh * self.ow).is_multiple_of(v) {
             v
         } else {
             1
