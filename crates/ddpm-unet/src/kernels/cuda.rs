@@ -3,10 +3,15 @@
 //! deterministic gather-sum, instead of candle's chain of pads, strided copies and a stack whose
 //! backward zero-fills a full-size gradient per kernel tap; and the forward and backward passes of
 //! [`super::group_norm::GroupNorm`] (GroupNorm + per-(image, channel) affine + SiLU + dropout,
-//! one kernel each instead of some fifteen candle ops forward and thirty backward).
+//! one kernel each instead of some fifteen candle ops forward and thirty backward); softmax
+//! attention (`cuda/attention.rs`: cuBLAS GEMMs on the packed qkv and our row-softmax kernels); and
+//! multi-tensor updates (AdamW, the EMA and the gradient norm of all variables in one launch
+//! each: [`adamw_multi`], [`axpby_multi`], [`sum_of_squares`]).
 //!
-//! Every kernel takes f32, f64, f16 and bf16 (sums in f32, f64 for f64), one block per
-//! (image, group) for GroupNorm, a grid-stride loop over the output for the others.
+//! Every kernel takes f32, f64, f16 and bf16 (sums in f32, f64 for f64), except the optimizer
+//! updates (f32 master weights): one block per (image, group) for GroupNorm, one warp per row
+//! or plane for the softmax and the convolution output's backward, a grid-stride loop over the
+//! output (16-byte vectors where the rows allow) for the others.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};

@@ -15,7 +15,8 @@
 //! - [`resample`]: nearest 2x upsampling.
 //! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
 //! - `cuda` (with the `cuda` feature): im2col/col2im convolutions on cuBLAS, the GroupNorm op's
-//!   CUDA passes, nearest upsampling, in-place AdamW/EMA updates.
+//!   CUDA passes, softmax attention's CUDA passes, nearest upsampling, and multi-tensor
+//!   AdamW/EMA/gradient-norm kernels (one launch for all variables).
 //!
 //! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
 //! plus an addition backward, so fusing ops here saves more than their own arithmetic.
@@ -263,7 +264,7 @@ pub fn supported(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
-/// Whether our CUDA kernels (`cuda`: im2col convolutions, the fused GroupNorm) take `t`: a
+/// Whether our CUDA kernels (`cuda`: convolutions, GroupNorm, attention, ...) take `t`: a
 /// CUDA tensor of a float type, in a build with the `cuda` feature, unless
 /// `DDPM_CUDA_KERNELS=off`.
 pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
