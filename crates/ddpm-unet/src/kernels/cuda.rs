@@ -20,8 +20,6 @@ use candle_core::{CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::group_norm::{Dropout, GroupNorm};
 
-pub(crate) mod attention;
-
 /// The PTX of `cuda/kernels.cu`.
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ddpm_kernels.ptx"));
 /// The module name the PTX is cached under in candle's device.
@@ -93,6 +91,9 @@ macro_rules! float_slices {
         }
     };
 }
+
+// After `float_slices!`, which it uses.
+pub(crate) mod attention;
 
 /// The typed slice of `s` starting at the layout's offset; errors unless contiguous.
 fn view<'a, T>(

@@ -238,30 +238,6 @@ fn probabilities<T: DeviceRepr>(
     Ok(())
 }
 
-macro_rules! typed {
-    ($slice:expr, |$s:ident: $t:ident| $body:expr) => {
-        match $slice {
-            CudaStorageSlice::F32($s) => {
-                type $t = f32;
-                CudaStorageSlice::F32($body)
-            }
-            CudaStorageSlice::F64($s) => {
-                type $t = f64;
-                CudaStorageSlice::F64($body)
-            }
-            CudaStorageSlice::F16($s) => {
-                type $t = half::f16;
-                CudaStorageSlice::F16($body)
-            }
-            CudaStorageSlice::BF16($s) => {
-                type $t = half::bf16;
-                CudaStorageSlice::BF16($body)
-            }
-            _ => candle_core::bail!("attention CUDA kernel: unsupported dtype"),
-        }
-    };
-}
-
 /// The forward pass: `out` (b, heads * d, n) from `qkv` (b, 3 * heads * d, n).
 pub(crate) fn forward(
     op: &Attention,
@@ -272,7 +248,7 @@ pub(crate) fn forward(
     g.check()?;
     let dev = qkv.device().clone();
     let dtype = qkv.dtype();
-    let slice = typed!(&qkv.slice, |s: T| {
+    let slice = float_slices!("attention", &qkv.slice, |s: T| {
         let x = view(s, l, "attention qkv")?;
         // SAFETY: the GEMM writes every score, the softmax reads only those.
         let mut p = unsafe { dev.alloc::<T>(g.scores())? };
@@ -335,7 +311,7 @@ pub(crate) fn backward(
     let dev = qkv.device().clone();
     let dtype = qkv.dtype();
     let func = dev.get_or_load_custom_func(&kernel("softmax_rows_bwd", dtype), MODULE, PTX)?;
-    let slice = typed!(&qkv.slice, |s: T| {
+    let slice = float_slices!("attention", &qkv.slice, |s: T| {
         let x = view(s, l, "attention qkv")?;
         let dys = super::same_type::<T>(dout, "attention gradient")?;
         let dy = view(dys, ldo, "attention gradient")?;
