@@ -124,11 +124,8 @@ impl AdamW {
             let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
                 continue;
             };
-            let g = if g.is_contiguous() {
-                g.clone()
-            } else {
-                g.contiguous()?
-            };
+            // A clone (no copy) where it is contiguous already.
+            let g = g.contiguous()?;
             let p = var.as_tensor();
             if inplace::supported(&[p, &g, m, v]) {
                 inplace::moment_update(m, &g, c.beta1, grad_scale, false)?;
@@ -158,7 +155,7 @@ impl AdamW {
     /// The whole step in one CUDA kernel ([`inplace::cuda_adamw`]) when every variable, moment
     /// and gradient is a tensor the multi-tensor kernels take; `false` (nothing done) otherwise.
     fn cuda_step(
-        &mut self,
+        &self,
         grads: &BTreeMap<String, Tensor>,
         update: &AdamWUpdate,
         grad_scale: f64,
@@ -169,11 +166,8 @@ impl AdamW {
             let (Some(m), Some(v)) = (self.m.get(name), self.v.get(name)) else {
                 continue;
             };
-            let g = if g.is_contiguous() {
-                g.clone()
-            } else {
-                g.contiguous()?
-            };
+            // A clone (no copy) where it is contiguous already.
+            let g = g.contiguous()?;
             if !inplace::cuda_multi(&[var.as_tensor(), m, v, &g]) {
                 return Ok(false);
             }

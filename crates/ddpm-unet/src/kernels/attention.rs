@@ -362,6 +362,21 @@ impl CustomOp1 for Attention {
     }
 }
 
+impl AttentionBackward {
+    /// The sizes from qkv's layout `l1`, checked against the gradient's `l2`.
+    fn geom(&self, l1: &Layout, l2: &Layout) -> Result<Geom> {
+        let g = Geom::new(l1.dims(), &self.0)?;
+        if l2.shape().elem_count() != g.b * g.part_len() {
+            candle_core::bail!(
+                "attention backward: gradient {:?} does not match qkv {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        Ok(g)
+    }
+}
+
 impl CustomOp2 for AttentionBackward {
     fn name(&self) -> &'static str {
         "ddpm-attention-backward"
@@ -374,14 +389,7 @@ impl CustomOp2 for AttentionBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), &self.0)?;
-        if l2.shape().elem_count() != g.b * g.part_len() {
-            candle_core::bail!(
-                "attention backward: gradient {:?} does not match qkv {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
+        let g = self.geom(l1, l2)?;
         let storage = dispatch!(
             s1,
             "attention",
@@ -402,14 +410,7 @@ impl CustomOp2 for AttentionBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = Geom::new(l1.dims(), &self.0)?;
-        if l2.shape().elem_count() != g.b * g.part_len() {
-            candle_core::bail!(
-                "attention backward: gradient {:?} does not match qkv {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
+        let g = self.geom(l1, l2)?;
         let storage = super::cuda::attention::backward(&self.0, g.cuda(&self.0)?, s1, l1, s2, l2)?;
         Ok((storage, l1.shape().clone()))
     }
