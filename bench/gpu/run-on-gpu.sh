@@ -19,21 +19,10 @@
 # 0: no Flowers run, the test matrix alone), SKIP_OPS (set: no single-op timings and host-bound
 # check), PROFILE (set: ncu's kernel times of one step, bench/gpu/profile.sh).
 set -uo pipefail
-OUT=${OUT:-target/gpu-out}
-BIN=${BIN:-dist/cuda}
 FLOWERS_SECONDS=${FLOWERS_SECONDS:-420}
 RUN=/tmp/flowers-run
-mkdir -p "$OUT"
-for b in ddpm xtask unet-tests; do
-  if [ -f "$BIN/$b.xz" ] && [ ! -x "$BIN/$b" ]; then
-    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-      "$BIN/$b.xz" "$BIN/$b" && chmod +x "$BIN/$b"
-  fi
-done
-# shellcheck source=/dev/null
-. "$BIN/env.sh"
-start=$(date +%s)
-stage() { echo "== $1 (t+$(( $(date +%s) - start ))s)"; }
+# shellcheck source=bench/gpu/setup.sh
+. bench/gpu/setup.sh
 
 flowers_grid() { # $1: output PNG
   timeout 90 "$BIN/ddpm" sample --checkpoint "$RUN" --num 64 --steps 100 --seed 0 --device cuda \
@@ -57,17 +46,7 @@ fi
   echo "libraries:"; ldd "$BIN/ddpm" | grep -E "cudnn|nccl|cublas|not found"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-if [ -x "$BIN/unet-tests" ]; then
-  stage "our CUDA kernels against the CPU (ddpm-unet's tests, CUDA device required)"
-  if DDPM_REQUIRE_CUDA=1 timeout 120 "$BIN/unet-tests" kernels::cuda --test-threads 1 \
-    > "$OUT/kernel-tests.txt" 2>&1; then
-    echo "kernel tests: pass"
-  else
-    echo "kernel tests FAILED: the rest runs with DDPM_CUDA_KERNELS=off (candle's ops)"
-    export DDPM_CUDA_KERNELS=off
-  fi
-  tail -8 "$OUT/kernel-tests.txt"
-fi
+kernel_tests
 
 stage "a cifar10 training step (batch 128, bf16): the first CUDA kernels (basic) and all"
 for k in basic "${DDPM_CUDA_KERNELS:-all}"; do
