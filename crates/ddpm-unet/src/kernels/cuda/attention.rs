@@ -183,57 +183,6 @@ fn at<T>(base: u64, offset: usize) -> u64 {
     base + (offset * std::mem::size_of::<T>()) as u64
 }
 
-impl Dims {
-    /// Head `h` of part `which` (0 q, 1 k, 2 v) of a packed qkv (or of its gradient) of
-    /// element type `T` at `base`: a (d, n) matrix per image.
-    fn part<T>(&self, base: u64, h: usize, which: usize, transposed: bool) -> Operand {
-        Operand {
-            ptr: at::<T>(base, (which * self.heads + h) * self.d * self.n),
-            ld: self.n,
-            stride: self.qkv_image(),
-            transposed,
-        }
-    }
-    /// Head `h` of an output (or of its gradient) at `base`: a (d, n) matrix per image.
-    fn out<T>(&self, base: u64, h: usize, transposed: bool) -> Operand {
-        Operand {
-            ptr: at::<T>(base, h * self.d * self.n),
-            ld: self.n,
-            stride: self.out_image(),
-            transposed,
-        }
-    }
-    /// Head `h`'s attention matrix (S, P, dP or G) at `base`: (n, n) per image.
-    fn scores_of<T>(&self, base: u64, h: usize, transposed: bool) -> Operand {
-        Operand {
-            ptr: at::<T>(base, h * self.n * self.n),
-            ld: self.n,
-            stride: self.heads * self.n * self.n,
-            transposed,
-        }
-    }
-    /// `(d, n) = (d, n) x (n, n)` over the images: the output, dv, dq and dk.
-    fn features_gemm(&self) -> Gemm {
-        Gemm {
-            rows: self.d,
-            cols: self.n,
-            inner: self.n,
-            batch: self.b,
-            alpha: 1.0,
-        }
-    }
-    /// `(n, n) = alpha (n, d) x (d, n)` over the images: S and dP.
-    fn scores_gemm(&self, alpha: f64) -> Gemm {
-        Gemm {
-            rows: self.n,
-            cols: self.n,
-            inner: self.d,
-            batch: self.b,
-            alpha,
-        }
-    }
-}
-
 /// `S = scale q^T k` for every image and head into `s` (b, heads, n, n), then the row softmax
 /// in place: `s` holds P.
 fn probabilities<T: DeviceRepr>(
@@ -248,18 +197,36 @@ fn probabilities<T: DeviceRepr>(
     {
         let (x, _gx) = qkv.device_ptr(&stream);
         let (sp, _gs) = s.device_ptr_mut(&stream);
-        for h in 0..g.heads {
+        let (d, n, hd) = (g.d, g.n, g.heads);
+        let gemm = Gemm {
+            rows: n,
+            cols: n,
+            inner: d,
+            batch: g.b,
+            alpha: scale,
+        };
+        for h in 0..hd {
+            let q = Operand {
+                ptr: at::<T>(x, h * d * n),
+                ld: n,
+                stride: g.qkv_image(),
+                transposed: true,
+            };
+            let k = Operand {
+                ptr: at::<T>(x, (hd + h) * d * n),
+                ld: n,
+                stride: g.qkv_image(),
+                transposed: false,
+            };
+            let out = Operand {
+                ptr: at::<T>(sp, h * n * n),
+                ld: n,
+                stride: hd * n * n,
+                transposed: false,
+            };
             // SAFETY: q and k are (d, n) blocks of the packed qkv (b images of 3 heads d n),
             // s holds b * heads (n, n) matrices.
-            unsafe {
-                g.scores_gemm(scale).row_major(
-                    dev,
-                    dtype,
-                    g.part::<T>(x, h, 0, true),
-                    g.part::<T>(x, h, 1, false),
-                    g.scores_of::<T>(sp, h, false),
-                )?
-            };
+            unsafe { gemm.row_major(dev, dtype, q, k, out)? };
         }
     }
     let func = dev.get_or_load_custom_func(&kernel("softmax_rows", dtype), MODULE, PTX)?;
@@ -293,17 +260,36 @@ pub(crate) fn forward(
             let (xp, _gx) = x.device_ptr(&stream);
             let (pp, _gp) = p.device_ptr(&stream);
             let (op_, _go) = out.device_ptr_mut(&stream);
-            for h in 0..g.heads {
-                // SAFETY: out (d, n) = v (d, n) P^T (n, n) per image and head, as laid out.
-                unsafe {
-                    g.features_gemm().row_major(
-                        &dev,
-                        dtype,
-                        g.part::<T>(xp, h, 2, false),
-                        g.scores_of::<T>(pp, h, true),
-                        g.out::<T>(op_, h, false),
-                    )?
+            let (d, n, hd) = (g.d, g.n, g.heads);
+            let gemm = Gemm {
+                rows: d,
+                cols: n,
+                inner: n,
+                batch: g.b,
+                alpha: 1.0,
+            };
+            for h in 0..hd {
+                let v = Operand {
+                    ptr: at::<T>(xp, (2 * hd + h) * d * n),
+                    ld: n,
+                    stride: g.qkv_image(),
+                    transposed: false,
                 };
+                let pt = Operand {
+                    ptr: at::<T>(pp, h * n * n),
+                    ld: n,
+                    stride: hd * n * n,
+                    transposed: true,
+                };
+                let o = Operand {
+                    ptr: at::<T>(op_, h * d * n),
+                    ld: n,
+                    stride: g.out_image(),
+                    transposed: false,
+                };
+                // SAFETY: v is a (d, n) block of qkv, P (n, n) per image and head, out (d, n)
+                // per image and head.
+                unsafe { gemm.row_major(&dev, dtype, v, pt, o)? };
             }
         }
         out
@@ -337,31 +323,65 @@ pub(crate) fn backward(
         // SAFETY: dq, dk and dv are written in full by the GEMMs.
         let mut dx = unsafe { dev.alloc::<T>(g.b * g.qkv_image())? };
         let stream = dev.cuda_stream();
+        let (d, n, hd) = (g.d, g.n, g.heads);
+        let img = g.qkv_image();
+        let scores = |ptr: u64, h: usize, transposed: bool| Operand {
+            ptr: at::<T>(ptr, h * n * n),
+            ld: n,
+            stride: hd * n * n,
+            transposed,
+        };
+        let part = |ptr: u64, h: usize, which: usize, transposed: bool| Operand {
+            ptr: at::<T>(ptr, (which * hd + h) * d * n),
+            ld: n,
+            stride: img,
+            transposed,
+        };
+        let grad = |ptr: u64, h: usize, transposed: bool| Operand {
+            ptr: at::<T>(ptr, h * d * n),
+            ld: n,
+            stride: g.out_image(),
+            transposed,
+        };
         {
             let (xp, _gx) = x.device_ptr(&stream);
             let (yp, _gy) = dy.device_ptr(&stream);
             let (pp, _gp) = p.device_ptr(&stream);
             let (dpp, _gdp) = dp.device_ptr_mut(&stream);
             let (dxp, _gdx) = dx.device_ptr_mut(&stream);
-            for h in 0..g.heads {
+            for h in 0..hd {
+                // dv (d, n) = dout (d, n) P (n, n)
+                let dv = Gemm {
+                    rows: d,
+                    cols: n,
+                    inner: n,
+                    batch: g.b,
+                    alpha: 1.0,
+                };
+                // dP (n, n) = dout^T (n, d) v (d, n)
+                let dpg = Gemm {
+                    rows: n,
+                    cols: n,
+                    inner: d,
+                    batch: g.b,
+                    alpha: 1.0,
+                };
                 // SAFETY: every operand is a (d, n) block of qkv, dx or dout, or an (n, n)
                 // matrix of P or dP, per image and head.
                 unsafe {
-                    // dv (d, n) = dout (d, n) P (n, n)
-                    g.features_gemm().row_major(
+                    dv.row_major(
                         &dev,
                         dtype,
-                        g.out::<T>(yp, h, false),
-                        g.scores_of::<T>(pp, h, false),
-                        g.part::<T>(dxp, h, 2, false),
+                        grad(yp, h, false),
+                        scores(pp, h, false),
+                        part(dxp, h, 2, false),
                     )?;
-                    // dP (n, n) = dout^T (n, d) v (d, n)
-                    g.scores_gemm(1.0).row_major(
+                    dpg.row_major(
                         &dev,
                         dtype,
-                        g.out::<T>(yp, h, true),
-                        g.part::<T>(xp, h, 2, false),
-                        g.scores_of::<T>(dpp, h, false),
+                        grad(yp, h, true),
+                        part(xp, h, 2, false),
+                        scores(dpp, h, false),
                     )?;
                 }
             }
@@ -381,24 +401,31 @@ pub(crate) fn backward(
             let (xp, _gx) = x.device_ptr(&stream);
             let (gp, _gg) = dp.device_ptr(&stream);
             let (dxp, _gdx) = dx.device_ptr_mut(&stream);
-            for h in 0..g.heads {
+            let gemm = Gemm {
+                rows: d,
+                cols: n,
+                inner: n,
+                batch: g.b,
+                alpha: 1.0,
+            };
+            for h in 0..hd {
                 // SAFETY: as above.
                 unsafe {
                     // dq (d, n) = k (d, n) G^T (n, n)
-                    g.features_gemm().row_major(
+                    gemm.row_major(
                         &dev,
                         dtype,
-                        g.part::<T>(xp, h, 1, false),
-                        g.scores_of::<T>(gp, h, true),
-                        g.part::<T>(dxp, h, 0, false),
+                        part(xp, h, 1, false),
+                        scores(gp, h, true),
+                        part(dxp, h, 0, false),
                     )?;
                     // dk (d, n) = q (d, n) G (n, n)
-                    g.features_gemm().row_major(
+                    gemm.row_major(
                         &dev,
                         dtype,
-                        g.part::<T>(xp, h, 0, false),
-                        g.scores_of::<T>(gp, h, false),
-                        g.part::<T>(dxp, h, 1, false),
+                        part(xp, h, 0, false),
+                        scores(gp, h, false),
+                        part(dxp, h, 1, false),
                     )?;
                 }
             }
