@@ -68,6 +68,14 @@ const MIN_CHANNELS: usize = 32;
 /// 128 tiles no faster.
 const TILES_PER_GROUP: usize = 256;
 
+/// The distance between the 16 matrices ξ of a transformed buffer whose matrices hold `len`
+/// values each: `len` and one cache line. The transforms read or write all 16 at once, and
+/// matrices a multiple of 4 KiB apart (64 channels of 256 tiles are 64 KiB) fall into the same
+/// set of the L1 cache, which holds 12 lines per set: the input transform ran at half speed.
+fn xi_stride(len: usize) -> usize {
+    len + 16
+}
+
 /// `U_ξ[oc][ci] = (G g G^T)_ξ` for the kernel `w` (o, c, 3, 3): 16 matrices (o x c), computed in
 /// f64.
 pub(super) fn transform_kernel<T: Float>(o: usize, c: usize, w: &[T]) -> Vec<T> {
@@ -115,13 +123,16 @@ pub(super) fn conv<T: Float>(
     let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
     // Written in full before being read: V by the input transform (every tile of every
     // channel), M by the GEMMs (no accumulation).
-    let mut v = unfilled(16 * s.c * group * per_image);
-    let mut m = unfilled(16 * s.o * group * per_image);
+    let (vl, ml) = (
+        xi_stride(s.c * group * per_image),
+        xi_stride(s.o * group * per_image),
+    );
+    let mut v = unfilled(16 * vl);
+    let mut m = unfilled(16 * ml);
     let mut d = unfilled(scratch_len(s));
     for first in (0..n).step_by(group) {
         let count = group.min(n - first);
         let p = count * per_image;
-        let (vl, ml) = (s.c * group * per_image, s.o * group * per_image);
         for img in 0..count {
             let xb = &x[(first + img) * s.in_len()..(first + img + 1) * s.in_len()];
             input_transform(s, xb, &mut v, (vl, p), img * per_image, &mut d);
@@ -186,7 +197,8 @@ pub(super) fn weight_grad<T: Float>(
     // V and Y' are written by their transforms where a group's images are; the rest (padding
     // columns, a short last group's columns) stays zero. dU is written by the first group's
     // GEMMs (the others accumulate), or summed from zero into `du_lanes`.
-    let (mut v, mut yt) = (vec![T::ZERO; 16 * c * ld], vec![T::ZERO; 16 * o * ld]);
+    let (v_step, y_step) = (xi_stride(c * ld), xi_stride(o * ld));
+    let (mut v, mut yt) = (vec![T::ZERO; 16 * v_step], vec![T::ZERO; 16 * y_step]);
     let mut du = unfilled(16 * o * c);
     let mut du_lanes = vec![0f32; if lanes { 16 * o * c * 8 } else { 0 }];
     let mut d = unfilled(scratch_len(s));
@@ -202,13 +214,13 @@ pub(super) fn weight_grad<T: Float>(
             let xb = &x[b * s.in_len()..(b + 1) * s.in_len()];
             let dyb = &dy[b * s.out_len()..(b + 1) * s.out_len()];
             let p0 = img * per_image;
-            input_transform(s, xb, &mut v, (c * ld, ld), p0, &mut d);
-            grad_transform(s, dyb, &mut yt, (o * ld, ld), p0, &mut d);
+            input_transform(s, xb, &mut v, (v_step, ld), p0, &mut d);
+            grad_transform(s, dyb, &mut yt, (y_step, ld), p0, &mut d);
         }
         for xi in 0..16 {
             let (ys, vs) = (
-                &yt[xi * o * ld..(xi + 1) * o * ld],
-                &v[xi * c * ld..(xi + 1) * c * ld],
+                &yt[xi * y_step..xi * y_step + o * ld],
+                &v[xi * v_step..xi * v_step + c * ld],
             );
             if let (true, Some(ys), Some(vs)) = (lanes, as_f32(ys), as_f32(vs)) {
                 let acc = &mut du_lanes[xi * o * c * 8..(xi + 1) * o * c * 8];
@@ -293,7 +305,7 @@ fn sub<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
 }
 
 /// Runs the block function `$f::<_, L>(args.., k)` over `k` in `0..$p`: blocks of eight lanes
-/// (one AVX2 vector of f32), then single lanes for the rest.
+/// (one AVX2 vector of f32), then of four, then single lanes for the rest.
 macro_rules! over_blocks {
     ($p:expr, $f:ident($($arg:expr),*)) => {{
         let p = $p;
@@ -301,6 +313,10 @@ macro_rules! over_blocks {
         while k + 8 <= p {
             $f::<_, 8>($($arg,)* k);
             k += 8;
+        }
+        if k + 4 <= p {
+            $f::<_, 4>($($arg,)* k);
+            k += 4;
         }
         while k < p {
             $f::<_, 1>($($arg,)* k);
@@ -315,41 +331,12 @@ fn matrices<T>(v: &mut [T], stride: usize) -> [&mut [T]; 16] {
     std::array::from_fn(|_| it.next().expect("a Winograd buffer holds 16 matrices"))
 }
 
-/// Scratch the transforms need for a shape: the input transform's eight column arrays of
-/// `th + 1` rows of tiles (the output transforms need less).
+/// Scratch the transforms need for a shape: the input transform's even and odd halves
+/// (`tw + 1` values each) of the `2 th + 2` input rows its tiles read, which is at least the
+/// output transforms' four arrays of `th * tw` tiles.
 fn scratch_len(s: Shape) -> usize {
     let (th, tw) = s.tiles();
-    8 * (th + 1) * tw
-}
-
-/// Splits an image row into the four input columns of its tiles: for tile `tx`,
-/// `c[j][tx] = row[2 tx + j - 1]`, zero outside the row. One pass over the row, the first and
-/// last tiles apart (they reach outside it); no `copy_from_slice` of shifted columns, which
-/// were calls to memmove for a few dozen bytes each.
-#[inline(always)]
-fn split_row<T: Float>(row: &[T], c: [&mut [T]; 4]) {
-    let [c0, c1, c2, c3] = c;
-    let tw = c1.len();
-    let at = |i: usize| row.get(i).copied().unwrap_or(T::ZERO);
-    // Tiles 1..tw - 1 read row[2 tx - 1 ..= 2 tx + 2], all inside the row.
-    let inner = tw.saturating_sub(2);
-    if inner > 0 {
-        let src = &row[1..2 * inner + 3];
-        let (c0, c1) = (&mut c0[1..=inner], &mut c1[1..=inner]);
-        let (c2, c3) = (&mut c2[1..=inner], &mut c3[1..=inner]);
-        for (k, q) in src.windows(4).step_by(2).enumerate().take(inner) {
-            c0[k] = q[0];
-            c1[k] = q[1];
-            c2[k] = q[2];
-            c3[k] = q[3];
-        }
-    }
-    for tx in [0, tw - 1] {
-        c0[tx] = if tx == 0 { T::ZERO } else { at(2 * tx - 1) };
-        c1[tx] = at(2 * tx);
-        c2[tx] = at(2 * tx + 1);
-        c3[tx] = at(2 * tx + 2);
-    }
+    (2 * th + 2) * 2 * (tw + 1)
 }
 
 /// Splits an image row into its even and odd columns, `even[k] = row[2k]`,
@@ -367,12 +354,22 @@ fn deinterleave<T: Float>(row: &[T], even: &mut [T], odd: &mut [T]) {
     }
 }
 
-/// `B^T d B` for `L` tiles from `k` on: `d[i * 4 + j]` holds the tiles' input at row `i`,
-/// column `j` of their 4x4; the result goes to `v[ξ]`, ξ = row * 4 + column.
+/// `B^T d B` for `L` tiles of a tile row from `k` on. `rows` holds the four input rows the
+/// tile row reads, `rs` values apart, each as its even columns and a zero (`tw + 1` values)
+/// followed by a zero and its odd columns: tile `tx` reads columns `2 tx - 1 ..= 2 tx + 2`,
+/// which are odd `tx - 1`, even `tx`, odd `tx`, even `tx + 1`, at offsets `tw + 1 + tx`, `tx`,
+/// `tw + 2 + tx` and `tx + 1` of the row. The result goes to `v[ξ][at + k..]`, ξ = row * 4 +
+/// column of the 4x4.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // j indexes the columns of d and of t
-fn input_block<T: Float, const L: usize>(d: &[&[T]; 16], v: &mut [&mut [T]; 16], k: usize) {
-    let d = |i: usize, j: usize| load::<T, L>(d[i * 4 + j], k);
+fn input_block<T: Float, const L: usize>(
+    (rows, rs, tw): (&[T], usize, usize),
+    v: &mut [&mut [T]; 16],
+    at: usize,
+    k: usize,
+) {
+    let cols = [tw + 1, 0, tw + 2, 1];
+    let d = |i: usize, j: usize| load::<T, L>(rows, i * rs + cols[j] + k);
     let mut t = [[[T::ZERO; L]; 4]; 4];
     // B^T d on the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
     for j in 0..4 {
@@ -383,6 +380,7 @@ fn input_block<T: Float, const L: usize>(d: &[&[T]; 16], v: &mut [&mut [T]; 16],
         t[3][j] = sub(d1, d3);
     }
     // Times B on the columns, the same combinations.
+    let k = at + k;
     for (i, [t0, t1, t2, t3]) in t.into_iter().enumerate() {
         store(v[i * 4], k, sub(t0, t2));
         store(v[i * 4 + 1], k, add(t1, t2));
@@ -486,12 +484,12 @@ fn grad_transform_impl<T: Float>(
 /// `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`. In `v`, matrix ξ starts at `ξ * xi_stride`
 /// and its rows are `ld` apart. `d` is scratch of [`scratch_len`] values.
 ///
-/// Each input row is first split into the four columns its tiles read
-/// ([`split_row`]: `row[2 tx + j - 1]` for tile `tx`), the rows of even and odd index
-/// (`2 a - 1` and `2 a`) into separate arrays. Tile row `ty` reads input rows `2 ty - 1` to
-/// `2 ty + 2`, which are row `ty` and row `ty + 1` of those two arrays: every one of the 16
-/// inputs of all the image's tiles is then one contiguous run, and the transform one vectorized
-/// pass.
+/// Each input row is first split once into its even and odd columns ([`deinterleave`], one
+/// vectorized pass), padded with a zero on the side where the tiles reach outside the image;
+/// the four columns a tile reads are then runs of those halves at fixed offsets, so every
+/// tile row is one vectorized pass ([`input_block`]). Tile row `ty` reads input rows
+/// `2 ty - 1 ..= 2 ty + 2`, rows `2 ty ..= 2 ty + 3` of the split (whose row 0 is the zero row
+/// above the image).
 #[inline(always)]
 fn input_transform_impl<T: Float>(
     s: Shape,
@@ -502,34 +500,30 @@ fn input_transform_impl<T: Float>(
     d: &mut [T],
 ) {
     let (th, tw) = s.tiles();
-    let (p, len) = (th * tw, (th + 1) * tw);
+    let p = th * tw;
+    let rs = 2 * (tw + 1);
+    let split = &mut d[..(2 * th + 2) * rs];
+    // Rows outside the image (the one above it, and one or two below) stay zero.
+    split[..rs].fill(T::ZERO);
+    split[(s.h + 1) * rs..].fill(T::ZERO);
     let mut mats = matrices(v, xi_stride);
-    // cols[par * 4 + j][a * tw + tx] = input row 2 a + par - 1, column 2 tx + j - 1.
-    let cols = &mut d[..8 * len];
     for ci in 0..s.c {
         let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
-        for par in 0..2 {
-            for a in 0..=th {
-                let mut it = cols[par * 4 * len..(par + 1) * 4 * len].chunks_mut(len);
-                let c: [&mut [T]; 4] =
-                    std::array::from_fn(|_| &mut it.next().expect("scratch")[a * tw..(a + 1) * tw]);
-                let r = (2 * a + par).wrapping_sub(1);
-                if r < s.h {
-                    split_row(&plane[r * s.w..(r + 1) * s.w], c);
-                } else {
-                    c.into_iter().for_each(|c| c.fill(T::ZERO));
-                }
-            }
+        for (row, part) in plane
+            .chunks_exact(s.w)
+            .zip(split[rs..].chunks_exact_mut(rs))
+        {
+            let (even, odd) = part.split_at_mut(tw + 1);
+            even[tw] = T::ZERO;
+            odd[0] = T::ZERO;
+            deinterleave(row, &mut even[..tw], &mut odd[1..]);
         }
-        let cols = &*cols;
-        let src: [&[T]; 16] = std::array::from_fn(|q| {
-            let (i, j) = (q / 4, q % 4);
-            let at = ((i % 2) * 4 + j) * len + (i / 2) * tw;
-            &cols[at..at + p]
-        });
         let base = ci * ld + p0;
         let mut out = mats.each_mut().map(|m| &mut m[base..base + p]);
-        over_blocks!(p, input_block(&src, &mut out));
+        for ty in 0..th {
+            let rows = &split[2 * ty * rs..(2 * ty + 4) * rs];
+            over_blocks!(tw, input_block((rows, rs, tw), &mut out, ty * tw));
+        }
     }
 }
 
