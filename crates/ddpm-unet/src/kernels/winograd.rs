@@ -184,13 +184,13 @@ pub(super) fn weight_grad<T: Float>(
     let per_image = th * tw;
     let (o, c) = (s.o, s.c);
     // In f32 on an AVX2 CPU, dU by lane-wise dot products ([`dots`]), the tiles padded to a
-    // multiple of 8 with zeros; otherwise by GEMMs.
+    // multiple of 16 (the AVX-512 build's vectors) with zeros; otherwise by GEMMs.
     let lanes = as_f32(x).is_some() && super::avx2();
     // Images in groups of about TILES_PER_GROUP tiles side by side, as in `conv`: long rows for
     // the dot products (and GEMMs) on small images.
     let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
     let ld = if lanes {
-        (group * per_image).next_multiple_of(8)
+        (group * per_image).next_multiple_of(16)
     } else {
         group * per_image
     };
@@ -304,13 +304,17 @@ fn sub<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
     a
 }
 
-/// Runs the block function `$f::<_, L>(args.., k)` over `k` in `0..$p`: blocks of eight lanes
-/// (one AVX2 vector of f32), then of four, then single lanes for the rest.
+/// Runs the block function `$f::<_, L>(args.., k)` over `k` in `0..$p`: blocks of 16 lanes
+/// (one AVX-512 vector of f32, two AVX2 ones), then of eight and four, then single lanes.
 macro_rules! over_blocks {
     ($p:expr, $f:ident($($arg:expr),*)) => {{
         let p = $p;
         let mut k = 0;
-        while k + 8 <= p {
+        while k + 16 <= p {
+            $f::<_, 16>($($arg,)* k);
+            k += 16;
+        }
+        if k + 8 <= p {
             $f::<_, 8>($($arg,)* k);
             k += 8;
         }

