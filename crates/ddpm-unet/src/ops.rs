@@ -561,9 +561,12 @@ mod tests {
             (3, 33, 7, 9, 36, 3, 1, 1),
             (1, 32, 1, 1, 32, 3, 1, 1),
             (5, 34, 6, 5, 32, 3, 1, 1),
-            // 64 channels and at least 256 tiles: the weight gradient through Winograd too.
+            // At least 128 tiles: the weight gradient through Winograd too (28x28 as MNIST,
+            // 144 tiles of an odd size).
             (1, 64, 32, 32, 64, 3, 1, 1),
             (2, 64, 31, 33, 65, 3, 1, 1),
+            (2, 32, 28, 28, 32, 3, 1, 1),
+            (1, 33, 23, 24, 34, 3, 1, 1),
         ];
         let flat = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()

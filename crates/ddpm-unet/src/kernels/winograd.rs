@@ -76,13 +76,15 @@ pub(super) fn worthwhile(c: usize, o: usize) -> bool {
 }
 
 /// Whether the weight gradient of a convolution [`worthwhile`] takes also goes through
-/// Winograd ([`weight_grad`]): on images of at least 256 tiles (32x32). Measured (conv forward
-/// and backward, batch 32, fastest of 20, three runs each): at 32 channels 10.5-11.4 ms against
-/// 10.7-12.3 through im2col, at 96 55-65 against 64-80, at 64 channels 28-30 against 31-32; on
-/// 16x16 and 8x8 images (64 and 16 tiles) no faster than im2col.
+/// Winograd ([`weight_grad`]): on images of at least 128 tiles (28x28, 196 tiles, and up).
+/// Measured (conv forward and backward, batch 32, fastest of 20, three runs each): at 32
+/// channels 10.5-11.4 ms against 10.7-12.3 through im2col, at 96 55-65 against 64-80, at 64
+/// channels 28-30 against 31-32; on 16x16 and 8x8 images (64 and 16 tiles) no faster than
+/// im2col. With the AVX-512 dot products, `mnist-small` (28x28) training steps: medians of 4
+/// alternating runs 274-339 ms against 291-346 with im2col for its 28x28 weight gradients.
 pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     let (th, tw) = s.tiles();
-    th * tw >= 256
+    th * tw >= 128
 }
 
 /// The fewest input and output channels [`worthwhile`] takes.
