@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{matmul, slice, sum, sum2, Float};
+use super::{matmul, slice, sum, sum2, unfilled, Float};
 
 /// Which attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,12 +168,13 @@ fn forward_head_impl<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], o
     let scale = T::of(op.scale);
     match op.kind {
         Kind::Linear => {
-            let mut sq = vec![T::ZERO; d * n];
+            // Written in full: sq by the softmax, ctx by its GEMM (no accumulation).
+            let mut sq = unfilled(d * n);
             softmax_cols(q, &mut sq, n, scale);
             let mut sk = k.to_vec();
             softmax_rows(&mut sk, n);
             // context (d x d) = sk (d x n) v^T (n x d); out (d x n) = context^T sq
-            let mut ctx = vec![T::ZERO; d * d];
+            let mut ctx = unfilled(d * d);
             matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
             matmul(d, n, d, out, false, &ctx, (1, d), &sq, (n, 1), SERIAL);
         }
@@ -188,7 +189,8 @@ fn forward_head_impl<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], o
 /// `softmax_j(scale * q^T k)` (n x n) for q, k (d x n).
 #[inline(always)]
 fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -> Vec<T> {
-    let mut sim = vec![T::ZERO; n * n];
+    // Written in full by the GEMM (no accumulation).
+    let mut sim = unfilled(n * n);
     matmul(n, n, d, &mut sim, false, q, (1, n), k, (n, 1), SERIAL);
     sim.iter_mut().for_each(|v| *v *= scale);
     softmax_rows(&mut sim, n);
@@ -196,7 +198,8 @@ fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -
 }
 
 fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
-    let mut out = vec![T::ZERO; g.b * g.part_len()];
+    // Every head's block is written by `forward_head`.
+    let mut out = unfilled(g.b * g.part_len());
     out.par_chunks_mut(g.head_len())
         .enumerate()
         .for_each(|(i, out)| {
@@ -237,20 +240,22 @@ fn backward_head_impl<T: Float>(
     match op.kind {
         Kind::Linear => {
             // Recompute the forward's softmaxes (unscaled for queries) and context.
-            let mut s = vec![T::ZERO; d * n];
+            // Scratch written in full: s by the softmax, the products by their GEMMs (no
+            // accumulation).
+            let mut s = unfilled(d * n);
             softmax_cols(q, &mut s, n, T::ONE);
             let sq: Vec<T> = s.iter().map(|&v| v * scale).collect();
             let mut sk = k.to_vec();
             softmax_rows(&mut sk, n);
-            let mut ctx = vec![T::ZERO; d * d];
+            let mut ctx = unfilled(d * d);
             matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
             // dctx (d x d) = sq dout^T; dsq (d x n) = ctx dout
-            let mut dctx = vec![T::ZERO; d * d];
+            let mut dctx = unfilled(d * d);
             matmul(d, d, n, &mut dctx, false, &sq, (n, 1), dout, (1, n), SERIAL);
-            let mut dsq = vec![T::ZERO; d * n];
+            let mut dsq = unfilled(d * n);
             matmul(d, n, d, &mut dsq, false, &ctx, (d, 1), dout, (n, 1), SERIAL);
             // dsk (d x n) = dctx v; dv (d x n) = dctx^T sk
-            let mut dsk = vec![T::ZERO; d * n];
+            let mut dsk = unfilled(d * n);
             matmul(d, n, d, &mut dsk, false, &dctx, (d, 1), v, (n, 1), SERIAL);
             matmul(d, n, d, dv, false, &dctx, (1, d), &sk, (n, 1), SERIAL);
             softmax_rows_backward(&sk, &dsk, dk, n);
@@ -270,10 +275,11 @@ fn backward_head_impl<T: Float>(
         Kind::Softmax => {
             let attn = attention_weights(q, k, n, d, scale);
             // dattn (n x n) = dout^T v; dv (d x n) = dout attn
-            let mut dattn = vec![T::ZERO; n * n];
+            // Written in full by the GEMM and by the softmax's backward.
+            let mut dattn = unfilled(n * n);
             matmul(n, n, d, &mut dattn, false, dout, (1, n), v, (n, 1), SERIAL);
             matmul(d, n, n, dv, false, dout, (n, 1), &attn, (n, 1), SERIAL);
-            let mut dsim = vec![T::ZERO; n * n];
+            let mut dsim = unfilled(n * n);
             softmax_rows_backward(&attn, &dattn, &mut dsim, n);
             dsim.iter_mut().for_each(|v| *v *= scale);
             // dq (d x n) = k dsim^T; dk (d x n) = q dsim
@@ -284,7 +290,9 @@ fn backward_head_impl<T: Float>(
 }
 
 fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
-    let mut dqkv = vec![T::ZERO; qkv.len()];
+    // Every head's dq, dk and dv are written by `backward_head` (GEMMs without accumulation and
+    // the softmaxes' backward passes).
+    let mut dqkv = unfilled(qkv.len());
     let img_len = 3 * g.part_len();
     dqkv.par_chunks_mut(img_len)
         .enumerate()
