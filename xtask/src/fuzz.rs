@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz`: runs every cargo-fuzz target of `fuzz/` for a bounded time.
 //!
-//! Each target starts from a small seed corpus written here (real MNIST and Flowers bytes where
-//! `../shared/data` has them, a tiny weights file, a checkpoint's JSON, the default config) plus
+//! Each target starts from a small seed corpus written here (real MNIST and Flowers bytes from the
+//! committed fixtures in `crates/ddpm-data/fixtures`, a tiny weights file, a checkpoint's JSON, the default config) plus
 //! whatever earlier runs kept in `fuzz/corpus/<target>/`. A crash is copied into the owning
 //! crate's `tests/fuzz_regressions/<target>/`, where a test replays it on every `cargo test`.
 //! Without cargo-fuzz, or when the fuzz build fails (libFuzzer needs a nightly-capable
@@ -213,7 +213,7 @@ fn list_dir(dir: &Path) -> Vec<PathBuf> {
 
 /// Writes the seed inputs of `target` into its corpus directory.
 fn write_seeds(target: &str, corpus: &Path) -> Result<()> {
-    let shared = workspace_root().join("../shared/data");
+    let fixtures = workspace_root().join("crates/ddpm-data/fixtures");
     let mut seeds: Vec<(&str, Vec<u8>)> = Vec::new();
     match target {
         "mnist_idx" => {
@@ -228,7 +228,7 @@ fn write_seeds(target: &str, corpus: &Path) -> Result<()> {
             labels.extend_from_slice(&[7, 2]);
             seeds.push(("images", images));
             seeds.push(("labels", labels));
-            if let Ok(gz) = std::fs::read(shared.join("mnist/t10k-labels-idx1-ubyte.gz")) {
+            if let Ok(gz) = std::fs::read(fixtures.join("mnist/labels.idx1.gz")) {
                 seeds.push(("gz-labels", gz));
             }
         }
@@ -244,7 +244,7 @@ fn write_seeds(target: &str, corpus: &Path) -> Result<()> {
             let png = corpus.join("seed-png");
             ddpm_data::save_image(&t, &png)?;
             seeds.push(("gif", GIF_1X1.to_vec()));
-            if let Some(jpg) = std::fs::read_dir(shared.join("flowers/daisy"))
+            if let Some(jpg) = std::fs::read_dir(fixtures.join("flowers/daisy"))
                 .ok()
                 .and_then(|mut rd| rd.next())
                 .and_then(|e| e.ok())

@@ -5,10 +5,13 @@ mod bench;
 mod bench_gpu;
 mod build_cuda;
 mod fetch_data;
+mod fixtures;
 mod fuzz;
+mod lint_ci;
 mod quality;
 mod reliability;
 mod test_matrix;
+mod test_real;
 
 use std::process::ExitCode;
 
@@ -27,6 +30,10 @@ struct Cli {
 enum Command {
     /// Download (or copy from a mirror) the data sets into the data directory, verified.
     FetchData(fetch_data::FetchDataArgs),
+    /// The real-data suite: fetch MNIST and Flowers (verified), then run the tests marked ignored.
+    TestReal(test_real::TestRealArgs),
+    /// Write the small committed test fixtures (crates/ddpm-data/fixtures) from the real data.
+    MakeFixtures(fixtures::MakeFixturesArgs),
     /// Benchmark our models side by side with their PyTorch reference (docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Train the MNIST CPU preset from a fixed seed and evaluate it (docs/quality.md).
@@ -41,6 +48,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Kill, fill, lock and corrupt: every reliability attack, then a table (docs/reliability.md).
     Reliability(reliability::ReliabilityArgs),
+    /// Check .github/workflows/ci.yml offline: structure, MSRV job = rust-version, actionlint.
+    LintCi(lint_ci::LintCiArgs),
     /// Our side of `bench`, one measurement per process (internal).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
@@ -57,10 +66,13 @@ fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),
+        Command::TestReal(args) => test_real::run(args),
+        Command::MakeFixtures(args) => fixtures::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Quality(args) => quality::run_quality(args),
         Command::BenchWorker(args) => bench::run_worker(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::LintCi(args) => lint_ci::run(args),
         Command::Reliability(args) => reliability::run(args),
         Command::BenchGpu(args) => bench_gpu::run(args),
         Command::BuildCuda(args) => build_cuda::run(args),

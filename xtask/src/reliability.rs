@@ -28,7 +28,16 @@ pub struct ReliabilityArgs {
     /// Give up (and fail) after this many minutes.
     #[arg(long, default_value_t = 30)]
     timeout_minutes: u64,
+    /// The real data sets (a directory with a fetched mnist/) for the attacks that need them
+    /// (the interrupted fetch). Default: $DDPM_REAL_DATA, else `data/` when MNIST has been
+    /// fetched there (`cargo xtask fetch-data mnist` or `cargo xtask test-real`); without it
+    /// those attacks are listed as skipped.
+    #[arg(long, value_name = "DIR")]
+    real_data: Option<PathBuf>,
 }
+
+/// The attacks that need the real data sets (their tests are marked `#[ignore]`).
+const REAL_DATA_ATTACKS: [&str; 1] = ["fetch-data killed and rerun"];
 
 /// One test binary to run and the attacks it reports.
 struct Suite {
@@ -79,9 +88,15 @@ pub fn run(args: ReliabilityArgs) -> Result<()> {
     let report =
         std::env::temp_dir().join(format!("ddpm-reliability-{}.jsonl", std::process::id()));
     let _ = std::fs::remove_file(&report);
-    let mirror = std::env::var("DDPM_DATA_MIRROR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("../shared/data"));
+    let real_data = args
+        .real_data
+        .clone()
+        .or_else(|| std::env::var_os(crate::test_real::REAL_DATA_ENV).map(PathBuf::from))
+        .or_else(|| {
+            let data = root.join("data");
+            ddpm_data::fetch::is_fetched(&ddpm_data::DatasetSpec::Mnist, &data).then_some(data)
+        })
+        .map(|dir| std::fs::canonicalize(&dir).unwrap_or(dir));
     let deadline = Instant::now() + Duration::from_secs(60 * args.timeout_minutes);
     let start = Instant::now();
     let mut broken = Vec::new();
@@ -90,7 +105,7 @@ pub fn run(args: ReliabilityArgs) -> Result<()> {
             "reliability: cargo test --release -p {} --test {}",
             suite.package, suite.test
         );
-        let ok = run_suite(&root, suite, &args, &report, &mirror, deadline)
+        let ok = run_suite(&root, suite, &args, &report, real_data.as_deref(), deadline)
             .with_context(|| format!("running the {} tests of {}", suite.test, suite.package))?;
         if !ok {
             broken.push(format!("{}/{}", suite.package, suite.test));
@@ -123,6 +138,11 @@ pub fn run(args: ReliabilityArgs) -> Result<()> {
                     r.attack, r.runs, r.failures, r.data_lost, r.note
                 );
             }
+            None if real_data.is_none() && REAL_DATA_ATTACKS.contains(attack) => println!(
+                "{:<48} {:>5} {:>9} {:>10}  skipped: needs the real MNIST files (run `cargo xtask \
+                 test-real` or `cargo xtask fetch-data mnist` first, or pass --real-data DIR)",
+                attack, "-", "-", "-"
+            ),
             None => {
                 failed += 1;
                 println!(
@@ -152,7 +172,7 @@ fn run_suite(
     suite: &Suite,
     args: &ReliabilityArgs,
     report: &Path,
-    mirror: &Path,
+    real_data: Option<&Path>,
     deadline: Instant,
 ) -> Result<bool> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -170,8 +190,12 @@ fn run_suite(
         .env("DDPM_RELIABILITY_REPORT", report)
         .env("DDPM_RELIABILITY_SEED", args.seed.to_string())
         .env("DDPM_RELIABILITY_QUICK", if args.quick { "1" } else { "0" })
-        .env("DDPM_DATA_MIRROR", mirror)
+        .env_remove("DDPM_DATA_MIRROR")
         .stdin(Stdio::null());
+    if let Some(dir) = real_data {
+        cmd.arg("--include-ignored")
+            .env(crate::test_real::REAL_DATA_ENV, dir);
+    }
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().context("starting cargo test")?;

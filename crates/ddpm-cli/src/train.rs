@@ -169,9 +169,10 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
         return Ok(());
     }
     let how = format!(
-        "fetch it with `cargo xtask fetch-data {} --data-dir {}` (offline: add `--from ../shared/data` or set DDPM_DATA_MIRROR=../shared/data)",
+        "fetch it with `cargo xtask fetch-data {} --data-dir {}` (offline: add `--from DIR`, or set DDPM_DATA_MIRROR=DIR, where DIR is a mirror holding {}/)",
         c.dataset.name(),
-        c.data.root.display()
+        c.data.root.display(),
+        c.dataset.name()
     );
     if let DatasetSpec::Folder(p) = &c.dataset {
         anyhow::bail!("image folder {} does not exist", p.display());

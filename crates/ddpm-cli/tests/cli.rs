@@ -1,5 +1,7 @@
-//! End-to-end tests of the `ddpm` binary on the real MNIST files of ../shared/data: training,
-//! sampling, exact resume, SIGKILL and SIGINT, corrupt checkpoints, NaN losses and bad input.
+//! End-to-end tests of the `ddpm` binary on MNIST (the committed fixture of 500 real images,
+//! placed in each test's `data/mnist`; one test in the real-data suite fetches the whole set):
+//! training, sampling, exact resume, SIGKILL and SIGINT, corrupt checkpoints, NaN losses and bad
+//! input.
 
 mod common;
 
@@ -50,20 +52,44 @@ fn png_dims(path: &Path) -> (u32, u32) {
 #[test]
 fn short_run_learns_and_writes_checkpoints_grid_and_curve() {
     let dir = tempfile::tempdir().expect("tmp");
-    let o = run(&mut train(dir.path(), "run", 40, 10));
+    short_run_learns(dir.path());
+}
+
+#[test]
+#[ignore = "real data: run with cargo xtask test-real"]
+fn short_run_on_the_real_mnist_fetched_by_the_binary_learns() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // The binary fetches MNIST itself, verified, from the fetched copy (a mirror in the layout of
+    // the data directory).
+    let mut cmd = train(dir.path(), "run", 40, 10);
+    cmd.env("DDPM_DATA_MIRROR", common::real_data());
+    std::fs::remove_dir_all(dir.path().join("data")).expect("fixture removed");
+    let o = run(&mut cmd);
     assert_ok(&o);
-    let run_dir = dir.path().join("run");
-    // The data set was fetched from the mirror into ./data by the run itself.
-    assert!(dir
-        .path()
-        .join("data/mnist/t10k-images-idx3-ubyte.gz")
-        .exists());
-    let m = metrics(&run_dir);
+    assert!(ddpm_data::fetch::is_fetched(
+        &ddpm_data::DatasetSpec::Mnist,
+        &dir.path().join("data")
+    ));
+    check_short_run(&dir.path().join("run"));
+}
+
+/// Trains 40 steps of the tiny model in `dir` (on the MNIST fixture), then checks the run.
+fn short_run_learns(dir: &Path) {
+    let o = run(&mut train(dir, "run", 40, 10));
+    assert_ok(&o);
+    assert!(dir.join("data/mnist/t10k-images-idx3-ubyte.gz").exists());
+    check_short_run(&dir.join("run"));
+}
+
+/// A 40-step run with checkpoints every 10 steps: its loss fell, and it wrote its checkpoints, a
+/// 2x2 grid, the loss curve and its config.
+fn check_short_run(run_dir: &Path) {
+    let m = metrics(run_dir);
     assert_eq!(m.len(), 40);
     let head: f64 = m[..5].iter().map(|p| p.1).sum::<f64>() / 5.0;
     let tail: f64 = m[35..].iter().map(|p| p.1).sum::<f64>() / 5.0;
     assert!(tail < 0.7 * head, "loss did not fall: {head} -> {tail}");
-    assert_eq!(checkpoints(&run_dir), vec![10, 20, 30, 40]);
+    assert_eq!(checkpoints(run_dir), vec![10, 20, 30, 40]);
     // 4 samples of 16x16 in a 2x2 grid with 2-pixel padding.
     assert_eq!(
         png_dims(&run_dir.join("samples/step-00000040.png")),

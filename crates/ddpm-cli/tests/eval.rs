@@ -1,6 +1,7 @@
-//! End-to-end tests of `ddpm eval` on the real MNIST files of ../shared/data: a tiny model
-//! trained a few steps at 16x16 with T = 50, its bound in bits/dim, the sample-quality metrics
-//! with a tiny classifier trained for a few steps, and bad input.
+//! End-to-end tests of `ddpm eval` on MNIST (the committed fixture of 500 real images, and in the
+//! real-data suite the whole fetched set): a tiny model trained a few steps at 16x16 with T = 50,
+//! its bound in bits/dim, the sample-quality metrics with a tiny classifier trained for a few
+//! steps, and bad input.
 
 mod common;
 
@@ -8,7 +9,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use common::{assert_ok, assert_one_clean_error, ddpm, run, write_tiny_config};
+use common::{
+    assert_ok, assert_one_clean_error, ddpm, place_real_mnist, run, write_tiny_config,
+    FIXTURE_TEST_IMAGES,
+};
 
 /// Trains a tiny model on MNIST at 16x16 with T = 50 for 30 steps into `dir/run`.
 fn train_tiny(dir: &Path) {
@@ -73,7 +77,20 @@ fn check_nll(n: &Value, images: u64, timesteps: u64) {
 #[test]
 fn eval_reports_the_bound_and_sample_quality_of_a_tiny_model() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = dir.path();
+    eval_reports_the_bound_and_sample_quality(dir.path(), FIXTURE_TEST_IMAGES);
+}
+
+#[test]
+#[ignore = "real data: run with cargo xtask test-real"]
+fn eval_on_the_real_mnist_reports_the_bound_and_sample_quality() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let test_images = place_real_mnist(dir.path());
+    eval_reports_the_bound_and_sample_quality(dir.path(), test_images);
+}
+
+/// Trains the tiny model in `p` (on the MNIST already placed in `p/data/mnist`, else the fixture),
+/// then checks every report `ddpm eval` writes; the test split has `test_images` images.
+fn eval_reports_the_bound_and_sample_quality(p: &std::path::Path, test_images: usize) {
     train_tiny(p);
 
     // The full bound on 8 test images, default report path RUN/eval.json.
@@ -94,7 +111,7 @@ fn eval_reports_the_bound_and_sample_quality_of_a_tiny_model() {
     assert_eq!(r["weights"], "ema");
     assert_eq!(r["dataset"], "mnist");
     assert_eq!(r["split"], "test");
-    assert_eq!(r["split_images"], 2000);
+    assert_eq!(r["split_images"], test_images);
     assert_eq!(
         (r["image_size"].clone(), r["channels"].clone()),
         (16.into(), 1.into())

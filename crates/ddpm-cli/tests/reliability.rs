@@ -1,4 +1,5 @@
-//! Reliability attacks on the real `ddpm` binary and the real MNIST files of ../shared/data, the
+//! Reliability attacks on the real `ddpm` binary and real MNIST images (the committed fixture;
+//! the interrupted fetch needs the real files and runs in `cargo xtask test-real`), the
 //! way machines fail: `kill -9` at random moments (many times, during checkpoint writes too), a
 //! disk that fills up, read-only and missing directories, two runs in one directory, two samplers
 //! on one checkpoint, and a data fetch killed half-way.
@@ -22,7 +23,10 @@ use ddpm_train::checkpoint;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use common::{clean_error, ddpm, mirror, run, stderr, tensors, train_new, wait_for, write_config};
+use common::{
+    clean_error, ddpm, ddpm_bare, real_data, run, stderr, tensors, train_new, wait_for,
+    write_config,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -718,10 +722,12 @@ fn serve(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
 }
 
 #[test]
+#[ignore = "real data (MNIST's checksum-pinned files): run with cargo xtask test-real"]
 fn an_interrupted_fetch_never_leaves_a_verified_but_incomplete_data_set() {
     let attack = "fetch-data killed and rerun";
     let (mut rng, seed) = rng(attack);
     let mut tally = Tally::new(attack, seed);
+    let mirror = real_data;
     let base = slow_server(mirror());
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
@@ -734,7 +740,7 @@ fn an_interrupted_fetch_never_leaves_a_verified_but_incomplete_data_set() {
     // `ddpm forward` fetches MNIST when it is missing (the same library path as
     // `cargo xtask fetch-data`), then draws one image.
     let fetch = || {
-        let mut c = ddpm(p);
+        let mut c = ddpm_bare(p);
         c.env("DDPM_DATA_MIRROR", &base).args([
             "forward",
             "--num",

@@ -11,16 +11,78 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The local mirror of the data sets (../shared/data), which the binary fetches from.
-pub fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+/// The committed fixtures (crates/ddpm-data/fixtures: 500 real MNIST test images, 50 Flowers
+/// JPEGs; see its README).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ddpm-data/fixtures")
 }
 
-/// The `ddpm` binary, run in `dir`, fetching from the mirror, with no input and no fault injected.
+/// Places the MNIST fixture in `dir/data/mnist` under MNIST's own t10k file names, as a user who
+/// copied the files there by hand would (the binary then uses them without fetching; the loader
+/// holds out the last fifth, 100 images, as the test split).
+pub fn place_fixture_mnist(dir: &Path) {
+    let mnist = dir.join("data/mnist");
+    std::fs::create_dir_all(&mnist).expect("data/mnist created");
+    for (fixture, name) in [
+        ("images.idx3.gz", "t10k-images-idx3-ubyte.gz"),
+        ("labels.idx1.gz", "t10k-labels-idx1-ubyte.gz"),
+    ] {
+        let to = mnist.join(name);
+        if !to.exists() {
+            std::fs::copy(fixtures().join("mnist").join(fixture), &to).expect("fixture copied");
+        }
+    }
+}
+
+/// The images of the fixture's test split: the last fifth of its 500 (MNIST's hold-out when
+/// only t10k files are present).
+pub const FIXTURE_TEST_IMAGES: usize = 100;
+
+/// Copies the real MNIST files (of [`real_data`]) into `dir/data/mnist`; returns the size of the
+/// test split they give: 10,000 with the training files, else the 2,000 held out of t10k.
+pub fn place_real_mnist(dir: &Path) -> usize {
+    let from = real_data().join("mnist");
+    let to = dir.join("data/mnist");
+    std::fs::create_dir_all(&to).expect("data/mnist created");
+    let mut train = false;
+    for (name, _) in ddpm_data::fetch::MNIST_FILES {
+        if from.join(name).is_file() {
+            std::fs::copy(from.join(name), to.join(name)).expect("MNIST copied");
+            train |= name.starts_with("train");
+        }
+    }
+    if train {
+        10_000
+    } else {
+        2_000
+    }
+}
+
+/// The real data sets for the tests marked `#[ignore = "real data ..."]`: the directory that
+/// `cargo xtask test-real` fetched MNIST and Flowers into (through the verified fetch path) and
+/// names in `DDPM_REAL_DATA`. Without it the test fails with one line saying how to run it.
+pub fn real_data() -> PathBuf {
+    match std::env::var_os("DDPM_REAL_DATA") {
+        Some(dir) if Path::new(&dir).join("mnist").is_dir() => PathBuf::from(dir),
+        _ => panic!(
+            "this test reads the real data sets: run it with `cargo xtask test-real` (fetches \
+             MNIST and Flowers into data/; offline: set DDPM_DATA_MIRROR=DIR to a mirror)"
+        ),
+    }
+}
+
+/// The `ddpm` binary, run in `dir` on the MNIST fixture (placed in `dir/data/mnist`), with no
+/// mirror (nothing is fetched), no input and no fault injected.
 pub fn ddpm(dir: &Path) -> Command {
+    place_fixture_mnist(dir);
+    ddpm_bare(dir)
+}
+
+/// The `ddpm` binary run in `dir` with no data placed and no mirror.
+pub fn ddpm_bare(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ddpm"));
     c.current_dir(dir)
-        .env("DDPM_DATA_MIRROR", mirror())
+        .env_remove("DDPM_DATA_MIRROR")
         .env("DDPM_LOG", "info")
         .env_remove("DDPM_FAULT_NAN_AT_STEP")
         .stdin(Stdio::null());
@@ -71,8 +133,8 @@ pub fn assert_one_clean_error(o: &Output, needle: &str) {
     assert_eq!(lines, 1, "not one error line: {err}");
 }
 
-/// The optimizer, data and model sections of every test config: a tiny model on MNIST resized to
-/// 16x16, so that a step takes milliseconds.
+/// The optimizer, data and model sections of every test config: a tiny model on MNIST (the
+/// fixture) resized to 16x16, so that a step takes milliseconds.
 const TINY_MODEL: &str = r#"[optimizer]
 lr = 0.002
 beta1 = 0.9

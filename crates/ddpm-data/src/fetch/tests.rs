@@ -117,7 +117,11 @@ fn cifar_archives_are_extracted_into_the_canonical_layout() {
 fn flowers_archives_need_a_checksum_and_land_as_class_folders() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let err = fetch(&DatasetSpec::Flowers, &quiet(&data)).unwrap_err();
+    let unpinned = FetchOptions {
+        flowers_url: Some("http://127.0.0.1:9/other.tgz".to_string()),
+        ..quiet(&data)
+    };
+    let err = fetch(&DatasetSpec::Flowers, &unpinned).unwrap_err();
     assert!(matches!(err, DataError::NoChecksum { .. }), "{err}");
     assert!(!data.exists(), "nothing is created without a checksum");
 
@@ -145,7 +149,11 @@ fn flowers_archives_need_a_checksum_and_land_as_class_folders() {
         ..quiet(&data)
     };
     let report = fetch(&DatasetSpec::Flowers, &opts).unwrap();
-    assert_eq!(report.files, 3);
+    assert_eq!(report.files, 4, "three images and the licence");
+    assert_eq!(
+        std::fs::read(data.join("flowers/LICENSE.txt")).unwrap(),
+        b"cc-by"
+    );
     let index = folder::scan(&data.join("flowers")).unwrap();
     assert_eq!(index.classes, vec!["daisy", "roses"]);
     assert_eq!(index.class_counts(), vec![1, 2]);
@@ -170,8 +178,8 @@ fn sources_parse_from_text() {
         Source::Url("http://h:1/x".into())
     );
     assert_eq!(
-        Source::parse("../shared/data"),
-        Source::Dir("../shared/data".into())
+        Source::parse("../mirror/data"),
+        Source::Dir("../mirror/data".into())
     );
     assert_eq!(Source::parse("file:///m"), Source::Dir("/m".into()));
     assert_eq!(
@@ -186,4 +194,61 @@ fn sources_parse_from_text() {
         fetch(&DatasetSpec::Folder("x".into()), &FetchOptions::new("d")),
         Err(DataError::NotFetchable(_))
     ));
+}
+
+#[test]
+fn the_default_flowers_archive_is_pinned() {
+    assert_eq!(
+        FLOWERS_URL,
+        "http://download.tensorflow.org/example_images/flower_photos.tgz"
+    );
+    assert_eq!(FLOWERS_URLS[0], FLOWERS_URL);
+    assert!(FLOWERS_URLS[1].ends_with("/download.tensorflow.org/example_images/flower_photos.tgz"));
+    assert_eq!(FLOWERS_SIZE, 228_813_984);
+    assert_eq!(
+        FLOWERS_SHA256,
+        "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+    );
+    assert_eq!(FLOWERS_CLASSES.iter().map(|c| c.1).sum::<usize>(), 3_670);
+
+    let opts = quiet(Path::new("d"));
+    let default = flowers_archive(&opts).unwrap();
+    assert_eq!(
+        default,
+        FlowersArchive {
+            locations: FLOWERS_URLS
+                .iter()
+                .map(|u| Location::Url(u.to_string()))
+                .collect(),
+            sha256: FLOWERS_SHA256.to_string(),
+            size: Some(FLOWERS_SIZE),
+        }
+    );
+    // A pinned URL alone keeps the pinned checksum and size.
+    let one = FetchOptions {
+        flowers_url: Some(FLOWERS_URLS[1].to_string()),
+        ..opts.clone()
+    };
+    let one = flowers_archive(&one).unwrap();
+    assert_eq!((one.locations.len(), one.size), (1, Some(FLOWERS_SIZE)));
+    // Another archive with its checksum: no size is pinned; the checksum is lowercased.
+    let other = FetchOptions {
+        flowers_url: Some("/some/flowers.tgz".to_string()),
+        flowers_sha256: Some("AB".repeat(32)),
+        ..opts.clone()
+    };
+    let other = flowers_archive(&other).unwrap();
+    assert_eq!(
+        other,
+        FlowersArchive {
+            locations: vec![Location::Path("/some/flowers.tgz".into())],
+            sha256: "ab".repeat(32),
+            size: None,
+        }
+    );
+    let bad = FetchOptions {
+        flowers_sha256: Some("xyz".to_string()),
+        ..opts
+    };
+    assert!(matches!(flowers_archive(&bad), Err(DataError::Config(_))));
 }
