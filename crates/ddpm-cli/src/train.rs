@@ -24,7 +24,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint (exactly).
-    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr", "precision"])]
+    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr", "precision", "test_fraction"])]
     resume: Option<PathBuf>,
     /// Total optimizer steps.
     #[arg(long)]
@@ -65,6 +65,10 @@ pub struct TrainArgs {
     /// Data root holding mnist/, cifar10/, flowers/.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Share of each class of an image folder (flowers, folder:PATH) held out for the test split,
+    /// in [0, 1) (default 0.1: every 10th image; 0: train on every image, no test split).
+    #[arg(long, value_name = "F")]
+    test_fraction: Option<f64>,
     /// Write a sample grid every N steps (0: never).
     #[arg(long)]
     sample_every: Option<usize>,
@@ -135,6 +139,10 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = &a.data_dir {
         c.data.root = v.clone();
+    }
+    if let Some(v) = a.test_fraction {
+        ddpm_data::folder::check_test_fraction(v).context("--test-fraction")?;
+        c.data.test_fraction = v;
     }
     if let Some(v) = a.sample_every {
         c.sample_every = v;

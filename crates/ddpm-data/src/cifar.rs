@@ -100,7 +100,7 @@ pub fn parse_batch(bytes: &[u8], path: &Path) -> Result<CifarBatch> {
 }
 
 fn check_len(path: &Path, len: u64) -> Result<()> {
-    if len == 0 || len % RECORD_LEN as u64 != 0 {
+    if len == 0 || !len.is_multiple_of(RECORD_LEN as u64) {
         return Err(DataError::RecordLength {
             path: path.into(),
             len,

@@ -109,8 +109,27 @@ impl Dataset {
                 )?
             }
             DatasetSpec::Flowers | DatasetSpec::Folder(_) => {
+                folder::check_test_fraction(cfg.test_fraction)?;
                 let index = folder::scan(&dir)?;
-                let files = index.split(split);
+                let (n_train, n_test) = index.split_counts(cfg.test_fraction);
+                tracing::info!(
+                    folder = %dir.display(),
+                    classes = index.classes.len(),
+                    train = n_train,
+                    test = n_test,
+                    test_fraction = cfg.test_fraction,
+                    "image folder split: {n_train} training and {n_test} test images \
+                     ({} of each class held out)",
+                    cfg.test_fraction
+                );
+                if split == Split::Test && n_test == 0 {
+                    return Err(DataError::EmptyTestSplit {
+                        path: dir,
+                        test_fraction: cfg.test_fraction,
+                        images: index.files.len(),
+                    });
+                }
+                let files = index.split_with(split, cfg.test_fraction);
                 let decoded = folder::decode_all(&files, size as u32, threads, cfg.skip_corrupt)?;
                 if decoded.labels.is_empty() {
                     return Err(DataError::Empty {
@@ -334,6 +353,38 @@ mod tests {
             ds.image(3),
             Err(DataError::IndexOutOfRange { index: 3, len: 3 })
         ));
+    }
+
+    #[test]
+    fn folder_test_fractions_set_the_split_and_an_empty_test_split_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("pets");
+        std::fs::create_dir(&folder).unwrap();
+        for i in 0..12u8 {
+            image::RgbImage::from_pixel(4, 4, image::Rgb([i, 0, 0]))
+                .save(folder.join(format!("{i:02}.png")))
+                .unwrap();
+        }
+        let spec = DatasetSpec::Folder(folder.clone());
+        let cfg = |test_fraction| DataConfig {
+            image_size: Some(4),
+            threads: Some(1),
+            test_fraction,
+            ..DataConfig::default()
+        };
+        let train = Dataset::open(&spec, &cfg(0.1), Split::Train).unwrap();
+        let test = Dataset::open(&spec, &cfg(0.1), Split::Test).unwrap();
+        assert_eq!((train.len(), test.len()), (11, 1));
+        assert_eq!(train.class_names(), &["pets".to_string()]);
+        let test = Dataset::open(&spec, &cfg(0.5), Split::Test).unwrap();
+        assert_eq!(test.len(), 6);
+        let train = Dataset::open(&spec, &cfg(0.0), Split::Train).unwrap();
+        assert_eq!(train.len(), 12);
+        let err = Dataset::open(&spec, &cfg(0.0), Split::Test).unwrap_err();
+        assert!(matches!(err, DataError::EmptyTestSplit { .. }), "{err}");
+        assert!(err.to_string().contains("pets"), "{err}");
+        let err = Dataset::open(&spec, &cfg(1.0), Split::Train).unwrap_err();
+        assert!(err.to_string().contains("test_fraction 1"), "{err}");
     }
 
     #[test]

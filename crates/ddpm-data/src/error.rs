@@ -117,6 +117,25 @@ pub enum DataError {
         #[source]
         source: image::ImageError,
     },
+    /// An image file is cut short: its data ends before the format's end marker.
+    #[error("{}: truncated image: {reason} (pass skip_corrupt to skip such files)", path.display())]
+    TruncatedImage {
+        /// The image file.
+        path: PathBuf,
+        /// Where it ends and what is missing.
+        reason: String,
+    },
+    /// A folder holds images both directly and in class sub-folders.
+    #[error("{}: holds {top_level} images directly and class sub-folders with images ({}): use one \
+             layout, either all images in the folder (one class) or one sub-folder per class", path.display(), class_folders.join(", "))]
+    MixedLayout {
+        /// The folder.
+        path: PathBuf,
+        /// The number of images directly in it.
+        top_level: usize,
+        /// The sub-folders that hold images.
+        class_folders: Vec<String>,
+    },
     /// An image could not be encoded or written.
     #[error("{}: cannot write image", path.display())]
     Encode {
@@ -133,6 +152,17 @@ pub enum DataError {
         path: PathBuf,
         /// Why nothing was found.
         reason: String,
+    },
+    /// The test split of an image folder holds no image (its test fraction is 0, or too small
+    /// for the folder's classes).
+    #[error("{}: the test split is empty: test_fraction {test_fraction} holds out none of its {images} images (a class of n images holds out floor(n * test_fraction)); anything that needs a test split needs a larger test_fraction ([data] test_fraction in the config, --test-fraction of `ddpm train`; default 0.1)", path.display())]
+    EmptyTestSplit {
+        /// The folder.
+        path: PathBuf,
+        /// The test fraction in use.
+        test_fraction: f64,
+        /// The number of images in the folder.
+        images: usize,
     },
     /// A data-set name that is not understood.
     #[error("unknown data set {spec:?}: {reason}")]
@@ -244,6 +274,29 @@ pub enum DataError {
         archive: String,
         /// What is missing or wrong.
         reason: String,
+    },
+    /// An archive entry that is refused: a path that would leave the extraction folder, or one
+    /// past the limits on entries and sizes. Nothing from the archive is placed.
+    #[error("{archive}: entry {entry:?} refused: {reason}; nothing from the archive was placed")]
+    ArchiveEntry {
+        /// The archive.
+        archive: String,
+        /// The entry's path as the archive gives it.
+        entry: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A downloaded or copied file does not have its pinned size.
+    #[error("{file}: size mismatch: expected {expected} bytes, got {actual}; the copy was deleted: {hint}")]
+    SizeMismatch {
+        /// The file (its name in the data set).
+        file: String,
+        /// The pinned size.
+        expected: u64,
+        /// The size received (or announced by the server).
+        actual: u64,
+        /// What to do about it.
+        hint: String,
     },
     /// The data set cannot be fetched (a user's own image folder).
     #[error("{0} cannot be fetched: it is a local image folder")]

@@ -1,19 +1,28 @@
-//! Image folders: one sub-folder per class, JPEG, PNG or GIF images inside (Flowers is one).
+//! Image folders: JPEG, PNG or GIF images, either in one sub-folder per class (Flowers is one) or
+//! all directly in the folder (one class, named after the folder).
 //!
 //! Classes are the sub-folders in byte order of their names (hidden ones skipped); files are the
-//! images in each, in byte order of their names; other files are ignored.
+//! images in each, in byte order of their names; other files are ignored. A folder that holds
+//! images directly and no sub-folder with images is *flat*: its images form one class named
+//! after the folder. A folder with images both directly in it and in sub-folders is an error
+//! naming the folder: it is not clear which layout was meant.
 //!
-//! Folders have no canonical split, so a fixed per-class hold-out is used: within each class, in
-//! sorted order, every [`HOLDOUT_EVERY`]th file (positions 9, 19, 29, ... counting from 0) is in
-//! the test split and all others in the training split. For Flowers that is 430 test images
-//! (daisy 76, dandelion 105, rose 78, sunflower 73, tulip 98) and 3,887 training images. The split
-//! depends only on file names, so it does not change when a corrupt file is skipped.
+//! Folders have no canonical split, so a fixed per-class hold-out is used, set by the fraction
+//! `f` = [`crate::DataConfig::test_fraction`] (default [`DEFAULT_TEST_FRACTION`] = 0.1): within
+//! each class, in sorted order, the file at position `p` (counting from 0) is in the test split
+//! when `floor((p + 1) f) > floor(p f)`, so that `floor(n f)` of a class's `n` files are held out,
+//! evenly spread. For `f = 0.1` that is every 10th file (positions 9, 19, 29, ...); for `f = 0`
+//! every file is in the training split and the test split is empty. For the mirror's 4,317-image
+//! Flowers that is 430 test images (daisy 76, dandelion 105, rose 78, sunflower 73, tulip 98) and
+//! 3,887 training images; for TensorFlow's 3,670-image `flower_photos` 364 test images (daisy 63,
+//! dandelion 89, roses 64, sunflowers 69, tulips 79) and 3,306 training images. The split depends
+//! only on file names (and `f`), so it does not change when a corrupt file is skipped.
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use image::ImageReader;
+use image::{ImageFormat, ImageReader};
 
 use crate::error::{DataError, Result};
 use crate::spec::Split;
@@ -21,8 +30,11 @@ use crate::transform;
 
 /// The file extensions (compared case-insensitively) read as images.
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "gif"];
-/// One file in this many per class is held out for the test split (see the module doc).
+/// One file in this many per class is held out for the test split by default (see the module
+/// doc): the hold-out of [`DEFAULT_TEST_FRACTION`].
 pub const HOLDOUT_EVERY: usize = 10;
+/// The default share of each class held out for the test split (one file in [`HOLDOUT_EVERY`]).
+pub const DEFAULT_TEST_FRACTION: f64 = 0.1;
 /// Images up to this many decoded bytes (RGBA) are decoded whatever their file size.
 const MAX_DECODED_ANY: u64 = 64 << 20;
 /// Above [`MAX_DECODED_ANY`], the most decoded bytes per file byte believed: GIF's LZW expands at
@@ -34,10 +46,14 @@ const MAX_EXPANSION: u64 = 4096;
 pub struct FolderIndex {
     /// The folder.
     pub root: PathBuf,
-    /// The class names (sub-folder names), in label order.
+    /// The class names (sub-folder names, or the folder's own name for a flat folder), in label
+    /// order.
     pub classes: Vec<String>,
     /// Every image file with its label, class by class, sorted.
     pub files: Vec<(PathBuf, u32)>,
+    /// Whether the images lie directly in the folder (one class) rather than in class
+    /// sub-folders.
+    pub flat: bool,
 }
 
 impl FolderIndex {
@@ -50,14 +66,21 @@ impl FolderIndex {
         counts
     }
 
-    /// The files of a split (see the module doc), keeping their order.
+    /// The files of a split with the default hold-out ([`DEFAULT_TEST_FRACTION`]), keeping their
+    /// order.
     pub fn split(&self, split: Split) -> Vec<(PathBuf, u32)> {
+        self.split_with(split, DEFAULT_TEST_FRACTION)
+    }
+
+    /// The files of a split when `test_fraction` of each class is held out (see the module doc),
+    /// keeping their order. A fraction outside [0, 1) is clamped into it.
+    pub fn split_with(&self, split: Split, test_fraction: f64) -> Vec<(PathBuf, u32)> {
         let mut position = vec![0usize; self.classes.len()];
         self.files
             .iter()
             .filter(|(_, label)| {
                 let p = &mut position[*label as usize];
-                let held_out = is_held_out(*p);
+                let held_out = is_held_out_at(*p, test_fraction);
                 *p += 1;
                 match split {
                     Split::Train => !held_out,
@@ -68,11 +91,54 @@ impl FolderIndex {
             .cloned()
             .collect()
     }
+
+    /// The number of (training, test) files when `test_fraction` of each class is held out.
+    pub fn split_counts(&self, test_fraction: f64) -> (usize, usize) {
+        let test: usize = self
+            .class_counts()
+            .iter()
+            .map(|&n| held_out_count(n, test_fraction))
+            .sum();
+        (self.files.len() - test, test)
+    }
 }
 
-/// Whether the file at this 0-based position within its (sorted) class is in the test split.
+/// Whether the file at this 0-based position within its (sorted) class is in the test split of
+/// the default hold-out (every [`HOLDOUT_EVERY`]th file).
 pub fn is_held_out(position_in_class: usize) -> bool {
     position_in_class % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+}
+
+/// Whether the file at this 0-based position within its (sorted) class is in the test split when
+/// `test_fraction` of each class is held out: `floor((p + 1) f) > floor(p f)`. A fraction outside
+/// [0, 1) (or NaN) is clamped into it.
+pub fn is_held_out_at(position_in_class: usize, test_fraction: f64) -> bool {
+    held_out_count(position_in_class + 1, test_fraction)
+        > held_out_count(position_in_class, test_fraction)
+}
+
+/// How many of the first `n` files of a class are held out: `floor(n f)`, computed so that a
+/// decimal fraction such as 0.1 or 0.57 gives the exact count (a tiny margin absorbs the rounding
+/// of `n * f`).
+fn held_out_count(n: usize, test_fraction: f64) -> usize {
+    let f = if test_fraction.is_nan() {
+        0.0
+    } else {
+        test_fraction.clamp(0.0, 1.0)
+    };
+    (n as f64 * f + 1e-9).floor() as usize
+}
+
+/// Checks a test fraction: finite and in [0, 1).
+pub fn check_test_fraction(test_fraction: f64) -> Result<()> {
+    if (0.0..1.0).contains(&test_fraction) {
+        Ok(())
+    } else {
+        Err(DataError::Config(format!(
+            "test_fraction {test_fraction} is outside [0, 1): it is the share of each class held \
+             out for the test split (0 keeps every image for training, default 0.1)"
+        )))
+    }
 }
 
 fn is_image(path: &Path) -> bool {
@@ -98,38 +164,80 @@ fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
     Ok(out)
 }
 
-/// Lists the classes and image files of a folder.
+/// The name of a flat folder's one class: the folder's own name (resolved for `.` and the like).
+fn folder_name(root: &Path) -> String {
+    root.file_name()
+        .map(|n| n.to_owned())
+        .or_else(|| {
+            std::fs::canonicalize(root)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_owned()))
+        })
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".to_string())
+}
+
+/// Lists the classes and image files of a folder: class sub-folders, or images directly in it
+/// (one class named after the folder); both at once is an error naming the folder.
 pub fn scan(root: &Path) -> Result<FolderIndex> {
     if !root.is_dir() {
         return Err(DataError::MissingFile {
             path: root.into(),
-            hint: "expected a folder with one sub-folder of images per class (for Flowers run \
-                   `cargo xtask fetch-data flowers`)"
+            hint: "expected a folder of images, or one with a sub-folder of images per class \
+                   (for Flowers run `cargo xtask fetch-data flowers`)"
                 .to_string(),
         });
     }
+    let entries = sorted_entries(root)?;
+    let top_images: Vec<PathBuf> = entries
+        .iter()
+        .filter(|(_, path, is_dir)| !is_dir && is_image(path))
+        .map(|(_, path, _)| path.clone())
+        .collect();
     let mut index = FolderIndex {
         root: root.into(),
         classes: Vec::new(),
         files: Vec::new(),
+        flat: false,
     };
-    for (name, class_dir, is_dir) in sorted_entries(root)? {
+    let mut class_dirs_with_images = Vec::new();
+    for (name, class_dir, is_dir) in &entries {
         if !is_dir {
             continue;
         }
         let label = index.classes.len() as u32;
-        index.classes.push(name);
-        for (_, file, is_dir) in sorted_entries(&class_dir)? {
+        index.classes.push(name.clone());
+        let before = index.files.len();
+        for (_, file, is_dir) in sorted_entries(class_dir)? {
             if !is_dir && is_image(&file) {
                 index.files.push((file, label));
             }
         }
+        if index.files.len() > before {
+            class_dirs_with_images.push(name.clone());
+        }
+    }
+    if !top_images.is_empty() {
+        if !class_dirs_with_images.is_empty() {
+            return Err(DataError::MixedLayout {
+                path: root.into(),
+                top_level: top_images.len(),
+                class_folders: class_dirs_with_images,
+            });
+        }
+        // A flat folder: one class; sub-folders without images are ignored.
+        return Ok(FolderIndex {
+            root: root.into(),
+            classes: vec![folder_name(root)],
+            files: top_images.into_iter().map(|p| (p, 0)).collect(),
+            flat: true,
+        });
     }
     if index.files.is_empty() {
         return Err(DataError::Empty {
             path: root.into(),
             reason: format!(
-                "{} class folders, none holding .jpg, .jpeg, .png or .gif files",
+                "no .jpg, .jpeg, .png or .gif files in it or in its {} sub-folders",
                 index.classes.len()
             ),
         });
@@ -175,6 +283,15 @@ pub fn decode_image(bytes: Vec<u8>, path: &Path, size: u32) -> Result<Vec<u8>> {
             ),
         });
     }
+    // Decoders fill in whatever a cut-short file lacks (JPEG) or stop early without a word (a PNG
+    // without its IEND chunk): check that the file runs to its format's end marker before decoding
+    // (a file too short to hold its header has already failed above).
+    if let Err(reason) = check_image_complete(&bytes) {
+        return Err(DataError::TruncatedImage {
+            path: path.into(),
+            reason,
+        });
+    }
     let image = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| decode_err(image::ImageError::IoError(e)))?
@@ -188,6 +305,174 @@ pub fn decode_image(bytes: Vec<u8>, path: &Path, size: u32) -> Result<Vec<u8>> {
         });
     }
     Ok(transform::rgb_to_chw(&transform::resize_square(&rgb, size)))
+}
+
+/// Checks that the bytes of a JPEG, PNG or GIF file are complete: that they hold every segment,
+/// chunk or block they start and reach the format's end marker (JPEG's end-of-image `FF D9`,
+/// PNG's `IEND` chunk, GIF's trailer `3B`); the reason when they do not. Bytes after the end
+/// marker are allowed; other formats are left to the decoder.
+pub fn check_image_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => check_jpeg_complete(bytes),
+        Ok(ImageFormat::Png) => check_png_complete(bytes),
+        Ok(ImageFormat::Gif) => check_gif_complete(bytes),
+        _ => Ok(()),
+    }
+}
+
+fn cut_short(len: usize, what: &str, at: usize, end: &str) -> std::result::Result<(), String> {
+    Err(format!(
+        "the file ends ({len} bytes) {what} at byte {at}, before the {end}: it is cut short (an \
+         interrupted copy or download?)"
+    ))
+}
+
+/// PNG: the 8-byte signature, then chunks of (length, type, data, CRC) up to `IEND`.
+fn check_png_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let len = bytes.len();
+    let mut pos = 8;
+    loop {
+        let Some(head) = bytes.get(pos..pos + 8) else {
+            return cut_short(len, "inside a chunk header", pos, "PNG IEND chunk");
+        };
+        let data = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let end = pos.saturating_add(12).saturating_add(data);
+        if end > len {
+            let name = String::from_utf8_lossy(&head[4..8]).into_owned();
+            return cut_short(
+                len,
+                &format!("inside chunk {name:?} ({data} bytes)"),
+                pos,
+                "PNG IEND chunk",
+            );
+        }
+        if &head[4..8] == b"IEND" {
+            return Ok(());
+        }
+        pos = end;
+    }
+}
+
+/// GIF: header, logical screen descriptor and global colour table, then extension and image
+/// blocks (each a chain of sub-blocks ended by a zero length) up to the trailer `3B`.
+fn check_gif_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    const END: &str = "GIF trailer";
+    let len = bytes.len();
+    let table = |packed: u8| {
+        if packed & 0x80 != 0 {
+            3usize << ((packed & 7) + 1)
+        } else {
+            0
+        }
+    };
+    let Some(&packed) = bytes.get(10) else {
+        return cut_short(len, "inside the header", 0, END);
+    };
+    let mut pos = 13 + table(packed);
+    // Skips a chain of sub-blocks starting at `pos`; the position after its zero terminator.
+    let sub_blocks = |mut pos: usize| -> std::result::Result<usize, usize> {
+        loop {
+            match bytes.get(pos) {
+                None => return Err(pos),
+                Some(0) => return Ok(pos + 1),
+                Some(&n) => pos += 1 + usize::from(n),
+            }
+        }
+    };
+    loop {
+        match bytes.get(pos) {
+            None => return cut_short(len, "between blocks", pos, END),
+            Some(0x3B) => return Ok(()),
+            Some(0x21) => {
+                pos = sub_blocks(pos + 2)
+                    .or_else(|at| cut_short(len, "inside an extension block", at, END).map(|_| 0))?
+            }
+            Some(0x2C) => {
+                let Some(&packed) = bytes.get(pos + 9) else {
+                    return cut_short(len, "inside an image descriptor", pos, END);
+                };
+                // Descriptor (10 bytes), local colour table, LZW code size, then the data.
+                let data = pos + 10 + table(packed) + 1;
+                pos = sub_blocks(data)
+                    .or_else(|at| cut_short(len, "inside the image data", at, END).map(|_| 0))?
+            }
+            Some(&other) => {
+                return Err(format!(
+                    "unexpected byte {other:#04x} at byte {pos} where a GIF block should start"
+                ))
+            }
+        }
+    }
+}
+
+/// Checks that the bytes of a JPEG file hold every segment they start and reach the end-of-image
+/// marker (`FF D9`); the reason when they do not. Bytes after the marker are allowed.
+///
+/// The walk follows the marker segments (each with its 2-byte length) and, after each start of
+/// scan, the entropy-coded data up to the next marker (`FF 00` is a stuffed byte, `FF D0`..`FF D7`
+/// restart markers, `FF FF` fill), so a file cut anywhere before its end-of-image marker is caught.
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let len = bytes.len();
+    let cut = |what: &str, at: usize| cut_short(len, what, at, "JPEG end-of-image marker");
+    if len < 2 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return Err("no JPEG start-of-image marker (FF D8)".to_string());
+    }
+    let mut pos = 2;
+    loop {
+        // Find the next marker: decoders skip stray bytes before it, and so do we.
+        while pos < len && bytes[pos] != 0xFF {
+            pos += 1;
+        }
+        while pos < len && bytes[pos] == 0xFF {
+            pos += 1;
+        }
+        let Some(&marker) = bytes.get(pos) else {
+            return cut("while looking for the next marker", pos);
+        };
+        pos += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Markers without a length: TEM, RSTn, SOI, and a stuffed zero.
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        let (Some(&hi), Some(&lo)) = (bytes.get(pos), bytes.get(pos + 1)) else {
+            return cut(
+                &format!("inside the length of segment FF {marker:02X}"),
+                pos,
+            );
+        };
+        let seg = usize::from(u16::from_be_bytes([hi, lo]));
+        if seg < 2 {
+            return Err(format!(
+                "segment FF {marker:02X} at byte {} declares a length of {seg}",
+                pos - 2
+            ));
+        }
+        if pos + seg > len {
+            return cut(
+                &format!("inside segment FF {marker:02X} ({seg} bytes)"),
+                pos - 2,
+            );
+        }
+        pos += seg;
+        if marker == 0xDA {
+            // Entropy-coded data up to the next marker that is not a restart or stuffing.
+            loop {
+                while pos < len && bytes[pos] != 0xFF {
+                    pos += 1;
+                }
+                let Some(&next) = bytes.get(pos + 1) else {
+                    return cut("inside the compressed image data", pos);
+                };
+                match next {
+                    0x00 | 0xD0..=0xD7 => pos += 2,
+                    0xFF => pos += 1,
+                    _ => break,
+                }
+            }
+        }
+    }
 }
 
 /// Runs `f(i)` for `i` in `0..n` on `threads` threads, returning the results in order.
@@ -381,6 +666,180 @@ mod tests {
         assert_eq!(ok.labels.len(), 2);
         assert_eq!(ok.skipped, vec![bad, truncated]);
         assert_eq!(ok.pixels.len(), 2 * 3 * 16);
+    }
+
+    /// A 64x64 JPEG of noise (a few KB, so that a cut leaves part of its compressed data).
+    fn noisy_jpeg() -> Vec<u8> {
+        let mut state = 12345u32;
+        let img = RgbImage::from_fn(64, 64, |_, _| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let [a, b, c, _] = state.to_le_bytes();
+            Rgb([a, b, c])
+        });
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+            .unwrap();
+        jpeg
+    }
+
+    #[test]
+    fn truncated_jpegs_are_errors_naming_the_file_or_are_skipped() {
+        let jpeg = noisy_jpeg();
+        assert!(jpeg.len() > 3000, "{} bytes", jpeg.len());
+        assert_eq!(check_image_complete(&jpeg), Ok(()));
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.jpg");
+        std::fs::write(&good, &jpeg).unwrap();
+        assert_eq!(load_image(&good, 8).unwrap().len(), 3 * 64);
+        // Bytes after the end-of-image marker are allowed.
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"trailer");
+        let path = dir.path().join("trailing.jpg");
+        std::fs::write(&path, &trailing).unwrap();
+        assert!(load_image(&path, 8).is_ok());
+        let n = jpeg.len();
+        for cut in [
+            3,
+            100,
+            700,
+            800,
+            900,
+            1000,
+            1030,
+            n / 2,
+            n - 100,
+            n - 2,
+            n - 1,
+        ] {
+            let path = dir.path().join(format!("cut{cut}.jpg"));
+            std::fs::write(&path, &jpeg[..cut]).unwrap();
+            match load_image(&path, 8) {
+                Err(e @ DataError::TruncatedImage { .. }) => {
+                    assert!(e.to_string().contains(&format!("cut{cut}.jpg")), "{e}")
+                }
+                // Too short for a header: the decoder says so.
+                Err(DataError::Decode { .. }) if cut <= 100 => {}
+                other => panic!("{cut} of {n} bytes: expected TruncatedImage, got {other:?}"),
+            }
+        }
+        // In a folder: the load stops with the file's name, or skips and counts it.
+        let folder = dir.path().join("set");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("a.jpg"), &jpeg).unwrap();
+        std::fs::write(folder.join("b.jpg"), &jpeg[..1030]).unwrap();
+        let index = scan(&folder).unwrap();
+        let err = decode_all(&index.files, 8, 2, false).unwrap_err();
+        assert!(
+            matches!(&err, DataError::TruncatedImage { path, .. } if path.ends_with("b.jpg")),
+            "{err}"
+        );
+        let ok = decode_all(&index.files, 8, 2, true).unwrap();
+        assert_eq!((ok.labels.len(), ok.skipped.len()), (1, 1));
+    }
+
+    #[test]
+    fn truncated_pngs_and_gifs_are_errors() {
+        let jpeg = noisy_jpeg();
+        let img = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+        let dir = tempfile::tempdir().unwrap();
+        for format in [image::ImageFormat::Png, image::ImageFormat::Gif] {
+            let mut bytes = Vec::new();
+            let encoded = if format == image::ImageFormat::Gif {
+                image::DynamicImage::ImageRgb8(img.clone())
+                    .to_rgba8()
+                    .into()
+            } else {
+                image::DynamicImage::ImageRgb8(img.clone())
+            };
+            encoded
+                .write_to(&mut Cursor::new(&mut bytes), format)
+                .unwrap();
+            assert_eq!(check_image_complete(&bytes), Ok(()), "{format:?}");
+            let n = bytes.len();
+            let mut decoded = Vec::new();
+            for cut in [7, 12, 20, 700, 1030, n / 2, n - 20, n - 2, n - 1] {
+                let path = dir
+                    .path()
+                    .join(format!("cut{cut}.{}", format.extensions_str()[0]));
+                std::fs::write(&path, &bytes[..cut]).unwrap();
+                match load_image(&path, 8) {
+                    Err(e) => assert!(e.to_string().contains(&format!("cut{cut}")), "{e}"),
+                    Ok(_) => decoded.push(cut),
+                }
+            }
+            assert!(
+                decoded.is_empty(),
+                "{format:?} of {n} bytes cut at {decoded:?} decoded"
+            );
+            bytes.extend_from_slice(b"trailer");
+            assert_eq!(check_image_complete(&bytes), Ok(()), "{format:?}");
+        }
+    }
+
+    #[test]
+    fn flat_folders_are_one_class_and_mixed_layouts_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let flat = dir.path().join("cats");
+        std::fs::create_dir(&flat).unwrap();
+        for i in 0..12 {
+            RgbImage::from_pixel(4, 4, Rgb([i, 0, 0]))
+                .save(flat.join(format!("{i:02}.png")))
+                .unwrap();
+        }
+        std::fs::write(flat.join("notes.txt"), "x").unwrap();
+        std::fs::create_dir(flat.join("empty")).unwrap();
+        let index = scan(&flat).unwrap();
+        assert!(index.flat);
+        assert_eq!(index.classes, vec!["cats"]);
+        assert_eq!(index.files.len(), 12);
+        assert_eq!(index.split(Split::Test).len(), 1);
+        // A folder given as `.`-like path is named after what it resolves to.
+        let index = scan(&flat.join("empty/..")).unwrap();
+        assert_eq!(index.classes.len(), 1);
+
+        make_folder(&flat, &[("kittens", 2)]);
+        let err = scan(&flat).unwrap_err();
+        assert!(matches!(err, DataError::MixedLayout { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("cats") && text.contains("kittens"), "{text}");
+    }
+
+    #[test]
+    fn test_fractions_hold_out_floor_n_f_per_class_spread_evenly() {
+        // 0.1 is the every-10th hold-out.
+        for p in 0..1000 {
+            assert_eq!(is_held_out_at(p, 0.1), is_held_out(p), "position {p}");
+            assert!(!is_held_out_at(p, 0.0));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        make_folder(dir.path(), &[("a", 25), ("b", 9)]);
+        let index = scan(dir.path()).unwrap();
+        assert_eq!(index.split_with(Split::Test, 0.1), index.split(Split::Test));
+        assert_eq!(index.split_counts(0.1), (32, 2));
+        assert_eq!(index.split_counts(0.0), (34, 0));
+        assert!(index.split_with(Split::Test, 0.0).is_empty());
+        assert_eq!(index.split_with(Split::Train, 0.0).len(), 34);
+        // floor(25 / 4) + floor(9 / 4) = 6 + 2; positions 3, 7, 11, ...
+        assert_eq!(index.split_counts(0.25), (26, 8));
+        let test = index.split_with(Split::Test, 0.25);
+        assert!(test[0].0.ends_with("a/img03.png") && test[1].0.ends_with("a/img07.png"));
+        // Decimal fractions give exact counts although n * f rounds below the integer.
+        for (n, f, held) in [
+            (100, 0.57, 57),
+            (100, 0.29, 29),
+            (1000, 0.3, 300),
+            (7, 0.5, 3),
+        ] {
+            assert_eq!(held_out_count(n, f), held, "{n} * {f}");
+            assert_eq!((0..n).filter(|&p| is_held_out_at(p, f)).count(), held);
+        }
+        assert!(check_test_fraction(0.0).is_ok() && check_test_fraction(0.99).is_ok());
+        for bad in [1.0, -0.1, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                check_test_fraction(bad),
+                Err(DataError::Config(_))
+            ));
+        }
     }
 
     #[test]

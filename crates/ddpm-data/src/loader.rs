@@ -310,7 +310,7 @@ impl Loader {
                 "data shard {rank} of {world}: the rank must be below the world size"
             )));
         }
-        if self.plan.batch_size % world != 0 {
+        if !self.plan.batch_size.is_multiple_of(world) {
             return Err(DataError::Config(format!(
                 "batch size {} does not divide among {world} data-parallel ranks",
                 self.plan.batch_size

@@ -106,8 +106,8 @@ impl fmt::Display for DatasetSpec {
 /// Which part of a data set to load.
 ///
 /// MNIST and CIFAR-10 use their canonical splits. Where a data set has none, a fixed hold-out is
-/// used: see [`crate::folder::is_held_out`] for image folders and [`crate::mnist`] for MNIST when
-/// only its t10k files are present.
+/// used: see [`crate::folder`] (and [`DataConfig::test_fraction`]) for image folders and
+/// [`crate::mnist`] for MNIST when only its t10k files are present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
@@ -146,7 +146,7 @@ impl fmt::Display for Split {
 }
 
 /// How to read and transform a data set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DataConfig {
     /// The data root holding `mnist/`, `cifar10/` and `flowers/` (default `data`).
@@ -160,6 +160,10 @@ pub struct DataConfig {
     pub skip_corrupt: bool,
     /// Threads used to decode and resize images when a data set is opened; `None` uses all cores.
     pub threads: Option<usize>,
+    /// The share of each class of an image folder (Flowers included) held out for the test split,
+    /// in [0, 1); default [`crate::folder::DEFAULT_TEST_FRACTION`] (0.1: every 10th file). 0 puts
+    /// every image in the training split and leaves the test split empty. See [`crate::folder`].
+    pub test_fraction: f64,
 }
 
 impl Default for DataConfig {
@@ -170,6 +174,7 @@ impl Default for DataConfig {
             flip: None,
             skip_corrupt: false,
             threads: None,
+            test_fraction: crate::folder::DEFAULT_TEST_FRACTION,
         }
     }
 }
@@ -233,6 +238,9 @@ mod tests {
         assert_eq!(cfg.image_size, Some(64));
         assert_eq!(cfg.root, PathBuf::from("data"));
         assert!(!cfg.skip_corrupt);
+        assert_eq!(cfg.test_fraction, crate::folder::DEFAULT_TEST_FRACTION);
+        let cfg: DataConfig = serde_json::from_str(r#"{"test_fraction": 0.0}"#).unwrap();
+        assert_eq!(cfg.test_fraction, 0.0);
     }
 
     #[test]

@@ -5,9 +5,14 @@
 //!
 //! - **Verification.** Every file is checked before it is placed: MNIST's four IDX files and
 //!   CIFAR-10's archive against the md5 checksums torchvision pins ([`MNIST_FILES`],
-//!   [`CIFAR10_MD5`]), plus the mirror's `SHA256SUMS` where a mirror has one. A Flowers mirror must
-//!   list every file in `flowers/SHA256SUMS`. A mismatch deletes what was fetched and names the
-//!   file.
+//!   [`CIFAR10_MD5`]), the Flowers archive against its pinned size and SHA-256
+//!   ([`FLOWERS_SIZE`], [`FLOWERS_SHA256`]), plus the mirror's `SHA256SUMS` where a mirror has
+//!   one. A Flowers mirror must list every file in `flowers/SHA256SUMS`. A mismatch deletes what
+//!   was fetched and names the file.
+//! - **Safe extraction.** Archives are extracted into the staging directory only: an entry with
+//!   an absolute path or one that climbs out with `..` stops the fetch; links, devices and FIFOs
+//!   are never created; the number of entries and the size of each file and of all of them are
+//!   bounded.
 //! - **Atomic placement.** Files are fetched into `<data>/.<name>.partial/`, checked, arranged in
 //!   the final layout there, a marker file ([`MARKER`]) recording each file's size and checksum is
 //!   written last, and the directory is renamed into place: an interrupted fetch never leaves a
@@ -23,13 +28,17 @@
 //!   for [`FetchOptions::from_env`]. A mirror holding only MNIST's t10k files is accepted: the
 //!   fetch says so and places them, and [`crate::mnist`] then holds out a fixed part of them.
 //!
-//! **Flowers from upstream.** The 5-class "Flowers Recognition" set that the mirror holds (4,317
-//! images) is distributed by Kaggle behind a login, so there is no public URL to pin. The default
-//! upstream archive is TensorFlow's public `flower_photos.tgz` ([`FLOWERS_URL`]: 3,670 images in
-//! `daisy`, `dandelion`, `roses`, `sunflowers`, `tulips`), a related but different set. Its
-//! SHA-256 could not be checked from the offline machines this was written on, so none is pinned:
-//! an upstream Flowers fetch requires [`FetchOptions::flowers_sha256`] (a checksum you trust; any
-//! `.tar.gz` of class folders works with [`FetchOptions::flowers_url`]), or use a mirror.
+//! **Flowers from upstream.** The default Flowers source is TensorFlow's public
+//! `flower_photos.tgz` ([`FLOWERS_URLS`], tried in order): 3,670 photos in five classes, `daisy`
+//! 633, `dandelion` 898, `roses` 641, `sunflowers` 699, `tulips` 799 ([`FLOWERS_CLASSES`]), under
+//! a top folder `flower_photos/` with a `LICENSE.txt`. Its size and SHA-256 are pinned
+//! ([`FLOWERS_SIZE`], [`FLOWERS_SHA256`]); the top folder is stripped, so the classes land in
+//! `<data>/flowers/<class>/`, with `LICENSE.txt` beside them. The 5-class "Flowers Recognition"
+//! set of 4,317 images (`daisy`, `dandelion`, `rose`, `sunflower`, `tulip`) is distributed by
+//! Kaggle behind a login, so it has no public URL; it is read from a mirror
+//! ([`Source::Dir`]/[`Source::Url`], `--from` or [`MIRROR_ENV`]), verified against the mirror's
+//! `flowers/SHA256SUMS`. Another archive of class folders can be fetched with
+//! [`FetchOptions::flowers_url`] and [`FetchOptions::flowers_sha256`] (a checksum you trust).
 
 mod checksum;
 mod store;
@@ -43,7 +52,7 @@ pub use checksum::Checksum;
 pub use store::MARKER;
 
 use checksum::{is_hex, verify_file, ChecksumList};
-use store::{check_marker, extract_tar_gz, list_files, FileRecord, Marker, Staging};
+use store::{check_marker, extract_tar_gz, list_files, ExtractLimits, FileRecord, Marker, Staging};
 use transfer::{is_not_found, is_transient, Location, Transfer};
 
 use crate::cifar;
@@ -87,16 +96,33 @@ pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.
 /// The md5 of CIFAR-10's binary archive, as pinned by torchvision.
 pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 
-/// The default upstream Flowers archive (see the module doc: no checksum is pinned for it).
-pub const FLOWERS_URL: &str =
-    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz";
+/// The default upstream Flowers archive, TensorFlow's `flower_photos.tgz` (see the module doc).
+pub const FLOWERS_URL: &str = "http://download.tensorflow.org/example_images/flower_photos.tgz";
+/// Where the default Flowers archive is published, tried in order: [`FLOWERS_URL`], then the
+/// storage bucket behind it (the same file).
+pub const FLOWERS_URLS: [&str; 2] = [
+    FLOWERS_URL,
+    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz",
+];
+/// The size in bytes of the default Flowers archive.
+pub const FLOWERS_SIZE: u64 = 228_813_984;
+/// The SHA-256 of the default Flowers archive.
+pub const FLOWERS_SHA256: &str = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c";
+/// The classes of the default Flowers archive and their numbers of images (3,670 in all).
+pub const FLOWERS_CLASSES: [(&str, usize); 5] = [
+    ("daisy", 633),
+    ("dandelion", 898),
+    ("roses", 641),
+    ("sunflowers", 699),
+    ("tulips", 799),
+];
 
 /// Where to fetch from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// The data sets' public upstream addresses.
     Upstream,
-    /// A local mirror directory laid out like `shared/data` (`mnist/`, `cifar10/`, `flowers/`).
+    /// A local mirror directory laid out as `mnist/`, `cifar10/`, `flowers/` (see the module doc).
     Dir(PathBuf),
     /// A mirror at another base URL, with the same layout.
     Url(String),
@@ -182,10 +208,11 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// Whether to draw progress bars (on a terminal).
     pub progress: bool,
-    /// The upstream Flowers archive (a `.tar.gz`/`.tgz` of class folders; URL or path); default
-    /// [`FLOWERS_URL`].
+    /// The upstream Flowers archive (a `.tar.gz`/`.tgz` of class folders; URL or path) instead of
+    /// the default [`FLOWERS_URLS`]; needs [`FetchOptions::flowers_sha256`].
     pub flowers_url: Option<String>,
-    /// The SHA-256 of the upstream Flowers archive, required to fetch it (none is pinned).
+    /// The SHA-256 of the upstream Flowers archive instead of the pinned [`FLOWERS_SHA256`];
+    /// required with [`FetchOptions::flowers_url`].
     pub flowers_sha256: Option<String>,
 }
 
@@ -276,12 +303,37 @@ impl fmt::Display for FetchReport {
     }
 }
 
-/// Whether a data set has been fetched into `data_dir` and is still intact (a cheap check of the
-/// marker and file sizes). A folder counts as fetched when it exists.
+/// Whether a data set is in `data_dir`: fetched and still intact (a cheap check of the marker and
+/// file sizes), or placed there by hand in the layout its reader expects (see [`is_hand_placed`]).
+/// A folder counts when it exists.
 pub fn is_fetched(spec: &DatasetSpec, data_dir: &Path) -> bool {
     match spec {
         DatasetSpec::Folder(path) => path.is_dir(),
-        other => check_marker(&other.dir(data_dir), other.name()).is_some(),
+        other => {
+            let dir = other.dir(data_dir);
+            check_marker(&dir, other.name()).is_some() || is_hand_placed(other, &dir)
+        }
+    }
+}
+
+/// Whether `dir` holds a data set copied there by hand, without a fetch marker: MNIST's t10k or
+/// train IDX pair (gzip-compressed or not), CIFAR-10's `cifar-10-batches-bin/test_batch.bin`, or
+/// at least one class folder of Flowers. Such data is used as it is: the readers check its
+/// format, but no checksum (there is nothing to compare with). A directory with a fetch marker is
+/// never hand-placed: a marker that no longer matches means a damaged fetch, which is fetched again.
+pub fn is_hand_placed(spec: &DatasetSpec, dir: &Path) -> bool {
+    if dir.join(MARKER).exists() {
+        return false;
+    }
+    let present = |name: &str| dir.join(name).is_file() || dir.join(format!("{name}.gz")).is_file();
+    match spec {
+        DatasetSpec::Mnist => {
+            (present(crate::mnist::TEST_IMAGES) && present(crate::mnist::TEST_LABELS))
+                || (present(crate::mnist::TRAIN_IMAGES) && present(crate::mnist::TRAIN_LABELS))
+        }
+        DatasetSpec::Cifar10 => dir.join(cifar::BATCH_DIR).join(cifar::TEST_FILE).is_file(),
+        DatasetSpec::Flowers => folder::scan(dir).is_ok_and(|index| !index.files.is_empty()),
+        DatasetSpec::Folder(_) => false,
     }
 }
 
@@ -409,6 +461,23 @@ fn missing_at_mirror(e: DataError, source: &Source, file: &str, hint: &str) -> D
     }
 }
 
+/// What a fetched file must be: its checksums, and its size where that is pinned.
+#[derive(Debug, Clone, Copy)]
+struct Expected<'a> {
+    checksums: &'a [Checksum],
+    size: Option<u64>,
+}
+
+impl<'a> Expected<'a> {
+    /// Checksums only.
+    fn sums(checksums: &'a [Checksum]) -> Self {
+        Expected {
+            checksums,
+            size: None,
+        }
+    }
+}
+
 /// Fetches one file from the first location that has it into `dest`, verified.
 fn fetch_verified(
     transfer: &Transfer,
@@ -416,9 +485,13 @@ fn fetch_verified(
     opts: &FetchOptions,
     label: &str,
     locations: &[Location],
-    expected: &[Checksum],
+    expected: Expected<'_>,
     dest: &Path,
 ) -> Result<checksum::Digests> {
+    let Expected {
+        checksums: expected,
+        size,
+    } = expected;
     let file_name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -429,7 +502,7 @@ fn fetch_verified(
         "no location to fetch {label} from"
     )));
     for location in locations {
-        result = transfer.fetch(location, &part, Some(&bar));
+        result = transfer.fetch(location, &part, Some(&bar), size);
         match &result {
             Ok(()) => break,
             Err(e) if locations.len() > 1 => tracing::warn!("{}", e.chain()),
@@ -438,6 +511,20 @@ fn fetch_verified(
     }
     bar.finish();
     result?;
+    if let Some(size) = size {
+        let actual = std::fs::metadata(&part)
+            .map_err(DataError::io(&part))?
+            .len();
+        if actual != size {
+            let _ = std::fs::remove_file(&part);
+            return Err(DataError::SizeMismatch {
+                file: label.to_string(),
+                expected: size,
+                actual,
+                hint: opts.mismatch_hint(),
+            });
+        }
+    }
     let digests = verify_file(&part, label, expected, &opts.mismatch_hint())?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
@@ -480,7 +567,13 @@ fn fetch_mnist(opts: &FetchOptions) -> Result<FetchReport> {
             let label = format!("mnist/{name}");
             let dest = staging.tree.join(name);
             match fetch_verified(
-                transfer, staging, opts, &label, &locations, &expected, &dest,
+                transfer,
+                staging,
+                opts,
+                &label,
+                &locations,
+                Expected::sums(&expected),
+                &dest,
             ) {
                 Ok(d) => marker.files.push(FileRecord {
                     path: name.to_string(),
@@ -559,17 +652,23 @@ fn fetch_cifar_archive(
     staged(spec, opts, |staging, transfer| {
         let archive = staging.downloads.join(CIFAR10_ARCHIVE);
         let digests = fetch_verified(
-            transfer, staging, opts, &label, &locations, &expected, &archive,
+            transfer,
+            staging,
+            opts,
+            &label,
+            &locations,
+            Expected::sums(&expected),
+            &archive,
         )
         .map_err(|e| missing_at_mirror(e, &opts.source, &label, &hint))?;
         tracing::info!("extracting {CIFAR10_ARCHIVE}");
-        extract_tar_gz(&archive, &staging.extract)?;
+        extract_tar_gz(&archive, &staging.extract, &label, ExtractLimits::default())?;
         let batches = staging.extract.join(cifar::BATCH_DIR);
         for name in cifar::TRAIN_FILES.iter().chain([&cifar::TEST_FILE]) {
             let len = std::fs::metadata(batches.join(name))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            if len == 0 || len % cifar::RECORD_LEN as u64 != 0 {
+            if len == 0 || !len.is_multiple_of(cifar::RECORD_LEN as u64) {
                 return Err(DataError::ArchiveLayout {
                     archive: label.clone(),
                     reason: format!(
@@ -612,62 +711,110 @@ fn fetch_flowers(opts: &FetchOptions) -> Result<FetchReport> {
     }
     match &opts.source {
         Source::Upstream => {
-            let url = opts
-                .flowers_url
-                .clone()
-                .unwrap_or_else(|| FLOWERS_URL.to_string());
-            let sha = opts
-                .flowers_sha256
-                .as_deref()
-                .map(str::trim)
-                .unwrap_or_default();
-            if !is_hex(sha, 64) {
-                return Err(DataError::NoChecksum {
-                    what: url,
-                    hint: "no SHA-256 is pinned for an upstream Flowers archive (the mirror's Kaggle \
-                           set has no public URL, and TensorFlow's flower_photos.tgz could not be \
-                           checked offline); pass the archive's SHA-256 you trust (--flowers-sha256), \
-                           or fetch from a mirror (--from DIR_OR_URL or DDPM_DATA_MIRROR) whose \
-                           flowers/SHA256SUMS lists every file"
-                        .to_string(),
-                });
-            }
-            let location = match Source::parse(&url) {
-                Source::Dir(path) => Location::Path(path),
-                _ => Location::Url(url),
-            };
-            fetch_flowers_archive(opts, location, Checksum::Sha256(sha.to_ascii_lowercase()))
+            let archive = flowers_archive(opts)?;
+            fetch_flowers_archive(opts, archive)
         }
         mirror => fetch_flowers_mirror(opts, mirror),
     }
 }
 
-fn fetch_flowers_archive(
-    opts: &FetchOptions,
-    location: Location,
-    expected: Checksum,
-) -> Result<FetchReport> {
+/// An upstream Flowers archive to fetch: where, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FlowersArchive {
+    /// Tried in order.
+    locations: Vec<Location>,
+    /// Its SHA-256, lowercase hex.
+    sha256: String,
+    /// Its size, when it is the pinned archive.
+    size: Option<u64>,
+}
+
+/// The archive the options ask for: the pinned TensorFlow archive by default;
+/// [`FetchOptions::flowers_url`] with [`FetchOptions::flowers_sha256`] for another one.
+fn flowers_archive(opts: &FetchOptions) -> Result<FlowersArchive> {
+    let url = opts
+        .flowers_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty());
+    let sha = opts
+        .flowers_sha256
+        .as_deref()
+        .map(str::trim)
+        .filter(|h| !h.is_empty());
+    if let Some(sha) = sha {
+        if !is_hex(sha, 64) {
+            return Err(DataError::Config(format!(
+                "--flowers-sha256 {sha:?} is not a SHA-256: expected 64 hexadecimal digits"
+            )));
+        }
+    }
+    let is_pinned_url = |u: &str| FLOWERS_URLS.contains(&u);
+    let sha256 = match (url, sha) {
+        (_, Some(sha)) => sha.to_ascii_lowercase(),
+        (None, None) => FLOWERS_SHA256.to_string(),
+        (Some(u), None) if is_pinned_url(u) => FLOWERS_SHA256.to_string(),
+        (Some(u), None) => {
+            return Err(DataError::NoChecksum {
+                what: u.to_string(),
+                hint: format!(
+                    "an archive other than the pinned one ({FLOWERS_URL}) needs the SHA-256 you \
+                     trust for it (--flowers-sha256 HEX); or leave out --flowers-url to fetch \
+                     the pinned archive, or fetch from a mirror (--from DIR_OR_URL or \
+                     {MIRROR_ENV}) whose flowers/SHA256SUMS lists every file"
+                ),
+            })
+        }
+    };
+    let locations = match url {
+        Some(u) => vec![match Source::parse(u) {
+            Source::Dir(path) => Location::Path(path),
+            _ => Location::Url(u.to_string()),
+        }],
+        None => FLOWERS_URLS
+            .iter()
+            .map(|u| Location::Url(u.to_string()))
+            .collect(),
+    };
+    let size = (sha256 == FLOWERS_SHA256).then_some(FLOWERS_SIZE);
+    Ok(FlowersArchive {
+        locations,
+        sha256,
+        size,
+    })
+}
+
+fn fetch_flowers_archive(opts: &FetchOptions, archive: FlowersArchive) -> Result<FetchReport> {
     staged(DatasetSpec::Flowers, opts, |staging, transfer| {
-        let name = location.to_string();
-        let name = name
-            .rsplit('/')
+        let first = archive
+            .locations
+            .first()
+            .map(|l| l.to_string())
+            .unwrap_or_default();
+        let name = first
+            .rsplit(['/', '\\'])
             .next()
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
             .unwrap_or("flowers.tgz")
             .to_string();
-        let archive = staging.downloads.join(&name);
+        let path = staging.downloads.join(&name);
         let label = format!("flowers/{name}");
+        let expected = Checksum::Sha256(archive.sha256.clone());
         let digests = fetch_verified(
             transfer,
             staging,
             opts,
             &label,
-            std::slice::from_ref(&location),
-            std::slice::from_ref(&expected),
-            &archive,
+            &archive.locations,
+            Expected {
+                checksums: std::slice::from_ref(&expected),
+                size: archive.size,
+            },
+            &path,
         )?;
         tracing::info!("extracting {name}");
-        extract_tar_gz(&archive, &staging.extract)?;
+        let extracted = extract_tar_gz(&path, &staging.extract, &label, ExtractLimits::default())?;
+        // Strip the top folder (flower_photos/): its class folders and licence go into place.
         let root = class_root(&staging.extract)?;
         for (class, dir) in image_subdirs(&root)? {
             let dest = staging.tree.join(&class);
@@ -676,11 +823,30 @@ fn fetch_flowers_archive(
             }
             std::fs::rename(&dir, &dest).map_err(DataError::io(&dest))?;
         }
-        folder::scan(&staging.tree).map_err(|e| DataError::ArchiveLayout {
-            archive: label.clone(),
-            reason: format!("expected one folder of images per class: {e}"),
-        })?;
-        let mut marker = Marker::new("flowers", format!("{location}"), true);
+        for entry in std::fs::read_dir(&root).map_err(DataError::io(&root))? {
+            let entry = entry.map_err(DataError::io(&root))?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file && file_name.to_ascii_uppercase().starts_with("LICENSE") {
+                let dest = staging.tree.join(&file_name);
+                std::fs::rename(entry.path(), &dest).map_err(DataError::io(&dest))?;
+            }
+        }
+        let index = folder::scan(&staging.tree)
+            .ok()
+            .filter(|index| !index.flat)
+            .ok_or_else(|| DataError::ArchiveLayout {
+                archive: label.clone(),
+                reason: "expected one folder of images per class (under one top folder or none)"
+                    .to_string(),
+            })?;
+        let source = archive
+            .locations
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        let mut marker = Marker::new("flowers", source, true);
         marker.archive = Some(FileRecord {
             path: name,
             size: digests.size,
@@ -696,6 +862,23 @@ fn fetch_flowers_archive(
                 sha256: None,
             })
             .collect();
+        let counts: Vec<String> = index
+            .classes
+            .iter()
+            .zip(index.class_counts())
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        marker.notes.push(format!(
+            "{} images from an archive verified against its SHA-256; classes: {}",
+            index.files.len(),
+            counts.join(", ")
+        ));
+        if !extracted.skipped.is_empty() {
+            marker.notes.push(format!(
+                "{} archive entries that are not plain files or folders were not extracted",
+                extracted.skipped.len()
+            ));
+        }
         Ok(marker)
     })
 }
@@ -785,7 +968,7 @@ fn fetch_flowers_mirror(opts: &FetchOptions, mirror: &Source) -> Result<FetchRep
                     .locate("flowers", rel)
                     .expect("a mirror has locations");
                 transfer
-                    .fetch(&location, &part, None)
+                    .fetch(&location, &part, None, None)
                     .map_err(|e| missing_at_mirror(e, mirror, &label, sums_hint))?;
                 verify_file(&part, &label, &expected, &opts.mismatch_hint())?;
                 if let Some(parent) = dest.parent() {

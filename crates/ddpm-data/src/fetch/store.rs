@@ -2,8 +2,8 @@
 //! atomic rename into place, and safe archive extraction.
 
 use std::fs::File;
-use std::io::{BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufReader, Read, Write};
+use std::path::{Component, Path, PathBuf};
 
 use flate2::read::GzDecoder;
 use serde::{Deserialize, Serialize};
@@ -150,38 +150,159 @@ impl Staging {
     }
 }
 
-/// Extracts the regular files and directories of a `.tar.gz` into `dest` (emptied first); an
-/// entry whose path would leave `dest` is an error.
-pub(crate) fn extract_tar_gz(archive: &Path, dest: &Path) -> Result<()> {
+/// Bounds on what extracting one archive may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExtractLimits {
+    /// The most entries (files, directories, links...) an archive may hold.
+    pub max_entries: usize,
+    /// The most bytes all entries together may declare (written or skipped).
+    pub max_total_bytes: u64,
+    /// The largest single file.
+    pub max_file_bytes: u64,
+}
+
+impl Default for ExtractLimits {
+    /// Room for the data sets' archives (Flowers: 3,676 entries, 230 MB; CIFAR-10: 8 files,
+    /// 185 MB, the largest 31 MB) many times over, and no more.
+    fn default() -> Self {
+        ExtractLimits {
+            max_entries: 200_000,
+            max_total_bytes: 8 << 30,
+            max_file_bytes: 1 << 30,
+        }
+    }
+}
+
+/// What an extraction wrote and left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Extracted {
+    /// Regular files written.
+    pub files: usize,
+    /// Their total size.
+    pub bytes: u64,
+    /// Entries not written (symbolic and hard links, devices, FIFOs...), with their kinds.
+    pub skipped: Vec<String>,
+}
+
+/// The path of an archive entry as a safe relative path: no `..`, not absolute, not empty.
+fn safe_relative(raw: &Path) -> std::result::Result<PathBuf, &'static str> {
+    let mut out = PathBuf::new();
+    for component in raw.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("its path climbs out with `..`"),
+            Component::RootDir | Component::Prefix(_) => return Err("its path is absolute"),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err("its path is empty");
+    }
+    Ok(out)
+}
+
+/// Extracts the regular files and directories of a `.tar.gz` into `dest` (emptied first).
+///
+/// Safe on hostile archives: an entry whose path is absolute or climbs out with `..` is an error
+/// (nothing is written for it or after it); symbolic and hard links, devices and FIFOs are never
+/// created (they are skipped, logged and listed in [`Extracted::skipped`]); files are written
+/// only under `dest`, without their permissions, owners or extended attributes; and the number
+/// of entries, the size of each file and the total size are bounded by `limits`. `label` names
+/// the archive in errors.
+pub(crate) fn extract_tar_gz(
+    archive: &Path,
+    dest: &Path,
+    label: &str,
+    limits: ExtractLimits,
+) -> Result<Extracted> {
     if dest.exists() {
         std::fs::remove_dir_all(dest).map_err(DataError::io(dest))?;
     }
     std::fs::create_dir_all(dest).map_err(DataError::io(dest))?;
     let file = File::open(archive).map_err(DataError::io(archive))?;
     let mut tar = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
-    tar.set_preserve_permissions(false);
-    tar.set_unpack_xattrs(false);
-    let io = DataError::io(archive);
-    let entries = tar.entries().map_err(io)?;
-    for entry in entries {
-        let mut entry = entry.map_err(DataError::io(archive))?;
-        let kind = entry.header().entry_type();
-        if !(kind.is_file() || kind.is_dir()) {
-            continue;
+    let bad = |entry: &str, reason: String| DataError::ArchiveEntry {
+        archive: label.to_string(),
+        entry: entry.to_string(),
+        reason,
+    };
+    // A broken gzip or tar stream is reported as the archive's, not the extraction folder's.
+    let broken = |e: std::io::Error| DataError::ArchiveLayout {
+        archive: label.to_string(),
+        reason: format!("cannot be read as a .tar.gz: {e}"),
+    };
+    let mut out = Extracted::default();
+    let mut entries_seen = 0usize;
+    let mut declared = 0u64;
+    for entry in tar.entries().map_err(broken)? {
+        let mut entry = entry.map_err(broken)?;
+        let raw = entry.path().map_err(broken)?.into_owned();
+        let name = raw.display().to_string();
+        entries_seen += 1;
+        if entries_seen > limits.max_entries {
+            return Err(bad(
+                &name,
+                format!("the archive has more than {} entries", limits.max_entries),
+            ));
         }
-        let name = entry
-            .path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let inside = entry.unpack_in(dest).map_err(DataError::io(archive))?;
-        if !inside {
-            return Err(DataError::ArchiveLayout {
-                archive: archive.display().to_string(),
-                reason: format!("entry {name:?} would be written outside the extraction directory"),
-            });
+        let size = entry.size();
+        declared = declared.saturating_add(size);
+        if declared > limits.max_total_bytes {
+            return Err(bad(
+                &name,
+                format!(
+                    "the archive's entries declare more than {} bytes together",
+                    limits.max_total_bytes
+                ),
+            ));
+        }
+        let rel = safe_relative(&raw).map_err(|why| {
+            bad(
+                &name,
+                format!("{why}, so it would be written outside the extraction folder"),
+            )
+        })?;
+        let kind = entry.header().entry_type();
+        let target = dest.join(&rel);
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target).map_err(DataError::io(&target))?;
+        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            if size > limits.max_file_bytes {
+                return Err(bad(
+                    &name,
+                    format!(
+                        "{size} bytes is more than the {} allowed for one file",
+                        limits.max_file_bytes
+                    ),
+                ));
+            }
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
+            }
+            // `dest` was created empty and no link is ever written, so no path under it leads
+            // elsewhere; a file named twice is replaced, as tar does.
+            let mut file = File::create(&target).map_err(DataError::io(&target))?;
+            let copied = std::io::copy(&mut (&mut entry).take(size), &mut file).map_err(broken)?;
+            if copied != size {
+                return Err(bad(
+                    &name,
+                    format!("the archive ends after {copied} of its {size} bytes"),
+                ));
+            }
+            out.files += 1;
+            out.bytes += size;
+        } else {
+            out.skipped.push(format!("{name} ({kind:?})"));
         }
     }
-    Ok(())
+    if !out.skipped.is_empty() {
+        tracing::warn!(
+            "{label}: {} entries that are not plain files or folders were not extracted: {}",
+            out.skipped.len(),
+            out.skipped.join(", ")
+        );
+    }
+    Ok(out)
 }
 
 /// Lists the files under `dir` (relative paths with `/`, sorted), skipping the marker.
@@ -256,53 +377,167 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// Writes a `.tar.gz` of raw entries: (name, kind, link target, data). Names go into the
+    /// header as they are (`tar::Builder` refuses `..` and absolute paths, which these tests need).
+    fn raw_tar_gz(path: &Path, entries: &[(&str, tar::EntryType, &str, &[u8])]) {
+        let gz =
+            flate2::write::GzEncoder::new(File::create(path).unwrap(), flate2::Compression::fast());
+        let mut builder = tar::Builder::new(gz);
+        for (name, kind, link, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap().finish().unwrap();
+    }
+
+    const FILE: tar::EntryType = tar::EntryType::Regular;
+
+    fn extract(archive: &Path, out: &Path) -> Result<Extracted> {
+        extract_tar_gz(archive, out, "test.tgz", ExtractLimits::default())
+    }
+
     #[test]
     fn archives_extract_and_escapes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a.tar.gz");
-        let gz = flate2::write::GzEncoder::new(
-            File::create(&archive).unwrap(),
-            flate2::Compression::fast(),
+        raw_tar_gz(
+            &archive,
+            &[
+                ("top/", tar::EntryType::Directory, "", b""),
+                ("top/x.txt", FILE, "", b"abc"),
+                ("./top/y.txt", FILE, "", b"de"),
+            ],
         );
-        let mut builder = tar::Builder::new(gz);
-        let mut header = tar::Header::new_gnu();
-        header.set_size(3);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder
-            .append_data(&mut header.clone(), "top/x.txt", &b"abc"[..])
-            .unwrap();
-        builder.into_inner().unwrap().finish().unwrap();
         let out = dir.path().join("out");
-        extract_tar_gz(&archive, &out).unwrap();
+        let done = extract(&archive, &out).unwrap();
+        assert_eq!((done.files, done.bytes), (2, 5));
         assert_eq!(std::fs::read(out.join("top/x.txt")).unwrap(), b"abc");
         assert_eq!(
             list_files(&out).unwrap(),
-            vec![("top/x.txt".to_string(), 3)]
+            vec![("top/x.txt".to_string(), 3), ("top/y.txt".to_string(), 2)]
         );
 
-        // An entry named "../evil" (written raw, as tar::Builder refuses such names).
-        let mut header = tar::Header::new_gnu();
-        header.as_gnu_mut().unwrap().name[..7].copy_from_slice(b"../evil");
-        header.set_size(3);
-        header.set_mode(0o644);
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_cksum();
-        let mut raw = header.as_bytes().to_vec();
-        raw.extend_from_slice(b"abc");
-        raw.resize(512 * 2, 0);
-        raw.extend_from_slice(&[0; 1024]);
-        let evil = dir.path().join("evil.tar.gz");
-        let mut gz = flate2::write::GzEncoder::new(
-            File::create(&evil).unwrap(),
-            flate2::Compression::fast(),
+        for (name, why) in [
+            ("../evil", "climbs out"),
+            ("top/../../evil", "climbs out"),
+            ("/tmp/evil-absolute", "absolute"),
+        ] {
+            let evil = dir.path().join("evil.tar.gz");
+            raw_tar_gz(
+                &evil,
+                &[("ok.txt", FILE, "", b"fine"), (name, FILE, "", b"abc")],
+            );
+            let out = dir.path().join("sub/out");
+            std::fs::create_dir_all(&out).unwrap();
+            let err = extract(&evil, &out).unwrap_err();
+            assert!(
+                matches!(&err, DataError::ArchiveEntry { entry, reason, .. }
+                    if entry == name && reason.contains(why)),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains("test.tgz"), "{err}");
+            assert!(!dir.path().join("sub/evil").exists() && !dir.path().join("evil").exists());
+            assert!(!Path::new("/tmp/evil-absolute").exists());
+        }
+    }
+
+    #[test]
+    fn links_and_devices_are_skipped_and_nothing_leaves_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("links.tar.gz");
+        raw_tar_gz(
+            &archive,
+            &[
+                ("a/link", tar::EntryType::Symlink, "../../..", b""),
+                ("a/passwd", tar::EntryType::Symlink, "/etc/passwd", b""),
+                ("a/hard", tar::EntryType::Link, "/etc/passwd", b""),
+                ("a/dev", tar::EntryType::Char, "", b""),
+                ("a/fifo", tar::EntryType::Fifo, "", b""),
+                // Written through where the link would have been: a plain folder now.
+                ("a/link/escaped.txt", FILE, "", b"x"),
+                ("a/real.txt", FILE, "", b"y"),
+            ],
         );
-        gz.write_all(&raw).unwrap();
-        gz.finish().unwrap();
-        let out2 = dir.path().join("sub/out");
-        std::fs::create_dir_all(&out2).unwrap();
-        let r = extract_tar_gz(&evil, &out2);
-        assert!(r.is_err(), "{r:?}");
-        assert!(!dir.path().join("sub/evil").exists());
+        let out = dir.path().join("out");
+        let done = extract(&archive, &out).unwrap();
+        assert_eq!(done.files, 2);
+        assert_eq!(done.skipped.len(), 5, "{:?}", done.skipped);
+        assert_eq!(
+            list_files(&out).unwrap(),
+            vec![
+                ("a/link/escaped.txt".to_string(), 1),
+                ("a/real.txt".to_string(), 1)
+            ]
+        );
+        for name in ["link", "passwd", "hard"] {
+            let meta = std::fs::symlink_metadata(out.join("a").join(name));
+            assert!(meta.map_or(true, |m| !m.file_type().is_symlink()), "{name}");
+        }
+        assert!(!out.join("a/passwd").exists() && !out.join("a/dev").exists());
+        assert!(!dir.path().join("escaped.txt").exists());
+    }
+
+    #[test]
+    fn limits_on_entries_and_sizes_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("big.tar.gz");
+        raw_tar_gz(
+            &archive,
+            &[
+                ("a.bin", FILE, "", &[1; 100]),
+                ("b.bin", FILE, "", &[2; 100]),
+                ("c.bin", FILE, "", &[3; 100]),
+            ],
+        );
+        let out = dir.path().join("out");
+        let roomy = ExtractLimits {
+            max_entries: 3,
+            max_total_bytes: 300,
+            max_file_bytes: 100,
+        };
+        assert_eq!(
+            extract_tar_gz(&archive, &out, "big", roomy).unwrap().bytes,
+            300
+        );
+        for (limits, what) in [
+            (
+                ExtractLimits {
+                    max_entries: 2,
+                    ..roomy
+                },
+                "more than 2 entries",
+            ),
+            (
+                ExtractLimits {
+                    max_total_bytes: 250,
+                    ..roomy
+                },
+                "more than 250 bytes",
+            ),
+            (
+                ExtractLimits {
+                    max_file_bytes: 99,
+                    ..roomy
+                },
+                "more than the 99 allowed",
+            ),
+        ] {
+            let err = extract_tar_gz(&archive, &out, "big", limits).unwrap_err();
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        // Not a gzip stream at all.
+        let junk = dir.path().join("junk.tgz");
+        std::fs::write(&junk, b"not an archive").unwrap();
+        let err = extract(&junk, &out).unwrap_err();
+        assert!(
+            matches!(&err, DataError::ArchiveLayout { archive, .. } if archive == "test.tgz"),
+            "{err}"
+        );
     }
 }

@@ -130,21 +130,39 @@ impl<'a> Transfer<'a> {
     }
 
     /// Fetches `from` into `part`, resuming a partial `part` over HTTP. With `bar`, progress is
-    /// shown on it (its length is set from the response).
-    pub fn fetch(&self, from: &Location, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+    /// shown on it (its length is set from the response). With `size`, a file of another size is
+    /// refused (and `part` deleted) as soon as that is known: from the source file's length, the
+    /// server's `Content-Length`, or the bytes received.
+    pub fn fetch(
+        &self,
+        from: &Location,
+        part: &Path,
+        bar: Option<&ProgressBar>,
+        size: Option<u64>,
+    ) -> Result<()> {
         if let Some(parent) = part.parent() {
             std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
         }
-        match from {
-            Location::Path(src) => copy_file(src, part, bar),
-            Location::Url(url) => self.http_with_retries(url, part, bar),
+        let result = match from {
+            Location::Path(src) => copy_file(src, part, bar, size),
+            Location::Url(url) => self.http_with_retries(url, part, bar, size),
+        };
+        if let Err(DataError::SizeMismatch { .. }) = &result {
+            let _ = std::fs::remove_file(part);
         }
+        result
     }
 
-    fn http_with_retries(&self, url: &str, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+    fn http_with_retries(
+        &self,
+        url: &str,
+        part: &Path,
+        bar: Option<&ProgressBar>,
+        size: Option<u64>,
+    ) -> Result<()> {
         let mut attempt = 0u32;
         loop {
-            match self.http_once(url, part, bar) {
+            match self.http_once(url, part, bar, size) {
                 Err(e) if attempt < self.opts.retries && is_transient(&e) => {
                     attempt += 1;
                     let delay = self
@@ -165,8 +183,27 @@ impl<'a> Transfer<'a> {
         }
     }
 
-    fn http_once(&self, url: &str, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
-        let have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    fn http_once(
+        &self,
+        url: &str,
+        part: &Path,
+        bar: Option<&ProgressBar>,
+        size: Option<u64>,
+    ) -> Result<()> {
+        let wrong_size = |actual: u64| DataError::SizeMismatch {
+            file: url.to_string(),
+            expected: size.unwrap_or_default(),
+            actual,
+            hint: "the server sends another file than the pinned one; try again later, or fetch \
+                   from a mirror (--from DIR_OR_URL or DDPM_DATA_MIRROR)"
+                .to_string(),
+        };
+        let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+        if size.is_some_and(|size| have > size) {
+            // A stale partial file longer than the whole: start over.
+            let _ = std::fs::remove_file(part);
+            have = 0;
+        }
         let mut request = self.agent.get(url);
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
@@ -208,6 +245,11 @@ impl<'a> Transfer<'a> {
                 })
             }
         };
+        if let (Some(size), Some(len)) = (size, length) {
+            if start.saturating_add(len) != size {
+                return Err(wrong_size(start.saturating_add(len)));
+            }
+        }
         if start > 0 {
             tracing::info!("resuming {url} at byte {start}");
         }
@@ -246,6 +288,9 @@ impl<'a> Transfer<'a> {
             if let Some(bar) = bar {
                 bar.inc(n as u64);
             }
+            if size.is_some_and(|size| received > size) {
+                return Err(wrong_size(received));
+            }
         }
         if let Some(len) = length {
             if received != start + len {
@@ -280,7 +325,7 @@ impl<'a> Transfer<'a> {
                 let tmp =
                     tempfile::NamedTempFile::new().map_err(DataError::io(std::env::temp_dir()))?;
                 // A stale partial copy must not be resumed: always start from an empty file.
-                match self.http_with_retries(url, tmp.path(), None) {
+                match self.http_with_retries(url, tmp.path(), None, None) {
                     Ok(()) => {}
                     Err(e) if is_not_found(&e) => return Ok(None),
                     Err(e) => return Err(e),
@@ -308,7 +353,7 @@ impl<'a> Transfer<'a> {
     }
 }
 
-fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
+fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>, size: Option<u64>) -> Result<()> {
     let mut input = match File::open(src) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -320,6 +365,14 @@ fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>) -> Result<()> {
         Err(e) => return Err(DataError::io(src)(e)),
     };
     let len = input.metadata().map_err(DataError::io(src))?.len();
+    if let Some(size) = size.filter(|&size| size != len) {
+        return Err(DataError::SizeMismatch {
+            file: src.display().to_string(),
+            expected: size,
+            actual: len,
+            hint: "this is not the pinned file; replace it with a good copy".to_string(),
+        });
+    }
     if let Some(bar) = bar {
         bar.set_length(len);
         bar.set_position(0);
