@@ -411,3 +411,91 @@ pub fn config_from_metadata(
         reason: format!("model config in metadata is invalid: {e}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Each preset's layout (levels, blocks per level, where attention sits) at 8x8 with 8 base
+    /// channels, so that a forward and backward pass take milliseconds.
+    fn tiny(preset: &str) -> Result<ModelConfig, UnetError> {
+        let mut cfg = ModelConfig::preset(preset)?;
+        match &mut cfg {
+            ModelConfig::Unet(c) => {
+                c.dim = 8;
+                c.image_size = 8;
+            }
+            ModelConfig::DdpmUnet(c) => {
+                let shrink = c.image_size / 8;
+                c.attn_resolutions = c.attn_resolutions.iter().map(|r| r / shrink).collect();
+                c.image_size = 8;
+                c.ch = 8;
+                c.groups = c.groups.min(8);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `sum(model(x, t)^2)` and its gradient with respect to every variable, in training mode
+    /// (dropout drawn from `rng`) or evaluation mode.
+    fn grads(
+        model: &DiffusionModel,
+        x: &Tensor,
+        t: &Tensor,
+        rng: TrainRng,
+    ) -> Result<BTreeMap<String, Tensor>, UnetError> {
+        let loss = model.forward_t(x, t, None, rng)?.sqr()?.sum_all()?;
+        let g = loss.backward()?;
+        let mut out = BTreeMap::new();
+        for (name, var) in model.vars() {
+            let grad = g.get(var.as_tensor()).ok_or_else(|| UnetError::Weights {
+                path: name.clone().into(),
+                reason: "no gradient".into(),
+            })?;
+            assert_eq!(grad.dims(), var.dims(), "gradient shape of {name}");
+            out.insert(name, grad.clone());
+        }
+        Ok(out)
+    }
+
+    /// Batch 1 used to fail in the backward pass of the DDPM U-Net: a per-image bias (1, c)
+    /// got a per-channel gradient (c,). Every preset's layout trains at batch 1, and (in
+    /// evaluation mode, where images do not interact) the gradient of a batch of two is the sum
+    /// of the two images' batch-1 gradients.
+    #[test]
+    fn every_preset_layout_trains_at_batch_one() -> Result<(), UnetError> {
+        let dev = Device::Cpu;
+        for preset in PRESETS {
+            let cfg = tiny(preset)?;
+            let model = DiffusionModel::new(&cfg, 7, &dev, DType::F32)?;
+            let (c, s) = (cfg.channels(), cfg.image_size());
+            let x = Tensor::randn(0f32, 1.0, (2, c, s, s), &dev)?;
+            let t = Tensor::new(&[3u32, 250], &dev)?;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            grads(
+                &model,
+                &x.narrow(0, 0, 1)?,
+                &t.narrow(0, 0, 1)?,
+                Some(&mut rng),
+            )?;
+
+            let both = grads(&model, &x, &t, None)?;
+            let first = grads(&model, &x.narrow(0, 0, 1)?, &t.narrow(0, 0, 1)?, None)?;
+            let second = grads(&model, &x.narrow(0, 1, 1)?, &t.narrow(0, 1, 1)?, None)?;
+            for (name, g) in &both {
+                let sum = (&first[name] + &second[name])?;
+                let scale = g.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = (g - sum)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // f32 sums over a few thousand terms in different orders: about 1e-5 relative.
+                assert!(
+                    diff <= 1e-4 * (1.0 + scale),
+                    "{preset} {name}: batch-2 gradient differs from the batch-1 sum by {diff} \
+                     (max {scale})"
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -572,7 +572,9 @@ impl CustomOp3 for Conv2d {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = gradients(*self, x, w, bias.elem_count(), &grad.contiguous()?)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // A per-image bias (b, o) at batch 1 has as many values as a per-channel one (o): the
+        // gradient takes the bias's own shape, whichever it is.
+        Ok((Some(dx), Some(dw), Some(db.reshape(bias.shape())?)))
     }
 }
 
