@@ -203,6 +203,63 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
     Ok(())
 }
 
+/// The memory the kernel says is available without swapping (`MemAvailable` of /proc/meminfo),
+/// in bytes; `None` where it cannot be read.
+pub(crate) fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
+/// Refuses a run whose data cache and activations cannot fit in the available memory, before
+/// minutes of decoding end in an abort.
+fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
+    use ddpm_train::memory::{estimate, human_bytes};
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let e = estimate(c);
+    let need = e.host_bytes(device.is_cpu());
+    if need <= available {
+        return Ok(());
+    }
+    let data = match e.images {
+        Some(n) => format!(
+            "the decoded data cache ({n} images of {}x{}x{} bytes) takes {}",
+            e.channels,
+            e.image_size,
+            e.image_size,
+            human_bytes(e.data_cache_bytes)
+        ),
+        None => "the data cache was not counted".into(),
+    };
+    let mut what = data;
+    let mut fix = format!("lower --image-size (now {})", e.image_size);
+    if device.is_cpu() {
+        let per_image = e.activation_bytes / e.micro_batch.max(1) as u64;
+        what += &format!(
+            " and a batch of {} images keeps at least {} of activations ({} per image)",
+            e.micro_batch,
+            human_bytes(e.activation_bytes),
+            human_bytes(per_image)
+        );
+        let room = available.saturating_sub(e.data_cache_bytes);
+        let fits = room.checked_div(per_image).unwrap_or(0);
+        if fits >= 1 {
+            fix = format!(
+                "lower --batch-size (now {}; at most {} images per micro-batch fit) or --image-size",
+                c.batch_size, fits
+            );
+        }
+    }
+    anyhow::bail!(
+        "this run needs at least {} of memory but {} is available: {what}; {fix}",
+        human_bytes(need),
+        human_bytes(available),
+    )
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     // One process per GPU under a launcher (RANK, WORLD_SIZE, LOCAL_RANK; docs/distributed.md).
     let world = ddpm_train::World::from_env().context("reading the data-parallel launch")?;
@@ -246,6 +303,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let config = build_config(&a)?;
             config.precision.check_device(&device)?;
             ensure_data(&config, a.no_fetch || !world.is_lead())?;
+            check_memory(&config, &device)?;
             let out = match &a.out {
                 Some(o) => o.clone(),
                 None if world.size > 1 => anyhow::bail!(

@@ -26,6 +26,7 @@ pub mod ema;
 pub mod eval;
 pub mod inplace;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod plot;

@@ -69,6 +69,31 @@ impl DdpmUnetConfig {
         }
     }
 
+    /// A lower bound on the values one image's training forward pass keeps for the backward
+    /// pass: four feature maps per ResNet block, and for every attention block its queries,
+    /// keys and values and its `n x n` matrix (`n` pixels). The true count is a few times
+    /// larger; the bound serves to refuse sizes that cannot fit in memory.
+    pub fn activation_values_per_image(&self) -> f64 {
+        let res = self.resolutions();
+        let Some(&r_mid) = res.last() else {
+            return 0.0;
+        };
+        let mut total = 0.0;
+        for (i, &r) in res.iter().enumerate() {
+            let area = (r as f64).powi(2);
+            let width = (self.ch * self.ch_mult[i]) as f64;
+            // num_res_blocks blocks down, one more up.
+            let blocks = (2 * self.num_res_blocks + 1) as f64;
+            total += blocks * 4.0 * width * area;
+            if self.attn_resolutions.contains(&r) {
+                total += blocks * (3.0 * width * area + area * area);
+            }
+        }
+        let width = self.ch * self.ch_mult[res.len() - 1];
+        let area = (r_mid as f64).powi(2);
+        total + 2.0 * 4.0 * width as f64 * area + 3.0 * width as f64 * area + area * area
+    }
+
     /// Output channels of the model.
     pub fn out_channels(&self) -> usize {
         self.out_channels.unwrap_or(self.in_channels)

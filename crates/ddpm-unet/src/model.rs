@@ -98,6 +98,16 @@ impl ModelConfig {
         matches!(self, Self::Unet(c) if c.self_condition)
     }
 
+    /// A lower bound on the values (of the compute dtype) that one image's training forward
+    /// pass keeps for the backward pass, for estimating memory before a run starts (see the
+    /// architectures' `activation_values_per_image`).
+    pub fn activation_values_per_image(&self) -> f64 {
+        match self {
+            Self::Unet(c) => c.activation_values_per_image(),
+            Self::DdpmUnet(c) => c.activation_values_per_image(),
+        }
+    }
+
     /// Checks the config; the error names the field and why it is wrong.
     pub fn validate(&self) -> Result<(), UnetError> {
         match self {

@@ -94,6 +94,29 @@ impl UnetConfig {
         self.init_dim.unwrap_or(self.dim)
     }
 
+    /// A lower bound on the values one image's training forward pass keeps for the backward
+    /// pass: four feature maps per ResNet block, the queries, keys and values of every
+    /// attention and the middle attention's `heads x n x n` matrix (`n` pixels). The true count
+    /// is a few times larger; the bound serves to refuse sizes that cannot fit in memory.
+    pub fn activation_values_per_image(&self) -> f64 {
+        let n = self.dim_mults.len();
+        if n == 0 {
+            return 0.0;
+        }
+        let area = |level: usize| ((self.image_size >> level) as f64).powi(2);
+        let qkv = 3.0 * (self.attn_heads * self.attn_dim_head) as f64;
+        let mut dims = vec![self.init_dim()];
+        dims.extend(self.dim_mults.iter().map(|m| self.dim * m));
+        let mut total = 0.0;
+        for i in 0..n {
+            // Down level i (width dims[i]) and up level i (width dims[i + 1]), two blocks each.
+            let widths = (dims[i] + dims[i + 1]) as f64;
+            total += area(i) * (2.0 * 4.0 * widths + 2.0 * qkv);
+        }
+        let mid = area(n - 1);
+        total + mid * (2.0 * 4.0 * dims[n] as f64 + qkv) + self.attn_heads as f64 * mid * mid
+    }
+
     /// Output channels of the model.
     pub fn out_channels(&self) -> usize {
         self.out_dim.unwrap_or(self.channels)
