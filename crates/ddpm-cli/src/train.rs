@@ -301,6 +301,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => {
             let config = build_config(&a)?;
+            config.check_threads()?;
             config.precision.check_device(&device)?;
             ensure_data(&config, a.no_fetch || !world.is_lead())?;
             check_memory(&config, &device)?;

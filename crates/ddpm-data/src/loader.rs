@@ -26,6 +26,11 @@ use crate::transform;
 /// The batches each worker prepares ahead by default.
 pub const DEFAULT_PREFETCH: usize = 2;
 
+/// The most loader worker threads a [`Loader`] starts: batches are assembled from memory, so a
+/// few workers keep any model busy, and thousands of threads exhaust the process's memory maps
+/// (a thread that cannot set up its stack aborts the process).
+pub const MAX_WORKERS: usize = 64;
+
 const SHUFFLE_DOMAIN: u64 = 0x5348_5546_464c_4531; // "SHUFFLE1"
 const FLIP_DOMAIN: u64 = 0x464c_4950_5f5f_5f31; // "FLIP___1"
 
@@ -269,6 +274,12 @@ impl Loader {
         if batch_size == 0 {
             return Err(DataError::Config("batch size 0".to_string()));
         }
+        if workers > MAX_WORKERS {
+            return Err(DataError::Config(format!(
+                "{workers} loader workers: the most is {MAX_WORKERS} (0 assembles batches in the \
+                 calling thread; 1 to 4 are plenty)"
+            )));
+        }
         if n == 0 {
             return Err(DataError::Config(format!(
                 "data set {} is empty",
@@ -444,6 +455,14 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn more_workers_than_the_maximum_are_refused_not_spawned() {
+        let err = Loader::new(indexed(8, 1), 2, 0, true, MAX_WORKERS + 1).unwrap_err();
+        assert!(err.to_string().contains(&MAX_WORKERS.to_string()), "{err}");
+        let mut l = Loader::new(indexed(8, 1), 2, 0, true, MAX_WORKERS).unwrap();
+        assert_eq!(l.next_batch().unwrap().indices.len(), 2);
     }
 
     #[test]

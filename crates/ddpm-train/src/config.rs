@@ -11,6 +11,9 @@ use crate::optim::AdamWConfig;
 use crate::precision::Precision;
 use crate::{Result, TrainError};
 
+/// The most decode threads `[data] threads` may ask for.
+pub const MAX_DATA_THREADS: usize = 256;
+
 /// The full configuration of a training run. Every field has a default (the MNIST preset), so a
 /// TOML file only needs the fields it changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,9 +118,32 @@ impl TrainConfig {
         toml::to_string(self).map_err(|e| TrainError::Config(format!("cannot write TOML: {e}")))
     }
 
+    /// Checks the thread counts (`workers`, `[data] threads`) before anything starts threads:
+    /// too many threads abort the process rather than fail.
+    pub fn check_threads(&self) -> Result<()> {
+        use ddpm_data::loader::MAX_WORKERS;
+        if self.workers > MAX_WORKERS {
+            return Err(TrainError::Config(format!(
+                "`workers` = {} is outside 0..={MAX_WORKERS}: loader threads that assemble \
+                 batches ahead (0: in the training thread); 1 to 4 are plenty",
+                self.workers
+            )));
+        }
+        if let Some(t) = self.data.threads {
+            if t > MAX_DATA_THREADS {
+                return Err(TrainError::Config(format!(
+                    "`[data] threads` = {t} is more than {MAX_DATA_THREADS}: threads that decode \
+                     images when a data set is opened (leave it out to use every core)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the fields against each other and against the model and schedule.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
+        self.check_threads()?;
         if self.steps == 0 {
             return bad("`steps` must be at least 1".into());
         }
