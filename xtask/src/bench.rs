@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 // candle allocates a fresh buffer for every op; the `ddpm` binary uses mimalloc for that reason
-// (about 30% faster training steps), so our benchmark process must too.
+// (much faster training steps; docs/benchmarks.md), so our benchmark process must too.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -725,6 +725,7 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
         ddpm_unet::ops::Kernels::Ours => "ours",
         ddpm_unet::ops::Kernels::Candle => "candle",
     };
+    tracing::debug!(policy = %ddpm_unet::KernelPolicy::active(), "bench worker kernels");
     let result = WorkerResult {
         engine: "ours".into(),
         preset: a.preset.clone(),
@@ -1475,6 +1476,12 @@ impl Report<'_> {
         let _ = writeln!(
             s,
             "| our kernels | {kernels}; allocator mimalloc, as the `ddpm` binary |"
+        );
+        let _ = writeln!(
+            s,
+            "| kernel policy | `{}` (`ddpm_unet::KernelPolicy`; the candle column switches only \
+             its backend) |",
+            ddpm_unet::KernelPolicy::active()
         );
         match self.torch {
             Torch::Available { version, .. } => {

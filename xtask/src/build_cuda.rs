@@ -75,8 +75,9 @@ pub struct BuildCudaArgs {
 }
 
 /// Builds ddpm-unet's test binary with `--features cuda` (its CUDA kernels' tests against the
-/// CPU, run on a GPU machine as `unet-tests kernels::cuda` with `DDPM_REQUIRE_CUDA=1`) and
-/// returns its path, read from cargo's JSON messages.
+/// CPU, run on a GPU machine as `unet-tests kernels::cuda`) and returns its path, read from
+/// cargo's JSON messages. It is built with `DDPM_REQUIRE_CUDA=1` (read at compile time), so a
+/// missing CUDA device fails those tests instead of skipping them.
 fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<PathBuf> {
     eprintln!("build-cuda: cargo test -p ddpm-unet --features cuda --release --no-run");
     let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -91,6 +92,7 @@ fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<Pat
         ])
         .args(["--no-run", "--message-format=json-render-diagnostics"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("DDPM_REQUIRE_CUDA", "1")
         .current_dir(root)
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -187,7 +189,7 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
     eprintln!(
         "build-cuda: wrote {dir}/ddpm, {dir}/xtask, {dir}/unet-tests and {dir}/env.sh. On the \
          GPU machine, from the repository root: `. {dir}/env.sh && {dir}/ddpm train --device \
-         cuda ...`, `{dir}/xtask test-matrix` and `DDPM_REQUIRE_CUDA=1 {dir}/unet-tests \
+         cuda ...`, `{dir}/xtask test-matrix` and `{dir}/unet-tests \
          kernels::cuda` (our CUDA kernels against the CPU)",
         dir = args.out.display()
     );

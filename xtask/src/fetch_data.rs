@@ -29,17 +29,18 @@ pub struct FetchDataArgs {
     /// The data directory to place the data sets in.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
-    /// Fetch from a mirror instead of upstream: a directory or a base URL laid out like
-    /// shared/data (mnist/, cifar10/, flowers/). Defaults to $DDPM_DATA_MIRROR when it is set.
+    /// Fetch from a mirror instead of upstream: a directory or a base URL laid out like the data
+    /// directory (mnist/, cifar10/, flowers/). Defaults to $DDPM_DATA_MIRROR when it is set.
     #[arg(long, value_name = "DIR_OR_URL")]
     from: Option<String>,
     /// How many times a failed download is retried (each retry resumes where it stopped).
     #[arg(long, default_value_t = 5)]
     retries: u32,
-    /// The upstream Flowers archive (a .tar.gz/.tgz of class folders, URL or path).
+    /// Another Flowers archive (a .tar.gz/.tgz of class folders, URL or path) instead of the
+    /// default, TensorFlow's flower_photos.tgz; needs --flowers-sha256.
     #[arg(long, value_name = "URL_OR_PATH")]
     flowers_url: Option<String>,
-    /// The SHA-256 of the upstream Flowers archive (required for it: none is pinned).
+    /// The SHA-256 of the Flowers archive (the default one's is pinned; another needs this).
     #[arg(long, value_name = "HEX")]
     flowers_sha256: Option<String>,
     /// Do not draw progress bars.
@@ -51,7 +52,7 @@ pub struct FetchDataArgs {
 pub fn run(args: FetchDataArgs) -> anyhow::Result<()> {
     let source = match &args.from {
         Some(from) => Source::parse(from),
-        None => Source::from_env().unwrap_or(Source::Upstream),
+        None => crate::mirror_from_env().unwrap_or(Source::Upstream),
     };
     if args.from.is_none() && source.is_mirror() {
         eprintln!("using {source} (from {MIRROR_ENV})");

@@ -12,6 +12,7 @@ mod quality;
 mod reliability;
 mod test_matrix;
 mod test_real;
+mod tidy;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Download (or copy from a mirror) the data sets into the data directory, verified.
     FetchData(fetch_data::FetchDataArgs),
+    /// Check the architecture invariants of ARCHITECTURE.md (layering, no environment reads in
+    /// libraries, unsafe code only in known places, no timings in comments).
+    Tidy(tidy::TidyArgs),
     /// The real-data suite: fetch MNIST and Flowers (verified), then run the tests marked ignored.
     TestReal(test_real::TestRealArgs),
     /// Write the small committed test fixtures (crates/ddpm-data/fixtures) from the real data.
@@ -55,6 +59,14 @@ enum Command {
     BenchWorker(bench::WorkerArgs),
 }
 
+/// The mirror named by `DDPM_DATA_MIRROR` ([`ddpm_data::fetch::MIRROR_ENV`]), if it is set.
+pub fn mirror_from_env() -> Option<ddpm_data::fetch::Source> {
+    std::env::var(ddpm_data::fetch::MIRROR_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| ddpm_data::fetch::Source::parse(&v))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -64,9 +76,25 @@ fn main() -> ExitCode {
         .without_time()
         .with_writer(std::io::stderr)
         .init();
+    // The kernel policy and GPU memory pool of the environment, for every workflow that runs our
+    // models (the variables are listed in `ddpm_unet::policy::OVERRIDES` and docs/environment.md).
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    match ddpm_unet::KernelPolicy::default().with_overrides(var) {
+        Ok(policy) => {
+            policy.install();
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ddpm_train::device::set_cuda_pool_release(
+        var("DDPM_CUDA_POOL").is_some_and(|v| v == "release"),
+    );
     let result = match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),
         Command::TestReal(args) => test_real::run(args),
+        Command::Tidy(args) => tidy::run(args),
         Command::MakeFixtures(args) => fixtures::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Quality(args) => quality::run_quality(args),

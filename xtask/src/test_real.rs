@@ -37,7 +37,7 @@ pub struct TestRealArgs {
 pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
     let source = match &args.from {
         Some(from) => Source::parse(from),
-        None => Source::from_env().unwrap_or(Source::Upstream),
+        None => crate::mirror_from_env().unwrap_or(Source::Upstream),
     };
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;

@@ -3,6 +3,7 @@
 //! A thin layer over the crates: it parses flags, wires the pieces and reports. Every error is
 //! one clear line and a non-zero exit.
 
+mod env;
 mod eval;
 mod forward;
 mod launch;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 // candle allocates a fresh buffer for every op: mimalloc reuses memory instead of faulting in
-// new pages each time (about 30% faster training steps on our machines); `main` also keeps it
+// new pages each time (much faster training steps; docs/benchmarks.md); `main` also keeps it
 // from handing freed pages back to the OS (`keep_freed_host_memory`).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -48,7 +49,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ddpm_train::device::keep_freed_host_memory();
+    if !env::mimalloc_purge_delay_set() {
+        ddpm_train::device::keep_freed_host_memory();
+    }
+    ddpm_train::device::set_cuda_pool_release(env::cuda_pool_release());
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -67,6 +71,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    // The kernel policy of the environment (commands that read a run's config install its
+    // policy, with the environment's variables applied, once they have it).
+    if let Err(e) = env::install_kernel_policy(ddpm_unet::KernelPolicy::default()) {
+        eprintln!("error: {}", chain(&e));
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command.unwrap_or(Command::Train(Box::default())) {
         Command::Train(a) => train::run(*a),
         Command::Sample(a) => sample::run(a),

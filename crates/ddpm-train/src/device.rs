@@ -64,15 +64,27 @@ fn check_ordinal(_spec: &str, _ordinal: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether [`parse_device`] leaves a CUDA device's memory pool at the driver's default (freed
+/// memory handed back at every synchronization) instead of keeping it; see
+/// [`set_cuda_pool_release`].
+static CUDA_POOL_RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`parse_device`] leave CUDA memory pools at the driver's default (`true`), to compare
+/// with keeping freed memory (`false`, the default). The `ddpm` binary sets it from
+/// `DDPM_CUDA_POOL=release`.
+pub fn set_cuda_pool_release(release: bool) {
+    CUDA_POOL_RELEASE.store(release, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// candle allocates a fresh buffer for every op through the device's default stream-ordered
 /// memory pool, whose default release threshold of 0 hands freed memory back to the driver at
 /// every synchronization; the next step must then map it again. Keeping it in the pool (as
-/// PyTorch's caching allocator does) makes allocation nearly free. `DDPM_CUDA_POOL=release`
+/// PyTorch's caching allocator does) makes allocation nearly free. [`set_cuda_pool_release`]
 /// keeps the driver's default, to compare.
 #[cfg(feature = "cuda")]
 fn keep_freed_memory(ordinal: usize) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    if std::env::var("DDPM_CUDA_POOL").is_ok_and(|v| v == "release") {
+    if CUDA_POOL_RELEASE.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(());
     }
     let fail = |what: &str, r: sys::CUresult| {
@@ -117,15 +129,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// for programs whose global allocator is mimalloc (the `ddpm` binary, the benchmarks).
 ///
 /// candle allocates a fresh buffer for every op. By default mimalloc returns freed pages to the
-/// OS after 10 ms, so every training step faults the same memory in again, and with transparent
-/// huge pages the kernel zeroes 2 MiB per fault: on our 2-core machines that was 15-30% of a
-/// CPU training step. The peak resident memory does not grow (freed memory is reused, not
-/// added to). A `MIMALLOC_PURGE_DELAY` set in the environment is left to win. Harmless when
-/// mimalloc is linked but not the global allocator.
+/// OS after 10 ms (its default; tidy: not a timing), so every training step faults the same
+/// memory in again, and with transparent
+/// huge pages the kernel zeroes 2 MiB per fault: a large part of a CPU training step on our
+/// 2-core machines. The peak resident memory does not grow (freed memory is reused, not added
+/// to). Callers leave a `MIMALLOC_PURGE_DELAY` the user set in force by not calling this.
+/// Harmless when mimalloc is linked but not the global allocator.
 pub fn keep_freed_host_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
     // SAFETY: sets one integer option; called at start-up, before other threads exist.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }

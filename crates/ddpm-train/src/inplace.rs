@@ -23,7 +23,7 @@ const CHUNK: usize = 1 << 15;
 
 /// Whether the in-place kernels apply to all of `tensors`: contiguous f32 tensors on the CPU,
 /// or on CUDA where our CUDA kernels are on ([`ddpm_unet::kernels::cuda_supported`]), unless
-/// `DDPM_KERNELS=candle` asks for candle's ops everywhere.
+/// a [`ddpm_unet::KernelPolicy`] with the candle backend asks for candle's ops everywhere.
 pub fn supported(tensors: &[&Tensor]) -> bool {
     ddpm_unet::ops::kernels() == Kernels::Ours
         && tensors.iter().all(|t| {

@@ -3,7 +3,9 @@
 //! channels, 32x32; linear and full attention; one forward pass of the `mnist-small` U-Net.
 //!
 //! `cargo bench -p ddpm-unet` takes a few minutes. Our kernels are used unless
-//! `DDPM_KERNELS=candle` is set, so comparing the two is
+//! `DDPM_KERNELS=candle` is set (this benchmark applies the kernel variables of
+//! `ddpm_unet::policy::OVERRIDES` to the [`ddpm_unet::KernelPolicy`] it installs, as the `ddpm`
+//! binary does), so comparing the two is
 //! `cargo bench -p ddpm-unet -- --save-baseline ours` then
 //! `DDPM_KERNELS=candle cargo bench -p ddpm-unet -- --baseline ours`.
 //! Side-by-side numbers against PyTorch come from `cargo xtask bench` (docs/benchmarks.md).
@@ -147,6 +149,12 @@ fn all(c: &mut Criterion) {
 
 /// Short measurements so that the whole suite runs in a few minutes on 2 cores.
 fn config() -> Criterion {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let policy = ddpm_unet::KernelPolicy::default()
+        .with_overrides(var)
+        .unwrap_or_else(|e| panic!("{e}"));
+    policy.install();
+    eprintln!("kernel policy: {policy}");
     Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))

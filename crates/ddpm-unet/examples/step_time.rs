@@ -10,6 +10,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let preset = args.get(1).map(String::as_str).unwrap_or("mnist-small");
     let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(32);
+    // The kernel variables (`DDPM_KERNELS=candle`, ...) as the `ddpm` binary applies them.
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let policy = ddpm_unet::KernelPolicy::default().with_overrides(var)?;
+    policy.install();
+    println!("kernel policy: {policy}");
     let cfg = ModelConfig::preset(preset)?;
     let dev = Device::Cpu;
     let model = DiffusionModel::new(&cfg, 0, &dev, DType::F32)?;

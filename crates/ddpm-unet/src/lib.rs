@@ -45,6 +45,7 @@ pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod ops;
+pub mod policy;
 pub mod resample;
 pub mod resnet;
 pub mod unet;
@@ -54,6 +55,7 @@ use std::path::PathBuf;
 
 pub use ddpm_unet::{DdpmUnet, DdpmUnetConfig};
 pub use model::{DiffusionModel, ModelConfig, PRESETS};
+pub use policy::KernelPolicy;
 pub use unet::{Unet, UnetConfig};
 
 /// Errors of this crate.

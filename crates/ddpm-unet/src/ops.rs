@@ -18,24 +18,13 @@ pub struct ConvParams {
     pub padding: usize,
 }
 
-/// Which implementation the hot ops use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Ours: on the CPU convolution lowered onto GEMM and a fused GroupNorm, on CUDA our CUDA
-    /// kernels (unless `DDPM_CUDA_KERNELS=off`); see [`crate::kernels`].
-    Ours,
-    /// candle's own ops (`DDPM_KERNELS=candle`), to compare against.
-    Candle,
-}
+/// Which implementation the hot ops use (the [`KernelPolicy`]'s backend).
+pub use crate::policy::Backend as Kernels;
+use crate::policy::{CudaConv, KernelPolicy};
 
-/// The kernels in use: [`Kernels::Candle`] when the environment variable `DDPM_KERNELS` is
-/// `candle`, otherwise [`Kernels::Ours`]. Read once per process.
+/// The backend of the [`KernelPolicy`] in force ([`KernelPolicy::active`]).
 pub fn kernels() -> Kernels {
-    static KERNELS: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-    *KERNELS.get_or_init(|| match std::env::var("DDPM_KERNELS") {
-        Ok(v) if v.eq_ignore_ascii_case("candle") => Kernels::Candle,
-        _ => Kernels::Ours,
-    })
+    KernelPolicy::active().backend
 }
 
 /// `w` in the dtype of `x`: the one place where f32 master weights meet half-precision
@@ -53,9 +42,9 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 ///
 /// On the CPU (f32/f64) this is our im2col + GEMM kernel (Winograd for 3x3 stride-1 convs with
 /// enough channels); on CUDA our im2col kernel, one cuBLAS GEMM and a bias epilogue
-/// (`kernels::cuda::conv2d`); with `DDPM_CUDA_KERNELS=off` (or off both) [`conv2d_unfold`], an
-/// im2col built from candle's tensor ops, or candle's `conv2d` with `DDPM_CUDA_CONV=cudnn` (see
-/// [`cuda_conv_is_candle`]). `DDPM_KERNELS=candle` uses candle's `conv2d` everywhere.
+/// (`kernels::cuda::conv2d`); with `cuda_kernels = off` in the [`KernelPolicy`] [`conv2d_unfold`], an
+/// im2col built from candle's tensor ops, or candle's `conv2d` with `cuda_conv = candle` (see
+/// [`cuda_conv_is_candle`]). A policy with the candle backend uses candle's `conv2d` everywhere.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
     conv2d_padded_end(x, weight, bias, p, 0)
 }
@@ -110,19 +99,14 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>, batch: usize) -> Result<Tensor> {
 
 /// Whether convolutions off the CPU use candle's `conv2d` (cuDNN in a `cudnn` build; its
 /// backward pass is forward convolutions too, see `crates/vendor/candle-core`) rather than
-/// [`conv2d_unfold`]: only when `DDPM_CUDA_CONV=cudnn` (or `=candle`). Read once per process.
+/// [`conv2d_unfold`]: only when the policy's `cuda_conv` is [`CudaConv::Candle`].
 ///
-/// Not the default, even with cuDNN: measured on an H200 (docs/benchmarks.md), a `cifar10`
-/// training step in bf16 took 1.05 s through candle's cuDNN calls against 0.73 s through
-/// [`conv2d_unfold`] (candle builds descriptors, picks an algorithm and zero-fills a workspace
-/// on every call), and cuDNN's f32 convolutions use TF32, which moved a forward pass 5.6e-4
-/// (relative) away from the CPU's.
+/// Not the default, even with cuDNN: on an H200 (docs/benchmarks.md) a `cifar10` training step
+/// in bf16 was slower through candle's cuDNN calls than through [`conv2d_unfold`] (candle builds
+/// descriptors, picks an algorithm and zero-fills a workspace on every call), and cuDNN's f32
+/// convolutions use TF32, which moved a forward pass 5.6e-4 (relative) away from the CPU's.
 pub fn cuda_conv_is_candle() -> bool {
-    static CANDLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CANDLE.get_or_init(|| {
-        std::env::var("DDPM_CUDA_CONV")
-            .is_ok_and(|v| v.eq_ignore_ascii_case("candle") || v.eq_ignore_ascii_case("cudnn"))
-    })
+    KernelPolicy::active().cuda_conv == CudaConv::Candle
 }
 
 /// The weight and bias our conv kernel takes: in the dtype of `x`, and zeros for a missing bias.

@@ -66,8 +66,8 @@ impl Geom {
     }
     /// Row stride of the patch matrix: `n`, padded by 16 when `n` is a multiple of 256 (a
     /// 32x32 image: 1024 floats, 4 KiB). Rows 4 KiB apart map to the same cache sets, and the
-    /// `gemm` crate's product over them ran at half speed here (52 against 79-100 GFLOP/s on
-    /// one core for 32 x 1024 x 288).
+    /// `gemm` crate's product over them ran at about half speed (docs/benchmarks.md, "Kernel
+    /// decisions").
     fn ld(&self) -> usize {
         let n = self.n();
         if n >= 256 && n.is_multiple_of(256) {
@@ -177,7 +177,7 @@ fn flat_row<T: Float>(
     let src = (start as isize + off) as usize;
     dst[start..end].copy_from_slice(&plane[src..src + (end - start)]);
     // The padding columns, one column at a time: a strided store per line rather than two
-    // one-element `fill`s, each a call to memset (3% of a training step).
+    // one-element `fill`s, each a call to memset (a visible share of a training step).
     for j in (0..xlo).chain(xhi..g.wo) {
         for line in dst[lo..hi].chunks_exact_mut(g.wo) {
             line[j] = T::ZERO;
@@ -351,9 +351,9 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[
     y
 }
 
-/// From this many pixels on, the weight gradient is computed transposed: `dW^T = cols dY^T`
-/// ran at 78-103 GFLOP/s on one core against 36-92 for `dW = dY cols^T` (784-1024 pixels, 16-64
-/// channels), equal at 256 pixels, slower at 64.
+/// From this many pixels on, the weight gradient is computed transposed: `dW^T = cols dY^T` was
+/// faster than `dW = dY cols^T` from 784 pixels on (16-64 channels), equal at 256 pixels and
+/// slower at 64 (docs/benchmarks.md, "Kernel decisions").
 const DW_TRANSPOSED_MIN_PIXELS: usize = 128;
 
 /// `W'[ci, oc, ky, kx] = W[oc, ci, kh-1-ky, kw-1-kx]`: the kernel of the input gradient.

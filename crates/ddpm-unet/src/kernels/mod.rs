@@ -234,25 +234,31 @@ pub(crate) fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
 }
 
 /// Whether this CPU runs the AVX-512 builds of our kernels (AVX-512F and VL with AVX2 and FMA;
-/// checked once): not when `DDPM_AVX512=0`, so that the AVX2 builds can be compared on the
-/// same machine.
+/// detected once): not when the [`KernelPolicy`](crate::KernelPolicy) caps the instruction set
+/// lower, so that the AVX2 builds can be compared on the same machine.
 pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| {
-            avx2()
+        let present = *AVX512.get_or_init(|| {
+            avx2_present()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::env::var("DDPM_AVX512").map_or(true, |v| v != "0")
-        })
+        });
+        present && crate::KernelPolicy::active().cpu_isa == crate::policy::CpuIsa::Auto
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
 /// Whether this CPU runs the AVX2 + FMA builds of our element-wise loops (checked once).
+/// Not when the [`KernelPolicy`](crate::KernelPolicy) asks for the baseline build.
 pub fn avx2() -> bool {
+    avx2_present() && crate::KernelPolicy::active().cpu_isa != crate::policy::CpuIsa::Baseline
+}
+
+/// Whether this CPU has AVX2 and FMA (detected once).
+fn avx2_present() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -266,20 +272,15 @@ pub fn avx2() -> bool {
 }
 
 /// A buffer of `n` elements for a kernel to overwrite in full before it reads any of them (a GEMM
-/// output with `accumulate == false`, an im2col patch matrix, an element-wise result), without
-/// the zero-fill of `vec![0; n]`: freed memory is reused by the allocator, so that fill was a
-/// full pass over every output and scratch buffer (about 5% of a training step).
+/// output with `accumulate == false`, an im2col patch matrix, an element-wise result).
 ///
-/// The contents are unspecified until written. Every call site states why each element is
-/// written before it is read; where one is not (a sum into the buffer), the site zero-fills that
-/// part itself.
-#[allow(clippy::uninit_vec)]
+/// Zero-filled, so it is safe whatever a call site does; every call site still states why each
+/// element is written before it is read, and where one is not (a sum into the buffer) relies on
+/// the zeros. The fill was measured against uninitialised memory (`Vec::set_len`, undefined
+/// behaviour by the standard library's contract) in alternating A/B runs of whole training steps:
+/// docs/benchmarks.md gives the numbers.
 pub(crate) fn unfilled<T: Float>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: `T` is f32 or f64: plain old data with no drop glue and no invalid bit patterns
-    // once written. Callers write every element before reading it (see above).
-    unsafe { v.set_len(n) };
-    v
+    vec![T::from_f64(0.0); n]
 }
 
 /// The contiguous slice of a storage under a layout.

@@ -68,20 +68,19 @@ impl Shape {
 
 /// Whether Winograd is used for a 3x3, stride-1, padding-1 convolution with `c` input and `o`
 /// output channels: not with few channels, where the 16 products' inner dimension `c` is too
-/// short for the GEMM to run at speed (im2col's is `9 c`), and not when `DDPM_WINOGRAD=0`.
+/// short for the GEMM to run at speed (im2col's is `9 c`), and not when the [`KernelPolicy`]
+/// turns Winograd off.
+///
+/// [`KernelPolicy`]: crate::KernelPolicy
 pub(super) fn worthwhile(c: usize, o: usize) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("DDPM_WINOGRAD").map_or(true, |v| v != "0"));
-    on && c >= MIN_CHANNELS && o >= MIN_CHANNELS
+    crate::KernelPolicy::active().winograd && c >= MIN_CHANNELS && o >= MIN_CHANNELS
 }
 
 /// Whether the weight gradient of a convolution [`worthwhile`] takes also goes through
 /// Winograd ([`weight_grad`]): on images of at least 128 tiles (28x28, 196 tiles, and up).
-/// Measured (conv forward and backward, batch 32, fastest of 20, three runs each): at 32
-/// channels 10.5-11.4 ms against 10.7-12.3 through im2col, at 96 55-65 against 64-80, at 64
-/// channels 28-30 against 31-32; on 16x16 and 8x8 images (64 and 16 tiles) no faster than
-/// im2col. With the AVX-512 dot products, `mnist-small` (28x28) training steps: medians of 4
-/// alternating runs 274-339 ms against 291-346 with im2col for its 28x28 weight gradients.
+/// Measured against im2col (conv forward and backward at batch 32, and whole `mnist-small`
+/// training steps; docs/benchmarks.md, "Kernel decisions"): faster at 32, 64 and 96 channels on
+/// 32x32 and 28x28 images, no faster on 16x16 and 8x8 images (64 and 16 tiles).
 pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     let (th, tw) = s.tiles();
     th * tw >= 128
@@ -109,8 +108,8 @@ fn xi_stride(len: usize) -> usize {
 /// parallel into contiguous blocks, and matrix ξ is read with a row stride of `16 c`.
 /// Vectorized over input channels; `G` has entries 0, ±1/2 and 1, so each value is a sum of a
 /// few halved weights in `T`'s precision. (Computed in f64 one pair at a time on one thread,
-/// this was 13% of a `cifar10` sampling step at batch 4: U is 16/9 of the weights, 250 MB
-/// per forward pass of that model; DDIM at batch 4 went from 17.7 to 10.3 s with this.)
+/// this was a large share of a `cifar10` sampling step at batch 4: U is 16/9 of the weights,
+/// 250 MB per forward pass of that model; docs/benchmarks.md, "Kernel decisions".)
 pub(super) fn transform_kernel<T: Float>(o: usize, c: usize, w: &[T]) -> Vec<T> {
     // Every value is written by `kernel_rows`.
     let mut u = unfilled(16 * o * c);

@@ -105,8 +105,8 @@ impl Operands<'_> {
 
     /// [`Self::block`] with 16-lane AVX-512 vectors: `k` a multiple of 16, the two halves of
     /// each sum added into its 8 lanes of `acc` at the end; 32 registers hold a 4 x 4 block
-    /// (8 loads per 16 FMAs). On an Intel Xeon (64 x 64 channels, 256 tiles, one core):
-    /// 59-70 GFLOP/s against 43-55 for the AVX2 build.
+    /// (8 loads per 16 FMAs); faster than the AVX2 build on an Intel Xeon (docs/benchmarks.md,
+    /// "Kernel decisions").
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     unsafe fn block512<const A: usize, const B: usize>(&self, i: usize, j: usize, acc: &mut [f32]) {
         use std::arch::x86_64::*;

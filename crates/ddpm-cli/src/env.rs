@@ -1,0 +1,64 @@
+//! Every environment variable `ddpm` reads, in one place (the library crates read none: what a
+//! variable chooses is passed to them as a value). docs/environment.md lists them.
+//!
+//! | variable | what it sets |
+//! |---|---|
+//! | `DDPM_LOG` | the log filter (`--log`) |
+//! | `DDPM_DATA_MIRROR` | a mirror (directory or base URL) every fetch reads from |
+//! | `DDPM_KERNELS` | `candle`: candle's ops instead of ours ([`KernelPolicy::backend`]) |
+//! | `DDPM_WINOGRAD` | `0`: no Winograd convolutions ([`KernelPolicy::winograd`]) |
+//! | `DDPM_AVX512` | `0`: at most AVX2 in our CPU kernels ([`KernelPolicy::cpu_isa`]) |
+//! | `DDPM_CUDA_KERNELS` | `basic` or `off` ([`KernelPolicy::cuda_kernels`]) |
+//! | `DDPM_CUDA_CONV` | `candle`/`cudnn`: candle's CUDA convolution ([`KernelPolicy::cuda_conv`]) |
+//! | `DDPM_CUDA_POOL` | `release`: hand freed GPU memory back to the driver at every sync |
+//! | `MIMALLOC_PURGE_DELAY` | when set, mimalloc's own purge delay is left in force |
+//! | `DDPM_FAULT_NAN_AT_STEP` | tests only: a NaN loss at that step |
+//! | `DDPM_F16_INITIAL_SCALE` | tests only: the first f16 loss scale |
+//! | `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ... | a data-parallel launch (docs/distributed.md) |
+//!
+//! A variable with a value we do not know is an error naming it, never silently ignored.
+
+use anyhow::Result;
+use ddpm_data::fetch::{Source, MIRROR_ENV};
+use ddpm_unet::KernelPolicy;
+
+/// The value of `name`, if it is set and not empty.
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// `base` (from a config, or the default) with the kernel variables of the environment applied
+/// ([`KernelPolicy::with_overrides`]).
+pub fn kernel_policy(base: KernelPolicy) -> Result<KernelPolicy> {
+    base.with_overrides(var).map_err(anyhow::Error::msg)
+}
+
+/// Installs `base` with the environment's kernel variables applied (see [`kernel_policy`]) and
+/// logs it; returns it.
+pub fn install_kernel_policy(base: KernelPolicy) -> Result<KernelPolicy> {
+    let policy = kernel_policy(base)?;
+    policy.install();
+    tracing::debug!(%policy, "kernel policy");
+    Ok(policy)
+}
+
+/// The mirror named by `DDPM_DATA_MIRROR`, if it is set.
+pub fn data_mirror() -> Option<Source> {
+    var(MIRROR_ENV).map(|v| Source::parse(&v))
+}
+
+/// Whether freed GPU memory goes back to the driver at every sync (`DDPM_CUDA_POOL=release`).
+pub fn cuda_pool_release() -> bool {
+    var("DDPM_CUDA_POOL").is_some_and(|v| v == "release")
+}
+
+/// The data-parallel world of this process: the launcher's variables (`RANK`, `WORLD_SIZE`,
+/// `LOCAL_RANK`, ...; docs/distributed.md), a single process when they are unset.
+pub fn world() -> Result<ddpm_train::World, ddpm_train::distributed::DistError> {
+    ddpm_train::World::from_vars(|name| std::env::var(name).ok())
+}
+
+/// Whether mimalloc's purge delay was set by the user (`MIMALLOC_PURGE_DELAY`), to be left alone.
+pub fn mimalloc_purge_delay_set() -> bool {
+    std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
+}
