@@ -11,7 +11,13 @@
 //! safetensors save/load with the config in the file's metadata, and input checks. The hot
 //! operations all go through [`ops`], the one place to swap in faster kernels.
 //!
-//! This crate knows nothing about noise schedules, datasets or training loops.
+//! Which implementation each hot op uses is a [`KernelPolicy`], a value the caller installs
+//! (the `ddpm` binary builds it from the run's config and its environment); this crate reads no
+//! environment variables.
+//!
+//! This crate knows nothing about noise schedules, datasets or training loops, with one
+//! exception: `kernels::cuda` holds the multi-tensor AdamW/EMA/gradient-norm CUDA kernels that
+//! ddpm-train's optimizer calls (ARCHITECTURE.md).
 //!
 //! # Tensor names
 //! Names follow the PyTorch module trees of the reference models, so a weights file maps one to
