@@ -50,6 +50,9 @@ pub mod mnist;
 pub mod spec;
 pub mod transform;
 
+/// The candle-core this crate is built on: use it for the tensors and devices passed in and out,
+/// so that no version has to be matched by hand.
+pub use candle_core;
 pub use dataset::Dataset;
 pub use error::{DataError, Result};
 pub use fetch::{fetch, FetchOptions, FetchOutcome, FetchReport, Source};

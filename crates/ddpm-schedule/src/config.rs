@@ -303,6 +303,7 @@ pub(crate) fn check_betas(betas: &[f64]) -> Result<()> {
 /// end = 0.02
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ScheduleConfig {
     /// The number of diffusion steps `T`.
     pub timesteps: usize,

@@ -91,6 +91,18 @@ pub enum ScheduleError {
         len: usize,
     },
 
+    /// A sampler was asked to step from a timestep that is not one of its timesteps.
+    #[error(
+        "timestep {timestep} is not one of this sampler's {len} timesteps (a respaced sampler \
+         steps only from the timesteps it lists: Sampler::timesteps)"
+    )]
+    NotASamplerTimestep {
+        /// The requested timestep.
+        timestep: usize,
+        /// The sampler's number of steps.
+        len: usize,
+    },
+
     /// A stochastic sampler step needs fresh Gaussian noise but none was given.
     #[error(
         "sampler step {index} (timestep {timestep}) adds noise, but no noise tensor was given"

@@ -49,6 +49,9 @@ pub mod posterior;
 pub mod sampler;
 pub mod schedule;
 
+/// The candle-core this crate is built on: use it for the tensors and devices passed in and out,
+/// so that no version has to be matched by hand.
+pub use candle_core;
 pub use config::{BetaSchedule, ScheduleConfig};
 pub use error::{Result, ScheduleError};
 pub use forward::Gaussian;

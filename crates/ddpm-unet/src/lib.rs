@@ -59,6 +59,11 @@ pub mod weights;
 
 use std::path::PathBuf;
 
+/// The candle-core this crate is built on: use it for the tensors and devices passed in and out,
+/// so that no version has to be matched by hand.
+pub use candle_core;
+/// The candle-nn this crate is built on (`VarBuilder`, `VarMap`).
+pub use candle_nn;
 pub use ddpm_unet::{DdpmUnet, DdpmUnetConfig};
 pub use model::{DiffusionModel, ModelConfig, PRESETS};
 pub use policy::KernelPolicy;

@@ -49,6 +49,32 @@ pub trait Sampler {
     /// same step as [`Sampler::step`], whose noise is drawn when `sigma` is `Some` (exactly
     /// when [`Sampler::needs_noise`] is true).
     fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep>;
+
+    /// The step index of timestep `t` (its position in [`Sampler::timesteps`]), or an error
+    /// when the sampler does not step from `t` (a respaced sampler visits only some).
+    fn index_of(&self, t: usize) -> Result<usize> {
+        let ts = self.timesteps();
+        ts.iter()
+            .position(|&s| s == t)
+            .ok_or(ScheduleError::NotASamplerTimestep {
+                timestep: t,
+                len: ts.len(),
+            })
+    }
+
+    /// [`Sampler::step`] addressed by the timestep `t` the model was evaluated at (as diffusers'
+    /// schedulers are) rather than by the step index.
+    fn step_at(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        t: usize,
+        objective: Objective,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let i = self.index_of(t)?;
+        self.step(model_output, x_t, i, objective, noise)
+    }
 }
 
 fn default_clip() -> bool {
@@ -141,6 +167,37 @@ mod tests {
     use super::*;
     use crate::test_util::{assert_close, normal_tensor, schedule_f64, values};
     use crate::ScheduleConfig;
+
+    #[test]
+    fn stepping_by_timestep_is_stepping_by_its_index() {
+        let schedule = schedule_f64(&ScheduleConfig::default());
+        let sampler = SamplerConfig::Ddim {
+            steps: Some(10),
+            eta: 0.0,
+            clip_x0: true,
+        }
+        .build(&schedule)
+        .unwrap();
+        let ts = sampler.timesteps().to_vec();
+        assert_eq!(ts.len(), 10);
+        let x = normal_tensor(1, &[2, 1, 4, 4]);
+        let eps = normal_tensor(2, &[2, 1, 4, 4]);
+        for (i, &t) in ts.iter().enumerate() {
+            assert_eq!(sampler.index_of(t).unwrap(), i);
+            let by_t = sampler.step_at(&eps, &x, t, Objective::Eps, None).unwrap();
+            let by_i = sampler.step(&eps, &x, i, Objective::Eps, None).unwrap();
+            assert_eq!(values(&by_t), values(&by_i), "timestep {t}");
+        }
+        // A timestep the respaced sampler skips is an error that names it.
+        let skipped = (0..1000).find(|t| !ts.contains(t)).unwrap();
+        let e = sampler
+            .step_at(&eps, &x, skipped, Objective::Eps, None)
+            .unwrap_err();
+        assert!(
+            matches!(e, ScheduleError::NotASamplerTimestep { timestep, len: 10 } if timestep == skipped),
+            "{e}"
+        );
+    }
 
     #[test]
     fn sampler_config_reads_and_round_trips_toml() {
