@@ -9,7 +9,7 @@ use clap::Args;
 use ddpm_data::image_io;
 use ddpm_schedule::{DdpmVariance, SamplerConfig, Schedule};
 use ddpm_train::checkpoint::{load_model, LoadedModel, WeightsKind};
-use ddpm_train::{parse_device, sample, Precision, SampleOptions};
+use ddpm_train::{parse_device, sample, Precision, SampleOptions, TrainError};
 
 /// Arguments of `ddpm sample`.
 #[derive(Args)]
@@ -111,9 +111,21 @@ impl InferenceArgs {
         precision.check_device(&device)?;
         let weights = parse_weights(&self.weights)?;
         let mut loaded = load_model(checkpoint, weights, &device)
+            .map_err(name_intact)
             .with_context(|| format!("loading {}", checkpoint.display()))?;
         loaded.model = loaded.model.with_compute_dtype(precision.compute_dtype());
         Ok((device, loaded))
+    }
+}
+
+/// A run whose newest checkpoint is damaged: the error says which checkpoint to use instead.
+fn name_intact(e: TrainError) -> anyhow::Error {
+    match &e {
+        TrainError::Damaged(d) => match &d.intact {
+            Some((_, json)) => anyhow::anyhow!("{e}: use it with --checkpoint {}", json.display()),
+            None => e.into(),
+        },
+        _ => e.into(),
     }
 }
 

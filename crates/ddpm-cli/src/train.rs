@@ -8,7 +8,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
 use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective};
-use ddpm_train::{parse_device, Precision, RunOptions, TrainConfig, Trainer};
+use ddpm_train::checkpoint::ResumeFrom;
+use ddpm_train::{
+    parse_device, Precision, ResumeOptions, RunOptions, SafeChanges, TrainConfig, TrainError,
+    Trainer,
+};
 use ddpm_unet::ModelConfig;
 
 /// Arguments of `ddpm train`.
@@ -23,9 +27,19 @@ pub struct TrainArgs {
     /// Run directory (default: a new runs/<dataset>[-N]).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this directory from its newest checkpoint (exactly).
-    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "lr", "precision", "test_fraction"])]
+    /// Continue the run in this directory from its newest checkpoint (exactly). It may change
+    /// --steps, --lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
+    /// --log-every and --data-dir (and the same keys edited in RUN/config.toml).
+    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction"])]
     resume: Option<PathBuf>,
+    /// With --resume: continue from the checkpoint of this step (newer ones are moved to
+    /// RUN/checkpoints/set-aside/).
+    #[arg(long, requires = "resume", conflicts_with = "resume_intact")]
+    from_step: Option<usize>,
+    /// With --resume: continue from the newest checkpoint that verifies (newer, damaged ones
+    /// are moved to RUN/checkpoints/set-aside/).
+    #[arg(long, requires = "resume")]
+    resume_intact: bool,
     /// Total optimizer steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -35,6 +49,12 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Maximum global gradient norm (0 disables clipping).
+    #[arg(long)]
+    grad_clip: Option<f64>,
     /// Model preset: mnist-small, fashion, cifar-small, cifar10.
     #[arg(long)]
     model: Option<String>,
@@ -111,6 +131,12 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = a.lr {
         c.optimizer.lr = v;
+    }
+    if let Some(v) = a.warmup_steps {
+        c.warmup_steps = v;
+    }
+    if let Some(v) = a.grad_clip {
+        c.grad_clip = v;
     }
     if let Some(v) = a.image_size {
         c.data.image_size = Some(v);
@@ -289,15 +315,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         })
         .context("installing the SIGINT/SIGTERM handler")?;
     }
-    let mut trainer = match &a.resume {
+    let (mut trainer, run_dir) = match &a.resume {
         Some(dir) => {
-            let ckpt = ddpm_train::checkpoint::load_latest(dir, &candle_core::Device::Cpu)
+            let plan = Trainer::plan_resume(dir, &device, &resume_options(&a), &world)
+                .map_err(|e| explain_damaged(e, dir))
                 .with_context(|| format!("resuming {}", dir.display()))?;
             // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
-            ensure_data(&ckpt.meta.config, a.no_fetch || !world.is_lead())?;
-            drop(ckpt);
-            Trainer::resume_with_world(dir, &device, a.steps, world)
-                .with_context(|| format!("resuming {}", dir.display()))?
+            ensure_data(plan.config(), a.no_fetch || !world.is_lead())?;
+            let trainer = Trainer::resume_planned(plan, &device, world)
+                .with_context(|| format!("resuming {}", dir.display()))?;
+            (trainer, dir.clone())
         }
         None => {
             let config = build_config(&a)?;
@@ -314,8 +341,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 None => fresh_run_dir(config.dataset.name())?,
             };
             tracing::info!(run_dir = %out.display(), "starting a new run");
-            Trainer::create_with_world(config, &out, &device, world)
-                .with_context(|| format!("starting run {}", out.display()))?
+            let trainer = Trainer::create_with_world(config, &out, &device, world)
+                .with_context(|| format!("starting run {}", out.display()))?;
+            (trainer, out)
         }
     };
     let opts = RunOptions {
@@ -323,11 +351,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         fault_nan_at_step: std::env::var("DDPM_FAULT_NAN_AT_STEP")
             .ok()
             .and_then(|s| s.parse().ok()),
+        fault_inf_grad_at_step: None,
         f16_initial_scale: std::env::var("DDPM_F16_INITIAL_SCALE")
             .ok()
             .and_then(|s| s.parse().ok()),
     };
-    let summary = trainer.run(&stop, &opts)?;
+    let summary = trainer
+        .run(&stop, &opts)
+        .map_err(|e| explain_stop(e, &run_dir))?;
     let ckpt = summary
         .checkpoint
         .as_deref()
@@ -340,4 +371,70 @@ pub fn run(a: TrainArgs) -> Result<()> {
         tracing::info!(step = summary.step, loss = summary.last_loss, checkpoint = %ckpt, "training finished");
     }
     Ok(())
+}
+
+/// Which checkpoint `--resume` continues from and the settings it changes.
+fn resume_options(a: &TrainArgs) -> ResumeOptions {
+    ResumeOptions {
+        from: match (a.from_step, a.resume_intact) {
+            (Some(step), _) => ResumeFrom::Step(step),
+            (None, true) => ResumeFrom::NewestIntact,
+            (None, false) => ResumeFrom::Newest,
+        },
+        changes: SafeChanges {
+            steps: a.steps,
+            lr: a.lr,
+            warmup_steps: a.warmup_steps,
+            grad_clip: a.grad_clip,
+            checkpoint_every: a.checkpoint_every,
+            sample_every: a.sample_every,
+            log_every: a.log_every,
+            data_root: a.data_dir.clone(),
+        },
+    }
+}
+
+/// A damaged newest checkpoint, with the command that continues from the newest intact one.
+fn explain_damaged(e: TrainError, dir: &Path) -> anyhow::Error {
+    match &e {
+        TrainError::Damaged(d) => match &d.intact {
+            Some((step, _)) => anyhow::anyhow!(
+                "{e}: resume from it with `ddpm train --resume {} --from-step {step}` (or \
+                 --resume-intact), which moves the newer checkpoints to {}",
+                dir.display(),
+                dir.join("checkpoints/set-aside").display()
+            ),
+            None => anyhow::anyhow!(
+                "{e}: start a new run (the damaged files are kept in {})",
+                dir.display()
+            ),
+        },
+        _ => e.into(),
+    }
+}
+
+/// A stop on a NaN or an infinity, with a command that follows its advice.
+fn explain_stop(e: TrainError, run_dir: &Path) -> anyhow::Error {
+    let TrainError::NonFinite(stop) = &e else {
+        return e.into();
+    };
+    if stop.injected {
+        return e.into();
+    }
+    // A tenth of the learning rate, to three significant digits.
+    let lower: f64 = format!("{:.2e}", stop.lr / 10.0)
+        .parse()
+        .unwrap_or(stop.lr / 10.0);
+    let lower = ddpm_train::trainer::short_number(lower);
+    match stop.last_checkpoint {
+        Some(step) => anyhow::anyhow!(
+            "{e}: continue from step {step} with, e.g., `ddpm train --resume {} --lr {lower}` \
+             (or, if the loss had already diverged by then, start the run again with a lower \
+             --lr)",
+            run_dir.display()
+        ),
+        None => anyhow::anyhow!(
+            "{e}: start the run again with a lower learning rate (e.g. `--lr {lower}`)"
+        ),
+    }
 }

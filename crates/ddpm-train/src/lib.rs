@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod precision;
+pub mod resume;
 pub mod sample;
 pub mod trainer;
 
@@ -41,8 +42,9 @@ pub use config::TrainConfig;
 pub use device::parse_device;
 pub use distributed::{Collective, DistError, World};
 pub use precision::{LossScaler, Precision};
+pub use resume::{ResumeOptions, SafeChanges};
 pub use sample::{sample, SampleOptions, Samples};
-pub use trainer::{RunOptions, RunSummary, Trainer};
+pub use trainer::{NonFiniteStop, RunOptions, RunSummary, Trainer};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -68,18 +70,19 @@ pub enum TrainError {
         /// What is wrong and what to do.
         reason: String,
     },
-    /// The loss became NaN or infinite.
-    #[error(
-        "the loss became {value} at step {step}: training stopped; the last good checkpoint \
-         (step {last_checkpoint}) is kept. Lower the learning rate or enable gradient clipping"
-    )]
-    NonFiniteLoss {
-        /// The step at which it happened.
+    /// The newest checkpoint of a run fails verification; says which one verifies.
+    #[error("{0}")]
+    Damaged(Box<checkpoint::DamagedCheckpoint>),
+    /// Training stopped on a NaN or infinite loss, gradient norm or state.
+    #[error("{0}")]
+    NonFinite(Box<trainer::NonFiniteStop>),
+    /// A checkpoint about to be written holds NaN or infinite values (nothing was written).
+    #[error("refusing to write the checkpoint of step {step}: {found}")]
+    NonFiniteCheckpoint {
+        /// The step of the checkpoint.
         step: usize,
-        /// The loss value.
-        value: f64,
-        /// The step of the last checkpoint on disk.
-        last_checkpoint: usize,
+        /// The tensors at fault.
+        found: checkpoint::NonFiniteTensors,
     },
     /// The run directory is locked by another live run, or cannot be locked.
     #[error(transparent)]

@@ -14,7 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::checkpoint::{self, CheckpointMeta, EMA_PREFIX, MODEL_PREFIX, OPTIM_PREFIX};
+use crate::checkpoint::{
+    self, CheckpointMeta, NonFiniteTensors, Selected, EMA_PREFIX, MODEL_PREFIX, OPTIM_PREFIX,
+};
 use crate::config::TrainConfig;
 use crate::distributed::{Collective, DistError, World};
 use crate::ema::Ema;
@@ -22,6 +24,7 @@ use crate::lock::RunLock;
 use crate::metrics::{self, MetricsLine};
 use crate::optim::{clip_factor, grad_norm, warmup_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
+use crate::resume::{self, Change, HistoryEvent, ResumeOptions, SafeChanges};
 use crate::sample::{gaussian, sample, SampleOptions};
 use crate::{Result, TrainError};
 
@@ -35,6 +38,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Testing aid: make the loss NaN at this step, to exercise the non-finite-loss stop.
     pub fault_nan_at_step: Option<usize>,
+    /// Testing aid: make one gradient infinite at this step (the loss stays finite), to
+    /// exercise the non-finite-gradient stop.
+    pub fault_inf_grad_at_step: Option<usize>,
     /// Testing aid: the f16 loss scale a new run starts from (instead of 2^16), to exercise
     /// the scaler under a real overflow. Ignored by resumed runs and other precisions.
     pub f16_initial_scale: Option<f64>,
@@ -51,6 +57,125 @@ pub struct RunSummary {
     pub interrupted: bool,
     /// Mean loss of the last logged window.
     pub last_loss: Option<f64>,
+}
+
+/// What became NaN or infinite.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NonFiniteValue {
+    /// The loss (the value).
+    Loss(f64),
+    /// The global gradient norm, with a finite loss (the value).
+    GradNorm(f64),
+    /// The weights, EMA or moments after an update with finite gradients.
+    State(NonFiniteTensors),
+}
+
+/// Why a run stopped on a NaN or an infinity, and what it kept (the error
+/// [`crate::TrainError::NonFinite`]). A step whose loss or gradient norm is not finite changes
+/// nothing; a state that is not finite is never checkpointed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NonFiniteStop {
+    /// The step (1-based) at which it happened.
+    pub step: usize,
+    /// What became non-finite.
+    pub what: NonFiniteValue,
+    /// The newest checkpoint on disk (all its values are finite), if any.
+    pub last_checkpoint: Option<usize>,
+    /// The run's peak learning rate.
+    pub lr: f64,
+    /// The run's warm-up steps.
+    pub warmup_steps: usize,
+    /// The run's gradient clipping (0: off).
+    pub grad_clip: f64,
+    /// Whether the fault was injected ([`RunOptions::fault_nan_at_step`],
+    /// [`RunOptions::fault_inf_grad_at_step`]).
+    pub injected: bool,
+}
+
+impl std::fmt::Display for NonFiniteStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let step = self.step;
+        let unchanged = "training stopped before the step changed any weight, moment or EMA";
+        match &self.what {
+            NonFiniteValue::Loss(v) => {
+                write!(f, "the loss became {v} at step {step}: {unchanged}")?
+            }
+            NonFiniteValue::GradNorm(v) => write!(
+                f,
+                "the gradient norm became {v} at step {step} (with a finite loss): {unchanged}"
+            )?,
+            NonFiniteValue::State(found) => write!(
+                f,
+                "the state after step {step} is not finite ({found}): training stopped without \
+                 writing its checkpoint"
+            )?,
+        }
+        match self.last_checkpoint {
+            Some(k) => write!(
+                f,
+                "; the newest checkpoint, step {k}, is kept (all its values are finite)"
+            )?,
+            None => write!(
+                f,
+                "; no checkpoint had been written yet, so there is nothing to resume"
+            )?,
+        }
+        if self.injected {
+            return write!(f, " (the fault was injected for testing)");
+        }
+        write!(
+            f,
+            ". Lower the learning rate (now {})",
+            short_number(self.lr)
+        )?;
+        if self.warmup_steps == 0 {
+            write!(f, ", or add a warm-up (warmup_steps = 0)")?;
+        }
+        if self.grad_clip == 0.0 {
+            write!(f, ", or enable gradient clipping (grad_clip = 0)")?;
+        }
+        Ok(())
+    }
+}
+
+/// `x` as a person writes it: `0.3`, `1e30`, `2.5e-7`.
+pub fn short_number(x: f64) -> String {
+    if x == 0.0 || (1e-4..1e6).contains(&x.abs()) {
+        format!("{x}")
+    } else {
+        format!("{x:e}")
+    }
+}
+
+/// A resume, checked and ready to run ([`Trainer::plan_resume`], then
+/// [`Trainer::resume_planned`]): the verified checkpoint, the configuration the run continues
+/// with, and what changed. It holds the run's lock (on rank 0).
+#[derive(Debug)]
+pub struct ResumePlan {
+    run_dir: PathBuf,
+    selected: Selected,
+    config: TrainConfig,
+    changes: Vec<Change>,
+    /// `config.toml` is missing or differs from `config` (rewritten when the run resumes).
+    config_file_stale: bool,
+    lock: Option<RunLock>,
+}
+
+impl ResumePlan {
+    /// The configuration the run continues with.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The step of the checkpoint it continues from.
+    pub fn step(&self) -> usize {
+        self.selected.checkpoint.meta.step
+    }
+
+    /// The settings it changes.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
 }
 
 /// A progress bar with rate and ETA in the project's style.
@@ -79,6 +204,8 @@ pub struct Trainer {
     step: usize,
     last_checkpoint: Option<(usize, PathBuf)>,
     scaler: LossScaler,
+    /// The run id every checkpoint records ([`checkpoint::run_id_for`]).
+    run_id: String,
     /// The other data-parallel ranks (none for a single process).
     collective: Collective,
     /// One live run per directory: held as long as the trainer lives (by rank 0 only).
@@ -120,11 +247,27 @@ impl Trainer {
             ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&config_path, "writing", e))?;
             let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+            let _ = std::fs::remove_file(run_dir.join(resume::HISTORY_FILE));
             Some(lock)
         } else {
             None
         };
-        Self::build(config, run_dir, device, dataset, lock, world)
+        let lead = world.is_lead();
+        let trainer = Self::build(config, run_dir, device, dataset, lock, world)?;
+        if lead {
+            resume::append_history(
+                run_dir,
+                &HistoryEvent {
+                    event: "start".into(),
+                    step: 0,
+                    run_id: trainer.run_id.clone(),
+                    checkpoint: None,
+                    changes: Vec::new(),
+                    set_aside: Vec::new(),
+                },
+            )?;
+        }
+        Ok(trainer)
     }
 
     /// Continues the run in `run_dir` from its newest checkpoint, exactly: weights, EMA,
@@ -134,28 +277,88 @@ impl Trainer {
         Self::resume_with_world(run_dir, device, steps, World::single())
     }
 
-    /// Continues the run in `run_dir` as one rank of a data-parallel `world`: every rank loads
-    /// the newest checkpoint; only rank 0 locks and writes the directory. Rank 0's random state
-    /// is the checkpoint's; every other rank continues its own ChaCha stream from the word
-    /// position the checkpoint recorded for it ([`CheckpointMeta::rank_rng`]), so a resumed run
-    /// of the same world size draws what an uninterrupted one would. With another world size the
-    /// other ranks start from rank 0's position on their streams (logged as a warning).
+    /// [`Trainer::resume`] as one rank of a data-parallel `world` (see
+    /// [`Trainer::resume_planned`]).
     pub fn resume_with_world(
         run_dir: &Path,
         device: &Device,
         steps: Option<usize>,
         world: World,
     ) -> Result<Self> {
-        let ckpt = checkpoint::load_latest(run_dir, device)?;
-        let lock = if world.is_lead() {
+        let opts = ResumeOptions {
+            changes: SafeChanges {
+                steps,
+                ..SafeChanges::default()
+            },
+            ..ResumeOptions::default()
+        };
+        let plan = Self::plan_resume(run_dir, device, &opts, &world)?;
+        Self::resume_planned(plan, device, world)
+    }
+
+    /// Prepares to continue the run in `run_dir`: locks it (rank 0), chooses and verifies the
+    /// checkpoint `opts.from` names, and works out the configuration: the checkpoint's, with the
+    /// safe keys `RUN_DIR/config.toml` changes (an edit of another key is an error naming it),
+    /// then `opts.changes`. Nothing is written until [`Trainer::resume_planned`].
+    pub fn plan_resume(
+        run_dir: &Path,
+        device: &Device,
+        opts: &ResumeOptions,
+        world: &World,
+    ) -> Result<ResumePlan> {
+        // Lock before reading checkpoints, so that a live run's are never read mid-prune (a
+        // directory without checkpoints gets the "no checkpoint" error, not a lock file).
+        let lock = if world.is_lead() && !checkpoint::list(run_dir)?.is_empty() {
             Some(RunLock::acquire(run_dir)?)
         } else {
             None
         };
-        let mut config = ckpt.meta.config.clone();
-        if let Some(s) = steps {
-            config.steps = s;
-        }
+        let selected = checkpoint::select(run_dir, opts.from, device)?;
+        let ckpt = &selected.checkpoint;
+        let config_path = run_dir.join("config.toml");
+        let file = resume::read_config_file(&config_path)?;
+        let (config, changes) = resume::resumed_config(
+            &ckpt.meta.config,
+            ckpt.meta.step,
+            file.as_ref().map(|f| (config_path.as_path(), f)),
+            &opts.changes,
+        )?;
+        Ok(ResumePlan {
+            run_dir: run_dir.to_path_buf(),
+            config_file_stale: file.as_ref() != Some(&config),
+            selected,
+            config,
+            changes,
+            lock,
+        })
+    }
+
+    /// Continues a run as [`Trainer::plan_resume`] planned it, as one rank of a data-parallel
+    /// `world`: every rank loads the checkpoint; only rank 0 writes the directory. Weights, EMA,
+    /// optimizer moments, RNG and data order are restored exactly; the changed settings apply
+    /// from the next step. Rank 0 then moves the checkpoints newer than the chosen one to
+    /// `checkpoints/set-aside/`, rewrites `config.toml` when it differs, and appends the
+    /// resume to `history.jsonl`.
+    ///
+    /// Rank 0's random state is the checkpoint's; every other rank continues its own ChaCha
+    /// stream from the word position the checkpoint recorded for it
+    /// ([`CheckpointMeta::rank_rng`]), so a resumed run of the same world size draws what an
+    /// uninterrupted one would. With another world size the other ranks start from rank 0's
+    /// position on their streams (logged as a warning).
+    pub fn resume_planned(plan: ResumePlan, device: &Device, world: World) -> Result<Self> {
+        let ResumePlan {
+            run_dir,
+            selected,
+            mut config,
+            changes,
+            config_file_stale,
+            lock,
+        } = plan;
+        let Selected {
+            checkpoint: ckpt,
+            newer,
+        } = selected;
+        let run_dir = run_dir.as_path();
         let dataset = open_dataset(&mut config)?;
         if config.model != ckpt.meta.config.model {
             return Err(TrainError::Checkpoint {
@@ -213,7 +416,50 @@ impl Trainer {
         trainer.loader.seek(ckpt.meta.loader)?;
         trainer.step = ckpt.meta.step;
         trainer.last_checkpoint = Some((ckpt.meta.step, ckpt.path.clone()));
+        // The run keeps its id; a checkpoint older than run ids gets the one its config gives.
+        trainer.run_id = match &ckpt.integrity.run_id {
+            Some(id) => id.clone(),
+            None => checkpoint::run_id_for(&ckpt.meta.config)?,
+        };
         if rank == 0 {
+            for passed in &newer {
+                let to = checkpoint::set_aside(run_dir, passed.step)?;
+                tracing::warn!(
+                    "checkpoint step {} set aside to {} ({}); the run continues from step {}",
+                    passed.step,
+                    to.display(),
+                    passed.reason,
+                    ckpt.meta.step
+                );
+            }
+            for c in &changes {
+                tracing::warn!(
+                    "resumed with `{}` = {} (was {}; set by {})",
+                    c.key,
+                    c.to,
+                    c.from,
+                    c.by
+                );
+            }
+            if config_file_stale {
+                let path = run_dir.join("config.toml");
+                ddpm_unet::weights::write_atomic(&path, trainer.config.to_toml()?.as_bytes())
+                    .map_err(|e| TrainError::io(&path, "writing", e))?;
+            }
+            resume::append_history(
+                run_dir,
+                &HistoryEvent {
+                    event: "resume".into(),
+                    step: ckpt.meta.step,
+                    run_id: trainer.run_id.clone(),
+                    checkpoint: ckpt
+                        .path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned()),
+                    changes,
+                    set_aside: newer,
+                },
+            )?;
             metrics::truncate_after(&run_dir.join("metrics.jsonl"), ckpt.meta.step)?;
         }
         tracing::info!(step = ckpt.meta.step, checkpoint = %ckpt.path.display(), "resumed");
@@ -262,8 +508,10 @@ impl Trainer {
             images = loader.dataset().len(),
             "model and data ready"
         );
+        let run_id = checkpoint::run_id_for(&config)?;
         Ok(Self {
             rng,
+            run_id,
             config,
             run_dir: run_dir.to_path_buf(),
             device: device.clone(),
@@ -359,11 +607,7 @@ impl Trainer {
             // With other ranks, a non-finite loss stops every rank after the loss is reduced
             // below: a rank leaving alone would leave the others waiting.
             if !value.is_finite() && !self.collective.has_comm() {
-                return Err(TrainError::NonFiniteLoss {
-                    step: self.step + 1,
-                    value,
-                    last_checkpoint: self.last_checkpoint.as_ref().map_or(0, |c| c.0),
-                });
+                return Err(self.non_finite(NonFiniteValue::Loss(value), opts));
             }
             loss_sum += value;
             let g = (loss * (loss_scale / accum as f64))?.backward()?;
@@ -386,17 +630,24 @@ impl Trainer {
         if self.collective.has_comm() {
             loss = self.collective.mean(loss)?;
             if !loss.is_finite() {
-                return Err(TrainError::NonFiniteLoss {
-                    step: self.step + 1,
-                    value: loss,
-                    last_checkpoint: self.last_checkpoint.as_ref().map_or(0, |c| c.0),
-                });
+                return Err(self.non_finite(NonFiniteValue::Loss(loss), opts));
             }
             // Every rank now holds the same gradients, so clipping, the scaler, AdamW and the
             // EMA keep the weights equal on all ranks.
             self.collective.all_reduce_mean(&mut grads)?;
         }
+        if opts.fault_inf_grad_at_step == Some(self.step + 1) {
+            if let Some(g) = grads.values_mut().next() {
+                *g = g.affine(0.0, f64::INFINITY)?;
+            }
+        }
         let norm = grad_norm(&grads)?;
+        // An infinite or NaN gradient would turn every weight, moment and EMA it reaches into
+        // NaN (clipping scales by max/inf = 0, and 0 * inf is NaN): stop before the update. In
+        // f16 the loss scaler skips the step instead (an overflow of the scaled gradients).
+        if !f16 && !norm.is_finite() {
+            return Err(self.non_finite(NonFiniteValue::GradNorm(norm), opts));
+        }
         if f16 && !self.scaler.update(norm) {
             // Overflow in f16: skip the update (the scale is now halved), as GradScaler does.
             tracing::debug!(
@@ -412,6 +663,25 @@ impl Trainer {
         self.step += 1;
         self.ema.update(&vars, self.step)?;
         Ok((loss, norm, lr))
+    }
+
+    /// The stop on a non-finite `what` at the coming step.
+    fn non_finite(&self, what: NonFiniteValue, opts: &RunOptions) -> TrainError {
+        let step = self.step + 1;
+        let injected = [opts.fault_nan_at_step, opts.fault_inf_grad_at_step].contains(&Some(step));
+        self.stop_at(step, what, injected)
+    }
+
+    fn stop_at(&self, step: usize, what: NonFiniteValue, injected: bool) -> TrainError {
+        TrainError::NonFinite(Box::new(NonFiniteStop {
+            step,
+            what,
+            last_checkpoint: self.last_checkpoint.as_ref().map(|c| c.0),
+            lr: self.config.optimizer.lr,
+            warmup_steps: self.config.warmup_steps,
+            grad_clip: self.config.grad_clip,
+            injected,
+        }))
     }
 
     /// Runs `f` (which writes to the run directory) on rank 0 only. With other ranks, all then
@@ -485,16 +755,24 @@ impl Trainer {
         };
         let (optim, _) = self.opt.state();
         let model = self.model.tensors();
-        let path = checkpoint::save(
+        let saved = checkpoint::save(
             &self.run_dir,
             &meta,
+            &self.run_id,
             &[
                 (MODEL_PREFIX, &model),
                 (EMA_PREFIX, self.ema.tensors()),
                 (OPTIM_PREFIX, &optim),
             ],
             &self.config.model,
-        )?;
+        );
+        let path = match saved {
+            Ok(path) => path,
+            Err(TrainError::NonFiniteCheckpoint { step, found }) => {
+                return Err(self.stop_at(step, NonFiniteValue::State(found), false));
+            }
+            Err(e) => return Err(e),
+        };
         checkpoint::prune(&self.run_dir, self.config.keep_checkpoints)?;
         tracing::info!(step = self.step, path = %path.display(), "checkpoint written");
         self.last_checkpoint = Some((self.step, path.clone()));
@@ -537,7 +815,9 @@ impl Trainer {
     }
 
     /// Trains until `config.steps` or until `stop` is set (then the current step finishes and a
-    /// checkpoint is written). A non-finite loss stops with an error and writes nothing.
+    /// checkpoint is written). A non-finite loss or gradient norm stops with
+    /// [`TrainError::NonFinite`] before the step changes anything, and so does a non-finite
+    /// state when it is due for a checkpoint (which is then not written).
     pub fn run(&mut self, stop: &AtomicBool, opts: &RunOptions) -> Result<RunSummary> {
         let total = self.config.steps;
         if let Some(scale) = opts.f16_initial_scale {
@@ -629,4 +909,128 @@ fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
     config.model.set_channels(dataset.channels());
     config.model.set_image_size(dataset.image_size());
     Ok(dataset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    /// A tiny run on the committed MNIST fixture (copied into `dir/data/mnist` under MNIST's
+    /// t10k names), 16x16, a checkpoint every step, no warm-up, no sample grids.
+    fn tiny_config(dir: &Path) -> Result<TrainConfig> {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ddpm-data/fixtures/mnist");
+        let mnist = dir.join("data/mnist");
+        std::fs::create_dir_all(&mnist)?;
+        for (from, to) in [
+            ("images.idx3.gz", "t10k-images-idx3-ubyte.gz"),
+            ("labels.idx1.gz", "t10k-labels-idx1-ubyte.gz"),
+        ] {
+            std::fs::copy(fixtures.join(from), mnist.join(to))?;
+        }
+        let model: ddpm_unet::ModelConfig = serde_json::from_value(serde_json::json!({
+            "arch": "ddpm_unet", "image_size": 16, "in_channels": 1, "ch": 8,
+            "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+            "dropout": 0.0, "groups": 4
+        }))?;
+        let mut config = TrainConfig {
+            steps: 10,
+            batch_size: 4,
+            warmup_steps: 0,
+            checkpoint_every: 1,
+            keep_checkpoints: 10,
+            sample_every: 0,
+            log_every: 1,
+            model,
+            ..TrainConfig::default()
+        };
+        config.data.root = dir.join("data");
+        config.data.image_size = Some(16);
+        Ok(config)
+    }
+
+    /// The trainer's weights, EMA and AdamW moments equal the checkpoint's, bit for bit.
+    fn assert_state_is_checkpoint(t: &Trainer, json: &Path) -> Result<()> {
+        let ckpt = checkpoint::load(json, &Device::Cpu)?;
+        let (optim, _) = t.opt.state();
+        for (prefix, live) in [
+            (MODEL_PREFIX, t.model.tensors()),
+            (EMA_PREFIX, t.ema.tensors().clone()),
+            (OPTIM_PREFIX, optim),
+        ] {
+            let saved = ckpt.section(prefix);
+            assert_eq!(saved.len(), live.len(), "{prefix}");
+            for (name, tensor) in live {
+                let a = tensor.flatten_all()?.to_vec1::<f32>()?;
+                let b = saved[&name].flatten_all()?.to_vec1::<f32>()?;
+                let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{prefix}{name} changed after the stop");
+            }
+        }
+        Ok(())
+    }
+
+    /// A NaN loss and an infinite gradient (with a finite loss) each stop the run before the
+    /// step changes anything: the weights, EMA and moments are still the last checkpoint's, and
+    /// the error says which checkpoint is kept and gives no advice that does not apply.
+    #[test]
+    fn a_non_finite_step_changes_nothing_and_names_what_is_kept() -> Result<()> {
+        for (opts, what) in [
+            (
+                RunOptions {
+                    fault_nan_at_step: Some(4),
+                    ..RunOptions::default()
+                },
+                "the loss became NaN at step 4",
+            ),
+            (
+                RunOptions {
+                    fault_inf_grad_at_step: Some(4),
+                    ..RunOptions::default()
+                },
+                "the gradient norm became inf at step 4",
+            ),
+        ] {
+            let dir = tempfile::tempdir()?;
+            let config = tiny_config(dir.path())?;
+            let run = dir.path().join("run");
+            let mut t = Trainer::create(config, &run, &Device::Cpu)?;
+            let e = t.run(&AtomicBool::new(false), &opts).err();
+            let Some(TrainError::NonFinite(stop)) = e else {
+                panic!("expected a non-finite stop, got {e:?}");
+            };
+            assert_eq!((stop.step, stop.last_checkpoint), (4, Some(3)));
+            let msg = stop.to_string();
+            assert!(msg.starts_with(what), "{msg}");
+            assert!(
+                msg.contains("the newest checkpoint, step 3, is kept"),
+                "{msg}"
+            );
+            assert_eq!(t.step(), 3);
+            assert_state_is_checkpoint(&t, &checkpoint::json_path(&run, 3))?;
+            assert_eq!(checkpoint::list(&run)?.last().map(|c| c.0), Some(3));
+        }
+        // No checkpoint yet: the message says so; clipping is on, so it is not advised.
+        let stop = NonFiniteStop {
+            step: 2,
+            what: NonFiniteValue::Loss(f64::INFINITY),
+            last_checkpoint: None,
+            lr: 1e30,
+            warmup_steps: 0,
+            grad_clip: 1.0,
+            injected: false,
+        };
+        let msg = stop.to_string();
+        assert!(msg.contains("no checkpoint had been written yet"), "{msg}");
+        assert!(
+            msg.contains("(now 1e30)") && msg.contains("warm-up"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("clipping") && !msg.contains("step 0"),
+            "{msg}"
+        );
+        Ok(())
+    }
 }
