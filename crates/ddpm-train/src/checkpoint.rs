@@ -221,44 +221,46 @@ pub fn write_png_atomic(img: &image::RgbImage, path: &Path) -> std::io::Result<(
 
 /// Serializes named tensors and metadata into safetensors bytes with the metadata keys sorted
 /// (safetensors writes its metadata map in hash order, which changes from run to run), so that
-/// identical tensors and metadata always give identical bytes.
+/// identical tensors and metadata always give identical bytes. The tensors are laid out as
+/// safetensors lays them out (wider dtypes first, then by name).
 pub fn to_sorted_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     metadata: &BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let contiguous: Vec<(String, Tensor)> = tensors
+    use safetensors::tensor::{TensorInfo, View};
+    let json = |e: serde_json::Error| TrainError::Other(format!("serializing a checkpoint: {e}"));
+    let mut entries: Vec<(&String, Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .map(|(k, t)| Ok((k, t.contiguous()?)))
         .collect::<Result<_>>()?;
-    let plain = safetensors::serialize(contiguous, None)
-        .map_err(|e| TrainError::Other(format!("serializing a checkpoint: {e}")))?;
-    // The header (8-byte length, then JSON padded with spaces to a multiple of 8) starts with
-    // the tensors in a fixed order; `__metadata__` goes in front of them, keys in BTreeMap order.
-    let bad = || TrainError::Other("safetensors wrote an unexpected header".into());
-    let n = plain
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or_else(bad)? as usize;
-    let header = plain
-        .get(8..8 + n)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .map(str::trim_end)
-        .ok_or_else(bad)?;
-    let entries = header.strip_prefix('{').ok_or_else(bad)?;
-    let metadata_json =
-        serde_json::to_string(metadata).map_err(|e| TrainError::Other(e.to_string()))?;
-    let sep = if entries.trim_start().starts_with('}') {
-        ""
-    } else {
-        ","
-    };
-    let mut new_header = format!("{{\"__metadata__\":{metadata_json}{sep}{entries}").into_bytes();
-    new_header.resize(new_header.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + new_header.len() + plain.len() - 8 - n);
-    out.extend((new_header.len() as u64).to_le_bytes());
-    out.extend(new_header);
-    out.extend(&plain[8 + n..]);
+    entries.sort_by(|(an, at), (bn, bt)| View::dtype(bt).cmp(&View::dtype(at)).then(an.cmp(bn)));
+    let mut header = format!(
+        "{{\"__metadata__\":{}",
+        serde_json::to_string(metadata).map_err(json)?
+    );
+    let mut offset = 0;
+    for (name, t) in &entries {
+        let len = t.data_len();
+        let info = TensorInfo {
+            dtype: View::dtype(t),
+            shape: t.dims().to_vec(),
+            data_offsets: (offset, offset + len),
+        };
+        offset += len;
+        header.push(',');
+        header.push_str(&serde_json::to_string(name).map_err(json)?);
+        header.push(':');
+        header.push_str(&serde_json::to_string(&info).map_err(json)?);
+    }
+    header.push('}');
+    let mut header = header.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend((header.len() as u64).to_le_bytes());
+    out.extend(header);
+    for (_, t) in &entries {
+        out.extend_from_slice(&View::data(t));
+    }
     Ok(out)
 }
 
@@ -1228,6 +1230,58 @@ mod tests {
                 .map(String::as_str),
             Some("v")
         );
+        Ok(())
+    }
+
+    /// The sorted writer lays out the tensors exactly as safetensors does (mixed dtypes): the
+    /// same data bytes after the header, the same tensors; only the metadata's order differs.
+    #[test]
+    fn sorted_files_hold_what_safetensors_writes() -> Result<()> {
+        let dev = Device::Cpu;
+        let tensors = BTreeMap::from([
+            ("b".to_string(), Tensor::new(&[1.5f32, -2.0, 3.25], &dev)?),
+            (
+                "a".to_string(),
+                Tensor::new(&[[1.0f64, 2.0], [3.0, 4.0]], &dev)?,
+            ),
+            (
+                "c".to_string(),
+                Tensor::new(&[1.0f32, 2.0], &dev)?.to_dtype(DType::BF16)?,
+            ),
+            ("d".to_string(), Tensor::new(&[7u8, 8, 9], &dev)?),
+        ]);
+        let metadata =
+            BTreeMap::from([("z".to_string(), "1".to_string()), ("y".into(), "2".into())]);
+        let ours = to_sorted_safetensors(&tensors, &metadata)?;
+        let theirs = safetensors::serialize(
+            tensors.iter().map(|(k, t)| (k.clone(), t.clone())),
+            Some(metadata.clone().into_iter().collect()),
+        )
+        .expect("serialize");
+        let body = |b: &[u8]| {
+            let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+            b[8 + n..].to_vec()
+        };
+        assert_eq!(body(&ours), body(&theirs));
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&ours).expect("ours"),
+            safetensors::SafeTensors::deserialize(&theirs).expect("theirs"),
+        );
+        let mut names = a.names();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+        for name in names {
+            let (x, y) = (
+                a.tensor(name).expect("ours"),
+                b.tensor(name).expect("theirs"),
+            );
+            assert_eq!(
+                (x.dtype(), x.shape(), x.data()),
+                (y.dtype(), y.shape(), y.data())
+            );
+        }
+        let (_, m) = safetensors::SafeTensors::read_metadata(&ours).expect("header");
+        assert_eq!(m.metadata().clone(), Some(metadata.into_iter().collect()));
         Ok(())
     }
 
