@@ -21,7 +21,8 @@ pub struct ForwardArgs {
     /// Images (rows).
     #[arg(long, default_value_t = 4)]
     num: usize,
-    /// Beta schedule: linear, scaled-linear, cosine, quadratic, sigmoid.
+    /// Beta schedule (ddpm_schedule::BetaSchedule::NAMES): linear, scaled-linear, cosine,
+    /// quadratic, sigmoid.
     #[arg(long, default_value = "linear")]
     schedule: String,
     /// Diffusion steps T.
@@ -64,11 +65,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     if let Some(t) = ts.iter().find(|&&t| t >= a.total_steps) {
         anyhow::bail!("--timesteps: {t} is out of range for T = {}", a.total_steps);
     }
-    let beta_schedule: BetaSchedule = crate::parse_word(
-        &a.schedule,
-        "schedule",
-        "linear, scaled-linear, cosine, quadratic, sigmoid",
-    )?;
+    let beta_schedule: BetaSchedule = crate::beta_schedule(&a.schedule)?;
     let device = ddpm_train::parse_device(&a.device)?;
     let schedule = Schedule::new(
         &ScheduleConfig {

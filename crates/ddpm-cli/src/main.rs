@@ -13,7 +13,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 // candle allocates a fresh buffer for every op: mimalloc reuses memory instead of faulting in
 // new pages each time (much faster training steps; docs/benchmarks.md); `main` also keeps it
@@ -53,7 +53,21 @@ fn main() -> ExitCode {
         ddpm_train::device::keep_freed_host_memory();
     }
     ddpm_train::device::set_cuda_pool_release(env::cuda_pool_release());
-    let cli = match Cli::try_parse() {
+    // Every option that takes a value accepts a negative number (`--lr -1`, then refused by the
+    // value's own check) rather than reading it as an unknown flag.
+    let command = Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|arg| {
+            if arg.get_action().takes_values() {
+                arg.allow_negative_numbers(true)
+            } else {
+                arg
+            }
+        })
+    });
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -104,6 +118,17 @@ fn chain(e: &anyhow::Error) -> String {
         }
     }
     parts.join(": ")
+}
+
+/// The beta schedule named `word` ([`ddpm_schedule::BetaSchedule::NAMES`]) with its default
+/// parameters, or an error listing the names.
+pub(crate) fn beta_schedule(word: &str) -> anyhow::Result<ddpm_schedule::BetaSchedule> {
+    ddpm_schedule::BetaSchedule::from_name(word).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown schedule `{word}`: choose one of {}",
+            ddpm_schedule::BetaSchedule::NAMES.join(", ")
+        )
+    })
 }
 
 /// Parses a serde enum from a command-line word, e.g. `eps` or `{kind = "cosine"}`-style tags.

@@ -20,11 +20,7 @@ pub struct ScheduleArgs {
 }
 
 pub fn run(a: ScheduleArgs) -> Result<()> {
-    let beta_schedule: BetaSchedule = crate::parse_word(
-        &a.kind,
-        "schedule",
-        "linear, scaled-linear, cosine, quadratic, sigmoid",
-    )?;
+    let beta_schedule: BetaSchedule = crate::beta_schedule(&a.kind)?;
     let cfg = ScheduleConfig {
         timesteps: a.timesteps,
         beta_schedule,

@@ -127,6 +127,24 @@ impl BetaSchedule {
         }
     }
 
+    /// Every schedule's name as a command line writes it (`-` where a config file has `_`).
+    pub const NAMES: [&'static str; 5] =
+        ["linear", "scaled-linear", "cosine", "quadratic", "sigmoid"];
+
+    /// The schedule named `name` (one of [`BetaSchedule::NAMES`], or its config spelling with
+    /// `_`; any case) with its default parameters; `None` for a name that is not one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let (start, end) = (DEFAULT_BETA_START, DEFAULT_BETA_END);
+        match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "linear" => Some(Self::Linear { start, end }),
+            "scaled-linear" => Some(Self::ScaledLinear { start, end }),
+            "cosine" => Some(Self::cosine()),
+            "quadratic" => Some(Self::Quadratic { start, end }),
+            "sigmoid" => Some(Self::Sigmoid { start, end }),
+            _ => None,
+        }
+    }
+
     /// The schedule's name as written in a config file.
     pub fn name(&self) -> &'static str {
         match self {
@@ -423,6 +441,24 @@ mod tests {
 
     fn abar_last(betas: &[f64]) -> f64 {
         betas.iter().map(|b| 1.0 - b).product()
+    }
+
+    #[test]
+    fn every_name_gives_the_schedule_a_config_file_gives() {
+        for name in BetaSchedule::NAMES {
+            let by_name = BetaSchedule::from_name(name).expect(name);
+            // The config spelling, through serde with every parameter left to its default.
+            let text = format!("kind = \"{}\"", name.replace('-', "_"));
+            let from_toml: BetaSchedule = toml::from_str(&text).expect(&text);
+            assert_eq!(by_name, from_toml, "{name}");
+            assert_eq!(by_name.name(), name.replace('-', "_"));
+            assert_eq!(BetaSchedule::from_name(&name.to_uppercase()), Some(by_name));
+        }
+        assert_eq!(
+            BetaSchedule::from_name("scaled_linear"),
+            BetaSchedule::from_name("scaled-linear")
+        );
+        assert_eq!(BetaSchedule::from_name("zigzag"), None);
     }
 
     #[test]
