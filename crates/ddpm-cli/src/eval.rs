@@ -225,8 +225,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         clip_x0: !a.nll_no_clip,
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
-    let sampler = a.sampler.config()?;
     let (device, loaded) = a.inference.load(&a.checkpoint)?;
+    let sampler = a.sampler.config(loaded.schedule.timesteps)?;
     let report_path = a
         .report
         .clone()

@@ -47,6 +47,9 @@ pub struct SampleArgs {
     quiet: bool,
 }
 
+/// DDIM's steps when `--steps` is not given (all T for a model of fewer timesteps).
+const DEFAULT_DDIM_STEPS: usize = 50;
+
 /// The sampler flags of `sample` and `eval`.
 #[derive(Args, Debug)]
 pub(crate) struct SamplerArgs {
@@ -65,12 +68,18 @@ pub(crate) struct SamplerArgs {
 }
 
 impl SamplerArgs {
-    /// The sampler these flags choose (DDIM defaults to 50 steps, DDPM to all T; x0 is clipped
-    /// to [-1, 1]).
-    pub(crate) fn config(&self) -> Result<SamplerConfig> {
+    /// The sampler these flags choose for a model of `timesteps` diffusion steps (DDIM defaults
+    /// to 50 steps, or all T when T is smaller; DDPM to all T; x0 is clipped to [-1, 1]).
+    pub(crate) fn config(&self, timesteps: usize) -> Result<SamplerConfig> {
+        if let Some(s) = self.steps.filter(|&s| s == 0 || s > timesteps) {
+            anyhow::bail!(
+                "--steps {s} is outside 1..={timesteps}: the model's schedule has {timesteps} \
+                 diffusion timesteps; use --steps {timesteps} or fewer (or leave it out)"
+            );
+        }
         Ok(match self.sampler.to_ascii_lowercase().as_str() {
             "ddim" => SamplerConfig::Ddim {
-                steps: Some(self.steps.unwrap_or(50)),
+                steps: Some(self.steps.unwrap_or(DEFAULT_DDIM_STEPS.min(timesteps))),
                 eta: self.eta,
                 clip_x0: true,
             },
@@ -164,14 +173,26 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     let (device, loaded) = a.inference.load(&a.checkpoint)?;
-    let sampler = a.sampler.config()?;
+    let sampler = a.sampler.config(loaded.schedule.timesteps)?;
     let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let states = sampler.build(&schedule)?.timesteps().len() + 1;
+    let frames = if a.gif.is_some() && a.frames > states {
+        tracing::info!(
+            "--frames {} is more than the {states} states of a {}-step sampler: the GIF has \
+             {states} frames",
+            a.frames,
+            states - 1
+        );
+        states
+    } else {
+        a.frames
+    };
     let opts = SampleOptions {
         num: a.num,
         sampler,
         seed: a.seed,
         batch_size: a.batch_size,
-        frames: if a.gif.is_some() { a.frames } else { 0 },
+        frames: if a.gif.is_some() { frames } else { 0 },
         progress: !a.quiet,
     };
     let samples = sample(&loaded.model, &schedule, loaded.objective, &opts)?;

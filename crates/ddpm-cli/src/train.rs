@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
-use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective};
+use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective, SamplerConfig};
 use ddpm_train::checkpoint::ResumeFrom;
 use ddpm_train::{
     parse_device, Precision, ResumeOptions, RunOptions, SafeChanges, TrainConfig, TrainError,
@@ -150,6 +150,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = a.timesteps {
         c.schedule.timesteps = v;
+        fit_default_sampler(&mut c);
     }
     if let Some(o) = &a.objective {
         c.objective = crate::parse_word::<Objective>(o, "objective", "eps, x0, v")?;
@@ -180,6 +181,27 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.log_every = v;
     }
     Ok(c)
+}
+
+/// With fewer timesteps than the default sampler's 50 DDIM steps, and the sampler left at its
+/// default, the sample grids take all T steps (said in a warning) instead of failing.
+fn fit_default_sampler(c: &mut TrainConfig) {
+    let t = c.schedule.timesteps;
+    let is_default = c.sampler == TrainConfig::default().sampler;
+    if let SamplerConfig::Ddim {
+        steps: Some(ref mut s),
+        ..
+    } = c.sampler
+    {
+        if is_default && *s > t && t > 0 {
+            tracing::warn!(
+                "the sample grids' DDIM sampler takes {s} steps by default, more than the \
+                 schedule's {t} timesteps: it takes {t} (set `[sampler] steps` in a --config file \
+                 to choose)"
+            );
+            *s = t;
+        }
+    }
 }
 
 /// The first of runs/NAME, runs/NAME-1, ... that holds no checkpoint.

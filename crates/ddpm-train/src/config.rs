@@ -183,6 +183,15 @@ impl TrainConfig {
         self.model.validate()?;
         self.schedule.validate()?;
         self.loss.validate()?;
+        let t = self.schedule.timesteps;
+        let (SamplerConfig::Ddpm { steps, .. } | SamplerConfig::Ddim { steps, .. }) = self.sampler;
+        if let Some(s) = steps.filter(|&s| s == 0 || s > t) {
+            return bad(format!(
+                "`[sampler] steps` = {s} (the sampler of the sample grids written while training) \
+                 must be in 1..={t} (`[schedule] timesteps`): lower it, or leave it out to take \
+                 all {t}"
+            ));
+        }
         self.sampler.build(&ddpm_schedule::Schedule::with_dtype(
             &self.schedule,
             &candle_core::Device::Cpu,

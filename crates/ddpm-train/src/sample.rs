@@ -23,7 +23,7 @@ pub struct SampleOptions {
     /// Images denoised together.
     pub batch_size: usize,
     /// Frames of the reverse process to keep for an animation (0: none). Frame 0 is the noise,
-    /// the last frame the final images.
+    /// the last frame the final images; at most the sampler's steps + 1 (its distinct states).
     pub frames: usize,
     /// Show a progress bar.
     pub progress: bool,
@@ -91,9 +91,11 @@ fn sample_with(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let frame_at: Vec<usize> = if opts.frames >= 2 {
-        (0..opts.frames)
-            .map(|k| k * ts.len() / (opts.frames - 1))
+    // A sampler of n steps passes through n + 1 states: more frames would only repeat them.
+    let n_frames = opts.frames.min(ts.len() + 1);
+    let frame_at: Vec<usize> = if n_frames >= 2 {
+        (0..n_frames)
+            .map(|k| k * ts.len() / (n_frames - 1))
             .collect()
     } else {
         Vec::new()
