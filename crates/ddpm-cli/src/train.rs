@@ -180,7 +180,23 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(v) = a.log_every {
         c.log_every = v;
     }
+    absolute_data_paths(&mut c)?;
     Ok(c)
+}
+
+/// Makes the data root and an image folder's path absolute (canonical where they exist), so the
+/// run's config names the same data from any working directory (`--resume`, `eval`).
+fn absolute_data_paths(c: &mut TrainConfig) -> Result<()> {
+    let absolute = |p: &Path| -> Result<PathBuf> {
+        p.canonicalize()
+            .or_else(|_| std::path::absolute(p))
+            .with_context(|| format!("resolving the data path {}", p.display()))
+    };
+    c.data.root = absolute(&c.data.root)?;
+    if let DatasetSpec::Folder(p) = &c.dataset {
+        c.dataset = DatasetSpec::Folder(absolute(p)?);
+    }
+    Ok(())
 }
 
 /// With fewer timesteps than the default sampler's 50 DDIM steps, and the sampler left at its
@@ -231,6 +247,16 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
         c.dataset.name()
     );
     if let DatasetSpec::Folder(p) = &c.dataset {
+        if p.is_relative() {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            anyhow::bail!(
+                "image folder {} does not exist in the working directory {}: the run recorded \
+                 this relative path (runs started before paths were stored absolute), so run \
+                 this command from the directory the run was started in",
+                p.display(),
+                cwd.display()
+            );
+        }
         anyhow::bail!("image folder {} does not exist", p.display());
     }
     if no_fetch {
