@@ -27,7 +27,7 @@ pub struct SampleArgs {
     /// Seed of the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// The grid of samples (PNG).
+    /// The grid of samples, in the format its extension names: .png, .jpg or .jpeg.
     #[arg(long, default_value = "samples.png")]
     out: PathBuf,
     /// Also write each sample as its own PNG in this directory.
@@ -165,6 +165,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.num == 0 {
         anyhow::bail!("--num must be at least 1");
     }
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1 (images denoised at once)");
+    }
+    let out_format = grid_format(&a.out)?;
     check_writable(&a.out)?;
     if let Some(g) = &a.gif {
         check_writable(g)?;
@@ -197,7 +201,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     };
     let samples = sample(&loaded.model, &schedule, loaded.objective, &opts)?;
     let nrow = (a.num as f64).sqrt().ceil() as usize;
-    image_io::save_image_grid(&samples.images, nrow, &a.out)
+    save_grid(&samples.images, nrow, &a.out, out_format)
         .with_context(|| format!("writing {}", a.out.display()))?;
     tracing::info!(path = %a.out.display(), images = a.num, "sample grid written");
     if let Some(dir) = &a.out_dir {
@@ -213,6 +217,37 @@ pub fn run(a: SampleArgs) -> Result<()> {
         write_gif(&samples.frames, nrow, gif)?;
         tracing::info!(path = %gif.display(), frames = samples.frames.len(), "reverse-process GIF written");
     }
+    Ok(())
+}
+
+/// The image format `--out` names by its extension: PNG or JPEG; anything else is refused
+/// (the bytes written must be what the name says).
+fn grid_format(path: &Path) -> Result<image::ImageFormat> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("png") => Ok(image::ImageFormat::Png),
+        Some("jpg" | "jpeg") => Ok(image::ImageFormat::Jpeg),
+        other => anyhow::bail!(
+            "--out {}: {} is not an image format this program writes: name the grid .png or \
+             .jpg",
+            path.display(),
+            other.map_or("no extension".to_string(), |e| format!("`.{e}`"))
+        ),
+    }
+}
+
+/// Writes the grid of `images` in `format`, through a temporary file renamed into place.
+fn save_grid(images: &Tensor, nrow: usize, path: &Path, format: image::ImageFormat) -> Result<()> {
+    if format == image::ImageFormat::Png {
+        return Ok(image_io::save_image_grid(images, nrow, path)?);
+    }
+    let grid = image_io::image_grid(images, nrow)?;
+    let tmp = path.with_extension("tmp");
+    grid.save_with_format(&tmp, format)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

@@ -96,3 +96,308 @@ fn absurd_thread_counts_are_refused() {
         assert_one_clean_error(&run(&mut c), needle);
     }
 }
+
+/// A one-step run of the MNIST preset at 8x8 with a 2-step schedule in `dir/runs/t2`: a model to
+/// sample from in milliseconds.
+fn two_step_run(dir: &Path) -> std::process::Output {
+    train(
+        dir,
+        "runs/t2",
+        &[
+            "--timesteps",
+            "2",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--sample-every",
+            "0",
+        ],
+    )
+}
+
+/// `ddpm sample --quiet --checkpoint runs/t2` with these flags, in `dir`.
+fn sample_t2(dir: &Path, flags: &[&str]) -> std::process::Output {
+    let mut c = ddpm(dir);
+    c.args(["sample", "--quiet", "--checkpoint", "runs/t2", "--num", "4"])
+        .args(flags);
+    run(&mut c)
+}
+
+/// Item 8: `--timesteps 2` failed with "cannot respace a 2-step schedule to 50 steps", naming
+/// no setting. Left at its default, the grids' sampler now takes all T steps (with a warning);
+/// set explicitly, the error names `[sampler] steps` and the schedule's `timesteps`; `ddpm
+/// sample`'s default DDIM steps fit T and a larger `--steps` is named.
+#[test]
+fn sampler_steps_fit_a_short_schedule_or_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = two_step_run(dir.path());
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("it takes 2 (set `[sampler] steps`"),
+        "{}",
+        stderr(&o)
+    );
+    let cfg = dir.path().join("sampler.toml");
+    std::fs::write(&cfg, "[sampler]\nkind = \"ddim\"\nsteps = 5\n").unwrap();
+    let o = train(
+        dir.path(),
+        "runs/explicit",
+        &["--config", cfg.to_str().unwrap(), "--timesteps", "2"],
+    );
+    assert_one_clean_error(
+        &o,
+        "`[sampler] steps` = 5 (the sampler of the sample grids written while training) must be \
+         in 1..=2 (`[schedule] timesteps`)",
+    );
+    assert_ok(&sample_t2(dir.path(), &["--out", "default.png"]));
+    assert_one_clean_error(
+        &sample_t2(dir.path(), &["--steps", "5"]),
+        "--steps 5 is outside 1..=2",
+    );
+}
+
+/// Item 10: `--frames 20000 --steps 2` wrote a 232 MB GIF of 20,000 frames (repeats of 3
+/// states). The frames are capped at the sampler's steps + 1, with a note.
+#[test]
+fn gif_frames_are_capped_at_the_sampler_states() {
+    use image::AnimationDecoder;
+    let dir = tempfile::tempdir().unwrap();
+    assert_ok(&two_step_run(dir.path()));
+    let o = sample_t2(
+        dir.path(),
+        &["--gif", "g.gif", "--frames", "20000", "--steps", "2"],
+    );
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("--frames 20000 is more than the 3 states of a 2-step sampler"),
+        "{}",
+        stderr(&o)
+    );
+    let file = std::fs::File::open(dir.path().join("g.gif")).unwrap();
+    let gif = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(file)).unwrap();
+    assert_eq!(gif.into_frames().count(), 3);
+}
+
+/// Item 11: a run on `--dataset folder:RELATIVE` (and the default data root `data`) stored the
+/// relative paths, so `--resume` or `eval` from another directory failed. The run's config now
+/// holds absolute paths.
+#[test]
+fn a_run_on_a_relative_folder_resumes_and_evaluates_from_another_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("imgs/daisy");
+    std::fs::create_dir_all(&class).unwrap();
+    let daisy = common::fixtures().join("flowers/daisy");
+    for entry in std::fs::read_dir(daisy).unwrap().take(10) {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, class.join(path.file_name().unwrap())).unwrap();
+    }
+    let o = train(
+        dir.path(),
+        "run",
+        &[
+            "--dataset",
+            "folder:imgs",
+            "--test-fraction",
+            "0.2",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--sample-every",
+            "0",
+        ],
+    );
+    assert_ok(&o);
+    let config = std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    for want in [
+        format!("dataset = \"folder:{}\"", root.join("imgs").display()),
+        format!("root = \"{}\"", root.join("data").display()),
+    ] {
+        assert!(config.contains(&want), "`{want}` not in {config}");
+    }
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let mut c = common::ddpm_bare(&elsewhere);
+    c.args(["train", "--quiet", "--resume", "../run", "--steps", "2"]);
+    assert_ok(&run(&mut c));
+    let mut c = common::ddpm_bare(&elsewhere);
+    c.args([
+        "eval",
+        "--quiet",
+        "--checkpoint",
+        "../run",
+        "--nll",
+        "--limit",
+        "2",
+    ]);
+    assert_ok(&run(&mut c));
+}
+
+/// Smaller points: `--lr -1` was read as an unknown flag (it needed `--lr=-1`); now the value
+/// reaches the optimizer's check, which also refuses a negative `weight_decay` and a zero `eps`.
+#[test]
+fn negative_numbers_are_values_and_optimizer_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = train(dir.path(), "runs/lr", &["--lr", "-1"]);
+    assert_one_clean_error(&o, "`[optimizer] lr` = -1 must be finite and > 0");
+    for (toml, needle) in [
+        (
+            "weight_decay = -1e30",
+            "`[optimizer] weight_decay` = -1e30 must be finite and >= 0",
+        ),
+        ("eps = 0", "`[optimizer] eps` = 0 must be finite and > 0"),
+        (
+            "beta2 = 1.0",
+            "`[optimizer] beta2` = 1 must be finite and in [0, 1)",
+        ),
+    ] {
+        let cfg = dir.path().join("opt.toml");
+        std::fs::write(&cfg, format!("[optimizer]\n{toml}\n")).unwrap();
+        let o = train(dir.path(), "runs/opt", &["--config", cfg.to_str().unwrap()]);
+        assert_one_clean_error(&o, needle);
+    }
+}
+
+/// Smaller points: a section with one key (`[optimizer] beta1 = 0.8`) failed with "missing field
+/// `lr`" and a multi-line caret message. Partial sections keep the defaults, and a TOML error is
+/// one line naming the file, the line, the key and its table.
+#[test]
+fn partial_sections_work_and_toml_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("partial.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 1\nsample_every = 0\n\n[optimizer]\nbeta1 = 0.8\n\n[data]\nimage_size = 8\n",
+    )
+    .unwrap();
+    let o = train(
+        dir.path(),
+        "runs/partial",
+        &["--config", cfg.to_str().unwrap()],
+    );
+    assert_ok(&o);
+    let saved = std::fs::read_to_string(dir.path().join("runs/partial/config.toml")).unwrap();
+    assert!(
+        saved.contains("beta1 = 0.8") && saved.contains("lr = 0.001"),
+        "{saved}"
+    );
+    std::fs::write(&cfg, "steps = 1\n\n[optimizer]\nlr = \"fast\"\n").unwrap();
+    let o = train(dir.path(), "runs/bad", &["--config", cfg.to_str().unwrap()]);
+    assert_one_clean_error(
+        &o,
+        "partial.toml line 4, key `lr` in [optimizer]: invalid type",
+    );
+    let err = stderr(&o);
+    assert!(!err.contains('^') && !err.contains(" | "), "{err}");
+}
+
+/// Smaller points: a corrupt image's error said "pass skip_corrupt", a config key and no flag.
+/// It now says where the key goes.
+#[test]
+fn a_decode_error_says_where_skip_corrupt_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("imgs/a");
+    std::fs::create_dir_all(&class).unwrap();
+    let daisy = common::fixtures().join("flowers/daisy");
+    for entry in std::fs::read_dir(daisy).unwrap().take(4) {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, class.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(class.join("broken.png"), b"not a png at all").unwrap();
+    let o = train(
+        dir.path(),
+        "runs/corrupt",
+        &[
+            "--dataset",
+            "folder:imgs",
+            "--image-size",
+            "8",
+            "--test-fraction",
+            "0",
+        ],
+    );
+    assert_one_clean_error(&o, "set `skip_corrupt = true` under `[data]` in the config");
+}
+
+/// Smaller points: `sample --out x.jpg` wrote PNG bytes and `--batch-size 0` was accepted. The
+/// grid is written in the format its extension names (others are refused) and a zero batch is
+/// refused.
+#[test]
+fn sample_writes_the_format_its_name_says_and_refuses_a_zero_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_ok(&two_step_run(dir.path()));
+    assert_ok(&sample_t2(dir.path(), &["--out", "grid.jpg"]));
+    let bytes = std::fs::read(dir.path().join("grid.jpg")).unwrap();
+    assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF], "not a JPEG");
+    assert_ok(&sample_t2(dir.path(), &["--out", "grid.png"]));
+    let bytes = std::fs::read(dir.path().join("grid.png")).unwrap();
+    assert_eq!(&bytes[1..4], b"PNG");
+    assert_one_clean_error(
+        &sample_t2(dir.path(), &["--out", "grid.bmp"]),
+        "`.bmp` is not an image format this program writes",
+    );
+    assert!(!dir.path().join("grid.bmp").exists());
+    assert_one_clean_error(
+        &sample_t2(dir.path(), &["--batch-size", "0"]),
+        "--batch-size must be at least 1",
+    );
+}
+
+/// Smaller points: SIGUSR1 ends a run at once (its default action), leaving its lock file. The
+/// next `--resume` sees that the lock's process is gone and takes the lock over; SIGHUP, like
+/// SIGTERM, finishes the step, writes a checkpoint and releases the lock.
+#[cfg(unix)]
+#[test]
+fn a_run_killed_by_sigusr1_resumes_and_sighup_stops_cleanly() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("long.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 100000\ncheckpoint_every = 1\nsample_every = 0\nbatch_size = 4\n\n[data]\nimage_size = 8\n",
+    )
+    .unwrap();
+    for (signal, run_dir) in [(libc::SIGUSR1, "runs/usr1"), (libc::SIGHUP, "runs/hup")] {
+        let mut c = ddpm(dir.path());
+        c.args(["train", "--quiet", "--out", run_dir, "--config"])
+            .arg(&cfg)
+            .stderr(Stdio::null());
+        // Killed if the test fails before the signal ends it.
+        struct Guard(std::process::Child);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Guard(c.spawn().unwrap());
+        let run_path = dir.path().join(run_dir);
+        common::wait_for(
+            "a first checkpoint",
+            std::time::Duration::from_secs(120),
+            || ddpm_train::checkpoint::list(&run_path).is_ok_and(|l| !l.is_empty()),
+        );
+        // SAFETY: signalling the child this test started and has not reaped.
+        unsafe { libc::kill(child.0.id() as libc::pid_t, signal) };
+        child.0.wait().unwrap();
+        let lock = dir.path().join(run_dir).join(".lock");
+        assert_eq!(lock.exists(), signal == libc::SIGUSR1, "{run_dir}");
+        let mut c = ddpm(dir.path());
+        c.args(["train", "--quiet", "--resume", run_dir, "--steps", "1"]);
+        let o = run(&mut c);
+        assert_ok(&o);
+        if signal == libc::SIGUSR1 {
+            assert!(
+                stderr(&o).contains("taking over the stale lock"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
+}

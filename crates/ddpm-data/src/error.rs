@@ -109,7 +109,7 @@ pub enum DataError {
         labels: usize,
     },
     /// An image file could not be decoded.
-    #[error("{}: cannot decode image (pass skip_corrupt to skip such files)", path.display())]
+    #[error("{}: cannot decode image (to skip such files, set `skip_corrupt = true` under `[data]` in the config)", path.display())]
     Decode {
         /// The image file.
         path: PathBuf,
@@ -118,7 +118,7 @@ pub enum DataError {
         source: image::ImageError,
     },
     /// An image file is cut short: its data ends before the format's end marker.
-    #[error("{}: truncated image: {reason} (pass skip_corrupt to skip such files)", path.display())]
+    #[error("{}: truncated image: {reason} (to skip such files, set `skip_corrupt = true` under `[data]` in the config)", path.display())]
     TruncatedImage {
         /// The image file.
         path: PathBuf,

@@ -27,7 +27,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches whose gradients are averaged per optimizer step.
     pub grad_accum: usize,
-    /// AdamW hyper-parameters.
+    /// AdamW hyper-parameters (keys left out keep this config's defaults).
+    #[serde(deserialize_with = "optimizer_over_defaults")]
     pub optimizer: AdamWConfig,
     /// Steps of linear learning-rate warm-up.
     pub warmup_steps: usize,
@@ -66,6 +67,31 @@ pub struct TrainConfig {
     /// The dtype of the forward and backward passes (`f32`, or `bf16`/`f16` on CUDA with f32
     /// master weights).
     pub precision: Precision,
+}
+
+/// An `[optimizer]` table whose missing keys keep [`TrainConfig::default`]'s values (its
+/// learning rate is the MNIST preset's, not [`AdamWConfig::default`]'s).
+fn optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<AdamWConfig, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        lr: Option<f64>,
+        beta1: Option<f64>,
+        beta2: Option<f64>,
+        eps: Option<f64>,
+        weight_decay: Option<f64>,
+    }
+    let p = Partial::deserialize(d)?;
+    let base = TrainConfig::default().optimizer;
+    Ok(AdamWConfig {
+        lr: p.lr.unwrap_or(base.lr),
+        beta1: p.beta1.unwrap_or(base.beta1),
+        beta2: p.beta2.unwrap_or(base.beta2),
+        eps: p.eps.unwrap_or(base.eps),
+        weight_decay: p.weight_decay.unwrap_or(base.weight_decay),
+    })
 }
 
 impl Default for TrainConfig {
@@ -110,7 +136,7 @@ impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).map_err(|e| TrainError::io(path, "reading config", e))?;
-        toml::from_str(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+        toml::from_str(&text).map_err(|e| TrainError::Config(toml_error(path, &text, &e)))
     }
 
     /// The config as TOML text.
@@ -156,20 +182,14 @@ impl TrainConfig {
                 self.batch_size, self.grad_accum
             ));
         }
-        let o = &self.optimizer;
-        if !(o.lr > 0.0 && o.lr.is_finite()) {
-            return bad(format!("`optimizer.lr` must be positive, got {}", o.lr));
-        }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return bad("`optimizer.beta1` and `beta2` must be in [0, 1)".into());
-        }
+        self.optimizer.validate()?;
         if !(0.0..1.0).contains(&self.ema_decay) {
             return bad(format!(
                 "`ema_decay` must be in [0, 1), got {}",
                 self.ema_decay
             ));
         }
-        if self.grad_clip < 0.0 {
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
             return bad("`grad_clip` must be >= 0 (0 disables it)".into());
         }
         if self.checkpoint_every == 0 || self.keep_checkpoints == 0 || self.log_every == 0 {
@@ -199,6 +219,34 @@ impl TrainConfig {
         )?)?;
         Ok(())
     }
+}
+
+/// A TOML error on one line: the file, the line, the key at fault (or the text there) with its
+/// table, and what is wrong ("tiny.toml line 4, key `lr` in [optimizer]: invalid type ...").
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return format!("{}: {message}", path.display());
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let table = text
+        .lines()
+        .take(line_no)
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .last();
+    let at = match line.split_once('=') {
+        Some((key, _)) if !line.starts_with('[') => format!(", key `{}`", key.trim()),
+        _ if line.is_empty() => String::new(),
+        _ => format!(" (`{}`)", line.chars().take(60).collect::<String>()),
+    };
+    let table = match table {
+        Some(t) if t != line => format!(" in {t}"),
+        _ => String::new(),
+    };
+    format!("{} line {line_no}{at}{table}: {message}", path.display())
 }
 
 #[cfg(test)]
@@ -235,5 +283,53 @@ mod tests {
         assert!(e.contains("grad_accum"), "{e}");
         assert!(toml::from_str::<TrainConfig>("stepz = 3").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn partial_sections_keep_the_defaults_and_toml_errors_are_one_line() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Other(e.to_string()))?;
+        let path = dir.path().join("partial.toml");
+        let write = |text: &str| std::fs::write(&path, text).expect("config written");
+        write("[optimizer]\nbeta1 = 0.8\n\n[schedule]\ntimesteps = 10\n");
+        let c = TrainConfig::from_toml_file(&path)?;
+        let d = TrainConfig::default();
+        assert_eq!(c.optimizer.beta1, 0.8);
+        assert_eq!(c.optimizer.lr, d.optimizer.lr);
+        assert_eq!(c.schedule.timesteps, 10);
+        assert_eq!(c.schedule.beta_schedule, d.schedule.beta_schedule);
+
+        write("steps = 5\n\n[optimizer]\nlr = \"fast\"\n");
+        let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("partial.toml line 4, key `lr` in [optimizer]: "), "{e}");
+        write("stepz = 5\n");
+        let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(e.contains("line 1, key `stepz`: unknown field"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn optimizer_settings_are_validated() {
+        for (key, value, shown, range) in [
+            ("lr", -1.0, "-1", "> 0"),
+            ("lr", f64::INFINITY, "inf", "> 0"),
+            ("beta1", 1.0, "1", "in [0, 1)"),
+            ("beta2", f64::NAN, "NaN", "in [0, 1)"),
+            ("eps", 0.0, "0", "> 0"),
+            ("weight_decay", -1e30, "-1e30", ">= 0"),
+        ] {
+            let mut c = TrainConfig::default();
+            let o = &mut c.optimizer;
+            *match key {
+                "lr" => &mut o.lr,
+                "beta1" => &mut o.beta1,
+                "beta2" => &mut o.beta2,
+                "eps" => &mut o.eps,
+                _ => &mut o.weight_decay,
+            } = value;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("`[optimizer] {key}` = {shown} ")), "{e}");
+            assert!(e.contains(range), "{e}");
+        }
     }
 }

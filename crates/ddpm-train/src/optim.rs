@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::inplace::{self, AdamWUpdate};
 use crate::{Result, TrainError};
 
-/// Hyper-parameters of [`AdamW`], as in PyTorch's `torch.optim.AdamW`.
+/// Hyper-parameters of [`AdamW`], as in PyTorch's `torch.optim.AdamW`. Fields left out of a
+/// serialized config take their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     /// Peak learning rate.
     pub lr: f64,
@@ -34,6 +35,39 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
         }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks every field (all finite; `lr` > 0, betas in [0, 1), `eps` > 0, `weight_decay`
+    /// >= 0); the error names the field, its value and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        let checks: [(&str, f64, bool, &str); 5] = [
+            ("lr", self.lr, self.lr > 0.0, "> 0"),
+            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)"),
+            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)"),
+            ("eps", self.eps, self.eps > 0.0, "> 0"),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                ">= 0",
+            ),
+        ];
+        for (name, value, ok, range) in checks {
+            if !(ok && value.is_finite()) {
+                // Huge and tiny values in scientific notation (`-1e30`, not 31 digits).
+                let shown = if value != 0.0 && !(1e-4..1e6).contains(&value.abs()) {
+                    format!("{value:e}")
+                } else {
+                    format!("{value}")
+                };
+                return Err(TrainError::Config(format!(
+                    "`[optimizer] {name}` = {shown} must be finite and {range}"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
