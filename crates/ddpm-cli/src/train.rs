@@ -21,7 +21,8 @@ pub struct TrainArgs {
     /// A TOML training config; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, cifar10, flowers or folder:PATH.
+    /// mnist, cifar10, flowers or folder:PATH (with --resume: only a run's image folder moved
+    /// elsewhere, folder:NEW_PATH).
     #[arg(long)]
     dataset: Option<String>,
     /// Run directory (default: a new runs/<dataset>[-N]).
@@ -29,8 +30,9 @@ pub struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint (exactly). It may change
     /// --steps, --lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
-    /// --log-every and --data-dir (and the same keys edited in RUN/config.toml).
-    #[arg(long, conflicts_with_all = ["config", "dataset", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction"])]
+    /// --log-every and --data-dir (and the same keys edited in RUN/config.toml), and a moved
+    /// image folder (--dataset folder:NEW_PATH).
+    #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction"])]
     resume: Option<PathBuf>,
     /// With --resume: continue from the checkpoint of this step (newer ones are moved to
     /// RUN/checkpoints/set-aside/).
@@ -365,7 +367,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let (mut trainer, run_dir) = match &a.resume {
         Some(dir) => {
-            let plan = Trainer::plan_resume(dir, &device, &resume_options(&a), &world)
+            let plan = Trainer::plan_resume(dir, &device, &resume_options(&a)?, &world)
                 .map_err(|e| explain_damaged(e, dir))
                 .with_context(|| format!("resuming {}", dir.display()))?;
             // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
@@ -422,8 +424,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 /// Which checkpoint `--resume` continues from and the settings it changes.
-fn resume_options(a: &TrainArgs) -> ResumeOptions {
-    ResumeOptions {
+fn resume_options(a: &TrainArgs) -> Result<ResumeOptions> {
+    // Paths are stored absolute, as a new run's are.
+    let mut data = TrainConfig::default();
+    if let Some(d) = &a.dataset {
+        data.dataset = d.parse().with_context(|| format!("--dataset {d}"))?;
+    }
+    if let Some(root) = &a.data_dir {
+        data.data.root = root.clone();
+    }
+    absolute_data_paths(&mut data)?;
+    Ok(ResumeOptions {
         from: match (a.from_step, a.resume_intact) {
             (Some(step), _) => ResumeFrom::Step(step),
             (None, true) => ResumeFrom::NewestIntact,
@@ -437,9 +448,10 @@ fn resume_options(a: &TrainArgs) -> ResumeOptions {
             checkpoint_every: a.checkpoint_every,
             sample_every: a.sample_every,
             log_every: a.log_every,
-            data_root: a.data_dir.clone(),
+            data_root: a.data_dir.as_ref().map(|_| data.data.root.clone()),
+            dataset: a.dataset.as_ref().map(|_| data.dataset.clone()),
         },
-    }
+    })
 }
 
 /// A damaged newest checkpoint, with the command that continues from the newest intact one.

@@ -182,8 +182,9 @@ fn gif_frames_are_capped_at_the_sampler_states() {
 }
 
 /// Item 11: a run on `--dataset folder:RELATIVE` (and the default data root `data`) stored the
-/// relative paths, so `--resume` or `eval` from another directory failed. The run's config now
-/// holds absolute paths.
+/// relative paths, so `--resume` or `eval` from another directory failed, and `--dataset` could
+/// not be given with `--resume`. The run's config now holds absolute paths, and a resume may
+/// point the run at its image folder's new path.
 #[test]
 fn a_run_on_a_relative_folder_resumes_and_evaluates_from_another_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -237,6 +238,26 @@ fn a_run_on_a_relative_folder_resumes_and_evaluates_from_another_directory() {
         "2",
     ]);
     assert_ok(&run(&mut c));
+
+    // The images moved: `--resume` takes the folder's new path (and records the change); it
+    // refuses another kind of data set by name.
+    std::fs::rename(dir.path().join("imgs"), dir.path().join("moved")).unwrap();
+    let mut c = common::ddpm_bare(&elsewhere);
+    c.args(["train", "--quiet", "--resume", "../run", "--steps", "3"]);
+    assert_one_clean_error(&run(&mut c), "does not exist");
+    let mut c = common::ddpm_bare(&elsewhere);
+    c.args(["train", "--quiet", "--resume", "../run", "--steps", "3"])
+        .args(["--dataset", "folder:../moved"]);
+    assert_ok(&run(&mut c));
+    let history = std::fs::read_to_string(dir.path().join("run/history.jsonl")).unwrap();
+    assert!(
+        history.contains(r#""key":"dataset""#) && history.contains("moved"),
+        "{history}"
+    );
+    let mut c = common::ddpm_bare(&elsewhere);
+    c.args(["train", "--quiet", "--resume", "../run", "--steps", "4"])
+        .args(["--dataset", "mnist"]);
+    assert_one_clean_error(&run(&mut c), "cannot switch it to mnist");
 }
 
 /// Smaller points: `--lr -1` was read as an unknown flag (it needed `--lr=-1`); now the value

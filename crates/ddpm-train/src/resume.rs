@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use ddpm_data::DatasetSpec;
 use serde::{Deserialize, Serialize};
 
 pub use crate::checkpoint::{PassedOver, ResumeFrom};
@@ -67,6 +68,9 @@ pub struct SafeChanges {
     pub log_every: Option<usize>,
     /// Where the data sets are (`data.root`).
     pub data_root: Option<PathBuf>,
+    /// The data set (`dataset`): only a run on an image folder may change it, to another image
+    /// folder (the same images moved elsewhere); naming the run's own data set changes nothing.
+    pub dataset: Option<DatasetSpec>,
 }
 
 /// One setting a resume changed.
@@ -297,6 +301,19 @@ pub fn resumed_config(
     if let Some(v) = &c.data_root {
         asked.data.root = v.clone();
     }
+    if let Some(d) = &c.dataset {
+        match (&asked.dataset, d) {
+            (DatasetSpec::Folder(_), DatasetSpec::Folder(_)) => asked.dataset = d.clone(),
+            (ours, theirs) if ours == theirs => {}
+            (ours, theirs) => {
+                return Err(TrainError::Config(format!(
+                    "the run trains on {ours}, so a resume cannot switch it to {theirs}: a \
+                     resume may only move an image folder (folder:PATH for a run on folder:PATH) \
+                     or the data root (`data.root`); train a new run for another data set"
+                )))
+            }
+        }
+    }
     let (before, after) = (flatten(&config)?, flatten(&asked)?);
     for (key, value) in &after {
         if before.get(key) != Some(value) {
@@ -387,6 +404,36 @@ mod tests {
                 ("optimizer.lr", "0.01", "option"),
             ]
         );
+        Ok(())
+    }
+
+    /// A run on an image folder may be pointed at the folder's new path (recorded as a change);
+    /// its own data set again changes nothing; another kind of data set is refused by name.
+    #[test]
+    fn an_image_folder_may_move_but_the_data_set_stays() -> Result<()> {
+        let ckpt = TrainConfig {
+            dataset: DatasetSpec::Folder("/old/imgs".into()),
+            ..TrainConfig::default()
+        };
+        let moved = |d: DatasetSpec| SafeChanges {
+            dataset: Some(d),
+            ..SafeChanges::default()
+        };
+        let new = DatasetSpec::Folder("/new/imgs".into());
+        let (config, changes) = resumed_config(&ckpt, 3, None, &moved(new.clone()))?;
+        assert_eq!(config.dataset, new);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].key.as_str(), changes[0].by.as_str()),
+            ("dataset", "option")
+        );
+        let (same, none) = resumed_config(&ckpt, 3, None, &moved(ckpt.dataset.clone()))?;
+        assert_eq!((same, none.len()), (ckpt.clone(), 0));
+        let err = resumed_config(&ckpt, 3, None, &moved(DatasetSpec::Mnist))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("cannot switch it to mnist"), "{err}");
         Ok(())
     }
 }
