@@ -486,15 +486,25 @@ fn explain_stop(e: TrainError, run_dir: &Path) -> anyhow::Error {
         .parse()
         .unwrap_or(stop.lr / 10.0);
     let lower = ddpm_train::trainer::short_number(lower);
-    match stop.last_checkpoint {
-        Some(step) => anyhow::anyhow!(
-            "{e}: continue from step {step} with, e.g., `ddpm train --resume {} --lr {lower}` \
-             (or, if the loss had already diverged by then, start the run again with a lower \
-             --lr)",
-            run_dir.display()
+    let run = run_dir.display();
+    let again = match stop.last_checkpoint {
+        Some(_) => "start a new run (another --out) with a lower learning rate",
+        None => "start the run again with a lower learning rate",
+    };
+    let again = format!("{again} (e.g. `--lr {lower}`)");
+    match (
+        stop.last_checkpoint,
+        stop.replays(),
+        stop.earlier_checkpoint,
+    ) {
+        (Some(_), true, Some(j)) => anyhow::anyhow!(
+            "{e}: resume from an earlier checkpoint with a lower learning rate, e.g. `ddpm train \
+             --resume {run} --from-step {j} --lr {lower}`, or {again}"
         ),
-        None => anyhow::anyhow!(
-            "{e}: start the run again with a lower learning rate (e.g. `--lr {lower}`)"
+        (Some(k), false, _) => anyhow::anyhow!(
+            "{e}: continue from step {k} with, e.g., `ddpm train --resume {run} --lr {lower}`, \
+             or {again}"
         ),
+        _ => anyhow::anyhow!("{e}: {again}"),
     }
 }

@@ -105,6 +105,15 @@ fn error_line(o: &Output) -> String {
     clean_error(o).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The arguments (after `ddpm`) of the command an error line advises, between backquotes.
+fn advice(line: &str) -> Vec<&str> {
+    let cmd = line
+        .split('`')
+        .find(|s| s.starts_with("ddpm train --resume"))
+        .unwrap_or_else(|| panic!("no command in: {line}"));
+    cmd.split_whitespace().skip(1).collect()
+}
+
 /// Rewrites a checkpoint's tensors file with `ema.*` made NaN, as a binary older than the NaN
 /// guard could write it. `legacy`: also without the integrity records (no hashes or run id in
 /// the JSON or the metadata), as that binary wrote every checkpoint; otherwise the records are
@@ -215,9 +224,11 @@ fn item1_a_diverging_run_keeps_only_finite_checkpoints_and_nan_weights_are_refus
     }
     assert_ok(&sample(p, "run"));
     assert_ok(&eval_nll(p, "run"));
-    // The advice can be followed: --lr is accepted by --resume (the run may diverge again; it
-    // then stops the same way).
-    let o = run(resume(p, "run").args(["--lr", "0.03"]));
+    // The advice can be followed: the command it gives runs (the run may diverge again; it then
+    // stops the same way), and the change of learning rate is recorded.
+    let args = advice(&line);
+    assert!(args.contains(&"--lr"), "{line}");
+    let o = run(ddpm(p).args(&args).arg("--quiet"));
     if !o.status.success() {
         assert_one_clean_error(&o, "became");
     }
@@ -226,6 +237,18 @@ fn item1_a_diverging_run_keeps_only_finite_checkpoints_and_nan_weights_are_refus
         history.contains(r#""key":"optimizer.lr","from":"0.3","to":"0.03""#),
         "{history}"
     );
+    if let Some(i) = args.iter().position(|a| *a == "--from-step") {
+        // Resuming the checkpoint right before the stop would replay it: an earlier one is
+        // advised, and the newer ones are set aside, not deleted.
+        let from: usize = args[i + 1].parse().expect("step");
+        assert!(from < newest, "{line}");
+        assert!(
+            line.contains("stops again whatever the learning rate"),
+            "{line}"
+        );
+        let aside = run_dir.join(format!("checkpoints/set-aside/ckpt-{newest:08}.json"));
+        assert!(aside.exists(), "{} missing", aside.display());
+    }
 
     // A NaN checkpoint as the binary before the fix wrote it (ckpt-N with NaN EMA): refused.
     let newest = *checkpoints(&run_dir).last().expect("checkpoint");
@@ -435,20 +458,21 @@ fn item4_the_nan_stop_says_only_what_is_true_and_its_advice_can_be_followed() {
     );
     assert!(checkpoints(&p.join("none")).is_empty());
 
+    // A checkpoint right before the divergence holds the weights that diverge: resuming it
+    // would replay the stop, so the error says so and advises a new run instead.
     let o = train("one", &["--checkpoint-every", "1"]);
     let line = error_line(&o);
-    assert!(
-        line.contains("the newest checkpoint, step 1, is kept"),
-        "{line}"
-    );
-    // The command the error gives, run as given.
-    let advice = line
-        .split('`')
-        .find(|s| s.starts_with("ddpm train --resume"))
-        .unwrap_or_else(|| panic!("no command in: {line}"));
-    let args: Vec<&str> = advice.split_whitespace().skip(1).collect();
-    let o = run(ddpm(p).args(&args).args([
-        "--quiet",
+    for needle in [
+        "the newest checkpoint, step 1, is kept",
+        "stops again whatever the learning rate",
+        "start a new run (another --out) with a lower learning rate",
+    ] {
+        assert!(line.contains(needle), "`{needle}` not in: {line}");
+    }
+    // --lr, --grad-clip and --warmup-steps are accepted on resume, and recorded.
+    let o = run(resume(p, "one").args([
+        "--lr",
+        "0.001",
         "--steps",
         "2",
         "--grad-clip",

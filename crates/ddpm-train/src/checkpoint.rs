@@ -657,7 +657,7 @@ fn verify(
     })?;
     let mut unverified = Vec::new();
     if integrity.tensors_sha256.is_none() {
-        unverified.push("its content");
+        unverified.push("content");
     }
     let value: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| on_json(format!("is not valid JSON ({e})")))?;
@@ -681,7 +681,7 @@ fn verify(
                 )));
             }
         }
-        None => unverified.push("its config"),
+        None => unverified.push("config"),
     }
     match header.get(META_SHA_KEY) {
         Some(recorded) if *recorded != meta_sha256_of(&value) => {
@@ -692,10 +692,10 @@ fn verify(
             )));
         }
         Some(_) => {}
-        None => unverified.push("its RNG and data position"),
+        None => unverified.push("RNG and data position"),
     }
     if integrity.run_id.is_none() {
-        unverified.push("the run it belongs to");
+        unverified.push("run");
     }
     if let Some(found) =
         find_non_finite(bytes).map_err(|e| on_tensors(format!("cannot be read: {e}")))?
@@ -748,10 +748,14 @@ pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
     let unverified = verify(&text, &meta, &integrity, &bytes, json_path, &tensors_path)?;
     if !unverified.is_empty() {
         tracing::warn!(
-            "checkpoint {} was written before checkpoints recorded checksums and run ids: {} \
-             cannot be verified (its size, step and finite values were checked)",
+            "checkpoint {} was written before checkpoints recorded checksums and run ids: its \
+             {} cannot be verified (its size, step and finite values were checked)",
             json_path.display(),
-            unverified.join(", ")
+            match unverified.split_last() {
+                Some((last, [])) => last.to_string(),
+                Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                None => String::new(),
+            }
         );
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {

@@ -81,6 +81,8 @@ pub struct NonFiniteStop {
     pub what: NonFiniteValue,
     /// The newest checkpoint on disk (all its values are finite), if any.
     pub last_checkpoint: Option<usize>,
+    /// The newest checkpoint on disk before `last_checkpoint`, if any.
+    pub earlier_checkpoint: Option<usize>,
     /// The run's peak learning rate.
     pub lr: f64,
     /// The run's warm-up steps.
@@ -90,6 +92,16 @@ pub struct NonFiniteStop {
     /// Whether the fault was injected ([`RunOptions::fault_nan_at_step`],
     /// [`RunOptions::fault_inf_grad_at_step`]).
     pub injected: bool,
+}
+
+impl NonFiniteStop {
+    /// Whether resuming from the kept checkpoint would replay this stop: it is the state right
+    /// before the step whose loss or gradient norm was not finite (the step's batch, noise and
+    /// weights come back as they were, and the learning rate does not enter them).
+    pub fn replays(&self) -> bool {
+        !matches!(self.what, NonFiniteValue::State(_))
+            && self.last_checkpoint.is_some_and(|k| k + 1 == self.step)
+    }
 }
 
 impl std::fmt::Display for NonFiniteStop {
@@ -122,6 +134,18 @@ impl std::fmt::Display for NonFiniteStop {
         }
         if self.injected {
             return write!(f, " (the fault was injected for testing)");
+        }
+        if self.replays() {
+            // Resuming restores the weights, the batch and the noise of this step: the same
+            // non-finite value comes back whatever the learning rate.
+            write!(
+                f,
+                "; it holds the weights that gave this value, so resuming from it meets the same \
+                 batch and stops again whatever the learning rate"
+            )?;
+            if let Some(j) = self.earlier_checkpoint {
+                write!(f, " (the checkpoint before it is step {j})")?;
+            }
         }
         write!(
             f,
@@ -673,10 +697,17 @@ impl Trainer {
     }
 
     fn stop_at(&self, step: usize, what: NonFiniteValue, injected: bool) -> TrainError {
+        let last = self.last_checkpoint.as_ref().map(|c| c.0);
+        let earlier_checkpoint = checkpoint::list(&self.run_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(s, _)| s)
+            .rfind(|s| last.is_some_and(|k| *s < k));
         TrainError::NonFinite(Box::new(NonFiniteStop {
             step,
             what,
-            last_checkpoint: self.last_checkpoint.as_ref().map(|c| c.0),
+            last_checkpoint: last,
+            earlier_checkpoint,
             lr: self.config.optimizer.lr,
             warmup_steps: self.config.warmup_steps,
             grad_clip: self.config.grad_clip,
@@ -1001,6 +1032,8 @@ mod tests {
                 panic!("expected a non-finite stop, got {e:?}");
             };
             assert_eq!((stop.step, stop.last_checkpoint), (4, Some(3)));
+            assert_eq!(stop.earlier_checkpoint, Some(2));
+            assert!(stop.replays(), "{stop}");
             let msg = stop.to_string();
             assert!(msg.starts_with(what), "{msg}");
             assert!(
@@ -1016,6 +1049,7 @@ mod tests {
             step: 2,
             what: NonFiniteValue::Loss(f64::INFINITY),
             last_checkpoint: None,
+            earlier_checkpoint: None,
             lr: 1e30,
             warmup_steps: 0,
             grad_clip: 1.0,
