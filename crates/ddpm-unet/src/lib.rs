@@ -45,6 +45,7 @@
 
 pub mod attention;
 pub mod ddpm_unet;
+pub mod diffusers;
 pub mod embedding;
 pub mod init;
 pub mod kernels;
@@ -149,6 +150,18 @@ pub enum UnetError {
         path: PathBuf,
         /// The first unexpected tensor.
         name: String,
+    },
+    /// A diffusers model directory or `config.json` asks for something this crate cannot load.
+    #[error("{path}: `{field}` = {value}: {reason}")]
+    DiffusersConfig {
+        /// The file or directory.
+        path: PathBuf,
+        /// The field at fault, as diffusers names it.
+        field: String,
+        /// Its value, as JSON.
+        value: String,
+        /// Why it cannot be loaded.
+        reason: String,
     },
     /// An error from candle.
     #[error(transparent)]
