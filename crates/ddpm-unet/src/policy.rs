@@ -99,7 +99,8 @@ pub enum CudaConv {
 static ACTIVE: AtomicU32 = AtomicU32::new(KernelPolicy::DEFAULT_PACKED);
 
 impl KernelPolicy {
-    const DEFAULT_PACKED: u32 = 0b0_0_00_00_1_0;
+    // Winograd on (bit 1); every other field at its first variant (0).
+    const DEFAULT_PACKED: u32 = 0b0000_0010;
 
     /// The policy in force in this process (the default until one is installed).
     pub fn active() -> KernelPolicy {
