@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
-use ddpm_schedule::{BetaSchedule, DiffusionLoss, LossKind, Objective, SamplerConfig};
+use ddpm_schedule::{DiffusionLoss, LossKind, Objective, SamplerConfig};
 use ddpm_train::checkpoint::ResumeFrom;
 use ddpm_train::{
     parse_device, Precision, ResumeOptions, RunOptions, SafeChanges, TrainConfig, TrainError,
@@ -63,7 +63,8 @@ pub struct TrainArgs {
     /// Image size (the model follows the data).
     #[arg(long)]
     image_size: Option<usize>,
-    /// Beta schedule: linear, scaled-linear, cosine, quadratic, sigmoid.
+    /// Beta schedule (ddpm_schedule::BetaSchedule::NAMES): linear, scaled-linear, cosine,
+    /// quadratic, sigmoid.
     #[arg(long)]
     schedule: Option<String>,
     /// Diffusion steps T.
@@ -144,11 +145,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.data.image_size = Some(v);
     }
     if let Some(s) = &a.schedule {
-        c.schedule.beta_schedule = crate::parse_word::<BetaSchedule>(
-            s,
-            "schedule",
-            "linear, scaled-linear, cosine, quadratic, sigmoid",
-        )?;
+        c.schedule.beta_schedule = crate::beta_schedule(s)?;
     }
     if let Some(v) = a.timesteps {
         c.schedule.timesteps = v;
@@ -269,7 +266,11 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
         );
     }
     tracing::info!(dataset = %c.dataset, dir = %c.data.root.display(), "data set missing: fetching it");
-    let report = fetch(&c.dataset, &FetchOptions::from_env(&c.data.root)).with_context(|| {
+    let report = fetch(
+        &c.dataset,
+        &FetchOptions::with_mirror(&c.data.root, crate::env::data_mirror()),
+    )
+    .with_context(|| {
         format!(
             "data set {} is missing and fetching it failed; {how}",
             c.dataset
@@ -338,7 +339,7 @@ fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
 
 pub fn run(a: TrainArgs) -> Result<()> {
     // One process per GPU under a launcher (RANK, WORLD_SIZE, LOCAL_RANK; docs/distributed.md).
-    let world = ddpm_train::World::from_env().context("reading the data-parallel launch")?;
+    let world = crate::env::world().context("reading the data-parallel launch")?;
     if world.launched {
         tracing::info!(
             rank = world.rank,
@@ -372,13 +373,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 .with_context(|| format!("resuming {}", dir.display()))?;
             // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
             ensure_data(plan.config(), a.no_fetch || !world.is_lead())?;
+            crate::env::install_kernel_policy(plan.config().kernels)?;
             let trainer = Trainer::resume_planned(plan, &device, world)
                 .with_context(|| format!("resuming {}", dir.display()))?;
             (trainer, dir.clone())
         }
         None => {
-            let config = build_config(&a)?;
+            let mut config = build_config(&a)?;
             config.check_threads()?;
+            config.kernels = crate::env::install_kernel_policy(config.kernels)?;
             config.precision.check_device(&device)?;
             ensure_data(&config, a.no_fetch || !world.is_lead())?;
             check_memory(&config, &device)?;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use ddpm_data::{DataConfig, DatasetSpec};
 use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, ScheduleConfig};
-use ddpm_unet::ModelConfig;
+use ddpm_unet::{KernelPolicy, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::AdamWConfig;
@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// The dtype of the forward and backward passes (`f32`, or `bf16`/`f16` on CUDA with f32
     /// master weights).
     pub precision: Precision,
+    /// Which implementation each hot op uses (`[kernels]`; the default, ours everywhere, is the
+    /// fastest measured). Recorded so that a run says what it ran on; results agree across
+    /// policies up to float rounding.
+    pub kernels: KernelPolicy,
 }
 
 /// An `[optimizer]` table whose missing keys keep [`TrainConfig::default`]'s values (its
@@ -127,6 +131,7 @@ impl Default for TrainConfig {
             model: ModelConfig::Unet(ddpm_unet::UnetConfig::mnist_small()),
             schedule: ScheduleConfig::default(),
             precision: Precision::F32,
+            kernels: KernelPolicy::default(),
         }
     }
 }
@@ -286,6 +291,34 @@ mod tests {
     }
 
     #[test]
+    fn the_kernel_policy_is_a_config_section_and_round_trips() -> Result<()> {
+        use ddpm_unet::policy::{Backend, CpuIsa};
+        let dir = tempfile::tempdir().map_err(|e| TrainError::io(Path::new("tmp"), "tmp", e))?;
+        let path = dir.path().join("k.toml");
+        std::fs::write(
+            &path,
+            "[kernels]\nbackend = \"candle\"\ncpu_isa = \"avx2\"\n",
+        )
+        .map_err(|e| TrainError::io(&path, "writing", e))?;
+        let c = TrainConfig::from_toml_file(&path)?;
+        assert_eq!(c.kernels.backend, Backend::Candle);
+        assert_eq!(c.kernels.cpu_isa, CpuIsa::Avx2);
+        assert!(c.kernels.winograd, "unset fields keep their defaults");
+        // Written into config.toml and read back unchanged; a default config says `ours`.
+        let back: TrainConfig = toml::from_str(&c.to_toml()?).expect("round trip");
+        assert_eq!(back.kernels, c.kernels);
+        assert_eq!(
+            TrainConfig::default().kernels,
+            ddpm_unet::KernelPolicy::default()
+        );
+        std::fs::write(&path, "[kernels]\nbackend = \"fastest\"\n")
+            .map_err(|e| TrainError::io(&path, "writing", e))?;
+        let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+        assert!(e.contains("fastest"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn partial_sections_keep_the_defaults_and_toml_errors_are_one_line() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| TrainError::Other(e.to_string()))?;
         let path = dir.path().join("partial.toml");
@@ -301,7 +334,10 @@ mod tests {
         write("steps = 5\n\n[optimizer]\nlr = \"fast\"\n");
         let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
         assert!(!e.contains('\n'), "{e}");
-        assert!(e.contains("partial.toml line 4, key `lr` in [optimizer]: "), "{e}");
+        assert!(
+            e.contains("partial.toml line 4, key `lr` in [optimizer]: "),
+            "{e}"
+        );
         write("stepz = 5\n");
         let e = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
         assert!(e.contains("line 1, key `stepz`: unknown field"), "{e}");
@@ -328,7 +364,10 @@ mod tests {
                 _ => &mut o.weight_decay,
             } = value;
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&format!("`[optimizer] {key}` = {shown} ")), "{e}");
+            assert!(
+                e.contains(&format!("`[optimizer] {key}` = {shown} ")),
+                "{e}"
+            );
             assert!(e.contains(range), "{e}");
         }
     }

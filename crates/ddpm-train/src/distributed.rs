@@ -175,12 +175,9 @@ impl World {
         }
     }
 
-    /// The world of this process's environment (single when `RANK` and `WORLD_SIZE` are unset).
-    pub fn from_env() -> Result<Self, DistError> {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
-
-    /// The world from a variable lookup (the environment in [`World::from_env`]).
+    /// The world from a variable lookup: the launcher's environment variables (`RANK`,
+    /// `WORLD_SIZE`, `LOCAL_RANK`, ...), which the `ddpm` binary reads; single when `RANK` and
+    /// `WORLD_SIZE` are unset.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, DistError> {
         let number = |name: &'static str| -> Result<Option<usize>, DistError> {
             match var(name) {

@@ -37,6 +37,9 @@ pub mod trainer;
 
 use std::path::{Path, PathBuf};
 
+/// The candle-core this crate is built on: use it for the tensors and devices passed in and out,
+/// so that no version has to be matched by hand.
+pub use candle_core;
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::TrainConfig;
 pub use device::parse_device;
@@ -92,10 +95,10 @@ pub enum TrainError {
     Schedule(#[from] ddpm_schedule::ScheduleError),
     /// An error from the model crate.
     #[error(transparent)]
-    Model(#[from] ddpm_unet::UnetError),
+    Model(Box<ddpm_unet::UnetError>),
     /// An error from the data crate.
     #[error(transparent)]
-    Data(#[from] ddpm_data::DataError),
+    Data(Box<ddpm_data::DataError>),
     /// A data-parallel launch or reduction failed.
     #[error(transparent)]
     Distributed(#[from] distributed::DistError),
@@ -105,6 +108,20 @@ pub enum TrainError {
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+// The model and data errors carry paths and numbers; boxed, they keep every `Result` of this
+// crate small.
+impl From<ddpm_unet::UnetError> for TrainError {
+    fn from(e: ddpm_unet::UnetError) -> Self {
+        TrainError::Model(Box::new(e))
+    }
+}
+
+impl From<ddpm_data::DataError> for TrainError {
+    fn from(e: ddpm_data::DataError) -> Self {
+        TrainError::Data(Box::new(e))
+    }
 }
 
 impl TrainError {

@@ -56,7 +56,7 @@ fn snapshot(x: &Tensor) -> Result<Tensor> {
 
 /// Runs the reverse process of `schedule` with `model` (predicting `objective`).
 ///
-/// On the CPU (f32) each step updates x_t in place ([`AffineStep`]); `DDPM_KERNELS=candle`
+/// On the CPU (f32) each step updates x_t in place ([`AffineStep`]); a candle-backend [`ddpm_unet::KernelPolicy`]
 /// selects the sampler's tensor ops instead, which give the same images up to float rounding.
 pub fn sample(
     model: &DiffusionModel,

@@ -24,8 +24,9 @@
 //!   nothing is fetched.
 //! - **Mirrors.** [`Source::Dir`] or [`Source::Url`] fetch the same files from a directory or
 //!   another base URL laid out as `<mirror>/mnist/`, `<mirror>/cifar10/cifar-10-binary.tar.gz` and
-//!   `<mirror>/flowers/<class>/...`; [`MIRROR_ENV`] (`DDPM_DATA_MIRROR`) sets the default mirror
-//!   for [`FetchOptions::from_env`]. A mirror holding only MNIST's t10k files is accepted: the
+//!   `<mirror>/flowers/<class>/...`; the binaries take the default mirror from the environment
+//!   variable named by [`MIRROR_ENV`] (`DDPM_DATA_MIRROR`) and pass it in
+//!   ([`FetchOptions::with_mirror`]); this crate reads no environment. A mirror holding only MNIST's t10k files is accepted: the
 //!   fetch says so and places them, and [`crate::mnist`] then holds out a fixed part of them.
 //!
 //! **Flowers from upstream.** The default Flowers source is TensorFlow's public
@@ -60,7 +61,8 @@ use crate::error::{DataError, Result};
 use crate::folder;
 use crate::spec::DatasetSpec;
 
-/// The environment variable naming the default mirror (a directory or a base URL).
+/// The name of the environment variable with which the binaries (`ddpm`, `cargo xtask`) name the
+/// default mirror (a directory or a base URL); this crate never reads it.
 pub const MIRROR_ENV: &str = "DDPM_DATA_MIRROR";
 
 /// The upstream base URLs of MNIST, tried in order (torchvision's list).
@@ -140,14 +142,6 @@ impl Source {
         } else {
             Source::Dir(PathBuf::from(s))
         }
-    }
-
-    /// The mirror named by [`MIRROR_ENV`], if it is set and not empty.
-    pub fn from_env() -> Option<Source> {
-        std::env::var(MIRROR_ENV)
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .map(|v| Source::parse(&v))
     }
 
     /// Whether this is a mirror rather than upstream.
@@ -231,10 +225,11 @@ impl FetchOptions {
         }
     }
 
-    /// Like [`FetchOptions::new`], fetching from the mirror in [`MIRROR_ENV`] when it is set.
-    pub fn from_env(data_dir: impl Into<PathBuf>) -> Self {
+    /// Like [`FetchOptions::new`], fetching from `mirror` when there is one (a binary passes
+    /// the one its user named, e.g. in [`MIRROR_ENV`]).
+    pub fn with_mirror(data_dir: impl Into<PathBuf>, mirror: Option<Source>) -> Self {
         FetchOptions {
-            source: Source::from_env().unwrap_or(Source::Upstream),
+            source: mirror.unwrap_or(Source::Upstream),
             ..FetchOptions::new(data_dir)
         }
     }
