@@ -19,8 +19,9 @@ use crate::{Result, TrainError};
 
 /// The keys of [`TrainConfig`] (dotted TOML paths; a table stands for all keys under it) that a
 /// resumed run may change: none changes what the checkpointed weights, moments, RNG or data
-/// position mean.
-pub const SAFE_KEYS: [&str; 14] = [
+/// position mean (`kernels` changes only which implementation computes the same ops: results
+/// agree up to float rounding, so a resume with another policy is no longer bit-exact).
+pub const SAFE_KEYS: [&str; 15] = [
     "steps",
     "optimizer.lr",
     "warmup_steps",
@@ -35,6 +36,7 @@ pub const SAFE_KEYS: [&str; 14] = [
     "workers",
     "data.root",
     "data.threads",
+    "kernels",
 ];
 
 /// The run's history file, in the run directory.
@@ -213,6 +215,7 @@ fn copy_setting(to: &mut TrainConfig, from: &TrainConfig, entry: &str) {
         "workers" => to.workers = from.workers,
         "data.root" => to.data.root = from.data.root.clone(),
         "data.threads" => to.data.threads = from.data.threads,
+        "kernels" => to.kernels = from.kernels,
         _ => {}
     }
 }
@@ -356,6 +359,7 @@ mod tests {
         file.workers += 1;
         file.data.root = "elsewhere".into();
         file.data.threads = Some(3);
+        file.kernels.winograd = false;
         let path = Path::new("run/config.toml");
         let (config, changes) =
             resumed_config(&ckpt, 5, Some((path, &file)), &SafeChanges::default())?;
