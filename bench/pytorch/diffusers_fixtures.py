@@ -21,7 +21,7 @@ numbers; the versions used are recorded in the outputs.
      [-1, 1], before the pipeline's conversion to [0, 1]), the pipeline's own images
      `ddim_images` (NHWC in [0, 1]) and the timesteps it visited `ddim_timesteps`.
 
-Usage: python bench/pytorch/diffusers_fixtures.py [--root REPO_ROOT]
+Usage: python bench/pytorch/diffusers_fixtures.py [--root REPO_ROOT] [--only schedules|unet]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ SCHEDULE_CASES = [
     # Few steps: the last betas reach the 0.999 cap.
     ("squaredcos_cap_v2_short", dict(num_train_timesteps=20, beta_schedule="squaredcos_cap_v2")),
     ("sigmoid", dict(num_train_timesteps=200, beta_schedule="sigmoid", beta_start=1e-4, beta_end=0.02)),
+    ("laplace", dict(num_train_timesteps=100, beta_schedule="laplace")),
     (
         "trained_betas",
         dict(num_train_timesteps=5, beta_schedule="linear", trained_betas=[0.01, 0.02, 0.05, 0.1, 0.3]),
@@ -218,9 +219,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--root", default=os.path.normpath(os.path.join(here, "..", "..")))
+    ap.add_argument("--only", choices=["schedules", "unet"], help="write only one of the two fixtures")
     args = ap.parse_args()
-    schedule_fixture(os.path.join(args.root, "crates/ddpm-schedule/tests/fixtures/diffusers_betas.json"))
-    tiny_fixture(os.path.join(args.root, "crates/ddpm-unet/tests/fixtures/diffusers-tiny"))
+    if args.only in (None, "schedules"):
+        schedule_fixture(os.path.join(args.root, "crates/ddpm-schedule/tests/fixtures/diffusers_betas.json"))
+    if args.only in (None, "unet"):
+        tiny_fixture(os.path.join(args.root, "crates/ddpm-unet/tests/fixtures/diffusers-tiny"))
     print("fixtures written")
 
 

@@ -114,6 +114,17 @@ pub enum ScheduleError {
         timestep: usize,
     },
 
+    /// A diffusers scheduler config asks for something this crate cannot reproduce.
+    #[error("diffusers scheduler config: `{field}` = {value}: {reason}")]
+    DiffusersConfig {
+        /// The field at fault, as diffusers names it.
+        field: String,
+        /// Its value, as JSON.
+        value: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

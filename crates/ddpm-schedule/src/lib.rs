@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod diffusers;
 pub mod error;
 pub mod forward;
 pub mod likelihood;

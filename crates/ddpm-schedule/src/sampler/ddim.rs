@@ -48,6 +48,42 @@ impl DdimSampler {
         })
     }
 
+    /// A sampler over `schedule` that visits exactly `timesteps` (strictly descending, each below
+    /// T), e.g. the timesteps a diffusers scheduler visits
+    /// ([`crate::diffusers::DiffusersScheduler::inference_timesteps`]); each step goes to the next
+    /// one listed, the last to x_0. `eta` and `clip_x0` as in [`DdimSampler::new`].
+    pub fn with_timesteps(
+        schedule: &Schedule,
+        timesteps: &[usize],
+        eta: f64,
+        clip_x0: bool,
+    ) -> Result<Self> {
+        let mut sampler = Self::new(schedule, Some(1), eta, clip_x0)?;
+        let t_max = schedule.timesteps();
+        if timesteps.is_empty() {
+            return Err(ScheduleError::InvalidSteps {
+                steps: 0,
+                timesteps: t_max,
+            });
+        }
+        if let Some(&t) = timesteps.iter().find(|&&t| t >= t_max) {
+            return Err(ScheduleError::InvalidParameter {
+                field: "timesteps",
+                value: t as f64,
+                reason: "every timestep must be below the schedule's T",
+            });
+        }
+        if let Some(w) = timesteps.windows(2).find(|w| w[1] >= w[0]) {
+            return Err(ScheduleError::InvalidParameter {
+                field: "timesteps",
+                value: w[1] as f64,
+                reason: "the timesteps must be strictly descending",
+            });
+        }
+        sampler.timesteps = timesteps.to_vec();
+        Ok(sampler)
+    }
+
     /// The original timesteps to feed the model, descending.
     pub fn timesteps(&self) -> &[usize] {
         &self.timesteps
