@@ -57,7 +57,7 @@ pub struct TrainArgs {
     /// Maximum global gradient norm (0 disables clipping).
     #[arg(long)]
     grad_clip: Option<f64>,
-    /// Model preset: mnist-small, fashion, cifar-small, cifar10.
+    /// Model preset: mnist-small, fashion, cifar-small, cifar10, learnopencv.
     #[arg(long)]
     model: Option<String>,
     /// Image size (the model follows the data).

@@ -69,6 +69,26 @@ impl DdpmUnetConfig {
         }
     }
 
+    /// The U-Net of LearnOpenCV's "Guide to training DDPMs from scratch" for 32x32 images: 64
+    /// channels, mults 1,2,4,4, two blocks per level, attention at the two middle levels (16x16
+    /// and 8x8), dropout 0.1, GroupNorm of 8 groups. Its layers and parameter count are the
+    /// tutorial's; its attention has one head where the tutorial's has four (the same
+    /// projections and parameters), and its dropout drops elements where the tutorial's drops
+    /// whole channels.
+    pub fn learnopencv() -> Self {
+        Self {
+            image_size: 32,
+            in_channels: 3,
+            out_channels: None,
+            ch: 64,
+            ch_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16, 8],
+            dropout: 0.1,
+            groups: 8,
+        }
+    }
+
     /// A lower bound on the values one image's training forward pass keeps for the backward
     /// pass: four feature maps per ResNet block, and for every attention block its queries,
     /// keys and values and its `n x n` matrix (`n` pixels). The true count is a few times

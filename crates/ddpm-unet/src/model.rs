@@ -33,17 +33,26 @@ pub enum ModelConfig {
 }
 
 /// Names of the built-in presets, for help texts and errors.
-pub const PRESETS: &[&str] = &["mnist-small", "fashion", "cifar-small", "cifar10"];
+pub const PRESETS: &[&str] = &[
+    "mnist-small",
+    "fashion",
+    "cifar-small",
+    "cifar10",
+    "learnopencv",
+];
 
 impl ModelConfig {
     /// A named preset: `mnist-small` (Unet, 28x28x1), `fashion` (the annotated-diffusion Unet,
-    /// 28x28x1), `cifar-small` (DdpmUnet, 32x32x3) or `cifar10` (the paper's 35.7M model).
+    /// 28x28x1), `cifar-small` (DdpmUnet, 32x32x3), `cifar10` (the paper's 35.7M model) or
+    /// `learnopencv` (the DdpmUnet of LearnOpenCV's DDPM tutorial, 32x32x3). The channels and
+    /// image size follow the data set when a run trains one (see `set_channels`).
     pub fn preset(name: &str) -> Result<Self, UnetError> {
         Ok(match name {
             "mnist-small" => Self::Unet(UnetConfig::mnist_small()),
             "fashion" => Self::Unet(UnetConfig::annotated_fashion()),
             "cifar-small" => Self::DdpmUnet(DdpmUnetConfig::cifar_small()),
             "cifar10" => Self::DdpmUnet(DdpmUnetConfig::cifar10()),
+            "learnopencv" => Self::DdpmUnet(DdpmUnetConfig::learnopencv()),
             other => {
                 return Err(UnetError::UnknownPreset {
                     name: other.to_string(),

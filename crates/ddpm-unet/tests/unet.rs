@@ -169,6 +169,81 @@ fn paper_cifar10_model_has_35_7m_parameters() -> R<()> {
     Ok(())
 }
 
+/// The LearnOpenCV tutorial's U-Net (`BASE_CH = 64`, `BASE_CH_MULT = (1, 2, 4, 4)`,
+/// `APPLY_ATTENTION = (False, True, True, False)`, two ResNet blocks per level) counted layer by
+/// layer from the tutorial's module list for `c` image channels, not from the config: a ResNet
+/// block is GroupNorm, 3x3 conv, a Linear from the 256-wide time embedding, GroupNorm, 3x3 conv
+/// and a 1x1 shortcut conv when the width changes; an attention block is GroupNorm and
+/// `nn.MultiheadAttention` (in-projection `3d x d` + `3d`, out-projection `d x d` + `d`).
+fn count_learnopencv(c: usize) -> usize {
+    let temb = 256;
+    let res = |i: usize, o: usize| {
+        gn(i)
+            + conv(i, o, 3, true)
+            + lin(temb, o)
+            + gn(o)
+            + conv(o, o, 3, true)
+            + if i != o { conv(i, o, 1, true) } else { 0 }
+    };
+    let mhsa = |d: usize| gn(d) + (3 * d * d + 3 * d) + (d * d + d);
+    // Time embedding (Linear 64 -> 256, SiLU, Linear 256 -> 256) and the first 3x3 conv.
+    let stem = lin(64, temb) + lin(temb, temb) + conv(c, 64, 3, true);
+    // Encoder; the skip widths it pushes are 64 (stem), 64, 64, 64 (down) | 128, 128, 128 (down)
+    // | 256, 256, 256 (down) | 256, 256.
+    let down_32 = res(64, 64) + res(64, 64) + conv(64, 64, 3, true);
+    let down_16 = res(64, 128) + mhsa(128) + res(128, 128) + mhsa(128) + conv(128, 128, 3, true);
+    let down_8 = res(128, 256) + mhsa(256) + res(256, 256) + mhsa(256) + conv(256, 256, 3, true);
+    let down_4 = res(256, 256) + res(256, 256);
+    // Bottleneck: a block with attention, a block without.
+    let mid = res(256, 256) + mhsa(256) + res(256, 256);
+    // Decoder: three blocks per level, each taking the concatenated skip, then an upsampling
+    // conv (none after the last level); the final GroupNorm and 3x3 conv.
+    let up_4 = 3 * res(256 + 256, 256) + conv(256, 256, 3, true);
+    let up_8 = 2 * (res(256 + 256, 256) + mhsa(256))
+        + res(256 + 128, 256)
+        + mhsa(256)
+        + conv(256, 256, 3, true);
+    let up_16 = res(256 + 128, 128)
+        + mhsa(128)
+        + res(128 + 128, 128)
+        + mhsa(128)
+        + res(128 + 64, 128)
+        + mhsa(128)
+        + conv(128, 128, 3, true);
+    let up_32 = res(128 + 64, 64) + 2 * res(64 + 64, 64);
+    let out = gn(64) + conv(64, c, 3, true);
+    stem + down_32 + down_16 + down_8 + down_4 + mid + up_4 + up_8 + up_16 + up_32 + out
+}
+
+#[test]
+fn learnopencv_preset_has_the_tutorials_parameter_count() -> R<()> {
+    let cfg = ModelConfig::preset("learnopencv")?;
+    let ModelConfig::DdpmUnet(c) = &cfg else {
+        panic!("the learnopencv preset is a DdpmUnet")
+    };
+    assert_eq!(
+        (c.image_size, c.ch, &c.ch_mult[..], &c.attn_resolutions[..]),
+        (32, 64, &[1, 2, 4, 4][..], &[16, 8][..])
+    );
+    assert_eq!((c.num_res_blocks, c.dropout, c.groups), (2, 0.1, 8));
+    // Their total for RGB images: 25.6M parameters.
+    assert_eq!(count_learnopencv(3), 25_636_483);
+    // RGB (Flowers, CIFAR-10) and grey (MNIST): the channels follow the data set.
+    for channels in [3, 1] {
+        let mut grey_or_rgb = cfg.clone();
+        grey_or_rgb.set_channels(channels);
+        let model = DiffusionModel::new(&grey_or_rgb, 0, &Device::Cpu, DType::F32)?;
+        let n = model.num_parameters();
+        assert_eq!(n, count_learnopencv(channels), "{channels} channels");
+        let d = DdpmUnetConfig {
+            in_channels: channels,
+            ..c.clone()
+        };
+        assert_eq!(n, count_ddpm(&d), "{channels} channels");
+    }
+    Ok(())
+}
+
 #[test]
 fn parameter_counts_match_independent_formulas() -> R<()> {
     let mut self_cond = tiny_unet();
