@@ -7,6 +7,7 @@ mod env;
 mod eval;
 mod forward;
 mod launch;
+mod pretrained;
 mod sample;
 mod schedule;
 mod train;

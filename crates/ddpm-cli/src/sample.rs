@@ -15,8 +15,12 @@ use ddpm_train::{parse_device, sample, Precision, SampleOptions, TrainError};
 #[derive(Args)]
 pub struct SampleArgs {
     /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "pretrained")]
+    checkpoint: Option<PathBuf>,
+    /// Instead of --checkpoint: a local diffusers DDPM pipeline directory (google/ddpm-* layout,
+    /// docs/pretrained.md).
+    #[arg(long, conflicts_with = "checkpoint")]
+    pretrained: Option<PathBuf>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     num: usize,
@@ -184,9 +188,20 @@ pub fn run(a: SampleArgs) -> Result<()> {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
     }
-    let (device, loaded) = a.inference.load(&a.checkpoint)?;
-    let sampler = a.sampler.config(loaded.schedule.timesteps)?;
-    let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let (model, schedule, objective, sampler) = match (&a.pretrained, &a.checkpoint) {
+        (Some(dir), _) => {
+            let p = crate::pretrained::load(dir, &a.inference.device, &a.inference.precision)?;
+            let sampler = p.sampler(a.sampler.config(p.schedule.timesteps())?);
+            (p.model, p.schedule, p.objective, sampler)
+        }
+        (None, Some(checkpoint)) => {
+            let (device, loaded) = a.inference.load(checkpoint)?;
+            let sampler = a.sampler.config(loaded.schedule.timesteps)?;
+            let schedule = Schedule::new(&loaded.schedule, &device)?;
+            (loaded.model, schedule, loaded.objective, sampler)
+        }
+        (None, None) => anyhow::bail!("give --checkpoint or --pretrained"),
+    };
     let states = sampler.build(&schedule)?.timesteps().len() + 1;
     let frames = if a.gif.is_some() && a.frames > states {
         tracing::info!(
@@ -207,7 +222,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         frames: if a.gif.is_some() { frames } else { 0 },
         progress: !a.quiet,
     };
-    let samples = sample(&loaded.model, &schedule, loaded.objective, &opts)?;
+    let samples = sample(&model, &schedule, objective, &opts)?;
     let nrow = (a.num as f64).sqrt().ceil() as usize;
     save_grid(&samples.images, nrow, &a.out, out_format)
         .with_context(|| format!("writing {}", a.out.display()))?;

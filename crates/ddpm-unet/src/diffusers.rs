@@ -745,8 +745,8 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, UnetError> {
 
 /// Renames diffusers `tensors` (from `path`, named in errors) onto our `vars` of a model of
 /// `levels` levels, reshaping the attention projections; strict: a tensor of ours missing from
-/// the file, a tensor of the file no rule uses, or a shape that differs is an error naming the
-/// tensor by its diffusers name.
+/// the file, a tensor of the file no rule uses, a shape that differs or a NaN or infinite value
+/// is an error naming the tensor by its diffusers name.
 pub fn map_tensors(
     tensors: &HashMap<String, Tensor>,
     vars: &BTreeMap<String, Var>,
@@ -790,6 +790,18 @@ pub fn map_tensors(
                 name: name.clone(),
                 expected: theirs_dims,
                 found: t.dims().to_vec(),
+            });
+        }
+        // A NaN or infinity anywhere makes the sum of squares (in f64) non-finite.
+        let energy = t
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if !energy.is_finite() {
+            return Err(UnetError::Weights {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}` holds NaN or infinite values"),
             });
         }
         used.insert(name.clone());

@@ -137,6 +137,22 @@ fn weights_that_do_not_fit_are_refused_naming_the_tensor() -> R<()> {
         "{e}"
     );
     assert!(e.to_string().contains(bad));
+
+    let nan = "mid_block.resnets.1.norm2.weight";
+    let tmp = edited_copy(
+        |t| {
+            let mut v = t[nan].to_vec1::<f32>()?;
+            v[2] = f32::NAN;
+            t.insert(nan.into(), Tensor::new(v, &Device::Cpu)?);
+            Ok(())
+        },
+        |_| {},
+    )?;
+    let e = load_err(tmp.path());
+    assert!(
+        e.to_string().contains(nan) && e.to_string().contains("NaN"),
+        "{e}"
+    );
     Ok(())
 }
 
