@@ -725,15 +725,35 @@ fn tensor_names_doc_is_up_to_date() -> R<()> {
          -p ddpm-unet --test unet tensor_names`; checked by the same test. Names follow the \
          PyTorch module trees of the reference models.\n",
     );
+    doc.push_str(
+        "\nThe presets of the `ddpm_unet` architecture add a third column: the tensor's name in \
+         diffusers' `UNet2DModel` (by the rules of `ddpm_unet::diffusers::NAME_RULES`, see \
+         docs/pretrained.md); diffusers stores the attention projections marked (Linear) as \
+         `(out, in)`.\n",
+    );
     for name in ddpm_unet::PRESETS {
         let cfg = ModelConfig::preset(name)?;
         let model = DiffusionModel::new(&cfg, 0, &Device::Cpu, DType::F32)?;
+        let levels = match &cfg {
+            ModelConfig::DdpmUnet(c) => Some(c.ch_mult.len()),
+            ModelConfig::Unet(_) => None,
+        };
+        let head = match levels {
+            Some(_) => "| tensor | shape | diffusers |\n|---|---|---|",
+            None => "| tensor | shape |\n|---|---|",
+        };
         doc.push_str(&format!(
-            "\n## `{name}` ({} parameters)\n\n| tensor | shape |\n|---|---|\n",
+            "\n## `{name}` ({} parameters)\n\n{head}\n",
             model.num_parameters()
         ));
         for (tname, t) in model.tensors() {
-            doc.push_str(&format!("| `{tname}` | {:?} |\n", t.dims()));
+            let theirs = match levels.map(|n| ddpm_unet::diffusers::diffusers_name(&tname, n)) {
+                None => String::new(),
+                Some(Some(d)) if d.linear_as_conv => format!(" `{}` (Linear) |", d.name),
+                Some(Some(d)) => format!(" `{}` |", d.name),
+                Some(None) => " (none) |".to_string(),
+            };
+            doc.push_str(&format!("| `{tname}` | {:?} |{theirs}\n", t.dims()));
         }
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/tensor-names.md");
