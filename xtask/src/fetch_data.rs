@@ -12,11 +12,13 @@ use ddpm_data::DatasetSpec;
 pub enum Which {
     /// MNIST's four IDX files (data/mnist/*.gz).
     Mnist,
+    /// Fashion-MNIST's four IDX files (data/fashion-mnist/*.gz).
+    FashionMnist,
     /// CIFAR-10's binary batches (data/cifar10/cifar-10-batches-bin/).
     Cifar10,
     /// The 5-class Flowers set (data/flowers/<class>/).
     Flowers,
-    /// All three.
+    /// All four.
     All,
 }
 
@@ -30,7 +32,8 @@ pub struct FetchDataArgs {
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
     /// Fetch from a mirror instead of upstream: a directory or a base URL laid out like the data
-    /// directory (mnist/, cifar10/, flowers/). Defaults to $DDPM_DATA_MIRROR when it is set.
+    /// directory (mnist/, fashion-mnist/, cifar10/, flowers/). Defaults to $DDPM_DATA_MIRROR when
+    /// it is set.
     #[arg(long, value_name = "DIR_OR_URL")]
     from: Option<String>,
     /// How many times a failed download is retried (each retry resumes where it stopped).
@@ -67,10 +70,12 @@ pub fn run(args: FetchDataArgs) -> anyhow::Result<()> {
     };
     let specs = match args.dataset {
         Which::Mnist => vec![DatasetSpec::Mnist],
+        Which::FashionMnist => vec![DatasetSpec::FashionMnist],
         Which::Cifar10 => vec![DatasetSpec::Cifar10],
         Which::Flowers => vec![DatasetSpec::Flowers],
         Which::All => vec![
             DatasetSpec::Mnist,
+            DatasetSpec::FashionMnist,
             DatasetSpec::Cifar10,
             DatasetSpec::Flowers,
         ],

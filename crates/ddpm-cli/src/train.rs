@@ -21,8 +21,8 @@ pub struct TrainArgs {
     /// A TOML training config; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, cifar10, flowers or folder:PATH (with --resume: only a run's image folder moved
-    /// elsewhere, folder:NEW_PATH).
+    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (with --resume: only a run's image
+    /// folder moved elsewhere, folder:NEW_PATH).
     #[arg(long)]
     dataset: Option<String>,
     /// Run directory (default: a new runs/<dataset>[-N]).
@@ -85,7 +85,7 @@ pub struct TrainArgs {
     /// Seed of init, noise and data order.
     #[arg(long)]
     seed: Option<u64>,
-    /// Data root holding mnist/, cifar10/, flowers/.
+    /// Data root holding mnist/, fashion-mnist/, cifar10/, flowers/.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Share of each class of an image folder (flowers, folder:PATH) held out for the test split,
@@ -116,7 +116,8 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     };
     if let Some(d) = &a.dataset {
         c.dataset = d.parse().with_context(|| format!("--dataset {d}"))?;
-        if a.model.is_none() && a.config.is_none() && c.dataset != DatasetSpec::Mnist {
+        let grey_28 = matches!(c.dataset, DatasetSpec::Mnist | DatasetSpec::FashionMnist);
+        if a.model.is_none() && a.config.is_none() && !grey_28 {
             c.model = ModelConfig::preset("cifar-small")?;
         }
     }

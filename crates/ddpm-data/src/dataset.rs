@@ -47,9 +47,10 @@ impl std::fmt::Debug for Dataset {
 impl Dataset {
     /// Reads, checks, decodes and resizes a split of a data set.
     ///
-    /// MNIST and CIFAR-10 are read from `cfg.root/mnist` and `cfg.root/cifar10`, Flowers from
-    /// `cfg.root/flowers`, a folder from its own path. Images are decoded in parallel
-    /// (`cfg.threads`) and cached at `cfg.image_size` (default: MNIST 28, others 32).
+    /// MNIST, Fashion-MNIST and CIFAR-10 are read from `cfg.root/mnist`,
+    /// `cfg.root/fashion-mnist` and `cfg.root/cifar10`, Flowers from `cfg.root/flowers`, a
+    /// folder from its own path. Images are decoded in parallel (`cfg.threads`) and cached at
+    /// `cfg.image_size` (default: MNIST and Fashion-MNIST 28, others 32).
     pub fn open(spec: &DatasetSpec, cfg: &DataConfig, split: Split) -> Result<Self> {
         let size = match cfg.image_size {
             Some(s) if s == 0 || s > MAX_IMAGE_SIZE => {
@@ -64,8 +65,8 @@ impl Dataset {
         let dir = spec.dir(&cfg.root);
         let threads = cfg.thread_count();
         let mut ds = match spec {
-            DatasetSpec::Mnist => {
-                let (images, labels) = mnist::load(&dir, split)?;
+            DatasetSpec::Mnist | DatasetSpec::FashionMnist => {
+                let (images, labels) = mnist::load_as(&dir, split, spec.name())?;
                 let native = images.rows == images.cols && images.rows == size;
                 let pixels = if native {
                     images.pixels
@@ -76,7 +77,13 @@ impl Dataset {
                         img.map(|img| transform::resize_square(&img, size as u32).into_raw())
                     })?
                 };
-                let class_names = (0..mnist::NUM_CLASSES).map(|d| d.to_string()).collect();
+                let class_names = match spec {
+                    DatasetSpec::FashionMnist => mnist::FASHION_MNIST_CLASSES
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
+                    _ => (0..mnist::NUM_CLASSES).map(|d| d.to_string()).collect(),
+                };
                 Dataset::from_u8(
                     1,
                     size,

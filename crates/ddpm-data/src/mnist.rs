@@ -1,4 +1,6 @@
-//! MNIST in its canonical IDX format, gzip-compressed or not.
+//! MNIST in its canonical IDX format, gzip-compressed or not, and Fashion-MNIST, which has the
+//! same files, sizes and splits (read by the same functions; [`FASHION_MNIST_CLASSES`] names its
+//! classes).
 //!
 //! The files are `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`
 //! and `t10k-labels-idx1-ubyte`, each optionally with a `.gz` suffix. The canonical split is
@@ -29,8 +31,21 @@ pub const TRAIN_LABELS: &str = "train-labels-idx1-ubyte";
 pub const TEST_IMAGES: &str = "t10k-images-idx3-ubyte";
 /// The stem of the test labels file.
 pub const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
-/// The number of digit classes.
+/// The number of classes (ten digits; ten kinds of clothing in Fashion-MNIST).
 pub const NUM_CLASSES: usize = 10;
+/// Fashion-MNIST's class names, by label (Zalando's README).
+pub const FASHION_MNIST_CLASSES: [&str; NUM_CLASSES] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
 /// When only the t10k files exist, one image in this many (the last ones) is held out for test.
 pub const HOLDOUT_FRACTION: usize = 5;
 
@@ -250,19 +265,26 @@ pub fn read_pair(images_path: &Path, labels_path: &Path) -> Result<(IdxImages, V
 
 /// Loads a split of MNIST from `dir` (see the module doc for the splits).
 pub fn load(dir: &Path, split: Split) -> Result<(IdxImages, Vec<u8>)> {
+    load_as(dir, split, "mnist")
+}
+
+/// Loads a split of an IDX data set in MNIST's layout (MNIST, Fashion-MNIST) from `dir`; `name`
+/// (`mnist`, `fashion-mnist`) names the data set in warnings and errors.
+pub fn load_as(dir: &Path, split: Split, name: &str) -> Result<(IdxImages, Vec<u8>)> {
+    let absent = |dir: &Path, stem: &str| missing(dir, stem, name);
     let pair = |images: &str, labels: &str| -> Result<Option<(IdxImages, Vec<u8>)>> {
         match (find_file(dir, images), find_file(dir, labels)) {
             (Some(i), Some(l)) => read_pair(&i, &l).map(Some),
             (None, None) => Ok(None),
-            (Some(_), None) => Err(missing(dir, labels)),
-            (None, Some(_)) => Err(missing(dir, images)),
+            (Some(_), None) => Err(absent(dir, labels)),
+            (None, Some(_)) => Err(absent(dir, images)),
         }
     };
-    let test = || pair(TEST_IMAGES, TEST_LABELS)?.ok_or_else(|| missing(dir, TEST_IMAGES));
+    let test = || pair(TEST_IMAGES, TEST_LABELS)?.ok_or_else(|| absent(dir, TEST_IMAGES));
     let train_present =
         find_file(dir, TRAIN_IMAGES).is_some() || find_file(dir, TRAIN_LABELS).is_some();
     if train_present {
-        let train = || pair(TRAIN_IMAGES, TRAIN_LABELS)?.ok_or_else(|| missing(dir, TRAIN_IMAGES));
+        let train = || pair(TRAIN_IMAGES, TRAIN_LABELS)?.ok_or_else(|| absent(dir, TRAIN_IMAGES));
         return match split {
             Split::Test => test(),
             Split::Train => train(),
@@ -292,7 +314,7 @@ pub fn load(dir: &Path, split: Split) -> Result<(IdxImages, Vec<u8>)> {
         Split::Train => {
             tracing::warn!(
                 dir = %dir.display(),
-                "MNIST training split (train-*) absent: training on the first {cut} of the {n} \
+                "{name} training split (train-*) absent: training on the first {cut} of the {n} \
                  t10k images; the last {} are the test split",
                 n - cut
             );
@@ -313,11 +335,12 @@ pub fn load(dir: &Path, split: Split) -> Result<(IdxImages, Vec<u8>)> {
     ))
 }
 
-fn missing(dir: &Path, stem: &str) -> DataError {
+fn missing(dir: &Path, stem: &str, name: &str) -> DataError {
     DataError::MissingFile {
         path: dir.join(format!("{stem}.gz")),
-        hint: "run `cargo xtask fetch-data mnist` (or place the IDX file there, gzipped or not)"
-            .to_string(),
+        hint: format!(
+            "run `cargo xtask fetch-data {name}` (or place the IDX file there, gzipped or not)"
+        ),
     }
 }
 

@@ -8,14 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
 
-/// A data set: one of the three canonical ones, or a user's folder of images.
+/// A data set: one of the canonical ones, or a user's folder of images.
 ///
-/// Parses from and serializes to the strings `mnist`, `cifar10`, `flowers` and `folder:PATH`.
+/// Parses from and serializes to the strings `mnist`, `fashion-mnist`, `cifar10`, `flowers` and
+/// `folder:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DatasetSpec {
     /// MNIST handwritten digits (28x28 grey), IDX files in `<root>/mnist/`.
     Mnist,
+    /// Fashion-MNIST (Zalando's 28x28 grey clothing images in MNIST's IDX layout), IDX files in
+    /// `<root>/fashion-mnist/`.
+    FashionMnist,
     /// CIFAR-10 (32x32 RGB), binary batches in `<root>/cifar10/cifar-10-batches-bin/`.
     Cifar10,
     /// The 5-class Flowers set, class folders in `<root>/flowers/`.
@@ -25,10 +29,11 @@ pub enum DatasetSpec {
 }
 
 impl DatasetSpec {
-    /// The short name: `mnist`, `cifar10`, `flowers` or `folder`.
+    /// The short name: `mnist`, `fashion-mnist`, `cifar10`, `flowers` or `folder`.
     pub fn name(&self) -> &'static str {
         match self {
             DatasetSpec::Mnist => "mnist",
+            DatasetSpec::FashionMnist => "fashion-mnist",
             DatasetSpec::Cifar10 => "cifar10",
             DatasetSpec::Flowers => "flowers",
             DatasetSpec::Folder(_) => "folder",
@@ -43,15 +48,26 @@ impl DatasetSpec {
         }
     }
 
-    /// Whether random horizontal flips are on by default: yes for natural images, no for digits.
+    /// Whether random horizontal flips are on by default: yes for natural images and clothes
+    /// (a mirrored shirt is a shirt), no for digits.
     pub fn default_flip(&self) -> bool {
         !matches!(self, DatasetSpec::Mnist)
     }
 
-    /// The native image side of the data set, if it has one (MNIST 28, CIFAR-10 32).
+    /// The channels of the data set's images: 1 for the grey IDX sets (MNIST, Fashion-MNIST),
+    /// 3 for the others (image folders are decoded as RGB).
+    pub fn channels(&self) -> usize {
+        match self {
+            DatasetSpec::Mnist | DatasetSpec::FashionMnist => 1,
+            _ => 3,
+        }
+    }
+
+    /// The native image side of the data set, if it has one (MNIST and Fashion-MNIST 28,
+    /// CIFAR-10 32).
     pub fn native_size(&self) -> Option<usize> {
         match self {
-            DatasetSpec::Mnist => Some(28),
+            DatasetSpec::Mnist | DatasetSpec::FashionMnist => Some(28),
             DatasetSpec::Cifar10 => Some(32),
             _ => None,
         }
@@ -65,6 +81,7 @@ impl FromStr for DatasetSpec {
         let lower = s.trim().to_ascii_lowercase();
         match lower.as_str() {
             "mnist" => Ok(DatasetSpec::Mnist),
+            "fashion-mnist" | "fashion_mnist" | "fashionmnist" => Ok(DatasetSpec::FashionMnist),
             "cifar10" | "cifar-10" | "cifar" => Ok(DatasetSpec::Cifar10),
             "flowers" => Ok(DatasetSpec::Flowers),
             _ => match s.trim().split_once(':') {
@@ -73,7 +90,8 @@ impl FromStr for DatasetSpec {
                 }
                 _ => Err(DataError::BadSpec {
                     spec: s.to_string(),
-                    reason: "expected mnist, cifar10, flowers or folder:PATH".to_string(),
+                    reason: "expected mnist, fashion-mnist, cifar10, flowers or folder:PATH"
+                        .to_string(),
                 }),
             },
         }
@@ -149,7 +167,8 @@ impl fmt::Display for Split {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DataConfig {
-    /// The data root holding `mnist/`, `cifar10/` and `flowers/` (default `data`).
+    /// The data root holding `mnist/`, `fashion-mnist/`, `cifar10/` and `flowers/` (default
+    /// `data`).
     pub root: PathBuf,
     /// The side of the square images produced; `None` keeps MNIST at 28 and CIFAR-10 at 32, and
     /// resizes image folders to [`crate::transform::DEFAULT_IMAGE_SIZE`].
@@ -204,6 +223,7 @@ mod tests {
     fn specs_parse_and_print_round_trip() {
         for (text, spec) in [
             ("mnist", DatasetSpec::Mnist),
+            ("fashion-mnist", DatasetSpec::FashionMnist),
             ("cifar10", DatasetSpec::Cifar10),
             ("flowers", DatasetSpec::Flowers),
             (
@@ -246,6 +266,24 @@ mod tests {
     #[test]
     fn defaults_follow_the_data_set() {
         assert!(!DatasetSpec::Mnist.default_flip());
+        assert!(DatasetSpec::FashionMnist.default_flip());
+        assert_eq!(DatasetSpec::FashionMnist.native_size(), Some(28));
+        assert_eq!(
+            (
+                DatasetSpec::Mnist.channels(),
+                DatasetSpec::FashionMnist.channels()
+            ),
+            (1, 1)
+        );
+        assert_eq!(DatasetSpec::Cifar10.channels(), 3);
+        assert_eq!(
+            "Fashion_MNIST".parse::<DatasetSpec>().unwrap(),
+            DatasetSpec::FashionMnist
+        );
+        assert_eq!(
+            DatasetSpec::FashionMnist.dir(Path::new("data")),
+            PathBuf::from("data/fashion-mnist")
+        );
         assert!(DatasetSpec::Cifar10.default_flip());
         assert!(DatasetSpec::Flowers.default_flip());
         assert_eq!(DatasetSpec::Mnist.native_size(), Some(28));

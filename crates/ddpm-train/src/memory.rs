@@ -52,7 +52,7 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
         .image_size
         .or_else(|| spec.native_size())
         .unwrap_or(ddpm_data::transform::DEFAULT_IMAGE_SIZE);
-    let channels = if *spec == DatasetSpec::Mnist { 1 } else { 3 };
+    let channels = spec.channels();
     let images = count_training_images(config);
     let data_cache_bytes = images.map_or(0, |n| {
         (n as u64)
@@ -76,12 +76,12 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     }
 }
 
-/// The training split's image count, read from file headers (MNIST), file sizes (CIFAR-10) or
-/// the folder listing; `None` when the files cannot be read.
+/// The training split's image count, read from file headers (MNIST, Fashion-MNIST), file sizes
+/// (CIFAR-10) or the folder listing; `None` when the files cannot be read.
 fn count_training_images(config: &TrainConfig) -> Option<usize> {
     let dir = config.dataset.dir(&config.data.root);
     match &config.dataset {
-        DatasetSpec::Mnist => {
+        DatasetSpec::Mnist | DatasetSpec::FashionMnist => {
             let count = |stem: &str| -> Option<usize> {
                 let file = mnist::find_file(&dir, stem)?;
                 mnist::read_images(&file).ok().map(|i| i.count)

@@ -1,12 +1,13 @@
 //! Fetching the canonical data sets into the data directory, verified and placed atomically.
 //!
-//! [`fetch`] downloads (or copies from a mirror) the files of MNIST, CIFAR-10 or Flowers into
-//! `<data>/mnist/*.gz`, `<data>/cifar10/cifar-10-batches-bin/*.bin` and `<data>/flowers/<class>/`.
+//! [`fetch`] downloads (or copies from a mirror) the files of MNIST, Fashion-MNIST, CIFAR-10 or
+//! Flowers into `<data>/mnist/*.gz`, `<data>/fashion-mnist/*.gz`,
+//! `<data>/cifar10/cifar-10-batches-bin/*.bin` and `<data>/flowers/<class>/`.
 //!
-//! - **Verification.** Every file is checked before it is placed: MNIST's four IDX files and
-//!   CIFAR-10's archive against the md5 checksums torchvision pins ([`MNIST_FILES`],
-//!   [`CIFAR10_MD5`]), the Flowers archive against its pinned size and SHA-256
-//!   ([`FLOWERS_SIZE`], [`FLOWERS_SHA256`]), plus the mirror's `SHA256SUMS` where a mirror has
+//! - **Verification.** Every file is checked before it is placed: MNIST's and Fashion-MNIST's
+//!   four IDX files and CIFAR-10's archive against the md5 checksums torchvision pins
+//!   ([`MNIST_FILES`], [`FASHION_MNIST_FILES`], [`CIFAR10_MD5`]), the Flowers archive against
+//!   its pinned size and SHA-256 ([`FLOWERS_SIZE`], [`FLOWERS_SHA256`]), plus the mirror's `SHA256SUMS` where a mirror has
 //!   one. A Flowers mirror must list every file in `flowers/SHA256SUMS`. A mismatch deletes what
 //!   was fetched and names the file.
 //! - **Safe extraction.** Archives are extracted into the staging directory only: an entry with
@@ -23,10 +24,11 @@
 //! - **No-op when present.** If the marker is there and every recorded file has its recorded size,
 //!   nothing is fetched.
 //! - **Mirrors.** [`Source::Dir`] or [`Source::Url`] fetch the same files from a directory or
-//!   another base URL laid out as `<mirror>/mnist/`, `<mirror>/cifar10/cifar-10-binary.tar.gz` and
-//!   `<mirror>/flowers/<class>/...`; the binaries take the default mirror from the environment
-//!   variable named by [`MIRROR_ENV`] (`DDPM_DATA_MIRROR`) and pass it in
-//!   ([`FetchOptions::with_mirror`]); this crate reads no environment. A mirror holding only MNIST's t10k files is accepted: the
+//!   another base URL laid out as `<mirror>/mnist/`, `<mirror>/fashion-mnist/`,
+//!   `<mirror>/cifar10/cifar-10-binary.tar.gz` and `<mirror>/flowers/<class>/...`; the binaries
+//!   take the default mirror from the environment variable named by [`MIRROR_ENV`]
+//!   (`DDPM_DATA_MIRROR`) and pass it in ([`FetchOptions::with_mirror`]); this crate reads no
+//!   environment. A mirror holding only MNIST's (or Fashion-MNIST's) t10k files is accepted: the
 //!   fetch says so and places them, and [`crate::mnist`] then holds out a fixed part of them.
 //!
 //! **Flowers from upstream.** The default Flowers source is TensorFlow's public
@@ -88,6 +90,34 @@ pub const MNIST_FILES: [(&str, &str); 4] = [
     (
         "train-labels-idx1-ubyte.gz",
         "d53e105ee54ea40749a09fcbcd1e9432",
+    ),
+];
+
+/// The upstream base URLs of Fashion-MNIST, tried in order: its publisher's (Zalando Research)
+/// download address, then the copy in its GitHub repository (`zalandoresearch/fashion-mnist`).
+pub const FASHION_MNIST_URLS: [&str; 2] = [
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+];
+
+/// Fashion-MNIST's files and their md5 checksums as its publisher lists them (torchvision pins
+/// the same); the t10k (test) pair first. The file names are MNIST's.
+pub const FASHION_MNIST_FILES: [(&str, &str); 4] = [
+    (
+        "t10k-images-idx3-ubyte.gz",
+        "bef4ecab320f06d8554ea6380940ec79",
+    ),
+    (
+        "t10k-labels-idx1-ubyte.gz",
+        "bb300cfdad3c16e7a12a480ee83cd310",
+    ),
+    (
+        "train-images-idx3-ubyte.gz",
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    ),
+    (
+        "train-labels-idx1-ubyte.gz",
+        "25c81989df183df01b3e8a0aad5dffbe",
     ),
 ];
 
@@ -190,7 +220,8 @@ fn encode_path(path: &str) -> String {
 /// How to fetch.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// The data directory (`data`), which receives `mnist/`, `cifar10/` and `flowers/`.
+    /// The data directory (`data`), which receives `mnist/`, `fashion-mnist/`, `cifar10/` and
+    /// `flowers/`.
     pub data_dir: PathBuf,
     /// Where to fetch from.
     pub source: Source,
@@ -311,18 +342,18 @@ pub fn is_fetched(spec: &DatasetSpec, data_dir: &Path) -> bool {
     }
 }
 
-/// Whether `dir` holds a data set copied there by hand, without a fetch marker: MNIST's t10k or
-/// train IDX pair (gzip-compressed or not), CIFAR-10's `cifar-10-batches-bin/test_batch.bin`, or
-/// at least one class folder of Flowers. Such data is used as it is: the readers check its
-/// format, but no checksum (there is nothing to compare with). A directory with a fetch marker is
-/// never hand-placed: a marker that no longer matches means a damaged fetch, which is fetched again.
+/// Whether `dir` holds a data set copied there by hand, without a fetch marker: MNIST's or
+/// Fashion-MNIST's t10k or train IDX pair (gzip-compressed or not), CIFAR-10's
+/// `cifar-10-batches-bin/test_batch.bin`, or at least one class folder of Flowers. Such data is
+/// used as it is: the readers check its format, but no checksum (there is nothing to compare
+/// with). A directory with a fetch marker is never hand-placed: a marker that no longer matches means a damaged fetch, which is fetched again.
 pub fn is_hand_placed(spec: &DatasetSpec, dir: &Path) -> bool {
     if dir.join(MARKER).exists() {
         return false;
     }
     let present = |name: &str| dir.join(name).is_file() || dir.join(format!("{name}.gz")).is_file();
     match spec {
-        DatasetSpec::Mnist => {
+        DatasetSpec::Mnist | DatasetSpec::FashionMnist => {
             (present(crate::mnist::TEST_IMAGES) && present(crate::mnist::TEST_LABELS))
                 || (present(crate::mnist::TRAIN_IMAGES) && present(crate::mnist::TRAIN_LABELS))
         }
@@ -335,7 +366,8 @@ pub fn is_hand_placed(spec: &DatasetSpec, dir: &Path) -> bool {
 /// Fetches a data set (see the module doc); a quick no-op when it is already in place.
 pub fn fetch(spec: &DatasetSpec, opts: &FetchOptions) -> Result<FetchReport> {
     match spec {
-        DatasetSpec::Mnist => fetch_mnist(opts),
+        DatasetSpec::Mnist => fetch_idx(opts, &MNIST_SET),
+        DatasetSpec::FashionMnist => fetch_idx(opts, &FASHION_MNIST_SET),
         DatasetSpec::Cifar10 => {
             let (locations, expected) = match &opts.source {
                 Source::Upstream => (
@@ -528,8 +560,35 @@ fn fetch_verified(
     Ok(digests)
 }
 
-fn fetch_mnist(opts: &FetchOptions) -> Result<FetchReport> {
-    let spec = DatasetSpec::Mnist;
+/// An IDX data set in MNIST's layout (four gzipped files, the t10k pair first): what
+/// [`fetch_idx`] fetches.
+struct IdxSet {
+    spec: DatasetSpec,
+    /// How its notes name it (`MNIST`, `Fashion-MNIST`).
+    title: &'static str,
+    /// Its files and their pinned md5 checksums.
+    files: [(&'static str, &'static str); 4],
+    /// Its upstream base URLs, tried in order.
+    urls: &'static [&'static str],
+}
+
+const MNIST_SET: IdxSet = IdxSet {
+    spec: DatasetSpec::Mnist,
+    title: "MNIST",
+    files: MNIST_FILES,
+    urls: &MNIST_URLS,
+};
+
+const FASHION_MNIST_SET: IdxSet = IdxSet {
+    spec: DatasetSpec::FashionMnist,
+    title: "Fashion-MNIST",
+    files: FASHION_MNIST_FILES,
+    urls: &FASHION_MNIST_URLS,
+};
+
+fn fetch_idx(opts: &FetchOptions, set: &IdxSet) -> Result<FetchReport> {
+    let spec = set.spec.clone();
+    let name = spec.name();
     let target = spec.dir(&opts.data_dir);
     if let Some(marker) = check_marker(&target, spec.name()) {
         if marker.complete || opts.source.is_mirror() {
@@ -540,27 +599,30 @@ fn fetch_mnist(opts: &FetchOptions) -> Result<FetchReport> {
             target.display()
         );
     }
-    let hint = "place the gzipped IDX files in the mirror's mnist/ folder, or fetch from upstream \
-                (no --from, DDPM_DATA_MIRROR unset) on a machine with internet access";
+    let hint = format!(
+        "place the gzipped IDX files in the mirror's {name}/ folder, or fetch from upstream (no \
+         --from, DDPM_DATA_MIRROR unset) on a machine with internet access"
+    );
     staged(spec.clone(), opts, |staging, transfer| {
-        let sums = mirror_sums(transfer, &opts.source, "mnist")?;
-        let mut marker = Marker::new("mnist", opts.source.to_string(), true);
+        let sums = mirror_sums(transfer, &opts.source, name)?;
+        let mut marker = Marker::new(name, opts.source.to_string(), true);
         let mut absent = Vec::new();
-        for (name, md5) in MNIST_FILES {
+        for (file, md5) in set.files {
             let mut expected = vec![Checksum::Md5(md5.to_string())];
-            let listed = sums.as_ref().and_then(|s| s.get(name));
+            let listed = sums.as_ref().and_then(|s| s.get(file));
             if let Some(hex) = listed {
                 expected.push(Checksum::Sha256(hex.to_string()));
             }
-            let locations: Vec<Location> = match opts.source.locate("mnist", name) {
+            let locations: Vec<Location> = match opts.source.locate(name, file) {
                 Some(l) => vec![l],
-                None => MNIST_URLS
+                None => set
+                    .urls
                     .iter()
-                    .map(|base| Location::Url(format!("{base}{name}")))
+                    .map(|base| Location::Url(format!("{base}{file}")))
                     .collect(),
             };
-            let label = format!("mnist/{name}");
-            let dest = staging.tree.join(name);
+            let label = format!("{name}/{file}");
+            let dest = staging.tree.join(file);
             match fetch_verified(
                 transfer,
                 staging,
@@ -571,21 +633,21 @@ fn fetch_mnist(opts: &FetchOptions) -> Result<FetchReport> {
                 &dest,
             ) {
                 Ok(d) => marker.files.push(FileRecord {
-                    path: name.to_string(),
+                    path: file.to_string(),
                     size: d.size,
                     md5: d.md5,
                     sha256: d.sha256,
                 }),
                 // A mirror may hold only the test split; files it lists must be there.
                 Err(e)
-                    if name.starts_with("train")
+                    if file.starts_with("train")
                         && opts.source.is_mirror()
                         && listed.is_none()
                         && is_not_found(&e) =>
                 {
-                    absent.push(name)
+                    absent.push(file)
                 }
-                Err(e) => return Err(missing_at_mirror(e, &opts.source, &label, hint)),
+                Err(e) => return Err(missing_at_mirror(e, &opts.source, &label, &hint)),
             }
         }
         match absent.as_slice() {
@@ -597,15 +659,15 @@ fn fetch_mnist(opts: &FetchOptions) -> Result<FetchReport> {
                         hint: "not in the mirror".to_string(),
                     },
                     &opts.source,
-                    &format!("mnist/{one}"),
+                    &format!("{name}/{one}"),
                     "the mirror has half of the training pair; add the other file or remove both",
                 ))
             }
             _ => {
                 let note = format!(
-                    "the {} has only the MNIST test split (t10k-*, 10,000 images), which was placed; \
+                    "the {} has only the {} test split (t10k-*, 10,000 images), which was placed; \
                      training will use its first 8,000 images and hold out the last 2,000 as the test split",
-                    opts.source
+                    opts.source, set.title
                 );
                 tracing::warn!("{note}");
                 marker.complete = false;
