@@ -59,6 +59,55 @@ pub struct RunSummary {
     pub last_loss: Option<f64>,
 }
 
+/// What one optimizer step did ([`Trainer::train_step`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepStats {
+    /// The mean loss of the step's micro-batches (and ranks).
+    pub loss: f64,
+    /// The global gradient norm, before clipping.
+    pub grad_norm: f64,
+    /// The learning rate of the step (after warm-up).
+    pub lr: f64,
+    /// Seconds spent in each phase of the step, in order (`batch`, `inputs`, `forward`,
+    /// `backward`, `all-reduce` with several ranks, `clip`, `adamw`, `ema`; a phase repeated per
+    /// micro-batch is summed), when [`Trainer::time_phases`] is on; empty otherwise.
+    pub phases: Vec<(&'static str, f64)>,
+}
+
+/// The wall-clock time of each phase of a step ([`Trainer::time_phases`]): every phase ends
+/// with a device synchronization, so that the split is exact on asynchronous devices.
+struct PhaseClock {
+    on: bool,
+    last: Instant,
+    spent: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    fn new(on: bool) -> Self {
+        Self {
+            on,
+            last: Instant::now(),
+            spent: Vec::new(),
+        }
+    }
+
+    /// Ends `phase` (when on): waits for the device, then adds the time since the last mark.
+    fn mark(&mut self, device: &Device, phase: &'static str) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        device.synchronize()?;
+        let now = Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        match self.spent.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, s)) => *s += secs,
+            None => self.spent.push((phase, secs)),
+        }
+        Ok(())
+    }
+}
+
 /// What became NaN or infinite.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NonFiniteValue {
@@ -234,6 +283,8 @@ pub struct Trainer {
     collective: Collective,
     /// One live run per directory: held as long as the trainer lives (by rank 0 only).
     _lock: Option<RunLock>,
+    /// Whether [`Trainer::train_step`] times its phases ([`Trainer::time_phases`]).
+    time_phases: bool,
 }
 
 impl Trainer {
@@ -247,7 +298,7 @@ impl Trainer {
     /// trains on its share of every batch, and only rank 0 writes to `run_dir`. Blocks until
     /// every rank has joined.
     pub fn create_with_world(
-        mut config: TrainConfig,
+        config: TrainConfig,
         run_dir: &Path,
         device: &Device,
         world: World,
@@ -260,10 +311,42 @@ impl Trainer {
                 run_dir.display()
             )));
         }
-        let dataset = open_dataset(&mut config)?;
+        let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
+        Self::start(config, dataset, run_dir, device, world, true)
+    }
+
+    /// A new run on the images of `dataset`, held in memory (the model's image size and
+    /// channels follow it), in one process: for benchmarks and tests, which drive it with
+    /// [`Trainer::train_step`]. Unlike [`Trainer::create`], it neither reads nor locks nor
+    /// writes `run_dir` (no `config.toml`, no history): only what the caller asks for
+    /// ([`Trainer::run`], [`Trainer::save_checkpoint`], [`Trainer::write_sample_grid`]) writes
+    /// there ([`Trainer::run`] needs it to exist, for `metrics.jsonl`). `config.dataset` and
+    /// `config.data` are recorded in checkpoints as given, not read.
+    pub fn with_dataset(
+        config: TrainConfig,
+        dataset: Dataset,
+        run_dir: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::start(config, dataset, run_dir, device, World::single(), false)
+    }
+
+    /// A new run on `dataset` as one rank of `world`. With `record`, rank 0 locks `run_dir`,
+    /// writes `config.toml` and starts `history.jsonl` (the run directory of
+    /// [`Trainer::create_with_world`]).
+    fn start(
+        mut config: TrainConfig,
+        dataset: Dataset,
+        run_dir: &Path,
+        device: &Device,
+        world: World,
+        record: bool,
+    ) -> Result<Self> {
+        fit_model_to(&mut config, &dataset);
         config.validate()?;
         world.check_batch(config.batch_size, config.grad_accum)?;
-        let lock = if world.is_lead() {
+        let lead = record && world.is_lead();
+        let lock = if lead {
             std::fs::create_dir_all(run_dir)
                 .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
             let lock = RunLock::acquire(run_dir)?;
@@ -276,7 +359,6 @@ impl Trainer {
         } else {
             None
         };
-        let lead = world.is_lead();
         let trainer = Self::build(config, run_dir, device, dataset, lock, world)?;
         if lead {
             resume::append_history(
@@ -550,6 +632,7 @@ impl Trainer {
             scaler: LossScaler::default(),
             collective,
             _lock: lock,
+            time_phases: false,
         })
     }
 
@@ -568,8 +651,27 @@ impl Trainer {
         &self.model
     }
 
-    /// One optimizer step over `grad_accum` micro-batches; returns (loss, grad norm, lr).
-    fn train_step(&mut self, opts: &RunOptions) -> Result<(f64, f64, f64)> {
+    /// Times the phases of every following [`Trainer::train_step`] into
+    /// [`StepStats::phases`] (`on`), or stops timing them. Each phase then ends with a device
+    /// synchronization: the split is exact on CUDA, and the step a little slower there.
+    pub fn time_phases(&mut self, on: bool) {
+        self.time_phases = on;
+    }
+
+    /// One optimizer step, exactly as [`Trainer::run`] takes it, without the logging,
+    /// checkpoints and sample grids around it: `grad_accum` micro-batches from the loader
+    /// (random timesteps and noise, `q_sample`, the model in training mode, the configured
+    /// objective and loss, backward), the gradients averaged over ranks, the global gradient
+    /// norm, clipping folded into the AdamW update at the warmed-up learning rate, then the EMA
+    /// update. With f16, a step whose scaled gradients overflow is skipped (no update, no EMA)
+    /// and halves the loss scale. Returns the step's loss, gradient norm and learning rate.
+    ///
+    /// A non-finite loss or gradient norm is [`TrainError::NonFinite`], with nothing changed;
+    /// the faults of `opts` are injected as in [`Trainer::run`] (its other fields are unused).
+    /// The step's work may still be running on an asynchronous device when this returns (the
+    /// loss has been read back): synchronize the device before reading a clock.
+    pub fn train_step(&mut self, opts: &RunOptions) -> Result<StepStats> {
+        let mut clock = PhaseClock::new(self.time_phases);
         let accum = self.config.grad_accum;
         let lr = warmup_lr(
             self.config.optimizer.lr,
@@ -594,6 +696,7 @@ impl Trainer {
         for _ in 0..accum {
             let batch = self.loader.next_batch()?;
             let x0 = batch.images.to_device(&self.device)?;
+            clock.mark(&self.device, "batch")?;
             let dims = x0.dims().to_vec();
             let b = dims[0];
             let ts: Vec<u32> = (0..b).map(|_| self.rng.random_range(0..t_max)).collect();
@@ -611,6 +714,7 @@ impl Trainer {
             } else {
                 None
             };
+            clock.mark(&self.device, "inputs")?;
             let pred = self
                 .model
                 .forward_t(&x_t, &t, self_cond.as_ref(), Some(&mut self.rng))?;
@@ -634,6 +738,7 @@ impl Trainer {
                 return Err(self.non_finite(NonFiniteValue::Loss(value), opts));
             }
             loss_sum += value;
+            clock.mark(&self.device, "forward")?;
             let g = (loss * (loss_scale / accum as f64))?.backward()?;
             for (name, var) in &vars {
                 if let Some(gv) = g.get(var.as_tensor()) {
@@ -649,6 +754,7 @@ impl Trainer {
                     grads.insert(name.clone(), acc);
                 }
             }
+            clock.mark(&self.device, "backward")?;
         }
         let mut loss = loss_sum / accum as f64;
         if self.collective.has_comm() {
@@ -659,6 +765,7 @@ impl Trainer {
             // Every rank now holds the same gradients, so clipping, the scaler, AdamW and the
             // EMA keep the weights equal on all ranks.
             self.collective.all_reduce_mean(&mut grads)?;
+            clock.mark(&self.device, "all-reduce")?;
         }
         if opts.fault_inf_grad_at_step == Some(self.step + 1) {
             if let Some(g) = grads.values_mut().next() {
@@ -666,6 +773,7 @@ impl Trainer {
             }
         }
         let norm = grad_norm(&grads)?;
+        clock.mark(&self.device, "clip")?;
         // An infinite or NaN gradient would turn every weight, moment and EMA it reaches into
         // NaN (clipping scales by max/inf = 0, and 0 * inf is NaN): stop before the update. In
         // f16 the loss scaler skips the step instead (an overflow of the scaled gradients).
@@ -680,13 +788,25 @@ impl Trainer {
                 "f16 overflow"
             );
             self.step += 1;
-            return Ok((loss, norm, lr));
+            return Ok(StepStats {
+                loss,
+                grad_norm: norm,
+                lr,
+                phases: clock.spent,
+            });
         }
         let clip = clip_factor(norm, self.config.grad_clip);
         self.opt.step_scaled(&grads, lr, clip)?;
+        clock.mark(&self.device, "adamw")?;
         self.step += 1;
         self.ema.update(&vars, self.step)?;
-        Ok((loss, norm, lr))
+        clock.mark(&self.device, "ema")?;
+        Ok(StepStats {
+            loss,
+            grad_norm: norm,
+            lr,
+            phases: clock.spent,
+        })
     }
 
     /// The stop on a non-finite `what` at the coming step.
@@ -875,7 +995,12 @@ impl Trainer {
                 interrupted = true;
                 break;
             }
-            let (loss, norm, lr) = self.train_step(opts)?;
+            let StepStats {
+                loss,
+                grad_norm: norm,
+                lr,
+                ..
+            } = self.train_step(opts)?;
             window_loss += loss;
             window_n += 1;
             bar.inc(1);
@@ -937,9 +1062,14 @@ impl Trainer {
 /// Opens the training split and makes the model's image size and channels follow it.
 fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
     let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
+    fit_model_to(config, &dataset);
+    Ok(dataset)
+}
+
+/// Makes the model's image size and channels those of `dataset`.
+fn fit_model_to(config: &mut TrainConfig, dataset: &Dataset) {
     config.model.set_channels(dataset.channels());
     config.model.set_image_size(dataset.image_size());
-    Ok(dataset)
 }
 
 #[cfg(test)]
@@ -997,6 +1127,51 @@ mod tests {
                 let b = saved[&name].flatten_all()?.to_vec1::<f32>()?;
                 let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{prefix}{name} changed after the stop");
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Trainer::with_dataset`] and [`Trainer::train_step`] are the steps of
+    /// [`Trainer::run`]: on the same images they give the same weights and EMA, bit for bit;
+    /// the run directory is left alone; phases are timed only when asked.
+    #[test]
+    fn in_memory_trainer_takes_the_steps_of_run() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = TrainConfig {
+            steps: 3,
+            checkpoint_every: 3,
+            ..tiny_config(dir.path())?
+        };
+        let mut ran = Trainer::create(config.clone(), &dir.path().join("run"), &Device::Cpu)?;
+        ran.run(&AtomicBool::new(false), &RunOptions::default())?;
+        let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
+        let run_dir = dir.path().join("in-memory");
+        let mut t = Trainer::with_dataset(config, dataset, &run_dir, &Device::Cpu)?;
+        let opts = RunOptions::default();
+        let first = t.train_step(&opts)?;
+        assert!(first.loss.is_finite() && first.grad_norm > 0.0, "{first:?}");
+        assert!(first.phases.is_empty());
+        t.train_step(&opts)?;
+        t.time_phases(true);
+        let timed = t.train_step(&opts)?;
+        let names: Vec<&str> = timed.phases.iter().map(|p| p.0).collect();
+        assert_eq!(
+            names,
+            ["batch", "inputs", "forward", "backward", "clip", "adamw", "ema"]
+        );
+        assert_eq!(t.step(), 3);
+        assert!(!run_dir.exists());
+        for (a, b) in [
+            (ran.model.tensors(), t.model.tensors()),
+            (ran.ema.tensors().clone(), t.ema.tensors().clone()),
+        ] {
+            assert_eq!(a.len(), b.len());
+            for (name, x) in a {
+                let x = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = b[&name].flatten_all()?.to_vec1::<f32>()?;
+                let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{name} differs from the run's");
             }
         }
         Ok(())
