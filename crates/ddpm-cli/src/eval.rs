@@ -22,7 +22,7 @@ pub struct EvalArgs {
     /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
     #[arg(long)]
     checkpoint: PathBuf,
-    /// mnist, cifar10, flowers or folder:PATH (default: the run's data set).
+    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (default: the run's data set).
     #[arg(long)]
     dataset: Option<String>,
     /// The split to evaluate: test, train or all.

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 /// Arguments of `ddpm forward`.
 #[derive(Args)]
 pub struct ForwardArgs {
-    /// mnist, cifar10, flowers or folder:PATH.
+    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH.
     #[arg(long, default_value = "mnist")]
     dataset: String,
     /// Comma-separated timesteps (columns).

@@ -314,7 +314,7 @@ pub fn load_as(dir: &Path, split: Split, name: &str) -> Result<(IdxImages, Vec<u
         Split::Train => {
             tracing::warn!(
                 dir = %dir.display(),
-                "{name} training split (train-*) absent: training on the first {cut} of the {n} \
+                "{name}: training split (train-*) absent: training on the first {cut} of the {n} \
                  t10k images; the last {} are the test split",
                 n - cut
             );
