@@ -1,10 +1,12 @@
 """PyTorch side of `cargo xtask bench`: times one preset's training step or sampling, the same
 work as the Rust worker (`xtask bench-worker time`), and prints one line of JSON.
 
-  train:  per step: random timesteps, Gaussian noise, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-          (linear schedule, T = 1000), eps prediction in training mode (dropout on), MSE loss,
-          backward, gradient clipping to norm 1, AdamW (lr 2e-4, betas (0.9, 0.999), eps 1e-8,
-          no weight decay);
+  train:  per step, as `ddpm train`'s (ddpm_train::Trainer::train_step): a batch of u8 images
+          from memory turned into floats in [-1, 1], random timesteps, Gaussian noise,
+          x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (linear schedule, T = 1000), eps
+          prediction in training mode (dropout on), MSE loss, backward, gradient clipping to
+          norm 1, AdamW (betas (0.9, 0.999), eps 1e-8, no weight decay), then the EMA update of
+          the weights (decay 0.995 warmed up as min(decay, (1 + n) / (10 + n)) at update n);
   sample: per step: one forward pass without gradients (evaluation mode); then whole
           deterministic DDIM samples (eta 0, x0 clipped to [-1, 1]) of `--ddim-steps` steps.
 
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 import models
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+# ddpm_train::TrainConfig's defaults, which `ddpm train` and our benchmark worker use.
+LR = 1e-3
+EMA_DECAY = 0.995
 
 
 def sync(device: torch.device) -> None:
@@ -69,19 +74,44 @@ def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
     return [min(int(round(i * stride)), timesteps - 1) for i in range(steps)]
 
 
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], n: int) -> None:
+    """Moves the averages towards the weights after optimizer step `n` (1-based), in place, with
+    the decay warm-up of ddpm_train::ema (every tensor in one foreach call where torch has it)."""
+    d = min(EMA_DECAY, (1.0 + n) / (10.0 + n))
+    with torch.no_grad():
+        weights = [p.detach() for p in params]
+        if hasattr(torch, "_foreach_lerp_"):
+            torch._foreach_lerp_(ema, weights, 1.0 - d)
+        else:
+            for e, w in zip(ema, weights):
+                e.lerp_(w, 1.0 - d)
+
+
 def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> list[float]:
     abar = linear_alphas_cumprod()
     sa = abar.sqrt().float().to(device)
     s1 = (1.0 - abar).sqrt().float().to(device)
     model.train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "f16")
-    x0 = (torch.rand((batch, *shape), generator=gen) * 2 - 1).to(device)
+    ema = [p.detach().clone().float() for p in params]
+    # Random u8 images held in memory, a few batches of them, as our worker's data set (the u8
+    # cache of ddpm_data::Dataset, (c, h, w) per image); each step takes the next batch of a
+    # shuffled epoch and converts it to floats, as ddpm_data::Loader does.
+    images = torch.randint(0, 256, (max(4 * batch, 64), *shape), dtype=torch.uint8,
+                           generator=gen)
+    order = torch.randperm(len(images), generator=gen)
+    pos = 0
     times = []
     for i in range(warmup + iters):
         sync(device)
         start = time.perf_counter()
+        if pos + batch > len(images):
+            order, pos = torch.randperm(len(images), generator=gen), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        x0 = (images[idx].float() / 127.5 - 1.0).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         noise = torch.randn((batch, *shape), generator=gen).to(device)
         x_t = sa[t][:, None, None, None] * x0 + s1[t][:, None, None, None] * noise
@@ -94,6 +124,7 @@ def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> li
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
+        ema_update(ema, params, i + 1)
         loss.item()
         sync(device)
         if i >= warmup:
