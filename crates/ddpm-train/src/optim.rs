@@ -44,8 +44,18 @@ impl AdamWConfig {
     pub fn validate(&self) -> Result<()> {
         let checks: [(&str, f64, bool, &str); 5] = [
             ("lr", self.lr, self.lr > 0.0, "> 0"),
-            ("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)"),
-            ("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)"),
+            (
+                "beta1",
+                self.beta1,
+                (0.0..1.0).contains(&self.beta1),
+                "in [0, 1)",
+            ),
+            (
+                "beta2",
+                self.beta2,
+                (0.0..1.0).contains(&self.beta2),
+                "in [0, 1)",
+            ),
             ("eps", self.eps, self.eps > 0.0, "> 0"),
             (
                 "weight_decay",
