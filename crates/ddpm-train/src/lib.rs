@@ -47,7 +47,7 @@ pub use distributed::{Collective, DistError, World};
 pub use precision::{LossScaler, Precision};
 pub use resume::{ResumeOptions, SafeChanges};
 pub use sample::{sample, SampleOptions, Samples};
-pub use trainer::{NonFiniteStop, RunOptions, RunSummary, Trainer};
+pub use trainer::{NonFiniteStop, RunOptions, RunSummary, StepStats, Trainer};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
