@@ -14,7 +14,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{matmul, slice, sum, sum2, unfilled, Float};
+use std::mem::MaybeUninit;
+
+use super::{matmul_new, matmul_to, slice, sum, sum2, Float, Uninit};
 
 /// Which attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,9 +128,15 @@ fn max_of<T: Float>(xs: &[T]) -> T {
 }
 
 /// `dst = src` with a softmax over each column of the (rows x cols) row-major matrix, then
-/// times `scale`.
+/// times `scale`; `dst` (as long as `src`) is returned as values.
 #[inline(always)]
-fn softmax_cols<T: Float>(src: &[T], dst: &mut [T], cols: usize, scale: T) {
+fn softmax_cols<'d, T: Float>(
+    src: &[T],
+    dst: &'d mut [MaybeUninit<T>],
+    cols: usize,
+    scale: T,
+) -> &'d mut [T] {
+    assert_eq!(src.len(), dst.len(), "softmax_cols: lengths differ");
     let mut max = src[..cols].to_vec();
     for row in src.chunks(cols).skip(1) {
         max.iter_mut().zip(row).for_each(|(m, &v)| {
@@ -140,14 +148,17 @@ fn softmax_cols<T: Float>(src: &[T], dst: &mut [T], cols: usize, scale: T) {
     let mut sum = vec![T::ZERO; cols];
     for (drow, srow) in dst.chunks_mut(cols).zip(src.chunks(cols)) {
         for (((dv, &sv), &m), s) in drow.iter_mut().zip(srow).zip(&max).zip(sum.iter_mut()) {
-            *dv = (sv - m).exp();
-            *s += *dv;
+            *s += *dv.write((sv - m).exp());
         }
     }
+    // SAFETY: `dst` is as long as `src`, and the loop above wrote each of its rows in full
+    // (`max` and `sum` hold `cols` values, as long as any row).
+    let dst = unsafe { super::assume_init_mut(dst) };
     sum.iter_mut().for_each(|s| *s = scale / *s);
     for drow in dst.chunks_mut(cols) {
         drow.iter_mut().zip(&sum).for_each(|(v, &f)| *v *= f);
     }
+    dst
 }
 
 /// The q, k and v of one head of one image's `qkv`.
@@ -161,27 +172,30 @@ fn head<'a, T>(g: &Geom, qkv_img: &'a [T], head: usize) -> [&'a [T]; 3] {
 
 const SERIAL: Parallelism = Parallelism::None;
 
-/// One head's forward pass into `out` (d x n).
+/// One head's forward pass, writing all of `out` (d x n).
 #[inline(always)]
-fn forward_head_impl<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], out: &mut [T]) {
+fn forward_head_impl<T: Float>(
+    op: &Attention,
+    g: &Geom,
+    [q, k, v]: [&[T]; 3],
+    out: &mut [MaybeUninit<T>],
+) {
     let (d, n) = (g.d, g.n);
     let scale = T::of(op.scale);
     match op.kind {
         Kind::Linear => {
-            // Written in full: sq by the softmax, ctx by its GEMM (no accumulation).
-            let mut sq = unfilled(d * n);
-            softmax_cols(q, &mut sq, n, scale);
+            let mut sq = Uninit::new(d * n);
+            let sq = softmax_cols(q, &mut sq, n, scale);
             let mut sk = k.to_vec();
             softmax_rows(&mut sk, n);
             // context (d x d) = sk (d x n) v^T (n x d); out (d x n) = context^T sq
-            let mut ctx = unfilled(d * d);
-            matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
-            matmul(d, n, d, out, false, &ctx, (1, d), &sq, (n, 1), SERIAL);
+            let ctx = matmul_new(d, d, n, &sk, (n, 1), v, (1, n), SERIAL);
+            matmul_to(d, n, d, out, &ctx, (1, d), sq, (n, 1), SERIAL);
         }
         Kind::Softmax => {
             let attn = attention_weights(q, k, n, d, scale);
             // out (d x n) = v (d x n) attn^T (n x n)
-            matmul(d, n, n, out, false, v, (n, 1), &attn, (1, n), SERIAL);
+            matmul_to(d, n, n, out, v, (n, 1), &attn, (1, n), SERIAL);
         }
     }
 }
@@ -189,17 +203,15 @@ fn forward_head_impl<T: Float>(op: &Attention, g: &Geom, [q, k, v]: [&[T]; 3], o
 /// `softmax_j(scale * q^T k)` (n x n) for q, k (d x n).
 #[inline(always)]
 fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -> Vec<T> {
-    // Written in full by the GEMM (no accumulation).
-    let mut sim = unfilled(n * n);
-    matmul(n, n, d, &mut sim, false, q, (1, n), k, (n, 1), SERIAL);
+    let mut sim = matmul_new(n, n, d, q, (1, n), k, (n, 1), SERIAL);
     sim.iter_mut().for_each(|v| *v *= scale);
     softmax_rows(&mut sim, n);
     sim
 }
 
 fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
-    // Every head's block is written by `forward_head`.
-    let mut out = unfilled(g.b * g.part_len());
+    assert_eq!(qkv.len(), g.b * 3 * g.part_len(), "attention: qkv length");
+    let mut out = Uninit::new(g.b * g.part_len());
     out.par_chunks_mut(g.head_len())
         .enumerate()
         .for_each(|(i, out)| {
@@ -207,13 +219,25 @@ fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
             let qkv_img = &qkv[img * 3 * g.part_len()..(img + 1) * 3 * g.part_len()];
             forward_head(op, g, head(g, qkv_img, h), out);
         });
-    out
+    // SAFETY: the chunks of `head_len` values cover `out` (b images of `heads` heads each), and
+    // `forward_head` writes all of its chunk (a GEMM of d x n outputs).
+    unsafe { out.assume_init() }
 }
 
 /// `dst[i, j] = s[i, j] * (ds[i, j] - sum_j s[i, j] ds[i, j])` per row: the gradient through a
-/// row softmax with output `s` and output gradient `ds`.
+/// row softmax with output `s` and output gradient `ds`. `dst` (as long as `s` and `ds`) is
+/// returned as values.
 #[inline(always)]
-fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize) {
+fn softmax_rows_backward<'d, T: Float>(
+    s: &[T],
+    ds: &[T],
+    dst: &'d mut [MaybeUninit<T>],
+    cols: usize,
+) -> &'d mut [T] {
+    assert!(
+        s.len() == dst.len() && ds.len() == dst.len(),
+        "softmax_rows_backward: lengths differ"
+    );
     for ((srow, dsrow), drow) in s
         .chunks(cols)
         .zip(ds.chunks(cols))
@@ -221,43 +245,41 @@ fn softmax_rows_backward<T: Float>(s: &[T], ds: &[T], dst: &mut [T], cols: usize
     {
         let dot = T::of(sum2(srow, dsrow, |a, b| a * b));
         for ((dv, &a), &b) in drow.iter_mut().zip(srow).zip(dsrow) {
-            *dv = a * (b - dot);
+            dv.write(a * (b - dot));
         }
     }
+    // SAFETY: `s`, `ds` and `dst` have the same length, so the loop above wrote every row of
+    // `dst` in full.
+    unsafe { super::assume_init_mut(dst) }
 }
 
-/// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n).
+/// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n),
+/// writing all of `dq`, `dk` and `dv`.
 #[inline(always)]
 fn backward_head_impl<T: Float>(
     op: &Attention,
     g: &Geom,
     [q, k, v]: [&[T]; 3],
     dout: &[T],
-    [dq, dk, dv]: [&mut [T]; 3],
+    [dq, dk, dv]: [&mut [MaybeUninit<T>]; 3],
 ) {
     let (d, n) = (g.d, g.n);
     let scale = T::of(op.scale);
     match op.kind {
         Kind::Linear => {
             // Recompute the forward's softmaxes (unscaled for queries) and context.
-            // Scratch written in full: s by the softmax, the products by their GEMMs (no
-            // accumulation).
-            let mut s = unfilled(d * n);
-            softmax_cols(q, &mut s, n, T::ONE);
+            let mut s = Uninit::new(d * n);
+            let s = softmax_cols(q, &mut s, n, T::ONE);
             let sq: Vec<T> = s.iter().map(|&v| v * scale).collect();
             let mut sk = k.to_vec();
             softmax_rows(&mut sk, n);
-            let mut ctx = unfilled(d * d);
-            matmul(d, d, n, &mut ctx, false, &sk, (n, 1), v, (1, n), SERIAL);
+            let ctx = matmul_new(d, d, n, &sk, (n, 1), v, (1, n), SERIAL);
             // dctx (d x d) = sq dout^T; dsq (d x n) = ctx dout
-            let mut dctx = unfilled(d * d);
-            matmul(d, d, n, &mut dctx, false, &sq, (n, 1), dout, (1, n), SERIAL);
-            let mut dsq = unfilled(d * n);
-            matmul(d, n, d, &mut dsq, false, &ctx, (d, 1), dout, (n, 1), SERIAL);
+            let dctx = matmul_new(d, d, n, &sq, (n, 1), dout, (1, n), SERIAL);
+            let dsq = matmul_new(d, n, d, &ctx, (d, 1), dout, (n, 1), SERIAL);
             // dsk (d x n) = dctx v; dv (d x n) = dctx^T sk
-            let mut dsk = unfilled(d * n);
-            matmul(d, n, d, &mut dsk, false, &dctx, (d, 1), v, (n, 1), SERIAL);
-            matmul(d, n, d, dv, false, &dctx, (1, d), &sk, (n, 1), SERIAL);
+            let dsk = matmul_new(d, n, d, &dctx, (d, 1), v, (n, 1), SERIAL);
+            matmul_to(d, n, d, dv, &dctx, (1, d), &sk, (n, 1), SERIAL);
             softmax_rows_backward(&sk, &dsk, dk, n);
             // Queries: softmax over each column, then the scale.
             let mut dot = vec![T::ZERO; n];
@@ -266,33 +288,36 @@ fn backward_head_impl<T: Float>(
                     *acc += a * b * scale;
                 }
             }
+            // Every element of dq: it is as long as s and dsq, and each row as long as `dot`.
+            assert_eq!(dq.len(), s.len(), "attention: dq and s differ in length");
             for ((dqrow, srow), dsrow) in dq.chunks_mut(n).zip(s.chunks(n)).zip(dsq.chunks(n)) {
                 for (((dv, &a), &b), &t) in dqrow.iter_mut().zip(srow).zip(dsrow).zip(&dot) {
-                    *dv = a * (b * scale - t);
+                    dv.write(a * (b * scale - t));
                 }
             }
         }
         Kind::Softmax => {
             let attn = attention_weights(q, k, n, d, scale);
             // dattn (n x n) = dout^T v; dv (d x n) = dout attn
-            // Written in full by the GEMM and by the softmax's backward.
-            let mut dattn = unfilled(n * n);
-            matmul(n, n, d, &mut dattn, false, dout, (1, n), v, (n, 1), SERIAL);
-            matmul(d, n, n, dv, false, dout, (n, 1), &attn, (n, 1), SERIAL);
-            let mut dsim = unfilled(n * n);
-            softmax_rows_backward(&attn, &dattn, &mut dsim, n);
+            let dattn = matmul_new(n, n, d, dout, (1, n), v, (n, 1), SERIAL);
+            matmul_to(d, n, n, dv, dout, (n, 1), &attn, (n, 1), SERIAL);
+            let mut dsim = Uninit::new(n * n);
+            let dsim = softmax_rows_backward(&attn, &dattn, &mut dsim, n);
             dsim.iter_mut().for_each(|v| *v *= scale);
             // dq (d x n) = k dsim^T; dk (d x n) = q dsim
-            matmul(d, n, n, dq, false, k, (n, 1), &dsim, (1, n), SERIAL);
-            matmul(d, n, n, dk, false, q, (n, 1), &dsim, (n, 1), SERIAL);
+            matmul_to(d, n, n, dq, k, (n, 1), dsim, (1, n), SERIAL);
+            matmul_to(d, n, n, dk, q, (n, 1), dsim, (n, 1), SERIAL);
         }
     }
 }
 
 fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
-    // Every head's dq, dk and dv are written by `backward_head` (GEMMs without accumulation and
-    // the softmaxes' backward passes).
-    let mut dqkv = unfilled(qkv.len());
+    assert_eq!(
+        qkv.len(),
+        g.b * 3 * g.part_len(),
+        "attention backward: qkv length"
+    );
+    let mut dqkv = Uninit::new(qkv.len());
     let img_len = 3 * g.part_len();
     dqkv.par_chunks_mut(img_len)
         .enumerate()
@@ -310,12 +335,20 @@ fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T>
                 backward_head(op, g, head(g, qkv_img, h), dout_h, [dq, dk, dv]);
             }
         });
-    dqkv
+    // SAFETY: `qkv` holds b images of `img_len` values, so the chunks cover `dqkv`; each is
+    // split into q, k and v parts of `heads` heads, and `backward_head` writes all of each
+    // head's dq, dk and dv (GEMMs without accumulation, the softmaxes' backward passes).
+    unsafe { dqkv.assume_init() }
 }
 
 avx2_dispatch! {
     /// [`forward_head_impl`], AVX2 build when the CPU has it.
-    fn forward_head<T>(op: &Attention, g: &Geom, qkv: [&[T]; 3], out: &mut [T]) = forward_head_impl
+    fn forward_head<T>(
+        op: &Attention,
+        g: &Geom,
+        qkv: [&[T]; 3],
+        out: &mut [MaybeUninit<T>],
+    ) = forward_head_impl
 }
 
 avx2_dispatch! {
@@ -325,7 +358,7 @@ avx2_dispatch! {
         g: &Geom,
         qkv: [&[T]; 3],
         dout: &[T],
-        grads: [&mut [T]; 3],
+        grads: [&mut [MaybeUninit<T>]; 3],
     ) = backward_head_impl
 }
 

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, unfilled, Float};
+use super::{slice, write_copy, Float, Uninit};
 
 /// `(b, c, h * w)` of a 4-D tensor.
 fn dims(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
@@ -23,32 +23,46 @@ fn dims(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
 /// Each image's `a` block then its `b` block.
 fn forward<T: Float>(a: &[T], b: &[T], batch: usize) -> Vec<T> {
     let (na, nb) = (a.len() / batch, b.len() / batch);
-    // Every image's block is written in full by its two copies.
-    let mut y = unfilled(a.len() + b.len());
+    assert!(
+        a.len() == batch * na && b.len() == batch * nb,
+        "concat: inputs of {} and {} values for {batch} images",
+        a.len(),
+        b.len()
+    );
+    let mut y = Uninit::new(a.len() + b.len());
     y.par_chunks_mut(na + nb)
         .zip(a.par_chunks(na).zip(b.par_chunks(nb)))
         .for_each(|(yi, (ai, bi))| {
-            yi[..na].copy_from_slice(ai);
-            yi[na..].copy_from_slice(bi);
+            write_copy(&mut yi[..na], ai);
+            write_copy(&mut yi[na..], bi);
         });
-    y
+    // SAFETY: `a` and `b` hold `batch` images each, so the chunks of `na + nb` values cover `y`
+    // and each is written in full by its two copies (`write_copy` checks the lengths).
+    unsafe { y.assume_init() }
 }
 
 /// The gradient of each input, packed `[da | db]`, from the output's gradient `g`.
 fn backward<T: Float>(g: &[T], batch: usize, na: usize) -> Vec<T> {
     let n = g.len() / batch;
+    assert!(
+        g.len() == batch * n && na <= n,
+        "concat backward: {} values for {batch} images of {na} and more",
+        g.len()
+    );
     let nb = n - na;
-    // Both halves are written in full, image by image.
-    let mut out = unfilled(g.len());
+    let mut out = Uninit::new(g.len());
     let (da, db) = out.split_at_mut(batch * na);
     da.par_chunks_mut(na)
         .zip(db.par_chunks_mut(nb))
         .zip(g.par_chunks(n))
         .for_each(|((dai, dbi), gi)| {
-            dai.copy_from_slice(&gi[..na]);
-            dbi.copy_from_slice(&gi[na..]);
+            write_copy(dai, &gi[..na]);
+            write_copy(dbi, &gi[na..]);
         });
-    out
+    // SAFETY: `g` holds `batch` images of `na + nb` values, so the `batch` chunks of `da` and of
+    // `db` cover `out`, and each is written in full by its copy (`write_copy` checks the
+    // lengths).
+    unsafe { out.assume_init() }
 }
 
 /// `cat([a, b], 1)` of two (b, c_a, h, w) and (b, c_b, h, w) tensors, as a custom op.

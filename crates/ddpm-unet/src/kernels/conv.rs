@@ -7,7 +7,12 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::winograd::{self, Shape as WinogradShape};
-use super::{matmul, slice, sum, threads, unfilled, Float};
+use std::mem::MaybeUninit;
+
+use super::{
+    assume_init_mut, assume_init_ref, fill, matmul, matmul_to, slice, sum, threads, write_copy,
+    Float, Uninit,
+};
 
 /// Geometry of one convolution (also that of the CUDA kernels' im2col, [`super::cuda`]).
 #[derive(Debug, Clone, Copy)]
@@ -153,12 +158,13 @@ fn is_flat(g: &Geom) -> bool {
 }
 
 /// One patch row (`ky`, `kx`) of a [`is_flat`] conv: `dst[j] = plane[j + off]` over the valid
-/// output rows `ylo..yhi`, zeros elsewhere and in the columns outside `xlo..xhi`.
+/// output rows `ylo..yhi`, zeros elsewhere and in the columns outside `xlo..xhi`. Writes all
+/// of `dst`.
 #[inline(always)]
 fn flat_row<T: Float>(
     g: &Geom,
     plane: &[T],
-    dst: &mut [T],
+    dst: &mut [MaybeUninit<T>],
     (ky, kx): (usize, usize),
     (ylo, yhi): (usize, usize),
     (xlo, xhi): (usize, usize),
@@ -172,21 +178,22 @@ fn flat_row<T: Float>(
     let end = ((hi as isize)
         .min(plane.len() as isize - off)
         .max(start as isize)) as usize;
-    dst[..start].fill(T::ZERO);
-    dst[end..].fill(T::ZERO);
+    fill(&mut dst[..start], T::ZERO);
+    fill(&mut dst[end..], T::ZERO);
     let src = (start as isize + off) as usize;
-    dst[start..end].copy_from_slice(&plane[src..src + (end - start)]);
+    write_copy(&mut dst[start..end], &plane[src..src + (end - start)]);
     // The padding columns, one column at a time: a strided store per line rather than two
     // one-element `fill`s, each a call to memset (a visible share of a training step).
     for j in (0..xlo).chain(xhi..g.wo) {
         for line in dst[lo..hi].chunks_exact_mut(g.wo) {
-            line[j] = T::ZERO;
+            line[j] = MaybeUninit::new(T::ZERO);
         }
     }
 }
 
+/// See [`im2col`].
 #[inline(always)]
-fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
+fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [MaybeUninit<T>]) {
     let (n, ld) = (g.n(), g.ld());
     for ci in 0..g.c {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
@@ -203,19 +210,19 @@ fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [T]) {
                 for oy in 0..g.ho {
                     let line = &mut dst[oy * g.wo..(oy + 1) * g.wo];
                     if oy < ylo || oy >= yhi {
-                        line.fill(T::ZERO);
+                        fill(line, T::ZERO);
                         continue;
                     }
                     let iy = oy * g.stride + ky - g.pad;
                     let src_row = &plane[iy * g.w..(iy + 1) * g.w];
-                    line[..xlo].fill(T::ZERO);
-                    line[xhi..].fill(T::ZERO);
+                    fill(&mut line[..xlo], T::ZERO);
+                    fill(&mut line[xhi..], T::ZERO);
                     if g.stride == 1 {
                         let ix0 = xlo + kx - g.pad;
-                        line[xlo..xhi].copy_from_slice(&src_row[ix0..ix0 + (xhi - xlo)]);
+                        write_copy(&mut line[xlo..xhi], &src_row[ix0..ix0 + (xhi - xlo)]);
                     } else {
                         for (ox, v) in line.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            *v = src_row[ox * g.stride + kx - g.pad];
+                            v.write(src_row[ox * g.stride + kx - g.pad]);
                         }
                     }
                 }
@@ -257,8 +264,48 @@ fn col2im_add_impl<T: Float>(g: &Geom, cols: &[T], dx: &mut [T]) {
 }
 
 avx2_dispatch! {
-    /// The patches of one image `x` as a (k x n) matrix `cols` with row stride `g.ld()`.
-    fn im2col<T>(g: &Geom, x: &[T], cols: &mut [T]) = im2col_impl
+    /// The patches of one image `x` as a (k x n) matrix `cols` with row stride `g.ld()`: writes
+    /// the `n` columns of each of the `k` rows, nothing else ([`Patches`] holds the matrix).
+    fn im2col<T>(g: &Geom, x: &[T], cols: &mut [MaybeUninit<T>]) = im2col_impl
+}
+
+/// Storage for one image's (k x n) patch matrix, rows `g.ld()` apart, written again for each
+/// image by [`im2col`].
+struct Patches<T> {
+    cols: Uninit<T>,
+    /// `(k, n, ld)` of the geometry it was made for.
+    shape: (usize, usize, usize),
+}
+
+impl<T: Float> Patches<T> {
+    fn new(g: &Geom) -> Self {
+        let (k, n, ld) = (g.k(), g.n(), g.ld());
+        let mut cols = Uninit::new(k * ld);
+        // The padding columns of each row (`n..ld`), which im2col never writes and the GEMMs
+        // never read, zeroed once: then every element holds a value after each `im2col`.
+        if ld > n {
+            for row in cols.chunks_exact_mut(ld) {
+                fill(&mut row[n..], T::ZERO);
+            }
+        }
+        Self {
+            cols,
+            shape: (k, n, ld),
+        }
+    }
+
+    /// The patches of image `x` under `g` (the geometry this was made for).
+    fn of(&mut self, g: &Geom, x: &[T]) -> &[T] {
+        assert_eq!(
+            self.shape,
+            (g.k(), g.n(), g.ld()),
+            "patch matrix of another shape"
+        );
+        im2col(g, x, &mut self.cols);
+        // SAFETY: `im2col` wrote the n columns of each of the k rows (one per channel and
+        // kernel tap), and `new` zeroed the rest of each row.
+        unsafe { assume_init_ref(&self.cols) }
+    }
 }
 
 avx2_dispatch! {
@@ -286,9 +333,7 @@ fn plan(b: usize) -> (usize, Parallelism) {
 /// `conv(x, w) + bias [+ residual]`, the residual shaped like the output.
 fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[T]>) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
-    // Every image's (o x n) block is written by its GEMM (no accumulation), then gets its bias;
-    // or, through Winograd, by its output transform.
-    let mut y = unfilled(g.b * g.out_len());
+    let mut y = Uninit::new(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
     if let Some(s) = g.winograd() {
         let u = winograd::transform_kernel(g.o, g.c, w);
@@ -305,27 +350,23 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[
                 let rs = residual.map(|r| &r[first * g.out_len()..(first + count) * g.out_len()]);
                 winograd::conv(s, count, xs, &u, Some(bias), rs, ys, par);
             });
-        return y;
+        // SAFETY: the chunks, each a whole number of images, cover `y`, and `winograd::conv`
+        // writes all of its images' outputs.
+        return unsafe { y.assume_init() };
     }
     y.par_chunks_mut(chunk * g.out_len())
         .enumerate()
         .for_each(|(ci, ys)| {
-            // im2col writes the n columns of every row; the GEMM reads no others.
-            let mut cols = if g.is_pointwise() {
-                Vec::new()
-            } else {
-                unfilled(k * g.ld())
-            };
+            let mut cols = (!g.is_pointwise()).then(|| Patches::new(g));
             for (j, yb) in ys.chunks_mut(g.out_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
-                let (rhs, ld): (&[T], usize) = if g.is_pointwise() {
-                    (xb, n)
-                } else {
-                    im2col(g, xb, &mut cols);
-                    (&cols, g.ld())
+                let (rhs, ld): (&[T], usize) = match &mut cols {
+                    Some(cols) => (cols.of(g, xb), g.ld()),
+                    None => (xb, n),
                 };
-                matmul(g.o, n, k, yb, false, w, (k, 1), rhs, (ld, 1), par);
+                // The image's (o x n) block, written in full (no accumulation).
+                let yb = matmul_to(g.o, n, k, yb, w, (k, 1), rhs, (ld, 1), par);
                 // One bias per channel, or one per (image, channel).
                 let bias_b = if bias.len() == g.o {
                     bias
@@ -348,7 +389,9 @@ fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[
                 }
             }
         });
-    y
+    // SAFETY: the chunks, each a whole number of images, cover `y`, and each image's block of
+    // `out_len = o * n` values is written by its GEMM.
+    unsafe { y.assume_init() }
 }
 
 /// From this many pixels on, the weight gradient is computed transposed: `dW^T = cols dY^T` was
@@ -395,9 +438,7 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let (chunk, par) = plan(g.b);
     let wlen = g.o * k;
-    // dx: each image's block is written by a GEMM without accumulation, or zeroed before the
-    // scatter of its patch gradients; dW: zeroed below; db: every (image, channel) written.
-    let mut out = unfilled(g.b * g.in_len() + wlen + g.b * g.o);
+    let mut out = Uninit::new(g.b * g.in_len() + wlen + g.b * g.o);
     let (dx, rest) = out.split_at_mut(g.b * g.in_len());
     let t = g.input_gradient_as_conv();
     let w_flipped = t.map(|_| flip_kernel(g, w));
@@ -412,7 +453,7 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         .winograd()
         .filter(|&s| winograd::weight_grad_worthwhile(s));
     let (dwb, db_rows) = rest.split_at_mut(wlen);
-    dwb.fill(T::ZERO);
+    let dwb = fill(dwb, T::ZERO);
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(chunk * g.in_len())
         .zip(db_rows.par_chunks_mut(chunk * g.o))
@@ -428,71 +469,71 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
                 let xs = &x[first * g.in_len()..(first + count) * g.in_len()];
                 winograd::weight_grad(s, count, xs, dys, &mut dw, par);
             }
-            // Scratch written in full before use: patches by im2col, dcols by a GEMM without
-            // accumulation, dW^T by the chunk's first image's GEMM (the others accumulate).
+            // Scratch: patches (im2col), dcols (a GEMM without accumulation), dW^T (the
+            // chunk's first image's GEMM, which the others add to).
             let patches = !g.is_pointwise() && dw_winograd.is_none();
-            let mut cols = unfilled(if patches { k * g.ld() } else { 0 });
+            let mut cols = patches.then(|| Patches::new(g));
             let transposed = n >= DW_TRANSPOSED_MIN_PIXELS && dw_winograd.is_none();
-            let mut dw_t = unfilled(if transposed { k * g.o } else { 0 });
+            let mut dw_t = Uninit::new(if transposed { k * g.o } else { 0 });
             let scatter = !g.is_pointwise() && t.is_none();
-            let mut dcols = unfilled(if scatter { k * n } else { 0 });
+            let mut dcols = Uninit::new(if scatter { k * n } else { 0 });
             let dx_by_im2col = t.filter(|_| t_winograd.is_none());
-            let mut dycols = unfilled(dx_by_im2col.map_or(0, |t| t.k() * t.ld()));
+            let mut dycols = dx_by_im2col.map(|t| Patches::new(&t));
             for (j, dxb) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let bi = ci * chunk + j;
                 let xb = &x[bi * g.in_len()..(bi + 1) * g.in_len()];
                 let dyb = &dy[bi * g.out_len()..(bi + 1) * g.out_len()];
                 if dw_winograd.is_none() {
-                    let (colsb, ld): (&[T], usize) = if patches {
-                        im2col(g, xb, &mut cols);
-                        (&cols, g.ld())
-                    } else {
-                        (xb, n)
+                    let (colsb, ld): (&[T], usize) = match &mut cols {
+                        Some(cols) => (cols.of(g, xb), g.ld()),
+                        None => (xb, n),
                     };
                     if transposed {
                         // dW^T (k x o) [+]= cols (k x n) * dY^T (n x o), summed over the
                         // chunk's images and transposed into dW once, after them.
                         let (a, b) = ((ld, 1), (1, n));
-                        matmul(k, g.o, n, &mut dw_t, j > 0, colsb, a, dyb, b, par);
+                        if j == 0 {
+                            matmul_to(k, g.o, n, &mut dw_t, colsb, a, dyb, b, par);
+                        } else {
+                            // SAFETY: image 0's GEMM above wrote all k * o values.
+                            let dw_t = unsafe { assume_init_mut(&mut dw_t) };
+                            matmul(k, g.o, n, dw_t, true, colsb, a, dyb, b, par);
+                        }
                     } else {
                         // dW (o x k) += dY (o x n) * cols^T (n x k)
                         matmul(g.o, k, n, &mut dw, true, dyb, (n, 1), colsb, (1, ld), par);
                     }
                 }
                 for (db, row) in dbs[j * g.o..(j + 1) * g.o].iter_mut().zip(dyb.chunks(n)) {
-                    *db = T::of(sum(row, |v| v));
+                    db.write(T::of(sum(row, |v| v)));
                 }
+                // The image's dx, written in full: through Winograd above, or by a GEMM without
+                // accumulation (c x h*w values), or zeroed before the scatter of its patch
+                // gradients.
                 if t_winograd.is_some() {
                     continue;
                 }
-                if let (Some(t), Some(wf)) = (&dx_by_im2col, &w_flipped) {
+                if let (Some(t), Some(wf), Some(dycols)) = (&dx_by_im2col, &w_flipped, &mut dycols)
+                {
                     // dX (c x h*w) = W' (c x o*kh*kw) * im2col(dY)
-                    im2col(t, dyb, &mut dycols);
-                    matmul(
-                        g.c,
-                        t.n(),
-                        t.k(),
-                        dxb,
-                        false,
-                        wf,
-                        (t.k(), 1),
-                        &dycols,
-                        (t.ld(), 1),
-                        par,
-                    );
+                    let dyc = dycols.of(t, dyb);
+                    let (tk, tn, tld) = (t.k(), t.n(), t.ld());
+                    matmul_to(g.c, tn, tk, dxb, wf, (tk, 1), dyc, (tld, 1), par);
                     continue;
                 }
                 // dcols (k x n) = W^T (k x o) * dY (o x n)
                 if g.is_pointwise() {
-                    matmul(k, n, g.o, dxb, false, w, (1, k), dyb, (n, 1), par);
+                    matmul_to(k, n, g.o, dxb, w, (1, k), dyb, (n, 1), par);
                 } else {
-                    matmul(k, n, g.o, &mut dcols, false, w, (1, k), dyb, (n, 1), par);
-                    dxb.fill(T::ZERO);
-                    col2im_add(g, &dcols, dxb);
+                    let dcols = matmul_to(k, n, g.o, &mut dcols, w, (1, k), dyb, (n, 1), par);
+                    col2im_add(g, dcols, fill(dxb, T::ZERO));
                 }
             }
             if transposed {
-                add_transposed(&dw_t, k, g.o, &mut dw);
+                // SAFETY: the chunk holds at least one image (rayon's chunks are never empty),
+                // and the first image's GEMM wrote all of dW^T.
+                let dw_t = unsafe { assume_init_ref(&dw_t) };
+                add_transposed(dw_t, k, g.o, &mut dw);
             }
             dw
         })
@@ -502,7 +543,11 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
             *d += s;
         }
     }
-    out
+    // SAFETY: dx: the chunks, each a whole number of images, cover it, and every image's block
+    // is written above (through Winograd, by a GEMM without accumulation or zeroed before its
+    // scatter); dW: zeroed, then summed into; db: the chunks of `db_rows` pair with those of dx
+    // (`chunk` images each), and each image's `o` values are written.
+    unsafe { out.assume_init() }
 }
 
 /// The convolution `conv2d(x, w) + bias` as a custom op over (x, w, bias).

@@ -5,7 +5,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, sum, sum2, unfilled, Float};
+use std::mem::MaybeUninit;
+
+use super::{assume_init_mut, slice, sum, sum2, write_copy, Float, Uninit};
 
 #[derive(Debug, Clone, Copy)]
 struct Geom {
@@ -136,19 +138,24 @@ struct Post<T> {
 }
 
 /// One (image, group): `ys = post((xs - mean) * rstd * a[c] + d[c])`, `a`, `d` the group's
-/// channels, `start` the index of `xs[0]` in the whole tensor (for the dropout mask).
+/// channels, `start` the index of `xs[0]` in the whole tensor (for the dropout mask). Writes
+/// all of `ys` (as long as `xs`, `a.len()` channels of `hw` values).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn forward_group_impl<T: Float>(
     hw: usize,
     xs: &[T],
-    ys: &mut [T],
+    ys: &mut [MaybeUninit<T>],
     a: &[T],
     d: &[T],
     eps: f64,
     post: Post<T>,
     start: usize,
 ) {
+    assert!(
+        ys.len() == xs.len() && xs.len() == a.len() * hw && d.len() == a.len(),
+        "group_norm: group lengths"
+    );
     let (mean, rstd) = stats(xs, eps);
     for (cl, ((yc, xc), (&ac, &dc))) in ys
         .chunks_mut(hw)
@@ -159,13 +166,16 @@ fn forward_group_impl<T: Float>(
         let scale = ac * rstd;
         if post.silu {
             for (yv, &xv) in yc.iter_mut().zip(xc) {
-                *yv = silu_and_grad((xv - mean) * scale + dc).0;
+                yv.write(silu_and_grad((xv - mean) * scale + dc).0);
             }
         } else {
             for (yv, &xv) in yc.iter_mut().zip(xc) {
-                *yv = (xv - mean) * scale + dc;
+                yv.write((xv - mean) * scale + dc);
             }
         }
+        // SAFETY: `yc` and `xc` are the same channel's `hw` values (the lengths are checked
+        // above), so the loop above wrote every element of `yc`.
+        let yc = unsafe { assume_init_mut(yc) };
         if let Some(m) = post.mask {
             let base = start + cl * hw;
             for (j, yv) in yc.iter_mut().enumerate() {
@@ -175,21 +185,29 @@ fn forward_group_impl<T: Float>(
     }
 }
 
-/// One (image, group) of the backward pass: `dxs` from `xs` and `dys`; returns per channel
-/// `(sum(dh * xhat), sum(dh))`, `dh` the gradient before the activation.
+/// One (image, group) of the backward pass: all of `dxs` from `xs` and `dys` (all three `a.len()`
+/// channels of `hw` values); returns per channel `(sum(dh * xhat), sum(dh))`, `dh` the gradient
+/// before the activation.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_group_impl<T: Float>(
     hw: usize,
     xs: &[T],
     dys: &[T],
-    dxs: &mut [T],
+    dxs: &mut [MaybeUninit<T>],
     a: &[T],
     d: &[T],
     eps: f64,
     post: Post<T>,
     start: usize,
 ) -> Vec<(f64, f64)> {
+    assert!(
+        dxs.len() == xs.len()
+            && dys.len() == xs.len()
+            && xs.len() == a.len() * hw
+            && d.len() == a.len(),
+        "group_norm backward: group lengths"
+    );
     let (mean, rstd) = stats(xs, eps);
     let n = xs.len() as f64;
     let mut chan = Vec::with_capacity(a.len());
@@ -201,7 +219,7 @@ fn backward_group_impl<T: Float>(
         .zip(a.iter().zip(d))
         .enumerate()
     {
-        dxc.copy_from_slice(dyc);
+        let dxc = write_copy(dxc, dyc);
         if let Some(m) = post.mask {
             let base = start + cl * hw;
             for (j, dv) in dxc.iter_mut().enumerate() {
@@ -223,6 +241,9 @@ fn backward_group_impl<T: Float>(
     let s2: f64 = chan.iter().zip(a).map(|(c, &ac)| c.0 * ac.f64()).sum();
     let r = rstd.f64();
     let (c0, c2) = (T::of(-s1 * r / n), T::of(-s2 * r / n * r));
+    // SAFETY: pass 1 copied `dys` into each of the `a.len()` channels of `dxs`, which is that
+    // long (checked above).
+    let dxs = unsafe { assume_init_mut(dxs) };
     for ((dxc, xc), &ac) in dxs.chunks_mut(hw).zip(xs.chunks(hw)).zip(a) {
         let c1 = ac * rstd;
         for (dxv, &xv) in dxc.iter_mut().zip(xc) {
@@ -237,7 +258,7 @@ avx2_dispatch! {
     fn forward_group<T>(
         hw: usize,
         xs: &[T],
-        ys: &mut [T],
+        ys: &mut [MaybeUninit<T>],
         a: &[T],
         d: &[T],
         eps: f64,
@@ -252,7 +273,7 @@ avx2_dispatch! {
         hw: usize,
         xs: &[T],
         dys: &[T],
-        dxs: &mut [T],
+        dxs: &mut [MaybeUninit<T>],
         a: &[T],
         d: &[T],
         eps: f64,
@@ -263,8 +284,11 @@ avx2_dispatch! {
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
 fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
-    // Every group's block is written by `forward_group`.
-    let mut y = unfilled(x.len());
+    assert!(
+        x.len().is_multiple_of(g.group_len()),
+        "group_norm: input length"
+    );
+    let mut y = Uninit::new(x.len());
     let (eps, post) = (op.eps, op.post());
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
@@ -275,15 +299,20 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec
             let (a, d) = (&a[ch.clone()], &d[ch]);
             forward_group(g.hw, xs, ys, a, d, eps, post, i * g.group_len())
         });
-    y
+    // SAFETY: `x` is a whole number of groups, so the chunks of `group_len` values cover `y`,
+    // and `forward_group` writes all of its chunk.
+    unsafe { y.assume_init() }
 }
 
 /// `[dx | da | dd]` packed, `da` and `dd` per (image, channel).
 fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupNorm) -> Vec<T> {
     let (eps, post) = (op.eps, op.post());
     let bc = x.len() / g.hw;
-    // dx: every group's block is written by `backward_group`; da, dd: every (image, channel).
-    let mut out = unfilled(x.len() + 2 * bc);
+    assert!(
+        x.len().is_multiple_of(g.group_len()) && dy.len() == x.len(),
+        "group_norm backward: input lengths"
+    );
+    let mut out = Uninit::new(x.len() + 2 * bc);
     let (dx, rest) = out.split_at_mut(x.len());
     let per_group: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(g.group_len())
@@ -302,11 +331,15 @@ fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupN
         let (img, grp) = (i / g.groups, i % g.groups);
         for (cl, &(sdhx, sdh)) in chan.iter().enumerate() {
             let ic = img * g.c + grp * g.cg() + cl;
-            da[ic] = T::of(sdhx);
-            dd[ic] = T::of(sdh);
+            da[ic].write(T::of(sdhx));
+            dd[ic].write(T::of(sdh));
         }
     }
-    out
+    // SAFETY: `x` is a whole number of groups, so the chunks of `group_len` values cover dx and
+    // `backward_group` writes all of each; `per_group` holds the `cg` channels of each of the
+    // `bc / cg` (image, group) pairs, so the loop above wrote each of the `bc` values of da
+    // and dd.
+    unsafe { out.assume_init() }
 }
 
 /// GroupNorm with a per-(image, channel) affine `a`, `d` (b, c) and an optional SiLU, over

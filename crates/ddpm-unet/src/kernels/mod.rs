@@ -82,6 +82,8 @@ pub mod group_norm;
 pub mod resample;
 mod winograd;
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, Layout, Result};
 use gemm::Parallelism;
 
@@ -271,16 +273,98 @@ fn avx2_present() -> bool {
     false
 }
 
-/// A buffer of `n` elements for a kernel to overwrite in full before it reads any of them (a GEMM
-/// output with `accumulate == false`, an im2col patch matrix, an element-wise result).
+/// Storage for `n` values of `T` that a kernel writes in full before it reads them (a GEMM output
+/// without accumulation, an im2col patch matrix, an element-wise result), allocated without
+/// zero-filling it: freed memory is reused by the allocator, so `vec![0; n]` would be a full pass
+/// over every output and scratch buffer (docs/benchmarks.md, "Kernel decisions", gives the
+/// measurement).
 ///
-/// Zero-filled, so it is safe whatever a call site does; every call site still states why each
-/// element is written before it is read, and where one is not (a sum into the buffer) relies on
-/// the zeros. The fill was measured against uninitialised memory (`Vec::set_len`, undefined
-/// behaviour by the standard library's contract) in alternating A/B runs of whole training steps:
-/// docs/benchmarks.md gives the numbers.
-pub(crate) fn unfilled<T: Float>(n: usize) -> Vec<T> {
-    vec![T::from_f64(0.0); n]
+/// It dereferences to `[MaybeUninit<T>]`, so that nothing reads a value before it is written:
+/// call sites write through [`matmul_to`], [`write_copy`], [`fill`], `MaybeUninit::write` (which
+/// compiles to the same stores as an assignment) and rayon's `par_chunks_mut`, and then turn it
+/// into a `Vec<T>` with [`Uninit::assume_init`], stating in a `SAFETY` comment why every element
+/// was written. Where a site sums into a buffer, it writes the zeros itself ([`fill`]).
+///
+/// In this crate's unit tests the storage starts out as NaN, so that an element a kernel fails
+/// to write shows up in the tests' comparisons instead of as whatever the allocator left there.
+pub(crate) struct Uninit<T>(Box<[MaybeUninit<T>]>);
+
+impl<T: Float> Uninit<T> {
+    /// Storage for `n` values, none written.
+    pub(crate) fn new(n: usize) -> Self {
+        #[allow(unused_mut)]
+        let mut b = Box::new_uninit_slice(n);
+        #[cfg(test)]
+        b.fill(MaybeUninit::new(T::of(f64::NAN)));
+        Self(b)
+    }
+
+    /// The values, once every one has been written.
+    ///
+    /// # Safety
+    ///
+    /// Every element has been written (through the slice this dereferences to).
+    pub(crate) unsafe fn assume_init(self) -> Vec<T> {
+        // SAFETY: every element is initialised (the caller's contract); `T` has no invalid bit
+        // patterns once written.
+        unsafe { self.0.assume_init() }.into_vec()
+    }
+}
+
+impl<T> std::ops::Deref for Uninit<T> {
+    type Target = [MaybeUninit<T>];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Uninit<T> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+/// `s` as the values written to it.
+///
+/// # Safety
+///
+/// Every element of `s` has been written.
+#[inline(always)]
+pub(crate) unsafe fn assume_init_ref<T>(s: &[MaybeUninit<T>]) -> &[T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and every element is initialised (the caller's
+    // contract).
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
+}
+
+/// `s` as the values written to it, for reading and writing.
+///
+/// # Safety
+///
+/// Every element of `s` has been written.
+#[inline(always)]
+pub(crate) unsafe fn assume_init_mut<T>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: as in `assume_init_ref`; the borrow is exclusive.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast(), s.len()) }
+}
+
+/// Writes `src` to `dst` (of the same length; one `memcpy`) and returns `dst` as values.
+#[inline(always)]
+pub(crate) fn write_copy<'a, T: Copy>(dst: &'a mut [MaybeUninit<T>], src: &[T]) -> &'a mut [T] {
+    assert_eq!(dst.len(), src.len(), "write_copy: lengths differ");
+    // SAFETY: `dst` holds `src.len()` elements of `T`'s layout and cannot overlap `src` (it is
+    // borrowed exclusively); after the copy every element of `dst` is initialised.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<T>(), src.len());
+        assume_init_mut(dst)
+    }
+}
+
+/// Writes `v` to every element of `dst` and returns it as values.
+#[inline(always)]
+pub(crate) fn fill<T: Copy>(dst: &mut [MaybeUninit<T>], v: T) -> &mut [T] {
+    dst.fill(MaybeUninit::new(v));
+    // SAFETY: every element was just written.
+    unsafe { assume_init_mut(dst) }
 }
 
 /// The contiguous slice of a storage under a layout.
@@ -339,20 +423,98 @@ pub(crate) fn matmul<T: Float>(
     dst: &mut [T],
     accumulate: bool,
     a: &[T],
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: &[T],
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
     par: Parallelism,
 ) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover every element addressed by the given strides and sizes: dst is
-    // m*n row-major, a and b are checked by the callers' shapes.
+    assert!(dst.len() >= m * n, "matmul: output too short");
+    // SAFETY: dst holds the m*n row-major outputs, initialised (it is a `&mut [T]`); a and b
+    // are checked by the callers' shapes.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            accumulate,
+            (a, a_strides),
+            (b, b_strides),
+            par,
+        )
+    }
+}
+
+/// `dst (m x n) = a (m x k) * b (k x n)` into storage not yet written (no accumulation), as
+/// [`matmul`]: writes the first `m * n` elements of `dst` and returns them as values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_to<'d, T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &'d mut [MaybeUninit<T>],
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    par: Parallelism,
+) -> &'d mut [T] {
+    let dst = &mut dst[..m * n];
+    // SAFETY: dst holds the m*n row-major outputs; a and b are checked by the callers' shapes.
+    // Without accumulation (`read_dst == false`) the gemm crate never reads dst: it sets alpha
+    // to zero and stores `beta * a * b` (zeros when k == 0) to each of its m*n elements, after
+    // which they are initialised.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr().cast::<T>(),
+            false,
+            (a, a_strides),
+            (b, b_strides),
+            par,
+        );
+        assume_init_mut(dst)
+    }
+}
+
+/// `a (m x k) * b (k x n)` as a new row-major vector ([`matmul_to`] into fresh storage).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_new<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    par: Parallelism,
+) -> Vec<T> {
+    let mut dst = Uninit::new(m * n);
+    matmul_to(m, n, k, &mut dst, a, a_strides, b, b_strides, par);
+    // SAFETY: `matmul_to` wrote all m * n elements.
+    unsafe { dst.assume_init() }
+}
+
+/// The `gemm` crate's product into `dst`, row-major (m x n), reading it first when `accumulate`.
+///
+/// # Safety
+///
+/// `dst` is valid for writing m*n elements (and initialised when `accumulate`); `a` and `b` hold
+/// every element their strides address.
+#[inline(always)]
+unsafe fn gemm_raw<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    accumulate: bool,
+    (a, (a_rs, a_cs)): (&[T], (usize, usize)),
+    (b, (b_rs, b_cs)): (&[T], (usize, usize)),
+    par: Parallelism,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -420,6 +582,14 @@ mod tests {
                 let init: Vec<f64> = (0..m * n).map(|i| (i % 5) as f64).collect();
                 let mut got = init.clone();
                 matmul(m, n, k, &mut got, acc, &a, a_s, &b, b_s, Parallelism::None);
+                if !acc {
+                    // Into storage not yet written (NaN in tests): the same values, all written.
+                    let fresh = matmul_new(m, n, k, &a, a_s, &b, b_s, Parallelism::None);
+                    assert_eq!(fresh, got, "{m}x{n}x{k} matmul_new");
+                    let mut dst = Uninit::new(m * n + 3);
+                    let to = matmul_to(m, n, k, &mut dst, &a, a_s, &b, b_s, Parallelism::None);
+                    assert_eq!(&*to, &got[..], "{m}x{n}x{k} matmul_to");
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let mut want = if acc { init[i * n + j] } else { 0.0 };

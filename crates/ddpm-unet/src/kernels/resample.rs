@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, unfilled, Float};
+use super::{assume_init_ref, slice, write_copy, Float, Uninit};
 
 /// Plane height and width of the input from its dims.
 fn plane(dims: &[usize], what: &str) -> Result<(usize, usize, usize)> {
@@ -17,26 +17,35 @@ fn plane(dims: &[usize], what: &str) -> Result<(usize, usize, usize)> {
 }
 
 fn forward<T: Float>(x: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
-    // Every output row is written (the top one pair by pair, the bottom one as its copy).
-    let mut y = unfilled(planes * 4 * h * w);
+    assert_eq!(x.len(), planes * h * w, "upsample: input length");
+    let mut y = Uninit::new(planes * 4 * h * w);
     y.par_chunks_mut(4 * h * w)
         .zip(x.par_chunks(h * w))
         .for_each(|(yp, xp)| {
             for (i, src) in xp.chunks(w).enumerate() {
                 let (top, bottom) = yp[2 * i * 2 * w..(2 * i + 2) * 2 * w].split_at_mut(2 * w);
                 for (pair, &v) in top.chunks_exact_mut(2).zip(src) {
-                    pair[0] = v;
-                    pair[1] = v;
+                    pair[0].write(v);
+                    pair[1].write(v);
                 }
-                bottom.copy_from_slice(top);
+                // SAFETY: the loop above wrote both elements of each of the `w` pairs of `top`
+                // (`src` is a row of `w` values: `x` holds `planes * h` of them, checked above).
+                let top = unsafe { assume_init_ref(top) };
+                write_copy(bottom, top);
             }
         });
-    y
+    // SAFETY: `x` holds `planes` planes of h rows of w values, and each plane's 2h output rows
+    // are written above: the top of each pair pair by pair, the bottom as its copy.
+    unsafe { y.assume_init() }
 }
 
 fn backward<T: Float>(dy: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
-    // Every element is written once.
-    let mut dx = unfilled(planes * h * w);
+    assert_eq!(
+        dy.len(),
+        planes * 4 * h * w,
+        "upsample backward: gradient length"
+    );
+    let mut dx = Uninit::new(planes * h * w);
     dx.par_chunks_mut(h * w)
         .zip(dy.par_chunks(4 * h * w))
         .for_each(|(dxp, dyp)| {
@@ -48,11 +57,13 @@ fn backward<T: Float>(dy: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
                     .zip(top.chunks_exact(2))
                     .zip(bottom.chunks_exact(2))
                 {
-                    *d = (t[0] + t[1]) + (b[0] + b[1]);
+                    d.write((t[0] + t[1]) + (b[0] + b[1]));
                 }
             }
         });
-    dx
+    // SAFETY: `dy` holds `planes` planes of 2h rows of 2w values, so each of the planes' h rows
+    // of `w` values is written element by element (from `w` pairs of the rows below it).
+    unsafe { dx.assume_init() }
 }
 
 /// Nearest 2x upsampling of (b, c, h, w) into (b, c, 2h, 2w), as a custom op.

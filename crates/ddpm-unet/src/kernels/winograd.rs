@@ -14,7 +14,9 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{as_f32, matmul, unfilled, Float};
+use std::mem::MaybeUninit;
+
+use super::{as_f32, assume_init_mut, assume_init_ref, fill, matmul, matmul_to, Float, Uninit};
 
 mod dots;
 
@@ -111,26 +113,28 @@ fn xi_stride(len: usize) -> usize {
 /// this was a large share of a `cifar10` sampling step at batch 4: U is 16/9 of the weights,
 /// 250 MB per forward pass of that model; docs/benchmarks.md, "Kernel decisions".)
 pub(super) fn transform_kernel<T: Float>(o: usize, c: usize, w: &[T]) -> Vec<T> {
-    // Every value is written by `kernel_rows`.
-    let mut u = unfilled(16 * o * c);
+    assert_eq!(w.len(), 9 * o * c, "winograd: kernel length");
+    let mut u = Uninit::new(16 * o * c);
     if c > 0 {
         u.par_chunks_mut(16 * c)
             .zip(w.par_chunks(9 * c))
             .for_each(|(uo, wo)| kernel_rows(wo, uo, c));
     }
-    u
+    // SAFETY: `w` holds the (c, 3, 3) weights of o channels, so the chunks of 16 c values
+    // (none when c == 0) cover `u`, and `kernel_rows` writes all of each.
+    unsafe { u.assume_init() }
 }
 
 /// [`transform_kernel`] for one output channel: `w` its (c, 3, 3) weights, `u` its 16 rows of
-/// `c` values.
+/// `c` values, all written.
 #[inline(always)]
-fn kernel_rows_impl<T: Float>(w: &[T], u: &mut [T], c: usize) {
+fn kernel_rows_impl<T: Float>(w: &[T], u: &mut [MaybeUninit<T>], c: usize) {
     over_blocks!(c, kernel_block(w, u, c));
 }
 
 /// [`kernel_rows_impl`] for input channels `k..k + L`.
 #[inline(always)]
-fn kernel_block<T: Float, const L: usize>(w: &[T], u: &mut [T], c: usize, k: usize) {
+fn kernel_block<T: Float, const L: usize>(w: &[T], u: &mut [MaybeUninit<T>], c: usize, k: usize) {
     let w = &w[k * 9..(k + L) * 9];
     let g: [[T; L]; 9] = std::array::from_fn(|i| std::array::from_fn(|l| w[l * 9 + i]));
     let h = T::of(0.5);
@@ -156,19 +160,19 @@ fn kernel_block<T: Float, const L: usize>(w: &[T], u: &mut [T], c: usize, k: usi
             r[3][l] = d;
         }
         for (j, v) in r.into_iter().enumerate() {
-            store(u, (i * 4 + j) * c + k, v);
+            put(u, (i * 4 + j) * c + k, v);
         }
     }
 }
 
 avx2_dispatch! {
     /// See [`kernel_rows_impl`].
-    fn kernel_rows<T>(w: &[T], u: &mut [T], c: usize) = kernel_rows_impl
+    fn kernel_rows<T>(w: &[T], u: &mut [MaybeUninit<T>], c: usize) = kernel_rows_impl
 }
 
 /// `y = conv3x3(x, w) + bias [+ residual]` for `n` images `x` (n, c, h, w) into `y`
-/// (n, o, h, w), with `u` from [`transform_kernel`]. `bias` has `o` values, or `n * o` (one per
-/// image and channel); `residual` is shaped like `y`.
+/// (n, o, h, w), all of which is written, with `u` from [`transform_kernel`]. `bias` has `o`
+/// values, or `n * o` (one per image and channel); `residual` is shaped like `y`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv<T: Float>(
     s: Shape,
@@ -177,21 +181,23 @@ pub(super) fn conv<T: Float>(
     u: &[T],
     bias: Option<&[T]>,
     residual: Option<&[T]>,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     par: Parallelism,
 ) {
+    assert_eq!(y.len(), n * s.out_len(), "winograd: output length");
     let (th, tw) = s.tiles();
     let per_image = th * tw;
     let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
-    // Written in full before being read: V by the input transform (every tile of every
-    // channel), M by the GEMMs (no accumulation).
+    // V, written by the input transform, and M, by the GEMMs (no accumulation): each a group's
+    // (c or o) x p values per matrix ξ, `vl` or `ml` apart. The transforms' scratch `d` is
+    // small (a few rows of one image) and zeroed.
     let (vl, ml) = (
         xi_stride(s.c * group * per_image),
         xi_stride(s.o * group * per_image),
     );
-    let mut v = unfilled(16 * vl);
-    let mut m = unfilled(16 * ml);
-    let mut d = unfilled(scratch_len(s));
+    let mut v = Uninit::new(16 * vl);
+    let mut m = Uninit::new(16 * ml);
+    let mut d = vec![T::ZERO; scratch_len(s)];
     for first in (0..n).step_by(group) {
         let count = group.min(n - first);
         let p = count * per_image;
@@ -199,20 +205,16 @@ pub(super) fn conv<T: Float>(
             let xb = &x[(first + img) * s.in_len()..(first + img + 1) * s.in_len()];
             input_transform(s, xb, &mut v, (vl, p), img * per_image, &mut d);
         }
-        for xi in 0..16 {
-            matmul(
-                s.o,
-                p,
-                s.c,
-                &mut m[xi * ml..xi * ml + s.o * p],
-                false,
-                &u[xi * s.c..],
-                (16 * s.c, 1),
-                &v[xi * vl..xi * vl + s.c * p],
-                (p, 1),
-                par,
-            );
-        }
+        let mut mats = m.chunks_mut(ml);
+        let mats: [&[T]; 16] = std::array::from_fn(|xi| {
+            let mat = mats.next().expect("16 matrices");
+            // SAFETY: the input transforms above wrote, for each of the group's `count` images,
+            // its `per_image` columns of each of the c rows (`p` apart) of matrix ξ: all of its
+            // c * p values.
+            let vs = unsafe { assume_init_ref(&v[xi * vl..xi * vl + s.c * p]) };
+            let us = &u[xi * s.c..];
+            &*matmul_to(s.o, p, s.c, mat, us, (16 * s.c, 1), vs, (p, 1), par)
+        });
         for img in 0..count {
             let bi = first + img;
             let yb = &mut y[bi * s.out_len()..(bi + 1) * s.out_len()];
@@ -224,7 +226,7 @@ pub(super) fn conv<T: Float>(
                 }
             });
             let rb = residual.map(|r| &r[bi * s.out_len()..(bi + 1) * s.out_len()]);
-            output_transform(s, (&m, ml, p, img * per_image), (bias_b, rb), yb, &mut d);
+            output_transform(s, (&mats, p, img * per_image), (bias_b, rb), yb, &mut d);
         }
     }
 }
@@ -248,6 +250,9 @@ pub(super) fn weight_grad<T: Float>(
     // In f32 on an AVX2 CPU, dU by lane-wise dot products ([`dots`]), the tiles padded to a
     // multiple of 16 (the AVX-512 build's vectors) with zeros; otherwise by GEMMs.
     let lanes = as_f32(x).is_some() && super::avx2();
+    if n == 0 {
+        return;
+    }
     // Images in groups of about TILES_PER_GROUP tiles side by side, as in `conv`: long rows for
     // the dot products (and GEMMs) on small images.
     let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
@@ -257,18 +262,22 @@ pub(super) fn weight_grad<T: Float>(
         group * per_image
     };
     // V and Y' are written by their transforms where a group's images are; the rest (padding
-    // columns, a short last group's columns) stays zero. dU is written by the first group's
-    // GEMMs (the others accumulate), or summed from zero into `du_lanes`.
+    // columns, a short last group's columns) stays zero: both are zero-filled. (V is storage
+    // the input transform writes, shared with `conv`, so it is zeroed through `fill`.) dU is
+    // written by the first group's GEMMs (the others accumulate), or from `du_lanes`, summed
+    // from zero. The transforms' scratch `d` is small and zeroed.
     let (v_step, y_step) = (xi_stride(c * ld), xi_stride(o * ld));
-    let (mut v, mut yt) = (vec![T::ZERO; 16 * v_step], vec![T::ZERO; 16 * y_step]);
-    let mut du = unfilled(16 * o * c);
+    let mut v = Uninit::new(16 * v_step);
+    fill(&mut v, T::ZERO);
+    let mut yt = vec![T::ZERO; 16 * y_step];
+    let mut du = Uninit::new(16 * o * c);
     let mut du_lanes = vec![0f32; if lanes { 16 * o * c * 8 } else { 0 }];
-    let mut d = unfilled(scratch_len(s));
+    let mut d = vec![T::ZERO; scratch_len(s)];
     for first in (0..n).step_by(group) {
         let count = group.min(n - first);
         if count < group {
             // The last, short group: the columns of the missing images must not count.
-            v.fill(T::ZERO);
+            fill(&mut v, T::ZERO);
             yt.fill(T::ZERO);
         }
         for img in 0..count {
@@ -280,38 +289,34 @@ pub(super) fn weight_grad<T: Float>(
             grad_transform(s, dyb, &mut yt, (y_step, ld), p0, &mut d);
         }
         for xi in 0..16 {
-            let (ys, vs) = (
-                &yt[xi * y_step..xi * y_step + o * ld],
-                &v[xi * v_step..xi * v_step + c * ld],
-            );
+            // SAFETY: `v` was zero-filled when made and has been written only with values since.
+            let vs = unsafe { assume_init_ref(&v[xi * v_step..xi * v_step + c * ld]) };
+            let ys = &yt[xi * y_step..xi * y_step + o * ld];
             if let (true, Some(ys), Some(vs)) = (lanes, as_f32(ys), as_f32(vs)) {
                 let acc = &mut du_lanes[xi * o * c * 8..(xi + 1) * o * c * 8];
                 dots::accumulate((o, c, ld), ys, ld, vs, ld, acc);
                 continue;
             }
             // dU_ξ (o x c) [+]= Y'_ξ (o x tiles) V_ξ^T (tiles x c)
-            matmul(
-                o,
-                c,
-                ld,
-                &mut du[xi * o * c..(xi + 1) * o * c],
-                first > 0,
-                ys,
-                (ld, 1),
-                vs,
-                (1, ld),
-                par,
-            );
+            let du_xi = &mut du[xi * o * c..(xi + 1) * o * c];
+            if first == 0 {
+                matmul_to(o, c, ld, du_xi, ys, (ld, 1), vs, (1, ld), par);
+            } else {
+                // SAFETY: the first group's GEMM for this ξ wrote all o * c values.
+                let du_xi = unsafe { assume_init_mut(du_xi) };
+                matmul(o, c, ld, du_xi, true, ys, (ld, 1), vs, (1, ld), par);
+            }
         }
     }
     if lanes {
         for (u, l) in du.iter_mut().zip(du_lanes.chunks_exact(8)) {
-            *u = T::of(l.iter().map(|&v| v as f64).sum());
+            u.write(T::of(l.iter().map(|&v| v as f64).sum()));
         }
     }
-    if n == 0 {
-        return;
-    }
+    // SAFETY: with `lanes`, the loop above wrote every value from its 8 lanes in `du_lanes`
+    // (`as_f32` is `Some` for f32, so no GEMM ran); otherwise the first group (there is one:
+    // n > 0) wrote each of the 16 blocks of o * c values by its GEMM.
+    let du = unsafe { du.assume_init() };
     // dW += G^T dU G, per channel pair, in f64.
     for oc in 0..o {
         for ci in 0..c {
@@ -346,6 +351,12 @@ fn load<T: Float, const L: usize>(s: &[T], k: usize) -> [T; L] {
 #[inline(always)]
 fn store<T: Float, const L: usize>(d: &mut [T], k: usize, v: [T; L]) {
     d[k..k + L].copy_from_slice(&v);
+}
+
+/// Writes `v` to `d[k..k + L]`, storage not yet written ([`store`]'s stores).
+#[inline(always)]
+fn put<T: Float, const L: usize>(d: &mut [MaybeUninit<T>], k: usize, v: [T; L]) {
+    super::write_copy(&mut d[k..k + L], &v);
 }
 
 /// `a + b`, lane-wise (one or two vector instructions once inlined).
@@ -417,7 +428,7 @@ fn deinterleave_block<T: Float, const L: usize>(
 #[allow(clippy::needless_range_loop)] // j indexes the columns of d and of t
 fn input_block<T: Float, const L: usize>(
     (rows, rs, tw): (&[T], usize, usize),
-    v: &mut [&mut [T]; 16],
+    v: &mut [&mut [MaybeUninit<T>]; 16],
     at: usize,
     k: usize,
 ) {
@@ -435,10 +446,10 @@ fn input_block<T: Float, const L: usize>(
     // Times B on the columns, the same combinations.
     let k = at + k;
     for (i, [t0, t1, t2, t3]) in t.into_iter().enumerate() {
-        store(v[i * 4], k, sub(t0, t2));
-        store(v[i * 4 + 1], k, add(t1, t2));
-        store(v[i * 4 + 2], k, sub(t2, t1));
-        store(v[i * 4 + 3], k, sub(t1, t3));
+        put(v[i * 4], k, sub(t0, t2));
+        put(v[i * 4 + 1], k, add(t1, t2));
+        put(v[i * 4 + 2], k, sub(t2, t1));
+        put(v[i * 4 + 3], k, sub(t1, t3));
     }
 }
 
@@ -535,7 +546,8 @@ fn grad_transform_impl<T: Float>(
 
 /// `V_ξ[ci][p0 + tile]` for one image `x` (c, h, w): `B^T d B` of every 4x4 input tile,
 /// `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`. In `v`, matrix ξ starts at `ξ * xi_stride`
-/// and its rows are `ld` apart. `d` is scratch of [`scratch_len`] values.
+/// and its rows are `ld` apart; the image's `th * tw` columns from `p0` of each of its c rows
+/// are written, nothing else. `d` is scratch of [`scratch_len`] values.
 ///
 /// Each input row is first split once into its even and odd columns ([`deinterleave`], one
 /// vectorized pass), padded with a zero on the side where the tiles reach outside the image;
@@ -547,7 +559,7 @@ fn grad_transform_impl<T: Float>(
 fn input_transform_impl<T: Float>(
     s: Shape,
     x: &[T],
-    v: &mut [T],
+    v: &mut [MaybeUninit<T>],
     (xi_stride, ld): (usize, usize),
     p0: usize,
     d: &mut [T],
@@ -580,17 +592,18 @@ fn input_transform_impl<T: Float>(
     }
 }
 
-/// One image's output from `M_ξ[oc][p0 + tile]` (16 matrices `ld` values apart, rows of `p`
-/// columns): `A^T M A` per tile, plus bias and residual, into `y` (o, h, w). `d` is scratch of
+/// One image's output from `M_ξ[oc][p0 + tile]` (the 16 matrices, rows of `p` columns):
+/// `A^T M A` per tile, plus bias and residual, into all of `y` (o, h, w). `d` is scratch of
 /// [`scratch_len`] values.
 #[inline(always)]
 fn output_transform_impl<T: Float>(
     s: Shape,
-    (m, ld, p, p0): (&[T], usize, usize, usize),
+    (m, p, p0): (&[&[T]; 16], usize, usize),
     (bias, residual): (Option<&[T]>, Option<&[T]>),
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     d: &mut [T],
 ) {
+    assert_eq!(y.len(), s.out_len(), "winograd: image output length");
     let (th, tw) = s.tiles();
     let tiles = th * tw;
     let mut it = d.chunks_mut(tiles);
@@ -598,7 +611,7 @@ fn output_transform_impl<T: Float>(
     for oc in 0..s.o {
         let bv = bias.map_or(T::ZERO, |b| b[oc]);
         let base = oc * p + p0;
-        let src: [&[T]; 16] = std::array::from_fn(|xi| &m[xi * ld + base..xi * ld + base + tiles]);
+        let src: [&[T]; 16] = std::array::from_fn(|xi| &m[xi][base..base + tiles]);
         over_blocks!(tiles, output_block(&src, bv, &mut q));
         // Interleave the tiles' columns into the image's rows.
         let plane = oc * s.h * s.w;
@@ -614,12 +627,16 @@ fn output_transform_impl<T: Float>(
                 let out = &mut y[at..at + s.w];
                 let pairs = s.w / 2;
                 for (pair, (&l, &r)) in out.chunks_exact_mut(2).zip(left.iter().zip(right)) {
-                    pair[0] = l;
-                    pair[1] = r;
+                    pair[0].write(l);
+                    pair[1].write(r);
                 }
                 if s.w % 2 == 1 {
-                    out[2 * pairs] = left[pairs];
+                    out[2 * pairs].write(left[pairs]);
                 }
+                // SAFETY: `left` and `right` hold `tw = ceil(w / 2)` values, so the loop above
+                // wrote both elements of each of the w / 2 pairs, and the line after it the
+                // last element of an odd row.
+                let out = unsafe { assume_init_mut(out) };
                 if let Some(res) = residual {
                     for (o, &rv) in out.iter_mut().zip(&res[at..at + s.w]) {
                         *o += rv;
@@ -635,7 +652,7 @@ avx2_dispatch! {
     fn input_transform<T>(
         s: Shape,
         x: &[T],
-        v: &mut [T],
+        v: &mut [MaybeUninit<T>],
         strides: (usize, usize),
         p0: usize,
         d: &mut [T],
@@ -658,9 +675,9 @@ avx2_dispatch! {
     /// See [`output_transform_impl`].
     fn output_transform<T>(
         s: Shape,
-        m: (&[T], usize, usize, usize),
+        m: (&[&[T]; 16], usize, usize),
         extra: (Option<&[T]>, Option<&[T]>),
-        y: &mut [T],
+        y: &mut [MaybeUninit<T>],
         d: &mut [T],
     ) = output_transform_impl
 }
@@ -772,8 +789,11 @@ mod tests {
             let bias = values(o, 3);
             let want = direct(s, n, &x, &wt, &bias);
             let u = transform_kernel(o, c, &wt);
-            let mut y = vec![f32::NAN; n * s.out_len()];
+            let mut y = Uninit::new(n * s.out_len());
             conv(s, n, &x, &u, Some(&bias), None, &mut y, Parallelism::None);
+            // SAFETY: `conv` writes all of `y` (in tests `Uninit` starts as NaN, so a value it
+            // missed fails the comparison below).
+            let y = unsafe { y.assume_init() };
             for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
                 assert!(
                     (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
@@ -783,6 +803,7 @@ mod tests {
             // Per-image biases and a residual.
             let bias_n = values(n * o, 4);
             let residual = values(n * s.out_len(), 5);
+            let mut y = Uninit::new(n * s.out_len());
             conv(
                 s,
                 n,
@@ -793,6 +814,8 @@ mod tests {
                 &mut y,
                 Parallelism::None,
             );
+            // SAFETY: as above.
+            let y = unsafe { y.assume_init() };
             for b in 0..n {
                 let want_b = direct(
                     s,
