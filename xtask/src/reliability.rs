@@ -3,7 +3,9 @@
 //!
 //! The attacks are Rust tests (docs/reliability.md lists them and the promise each checks): the
 //! crash loop, full disk, read-only and missing directories, the run lock, concurrent samplers and
-//! the interrupted fetch in `crates/ddpm-cli/tests/reliability.rs`, and the replay of every
+//! the interrupted fetch in `crates/ddpm-cli/tests/reliability.rs`, the checkpoint-integrity
+//! attacks of `tests/integrity.rs` and the bad-input attacks of `tests/attacks.rs` (one row per
+//! test, through `common::AttackRow`), and the replay of every
 //! corrupt input kept from fuzzing in `crates/*/tests/fuzz_regressions.rs`. This command runs
 //! them (release build, one at a time), collects the line each writes to a report file and prints
 //! `attack, runs, failures, data lost`. It fails when an attack fails, loses data, or does not
@@ -46,7 +48,7 @@ struct Suite {
     attacks: &'static [&'static str],
 }
 
-const SUITES: [Suite; 3] = [
+const SUITES: [Suite; 5] = [
     Suite {
         package: "ddpm-data",
         test: "fuzz_regressions",
@@ -67,6 +69,34 @@ const SUITES: [Suite; 3] = [
             "two runs in one directory (lock)",
             "two `ddpm sample` on one checkpoint",
             "fetch-data killed and rerun",
+        ],
+    },
+    Suite {
+        package: "ddpm-cli",
+        test: "integrity",
+        attacks: &[
+            "NaN/inf step: no update, only finite checkpoints",
+            "flipped bytes in a checkpoint",
+            "replaced/edited/missing checkpoint files",
+            "NaN stop message and its advice (--lr 1e30)",
+            "identical states, byte-identical checkpoints",
+        ],
+    },
+    Suite {
+        package: "ddpm-cli",
+        test: "attacks",
+        attacks: &[
+            "batch 1 on cifar-small/cifar10",
+            "--image-size 4096 (memory estimate)",
+            "workers = 100000",
+            "--timesteps 2 and the sampler steps",
+            "--frames 20000 --steps 2",
+            "relative folder, resume elsewhere",
+            "--lr -1, weight_decay, eps",
+            "partial TOML sections, TOML errors",
+            "decode error advice (skip_corrupt)",
+            "sample --out x.jpg, --batch-size 0",
+            "SIGUSR1 / SIGHUP",
         ],
     },
 ];

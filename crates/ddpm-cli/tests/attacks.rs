@@ -19,6 +19,7 @@ fn train(dir: &Path, run_dir: &str, flags: &[&str]) -> std::process::Output {
 /// `grad_accum`.
 #[test]
 fn cifar_presets_train_at_batch_one() {
+    let _row = common::AttackRow("batch 1 on cifar-small/cifar10");
     let dir = tempfile::tempdir().unwrap();
     let o = train(
         dir.path(),
@@ -61,6 +62,7 @@ fn cifar_presets_train_at_batch_one() {
 /// run is refused at once with the memory it needs, what is available and the flag to lower.
 #[test]
 fn a_run_that_cannot_fit_in_memory_is_refused_before_decoding() {
+    let _row = common::AttackRow("--image-size 4096 (memory estimate)");
     let dir = tempfile::tempdir().unwrap();
     let o = train(dir.path(), "runs/huge", &["--image-size", "4096"]);
     assert_one_clean_error(&o, "--image-size");
@@ -80,6 +82,7 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_decoding() {
 /// It is refused with the allowed range, and so is an absurd `[data] threads`.
 #[test]
 fn absurd_thread_counts_are_refused() {
+    let _row = common::AttackRow("workers = 100000");
     let dir = tempfile::tempdir().unwrap();
     for (toml, needle) in [
         ("workers = 100000\n", "`workers` = 100000 is outside 0..=64"),
@@ -132,6 +135,7 @@ fn sample_t2(dir: &Path, flags: &[&str]) -> std::process::Output {
 /// sample`'s default DDIM steps fit T and a larger `--steps` is named.
 #[test]
 fn sampler_steps_fit_a_short_schedule_or_are_named() {
+    let _row = common::AttackRow("--timesteps 2 and the sampler steps");
     let dir = tempfile::tempdir().unwrap();
     let o = two_step_run(dir.path());
     assert_ok(&o);
@@ -163,6 +167,7 @@ fn sampler_steps_fit_a_short_schedule_or_are_named() {
 /// states). The frames are capped at the sampler's steps + 1, with a note.
 #[test]
 fn gif_frames_are_capped_at_the_sampler_states() {
+    let _row = common::AttackRow("--frames 20000 --steps 2");
     use image::AnimationDecoder;
     let dir = tempfile::tempdir().unwrap();
     assert_ok(&two_step_run(dir.path()));
@@ -187,6 +192,7 @@ fn gif_frames_are_capped_at_the_sampler_states() {
 /// point the run at its image folder's new path.
 #[test]
 fn a_run_on_a_relative_folder_resumes_and_evaluates_from_another_directory() {
+    let _row = common::AttackRow("relative folder, resume elsewhere");
     let dir = tempfile::tempdir().unwrap();
     let class = dir.path().join("imgs/daisy");
     std::fs::create_dir_all(&class).unwrap();
@@ -264,6 +270,7 @@ fn a_run_on_a_relative_folder_resumes_and_evaluates_from_another_directory() {
 /// reaches the optimizer's check, which also refuses a negative `weight_decay` and a zero `eps`.
 #[test]
 fn negative_numbers_are_values_and_optimizer_settings_are_checked() {
+    let _row = common::AttackRow("--lr -1, weight_decay, eps");
     let dir = tempfile::tempdir().unwrap();
     let o = train(dir.path(), "runs/lr", &["--lr", "-1"]);
     assert_one_clean_error(&o, "`[optimizer] lr` = -1 must be finite and > 0");
@@ -290,6 +297,7 @@ fn negative_numbers_are_values_and_optimizer_settings_are_checked() {
 /// one line naming the file, the line, the key and its table.
 #[test]
 fn partial_sections_work_and_toml_errors_are_one_line() {
+    let _row = common::AttackRow("partial TOML sections, TOML errors");
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("partial.toml");
     std::fs::write(
@@ -322,6 +330,7 @@ fn partial_sections_work_and_toml_errors_are_one_line() {
 /// It now says where the key goes.
 #[test]
 fn a_decode_error_says_where_skip_corrupt_goes() {
+    let _row = common::AttackRow("decode error advice (skip_corrupt)");
     let dir = tempfile::tempdir().unwrap();
     let class = dir.path().join("imgs/a");
     std::fs::create_dir_all(&class).unwrap();
@@ -351,6 +360,7 @@ fn a_decode_error_says_where_skip_corrupt_goes() {
 /// refused.
 #[test]
 fn sample_writes_the_format_its_name_says_and_refuses_a_zero_batch() {
+    let _row = common::AttackRow("sample --out x.jpg, --batch-size 0");
     let dir = tempfile::tempdir().unwrap();
     assert_ok(&two_step_run(dir.path()));
     assert_ok(&sample_t2(dir.path(), &["--out", "grid.jpg"]));
@@ -376,6 +386,7 @@ fn sample_writes_the_format_its_name_says_and_refuses_a_zero_batch() {
 #[cfg(unix)]
 #[test]
 fn a_run_killed_by_sigusr1_resumes_and_sighup_stops_cleanly() {
+    let _row = common::AttackRow("SIGUSR1 / SIGHUP");
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("long.toml");

@@ -178,6 +178,7 @@ fn poison_ema(json: &Path, legacy: bool) {
 /// (legacy or consistent) is refused by `sample` and `eval` with exit 1 and one error line.
 #[test]
 fn item1_a_diverging_run_keeps_only_finite_checkpoints_and_nan_weights_are_refused() {
+    let _row = common::AttackRow("NaN/inf step: no update, only finite checkpoints");
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     std::fs::write(p.join("it.toml"), "warmup_steps = 0\n").expect("config");
@@ -281,6 +282,7 @@ fn item1_a_diverging_run_keeps_only_finite_checkpoints_and_nan_weights_are_refus
 /// files kept in checkpoints/set-aside/), exactly as an uninterrupted run.
 #[test]
 fn item2_flipped_bytes_are_detected_and_the_intact_checkpoint_resumes_exactly() {
+    let _row = common::AttackRow("flipped bytes in a checkpoint");
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     let cfg = tiny(p, 6, 2, 3);
@@ -348,6 +350,7 @@ fn item2_flipped_bytes_are_detected_and_the_intact_checkpoint_resumes_exactly() 
 /// refused by name for another.
 #[test]
 fn item3_replaced_edited_or_missing_files_and_config_edits_are_never_silent() {
+    let _row = common::AttackRow("replaced/edited/missing checkpoint files");
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     let cfg = tiny(p, 4, 2, 3);
@@ -419,6 +422,7 @@ fn item3_replaced_edited_or_missing_files_and_config_edits_are_never_silent() {
 /// lower --lr — runs; --grad-clip and --warmup-steps are accepted on resume too, and recorded.
 #[test]
 fn item4_the_nan_stop_says_only_what_is_true_and_its_advice_can_be_followed() {
+    let _row = common::AttackRow("NaN stop message and its advice (--lr 1e30)");
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     std::fs::write(p.join("it.toml"), "warmup_steps = 0\n").expect("config");
@@ -501,6 +505,7 @@ fn item4_the_nan_stop_says_only_what_is_true_and_its_advice_can_be_followed() {
 /// metadata keys are sorted, the run id follows the config).
 #[test]
 fn identical_states_give_byte_identical_checkpoint_files() {
+    let _row = common::AttackRow("identical states, byte-identical checkpoints");
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
     let cfg = tiny(p, 2, 2, 3);

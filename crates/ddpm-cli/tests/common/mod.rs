@@ -221,3 +221,31 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Reports one attack of `cargo xtask reliability` when dropped at the end of its test: a row
+/// with one run and no failure, or, when the test is panicking, one failure (the test's own
+/// assertions say which). Outside `cargo xtask reliability` (no `DDPM_RELIABILITY_REPORT`) it
+/// does nothing. Data lost is counted by the assertions: a test that passed lost none.
+pub struct AttackRow(pub &'static str);
+
+impl Drop for AttackRow {
+    fn drop(&mut self) {
+        let Some(path) = std::env::var_os("DDPM_RELIABILITY_REPORT") else {
+            return;
+        };
+        let failed = std::thread::panicking();
+        let line = format!(
+            "{{\"attack\":{},\"runs\":1,\"failures\":{},\"data_lost\":0,\"note\":\"\"}}\n",
+            serde_json::Value::String(self.0.to_string()),
+            u8::from(failed)
+        );
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
