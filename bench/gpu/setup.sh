@@ -19,8 +19,8 @@ stage() { echo "== $1 (t+$(( $(date +%s) - start ))s)"; }
 # rest of the script runs with DDPM_CUDA_KERNELS=off (candle's ops).
 kernel_tests() {
   [ -x "$BIN/unet-tests" ] || return 0
-  stage "our CUDA kernels against the CPU (ddpm-unet's tests, CUDA device required)"
-  if timeout 120 "$BIN/unet-tests" kernels::cuda --test-threads 1 \
+  stage "our CUDA kernels against the CPU (ddpm-kernels' tests, CUDA device required)"
+  if timeout 120 "$BIN/unet-tests" cuda:: --test-threads 1 \
     > "$OUT/kernel-tests.txt" 2>&1; then
     echo "kernel tests: pass"
   else

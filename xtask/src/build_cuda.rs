@@ -8,7 +8,7 @@
 //! compiled from cudarc's own list; at run time the real driver's `libcuda.so.1` is loaded. The
 //! binaries go to `dist/cuda/` with `env.sh`, which points the loader at the CUDA 13 libraries
 //! of the machine it runs on (PyTorch's `nvidia/cu13/lib` where there is no system CUDA), and
-//! with `unet-tests`, ddpm-unet's test binary, whose `kernels::cuda` tests check our CUDA
+//! with `unet-tests`, ddpm-kernels' test binary, whose `cuda::` tests check our CUDA
 //! kernels against the CPU on the GPU.
 
 use std::path::{Path, PathBuf};
@@ -74,17 +74,17 @@ pub struct BuildCudaArgs {
     xz: bool,
 }
 
-/// Builds ddpm-unet's test binary with `--features cuda` (its CUDA kernels' tests against the
-/// CPU, run on a GPU machine as `unet-tests kernels::cuda`) and returns its path, read from
+/// Builds ddpm-kernels' test binary with `--features cuda` (its CUDA kernels' tests against the
+/// CPU, run on a GPU machine as `unet-tests cuda::`) and returns its path, read from
 /// cargo's JSON messages. It is built with `DDPM_REQUIRE_CUDA=1` (read at compile time), so a
 /// missing CUDA device fails those tests instead of skipping them.
 fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<PathBuf> {
-    eprintln!("build-cuda: cargo test -p ddpm-unet --features cuda --release --no-run");
+    eprintln!("build-cuda: cargo test -p ddpm-kernels --features cuda --release --no-run");
     let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args([
             "test",
             "-p",
-            "ddpm-unet",
+            "ddpm-kernels",
             "--lib",
             "--features",
             "cuda",
@@ -98,14 +98,14 @@ fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<Pat
         .output()
         .context("running cargo test --no-run")?;
     if !output.status.success() {
-        bail!("building ddpm-unet's CUDA tests failed (see above)");
+        bail!("building ddpm-kernels' CUDA tests failed (see above)");
     }
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "ddpm_unet")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no test executable for ddpm-unet")
+        .context("cargo built no test executable for ddpm-kernels")
 }
 
 /// Runs `build-cuda`.
@@ -190,7 +190,7 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
         "build-cuda: wrote {dir}/ddpm, {dir}/xtask, {dir}/unet-tests and {dir}/env.sh. On the \
          GPU machine, from the repository root: `. {dir}/env.sh && {dir}/ddpm train --device \
          cuda ...`, `{dir}/xtask test-matrix` and `{dir}/unet-tests \
-         kernels::cuda` (our CUDA kernels against the CPU)",
+         cuda::` (our CUDA kernels against the CPU)",
         dir = args.out.display()
     );
     Ok(())

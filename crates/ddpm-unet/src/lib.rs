@@ -15,9 +15,8 @@
 //! (the `ddpm` binary builds it from the run's config and its environment); this crate reads no
 //! environment variables.
 //!
-//! This crate knows nothing about noise schedules, datasets or training loops, with one
-//! exception: `kernels::cuda` holds the multi-tensor AdamW/EMA/gradient-norm CUDA kernels that
-//! ddpm-train's optimizer calls (ARCHITECTURE.md).
+//! This crate knows nothing about noise schedules, datasets or training loops; the kernels it
+//! calls through [`ops`] live in the `ddpm-kernels` crate below it (re-exported as [`kernels`]).
 //!
 //! # Tensor names
 //! Names follow the PyTorch module trees of the reference models, so a weights file maps one to
@@ -48,11 +47,9 @@ pub mod ddpm_unet;
 pub mod diffusers;
 pub mod embedding;
 pub mod init;
-pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod ops;
-pub mod policy;
 pub mod resample;
 pub mod resnet;
 pub mod unet;
@@ -65,9 +62,13 @@ use std::path::PathBuf;
 pub use candle_core;
 /// The candle-nn this crate is built on (`VarBuilder`, `VarMap`).
 pub use candle_nn;
+/// Our kernels (the `ddpm-kernels` crate), which [`ops`] chooses between.
+pub use ddpm_kernels as kernels;
+/// Which implementation each op uses (from `ddpm-kernels`).
+pub use ddpm_kernels::policy;
+pub use ddpm_kernels::KernelPolicy;
 pub use ddpm_unet::{DdpmUnet, DdpmUnetConfig};
 pub use model::{DiffusionModel, ModelConfig, PRESETS};
-pub use policy::KernelPolicy;
 pub use unet::{Unet, UnetConfig};
 
 /// Errors of this crate.

@@ -19,7 +19,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
 
 use super::{kernel, view, MODULE, PTX};
-use crate::kernels::attention::Attention;
+use crate::attention::Attention;
 
 /// Sizes of one call: `b` images, `heads` heads of `d` features over `n` pixels.
 #[derive(Debug, Clone, Copy)]

@@ -1024,7 +1024,7 @@ mod tests {
     //! (itself tested against candle's ops and finite differences), forward and every gradient.
     //! Skipped without a CUDA device, unless built with `DDPM_REQUIRE_CUDA=1` (the GPU builds).
     use super::*;
-    use crate::ops::Dropout;
+    use crate::group_norm::Dropout;
     use candle_core::{Device, Var};
 
     fn gpu() -> Option<Device> {
@@ -1252,7 +1252,12 @@ mod tests {
         let probe = randn(&[2, 3, 8, 10], 9);
         let run = |dev: &Device| {
             let x = Var::from_tensor(&xc.to_device(dev).unwrap()).unwrap();
-            let y = crate::ops::upsample_nearest_2x(&x).unwrap();
+            // The CPU kernel on the CPU, the CUDA kernel on the GPU (as ddpm-unet's `ops` picks).
+            let y = if dev.is_cpu() {
+                crate::resample::upsample_nearest_2x(&x).unwrap()
+            } else {
+                upsample_nearest_2x(&x).unwrap()
+            };
             let p = probe.to_device(dev).unwrap();
             let g = (&y * &p).unwrap().sum_all().unwrap().backward().unwrap();
             (y, g.get(&x).unwrap().clone())
@@ -1366,7 +1371,7 @@ mod tests {
     /// are not multiples of a warp, f32 and bf16.
     #[test]
     fn attention_matches_the_cpu_op() {
-        use crate::kernels::attention::{attention, Attention, Kind};
+        use crate::attention::{attention, Attention, Kind};
         let Some(dev) = gpu() else { return };
         for (i, &(b, heads, d, h, w)) in [
             (2, 1, 8, 4, 5),

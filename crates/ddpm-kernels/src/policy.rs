@@ -1,7 +1,7 @@
 //! [`KernelPolicy`]: which implementation each hot operation uses, as one explicit value.
 //!
-//! Every op in [`crate::ops`] has several implementations: our CPU kernels, our CUDA kernels and
-//! candle's own ops (see [`crate::kernels`]). Which one runs is decided by a `KernelPolicy` that
+//! Every op in `ddpm_unet::ops` has several implementations: our CPU kernels, our CUDA kernels
+//! and candle's own ops (this crate). Which one runs is decided by a `KernelPolicy` that
 //! the caller chooses: the `ddpm` binary builds it from its flags and configuration, records it
 //! in the run's config and checkpoints, and benchmark reports print it. No library crate reads an
 //! environment variable to choose.

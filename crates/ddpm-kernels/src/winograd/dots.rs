@@ -7,7 +7,7 @@
 
 /// `acc[(i * n + j) * 8 + l] += Σ_t a[i * lda + 8 t + l] · b[j * ldb + 8 t + l]` for `i < m`,
 /// `j < n`, `8 t < k`: `k` a multiple of 8. Only on a CPU with AVX2 and FMA (callers check
-/// [`crate::kernels::avx2`]; it panics elsewhere).
+/// [`crate::avx2`]; it panics elsewhere).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn accumulate(
     (m, n, k): (usize, usize, usize),
@@ -17,10 +17,7 @@ pub(super) fn accumulate(
     ldb: usize,
     acc: &mut [f32],
 ) {
-    assert!(
-        crate::kernels::avx2(),
-        "dots::accumulate needs AVX2 and FMA"
-    );
+    assert!(crate::avx2(), "dots::accumulate needs AVX2 and FMA");
     assert!(
         k.is_multiple_of(8),
         "dots::accumulate: k = {k} is not a multiple of 8"
@@ -47,7 +44,7 @@ pub(super) fn accumulate(
             b,
             ldb,
         };
-        if k.is_multiple_of(16) && crate::kernels::avx512() {
+        if k.is_multiple_of(16) && crate::avx512() {
             // SAFETY: AVX-512F and VL checked; the rest as below.
             unsafe { ops.blocks::<4, 4>(m, acc, Operands::block512::<4, 4>) };
         } else {
@@ -192,7 +189,7 @@ mod tests {
             let a: Vec<f32> = (0..m * lda).map(|i| (i % 13) as f32 * 0.25 - 1.0).collect();
             let b: Vec<f32> = (0..n * ldb).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
             let mut acc = vec![1f32; m * n * 8];
-            if !crate::kernels::avx2() {
+            if !crate::avx2() {
                 return;
             }
             accumulate((m, n, k), &a, lda, &b, ldb, &mut acc);

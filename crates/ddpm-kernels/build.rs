@@ -1,4 +1,4 @@
-//! With the `cuda` feature: compiles `src/kernels/cuda/kernels.cu` to PTX with nvcc (from
+//! With the `cuda` feature: compiles `src/cuda/kernels.cu` to PTX with nvcc (from
 //! `CUDA_HOME/bin` or the `PATH`; `cargo xtask build-cuda` sets both) for the compute
 //! capability in `CUDA_COMPUTE_CAP` (default 80; PTX runs on that and every newer GPU).
 //! Without it, nothing.
@@ -8,7 +8,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/kernels/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -23,7 +23,7 @@ fn main() {
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17"])
         .arg(format!("-arch=compute_{cap}"))
-        .arg("src/kernels/cuda/kernels.cu")
+        .arg("src/cuda/kernels.cu")
         .arg("-o")
         .arg(out.join("ddpm_kernels.ptx"))
         .status()
@@ -36,6 +36,6 @@ fn main() {
         });
     assert!(
         status.success(),
-        "nvcc failed on src/kernels/cuda/kernels.cu (see above)"
+        "nvcc failed on src/cuda/kernels.cu (see above)"
     );
 }

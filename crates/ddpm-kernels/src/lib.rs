@@ -1,9 +1,14 @@
-//! Our kernels, as candle custom ops with native forward and backward passes: for the CPU, and
-//! (the `cuda` feature) for CUDA in `cuda`.
+//! The hand-written kernels of ddpm-rs, as candle custom ops with native forward and backward
+//! passes: for the CPU, and (the `cuda` feature) for CUDA in `cuda`; and the [`KernelPolicy`]
+//! that chooses between them and candle's own ops.
 //!
 //! candle 0.11's CPU convolution and the backward passes of its broadcast ops are far slower
-//! than PyTorch's; these replace them for the U-Nets' hot ops on the CPU. [`crate::ops`] decides
-//! when they are used (CPU tensors of f32/f64, CUDA float tensors, unless `DDPM_KERNELS=candle`).
+//! than PyTorch's; these replace them for the U-Nets' hot ops. `ddpm_unet::ops` (the one
+//! switchboard) decides when they are used: CPU tensors of f32/f64 and CUDA float tensors, as the
+//! [`KernelPolicy`] in force says. ddpm-train's optimizer and EMA use the multi-tensor CUDA
+//! updates of `cuda` and the in-place sums directly. This crate knows no model, schedule, data
+//! set or training loop, and reads no environment variable. All of the project's `unsafe` code
+//! for speed (SIMD, raw slices, uninitialised buffers, CUDA launches) lives here.
 //!
 //! - [`conv`]: convolution on GEMM (im2col, padded rows), a bias per channel or per image (the
 //!   time embedding), a residual added in the output loop (a ResNet block's sum), padding that
@@ -59,11 +64,11 @@ macro_rules! avx2_dispatch {
                 fn avx2_build<$t: Float>($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                if $crate::kernels::avx512() {
+                if $crate::avx512() {
                     // SAFETY: the CPU has AVX-512F and VL, AVX2 and FMA (checked by `avx512`).
                     return unsafe { avx512_build($($arg),*) };
                 }
-                if $crate::kernels::avx2() {
+                if $crate::avx2() {
                     // SAFETY: the CPU has AVX2 and FMA (checked by `avx2`).
                     return unsafe { avx2_build($($arg),*) };
                 }
@@ -79,8 +84,11 @@ pub mod conv;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod group_norm;
+pub mod policy;
 pub mod resample;
 mod winograd;
+
+pub use policy::KernelPolicy;
 
 use std::mem::MaybeUninit;
 
