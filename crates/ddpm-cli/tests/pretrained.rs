@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_ok, assert_one_clean_error, ddpm_bare, run};
@@ -12,11 +12,9 @@ use ddpm_schedule::diffusers::DiffusersScheduler;
 use ddpm_schedule::DdimSampler;
 use ddpm_unet::diffusers::load_unet_dir;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../ddpm-unet/tests/fixtures/diffusers-tiny")
-        .join(rel)
-}
+#[path = "../../ddpm-unet/tests/support/diffusers_fixture.rs"]
+mod diffusers_fixture;
+use diffusers_fixture::fixture;
 
 fn png_dims(path: &Path) -> (u32, u32) {
     image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

@@ -5,7 +5,7 @@
 //! refused naming the field or tensor.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_unet::diffusers::{find_unet_files, load_unet_dir, read_weights};
@@ -13,11 +13,9 @@ use ddpm_unet::UnetError;
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/diffusers-tiny")
-        .join(rel)
-}
+#[path = "support/diffusers_fixture.rs"]
+mod diffusers_fixture;
+use diffusers_fixture::fixture;
 
 fn expected() -> R<HashMap<String, Tensor>> {
     Ok(candle_core::safetensors::load(
