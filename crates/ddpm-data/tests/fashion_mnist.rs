@@ -9,11 +9,13 @@
 //! (tests/fetch.rs).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+#[path = "support/file_server.rs"]
+mod file_server;
+use file_server::Server;
 
 use ddpm_data::fetch::{
     fetch, is_fetched, is_hand_placed, FetchOptions, Source, FASHION_MNIST_FILES,
@@ -82,60 +84,6 @@ fn names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     out.sort();
     out
-}
-
-/// An HTTP server on 127.0.0.1 serving fixed bodies by path (404 otherwise), logging requests.
-struct Server {
-    base: String,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn start(files: HashMap<String, Vec<u8>>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&requests);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let _ = serve(stream, &files, &log);
-            }
-        });
-        Server { base, requests }
-    }
-}
-
-fn serve(
-    mut stream: TcpStream,
-    files: &HashMap<String, Vec<u8>>,
-    log: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-    log.lock().unwrap().push(path.clone());
-    match files.get(path.trim_start_matches('/')) {
-        Some(body) => {
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )?;
-            stream.write_all(body)?;
-        }
-        None => stream.write_all(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
-        )?,
-    }
-    stream.flush()
 }
 
 fn options(data: &Path, source: Source) -> FetchOptions {
@@ -283,7 +231,7 @@ fn files_that_cannot_match_the_pinned_checksums_are_refused_naming_the_file() {
     }
     assert!(err.to_string().contains(&first), "{err}");
     // The server saw the mirror's checksum list asked for, then the first file; nothing more.
-    let requests = server.requests.lock().unwrap().clone();
+    let requests = server.requests();
     assert_eq!(requests.last(), Some(&format!("/{first}")), "{requests:?}");
     assert!(names(&data).is_empty(), "left behind: {:?}", names(&data));
     assert!(!is_fetched(&DatasetSpec::FashionMnist, &data));

@@ -3,11 +3,12 @@
 //! (`flower_photos/<class>/*.jpg` and `flower_photos/LICENSE.txt`), good, corrupted or hostile.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+#[path = "support/file_server.rs"]
+mod file_server;
+use file_server::Server;
 
 use ddpm_data::fetch::{
     fetch, is_fetched, FetchOptions, FetchOutcome, FLOWERS_CLASSES, FLOWERS_SHA256, FLOWERS_SIZE,
@@ -18,69 +19,6 @@ use sha2::{Digest, Sha256};
 
 /// The classes of the archives made here (those of the real archive).
 const CLASSES: [&str; 5] = ["daisy", "dandelion", "roses", "sunflowers", "tulips"];
-
-/// An HTTP server on 127.0.0.1 serving fixed bodies by path (404 otherwise), counting requests.
-struct Server {
-    base: String,
-    requests: Arc<Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn start(files: HashMap<String, Vec<u8>>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&requests);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let _ = serve(stream, &files, &log);
-            }
-        });
-        Server { base, requests }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/{path}", self.base)
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-fn serve(
-    mut stream: TcpStream,
-    files: &HashMap<String, Vec<u8>>,
-    log: &Mutex<Vec<String>>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-    }
-    let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-    log.lock().unwrap().push(path.clone());
-    match files.get(path.trim_start_matches('/')) {
-        Some(body) => {
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/gzip\r\n\
-                 Connection: close\r\n\r\n",
-                body.len()
-            )?;
-            stream.write_all(body)?;
-        }
-        None => stream.write_all(
-            b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
-        )?,
-    }
-    stream.flush()
-}
 
 /// A tiny JPEG of one colour.
 fn jpeg(seed: u8) -> Vec<u8> {
