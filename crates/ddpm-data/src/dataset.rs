@@ -49,7 +49,9 @@ impl Dataset {
     ///
     /// MNIST, Fashion-MNIST and CIFAR-10 are read from `cfg.root/mnist`,
     /// `cfg.root/fashion-mnist` and `cfg.root/cifar10`, Flowers from `cfg.root/flowers`, a
-    /// folder from its own path. Images are decoded in parallel (`cfg.threads`) and cached at
+    /// folder from its own path, a Hub data set (`hf:`) from the Hub's cache, downloaded there
+    /// with the [installed](crate::hub::installed) Hub options ([`crate::hub_dataset`]). Images
+    /// are decoded in parallel (`cfg.threads`) and cached at
     /// `cfg.image_size` (default: MNIST and Fashion-MNIST 28, others 32).
     pub fn open(spec: &DatasetSpec, cfg: &DataConfig, split: Split) -> Result<Self> {
         let size = match cfg.image_size {
@@ -147,6 +149,19 @@ impl Dataset {
                 let mut ds =
                     Dataset::from_u8(3, size, decoded.pixels, decoded.labels, index.classes)?;
                 ds.skipped = decoded.skipped;
+                ds
+            }
+            DatasetSpec::Hub(hub) => {
+                let options = crate::hub::installed();
+                let images = crate::hub_dataset::load(hub, cfg, split, size, &options)?;
+                let mut ds = Dataset::from_u8(
+                    images.channels,
+                    size,
+                    images.pixels,
+                    images.labels,
+                    images.class_names,
+                )?;
+                ds.skipped = images.skipped;
                 ds
             }
         };

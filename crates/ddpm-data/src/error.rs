@@ -301,6 +301,41 @@ pub enum DataError {
     /// The data set cannot be fetched (a user's own image folder).
     #[error("{0} cannot be fetched: it is a local image folder")]
     NotFetchable(String),
+    /// A request to the Hugging Face Hub failed, or the Hub answered something unusable.
+    #[error("{what}: {hint}")]
+    Hub {
+        /// The request or file (repository, revision, path).
+        what: String,
+        /// What went wrong and what to do.
+        hint: String,
+        /// The client's error, where there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Offline mode is on and the Hub cache lacks what is asked for.
+    #[error("{what} is not in the Hub cache {} and offline mode is on (HF_HUB_OFFLINE): run once online to download it, or point HF_HOME at a cache that holds it", cache.display())]
+    HubOffline {
+        /// The repository and revision or file missing.
+        what: String,
+        /// The cache directory searched.
+        cache: PathBuf,
+    },
+    /// A Hub data set whose files do not form a usable split of images.
+    #[error("{repo}: {reason}")]
+    HubDataset {
+        /// The repository and revision (`OWNER/NAME@REVISION`).
+        repo: String,
+        /// What is missing or wrong, and what was found.
+        reason: String,
+    },
+    /// A parquet file that cannot be read, or whose columns are not an image data set's.
+    #[error("{}: {reason}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The crate's result type.

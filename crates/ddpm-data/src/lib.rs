@@ -44,6 +44,8 @@ pub mod dataset;
 pub mod error;
 pub mod fetch;
 pub mod folder;
+pub mod hub;
+pub mod hub_dataset;
 pub mod image_io;
 pub mod loader;
 pub mod mnist;

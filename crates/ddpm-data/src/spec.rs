@@ -7,11 +7,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
+use crate::hub_dataset::HubSpec;
 
 /// A data set: one of the canonical ones, or a user's folder of images.
 ///
-/// Parses from and serializes to the strings `mnist`, `fashion-mnist`, `cifar10`, `flowers` and
-/// `folder:PATH`.
+/// Parses from and serializes to the strings `mnist`, `fashion-mnist`, `cifar10`, `flowers`,
+/// `folder:PATH` and `hf:OWNER/NAME[@REVISION][:SPLIT]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DatasetSpec {
@@ -26,10 +27,13 @@ pub enum DatasetSpec {
     Flowers,
     /// A folder with one sub-folder of JPEG/PNG/GIF images per class.
     Folder(PathBuf),
+    /// An image data set on the Hugging Face Hub, stored as parquet files
+    /// (`hf:OWNER/NAME[@REVISION][:SPLIT]`; see [`crate::hub_dataset`]).
+    Hub(HubSpec),
 }
 
 impl DatasetSpec {
-    /// The short name: `mnist`, `fashion-mnist`, `cifar10`, `flowers` or `folder`.
+    /// The short name: `mnist`, `fashion-mnist`, `cifar10`, `flowers`, `folder` or `hf`.
     pub fn name(&self) -> &'static str {
         match self {
             DatasetSpec::Mnist => "mnist",
@@ -37,10 +41,12 @@ impl DatasetSpec {
             DatasetSpec::Cifar10 => "cifar10",
             DatasetSpec::Flowers => "flowers",
             DatasetSpec::Folder(_) => "folder",
+            DatasetSpec::Hub(_) => "hf",
         }
     }
 
-    /// The directory the data set lives in, given the data root (a folder is its own path).
+    /// The directory the data set lives in, given the data root (a folder is its own path; a
+    /// Hub data set lives in the Hub's cache, and this is `<root>/hf`, which nothing uses).
     pub fn dir(&self, root: &Path) -> PathBuf {
         match self {
             DatasetSpec::Folder(path) => path.clone(),
@@ -88,9 +94,13 @@ impl FromStr for DatasetSpec {
                 Some((kind, path)) if kind.eq_ignore_ascii_case("folder") && !path.is_empty() => {
                     Ok(DatasetSpec::Folder(PathBuf::from(path)))
                 }
+                Some((kind, rest)) if kind.eq_ignore_ascii_case("hf") => {
+                    Ok(DatasetSpec::Hub(HubSpec::parse(rest)?))
+                }
                 _ => Err(DataError::BadSpec {
                     spec: s.to_string(),
-                    reason: "expected mnist, fashion-mnist, cifar10, flowers or folder:PATH"
+                    reason: "expected mnist, fashion-mnist, cifar10, flowers, folder:PATH or \
+                             hf:OWNER/NAME[@REVISION][:SPLIT]"
                         .to_string(),
                 }),
             },
@@ -116,6 +126,7 @@ impl fmt::Display for DatasetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DatasetSpec::Folder(path) => write!(f, "folder:{}", path.display()),
+            DatasetSpec::Hub(hub) => write!(f, "hf:{hub}"),
             other => f.write_str(other.name()),
         }
     }

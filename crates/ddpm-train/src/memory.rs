@@ -103,6 +103,8 @@ fn count_training_images(config: &TrainConfig) -> Option<usize> {
             let index = folder::scan(&dir).ok()?;
             Some(index.split_counts(config.data.test_fraction).0)
         }
+        // Counted when its parquet files are read.
+        DatasetSpec::Hub(_) => None,
     }
 }
 

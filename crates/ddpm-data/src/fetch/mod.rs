@@ -331,10 +331,12 @@ impl fmt::Display for FetchReport {
 
 /// Whether a data set is in `data_dir`: fetched and still intact (a cheap check of the marker and
 /// file sizes), or placed there by hand in the layout its reader expects (see [`is_hand_placed`]).
-/// A folder counts when it exists.
+/// A folder counts when it exists; a Hub data set always does (it is downloaded into the Hub's
+/// cache when it is opened: [`crate::hub_dataset`]).
 pub fn is_fetched(spec: &DatasetSpec, data_dir: &Path) -> bool {
     match spec {
         DatasetSpec::Folder(path) => path.is_dir(),
+        DatasetSpec::Hub(_) => true,
         other => {
             let dir = other.dir(data_dir);
             check_marker(&dir, other.name()).is_some() || is_hand_placed(other, &dir)
@@ -394,6 +396,14 @@ pub fn fetch(spec: &DatasetSpec, opts: &FetchOptions) -> Result<FetchReport> {
         }
         DatasetSpec::Flowers => fetch_flowers(opts),
         DatasetSpec::Folder(path) => Err(DataError::NotFetchable(path.display().to_string())),
+        DatasetSpec::Hub(_) => Err(DataError::Hub {
+            what: spec.to_string(),
+            hint: "a Hub data set is not fetched into the data directory: its files are \
+                   downloaded into the Hub's cache when it is opened (`ddpm train --dataset \
+                   hf:OWNER/NAME`)"
+                .to_string(),
+            source: None,
+        }),
     }
 }
 
