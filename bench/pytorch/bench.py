@@ -10,12 +10,27 @@ work as the Rust worker (`xtask bench-worker time`), and prints one line of JSON
   sample: per step: one forward pass without gradients (evaluation mode); then whole
           deterministic DDIM samples (eta 0, x0 clipped to [-1, 1]) of `--ddim-steps` steps.
 
+  peak:   the machine's matrix-multiply rate: a large square matmul (f32 without TF32; bf16 too
+          on CUDA), best of a few repetitions, in FLOP/s.
+
 On CUDA (`--device cuda`) every timed step ends with `torch.cuda.synchronize()`, and
 `--precision bf16|f16` runs the model under `torch.autocast` (f32 weights and optimizer, as our
-side; f16 adds a GradScaler), which is PyTorch eager's standard mixed precision.
+side; f16 adds a GradScaler), which is PyTorch's standard mixed precision.
+
+`--mode` picks how PyTorch runs:
+  eager:   plain eager PyTorch (the default);
+  compile: the model under `torch.compile` (inductor), nothing else changed;
+  best:    what a performance-minded user turns on: `torch.compile` (inductor; `--compile-mode`,
+           default "max-autotune" on CUDA and inductor's default on the CPU), channels_last
+           model and inputs, fused AdamW (`fused=True`), and on CUDA `cudnn.benchmark` and TF32
+           matmuls and convolutions wherever f32 is computed.
+Compilation happens in the untimed warm-up steps; `compile_s` in the JSON is the warm-up's time
+beyond that many steady steps (for sampling, plus the first call at the DDIM batch size). When
+compiling fails, the JSON line carries `error` (the exception's first line) and no times.
 
 Usage: python bench.py --preset mnist-small --task train --batch 32 --warmup 2 --iters 5 --threads 2
-       python bench.py --preset cifar10 --task train --batch 128 --device cuda --precision bf16
+       python bench.py --preset cifar10 --task train --batch 128 --device cuda --precision bf16 --mode best
+       python bench.py --task peak --device cuda
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 
@@ -87,13 +103,39 @@ def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], n: int) -> N
                 e.lerp_(w, 1.0 - d)
 
 
-def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> list[float]:
+def channels_last(x: torch.Tensor, on: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if on else x
+
+
+def mark_step(device: torch.device, compiled: bool) -> None:
+    """Tells CUDA-graph trees (max-autotune's CUDA graphs) that a new step begins."""
+    if compiled and device.type == "cuda" and hasattr(torch, "compiler"):
+        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+        if mark is not None:
+            mark()
+
+
+def make_optimizer(params, best: bool):
+    """AdamW with TrainConfig's defaults; fused (one kernel for every tensor) in best mode."""
+    kwargs = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if best:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError) as e:
+            print(f"bench.py: fused AdamW unavailable ({e}); foreach AdamW", file=sys.stderr)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def time_train(model, shape, batch, warmup, iters, gen, device, precision, mode="eager"):
+    """Returns the seconds of each timed step and of each warm-up step."""
+    best = mode == "best"
+    compiled = mode != "eager"
     abar = linear_alphas_cumprod()
     sa = abar.sqrt().float().to(device)
     s1 = (1.0 - abar).sqrt().float().to(device)
     model.train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = make_optimizer(params, best)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "f16")
     ema = [p.detach().clone().float() for p in params]
     # Random u8 images held in memory, a few batches of them, as our worker's data set (the u8
@@ -103,7 +145,7 @@ def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> li
                            generator=gen)
     order = torch.randperm(len(images), generator=gen)
     pos = 0
-    times = []
+    times, warm = [], []
     for i in range(warmup + iters):
         sync(device)
         start = time.perf_counter()
@@ -111,10 +153,11 @@ def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> li
             order, pos = torch.randperm(len(images), generator=gen), 0
         idx = order[pos:pos + batch]
         pos += batch
-        x0 = (images[idx].float() / 127.5 - 1.0).to(device)
+        x0 = channels_last((images[idx].float() / 127.5 - 1.0).to(device), best)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        noise = torch.randn((batch, *shape), generator=gen).to(device)
+        noise = channels_last(torch.randn((batch, *shape), generator=gen).to(device), best)
         x_t = sa[t][:, None, None, None] * x0 + s1[t][:, None, None, None] * noise
+        mark_step(device, compiled)
         with autocast(device, precision):
             pred = model(x_t, t)
         loss = F.mse_loss(pred.float(), noise)
@@ -127,19 +170,19 @@ def time_train(model, shape, batch, warmup, iters, gen, device, precision) -> li
         ema_update(ema, params, i + 1)
         loss.item()
         sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        (times if i >= warmup else warm).append(time.perf_counter() - start)
+    return times, warm
 
 
 @torch.no_grad()
-def ddim_sample(model, shape, batch, steps, gen, device, precision) -> torch.Tensor:
+def ddim_sample(model, shape, batch, steps, gen, device, precision, mode="eager") -> torch.Tensor:
     abar = linear_alphas_cumprod()
     ts = list(reversed(spaced_timesteps(1000, steps)))
-    x = torch.randn((batch, *shape), generator=gen).to(device)
+    x = channels_last(torch.randn((batch, *shape), generator=gen).to(device), mode == "best")
     for i, t in enumerate(ts):
         a_t = abar[t].item()
         a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        mark_step(device, mode != "eager")
         with autocast(device, precision):
             eps = model(x, torch.full((batch,), t, dtype=torch.int64, device=device)).float()
         x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-1, 1)
@@ -151,33 +194,95 @@ def ddim_sample(model, shape, batch, steps, gen, device, precision) -> torch.Ten
 
 
 def time_sample(model, shape, batch, warmup, iters, ddim_batch, ddim_steps, ddim_runs, gen,
-                device, precision):
+                device, precision, mode="eager"):
+    """Returns the seconds of each timed step, of each DDIM sample, of each warm-up step, and of
+    the untimed first call at the DDIM batch size (compiled modes, when it differs)."""
     model.eval()
-    times = []
-    x = torch.randn((batch, *shape), generator=gen).to(device)
+    compiled = mode != "eager"
+    times, warm = [], []
+    x = channels_last(torch.randn((batch, *shape), generator=gen).to(device), mode == "best")
     t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     with torch.no_grad():
         for i in range(warmup + iters):
             sync(device)
             start = time.perf_counter()
+            mark_step(device, compiled)
             with autocast(device, precision):
                 model(x, t)
             sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+            (times if i >= warmup else warm).append(time.perf_counter() - start)
+    ddim_warm = None
+    if compiled and ddim_runs > 0 and ddim_batch != batch:
+        # A compiled model specializes on shapes: compile the DDIM batch's graph before timing.
+        start = time.perf_counter()
+        ddim_sample(model, shape, ddim_batch, 1, gen, device, precision, mode)
+        ddim_warm = time.perf_counter() - start
     ddim = []
     for _ in range(ddim_runs):
         start = time.perf_counter()
-        ddim_sample(model, shape, ddim_batch, ddim_steps, gen, device, precision)
+        ddim_sample(model, shape, ddim_batch, ddim_steps, gen, device, precision, mode)
         ddim.append(time.perf_counter() - start)
-    return times, ddim
+    return times, ddim, warm, ddim_warm
+
+
+def compile_seconds(warm: list[float], times: list[float], extra: float | None) -> float:
+    """Warm-up time beyond as many steady steps (the median timed step), plus the first call at
+    another batch size less one steady step of it (taken as the steady step itself)."""
+    if not warm or not times:
+        return 0.0
+    steady = statistics.median(times)
+    return max(0.0, sum(warm) - len(warm) * steady) + (extra or 0.0)
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, reps: int = 5) -> float:
+    """FLOP/s of the best of `reps` n x n x n matrix products (2 n^3 FLOPs each)."""
+    a = torch.randn((n, n), device=device).to(dtype)
+    b = torch.randn((n, n), device=device).to(dtype)
+    torch.matmul(a, b)
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def measure_peak(device: torch.device, size: int) -> dict:
+    """The matmul rates of this machine: f32 (TF32 off) and, on CUDA, bf16."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = size or (8192 if device.type == "cuda" else 2048)
+    rates = {"f32": matmul_rate(n, torch.float32, device)}
+    if device.type == "cuda":
+        rates["bf16"] = matmul_rate(n, torch.bfloat16, device)
+    return {"size": n, "rates": rates}
+
+
+def setup_mode(model, device: torch.device, mode: str, compile_mode: str | None):
+    """The model prepared for `mode` (see the module docs)."""
+    if mode == "best":
+        model = model.to(memory_format=torch.channels_last)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+    if mode in ("compile", "best"):
+        if compile_mode is None:
+            compile_mode = "max-autotune" if device.type == "cuda" and mode == "best" else "default"
+        model = torch.compile(model, mode=compile_mode, dynamic=False)
+    return model, compile_mode
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", required=True, choices=sorted(models.PRESETS))
-    ap.add_argument("--task", required=True, choices=["train", "sample"])
-    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--preset", choices=sorted(models.PRESETS))
+    ap.add_argument("--task", required=True, choices=["train", "sample", "peak"])
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--mode", default="eager", choices=["eager", "compile", "best"])
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile's mode (default: max-autotune for best on CUDA, else default)")
+    ap.add_argument("--peak-size", type=int, default=0, help="matrix side of --task peak")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -189,24 +294,45 @@ def main() -> int:
     ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
     args = ap.parse_args()
     device = torch.device(args.device)
+    version = f"torch {torch.__version__}, Python {platform.python_version()}"
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.task == "peak":
+        peak = measure_peak(device, args.peak_size)
+        print(json.dumps({"engine": "pytorch", "device": args.device, "version": version,
+                          "threads": torch.get_num_threads(), **peak}))
+        return 0
+    if args.preset is None or args.batch <= 0:
+        ap.error("--preset and --batch are required for train and sample")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     config = models.PRESETS[args.preset]
     model = models.build_model(config).to(device)
+    params = models.num_parameters(model)
     shape = models.image_shape(config)
-    ddim = []
-    if args.task == "train":
-        times = time_train(model, shape, args.batch, args.warmup, args.iters, gen, device,
-                           args.precision)
-    else:
-        times, ddim = time_sample(
-            model, shape, args.batch, args.warmup, args.iters,
-            args.ddim_batch or args.batch, args.ddim_steps, args.ddim_runs, gen, device,
-            args.precision,
-        )
+    ddim, compile_s, error, compile_mode = [], None, None, None
+    try:
+        runner, compile_mode = setup_mode(model, device, args.mode, args.compile_mode)
+        if args.task == "train":
+            times, warm = time_train(runner, shape, args.batch, args.warmup, args.iters, gen,
+                                     device, args.precision, args.mode)
+            extra = None
+        else:
+            times, ddim, warm, extra = time_sample(
+                runner, shape, args.batch, args.warmup, args.iters,
+                args.ddim_batch or args.batch, args.ddim_steps, args.ddim_runs, gen, device,
+                args.precision, args.mode,
+            )
+        if args.mode != "eager":
+            compile_s = compile_seconds(warm, times, extra)
+    except Exception as e:  # noqa: BLE001 - any failure of compiling is reported, not raised
+        if args.mode == "eager":
+            raise
+        lines = [l for l in str(e).strip().splitlines() if l.strip()]
+        error = f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+        print(f"bench.py: {args.mode} mode failed on {args.preset}: {error}", file=sys.stderr)
+        times, ddim = [], []
     gpu_peak_kb = None
     gpu_name = None
     if device.type == "cuda":
@@ -220,7 +346,7 @@ def main() -> int:
                 "task": args.task,
                 "batch": args.batch,
                 "threads": torch.get_num_threads(),
-                "params": models.num_parameters(model),
+                "params": params,
                 "times_s": times,
                 "ddim_s": ddim,
                 "ddim_batch": args.ddim_batch or args.batch,
@@ -230,7 +356,11 @@ def main() -> int:
                 "precision": args.precision,
                 "gpu_peak_kb": gpu_peak_kb,
                 "gpu_name": gpu_name,
-                "version": f"torch {torch.__version__}, Python {platform.python_version()}",
+                "version": version,
+                "mode": args.mode,
+                "compile_mode": compile_mode,
+                "compile_s": compile_s,
+                "error": error,
             }
         )
     )

@@ -82,6 +82,22 @@ PRESETS = {
         "groups": 8,
     },
     "cifar10": dict(_DDPM_CIFAR10),
+    # LearnOpenCV's "Guide to training DDPMs from scratch" at 32x32 (DdpmUnetConfig::learnopencv).
+    "learnopencv": {
+        **_DDPM_CIFAR10,
+        "ch": 64,
+        "ch_mult": [1, 2, 4, 4],
+        "attn_resolutions": [16, 8],
+        "groups": 8,
+    },
+    # The layout of google/ddpm-celebahq-256 (DdpmUnetConfig::celebahq_256): diffusers'
+    # block_out_channels (128, 128, 256, 256, 512, 512), attention at 16x16 only.
+    "celebahq-256": {
+        **_DDPM_CIFAR10,
+        "image_size": 256,
+        "ch_mult": [1, 1, 2, 2, 4, 4],
+        "dropout": 0.0,
+    },
 }
 
 

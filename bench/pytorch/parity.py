@@ -7,7 +7,10 @@ it (written by `cargo xtask bench-worker export`), then checks:
 1. the config in the weights file equals our PyTorch preset of the same name;
 2. the parameter count of the PyTorch model equals ours;
 3. the weights load with `load_state_dict(strict=True)` (same names, same shapes);
-4. the PyTorch forward output on the same input matches ours: max |ours - torch| <= tol * max |ours|.
+4. the PyTorch forward output on the same input matches ours: max |ours - torch| <= tol * max |ours|;
+5. our FLOP count of one image's forward pass (`ddpm_unet::flops`, in the metadata key
+   `flops_forward`) equals what PyTorch's `FlopCounterMode` counts (convolutions and matrix
+   products) on the same forward pass, within 0.1%.
 
 Usage: python parity.py WEIGHTS.safetensors IO.safetensors [--tol 1e-4]
 Prints a summary line and, last, one line of JSON; exits 1 when a check fails.
@@ -32,7 +35,10 @@ def main() -> int:
     ap.add_argument("weights")
     ap.add_argument("io")
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with safe_open(args.weights, framework="pt") as f:
         meta = f.metadata() or {}
@@ -83,13 +89,28 @@ def main() -> int:
         if not rel <= args.tol:
             failures.append(f"output differs: max |ours - torch| / max |ours| = {rel:.3g} > {args.tol:g}")
 
+    flops_ours = int(io_meta["flops_forward"]) if "flops_forward" in io_meta else None
+    flops_torch = None
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(x[:1], t[:1])
+        flops_torch = int(counter.get_total_flops())
+    except ImportError:
+        pass
+    if flops_ours is not None and flops_torch is not None:
+        if abs(flops_ours - flops_torch) > 1e-3 * flops_torch:
+            failures.append(f"FLOPs of one forward pass: ours {flops_ours}, PyTorch's FlopCounterMode {flops_torch}")
+
     ok = not failures
     for f in failures:
         print(f"parity {preset}: FAIL: {f}", file=sys.stderr)
     print(
         f"parity {preset}: {'ok' if ok else 'FAILED'}: {ours_params} parameters (PyTorch {torch_params}), "
         f"max rel. error {rel:.2e}, rel. L2 error {rel_l2:.2e} (tolerance {args.tol:g}), "
-        f"input {tuple(x.shape)} at t={t.tolist()}",
+        f"input {tuple(x.shape)} at t={t.tolist()}, FLOPs per image ours {flops_ours} PyTorch {flops_torch}",
         file=sys.stderr,
     )
     print(
@@ -104,6 +125,8 @@ def main() -> int:
                 "rel_l2_err": rel_l2,
                 "tol": args.tol,
                 "failures": failures,
+                "flops_ours": flops_ours,
+                "flops_torch": flops_torch,
                 "torch_version": torch.__version__,
             }
         )

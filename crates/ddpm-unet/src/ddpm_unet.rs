@@ -89,6 +89,24 @@ impl DdpmUnetConfig {
         }
     }
 
+    /// The layout of diffusers' google/ddpm-celebahq-256 (and the other 256x256 DDPM pipelines:
+    /// ddpm-church-256, ddpm-bedroom-256, ddpm-cat-256): block_out_channels 128, 128, 256, 256,
+    /// 512, 512 (ch 128, mults 1,1,2,2,4,4), two layers per block, attention at 16x16 only (the
+    /// `AttnDownBlock2D` at index 4), 32 groups, no dropout, 256x256 RGB.
+    pub fn celebahq_256() -> Self {
+        Self {
+            image_size: 256,
+            in_channels: 3,
+            out_channels: None,
+            ch: 128,
+            ch_mult: vec![1, 1, 2, 2, 4, 4],
+            num_res_blocks: 2,
+            attn_resolutions: vec![16],
+            dropout: 0.0,
+            groups: 32,
+        }
+    }
+
     /// A lower bound on the values one image's training forward pass keeps for the backward
     /// pass: four feature maps per ResNet block, and for every attention block its queries,
     /// keys and values and its `n x n` matrix (`n` pixels). The true count is a few times

@@ -46,6 +46,7 @@ pub mod attention;
 pub mod ddpm_unet;
 pub mod diffusers;
 pub mod embedding;
+pub mod flops;
 pub mod init;
 pub mod layers;
 pub mod model;

@@ -39,12 +39,14 @@ pub const PRESETS: &[&str] = &[
     "cifar-small",
     "cifar10",
     "learnopencv",
+    "celebahq-256",
 ];
 
 impl ModelConfig {
     /// A named preset: `mnist-small` (Unet, 28x28x1), `fashion` (the annotated-diffusion Unet,
     /// 28x28x1), `cifar-small` (DdpmUnet, 32x32x3), `cifar10` (the paper's 35.7M model) or
-    /// `learnopencv` (the DdpmUnet of LearnOpenCV's DDPM tutorial, 32x32x3). The channels and
+    /// `learnopencv` (the DdpmUnet of LearnOpenCV's DDPM tutorial, 32x32x3) or `celebahq-256`
+    /// (the layout of google/ddpm-celebahq-256, 256x256x3). The channels and
     /// image size follow the data set when a run trains one (see `set_channels`).
     pub fn preset(name: &str) -> Result<Self, UnetError> {
         Ok(match name {
@@ -53,6 +55,7 @@ impl ModelConfig {
             "cifar-small" => Self::DdpmUnet(DdpmUnetConfig::cifar_small()),
             "cifar10" => Self::DdpmUnet(DdpmUnetConfig::cifar10()),
             "learnopencv" => Self::DdpmUnet(DdpmUnetConfig::learnopencv()),
+            "celebahq-256" => Self::DdpmUnet(DdpmUnetConfig::celebahq_256()),
             other => {
                 return Err(UnetError::UnknownPreset {
                     name: other.to_string(),
@@ -436,8 +439,9 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    /// Each preset's layout (levels, blocks per level, where attention sits) at 8x8 with 8 base
-    /// channels, so that a forward and backward pass take milliseconds.
+    /// Each preset's layout (levels, blocks per level, where attention sits) at 8x8 (or the
+    /// smallest size its levels allow) with 8 base channels, so that a forward and backward pass
+    /// take milliseconds.
     fn tiny(preset: &str) -> Result<ModelConfig, UnetError> {
         let mut cfg = ModelConfig::preset(preset)?;
         match &mut cfg {
@@ -446,9 +450,11 @@ mod tests {
                 c.image_size = 8;
             }
             ModelConfig::DdpmUnet(c) => {
-                let shrink = c.image_size / 8;
+                // 8x8, or as small as the levels allow (celebahq-256's six levels: 32x32).
+                let size = 8usize.max(1 << (c.ch_mult.len() - 1));
+                let shrink = c.image_size / size;
                 c.attn_resolutions = c.attn_resolutions.iter().map(|r| r / shrink).collect();
-                c.image_size = 8;
+                c.image_size = size;
                 c.ch = 8;
                 c.groups = c.groups.min(8);
             }
