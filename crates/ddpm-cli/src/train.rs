@@ -9,6 +9,7 @@ use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
 use ddpm_schedule::{DiffusionLoss, LossKind, Objective, SamplerConfig};
 use ddpm_train::checkpoint::ResumeFrom;
+use ddpm_train::optim::LrSchedule;
 use ddpm_train::{
     parse_device, Precision, ResumeOptions, RunOptions, SafeChanges, TrainConfig, TrainError,
     Trainer,
@@ -29,7 +30,7 @@ pub struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in this directory from its newest checkpoint (exactly). It may change
-    /// --steps, --lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
+    /// --steps, --lr, --lr-schedule, --min-lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
     /// --log-every and --data-dir (and the same keys edited in RUN/config.toml), and a moved
     /// image folder (--dataset folder:NEW_PATH).
     #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction"])]
@@ -54,6 +55,13 @@ pub struct TrainArgs {
     /// Steps of linear learning-rate warm-up.
     #[arg(long)]
     warmup_steps: Option<usize>,
+    /// Learning rate after the warm-up: constant, cosine or linear (the decaying ones reach
+    /// --min-lr at the final step).
+    #[arg(long, value_name = "SCHEDULE")]
+    lr_schedule: Option<String>,
+    /// The learning rate a cosine or linear --lr-schedule reaches at the final step (default 0).
+    #[arg(long, value_name = "LR")]
+    min_lr: Option<f64>,
     /// Maximum global gradient norm (0 disables clipping).
     #[arg(long)]
     grad_clip: Option<f64>,
@@ -136,6 +144,12 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(v) = a.lr {
         c.optimizer.lr = v;
     }
+    if let Some(s) = &a.lr_schedule {
+        c.optimizer.lr_schedule = lr_schedule(s)?;
+    }
+    if let Some(v) = a.min_lr {
+        c.optimizer.min_lr = v;
+    }
     if let Some(v) = a.warmup_steps {
         c.warmup_steps = v;
     }
@@ -182,6 +196,11 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     absolute_data_paths(&mut c)?;
     Ok(c)
+}
+
+/// The `--lr-schedule` word.
+fn lr_schedule(word: &str) -> Result<LrSchedule> {
+    crate::parse_word::<LrSchedule>(word, "--lr-schedule", LrSchedule::NAMES)
 }
 
 /// Makes the data root and an image folder's path absolute (canonical where they exist), so the
@@ -447,6 +466,8 @@ fn resume_options(a: &TrainArgs) -> Result<ResumeOptions> {
         changes: SafeChanges {
             steps: a.steps,
             lr: a.lr,
+            lr_schedule: a.lr_schedule.as_deref().map(lr_schedule).transpose()?,
+            min_lr: a.min_lr,
             warmup_steps: a.warmup_steps,
             grad_clip: a.grad_clip,
             checkpoint_every: a.checkpoint_every,

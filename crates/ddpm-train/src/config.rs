@@ -7,7 +7,7 @@ use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, ScheduleConfig};
 use ddpm_unet::{KernelPolicy, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::AdamWConfig;
+use crate::optim::{AdamWConfig, LrSchedule};
 use crate::precision::Precision;
 use crate::{Result, TrainError};
 
@@ -30,7 +30,7 @@ pub struct TrainConfig {
     /// AdamW hyper-parameters (keys left out keep this config's defaults).
     #[serde(deserialize_with = "optimizer_over_defaults")]
     pub optimizer: AdamWConfig,
-    /// Steps of linear learning-rate warm-up.
+    /// Steps of linear learning-rate warm-up (then `[optimizer] lr_schedule`).
     pub warmup_steps: usize,
     /// Maximum global gradient norm (0 disables clipping).
     pub grad_clip: f64,
@@ -86,6 +86,8 @@ fn optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
         beta2: Option<f64>,
         eps: Option<f64>,
         weight_decay: Option<f64>,
+        lr_schedule: Option<LrSchedule>,
+        min_lr: Option<f64>,
     }
     let p = Partial::deserialize(d)?;
     let base = TrainConfig::default().optimizer;
@@ -95,6 +97,8 @@ fn optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
         beta2: p.beta2.unwrap_or(base.beta2),
         eps: p.eps.unwrap_or(base.eps),
         weight_decay: p.weight_decay.unwrap_or(base.weight_decay),
+        lr_schedule: p.lr_schedule.unwrap_or(base.lr_schedule),
+        min_lr: p.min_lr.unwrap_or(base.min_lr),
     })
 }
 

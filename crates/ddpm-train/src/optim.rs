@@ -1,5 +1,6 @@
 //! AdamW with state we own (candle's keeps its moments private, so it cannot be checkpointed),
-//! global gradient-norm clipping and a linear warm-up of the learning rate.
+//! global gradient-norm clipping, and the learning rate of each step: a linear warm-up, then
+//! constant or a cosine or linear decay to a floor ([`LrSchedule`], [`scheduled_lr`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +25,41 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay (multiplies `lr`).
     pub weight_decay: f64,
+    /// How the learning rate changes after the warm-up (left out of the TOML when constant, so
+    /// configs written before it keep their text and hash).
+    #[serde(skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
+    /// The learning rate a decaying [`LrSchedule`] reaches at the final step (left out of the
+    /// TOML when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_lr: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The shape of the learning rate after the warm-up ([`scheduled_lr`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The peak learning rate until the end.
+    #[default]
+    Constant,
+    /// Half a cosine from the peak down to `min_lr` at the final step.
+    Cosine,
+    /// A straight line from the peak down to `min_lr` at the final step.
+    Linear,
+}
+
+impl LrSchedule {
+    /// The names a config or flag may give.
+    pub const NAMES: &'static str = "constant, cosine, linear";
+
+    /// Whether this is [`LrSchedule::Constant`] (the default).
+    pub fn is_constant(&self) -> bool {
+        *self == Self::Constant
+    }
 }
 
 impl Default for AdamWConfig {
@@ -34,6 +70,8 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            lr_schedule: LrSchedule::Constant,
+            min_lr: 0.0,
         }
     }
 }
@@ -42,7 +80,7 @@ impl AdamWConfig {
     /// Checks every field (all finite; `lr` > 0, betas in [0, 1), `eps` > 0, `weight_decay`
     /// >= 0); the error names the field, its value and the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let checks: [(&str, f64, bool, &str); 5] = [
+        let checks: [(&str, f64, bool, &str); 6] = [
             ("lr", self.lr, self.lr > 0.0, "> 0"),
             (
                 "beta1",
@@ -62,6 +100,12 @@ impl AdamWConfig {
                 self.weight_decay,
                 self.weight_decay >= 0.0,
                 ">= 0",
+            ),
+            (
+                "min_lr",
+                self.min_lr,
+                self.min_lr >= 0.0 && self.min_lr <= self.lr,
+                "in [0, lr]",
             ),
         ];
         for (name, value, ok, range) in checks {
@@ -88,6 +132,28 @@ pub fn warmup_lr(lr: f64, warmup: usize, step: usize) -> f64 {
         lr
     } else {
         lr * step as f64 / warmup as f64
+    }
+}
+
+/// The learning rate at optimizer step `step` (1-based) of a run of `total` steps: the linear
+/// warm-up of [`warmup_lr`] over `warmup` steps, then `config.lr_schedule` from `config.lr` at
+/// step `warmup` down to `config.min_lr` at step `total` (constant: `config.lr` throughout).
+/// With `p = (step - warmup) / (total - warmup)`, cosine is
+/// `min_lr + (lr - min_lr) (1 + cos(pi p)) / 2` and linear `lr - (lr - min_lr) p`; steps past
+/// `total` keep `min_lr`. A pure function of the step, so a resumed run takes the same rates.
+pub fn scheduled_lr(config: &AdamWConfig, warmup: usize, total: usize, step: usize) -> f64 {
+    let (lr, min) = (config.lr, config.min_lr);
+    if config.lr_schedule == LrSchedule::Constant || step < warmup {
+        return warmup_lr(lr, warmup, step);
+    }
+    if total <= warmup {
+        return lr;
+    }
+    let p = ((step - warmup) as f64 / (total - warmup) as f64).min(1.0);
+    match config.lr_schedule {
+        LrSchedule::Constant => lr,
+        LrSchedule::Cosine => min + (lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+        LrSchedule::Linear => lr - (lr - min) * p,
     }
 }
 
@@ -343,6 +409,7 @@ mod tests {
                 beta2: 0.99,
                 eps: 1e-8,
                 weight_decay: 0.01,
+                ..AdamWConfig::default()
             };
             let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), var.clone())]), cfg)?;
             let (mut p, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
@@ -446,5 +513,77 @@ mod tests {
         assert_eq!(warmup_lr(1.0, 4, 4), 1.0);
         assert_eq!(warmup_lr(1.0, 4, 100), 1.0);
         assert_eq!(warmup_lr(1.0, 0, 1), 1.0);
+    }
+
+    /// The schedules against their closed forms: the warm-up is the same for all; at the end
+    /// of the warm-up the peak, halfway through the decay `(lr + min_lr) / 2` for both, a
+    /// quarter of the way `min + (lr - min) (1 + cos(pi/4)) / 2` (cosine) and
+    /// `lr - (lr - min) / 4` (linear), `min_lr` at the final step and after it; constant
+    /// ignores `min_lr`.
+    #[test]
+    fn lr_schedules_match_their_closed_forms() {
+        let (lr, min, warmup, total) = (1e-3, 1e-4, 10, 110);
+        let cfg = |lr_schedule| AdamWConfig {
+            lr,
+            min_lr: min,
+            lr_schedule,
+            ..AdamWConfig::default()
+        };
+        let close = |a: f64, b: f64| assert!((a - b).abs() <= 1e-15, "{a} != {b}");
+        for s in [LrSchedule::Constant, LrSchedule::Cosine, LrSchedule::Linear] {
+            let c = cfg(s);
+            close(scheduled_lr(&c, warmup, total, 1), lr / 10.0);
+            close(scheduled_lr(&c, warmup, total, 5), lr / 2.0);
+            close(scheduled_lr(&c, warmup, total, warmup), lr);
+            let last = if s == LrSchedule::Constant { lr } else { min };
+            close(scheduled_lr(&c, warmup, total, total), last);
+            close(scheduled_lr(&c, warmup, total, total + 7), last);
+        }
+        let (cos, lin) = (cfg(LrSchedule::Cosine), cfg(LrSchedule::Linear));
+        close(scheduled_lr(&cos, warmup, total, 60), (lr + min) / 2.0);
+        close(scheduled_lr(&lin, warmup, total, 60), (lr + min) / 2.0);
+        let quarter = (1.0 + std::f64::consts::FRAC_1_SQRT_2) / 2.0;
+        close(
+            scheduled_lr(&cos, warmup, total, 35),
+            min + (lr - min) * quarter,
+        );
+        close(
+            scheduled_lr(&lin, warmup, total, 35),
+            lr - (lr - min) * 0.25,
+        );
+        close(
+            scheduled_lr(&lin, warmup, total, 85),
+            lr - (lr - min) * 0.75,
+        );
+        // No warm-up: the decay starts at step 0, so step 1 is already below the peak.
+        let no_min = AdamWConfig { min_lr: 0.0, ..lin };
+        close(scheduled_lr(&no_min, 0, 4, 1), lr * 0.75);
+        close(scheduled_lr(&no_min, 0, 4, 4), 0.0);
+        // A run that ends inside its warm-up never decays.
+        close(scheduled_lr(&cos, 10, 5, 5), lr / 2.0);
+        close(scheduled_lr(&cos, 10, 10, 10), lr);
+        // Monotone non-increasing after the warm-up.
+        for c in [cos, lin] {
+            let lrs: Vec<f64> = (warmup..=total)
+                .map(|s| scheduled_lr(&c, warmup, total, s))
+                .collect();
+            assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "{lrs:?}");
+        }
+    }
+
+    #[test]
+    fn min_lr_must_be_between_zero_and_lr() {
+        for bad in [-1e-5, 2e-3, f64::NAN] {
+            let c = AdamWConfig {
+                lr: 1e-3,
+                min_lr: bad,
+                ..AdamWConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("`[optimizer] min_lr`") && e.contains("[0, lr]"),
+                "{e}"
+            );
+        }
     }
 }

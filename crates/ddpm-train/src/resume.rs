@@ -21,9 +21,11 @@ use crate::{Result, TrainError};
 /// resumed run may change: none changes what the checkpointed weights, moments, RNG or data
 /// position mean (`kernels` changes only which implementation computes the same ops: results
 /// agree up to float rounding, so a resume with another policy is no longer bit-exact).
-pub const SAFE_KEYS: [&str; 15] = [
+pub const SAFE_KEYS: [&str; 17] = [
     "steps",
     "optimizer.lr",
+    "optimizer.lr_schedule",
+    "optimizer.min_lr",
     "warmup_steps",
     "grad_clip",
     "checkpoint_every",
@@ -58,6 +60,10 @@ pub struct SafeChanges {
     pub steps: Option<usize>,
     /// Peak learning rate (`optimizer.lr`).
     pub lr: Option<f64>,
+    /// The learning-rate schedule after the warm-up (`optimizer.lr_schedule`).
+    pub lr_schedule: Option<crate::optim::LrSchedule>,
+    /// The floor a decaying schedule reaches at the final step (`optimizer.min_lr`).
+    pub min_lr: Option<f64>,
     /// Steps of linear warm-up (counted from step 0 of the run).
     pub warmup_steps: Option<usize>,
     /// Maximum global gradient norm (0 disables clipping).
@@ -203,6 +209,8 @@ fn copy_setting(to: &mut TrainConfig, from: &TrainConfig, entry: &str) {
     match entry {
         "steps" => to.steps = from.steps,
         "optimizer.lr" => to.optimizer.lr = from.optimizer.lr,
+        "optimizer.lr_schedule" => to.optimizer.lr_schedule = from.optimizer.lr_schedule,
+        "optimizer.min_lr" => to.optimizer.min_lr = from.optimizer.min_lr,
         "warmup_steps" => to.warmup_steps = from.warmup_steps,
         "grad_clip" => to.grad_clip = from.grad_clip,
         "checkpoint_every" => to.checkpoint_every = from.checkpoint_every,
@@ -286,6 +294,12 @@ pub fn resumed_config(
     if let Some(v) = c.lr {
         asked.optimizer.lr = v;
     }
+    if let Some(v) = c.lr_schedule {
+        asked.optimizer.lr_schedule = v;
+    }
+    if let Some(v) = c.min_lr {
+        asked.optimizer.min_lr = v;
+    }
     if let Some(v) = c.warmup_steps {
         asked.warmup_steps = v;
     }
@@ -343,6 +357,8 @@ mod tests {
         let mut file = ckpt.clone();
         file.steps += 1;
         file.optimizer.lr *= 0.5;
+        file.optimizer.lr_schedule = crate::optim::LrSchedule::Cosine;
+        file.optimizer.min_lr = 1e-5;
         file.warmup_steps += 1;
         file.grad_clip += 1.0;
         file.checkpoint_every += 1;

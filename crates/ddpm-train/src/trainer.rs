@@ -22,7 +22,7 @@ use crate::distributed::{Collective, DistError, World};
 use crate::ema::Ema;
 use crate::lock::RunLock;
 use crate::metrics::{self, MetricsLine};
-use crate::optim::{clip_factor, grad_norm, warmup_lr, AdamW};
+use crate::optim::{clip_factor, grad_norm, scheduled_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
 use crate::resume::{self, Change, HistoryEvent, ResumeOptions, SafeChanges};
 use crate::sample::{gaussian, sample, SampleOptions};
@@ -66,7 +66,7 @@ pub struct StepStats {
     pub loss: f64,
     /// The global gradient norm, before clipping.
     pub grad_norm: f64,
-    /// The learning rate of the step (after warm-up).
+    /// The learning rate of the step (warm-up and `[optimizer] lr_schedule` applied).
     pub lr: f64,
     /// Seconds spent in each phase of the step, in order (`batch`, `inputs`, `forward`,
     /// `backward`, `all-reduce` with several ranks, `clip`, `adamw`, `ema`; a phase repeated per
@@ -662,7 +662,8 @@ impl Trainer {
     /// checkpoints and sample grids around it: `grad_accum` micro-batches from the loader
     /// (random timesteps and noise, `q_sample`, the model in training mode, the configured
     /// objective and loss, backward), the gradients averaged over ranks, the global gradient
-    /// norm, clipping folded into the AdamW update at the warmed-up learning rate, then the EMA
+    /// norm, clipping folded into the AdamW update at the step's learning rate (warm-up, then
+    /// `[optimizer] lr_schedule`), then the EMA
     /// update. With f16, a step whose scaled gradients overflow is skipped (no update, no EMA)
     /// and halves the loss scale. Returns the step's loss, gradient norm and learning rate.
     ///
@@ -673,9 +674,10 @@ impl Trainer {
     pub fn train_step(&mut self, opts: &RunOptions) -> Result<StepStats> {
         let mut clock = PhaseClock::new(self.time_phases);
         let accum = self.config.grad_accum;
-        let lr = warmup_lr(
-            self.config.optimizer.lr,
+        let lr = scheduled_lr(
+            &self.config.optimizer,
             self.config.warmup_steps,
+            self.config.steps,
             self.step + 1,
         );
         let vars = self.model.vars();
