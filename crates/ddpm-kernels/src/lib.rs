@@ -1,44 +1,38 @@
 //! The hand-written kernels of ddpm-rs, as candle custom ops with native forward and backward
-//! passes: for the CPU, and (the `cuda` feature) for CUDA in `cuda`; and the [`KernelPolicy`]
-//! that chooses between them and candle's own ops.
+//! passes, one folder per op, each with its CPU kernels (`cpu.rs`), its CUDA version (`cuda.rs`
+//! and `kernels.cu`, with the `cuda` feature) and candle's composition of the same op
+//! (`fallback.rs`) side by side; and the [`KernelPolicy`] that chooses between them.
 //!
 //! candle 0.11's CPU convolution and the backward passes of its broadcast ops are far slower
 //! than PyTorch's; these replace them for the U-Nets' hot ops. `ddpm_unet::ops` (the one
-//! switchboard) decides when they are used: CPU tensors of f32/f64 and CUDA float tensors, as the
-//! [`KernelPolicy`] in force says. ddpm-train's optimizer and EMA use the multi-tensor CUDA
-//! updates of `cuda` and the in-place sums directly. This crate knows no model, schedule, data
-//! set or training loop, and reads no environment variable. All of the project's `unsafe` code
-//! for speed (SIMD, raw slices, uninitialised buffers, CUDA launches) lives here.
+//! switchboard) decides which implementation runs: CPU tensors of f32/f64 and CUDA float
+//! tensors take our kernels, as the [`KernelPolicy`] in force says, and everything else the
+//! fallbacks. ddpm-train's optimizer and EMA use [`optim`]'s CUDA updates and the in-place sums
+//! directly. This crate knows no model, schedule, data set or training loop, and reads no
+//! environment variable. All of the project's `unsafe` code for speed (SIMD, raw slices,
+//! uninitialised buffers, CUDA launches) lives here.
 //!
-//! - [`conv`]: convolution on GEMM (im2col, padded rows), a bias per channel or per image (the
-//!   time embedding), a residual added in the output loop (a ResNet block's sum), padding that
-//!   may differ at the end; backward as GEMMs, the input gradient of stride-1 convs as a
-//!   convolution with the flipped kernel.
+//! - [`conv`]: convolution on GEMM (im2col, padded rows; Winograd for 3x3 stride-1 convs), a
+//!   bias per channel or per image (the time embedding), a residual added in the output loop (a
+//!   ResNet block's sum), padding that may differ at the end; backward as GEMMs, the input
+//!   gradient of stride-1 convs as a convolution with the flipped kernel. On CUDA im2col/col2im
+//!   and cuBLAS.
 //! - [`group_norm`]: GroupNorm with a per-(image, channel) affine (scale-shift conditioning),
 //!   SiLU and dropout in one pass forward and two backward.
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
-//! - [`resample`]: nearest 2x upsampling.
+//! - [`upsample`]: nearest 2x upsampling.
 //! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
-//! - `cuda` (with the `cuda` feature): im2col/col2im convolutions on cuBLAS, the GroupNorm op's
-//!   CUDA passes, softmax attention's CUDA passes, nearest upsampling, and multi-tensor
-//!   AdamW/EMA/gradient-norm kernels (one launch for all variables).
+//! - [`optim`]: multi-tensor AdamW/EMA/gradient-norm updates on CUDA (one launch for all
+//!   variables).
+//! - `custom_op`: the one skeleton of the custom ops (the plan from the layouts, the slices, the
+//!   dtype dispatch, the packed gradients); `cuda` (with the `cuda` feature): what the CUDA
+//!   kernels share (the PTX, launches, the gathers).
 //!
 //! Every graph node candle builds costs a pass over memory forward and a zero-filled gradient
 //! plus an addition backward, so fusing ops here saves more than their own arithmetic.
 //! Element-wise loops are written to vectorize (branch-free [`exp_f32`], lane-wise sums) and are
 //! compiled again for AVX2 + FMA and for AVX-512, chosen at run time (`avx2_dispatch!`, [`avx2`],
 //! [`avx512`]).
-
-/// Runs a generic kernel `$f::<T>(args)` for the storage's float type, wrapping the result.
-macro_rules! dispatch {
-    ($storage:expr, $what:literal, $f:ident, $($arg:expr),*) => {
-        match $storage.dtype() {
-            DType::F32 => CpuStorage::F32($f::<f32>($($arg),*)),
-            DType::F64 => CpuStorage::F64($f::<f64>($($arg),*)),
-            d => candle_core::bail!("{} kernel: unsupported dtype {d:?}", $what),
-        }
-    };
-}
 
 /// `avx2_dispatch! { /// docs  fn name<T>(args) -> R = body_fn }` defines `name`, which runs
 /// `body_fn` (an `#[inline(always)]` generic function) from a copy compiled for AVX-512 (F and
@@ -78,21 +72,24 @@ macro_rules! avx2_dispatch {
     };
 }
 
+#[macro_use]
+mod custom_op;
+#[cfg(feature = "cuda")]
+#[macro_use]
+pub mod cuda;
+
 pub mod attention;
 pub mod concat;
 pub mod conv;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod group_norm;
+pub mod optim;
 pub mod policy;
-pub mod resample;
-mod winograd;
+pub mod upsample;
 
 pub use policy::KernelPolicy;
 
 use std::mem::MaybeUninit;
 
-use candle_core::{CpuStorage, Layout, Result};
 use gemm::Parallelism;
 
 /// The element types our kernels support.
@@ -375,22 +372,14 @@ pub(crate) fn fill<T: Copy>(dst: &mut [MaybeUninit<T>], v: T) -> &mut [T] {
     unsafe { assume_init_mut(dst) }
 }
 
-/// The contiguous slice of a storage under a layout.
-pub(crate) fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{what}: kernel input must be contiguous"),
-    }
-}
-
 /// Whether the fast kernels handle tensors of this dtype and device.
 pub fn supported(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
-/// Whether our CUDA kernels (`cuda`: convolutions, GroupNorm, attention, ...) take `t`: a
-/// CUDA tensor of a float type, in a build with the `cuda` feature, unless
-/// `DDPM_CUDA_KERNELS=off`.
+/// Whether our CUDA kernels (convolutions, GroupNorm, attention, ...) take `t`: a CUDA tensor
+/// of a float type, in a build with the `cuda` feature, unless the [`KernelPolicy`] says
+/// `cuda_kernels = off`.
 pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
     #[cfg(feature = "cuda")]
     {
@@ -407,7 +396,7 @@ pub fn cuda_supported(t: &candle_core::Tensor) -> bool {
 /// on the CPU ([`supported`]) or on CUDA ([`cuda_supported`], groups of at most 3072 channels).
 pub fn group_norm_supported(t: &candle_core::Tensor, groups: usize) -> bool {
     #[cfg(feature = "cuda")]
-    let cuda = cuda_supported(t) && t.rank() >= 2 && cuda::group_norm_fits(t.dims()[1], groups);
+    let cuda = cuda_supported(t) && t.rank() >= 2 && group_norm::cuda::fits(t.dims()[1], groups);
     #[cfg(not(feature = "cuda"))]
     let cuda = {
         let _ = groups;

@@ -5,8 +5,8 @@
 //! (each a pass over memory) and replaces the moments with new tensors; the EMA three more. The
 //! ops here overwrite the moments, the variables and the averages where they are, as PyTorch's
 //! `foreach`/fused optimizers do. They apply to f32 tensors on the CPU and, in a `cuda` build,
-//! on CUDA (our kernels in `ddpm_unet::kernels::cuda`) ([`supported`]); elsewhere the callers
-//! keep the tensor-op path.
+//! on CUDA (our kernels in `ddpm_unet::kernels::optim::cuda`) ([`supported`]); elsewhere the
+//! callers keep the tensor-op path.
 //!
 //! Large buffers are split into chunks processed in parallel (rayon), so the update uses every
 //! core the user gave.
@@ -42,7 +42,7 @@ fn cuda_axpby(
     [keep, take, scale]: [f64; 3],
     square: bool,
 ) -> Result<()> {
-    let op = ddpm_unet::kernels::cuda::Axpby {
+    let op = ddpm_unet::kernels::optim::cuda::Axpby {
         keep: keep as f32,
         take: take as f32,
         scale: scale as f32,
@@ -248,7 +248,7 @@ impl InplaceOp3 for AdamWUpdate {
             self.lr as f32,
             self.eps as f32,
         ];
-        ddpm_unet::kernels::cuda::adamw_update(s1, l1, s2, l2, s3, l3, params)
+        ddpm_unet::kernels::optim::cuda::adamw_update(s1, l1, s2, l2, s3, l3, params)
     }
 }
 
@@ -293,7 +293,7 @@ fn no_cuda(len: usize, what: &str) -> Result<()> {
 /// accumulated in f64 with one read-back for all of them (our CUDA kernel).
 pub fn cuda_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
     #[cfg(feature = "cuda")]
-    return ddpm_unet::kernels::cuda::sum_of_squares(tensors);
+    return ddpm_unet::kernels::optim::cuda::sum_of_squares(tensors);
     #[cfg(not(feature = "cuda"))]
     no_cuda(tensors.len(), "sum of squares").map(|_| 0.0)
 }
@@ -310,7 +310,7 @@ pub fn cuda_adamw(
 ) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let f = ddpm_unet::kernels::cuda::AdamWFactors {
+        let f = ddpm_unet::kernels::optim::cuda::AdamWFactors {
             scale: grad_scale as f32,
             first: [beta1 as f32, (1.0 - beta1) as f32],
             second: [beta2 as f32, (1.0 - beta2) as f32],
@@ -320,7 +320,7 @@ pub fn cuda_adamw(
             lr: update.lr as f32,
             eps: update.eps as f32,
         };
-        ddpm_unet::kernels::cuda::adamw_multi(groups, &f)
+        ddpm_unet::kernels::optim::cuda::adamw_multi(groups, &f)
     }
     #[cfg(not(feature = "cuda"))]
     no_cuda(groups.len(), "AdamW")
@@ -331,7 +331,7 @@ pub fn cuda_adamw(
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn cuda_ema(pairs: &[[&Tensor; 2]], decay: f64) -> Result<()> {
     #[cfg(feature = "cuda")]
-    return ddpm_unet::kernels::cuda::axpby_multi(pairs, decay as f32, (1.0 - decay) as f32);
+    return ddpm_unet::kernels::optim::cuda::axpby_multi(pairs, decay as f32, (1.0 - decay) as f32);
     #[cfg(not(feature = "cuda"))]
     no_cuda(pairs.len(), "EMA")
 }

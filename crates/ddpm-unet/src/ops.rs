@@ -1,12 +1,18 @@
-//! The hot operations of the U-Nets, each in exactly one place.
+//! The hot operations of the U-Nets, each in exactly one place: the switchboard.
 //!
 //! Every layer of this crate calls these functions instead of candle's ops directly, so that a
 //! faster kernel for one op (a CPU convolution, a fused GroupNorm) is swapped in here and nowhere
-//! else. Each function is differentiable through candle's autograd.
+//! else. Each function picks, as the [`KernelPolicy`] in force says, between our CPU kernel, our
+//! CUDA kernel and candle's composition of the same op (each op's `fallback` module in
+//! `ddpm-kernels`), and casts weights to the activations' dtype (mixed precision). Each is
+//! differentiable through candle's autograd.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
+use crate::kernels::attention::fallback::attention as attention_candle;
 use crate::kernels::attention::Kind as AttentionKind;
+use crate::kernels::conv::fallback::Lowering;
+use crate::kernels::group_norm::fallback::group_norm as group_norm_candle;
 pub use crate::kernels::group_norm::Dropout;
 
 /// Stride and symmetric zero padding of a 2-D convolution.
@@ -42,9 +48,10 @@ fn like(w: &Tensor, x: &Tensor) -> Result<Tensor> {
 ///
 /// On the CPU (f32/f64) this is our im2col + GEMM kernel (Winograd for 3x3 stride-1 convs with
 /// enough channels); on CUDA our im2col kernel, one cuBLAS GEMM and a bias epilogue
-/// (`kernels::cuda::conv2d`); with `cuda_kernels = off` in the [`KernelPolicy`] [`conv2d_unfold`], an
-/// im2col built from candle's tensor ops, or candle's `conv2d` with `cuda_conv = candle` (see
-/// [`cuda_conv_is_candle`]). A policy with the candle backend uses candle's `conv2d` everywhere.
+/// (`kernels::conv::cuda::conv2d`); with `cuda_kernels = off` in the [`KernelPolicy`]
+/// [`conv2d_unfold`], an im2col built from candle's tensor ops, or candle's `conv2d` with
+/// `cuda_conv = candle` (see [`cuda_conv_is_candle`]). A policy with the candle backend uses
+/// candle's `conv2d` everywhere (each of these but our kernels is `kernels::conv::fallback`).
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, p: ConvParams) -> Result<Tensor> {
     conv2d_padded_end(x, weight, bias, p, 0)
 }
@@ -59,42 +66,23 @@ pub fn conv2d_padded_end(
     p: ConvParams,
     extra_end: usize,
 ) -> Result<Tensor> {
+    let pads = (p.padding, p.padding + extra_end);
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
         let (weight, bias) = kernel_weight_and_bias(x, weight, bias)?;
-        let pads = (p.padding, p.padding + extra_end);
         return crate::kernels::conv::conv2d(x, &weight, &bias, p.stride, pads);
     }
     let weight = like(weight, x)?;
     let bias = bias.map(|b| like(b, x)).transpose()?;
     #[cfg(feature = "cuda")]
     if kernels() == Kernels::Ours && !cuda_conv_is_candle() && crate::kernels::cuda_supported(x) {
-        let pads = (p.padding, p.padding + extra_end);
-        return crate::kernels::cuda::conv2d(x, &weight, bias.as_ref(), p.stride, pads);
+        return crate::kernels::conv::cuda::conv2d(x, &weight, bias.as_ref(), p.stride, pads);
     }
-    let x = if extra_end > 0 {
-        &x.pad_with_zeros(2, 0, extra_end)?
-            .pad_with_zeros(3, 0, extra_end)?
+    let lowering = if kernels() == Kernels::Ours && !x.device().is_cpu() && !cuda_conv_is_candle() {
+        Lowering::Unfold
     } else {
-        x
+        Lowering::Candle
     };
-    let y = if kernels() == Kernels::Ours && !x.device().is_cpu() && !cuda_conv_is_candle() {
-        conv2d_unfold(x, &weight, p)?
-    } else {
-        x.conv2d(&weight, p.padding, p.stride, 1, 1)?
-    };
-    add_bias(y, bias.as_ref(), x.dims()[0])
-}
-
-/// `y` (batch, c_out, h, w) plus a bias per channel (c_out) or per image (batch, c_out).
-fn add_bias(y: Tensor, bias: Option<&Tensor>, batch: usize) -> Result<Tensor> {
-    match bias {
-        Some(b) => {
-            let c_out = y.dims()[1];
-            let rows = if b.elem_count() == c_out { 1 } else { batch };
-            y.broadcast_add(&b.reshape((rows, c_out, 1, 1))?)
-        }
-        None => Ok(y),
-    }
+    crate::kernels::conv::fallback::conv2d(x, &weight, bias.as_ref(), p.stride, pads, lowering)
 }
 
 /// Whether convolutions off the CPU use candle's `conv2d` (cuDNN in a `cudnn` build; its
@@ -142,55 +130,12 @@ pub fn conv2d_residual(
 }
 
 /// Convolution (no bias) as one batched matrix product over an im2col matrix that is built
-/// from candle's differentiable ops (pad, strided windows, stack), on any device and dtype.
-/// Forward and both gradients are GEMMs plus memory copies.
+/// from candle's differentiable ops (pad, strided windows, stack), on any device and dtype
+/// (`kernels::conv::fallback::conv2d_unfold`).
 pub fn conv2d_unfold(x: &Tensor, weight: &Tensor, p: ConvParams) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (c_out, c_in, kh, kw) = weight.dims4()?;
-    if c_in != c {
-        candle_core::bail!("conv2d: input has {c} channels, weight expects {c_in}");
-    }
-    let (s, pad) = (p.stride.max(1), p.padding);
-    if h + 2 * pad < kh || w + 2 * pad < kw {
-        candle_core::bail!(
-            "conv2d: {h}x{w} input (padding {pad}) is smaller than the {kh}x{kw} kernel"
-        );
-    }
-    let oh = (h + 2 * pad - kh) / s + 1;
-    let ow = (w + 2 * pad - kw) / s + 1;
-    let w2 = weight.reshape((c_out, c_in * kh * kw))?;
-    let cols = if kh == 1 && kw == 1 && s == 1 && pad == 0 {
-        x.reshape((b, c, h * w))?
-    } else {
-        // Extra zeros at the bottom/right so every strided window can take `o * s` rows.
-        let xp = x
-            .pad_with_zeros(2, pad, pad + s - 1)?
-            .pad_with_zeros(3, pad, pad + s - 1)?;
-        let wp = w + 2 * pad + s - 1;
-        let mut patches = Vec::with_capacity(kh * kw);
-        for ky in 0..kh {
-            let rows = xp.narrow(2, ky, oh * s)?;
-            let rows = if s > 1 {
-                rows.reshape((b, c, oh, s * wp))?.narrow(3, 0, wp)?
-            } else {
-                rows
-            };
-            for kx in 0..kw {
-                let win = rows.narrow(3, kx, ow * s)?;
-                let win = if s > 1 {
-                    win.reshape((b, c, oh, ow, s))?
-                        .narrow(4, 0, 1)?
-                        .squeeze(4)?
-                } else {
-                    win
-                };
-                patches.push(win);
-            }
-        }
-        Tensor::stack(&patches, 2)?.reshape((b, c * kh * kw, oh * ow))?
-    };
-    w2.broadcast_matmul(&cols)?.reshape((b, c_out, oh, ow))
+    crate::kernels::conv::fallback::conv2d_unfold(x, weight, p.stride, p.padding)
 }
+
 /// Affine map on the last dimension: `x` (..., in) times `weight` (out, in) transposed plus `bias`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let y = x.broadcast_matmul(&like(weight, x)?.t()?)?;
@@ -249,58 +194,27 @@ pub fn group_norm_act(
         };
         return crate::kernels::group_norm::group_norm_act(x, groups, &a, &d, silu, dropout, eps);
     }
-    let mut h = group_norm_candle(x, groups, weight, bias, eps)?;
-    if let Some((scale, shift)) = scale_shift {
-        h = h
-            .broadcast_mul(&(like(scale, x)? + 1.0)?)?
-            .broadcast_add(&like(shift, x)?)?;
-    }
-    if silu {
-        h = h.silu()?;
-    }
-    if let Some(d) = dropout.filter(|d| d.p > 0.0) {
-        let mask = Tensor::from_vec(d.mask(h.elem_count()), h.shape(), h.device())?;
-        h = h.mul(&mask.to_dtype(h.dtype())?)?;
-    }
-    Ok(h)
+    let scale_shift = match scale_shift {
+        Some((scale, shift)) => Some((like(scale, x)?, like(shift, x)?)),
+        None => None,
+    };
+    let scale_shift = scale_shift.as_ref().map(|(scale, shift)| (scale, shift));
+    crate::kernels::group_norm::fallback::group_norm_act(
+        x,
+        groups,
+        weight,
+        bias,
+        scale_shift,
+        silu,
+        dropout,
+        eps,
+    )
 }
 
 /// Whether [`group_norm_act`] applies dropout inside our kernel for this input normalized in
 /// `groups` groups (CPU f32/f64, or CUDA; our kernels on).
 pub fn fused_dropout(x: &Tensor, groups: usize) -> bool {
     kernels() == Kernels::Ours && crate::kernels::group_norm_supported(x, groups)
-}
-
-/// GroupNorm composed of candle's ops (any device and dtype).
-fn group_norm_candle(
-    x: &Tensor,
-    groups: usize,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (b, c) = (dims[0], dims[1]);
-    if groups == 0 || c % groups != 0 {
-        candle_core::bail!("group_norm: {c} channels cannot be split into {groups} groups");
-    }
-    let in_dtype = x.dtype();
-    let work = match in_dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
-    let xg = x.to_dtype(work)?.reshape((b, groups, ()))?;
-    let mean = xg.mean_keepdim(D::Minus1)?;
-    let centered = xg.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    let mut affine_shape = vec![1usize; dims.len()];
-    affine_shape[1] = c;
-    normed
-        .reshape(dims.as_slice())?
-        .to_dtype(in_dtype)?
-        .broadcast_mul(&weight.reshape(affine_shape.as_slice())?)?
-        .broadcast_add(&bias.reshape(affine_shape.as_slice())?)
 }
 
 /// SiLU (swish): `x * sigmoid(x)`.
@@ -368,42 +282,6 @@ fn attention_of(
     attention_candle(kind, qkv, heads, dim_head, scale)
 }
 
-/// [`attention`] and [`linear_attention`] composed of candle's ops (any device and dtype).
-fn attention_candle(
-    kind: AttentionKind,
-    qkv: &Tensor,
-    heads: usize,
-    dim_head: usize,
-    scale: f64,
-) -> Result<Tensor> {
-    let (b, c, h, w) = qkv.dims4()?;
-    if c != 3 * heads * dim_head {
-        candle_core::bail!(
-            "attention: qkv has {c} channels, expected 3 * {heads} heads * {dim_head} features"
-        );
-    }
-    let parts = qkv.chunk(3, 1)?;
-    let r = |t: &Tensor| t.reshape((b, heads, dim_head, h * w));
-    let (q, k, v) = (r(&parts[0])?, r(&parts[1])?, r(&parts[2])?);
-    let out = match kind {
-        AttentionKind::Linear => {
-            let q = (softmax(&q, 2)? * scale)?;
-            let k = softmax(&k, 3)?;
-            // context[d, e] = sum_n k[d, n] v[e, n];  out[e, n] = sum_d context[d, e] q[d, n]
-            let context = matmul(&k, &v.transpose(2, 3)?)?;
-            matmul(&context.transpose(2, 3)?, &q)?
-        }
-        AttentionKind::Softmax => {
-            // sim[i, j] = sum_d q[d, i] k[d, j]
-            let sim = matmul(&(q * scale)?.transpose(2, 3)?, &k)?;
-            let attn = softmax(&sim, 3)?;
-            // out[d, i] = sum_j v[d, j] attn[i, j]
-            matmul(&v, &attn.transpose(2, 3)?)?
-        }
-    };
-    out.reshape((b, heads * dim_head, h, w))
-}
-
 /// Batched matrix product over the last two dimensions.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.matmul(&b.contiguous()?)
@@ -414,15 +292,14 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// grouped convolution, which candle runs as one convolution per channel).
 pub fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
     if kernels() == Kernels::Ours && crate::kernels::supported(x) {
-        return crate::kernels::resample::upsample_nearest_2x(x);
+        return crate::kernels::upsample::upsample_nearest_2x(x);
     }
     #[cfg(feature = "cuda")]
     if kernels() == Kernels::Ours && crate::kernels::cuda_supported(x) {
         x.dims4()?;
-        return crate::kernels::cuda::upsample_nearest_2x(x);
+        return crate::kernels::upsample::cuda::upsample_nearest_2x(x);
     }
-    let (_, _, h, w) = x.dims4()?;
-    x.upsample_nearest2d(2 * h, 2 * w)
+    crate::kernels::upsample::fallback::upsample_nearest_2x(x)
 }
 
 /// `cat([a, b], 1)` of two (b, c, h, w) tensors (a U-Net's skip connection): on the CPU our
@@ -437,7 +314,7 @@ pub fn cat_channels(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     {
         return crate::kernels::concat::concat_channels(a, b);
     }
-    Tensor::cat(&[a, b], 1)
+    crate::kernels::concat::fallback::concat_channels(a, b)
 }
 
 /// Pixel unshuffle by 2: (b, c, h, w) -> (b, 4c, h/2, w/2), channel order `(c, p1, p2)` as
@@ -452,6 +329,7 @@ pub fn pixel_unshuffle_2x(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {

@@ -149,7 +149,7 @@ pub(super) fn worker_ops(a: &OpsArgs) -> anyhow::Result<()> {
     );
     #[cfg(feature = "cuda")]
     if ddpm_unet::kernels::cuda_supported(x.as_tensor()) {
-        use ddpm_unet::kernels::cuda::{im2col, Unfold};
+        use ddpm_unet::kernels::conv::cuda::{im2col, Unfold};
         let g = Unfold {
             b,
             c,

@@ -1,99 +1,14 @@
-//! Multi-head attention over the pixels of a packed `qkv` projection (b, 3 * heads * d, h, w),
-//! forward and backward, one (image, head) pair at a time: softmax attention (Vaswani et al.)
-//! and the linear attention of Shen et al. 2018.
-//!
-//! Composed from candle's ops, one attention layer is about twenty graph nodes over the large
-//! activations (chunk, reshapes, transposes made contiguous, an exponential, a sum and a
-//! division per softmax, the matrix products), each with its own pass over memory and, in the
-//! backward pass, its own zero-filled gradient buffer. Here it is one op: the forward pass keeps
-//! nothing but its input, and the backward pass recomputes the softmaxes (cheap next to the
-//! matrix products) and writes the gradient of `qkv` in place.
+//! Attention on the CPU, one (image, head) pair at a time: the forward pass keeps nothing but its
+//! input, and the backward pass recomputes the softmaxes (cheap next to the matrix products) and
+//! writes the gradient of `qkv` in place.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{matmul_new, matmul_to, slice, sum, sum2, Float, Uninit};
-
-/// Which attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// `out = v softmax_j(scale * q^T k)^T`, per head: cost quadratic in the pixels.
-    Softmax,
-    /// `out = (softmax_n(k) v^T)^T (scale * softmax_d(q))`: queries normalized over features,
-    /// keys over positions; cost linear in the pixels.
-    Linear,
-}
-
-/// Attention over a packed `qkv` (b, 3 * heads * dim_head, h, w) into (b, heads * dim_head, h, w),
-/// channels ordered `(head, feature)` within each of q, k and v; as a custom op.
-#[derive(Debug, Clone, Copy)]
-pub struct Attention {
-    /// Softmax or linear attention.
-    pub kind: Kind,
-    /// Number of heads.
-    pub heads: usize,
-    /// Features per head.
-    pub dim_head: usize,
-    /// Softmax attention: multiplies `q^T k` before the softmax. Linear attention: multiplies
-    /// the normalized queries.
-    pub scale: f64,
-}
-
-/// Shape of one call.
-#[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    heads: usize,
-    d: usize,
-    n: usize,
-}
-
-impl Geom {
-    fn new(dims: &[usize], op: &Attention) -> Result<Self> {
-        let &[b, c, h, w] = dims else {
-            candle_core::bail!("attention: expected qkv of shape (b, c, h, w), got {dims:?}")
-        };
-        let (heads, d) = (op.heads, op.dim_head);
-        if heads == 0 || d == 0 || c != 3 * heads * d {
-            candle_core::bail!(
-                "attention: qkv has {c} channels, expected 3 * {heads} heads * {d} features"
-            );
-        }
-        Ok(Self {
-            b,
-            heads,
-            d,
-            n: h * w,
-        })
-    }
-    /// The sizes for the CUDA passes, which run softmax attention only.
-    #[cfg(feature = "cuda")]
-    fn cuda(&self, op: &Attention) -> Result<super::cuda::attention::Dims> {
-        if op.kind != Kind::Softmax {
-            candle_core::bail!(
-                "attention: linear attention has no CUDA kernel (candle's ops run it)"
-            );
-        }
-        Ok(super::cuda::attention::Dims {
-            b: self.b,
-            heads: self.heads,
-            d: self.d,
-            n: self.n,
-        })
-    }
-    /// Elements of one head's q (or k, v, out).
-    fn head_len(&self) -> usize {
-        self.d * self.n
-    }
-    /// Elements of one image's q (or k, v, out).
-    fn part_len(&self) -> usize {
-        self.heads * self.head_len()
-    }
-}
+use super::{Attention, Geom, Kind};
+use crate::{matmul_new, matmul_to, sum, sum2, Float, Uninit};
 
 /// Softmax over each row of a (rows x cols) row-major matrix, in place. Written as separate
 /// loops (max, exponentials, sum, scaling), each of which vectorizes.
@@ -153,7 +68,7 @@ fn softmax_cols<'d, T: Float>(
     }
     // SAFETY: `dst` is as long as `src`, and the loop above wrote each of its rows in full
     // (`max` and `sum` hold `cols` values, as long as any row).
-    let dst = unsafe { super::assume_init_mut(dst) };
+    let dst = unsafe { crate::assume_init_mut(dst) };
     sum.iter_mut().for_each(|s| *s = scale / *s);
     for drow in dst.chunks_mut(cols) {
         drow.iter_mut().zip(&sum).for_each(|(v, &f)| *v *= f);
@@ -209,7 +124,7 @@ fn attention_weights<T: Float>(q: &[T], k: &[T], n: usize, d: usize, scale: T) -
     sim
 }
 
-fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
+pub(super) fn forward<T: Float>(op: &Attention, g: &Geom, qkv: &[T]) -> Vec<T> {
     assert_eq!(qkv.len(), g.b * 3 * g.part_len(), "attention: qkv length");
     let mut out = Uninit::new(g.b * g.part_len());
     out.par_chunks_mut(g.head_len())
@@ -250,7 +165,7 @@ fn softmax_rows_backward<'d, T: Float>(
     }
     // SAFETY: `s`, `ds` and `dst` have the same length, so the loop above wrote every row of
     // `dst` in full.
-    unsafe { super::assume_init_mut(dst) }
+    unsafe { crate::assume_init_mut(dst) }
 }
 
 /// One head's backward pass: the gradients of q, k and v (each d x n) from `dout` (d x n),
@@ -311,7 +226,7 @@ fn backward_head_impl<T: Float>(
     }
 }
 
-fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
+pub(super) fn backward<T: Float>(op: &Attention, g: &Geom, qkv: &[T], dout: &[T]) -> Vec<T> {
     assert_eq!(
         qkv.len(),
         g.b * 3 * g.part_len(),
@@ -360,104 +275,4 @@ avx2_dispatch! {
         dout: &[T],
         grads: [&mut [MaybeUninit<T>]; 3],
     ) = backward_head_impl
-}
-
-/// The backward pass, over (qkv, output gradient).
-struct AttentionBackward(Attention);
-
-impl CustomOp1 for Attention {
-    fn name(&self) -> &'static str {
-        "ddpm-attention"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l.dims(), self)?;
-        let dims = l.dims();
-        let shape = Shape::from((g.b, g.heads * g.d, dims[2], dims[3]));
-        let storage = dispatch!(s, "attention", forward, self, &g, slice(s, l, "qkv")?);
-        Ok((storage, shape))
-    }
-
-    /// Softmax attention on CUDA: [`super::cuda::attention`] (linear attention there is
-    /// composed of candle's ops by `ops::linear_attention`).
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = Geom::new(l.dims(), self)?;
-        let dims = l.dims();
-        let shape = Shape::from((g.b, g.heads * g.d, dims[2], dims[3]));
-        Ok((
-            super::cuda::attention::forward(self, g.cuda(self)?, s, l)?,
-            shape,
-        ))
-    }
-
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        Ok(Some(
-            qkv.apply_op2_no_bwd(&grad, &AttentionBackward(*self))?,
-        ))
-    }
-}
-
-impl AttentionBackward {
-    /// The sizes from qkv's layout `l1`, checked against the gradient's `l2`.
-    fn geom(&self, l1: &Layout, l2: &Layout) -> Result<Geom> {
-        let g = Geom::new(l1.dims(), &self.0)?;
-        if l2.shape().elem_count() != g.b * g.part_len() {
-            candle_core::bail!(
-                "attention backward: gradient {:?} does not match qkv {:?}",
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        Ok(g)
-    }
-}
-
-impl CustomOp2 for AttentionBackward {
-    fn name(&self) -> &'static str {
-        "ddpm-attention-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom(l1, l2)?;
-        let storage = dispatch!(
-            s1,
-            "attention",
-            backward,
-            &self.0,
-            &g,
-            slice(s1, l1, "qkv")?,
-            slice(s2, l2, "grad")?
-        );
-        Ok((storage, l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.geom(l1, l2)?;
-        let storage = super::cuda::attention::backward(&self.0, g.cuda(&self.0)?, s1, l1, s2, l2)?;
-        Ok((storage, l1.shape().clone()))
-    }
-}
-
-/// Attention over `qkv` (b, 3 * heads * dim_head, h, w) through our kernel (made contiguous).
-pub fn attention(qkv: &Tensor, op: Attention) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(op)
 }

@@ -1,22 +1,22 @@
-//! 2-D convolution lowered onto GEMM (im2col per image), with the input, weight and bias
-//! gradients also computed as GEMMs plus a col2im scatter. Work is split over the batch.
+//! The convolution on the CPU: 2-D convolution lowered onto GEMM (im2col per image, or
+//! Winograd's F(2x2, 3x3) in [`super::winograd`]), with the input, weight and bias gradients
+//! also computed as GEMMs plus a col2im scatter. Work is split over the batch.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::winograd::{self, Shape as WinogradShape};
 use std::mem::MaybeUninit;
 
-use super::{
-    assume_init_mut, assume_init_ref, fill, matmul, matmul_to, slice, sum, threads, write_copy,
-    Float, Uninit,
+use crate::{
+    assume_init_mut, assume_init_ref, fill, matmul, matmul_to, sum, threads, write_copy, Float,
+    Uninit,
 };
+use candle_core::Result;
 
-/// Geometry of one convolution (also that of the CUDA kernels' im2col, [`super::cuda`]).
+/// Geometry of one convolution (also that of the CUDA kernels' im2col, `super::cuda`).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Geom {
+pub(crate) struct Geom {
     pub(super) b: usize,
     pub(super) c: usize,
     pub(super) h: usize,
@@ -66,7 +66,7 @@ impl Geom {
             wo: (wd + pad + pad_end - kw) / stride + 1,
         })
     }
-    fn k(&self) -> usize {
+    pub(super) fn k(&self) -> usize {
         self.c * self.kh * self.kw
     }
     /// Row stride of the patch matrix: `n`, padded by 16 when `n` is a multiple of 256 (a
@@ -123,7 +123,7 @@ impl Geom {
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0 && self.ho == self.h
     }
-    fn in_len(&self) -> usize {
+    pub(super) fn in_len(&self) -> usize {
         self.c * self.h * self.w
     }
     fn out_len(&self) -> usize {
@@ -331,7 +331,13 @@ fn plan(b: usize) -> (usize, Parallelism) {
 }
 
 /// `conv(x, w) + bias [+ residual]`, the residual shaped like the output.
-fn forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: &[T], residual: Option<&[T]>) -> Vec<T> {
+pub(super) fn forward<T: Float>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    bias: &[T],
+    residual: Option<&[T]>,
+) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let mut y = Uninit::new(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
@@ -434,7 +440,7 @@ fn add_transposed<T: Float>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) 
 }
 
 /// Gradients `[dx | dw | db per (image, channel)]` packed in one vector.
-fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
+pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let (chunk, par) = plan(g.b);
     let wlen = g.o * k;
@@ -548,254 +554,4 @@ fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
     // scatter); dW: zeroed, then summed into; db: the chunks of `db_rows` pair with those of dx
     // (`chunk` images each), and each image's `o` values are written.
     unsafe { out.assume_init() }
-}
-
-/// The convolution `conv2d(x, w) + bias` as a custom op over (x, w, bias).
-#[derive(Debug, Clone, Copy)]
-pub struct Conv2d {
-    /// Stride in both dimensions.
-    pub stride: usize,
-    /// Zero padding before the first row and column.
-    pub padding: usize,
-    /// Zero padding after the last row and column (usually `padding`; TensorFlow's "SAME"
-    /// padding of a stride-2 conv pads only after).
-    pub padding_end: usize,
-}
-
-struct Conv2dBackward(Conv2d);
-
-impl Conv2d {
-    /// The geometry of this convolution over an input and a kernel of these dims.
-    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
-        Geom::new(x, w, self.stride, self.padding, self.padding_end)
-    }
-}
-
-impl CustomOp3 for Conv2d {
-    fn name(&self) -> &'static str {
-        "ddpm-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom(l1.dims(), l2.dims())?;
-        let bias_len = l3.shape().elem_count();
-        if bias_len != g.o && bias_len != g.b * g.o {
-            candle_core::bail!(
-                "conv2d: bias of {bias_len} values for {} output channels and batch {}",
-                g.o,
-                g.b
-            );
-        }
-        let shape = Shape::from((g.b, g.o, g.ho, g.wo));
-        let storage = dispatch!(
-            s1,
-            "conv2d",
-            forward,
-            &g,
-            slice(s1, l1, "conv2d x")?,
-            slice(s2, l2, "conv2d w")?,
-            slice(s3, l3, "conv2d bias")?,
-            None
-        );
-        Ok((storage, shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = gradients(*self, x, w, bias.elem_count(), &grad.contiguous()?)?;
-        // A per-image bias (b, o) at batch 1 has as many values as a per-channel one (o): the
-        // gradient takes the bias's own shape, whichever it is.
-        Ok((Some(dx), Some(dw), Some(db.reshape(bias.shape())?)))
-    }
-}
-
-/// `(dx, dw, db)` of `conv2d(x, w) + bias` from the output's gradient `grad` (contiguous), for a
-/// bias of `bias_len` values (one per channel, or one per image and channel).
-fn gradients(
-    conv: Conv2d,
-    x: &Tensor,
-    w: &Tensor,
-    bias_len: usize,
-    grad: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let packed = x.apply_op3_no_bwd(w, grad, &Conv2dBackward(conv))?;
-    let (xn, wn) = (x.elem_count(), w.elem_count());
-    let (b, o) = (x.dims()[0], w.dims()[0]);
-    let dx = packed.narrow(0, 0, xn)?.reshape(x.shape())?;
-    let dw = packed.narrow(0, xn, wn)?.reshape(w.shape())?;
-    let db_rows = packed.narrow(0, xn + wn, b * o)?;
-    let db = if bias_len == o {
-        db_rows.reshape((b, o))?.sum(0)?
-    } else {
-        db_rows.reshape((b, o))?
-    };
-    Ok((dx, dw, db))
-}
-
-/// `conv2d(x, w) + bias + residual` as a custom op over (x, [w | bias] flattened, residual): the
-/// residual connection of a ResNet block added by the convolution's own output loop, so the sum
-/// costs no pass over memory and no graph node. (The weight and bias travel packed because
-/// candle's custom ops take at most three inputs; both are small.)
-#[derive(Debug, Clone, Copy)]
-pub struct Conv2dResidual {
-    /// The convolution.
-    pub conv: Conv2d,
-    /// The weight's shape (c_out, c_in, kh, kw).
-    pub w_dims: [usize; 4],
-}
-
-impl Conv2dResidual {
-    fn w_len(&self) -> usize {
-        self.w_dims.iter().product()
-    }
-}
-
-impl CustomOp3 for Conv2dResidual {
-    fn name(&self) -> &'static str {
-        "ddpm-conv2d-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(l1.dims(), &self.w_dims)?;
-        let wn = self.w_len();
-        if l2.shape().elem_count() != wn + g.o {
-            candle_core::bail!("conv2d-residual: packed weight and bias of the wrong length");
-        }
-        let out = [g.b, g.o, g.ho, g.wo];
-        if l3.dims() != out {
-            candle_core::bail!(
-                "conv2d-residual: residual {:?} for an output of {out:?}",
-                l3.dims()
-            );
-        }
-        fn run<T: Float>(g: &Geom, x: &[T], wb: &[T], wn: usize, r: &[T]) -> Vec<T> {
-            forward(g, x, &wb[..wn], &wb[wn..], Some(r))
-        }
-        let storage = dispatch!(
-            s1,
-            "conv2d-residual",
-            run,
-            &g,
-            slice(s1, l1, "conv2d x")?,
-            slice(s2, l2, "conv2d weight and bias")?,
-            wn,
-            slice(s3, l3, "conv2d residual")?
-        );
-        Ok((storage, Shape::from(&out)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        wb: &Tensor,
-        _residual: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let wn = self.w_len();
-        let w = wb.narrow(0, 0, wn)?.reshape(self.w_dims.as_slice())?;
-        let (dx, dw, db) = gradients(self.conv, x, &w, self.w_dims[0], &grad)?;
-        let dwb = Tensor::cat(&[dw.flatten_all()?, db], 0)?;
-        // The residual's gradient is the output's.
-        Ok((Some(dx), Some(dwb), Some(grad)))
-    }
-}
-
-impl CustomOp3 for Conv2dBackward {
-    fn name(&self) -> &'static str {
-        "ddpm-conv2d-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0.geom(l1.dims(), l2.dims())?;
-        let storage = dispatch!(
-            s1,
-            "conv2d",
-            backward,
-            &g,
-            slice(s1, l1, "x")?,
-            slice(s2, l2, "w")?,
-            slice(s3, l3, "grad")?
-        );
-        let len = g.b * g.in_len() + g.o * g.k() + g.b * g.o;
-        Ok((storage, Shape::from(len)))
-    }
-}
-
-/// `conv2d(x, w) + bias + residual` through our kernel ([`Conv2dResidual`]): `bias` (c_out) per
-/// channel, `residual` shaped like the output; inputs are made contiguous.
-pub fn conv2d_residual(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    stride: usize,
-    (padding, padding_end): (usize, usize),
-    residual: &Tensor,
-) -> Result<Tensor> {
-    let w_dims = w.dims4()?;
-    let wb = Tensor::cat(&[w.flatten_all()?, bias.flatten_all()?], 0)?;
-    x.contiguous()?.apply_op3(
-        &wb,
-        &residual.contiguous()?,
-        Conv2dResidual {
-            conv: Conv2d {
-                stride,
-                padding,
-                padding_end,
-            },
-            w_dims: [w_dims.0, w_dims.1, w_dims.2, w_dims.3],
-        },
-    )
-}
-
-/// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image,
-/// with `padding` zeros before and `padding_end` after the rows and columns; inputs are made
-/// contiguous.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    stride: usize,
-    (padding, padding_end): (usize, usize),
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &bias.contiguous()?,
-        Conv2d {
-            stride,
-            padding,
-            padding_end,
-        },
-    )
 }

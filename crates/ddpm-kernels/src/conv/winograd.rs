@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{as_f32, assume_init_mut, assume_init_ref, fill, matmul, matmul_to, Float, Uninit};
+use crate::{as_f32, assume_init_mut, assume_init_ref, fill, matmul, matmul_to, Float, Uninit};
 
 mod dots;
 
@@ -249,7 +249,7 @@ pub(super) fn weight_grad<T: Float>(
     let (o, c) = (s.o, s.c);
     // In f32 on an AVX2 CPU, dU by lane-wise dot products ([`dots`]), the tiles padded to a
     // multiple of 16 (the AVX-512 build's vectors) with zeros; otherwise by GEMMs.
-    let lanes = as_f32(x).is_some() && super::avx2();
+    let lanes = as_f32(x).is_some() && crate::avx2();
     if n == 0 {
         return;
     }
@@ -356,7 +356,7 @@ fn store<T: Float, const L: usize>(d: &mut [T], k: usize, v: [T; L]) {
 /// Writes `v` to `d[k..k + L]`, storage not yet written ([`store`]'s stores).
 #[inline(always)]
 fn put<T: Float, const L: usize>(d: &mut [MaybeUninit<T>], k: usize, v: [T; L]) {
-    super::write_copy(&mut d[k..k + L], &v);
+    crate::write_copy(&mut d[k..k + L], &v);
 }
 
 /// `a + b`, lane-wise (one or two vector instructions once inlined).

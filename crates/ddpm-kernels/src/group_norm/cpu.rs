@@ -1,23 +1,24 @@
-//! GroupNorm with a per-channel affine, forward and backward in one pass each over the data,
-//! split over (image, group) pairs.
+//! GroupNorm on the CPU, with a per-(image, channel) affine, SiLU and dropout: forward and
+//! backward in one pass each over the data, split over (image, group) pairs.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::Result;
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{assume_init_mut, slice, sum, sum2, write_copy, Float, Uninit};
+use super::{Dropout, GroupNorm};
+use crate::{assume_init_mut, sum, sum2, write_copy, Float, Uninit};
 
+/// The shape of one call: `c` channels of `hw` values per image, in `groups` groups.
 #[derive(Debug, Clone, Copy)]
-struct Geom {
+pub(crate) struct Geom {
     c: usize,
     hw: usize,
     groups: usize,
 }
 
 impl Geom {
-    fn new(dims: &[usize], groups: usize) -> Result<Self> {
+    pub(super) fn new(dims: &[usize], groups: usize) -> Result<Self> {
         if dims.len() < 2 {
             candle_core::bail!("group_norm: expected (b, c, ...), got {dims:?}");
         }
@@ -56,40 +57,9 @@ fn silu_and_grad<T: Float>(h: T) -> (T, T) {
     (h * s, s * (T::ONE + h * (T::ONE - s)))
 }
 
-/// Inverted dropout applied after the activation: each element is zeroed with probability `p`
-/// (the rest scaled by `1 / (1 - p)`), by a mask that is a hash of (`seed`, element index), so
-/// the backward pass regenerates it instead of storing it, and the same seed gives the same
-/// mask on any thread count.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Dropout {
-    /// Probability of zeroing an element, in [0, 1).
-    pub p: f64,
-    /// Seed of the mask; draw a fresh one per call.
-    pub seed: u64,
-}
-
-impl Dropout {
-    /// The mask's factor per element: 0 or `1 / (1 - p)` (for composing dropout from tensor
-    /// ops off the fused kernel; cast to the activations' type).
-    pub fn mask(&self, len: usize) -> Vec<f64> {
-        let m = Mask::<f64>::new(*self);
-        (0..len).map(|i| m.factor(i)).collect()
-    }
-
-    /// The hash's threshold and two seed words: element `i` is kept when
-    /// `hash32(hash32(i + s1) ^ s2) >= threshold` (shared with the CUDA kernel).
-    pub(crate) fn hash_params(&self) -> (u32, u32, u32) {
-        (
-            (self.p * 4_294_967_296.0).clamp(0.0, u32::MAX as f64) as u32,
-            hash32(self.seed as u32),
-            hash32((self.seed >> 32) as u32 ^ 0x9e37_79b9),
-        )
-    }
-}
-
 /// [`Dropout`] prepared for the inner loops.
 #[derive(Debug, Clone, Copy)]
-struct Mask<T> {
+pub(super) struct Mask<T> {
     threshold: u32,
     s1: u32,
     s2: u32,
@@ -99,7 +69,7 @@ struct Mask<T> {
 /// A 32-bit integer hash with good avalanche (Wellons' "lowbias32"); 32-bit multiplies keep it
 /// vectorizable.
 #[inline(always)]
-fn hash32(mut x: u32) -> u32 {
+pub(super) fn hash32(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
@@ -108,7 +78,7 @@ fn hash32(mut x: u32) -> u32 {
 }
 
 impl<T: Float> Mask<T> {
-    fn new(d: Dropout) -> Self {
+    pub(super) fn new(d: Dropout) -> Self {
         let (threshold, s1, s2) = d.hash_params();
         Self {
             threshold,
@@ -120,7 +90,7 @@ impl<T: Float> Mask<T> {
 
     /// 0 or `1 / (1 - p)` for element `i`.
     #[inline(always)]
-    fn factor(&self, i: usize) -> T {
+    pub(super) fn factor(&self, i: usize) -> T {
         let h = hash32(hash32((i as u32).wrapping_add(self.s1)) ^ self.s2);
         if h >= self.threshold {
             self.keep
@@ -283,13 +253,13 @@ avx2_dispatch! {
 }
 
 /// `y = act((x - mean) * rstd * a[i, c] + d[i, c])` per image `i` and channel `c`.
-fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
+pub(super) fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec<T> {
     assert!(
         x.len().is_multiple_of(g.group_len()),
         "group_norm: input length"
     );
     let mut y = Uninit::new(x.len());
-    let (eps, post) = (op.eps, op.post());
+    let (eps, post) = (op.eps, post(op));
     y.par_chunks_mut(g.group_len())
         .zip(x.par_chunks(g.group_len()))
         .enumerate()
@@ -305,8 +275,15 @@ fn forward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], op: &GroupNorm) -> Vec
 }
 
 /// `[dx | da | dd]` packed, `da` and `dd` per (image, channel).
-fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupNorm) -> Vec<T> {
-    let (eps, post) = (op.eps, op.post());
+pub(super) fn backward<T: Float>(
+    g: &Geom,
+    x: &[T],
+    a: &[T],
+    d: &[T],
+    dy: &[T],
+    op: &GroupNorm,
+) -> Vec<T> {
+    let (eps, post) = (op.eps, post(op));
     let bc = x.len() / g.hw;
     assert!(
         x.len().is_multiple_of(g.group_len()) && dy.len() == x.len(),
@@ -342,196 +319,10 @@ fn backward<T: Float>(g: &Geom, x: &[T], a: &[T], d: &[T], dy: &[T], op: &GroupN
     unsafe { out.assume_init() }
 }
 
-/// GroupNorm with a per-(image, channel) affine `a`, `d` (b, c) and an optional SiLU, over
-/// (x, a, d), as a custom op.
-#[derive(Debug, Clone, Copy)]
-pub struct GroupNorm {
-    /// Number of groups.
-    pub groups: usize,
-    /// Added to the variance.
-    pub eps: f64,
-    /// Apply SiLU after the affine.
-    pub silu: bool,
-    /// Dropout after the activation (training only).
-    pub dropout: Option<Dropout>,
-}
-
-impl GroupNorm {
-    fn post<T: Float>(&self) -> Post<T> {
-        Post {
-            silu: self.silu,
-            mask: self.dropout.filter(|d| d.p > 0.0).map(Mask::new),
-        }
+/// The activation and dropout of `op`, for the inner loops.
+fn post<T: Float>(op: &GroupNorm) -> Post<T> {
+    Post {
+        silu: op.silu,
+        mask: op.dropout.filter(|d| d.p > 0.0).map(Mask::new),
     }
-}
-
-/// The backward pass over (x, `[a | d]`, grad).
-struct GroupNormBackward(GroupNorm);
-
-impl CustomOp3 for GroupNorm {
-    fn name(&self) -> &'static str {
-        "ddpm-group-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), self.groups)?;
-        let storage = dispatch!(
-            s1,
-            "group_norm",
-            forward,
-            &g,
-            slice(s1, l1, "x")?,
-            slice(s2, l2, "a")?,
-            slice(s3, l3, "d")?,
-            self
-        );
-        Ok((storage, l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = super::cuda::group_norm_fwd(self, s1, l1, s2, l2, s3, l3)?;
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        d: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, bc) = (x.elem_count(), a.elem_count());
-        // The two small affines packed into one input (a custom op takes three), so that the
-        // gradient, as large as `x`, goes in without a copy.
-        let a_and_d = Tensor::cat(&[&a.flatten_all()?, &d.flatten_all()?], 0)?;
-        let packed =
-            x.apply_op3_no_bwd(&a_and_d, &grad.contiguous()?, &GroupNormBackward(*self))?;
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, bc)?.reshape(a.shape())?),
-            Some(packed.narrow(0, n + bc, bc)?.reshape(d.shape())?),
-        ))
-    }
-}
-
-impl CustomOp3 for GroupNormBackward {
-    fn name(&self) -> &'static str {
-        "ddpm-group-norm-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), self.0.groups)?;
-        let bc = l2.shape().elem_count() / 2;
-        let (op, storage) = (self.0, s1);
-        let storage = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(run_backward::<f32>(&g, op, s1, l1, s2, l2, s3, l3, bc)?),
-            DType::F64 => CpuStorage::F64(run_backward::<f64>(&g, op, s1, l1, s2, l2, s3, l3, bc)?),
-            dt => candle_core::bail!("group_norm kernel: unsupported dtype {dt:?}"),
-        };
-        Ok((storage, Shape::from(l1.shape().elem_count() + 2 * bc)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (out, len) = super::cuda::group_norm_bwd(&self.0, s1, l1, s2, l2, s3, l3)?;
-        Ok((out, Shape::from(len)))
-    }
-}
-
-/// Unpacks the backward pass's inputs for one float type.
-#[allow(clippy::too_many_arguments)]
-fn run_backward<T: Float>(
-    g: &Geom,
-    op: GroupNorm,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    s3: &CpuStorage,
-    l3: &Layout,
-    bc: usize,
-) -> Result<Vec<T>> {
-    let x = slice::<T>(s1, l1, "x")?;
-    let (a, d) = slice::<T>(s2, l2, "a and d")?.split_at(bc);
-    let dy = slice::<T>(s3, l3, "grad")?;
-    Ok(backward(g, x, a, d, dy, &op))
-}
-
-/// GroupNorm of `x` (b, c, ...) with a per-(image, channel) affine `a`, `d` (b, c), then SiLU
-/// when `silu`, then `dropout` when given, through our kernel:
-/// `dropout(act((x - mean) / std * a + d))`.
-pub fn group_norm_act(
-    x: &Tensor,
-    groups: usize,
-    a: &Tensor,
-    d: &Tensor,
-    silu: bool,
-    dropout: Option<Dropout>,
-    eps: f64,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(
-        &a.contiguous()?,
-        &d.contiguous()?,
-        GroupNorm {
-            groups,
-            eps,
-            silu,
-            dropout,
-        },
-    )
-}
-
-/// GroupNorm of `x` (b, c, ...) with `gamma`, `beta` (c) through our kernel.
-pub fn group_norm(
-    x: &Tensor,
-    groups: usize,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let (a, d) = per_image(x, gamma, beta)?;
-    group_norm_act(x, groups, &a, &d, false, None, eps)
-}
-
-/// `gamma`, `beta` (c) broadcast to (b, c): the per-image affine of a plain GroupNorm.
-pub fn per_image(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (b, c) = (x.dims()[0], gamma.elem_count());
-    Ok((
-        gamma.reshape((1, c))?.broadcast_as((b, c))?,
-        beta.reshape((1, c))?.broadcast_as((b, c))?,
-    ))
 }

@@ -1,0 +1,219 @@
+//! 2-D convolution, `conv2d(x, w) + bias [+ residual]`, with padding that may differ at the end
+//! and a bias per channel or per image (the time embedding): the candle custom ops and their
+//! backward passes here, the CPU kernels in `cpu` (im2col + GEMM) and `winograd` (F(2x2, 3x3)
+//! for 3x3 stride-1 convolutions, with its AVX-512 dot products in `winograd/dots.rs`), the CUDA
+//! version in [`cuda`] (our im2col, one cuBLAS GEMM, a bias epilogue), and candle's composition
+//! in [`fallback`].
+
+mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod fallback;
+mod winograd;
+
+use candle_core::{Layout, Result, Shape, Tensor};
+
+use crate::custom_op::{unpack, Kernel};
+use crate::Float;
+use cpu::Geom;
+
+/// The convolution `conv2d(x, w) + bias` as a custom op over (x, w, bias).
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2d {
+    /// Stride in both dimensions.
+    pub stride: usize,
+    /// Zero padding before the first row and column.
+    pub padding: usize,
+    /// Zero padding after the last row and column (usually `padding`; TensorFlow's "SAME"
+    /// padding of a stride-2 conv pads only after).
+    pub padding_end: usize,
+}
+
+/// Its backward pass over (x, w, grad): `[dx | dw | db per (image, channel)]`, flat.
+struct Conv2dBackward(Conv2d);
+
+impl Conv2d {
+    /// The geometry of this convolution over an input and a kernel of these dims.
+    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
+        Geom::new(x, w, self.stride, self.padding, self.padding_end)
+    }
+}
+
+impl Kernel<3> for Conv2d {
+    const NAME: &'static str = "ddpm-conv2d";
+    type Plan = Geom;
+
+    fn plan(&self, [x, w, bias]: [&Layout; 3]) -> Result<(Geom, Shape)> {
+        let g = self.geom(x.dims(), w.dims())?;
+        let bias_len = bias.shape().elem_count();
+        if bias_len != g.o && bias_len != g.b * g.o {
+            candle_core::bail!(
+                "conv2d: bias of {bias_len} values for {} output channels and batch {}",
+                g.o,
+                g.b
+            );
+        }
+        Ok((g, Shape::from((g.b, g.o, g.ho, g.wo))))
+    }
+
+    fn cpu<T: Float>(&self, g: &Geom, [x, w, bias]: [&[T]; 3]) -> Result<Vec<T>> {
+        Ok(cpu::forward(g, x, w, bias, None))
+    }
+
+    fn bwd(
+        &self,
+        [x, w, bias]: [&Tensor; 3],
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let (dx, dw, db) = gradients(*self, x, w, bias.elem_count(), &grad.contiguous()?)?;
+        // A per-image bias (b, o) at batch 1 has as many values as a per-channel one (o): the
+        // gradient takes the bias's own shape, whichever it is.
+        Ok([Some(dx), Some(dw), Some(db.reshape(bias.shape())?)])
+    }
+}
+custom_op!(Conv2d, 3);
+
+impl Kernel<3> for Conv2dBackward {
+    const NAME: &'static str = "ddpm-conv2d-backward";
+    type Plan = Geom;
+
+    fn plan(&self, [x, w, _]: [&Layout; 3]) -> Result<(Geom, Shape)> {
+        let g = self.0.geom(x.dims(), w.dims())?;
+        let len = g.b * g.in_len() + g.o * g.k() + g.b * g.o;
+        Ok((g, Shape::from(len)))
+    }
+
+    fn cpu<T: Float>(&self, g: &Geom, [x, w, dy]: [&[T]; 3]) -> Result<Vec<T>> {
+        Ok(cpu::backward(g, x, w, dy))
+    }
+}
+custom_op!(Conv2dBackward, 3);
+
+/// `(dx, dw, db)` of `conv2d(x, w) + bias` from the output's gradient `grad` (contiguous), for a
+/// bias of `bias_len` values (one per channel, or one per image and channel).
+fn gradients(
+    conv: Conv2d,
+    x: &Tensor,
+    w: &Tensor,
+    bias_len: usize,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let packed = x.apply_op3_no_bwd(w, grad, &Conv2dBackward(conv))?;
+    let (b, o) = (x.dims()[0], w.dims()[0]);
+    let shapes = [x.shape().clone(), w.shape().clone(), Shape::from((b, o))];
+    let [dx, dw, db_rows] = unpack(&packed, shapes)?;
+    let db = if bias_len == o {
+        db_rows.sum(0)?
+    } else {
+        db_rows
+    };
+    Ok((dx, dw, db))
+}
+
+/// `conv2d(x, w) + bias + residual` as a custom op over (x, [w | bias] flattened, residual): the
+/// residual connection of a ResNet block added by the convolution's own output loop, so the sum
+/// costs no pass over memory and no graph node. (The weight and bias travel packed because
+/// candle's custom ops take at most three inputs; both are small.)
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dResidual {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// The weight's shape (c_out, c_in, kh, kw).
+    pub w_dims: [usize; 4],
+}
+
+impl Conv2dResidual {
+    fn w_len(&self) -> usize {
+        self.w_dims.iter().product()
+    }
+}
+
+impl Kernel<3> for Conv2dResidual {
+    const NAME: &'static str = "ddpm-conv2d-residual";
+    type Plan = Geom;
+
+    fn plan(&self, [x, wb, residual]: [&Layout; 3]) -> Result<(Geom, Shape)> {
+        let g = self.conv.geom(x.dims(), &self.w_dims)?;
+        if wb.shape().elem_count() != self.w_len() + g.o {
+            candle_core::bail!("conv2d-residual: packed weight and bias of the wrong length");
+        }
+        let out = [g.b, g.o, g.ho, g.wo];
+        if residual.dims() != out {
+            candle_core::bail!(
+                "conv2d-residual: residual {:?} for an output of {out:?}",
+                residual.dims()
+            );
+        }
+        Ok((g, Shape::from(&out)))
+    }
+
+    fn cpu<T: Float>(&self, g: &Geom, [x, wb, residual]: [&[T]; 3]) -> Result<Vec<T>> {
+        let (w, bias) = wb.split_at(self.w_len());
+        Ok(cpu::forward(g, x, w, bias, Some(residual)))
+    }
+
+    fn bwd(
+        &self,
+        [x, wb, _]: [&Tensor; 3],
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let grad = grad.contiguous()?;
+        let w = wb
+            .narrow(0, 0, self.w_len())?
+            .reshape(self.w_dims.as_slice())?;
+        let (dx, dw, db) = gradients(self.conv, x, &w, self.w_dims[0], &grad)?;
+        let dwb = Tensor::cat(&[dw.flatten_all()?, db], 0)?;
+        // The residual's gradient is the output's.
+        Ok([Some(dx), Some(dwb), Some(grad)])
+    }
+}
+custom_op!(Conv2dResidual, 3);
+
+/// `conv2d(x, w) + bias + residual` through our kernel ([`Conv2dResidual`]): `bias` (c_out) per
+/// channel, `residual` shaped like the output; inputs are made contiguous.
+pub fn conv2d_residual(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    (padding, padding_end): (usize, usize),
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let w_dims = w.dims4()?;
+    let wb = Tensor::cat(&[w.flatten_all()?, bias.flatten_all()?], 0)?;
+    x.contiguous()?.apply_op3(
+        &wb,
+        &residual.contiguous()?,
+        Conv2dResidual {
+            conv: Conv2d {
+                stride,
+                padding,
+                padding_end,
+            },
+            w_dims: [w_dims.0, w_dims.1, w_dims.2, w_dims.3],
+        },
+    )
+}
+
+/// `conv2d(x, w) + bias` through our kernel, the bias (c_out) per channel or (b, c_out) per image,
+/// with `padding` zeros before and `padding_end` after the rows and columns; inputs are made
+/// contiguous.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    (padding, padding_end): (usize, usize),
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &bias.contiguous()?,
+        Conv2d {
+            stride,
+            padding,
+            padding_end,
+        },
+    )
+}
