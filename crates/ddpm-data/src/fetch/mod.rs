@@ -365,6 +365,23 @@ pub fn is_hand_placed(spec: &DatasetSpec, dir: &Path) -> bool {
     }
 }
 
+/// Downloads (or copies) one file from `from` (an `http(s)://` URL, `file://PATH` or a path) to
+/// `part`, with the data sets' transfer: retries with backoff, an HTTP `Range` resume of a
+/// partial `part`, a progress bar labelled `label` when `opts.progress`. It verifies nothing: the
+/// caller checks the bytes before using them (`opts.data_dir` and `opts.source` are unused).
+pub fn fetch_file(from: &str, part: &Path, label: &str, opts: &FetchOptions) -> Result<()> {
+    let location = match Source::parse(from) {
+        Source::Url(url) => Location::Url(url),
+        Source::Dir(path) => Location::Path(path),
+        Source::Upstream => Location::Path(PathBuf::from(from)),
+    };
+    let transfer = Transfer::new(opts);
+    let bar = transfer.byte_bar(label);
+    let result = transfer.fetch(&location, part, Some(&bar), None);
+    bar.finish_and_clear();
+    result
+}
+
 /// Fetches a data set (see the module doc); a quick no-op when it is already in place.
 pub fn fetch(spec: &DatasetSpec, opts: &FetchOptions) -> Result<FetchReport> {
     match spec {

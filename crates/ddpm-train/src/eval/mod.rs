@@ -7,6 +7,7 @@
 
 pub mod classifier;
 pub mod fid;
+pub mod inception;
 pub mod memorization;
 pub mod nll;
 pub mod quality;
