@@ -361,7 +361,7 @@ pub fn is_hand_placed(spec: &DatasetSpec, dir: &Path) -> bool {
         }
         DatasetSpec::Cifar10 => dir.join(cifar::BATCH_DIR).join(cifar::TEST_FILE).is_file(),
         DatasetSpec::Flowers => folder::scan(dir).is_ok_and(|index| !index.files.is_empty()),
-        DatasetSpec::Folder(_) => false,
+        DatasetSpec::Folder(_) | DatasetSpec::Hub(_) => false,
     }
 }
 
