@@ -372,3 +372,79 @@ fn greyscale_sets_are_one_channel() {
     assert_eq!(images.pixels[16], colour(1)[0]);
     assert_eq!(images.class_names.len(), 10);
 }
+
+/// The parquet files of tests/fixtures/hub, written by Python's `datasets` and `pyarrow`
+/// (make.py there): the reader takes what those libraries write, compressed or not.
+#[test]
+fn files_written_by_datasets_and_pyarrow_are_read() {
+    let fixture = |name: &str| {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/hub")
+                .join(name),
+        )
+        .unwrap()
+    };
+    // make.py's colours, and PIL's greyscale of one.
+    let colour = |i: i32| [i * 40 % 256, 255 - i * 30, 7 * i];
+    let luma = |[r, g, b]: [i32; 3]| (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+    let check = |images: &hub_dataset::HubImages, want: &[[i32; 3]], tolerance: i32| {
+        assert_eq!(images.labels.len(), want.len());
+        for (i, img) in images.pixels.chunks_exact(3 * 16).enumerate() {
+            for (c, plane) in img.chunks_exact(16).enumerate() {
+                assert!(
+                    plane
+                        .iter()
+                        .all(|&v| (v as i32 - want[i][c]).abs() <= tolerance),
+                    "image {i} channel {c}: {plane:?} vs {}",
+                    want[i][c]
+                );
+            }
+        }
+    };
+    let hub = FakeHub::start();
+    hub.publish(
+        Kind::Dataset,
+        "test/datasets",
+        "main",
+        vec![HubFile::lfs(TRAIN, fixture("datasets-tiny.parquet"))],
+    );
+    hub.publish(
+        Kind::Dataset,
+        "test/zstd",
+        "refs/convert/parquet",
+        vec![HubFile::lfs(
+            "default/train/0000.parquet",
+            fixture("pyarrow-zstd.parquet"),
+        )],
+    );
+    hub.publish(
+        Kind::Dataset,
+        "test/snappy",
+        "main",
+        vec![HubFile::lfs(
+            "train.parquet",
+            fixture("pyarrow-snappy.parquet"),
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let opts = options(&hub, cache.path());
+    let load = |text: &str| hub_dataset::load(&spec(text), &cfg(), Split::Train, 4, &opts).unwrap();
+
+    let tiny = load("hf:test/datasets");
+    check(&tiny, &(0..6).map(colour).collect::<Vec<_>>(), 0);
+    assert_eq!(tiny.class_names, ["x", "y", "z"]);
+    assert_eq!(tiny.labels, [0, 1, 2, 0, 1, 2]);
+
+    // A JPEG, a greyscale PNG (RGB from its grey), an RGBA PNG and two PNGs; string labels.
+    let g = luma(colour(1));
+    let want = [colour(0), [g, g, g], colour(2), colour(3), colour(4)];
+    let zstd = load("hf:test/zstd@refs/convert/parquet");
+    check(&zstd, &want, 3);
+    assert_eq!(zstd.class_names, ["cat", "dog", "eel"]);
+    assert_eq!(zstd.labels, [1, 0, 1, 2, 0]);
+    let snappy = load("hf:test/snappy");
+    check(&snappy, &want, 3);
+    assert_eq!(snappy.class_names, ["0", "1", "2"]);
+    assert_eq!(snappy.labels, [1, 0, 1, 2, 0]);
+}
