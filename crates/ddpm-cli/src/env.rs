@@ -11,6 +11,7 @@
 //! | `DDPM_CUDA_KERNELS` | `basic` or `off` ([`KernelPolicy::cuda_kernels`]) |
 //! | `DDPM_CUDA_CONV` | `candle`/`cudnn`: candle's CUDA convolution ([`KernelPolicy::cuda_conv`]) |
 //! | `DDPM_CUDA_POOL` | `release`: hand freed GPU memory back to the driver at every sync |
+//! | `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN`, `HF_HUB_OFFLINE` | the Hugging Face Hub: [`hub_options`] |
 //! | `MIMALLOC_PURGE_DELAY` | when set, mimalloc's own purge delay is left in force |
 //! | `DDPM_FAULT_NAN_AT_STEP` | tests only: a NaN loss at that step |
 //! | `DDPM_F16_INITIAL_SCALE` | tests only: the first f16 loss scale |
@@ -45,6 +46,30 @@ pub fn install_kernel_policy(base: KernelPolicy) -> Result<KernelPolicy> {
 /// The mirror named by `DDPM_DATA_MIRROR`, if it is set.
 pub fn data_mirror() -> Option<Source> {
     var(MIRROR_ENV).map(|v| Source::parse(&v))
+}
+
+/// The Hugging Face Hub options of the environment, as `huggingface_hub` reads them: the
+/// endpoint `HF_ENDPOINT`; the cache `HF_HUB_CACHE`, else `$HF_HOME/hub`, else the default
+/// `~/.cache/huggingface/hub`; the token `HF_TOKEN`; offline mode `HF_HUB_OFFLINE` (`1`, `true`,
+/// `yes`, `on`, or `0`, `false`, `no`, `off`; anything else is an error naming it). A progress
+/// bar is shown while a file downloads when stderr is a terminal.
+pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
+    let offline = match var("HF_HUB_OFFLINE").map(|v| v.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => true,
+        Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => false,
+        Some(v) => anyhow::bail!("HF_HUB_OFFLINE={v}: use 1 (offline) or 0"),
+    };
+    let cache_dir = var("HF_HUB_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| var("HF_HOME").map(|h| std::path::Path::new(&h).join("hub")));
+    Ok(ddpm_data::hub::HubOptions {
+        endpoint: var("HF_ENDPOINT"),
+        cache_dir,
+        token: var("HF_TOKEN"),
+        offline,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    })
 }
 
 /// Whether freed GPU memory goes back to the driver at every sync (`DDPM_CUDA_POOL=release`).

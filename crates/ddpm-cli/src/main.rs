@@ -92,6 +92,15 @@ fn main() -> ExitCode {
         eprintln!("error: {}", chain(&e));
         return ExitCode::FAILURE;
     }
+    // The Hub options of the environment (HF_ENDPOINT, HF_HOME, ...), for `hf:` data sets
+    // wherever one is opened (`train`, `eval`).
+    match env::hub_options() {
+        Ok(options) => ddpm_data::hub::install(options),
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command.unwrap_or(Command::Train(Box::default())) {
         Command::Train(a) => train::run(*a),
         Command::Sample(a) => sample::run(a),
