@@ -1,6 +1,7 @@
 //! `ddpm eval`: the negative variational bound in bits/dim on a data split, and sample quality
-//! in the feature space of a classifier the tool trains itself; a readable report on stdout and
-//! a JSON report (`docs/quality.md` says how every number is computed).
+//! in the feature space of a classifier the tool trains itself; with `--samples`, the
+//! recognisability numbers of any folder or grid of images, without a model; a readable report
+//! on stdout and a JSON report (`docs/quality.md` says how every number is computed).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,17 +13,49 @@ use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
 use ddpm_train::checkpoint::LoadedModel;
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
 use ddpm_train::eval::memorization::MemorizationOptions;
-use ddpm_train::eval::report::EVAL_FORMAT;
-use ddpm_train::eval::{self as ev, EvalReport, NllOptions, QualityOptions};
+use ddpm_train::eval::quality::ClassifierSummary;
+use ddpm_train::eval::recognisable::{self, DEFAULT_CONFIDENCE};
+use ddpm_train::eval::report::{EVAL_FORMAT, SAMPLES_FORMAT};
+use ddpm_train::eval::{
+    self as ev, EvalReport, LoadedClassifier, NllOptions, QualityOptions, SampleLoadOptions,
+    SamplesReport,
+};
 use ddpm_train::TrainConfig;
 
 /// Arguments of `ddpm eval`.
 #[derive(Args)]
 pub struct EvalArgs {
     /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
-    #[arg(long)]
-    checkpoint: PathBuf,
-    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (default: the run's data set).
+    #[arg(long, required_unless_present = "samples")]
+    checkpoint: Option<PathBuf>,
+    /// Score these images instead of a model's samples, with no checkpoint: a folder of
+    /// .png/.jpg images (sorted by name) or one grid image as `ddpm sample` and training write
+    /// them. Prints the recognisable share, class histogram and entropy, and classifier-feature
+    /// FID of the images next to real held-out test images of --dataset.
+    #[arg(long, value_name = "DIR_OR_GRID", conflicts_with_all = [
+        "checkpoint", "nll", "quality", "limit", "nll_timesteps", "num_samples", "split",
+        "weights", "device", "precision",
+    ])]
+    samples: Option<PathBuf>,
+    /// Side of a grid cell of --samples (default: the data set's image size).
+    #[arg(long, value_name = "H", requires = "samples")]
+    grid_cell: Option<usize>,
+    /// Padding pixels around the cells of a --samples grid (ours and torchvision's: 2).
+    #[arg(long, value_name = "P", default_value_t = 2, requires = "samples")]
+    grid_padding: usize,
+    /// Take the first N cells of a --samples grid (default: all but empty cells at the end of
+    /// its last row).
+    #[arg(long, value_name = "N", requires = "samples")]
+    grid_count: Option<usize>,
+    /// Refuse --samples images of another size than the data set's instead of resizing them.
+    #[arg(long, requires = "samples")]
+    strict_size: bool,
+    /// A sample is "recognisable" when the classifier's largest class probability is at least
+    /// this.
+    #[arg(long, default_value_t = DEFAULT_CONFIDENCE)]
+    confidence: f64,
+    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (default: the run's data set; with
+    /// --samples, mnist).
     #[arg(long)]
     dataset: Option<String>,
     /// The split to evaluate: test, train or all.
@@ -97,7 +130,8 @@ pub struct EvalArgs {
     /// PNG grid of the samples (default: beside the report, `<report>-samples.png`).
     #[arg(long)]
     samples_png: Option<PathBuf>,
-    /// The JSON report (default: RUN/eval.json).
+    /// The JSON report (default: RUN/eval.json; with --samples, `<DIR_OR_GRID>-eval.json` beside
+    /// it).
     #[arg(long)]
     report: Option<PathBuf>,
     /// Seed of the bound's noise and of the samples.
@@ -156,7 +190,7 @@ fn check_dir_exists(path: &Path) -> Result<()> {
 }
 
 /// The data set and its configuration: the run's unless flags say otherwise.
-fn data_of(a: &EvalArgs, loaded: &LoadedModel) -> Result<TrainConfig> {
+fn data_of(a: &EvalArgs, checkpoint: &Path, loaded: &LoadedModel) -> Result<TrainConfig> {
     let run = loaded.config.as_ref();
     let spec: DatasetSpec = match (&a.dataset, run) {
         (Some(d), _) => d.parse().with_context(|| format!("--dataset {d}"))?,
@@ -164,7 +198,7 @@ fn data_of(a: &EvalArgs, loaded: &LoadedModel) -> Result<TrainConfig> {
         (None, None) => anyhow::bail!(
             "{} is a weights file without a run configuration: say which data to evaluate on \
              with --dataset",
-            a.checkpoint.display()
+            checkpoint.display()
         ),
     };
     let mut data = match run {
@@ -197,8 +231,154 @@ fn open(c: &TrainConfig, split: Split) -> Result<Dataset> {
         .with_context(|| format!("opening the {split} split of {}", c.dataset))
 }
 
-pub fn run(a: EvalArgs) -> Result<()> {
+/// The feature classifier of `data` (stored, or trained on `train` and measured on `test`), as
+/// the classifier flags say.
+fn load_classifier(
+    a: &EvalArgs,
+    data: &TrainConfig,
+    train: &Dataset,
+    test: &Dataset,
+    device: &candle_core::Device,
+) -> Result<LoadedClassifier> {
+    let defaults = ClassifierConfig::for_dataset(train);
+    let config = ClassifierConfig {
+        width: a.classifier_width.unwrap_or(defaults.width),
+        feature_dim: a.classifier_features.unwrap_or(defaults.feature_dim),
+        ..defaults
+    };
+    let base = ClassifierTraining::default();
+    let training = ClassifierTraining {
+        steps: a.classifier_steps.unwrap_or(base.steps),
+        batch_size: a.classifier_batch_size.unwrap_or(base.batch_size),
+        ..base
+    };
+    let path = a.classifier.clone().unwrap_or_else(|| {
+        classifier::default_path(&data.data.root, &data.dataset, train.image_size())
+    });
+    classifier::load_or_train(
+        &path,
+        a.train_classifier,
+        &config,
+        &training,
+        &data.dataset,
+        train,
+        test,
+        device,
+        !a.quiet,
+    )
+    .with_context(|| format!("feature classifier {}", path.display()))
+}
+
+/// The default report of `--samples PATH`: `PATH-eval.json` beside the folder, or beside the
+/// grid with its extension replaced.
+fn samples_report_path(samples: &Path) -> PathBuf {
+    let full = std::fs::canonicalize(samples).unwrap_or_else(|_| samples.to_path_buf());
+    let stem = if full.is_dir() {
+        full.file_name()
+    } else {
+        full.file_stem()
+    }
+    .map(|s| s.to_string_lossy().into_owned())
+    .unwrap_or_else(|| "samples".into());
+    full.with_file_name(format!("{stem}-eval.json"))
+}
+
+/// `ddpm eval --samples`: scores images read from files with the classifier of a data set.
+fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
     let started = Instant::now();
+    recognisable::check_confidence(a.confidence).context("--confidence")?;
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if !samples.exists() {
+        anyhow::bail!(
+            "--samples {}: no such folder or image file",
+            samples.display()
+        );
+    }
+    let report_path = a
+        .report
+        .clone()
+        .unwrap_or_else(|| samples_report_path(samples));
+    check_dir_exists(&report_path)?;
+    let word = a.dataset.as_deref().unwrap_or("mnist");
+    let spec: DatasetSpec = word.parse().with_context(|| format!("--dataset {word}"))?;
+    let mut data = DataConfig {
+        image_size: a.image_size,
+        ..DataConfig::default()
+    };
+    if let Some(root) = &a.data_dir {
+        data.root = root.clone();
+    }
+    let data = TrainConfig {
+        dataset: spec,
+        data,
+        ..TrainConfig::default()
+    };
+    crate::train::ensure_data(&data, a.no_fetch)?;
+    let test = open(&data, Split::Test)?;
+    let opts = SampleLoadOptions {
+        grid_cell: a.grid_cell,
+        grid_padding: a.grid_padding,
+        grid_count: a.grid_count,
+        strict_size: a.strict_size,
+        ..SampleLoadOptions::new(test.channels(), test.image_size())
+    };
+    let loaded = ev::load_samples(samples, &opts)
+        .with_context(|| format!("--samples {}", samples.display()))?;
+    let n = loaded.images.dim(0)?;
+    if n < 2 {
+        anyhow::bail!(
+            "--samples {} holds {n} image: the FID needs at least 2",
+            samples.display()
+        );
+    }
+    for note in &loaded.notes {
+        tracing::warn!("{note}");
+    }
+    let train = open(&data, Split::Train)?;
+    let device = candle_core::Device::Cpu;
+    let clf = load_classifier(a, &data, &train, &test, &device)?;
+    let (reference, floor) = recognisable::reference_and_floor(&test, n, a.seed)?;
+    let numbers = recognisable::recognisability(
+        &clf.classifier,
+        &loaded.images,
+        &reference,
+        &floor,
+        &test,
+        a.confidence,
+        a.batch_size,
+    )?;
+    let report = SamplesReport {
+        format: SAMPLES_FORMAT.to_string(),
+        samples: samples.display().to_string(),
+        source: loaded.source,
+        dataset: data.dataset.to_string(),
+        image_size: test.image_size(),
+        channels: test.channels(),
+        seed: a.seed,
+        classifier: ClassifierSummary::of(&clf),
+        notes: loaded.notes,
+        recognisable: numbers,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    report
+        .write_json(&report_path)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    println!("{}", report.to_text());
+    tracing::info!(path = %report_path.display(), "report written");
+    Ok(())
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(samples) = a.samples.clone() {
+        return run_samples(&a, &samples);
+    }
+    let Some(checkpoint) = a.checkpoint.clone() else {
+        anyhow::bail!("say what to evaluate: --checkpoint RUN, or --samples DIR_OR_GRID");
+    };
+    let started = Instant::now();
+    recognisable::check_confidence(a.confidence).context("--confidence")?;
     if a.limit == Some(0) {
         anyhow::bail!("--limit must be at least 1");
     }
@@ -225,12 +405,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         clip_x0: !a.nll_no_clip,
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
-    let (device, loaded) = a.inference.load(&a.checkpoint)?;
+    let (device, loaded) = a.inference.load(&checkpoint)?;
     let sampler = a.sampler.config(loaded.schedule.timesteps)?;
     let report_path = a
         .report
         .clone()
-        .unwrap_or_else(|| run_dir_of(&a.checkpoint).join("eval.json"));
+        .unwrap_or_else(|| run_dir_of(&checkpoint).join("eval.json"));
     check_dir_exists(&report_path)?;
     let nearest_png = a
         .nearest_png
@@ -257,7 +437,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     sampler
         .build(&schedule)
         .context("the sampler does not fit the model's schedule")?;
-    let data = data_of(&a, &loaded)?;
+    let data = data_of(&a, &checkpoint, &loaded)?;
     crate::train::ensure_data(&data, a.no_fetch)?;
     let eval_set = open(&data, split)?;
     ev::check_compatible(&loaded.model, &eval_set)?;
@@ -295,33 +475,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             test_owned = open(&data, Split::Test)?;
             &test_owned
         };
-        let defaults = ClassifierConfig::for_dataset(&train);
-        let config = ClassifierConfig {
-            width: a.classifier_width.unwrap_or(defaults.width),
-            feature_dim: a.classifier_features.unwrap_or(defaults.feature_dim),
-            ..defaults
-        };
-        let base = ClassifierTraining::default();
-        let training = ClassifierTraining {
-            steps: a.classifier_steps.unwrap_or(base.steps),
-            batch_size: a.classifier_batch_size.unwrap_or(base.batch_size),
-            ..base
-        };
-        let path = a.classifier.clone().unwrap_or_else(|| {
-            classifier::default_path(&data.data.root, &data.dataset, train.image_size())
-        });
-        let clf = classifier::load_or_train(
-            &path,
-            a.train_classifier,
-            &config,
-            &training,
-            &data.dataset,
-            &train,
-            test,
-            &device,
-            !a.quiet,
-        )
-        .with_context(|| format!("feature classifier {}", path.display()))?;
+        let clf = load_classifier(&a, &data, &train, test, &device)?;
         let opts = QualityOptions {
             num_samples: a.num_samples,
             sampler,
@@ -333,6 +487,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 png: Some(nearest_png),
             },
             samples_png: Some(samples_png),
+            confidence: a.confidence,
             progress: !a.quiet,
         };
         Some(ev::sample_quality(

@@ -3,7 +3,10 @@
 //! feature space of a small classifier the tool trains itself ([`classifier`]): a Fréchet
 //! distance and an Inception-Score-style score ([`fid`]), the class histogram of the samples and
 //! a memorization check against the training images ([`memorization`]), all gathered by
-//! [`quality`] into an [`EvalReport`] (`docs/quality.md` says how each number is computed).
+//! [`quality`] into an [`EvalReport`]; the share of samples the classifier recognises, their
+//! class histogram and its entropy, next to real held-out images ([`recognisable`]), also for
+//! samples read from files ([`samples`], a [`SamplesReport`]). `docs/quality.md` says how each
+//! number is computed.
 
 pub mod classifier;
 pub mod fid;
@@ -11,7 +14,9 @@ pub mod inception;
 pub mod memorization;
 pub mod nll;
 pub mod quality;
+pub mod recognisable;
 pub mod report;
+pub mod samples;
 
 use ddpm_data::Dataset;
 use ddpm_unet::DiffusionModel;
@@ -22,7 +27,9 @@ use rand_chacha::ChaCha8Rng;
 pub use classifier::{Classifier, ClassifierConfig, ClassifierTraining, LoadedClassifier};
 pub use nll::{variational_bound, NllOptions, NllReport};
 pub use quality::{sample_quality, QualityOptions, QualityReport};
-pub use report::EvalReport;
+pub use recognisable::Recognisability;
+pub use report::{EvalReport, SamplesReport};
+pub use samples::{load_samples, LoadedSamples, SampleLoadOptions};
 
 use crate::{Result, TrainError};
 

@@ -15,12 +15,12 @@ use super::classifier::{ClassifierConfig, ClassifierTraining, LoadedClassifier};
 use super::fid::{frechet_distance, inception_score, GaussianStats};
 use super::memorization::{memorization, MemorizationOptions, MemorizationReport};
 use super::nll::image_batch;
+use super::recognisable::{
+    recognisability, reference_and_floor, Recognisability, DEFAULT_CONFIDENCE, SUBSET_DOMAIN,
+};
 use crate::checkpoint::write_png_atomic;
 use crate::sample::{sample, SampleOptions};
 use crate::{Result, TrainError};
-
-/// Domain separator of the seed that picks the reference images.
-const SUBSET_DOMAIN: u64 = 0x7265_665f_696d_6773; // "ref_imgs"
 
 /// What to sample and how to compare.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub struct QualityOptions {
     pub memorization: MemorizationOptions,
     /// Also write the samples as a PNG grid here.
     pub samples_png: Option<PathBuf>,
+    /// The confidence threshold of "recognisable".
+    pub confidence: f64,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -54,6 +56,7 @@ impl Default for QualityOptions {
             batch_size: 64,
             memorization: MemorizationOptions::default(),
             samples_png: None,
+            confidence: DEFAULT_CONFIDENCE,
             progress: false,
         }
     }
@@ -76,12 +79,27 @@ pub struct ClassifierSummary {
     pub test_images: usize,
 }
 
+impl ClassifierSummary {
+    /// The summary of a loaded classifier.
+    pub fn of(classifier: &LoadedClassifier) -> Self {
+        let m = &classifier.meta;
+        Self {
+            path: classifier.path.display().to_string(),
+            trained_now: classifier.trained_now,
+            config: m.config.clone(),
+            training: m.training.clone(),
+            test_accuracy: m.test_accuracy,
+            test_images: m.test_images,
+        }
+    }
+}
+
 /// Sample-quality numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QualityReport {
     /// Samples drawn.
     pub num_samples: usize,
-    /// Test images compared with.
+    /// Test images compared with (the FID reference).
     pub test_images: usize,
     /// The sampler.
     pub sampler: SamplerConfig,
@@ -108,6 +126,9 @@ pub struct QualityReport {
     pub classes_covered: usize,
     /// The memorization check.
     pub memorization: MemorizationReport,
+    /// The share of recognisable samples, their class histogram and its entropy and their FID,
+    /// next to the same numbers of as many real held-out test images.
+    pub recognisable: Recognisability,
     /// Wall-clock seconds (sampling included, classifier training excluded).
     pub seconds: f64,
 }
@@ -144,10 +165,19 @@ pub fn sample_quality(
     let start = Instant::now();
     super::check_compatible(model, test)?;
     super::check_compatible(model, train)?;
+    super::recognisable::check_confidence(opts.confidence)?;
     if opts.num_samples < 2 {
         return Err(TrainError::Other(format!(
             "sample quality needs at least 2 samples (a covariance), got {}",
             opts.num_samples
+        )));
+    }
+    if test.len() < 4 {
+        return Err(TrainError::Other(format!(
+            "the test split of {} has {} images: the FID reference and the real floor need at \
+             least 2 each",
+            test.name(),
+            test.len()
         )));
     }
     let k = classifier.classifier.config().num_classes;
@@ -179,12 +209,11 @@ pub fn sample_quality(
         let grid = image_io::image_grid(&samples, nrow)?;
         write_png_atomic(&grid, path).map_err(|e| TrainError::io(path, "writing", e))?;
     }
-    let n_ref = opts.num_samples.min(test.len());
+    let (test_images, floor_images) = reference_and_floor(test, opts.num_samples, opts.seed)?;
+    let n_ref = test_images.dim(0)?;
     let seed = opts.seed ^ SUBSET_DOMAIN;
-    let test_idx = super::subset(test.len(), n_ref, seed);
     let train_idx = super::subset(train.len(), n_ref, seed.wrapping_add(1));
     let cpu = candle_core::Device::Cpu;
-    let test_images = image_batch(test, &test_idx, &cpu)?;
     let train_images = image_batch(train, &train_idx, &cpu)?;
     let c = &classifier.classifier;
     let (f_samples, p_samples) = c.embed(&samples, opts.batch_size)?;
@@ -213,20 +242,26 @@ pub fn sample_quality(
         threshold = mem.threshold,
         "memorization check done"
     );
-    let m = &classifier.meta;
+    let recognisable = recognisability(
+        c,
+        &samples,
+        &test_images,
+        &floor_images,
+        test,
+        opts.confidence,
+        opts.batch_size,
+    )?;
+    tracing::info!(
+        recognisable = recognisable.samples.recognisable,
+        floor = recognisable.real_floor.recognisable,
+        "recognisability done"
+    );
     Ok(QualityReport {
         num_samples: opts.num_samples,
         test_images: n_ref,
         sampler: opts.sampler,
         seed: opts.seed,
-        classifier: ClassifierSummary {
-            path: classifier.path.display().to_string(),
-            trained_now: classifier.trained_now,
-            config: m.config.clone(),
-            training: m.training.clone(),
-            test_accuracy: m.test_accuracy,
-            test_images: m.test_images,
-        },
+        classifier: ClassifierSummary::of(classifier),
         fid,
         fid_train_vs_test,
         inception_score: inception,
@@ -236,6 +271,7 @@ pub fn sample_quality(
         class_histogram_test: histogram(&p_test, k)?,
         classes_covered,
         memorization: mem,
+        recognisable,
         seconds: start.elapsed().as_secs_f64(),
     })
 }

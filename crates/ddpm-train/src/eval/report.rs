@@ -9,11 +9,15 @@ use ddpm_unet::weights::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use super::nll::NllReport;
-use super::quality::QualityReport;
+use super::quality::{ClassifierSummary, QualityReport};
+use super::recognisable::Recognisability;
+use super::samples::SampleSource;
 use crate::{Result, TrainError};
 
 /// Format tag of the JSON report.
 pub const EVAL_FORMAT: &str = "ddpm-rs/eval/v1";
+/// Format tag of the JSON report of `ddpm eval --samples`.
+pub const SAMPLES_FORMAT: &str = "ddpm-rs/eval-samples/v1";
 
 /// Everything `ddpm eval` measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,9 +190,98 @@ impl EvalReport {
                     .as_ref()
                     .map_or_else(String::new, |p| format!(" (closest pairs: {p})"))
             );
+            let _ = writeln!(
+                s,
+                "  recognisability, samples vs real held-out test images:"
+            );
+            let _ = writeln!(s, "{}", q.recognisable.to_table("    "));
             let _ = writeln!(s, "  ({:.1} s)", q.seconds);
         }
         let _ = write!(s, "\ntotal {:.1} s", self.seconds);
+        s
+    }
+}
+
+/// What `ddpm eval --samples` measured: images read from files, scored with the classifier of a
+/// data set, next to real held-out test images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplesReport {
+    /// [`SAMPLES_FORMAT`].
+    pub format: String,
+    /// The folder or grid image read.
+    pub samples: String,
+    /// How it was read.
+    pub source: SampleSource,
+    /// The data set whose classifier and test split were used (`mnist`, `folder:PATH`, ...).
+    pub dataset: String,
+    /// Image side the samples were brought to.
+    pub image_size: usize,
+    /// Image channels the samples were brought to.
+    pub channels: usize,
+    /// Seed of the choice of reference and floor images.
+    pub seed: u64,
+    /// The feature classifier.
+    pub classifier: ClassifierSummary,
+    /// What was done to the images (resized, converted, cells dropped, files skipped).
+    pub notes: Vec<String>,
+    /// The numbers.
+    pub recognisable: Recognisability,
+    /// Wall-clock seconds (classifier training included).
+    pub seconds: f64,
+}
+
+impl SamplesReport {
+    /// Writes the report as pretty JSON to `path`, atomically.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| TrainError::Other(e.to_string()))?;
+        write_atomic(path, &json).map_err(|e| TrainError::io(path, "writing the report", e))
+    }
+
+    /// The report as a readable table.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let how = match &self.source {
+            SampleSource::Folder { files, .. } => format!("a folder of {files} images"),
+            SampleSource::Grid {
+                cell,
+                columns,
+                rows,
+                ..
+            } => format!(
+                "a grid of {columns} x {rows} cells of {cell}x{cell}, {} images",
+                self.recognisable.samples.images
+            ),
+        };
+        let _ = writeln!(s, "{} ({how})", self.samples);
+        let _ = writeln!(
+            s,
+            "scored as {} images ({}x{}x{}), seed {}",
+            self.dataset, self.channels, self.image_size, self.image_size, self.seed
+        );
+        let c = &self.classifier;
+        let _ = writeln!(
+            s,
+            "classifier {} ({}, width {}, {} features, test accuracy {:.2}%)",
+            c.path,
+            if c.trained_now {
+                "trained now"
+            } else {
+                "stored"
+            },
+            c.config.width,
+            c.config.feature_dim,
+            100.0 * c.test_accuracy
+        );
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "{}", self.recognisable.to_table(""));
+        let _ = write!(
+            s,
+            "(this FID is in the classifier's features: not comparable with Inception FID)\ntotal {:.1} s",
+            self.seconds
+        );
         s
     }
 }

@@ -12,7 +12,7 @@
 //!   `.safetensors` with the same names.
 //!
 //! The classifier FID ([`super::quality`]) stays the offline default; this one needs the
-//! weights (about 91 MB). `docs/fid.md` says what each computes and how this network was checked
+//! weights (about 95 MB). `docs/fid.md` says what each computes and how this network was checked
 //! against pytorch-fid's own module.
 
 pub mod net;
