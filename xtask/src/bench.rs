@@ -2,10 +2,13 @@
 //! measured in one run on the same machine with the same thread count.
 //!
 //! For each preset, a parity check first proves that the PyTorch reference is our model (same
-//! parameter count, same tensor names, same output on the same weights and input); then rounds
-//! of alternating processes time a training step, a sampling step and a whole DDIM sample on
-//! both sides, and the medians, spreads, ratios and peak memory go to a Markdown report
-//! (`docs/benchmarks.md`). Our side runs in a separate process (`xtask bench-worker`), with
+//! parameter count, same tensor names, same output on the same weights and input, same FLOP
+//! count); then both sides measure the machine's matrix-multiply rate (its peak), and rounds of
+//! alternating processes time a training step, a sampling step and a whole DDIM sample on our
+//! side and on PyTorch in eager mode and in its best mode (`torch.compile`, channels_last, fused
+//! AdamW, and on CUDA cudnn.benchmark and TF32). The medians, spreads, ratios (ours against the
+//! best mode is the headline), FLOP/s and fractions of peak, compile times and peak memory go to
+//! a Markdown report (`docs/benchmarks.md`). Our side runs in a separate process (`xtask bench-worker`), with
 //! mimalloc as the `ddpm` binary has, and prints JSON; PyTorch's runs `bench/pytorch/bench.py`
 //! from a virtual environment that is created in `target/bench-venv` when missing.
 //!
@@ -44,8 +47,16 @@ use report::{render_parity, Report};
 use stats::Measured;
 use torch::{setup_torch, Torch};
 
-/// The presets of a full run.
-const DEFAULT_PRESETS: &[&str] = &["mnist-small", "cifar-small", "cifar10"];
+/// The presets of a full run on the CPU.
+const DEFAULT_PRESETS: &[&str] = &[
+    "mnist-small",
+    "fashion",
+    "cifar-small",
+    "learnopencv",
+    "cifar10",
+];
+/// The presets of a full run on a CUDA device.
+const DEFAULT_GPU_PRESETS: &[&str] = &["cifar10", "celebahq-256"];
 /// Diffusion steps of the timed DDIM samples.
 const DDIM_STEPS: usize = 50;
 /// Relative tolerance of the parity check: max |ours - torch| <= PARITY_TOL * max |ours|.
@@ -60,6 +71,19 @@ pub enum KernelChoice {
     Candle,
     /// Both, as two columns.
     Both,
+}
+
+/// How PyTorch runs (`bench/pytorch/bench.py --mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TorchMode {
+    /// Eager PyTorch.
+    Eager,
+    /// `torch.compile` alone.
+    Compile,
+    /// `torch.compile` + channels_last + fused AdamW (+ cudnn.benchmark, TF32 on CUDA).
+    Best,
+    /// Eager and best, as two columns (the default).
+    All,
 }
 
 /// Arguments of `bench`.
@@ -92,10 +116,28 @@ pub struct BenchArgs {
     /// Only check that the PyTorch reference computes our models (no timing).
     #[arg(long)]
     parity_only: bool,
-    /// Where to write the Markdown report. Default: docs/benchmarks.md for a full run with
+    /// Where to write the Markdown report. Default: docs/benchmarks.md for a full CPU run with
     /// PyTorch, target/bench/quick.md with --quick, target/bench/report.md otherwise.
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
+    /// PyTorch's modes: eager, compile (torch.compile alone), best (compile, channels_last,
+    /// fused AdamW; cudnn.benchmark and TF32 on CUDA) or all (eager and best side by side).
+    #[arg(long, value_enum, default_value_t = TorchMode::All)]
+    torch_mode: TorchMode,
+    /// torch.compile's mode for compile and best (default: max-autotune for best on CUDA,
+    /// inductor's default otherwise).
+    #[arg(long, value_name = "MODE")]
+    compile_mode: Option<String>,
+    /// cpu, or cuda[:N] (needs a CUDA build of this xtask: `cargo xtask build-cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16 on both sides (half precision on CUDA only).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+    /// Seconds one worker process may take before it is killed and its cell reports the
+    /// timeout (a compile that does not finish, say). Default: no limit.
+    #[arg(long, value_name = "SECONDS")]
+    worker_timeout: Option<u64>,
 }
 
 /// What one worker process measures.
@@ -147,6 +189,58 @@ pub(crate) struct WorkerResult {
     /// The GPU's name, on CUDA.
     #[serde(default)]
     pub(crate) gpu_name: Option<String>,
+    /// PyTorch's mode (`eager`, `compile`, `best`).
+    #[serde(default)]
+    mode: Option<String>,
+    /// torch.compile's mode, where compiled.
+    #[serde(default)]
+    compile_mode: Option<String>,
+    /// Seconds spent compiling (the warm-up beyond as many steady steps).
+    #[serde(default)]
+    compile_s: Option<f64>,
+    /// Why there are no times (the first line of the compile error, a timeout).
+    #[serde(default)]
+    error: Option<String>,
+}
+
+impl WorkerResult {
+    /// A result without times that says why.
+    fn failed(engine: Engine, plan: &Plan, task: Task, error: String) -> Self {
+        Self {
+            engine: engine.label().into(),
+            preset: plan.preset.clone(),
+            task: task.name().into(),
+            batch: 0,
+            threads: 0,
+            params: 0,
+            times_s: Vec::new(),
+            ddim_s: Vec::new(),
+            ddim_batch: plan.ddim_batch,
+            ddim_steps: DDIM_STEPS,
+            peak_rss_kb: None,
+            version: String::new(),
+            kernels: None,
+            device: None,
+            precision: None,
+            gpu_peak_kb: None,
+            gpu_name: None,
+            mode: engine.torch_mode().map(str::to_string),
+            compile_mode: None,
+            compile_s: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// The JSON line of a peak measurement (`bench-worker peak`, `bench.py --task peak`): FLOP/s of
+/// a large square matrix product per dtype (`f32`, and `bf16` on CUDA).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeakResult {
+    engine: String,
+    size: usize,
+    rates: BTreeMap<String, f64>,
+    #[serde(default)]
+    version: String,
 }
 
 /// The JSON line `parity.py` prints.
@@ -160,6 +254,12 @@ struct ParityResult {
     rel_l2_err: f64,
     tol: f64,
     failures: Vec<String>,
+    /// Our FLOP count of one image's forward pass (`ddpm_unet::flops`).
+    #[serde(default)]
+    flops_ours: Option<u64>,
+    /// PyTorch's `FlopCounterMode` count of the same forward pass.
+    #[serde(default)]
+    flops_torch: Option<u64>,
 }
 
 /// The sizes and repetitions of one preset's measurements.
@@ -177,12 +277,33 @@ struct Plan {
 }
 
 impl Plan {
-    /// Per-round sizes: batch 32 training and batch 64 sampling for the small presets; the
-    /// paper's 35.7M-parameter `cifar10` trains at batch 8 and samples DDIM at batch 4 on our
-    /// 2-core machines (the whole run takes about 13 minutes there). `--quick` shrinks
-    /// everything to a smoke run.
-    fn new(preset: &str, quick: bool) -> Self {
-        let big = preset == "cifar10";
+    /// Per-round sizes on the CPU: batch 32 training and batch 64 sampling for the small
+    /// presets; the paper's 35.7M-parameter `cifar10` and the 25.6M-parameter `learnopencv`
+    /// train at batch 8 and sample DDIM at batch 4 on our 2-core machines. On CUDA: training at
+    /// batch 128 and sampling (steps and DDIM) at batch 256, the 256x256 `celebahq-256` at 16.
+    /// `--quick` shrinks everything to a smoke run.
+    fn new(preset: &str, quick: bool, gpu: bool) -> Self {
+        let big = matches!(preset, "cifar10" | "learnopencv");
+        if gpu {
+            let huge = preset == "celebahq-256";
+            let (train, sample) = if huge { (16, 16) } else { (128, 256) };
+            let (warmup, iters) = if quick {
+                (2, 2)
+            } else {
+                (3, if huge { 5 } else { 10 })
+            };
+            return Self {
+                preset: preset.to_string(),
+                train_batch: train,
+                train_warmup: warmup,
+                train_iters: iters,
+                sample_batch: sample,
+                sample_warmup: warmup,
+                sample_iters: iters,
+                ddim_batch: sample,
+                ddim_runs: 1,
+            };
+        }
         if quick {
             return Self {
                 preset: preset.to_string(),
@@ -215,7 +336,12 @@ impl Plan {
 pub(crate) enum Engine {
     Ours,
     OursCandle,
+    /// PyTorch eager.
     PyTorch,
+    /// PyTorch under `torch.compile` alone.
+    TorchCompile,
+    /// PyTorch's best mode.
+    TorchBest,
 }
 
 impl Engine {
@@ -223,8 +349,35 @@ impl Engine {
         match self {
             Engine::Ours => "ours",
             Engine::OursCandle => "ours, candle ops",
-            Engine::PyTorch => "PyTorch",
+            Engine::PyTorch => "PyTorch eager",
+            Engine::TorchCompile => "PyTorch compile",
+            Engine::TorchBest => "PyTorch best",
         }
+    }
+
+    /// `bench.py --mode` of a PyTorch engine; `None` for ours.
+    pub(crate) fn torch_mode(self) -> Option<&'static str> {
+        match self {
+            Engine::Ours | Engine::OursCandle => None,
+            Engine::PyTorch => Some("eager"),
+            Engine::TorchCompile => Some("compile"),
+            Engine::TorchBest => Some("best"),
+        }
+    }
+
+    /// Whether this is one of our engines.
+    pub(crate) fn is_ours(self) -> bool {
+        self.torch_mode().is_none()
+    }
+}
+
+/// The PyTorch engines of a `--torch-mode`.
+fn torch_engines(mode: TorchMode) -> Vec<Engine> {
+    match mode {
+        TorchMode::Eager => vec![Engine::PyTorch],
+        TorchMode::Compile => vec![Engine::TorchCompile],
+        TorchMode::Best => vec![Engine::TorchBest],
+        TorchMode::All => vec![Engine::PyTorch, Engine::TorchBest],
     }
 }
 
@@ -287,14 +440,54 @@ fn profile_range(dev: &Device, on: bool) -> anyhow::Result<()> {
 
 /// Runs a command whose last line of stdout is JSON, and parses it.
 pub(crate) fn run_json<T: serde::de::DeserializeOwned>(
-    mut cmd: Command,
+    cmd: Command,
     what: &str,
 ) -> anyhow::Result<T> {
-    let out = cmd
+    run_json_timeout(cmd, what, None)
+}
+
+/// [`run_json`], killing the process after `timeout` (an error that says so).
+fn run_json_timeout<T: serde::de::DeserializeOwned>(
+    mut cmd: Command,
+    what: &str,
+    timeout: Option<std::time::Duration>,
+) -> anyhow::Result<T> {
+    let mut child = cmd
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .with_context(|| format!("starting {what}"))?;
+    let mut pipe = child.stdout.take().context("the worker's stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut pipe, &mut buf);
+        buf
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            break status;
+        }
+        if timeout.is_some_and(|t| started.elapsed() > t) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{what} timed out after {:.0} s (--worker-timeout)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stdout_bytes = reader.join().unwrap_or_default();
+    let out = std::process::Output {
+        status,
+        stdout: stdout_bytes,
+        stderr: Vec::new(),
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty());
     match last {
@@ -305,11 +498,14 @@ pub(crate) fn run_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Runs one timed worker process of `engine`.
+/// Runs one timed worker process of `engine`. A PyTorch process in a compiled mode that fails
+/// or times out gives a result without times that says why (the report shows it in that
+/// cell); any other failure is an error.
 fn measure(
     engine: Engine,
     plan: &Plan,
     task: Task,
+    args: &BenchArgs,
     threads: usize,
     python: Option<&Path>,
 ) -> anyhow::Result<WorkerResult> {
@@ -339,30 +535,75 @@ fn measure(
         DDIM_STEPS.to_string(),
         "--ddim-runs".into(),
         ddim_runs.to_string(),
+        "--device".into(),
+        args.device.clone(),
+        "--precision".into(),
+        args.precision.clone(),
     ];
-    let mut cmd = match (engine, python) {
-        (Engine::PyTorch, Some(py)) => {
+    let gpu = args.device.starts_with("cuda");
+    let mut cmd = match (engine.torch_mode(), python) {
+        (Some(mode), Some(py)) => {
             let mut cmd = python_cmd(py, "bench.py", threads);
-            cmd.arg("--threads").arg(threads.to_string());
+            cmd.arg("--threads")
+                .arg(threads.to_string())
+                .args(["--mode", mode]);
+            if let (Some(m), true) = (&args.compile_mode, mode != "eager") {
+                cmd.args(["--compile-mode", m]);
+            }
             cmd
         }
-        (Engine::PyTorch, None) => bail!("PyTorch is not available"),
-        _ => {
+        (Some(_), None) => bail!("PyTorch is not available"),
+        (None, _) => {
             let mut cmd = our_worker(engine, threads)?;
+            // On CUDA the kernel choice of the caller's environment is what is measured.
+            if let (Ok(k), true) = (std::env::var("DDPM_KERNELS"), gpu && engine == Engine::Ours) {
+                cmd.env("DDPM_KERNELS", k);
+            }
             cmd.arg("time");
             cmd
         }
     };
     cmd.args(common);
-    run_json(
-        cmd,
-        &format!(
-            "the {} worker ({} {})",
-            engine.label(),
-            plan.preset,
-            task.name()
-        ),
-    )
+    let what = format!(
+        "the {} worker ({} {})",
+        engine.label(),
+        plan.preset,
+        task.name()
+    );
+    let timeout = args.worker_timeout.map(std::time::Duration::from_secs);
+    // On a GPU machine, where time is scarce, any failed process (out of memory, say) becomes a
+    // cell that says so instead of ending the run.
+    match run_json_timeout::<WorkerResult>(cmd, &what, timeout) {
+        Ok(r) => Ok(r),
+        Err(e) if matches!(engine, Engine::TorchCompile | Engine::TorchBest) || gpu => {
+            let first = format!("{e:#}");
+            let first = first.lines().next().unwrap_or("").to_string();
+            eprintln!("bench: {what} failed: {first}");
+            Ok(WorkerResult::failed(engine, plan, task, first))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The machine's matrix-multiply rates, measured by our side and (when available) PyTorch's.
+fn measure_peak(
+    args: &BenchArgs,
+    threads: usize,
+    python: Option<&Path>,
+) -> anyhow::Result<Vec<PeakResult>> {
+    let mut cmd = our_worker(Engine::Ours, threads)?;
+    cmd.args(["peak", "--device", &args.device]);
+    let mut peaks = vec![run_json::<PeakResult>(cmd, "our peak measurement")?];
+    if let Some(py) = python {
+        let mut cmd = python_cmd(py, "bench.py", threads);
+        cmd.args(["--task", "peak", "--device", &args.device, "--threads"])
+            .arg(threads.to_string());
+        match run_json::<PeakResult>(cmd, "PyTorch's peak measurement") {
+            Ok(p) => peaks.push(p),
+            Err(e) => eprintln!("bench: {e:#}; the peak is ours alone"),
+        }
+    }
+    Ok(peaks)
 }
 
 /// Exports a preset's weights and reference output, and checks the PyTorch reference on them.
@@ -376,7 +617,9 @@ fn parity(preset: &str, python: &Path, threads: usize) -> anyhow::Result<ParityR
     cmd.arg(dir.join("weights.safetensors"))
         .arg(dir.join("io.safetensors"))
         .arg("--tol")
-        .arg(PARITY_TOL.to_string());
+        .arg(PARITY_TOL.to_string())
+        .arg("--threads")
+        .arg(threads.to_string());
     run_json(cmd, &format!("parity.py for {preset}"))
 }
 
@@ -388,8 +631,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
+    let gpu = args.device.starts_with("cuda");
+    if !gpu && args.device != "cpu" {
+        bail!("--device {}: use cpu, cuda or cuda:N", args.device);
+    }
     let presets: Vec<String> = if !args.presets.is_empty() {
         args.presets.clone()
+    } else if gpu {
+        DEFAULT_GPU_PRESETS.iter().map(|s| s.to_string()).collect()
     } else if args.quick {
         vec!["mnist-small".into()]
     } else {
@@ -433,15 +682,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return check_parities(&parities);
     }
 
+    eprintln!("bench: the machine's matrix-multiply rate (peak)");
+    let peaks = measure_peak(&args, threads, python.as_deref())?;
+    for p in &peaks {
+        for (dtype, rate) in &p.rates {
+            eprintln!(
+                "bench: peak {} {dtype} {}x{}: {:.1} GFLOP/s",
+                p.engine,
+                p.size,
+                p.size,
+                rate / 1e9
+            );
+        }
+    }
+
     let mut engines = match args.kernels {
         KernelChoice::Ours => vec![Engine::Ours],
         KernelChoice::Candle => vec![Engine::OursCandle],
         KernelChoice::Both => vec![Engine::Ours, Engine::OursCandle],
     };
     if python.is_some() {
-        engines.push(Engine::PyTorch);
+        engines.extend(torch_engines(args.torch_mode));
     }
-    let plans: Vec<Plan> = presets.iter().map(|p| Plan::new(p, args.quick)).collect();
+    let plans: Vec<Plan> = presets
+        .iter()
+        .map(|p| Plan::new(p, args.quick, gpu))
+        .collect();
     let mut results: BTreeMap<(String, Engine), Measured> = BTreeMap::new();
     let mut raw = Vec::new();
     for plan in &plans {
@@ -454,10 +720,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     order.reverse();
                 }
                 for &engine in &order {
-                    let r = measure(engine, plan, task, threads, python.as_deref())?;
+                    let r = measure(engine, plan, task, &args, threads, python.as_deref())?;
                     let s = Stats::of(&r.times_s);
                     eprintln!(
-                        "bench: {} round {}/{rounds} {} {}: {:.1} ms/step{}",
+                        "bench: {} round {}/{rounds} {} {}: {:.1} ms/step{}{}",
                         plan.preset,
                         round + 1,
                         engine.label(),
@@ -466,6 +732,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         match r.ddim_s.first() {
                             Some(d) => format!(", DDIM sample {d:.1} s"),
                             None => String::new(),
+                        },
+                        match (&r.error, r.compile_s) {
+                            (Some(e), _) => format!(" (failed: {e})"),
+                            (None, Some(c)) => format!(", compile {c:.1} s"),
+                            (None, None) => String::new(),
                         }
                     );
                     results
@@ -486,6 +757,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         engines: &engines,
         results: &results,
         parities: &parities,
+        peaks: &peaks,
         torch: &torch,
         load_at_start,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -496,7 +768,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let out = match &args.out {
         Some(p) => p.clone(),
         None if args.quick => target_dir().join("bench/quick.md"),
-        None if python.is_none() || args.kernels == KernelChoice::Candle => {
+        None if python.is_none() || args.kernels == KernelChoice::Candle || gpu => {
             target_dir().join("bench/report.md")
         }
         None => workspace_root().join("docs/benchmarks.md"),
@@ -541,7 +813,98 @@ mod tests {
 
     #[test]
     fn quick_plan_is_small() {
-        let p = Plan::new("mnist-small", true);
+        let p = Plan::new("mnist-small", true, false);
         assert!(p.train_batch <= 8 && p.train_iters <= 2 && p.ddim_runs == 1);
+        let g = Plan::new("cifar10", false, true);
+        assert_eq!((g.train_batch, g.ddim_batch), (128, 256));
+    }
+
+    /// `--torch-mode all` measures eager and best; every mode has its engines and labels.
+    #[test]
+    fn torch_modes_and_engines() {
+        assert_eq!(
+            torch_engines(TorchMode::All),
+            vec![Engine::PyTorch, Engine::TorchBest]
+        );
+        assert_eq!(Engine::TorchBest.torch_mode(), Some("best"));
+        assert!(Engine::Ours.is_ours() && !Engine::TorchCompile.is_ours());
+    }
+
+    /// bench/gpu/run-on-gpu.sh parses, and `--dry-run` checks its inputs: with the files of
+    /// `cargo xtask build-cuda` (stand-ins here) and a Python that imports (`true` here) it
+    /// lists every stage with its budget and exits 0; without them it names what is missing in
+    /// one line and exits nonzero. Runs nothing else.
+    #[test]
+    fn gpu_script_parses_and_dry_run_lists_its_stages() -> anyhow::Result<()> {
+        let root = workspace_root();
+        let script = "bench/gpu/run-on-gpu.sh";
+        let syntax = Command::new("bash")
+            .args(["-n", script])
+            .current_dir(&root)
+            .status()?;
+        assert!(syntax.success(), "bash -n {script}");
+
+        let bin = tempfile::tempdir()?;
+        let dry_run = |bin: &Path| -> anyhow::Result<std::process::Output> {
+            Ok(Command::new("bash")
+                .args([script, "--dry-run"])
+                .current_dir(&root)
+                .env("BIN", bin)
+                .env("PYTHON", "true")
+                .env("OUT", bin.join("out"))
+                .output()?)
+        };
+        let missing = dry_run(bin.path())?;
+        assert!(!missing.status.success());
+        let err = String::from_utf8_lossy(&missing.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("missing inputs") && err.contains("unet-tests"),
+            "{err}"
+        );
+
+        for f in ["xtask", "unet-tests.xz", "env.sh"] {
+            std::fs::write(bin.path().join(f), "")?;
+        }
+        let ok = dry_run(bin.path())?;
+        let out = String::from_utf8_lossy(&ok.stdout);
+        assert!(
+            ok.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        for stage in [
+            "gpu",
+            "kernel-tests",
+            "profile",
+            "bench-cifar10",
+            "bench-256",
+        ] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(&format!("stage {stage} "))),
+                "no stage {stage}: {out}"
+            );
+        }
+        assert!(out.contains("--presets cifar10 --torch-mode all"), "{out}");
+        assert!(out.contains("--presets celebahq-256"), "{out}");
+        assert!(!bin.path().join("out").exists(), "a dry run writes nothing");
+        Ok(())
+    }
+
+    /// A process that outlives its timeout is killed and reported as timed out.
+    #[test]
+    fn run_json_times_out() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("5");
+        let started = Instant::now();
+        let err = run_json_timeout::<serde_json::Value>(
+            cmd,
+            "sleep",
+            Some(std::time::Duration::from_millis(100)),
+        )
+        .unwrap_err();
+        assert!(format!("{err}").contains("timed out"), "{err}");
+        assert!(started.elapsed().as_secs_f64() < 4.0);
     }
 }

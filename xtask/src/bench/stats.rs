@@ -52,6 +52,18 @@ pub(super) struct Measured {
     pub(super) params: Option<usize>,
     pub(super) version: Option<String>,
     pub(super) threads: Option<usize>,
+    /// Seconds of compiling per process (PyTorch's compiled modes), training and sampling.
+    pub(super) compile_train: Vec<f64>,
+    pub(super) compile_sample: Vec<f64>,
+    /// Why a process gave no times (compile errors, timeouts), training and sampling.
+    pub(super) error_train: Option<String>,
+    pub(super) error_sample: Option<String>,
+    /// torch.compile's mode, where compiled.
+    pub(super) compile_mode: Option<String>,
+    /// Peak GPU memory of the processes (PyTorch's allocator), in KiB.
+    pub(super) gpu_peak_kb: Option<u64>,
+    /// The GPU's name, as PyTorch reported it.
+    pub(super) gpu_name: Option<String>,
 }
 
 impl Measured {
@@ -60,16 +72,31 @@ impl Measured {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        match task {
+        if r.compile_mode.is_some() {
+            self.compile_mode.clone_from(&r.compile_mode);
+        }
+        self.gpu_peak_kb = max(self.gpu_peak_kb, r.gpu_peak_kb);
+        if r.gpu_name.is_some() {
+            self.gpu_name.clone_from(&r.gpu_name);
+        }
+        let (compile, error) = match task {
             Task::Train => {
                 self.train.extend(&r.times_s);
                 self.rss_train_kb = max(self.rss_train_kb, r.peak_rss_kb);
+                (&mut self.compile_train, &mut self.error_train)
             }
             Task::Sample => {
                 self.sample.extend(&r.times_s);
                 self.ddim.extend(&r.ddim_s);
                 self.rss_sample_kb = max(self.rss_sample_kb, r.peak_rss_kb);
+                (&mut self.compile_sample, &mut self.error_sample)
             }
+        };
+        compile.extend(r.compile_s);
+        if r.error.is_some() {
+            error.clone_from(&r.error);
+            // A failed process reports no model: keep what the others said.
+            return;
         }
         self.params = Some(r.params);
         self.version = Some(r.version.clone());

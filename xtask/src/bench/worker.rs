@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::ops::{worker_ops, OpsArgs};
 use super::probe::peak_rss_kb;
-use super::{profile_range, Engine, Task, WorkerResult, DDIM_STEPS};
+use super::{profile_range, Engine, PeakResult, Task, WorkerResult, DDIM_STEPS};
 
 // candle allocates a fresh buffer for every op; the `ddpm` binary uses mimalloc for that reason
 // (much faster training steps; docs/benchmarks.md), so our benchmark process must too.
@@ -45,6 +45,22 @@ enum WorkerMode {
     /// Time single hot ops (convolution variants, GroupNorm, a GEMM, per-op overhead) on one
     /// device; prints one line per op to stdout.
     Ops(OpsArgs),
+    /// The device's matrix-multiply rate (candle's matmul of two square matrices; f32, and
+    /// bf16 on CUDA); prints one line of JSON.
+    Peak(PeakArgs),
+}
+
+#[derive(Args, Debug)]
+struct PeakArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Side of the square matrices (default 2048 on the CPU, 8192 on CUDA).
+    #[arg(long, default_value_t = 0)]
+    size: usize,
+    /// Timed repetitions (the best counts).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
 }
 
 #[derive(Args, Debug)]
@@ -93,7 +109,52 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         }
         WorkerMode::Export(a) => worker_export(a),
         WorkerMode::Ops(a) => worker_ops(&a),
+        WorkerMode::Peak(a) => {
+            println!("{}", serde_json::to_string(&worker_peak(&a)?)?);
+            Ok(())
+        }
     }
+}
+
+/// FLOP/s of the best of `reps` products of two `n x n` matrices (`2 n^3` FLOPs each) in
+/// `dtype` on `dev`, through candle's matmul.
+fn matmul_rate(n: usize, dtype: DType, reps: usize, dev: &Device) -> anyhow::Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), dev)?.to_dtype(dtype)?;
+    let _ = a.matmul(&b)?;
+    dev.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        let _c = a.matmul(&b)?;
+        dev.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best)
+}
+
+/// Our side's peak: candle's f32 matmul (and bf16 on CUDA).
+fn worker_peak(a: &PeakArgs) -> anyhow::Result<PeakResult> {
+    let dev = ddpm_train::parse_device(&a.device)?;
+    let n = match (a.size, dev.is_cuda()) {
+        (0, true) => 8192,
+        (0, false) => 2048,
+        (n, _) => n,
+    };
+    let mut rates = BTreeMap::new();
+    rates.insert("f32".to_string(), matmul_rate(n, DType::F32, a.reps, &dev)?);
+    if dev.is_cuda() {
+        rates.insert(
+            "bf16".to_string(),
+            matmul_rate(n, DType::BF16, a.reps, &dev)?,
+        );
+    }
+    Ok(PeakResult {
+        engine: "ours".into(),
+        size: n,
+        rates,
+        version: format!("candle {}", super::probe::candle_version()),
+    })
 }
 
 /// Times `a.task` in this process (our side of one measurement).
@@ -136,6 +197,10 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
         precision: Some(precision.name().into()),
         gpu_peak_kb: None,
         gpu_name: None,
+        mode: None,
+        compile_mode: None,
+        compile_s: None,
+        error: None,
     };
     Ok(result)
 }
@@ -301,6 +366,10 @@ fn worker_export(a: ExportArgs) -> anyhow::Result<()> {
             model.num_parameters().to_string(),
         ),
         ("model_config".to_string(), serde_json::to_string(&config)?),
+        (
+            "flops_forward".to_string(),
+            ddpm_unet::flops::forward_flops(&config).total().to_string(),
+        ),
     ]);
     let io = a.out_dir.join("io.safetensors");
     let bytes = ddpm_unet::weights::to_safetensors_bytes(&io_tensors, metadata)?;
@@ -363,6 +432,19 @@ mod tests {
             .iter()
             .chain(&sample.ddim_s)
             .all(|t| *t > 0.0));
+        Ok(())
+    }
+
+    /// The peak measurement gives a positive f32 rate (and no bf16 on the CPU).
+    #[test]
+    fn peak_measures_f32_matmul() -> anyhow::Result<()> {
+        let p = worker_peak(&PeakArgs {
+            device: "cpu".into(),
+            size: 64,
+            reps: 2,
+        })?;
+        assert_eq!(p.size, 64);
+        assert!(p.rates["f32"] > 0.0 && !p.rates.contains_key("bf16"));
         Ok(())
     }
 }
