@@ -24,7 +24,8 @@ side; f16 adds a GradScaler), which is PyTorch's standard mixed precision.
            default "max-autotune" on CUDA and inductor's default on the CPU), channels_last
            model and inputs, fused AdamW (`fused=True`), and on CUDA `cudnn.benchmark` and TF32
            matmuls and convolutions wherever f32 is computed.
-Compilation happens in the untimed warm-up steps; `compile_s` in the JSON is the warm-up's time
+Compilation happens in the untimed warm-up steps (compiled modes run one more than `--warmup`:
+the first run after compiling is still slow); `compile_s` in the JSON is the warm-up's time
 beyond that many steady steps (for sampling, plus the first call at the DDIM batch size). When
 compiling fails, the JSON line carries `error` (the exception's first line) and no times.
 
@@ -312,15 +313,18 @@ def main() -> int:
     params = models.num_parameters(model)
     shape = models.image_shape(config)
     ddim, compile_s, error, compile_mode = [], None, None, None
+    # A compiled model's first run after compiling is still slow (code loaded, kernels tuned):
+    # one more untimed step, counted in compile_s.
+    warmup = args.warmup + (1 if args.mode != "eager" else 0)
     try:
         runner, compile_mode = setup_mode(model, device, args.mode, args.compile_mode)
         if args.task == "train":
-            times, warm = time_train(runner, shape, args.batch, args.warmup, args.iters, gen,
+            times, warm = time_train(runner, shape, args.batch, warmup, args.iters, gen,
                                      device, args.precision, args.mode)
             extra = None
         else:
             times, ddim, warm, extra = time_sample(
-                runner, shape, args.batch, args.warmup, args.iters,
+                runner, shape, args.batch, warmup, args.iters,
                 args.ddim_batch or args.batch, args.ddim_steps, args.ddim_runs, gen, device,
                 args.precision, args.mode,
             )

@@ -8,8 +8,9 @@
 //! side and on PyTorch in eager mode and in its best mode (`torch.compile`, channels_last, fused
 //! AdamW, and on CUDA cudnn.benchmark and TF32). The medians, spreads, ratios (ours against the
 //! best mode is the headline), FLOP/s and fractions of peak, compile times and peak memory go to
-//! a Markdown report (`docs/benchmarks.md`). Our side runs in a separate process (`xtask bench-worker`), with
-//! mimalloc as the `ddpm` binary has, and prints JSON; PyTorch's runs `bench/pytorch/bench.py`
+//! a Markdown report (`docs/benchmarks-run.md`, quoted by `docs/benchmarks.md`). Our side runs
+//! in a separate process (`xtask bench-worker`), with mimalloc as the `ddpm` binary has, and
+//! prints JSON; PyTorch's runs `bench/pytorch/bench.py`
 //! from a virtual environment that is created in `target/bench-venv` when missing.
 //!
 //! The code, by job: this file holds the arguments, the plan of each preset, the orchestration
@@ -90,7 +91,7 @@ pub enum TorchMode {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Smoke run: mnist-small only (unless --presets), small batches, one round; writes
-    /// target/bench/quick.md instead of docs/benchmarks.md.
+    /// target/bench/quick.md instead of docs/benchmarks-run.md.
     #[arg(long)]
     quick: bool,
     /// Threads of both sides (RAYON_NUM_THREADS for ours, torch.set_num_threads for PyTorch).
@@ -116,8 +117,9 @@ pub struct BenchArgs {
     /// Only check that the PyTorch reference computes our models (no timing).
     #[arg(long)]
     parity_only: bool,
-    /// Where to write the Markdown report. Default: docs/benchmarks.md for a full CPU run with
-    /// PyTorch, target/bench/quick.md with --quick, target/bench/report.md otherwise.
+    /// Where to write the Markdown report. Default: docs/benchmarks-run.md for a full CPU run
+    /// with PyTorch (the whole generated report, whose tables docs/benchmarks.md quotes),
+    /// target/bench/quick.md with --quick, target/bench/report.md otherwise.
     #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
     /// PyTorch's modes: eager, compile (torch.compile alone), best (compile, channels_last,
@@ -771,7 +773,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None if python.is_none() || args.kernels == KernelChoice::Candle || gpu => {
             target_dir().join("bench/report.md")
         }
-        None => workspace_root().join("docs/benchmarks.md"),
+        None => workspace_root().join("docs/benchmarks-run.md"),
     };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
