@@ -5,6 +5,7 @@
 
 mod env;
 mod eval;
+mod export;
 mod forward;
 mod launch;
 mod pretrained;
@@ -45,6 +46,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Print a noise schedule and every derived buffer.
     Schedule(schedule::ScheduleArgs),
+    /// Write a trained model in another format: a diffusers DDPMPipeline directory.
+    Export(export::ExportArgs),
     /// Train data-parallel: start N ranks of `ddpm train` on this machine, one per GPU.
     Launch(launch::LaunchArgs),
 }
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward::run(a),
         Command::Schedule(a) => schedule::run(a),
         Command::Launch(a) => launch::run(a),
+        Command::Export(a) => export::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

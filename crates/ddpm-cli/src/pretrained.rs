@@ -1,18 +1,205 @@
-//! `ddpm sample --pretrained DIR`: a diffusers DDPM pipeline directory (the google/ddpm-* layout:
+//! `ddpm sample --pretrained REPO_OR_DIR`: a diffusers DDPM pipeline (the google/ddpm-* layout:
 //! `model_index.json`, `unet/`, `scheduler/`; or the flat layout with `config.json`, the weights
 //! and `scheduler_config.json` at the top) as a model, a schedule and what the network predicts.
-//! The reading lives in `ddpm_unet::diffusers` and `ddpm_schedule::diffusers`; this module finds
-//! the files and wires them. Downloading from the Hub is not done here: DIR is a local copy.
+//! REPO_OR_DIR is a local directory when one exists, else a Hub model repository such as
+//! google/ddpm-cifar10-32, whose needed files are downloaded into the Hugging Face cache through
+//! `ddpm_data::hub` (hf-hub, with size and checksum checks) at `--revision`. The reading lives in
+//! `ddpm_unet::diffusers` and `ddpm_schedule::diffusers`; this module finds the files and wires
+//! them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::DType;
+use ddpm_data::hub::{Hub, HubOptions, Repo, Snapshot};
 use ddpm_schedule::diffusers::DiffusersScheduler;
 use ddpm_schedule::{DdpmVariance, Objective, SamplerConfig, Schedule};
 use ddpm_train::{parse_device, Precision};
-use ddpm_unet::diffusers::load_unet_dir;
+use ddpm_unet::diffusers::{load_unet_dir, CONFIG_FILE, UNET_SUBFOLDER, WEIGHTS_FILES};
 use ddpm_unet::DiffusionModel;
+use serde::Serialize;
+
+/// Where a `--pretrained` pipeline was found: the local directory read, and for a Hub
+/// repository the revision asked for and the commit it resolved to.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PipelineSource {
+    /// What `--pretrained` said.
+    pub pretrained: String,
+    /// The directory the pipeline was read from (a snapshot folder of the cache for the Hub).
+    pub dir: PathBuf,
+    /// The Hub repository, when it came from the Hub.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// The revision asked for (`--revision`, default `main`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The commit the revision resolved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The Hub endpoint asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Whether the files came from the cache in offline mode.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
+    /// The files of the pipeline this program reads, relative to `dir`.
+    pub files: Vec<String>,
+}
+
+/// The files of a pipeline to fetch from a repository listing `listed` (the files of the commit
+/// online, the cached ones offline): the pipeline layout when `unet/config.json` is listed, else
+/// the flat one; the weights as safetensors when listed, else `.bin`. `None` when neither
+/// layout's config is listed.
+fn needed_files(listed: &[&str]) -> Option<Vec<String>> {
+    let has = |p: &str| listed.contains(&p);
+    let unet_config = format!("{UNET_SUBFOLDER}/{CONFIG_FILE}");
+    let (prefix, scheduler) = if has(&unet_config) {
+        (
+            format!("{UNET_SUBFOLDER}/"),
+            "scheduler/scheduler_config.json",
+        )
+    } else if has(CONFIG_FILE) {
+        (String::new(), "scheduler_config.json")
+    } else {
+        return None;
+    };
+    let mut files = Vec::new();
+    if has("model_index.json") {
+        files.push("model_index.json".to_string());
+    }
+    files.push(format!("{prefix}{CONFIG_FILE}"));
+    // Safetensors when listed, else the pickle; with neither, the first name, so that the
+    // download names what is missing.
+    let weights = WEIGHTS_FILES
+        .iter()
+        .map(|w| format!("{prefix}{w}"))
+        .find(|w| has(w))
+        .unwrap_or_else(|| format!("{prefix}{}", WEIGHTS_FILES[0]));
+    files.push(weights);
+    files.push(scheduler.to_string());
+    Some(files)
+}
+
+/// Whether `arg` reads as a path rather than a Hub repository id.
+fn looks_like_path(arg: &str) -> bool {
+    arg.starts_with(['.', '/', '~'])
+        || arg.contains('\\')
+        || arg.split('/').count() > 2
+        || Path::new(arg).exists()
+}
+
+/// Finds the pipeline `--pretrained` names: the local directory `arg` when it exists, else the
+/// Hub model repository `arg` at `revision` (default `main`), its needed files brought into the
+/// cache (verified) through `options`.
+pub(crate) fn resolve(
+    arg: &str,
+    revision: Option<&str>,
+    options: &HubOptions,
+) -> Result<PipelineSource> {
+    let local = Path::new(arg);
+    if local.is_dir() {
+        if let Some(rev) = revision {
+            anyhow::bail!(
+                "--revision {rev}: --pretrained {arg} is a local directory, which has no \
+                 revisions (--revision is for a Hub repository such as google/ddpm-cifar10-32)"
+            );
+        }
+        return Ok(PipelineSource {
+            pretrained: arg.to_string(),
+            dir: local.to_path_buf(),
+            repo: None,
+            revision: None,
+            commit: None,
+            endpoint: None,
+            offline: false,
+            files: Vec::new(),
+        });
+    }
+    if looks_like_path(arg) {
+        anyhow::bail!(
+            "--pretrained {arg}: no such directory (give a local diffusers pipeline directory or \
+             a Hub repository such as google/ddpm-cifar10-32)"
+        );
+    }
+    let repo = Repo::model(arg).with_context(|| format!("--pretrained {arg}"))?;
+    let revision = revision.unwrap_or("main");
+    let hub = Hub::new(options)?;
+    let snapshot = hub.snapshot(&repo, revision).with_context(|| {
+        format!("--pretrained {arg} (no such local directory, so a Hub repository)")
+    })?;
+    let files = pipeline_files(&snapshot)?;
+    let mut dir: Option<PathBuf> = None;
+    for rel in &files {
+        let local = hub.get(&snapshot, rel)?;
+        // The snapshot folder: the file's path less its path in the repository.
+        let root = rel
+            .split('/')
+            .try_fold(local.as_path(), |p, _| p.parent())
+            .map(Path::to_path_buf);
+        dir = dir.or(root);
+    }
+    let dir = dir.ok_or_else(|| anyhow::anyhow!("{}: no files fetched", snapshot.label()))?;
+    tracing::info!(
+        repo = %repo,
+        revision,
+        commit = %snapshot.commit,
+        offline = snapshot.offline,
+        dir = %dir.display(),
+        "Hub pipeline ready"
+    );
+    Ok(PipelineSource {
+        pretrained: arg.to_string(),
+        dir,
+        repo: Some(repo.id.clone()),
+        revision: Some(revision.to_string()),
+        commit: Some(snapshot.commit.clone()),
+        endpoint: (!snapshot.offline).then(|| options.endpoint()),
+        offline: snapshot.offline,
+        files,
+    })
+}
+
+/// [`needed_files`] of a snapshot, or an error naming the repository and what it holds.
+fn pipeline_files(snapshot: &Snapshot) -> Result<Vec<String>> {
+    let listed: Vec<&str> = snapshot.files.iter().map(|f| f.path.as_str()).collect();
+    needed_files(&listed).ok_or_else(|| {
+        if snapshot.offline {
+            anyhow::anyhow!(
+                "{}: the Hub cache holds no unet/config.json nor config.json of it and offline \
+                 mode is on (HF_HUB_OFFLINE): run once online to download it, or point HF_HOME \
+                 at a cache that holds it",
+                snapshot.label()
+            )
+        } else {
+            anyhow::anyhow!(
+                "{}: not a diffusers DDPM pipeline (no unet/config.json nor config.json among its \
+                 {} files)",
+                snapshot.label(),
+                listed.len()
+            )
+        }
+    })
+}
+
+/// Writes `source` and `extra` (the sampling settings) as JSON beside the output `out`
+/// (`samples.png` -> `samples.json`), so that the images say which pipeline and commit made
+/// them.
+pub(crate) fn write_provenance(
+    out: &Path,
+    source: &PipelineSource,
+    extra: serde_json::Value,
+) -> Result<PathBuf> {
+    let path = out.with_extension("json");
+    let mut value = serde_json::json!({ "pretrained": source });
+    if let (Some(map), serde_json::Value::Object(more)) = (value.as_object_mut(), extra) {
+        map.extend(more);
+    }
+    let mut text = serde_json::to_string_pretty(&value)?;
+    text.push('\n');
+    ddpm_unet::weights::write_atomic(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
 
 /// The pipelines whose model and scheduler this program can run.
 const PIPELINES: [&str; 2] = ["DDPMPipeline", "DDIMPipeline"];
@@ -57,6 +244,9 @@ impl Pretrained {
                     clip_x0: self.clip_x0,
                 }
             }
+            // Other samplers keep their own clipping setting.
+            #[allow(unreachable_patterns)]
+            other => other,
         }
     }
 }
@@ -113,11 +303,7 @@ fn check_model_index(dir: &Path) -> Result<()> {
 /// Loads the pipeline directory `dir` on the device and in the precision the flags name.
 pub(crate) fn load(dir: &Path, device: &str, precision: &str) -> Result<Pretrained> {
     if !dir.is_dir() {
-        anyhow::bail!(
-            "--pretrained {}: no such directory (a local diffusers pipeline directory; this \
-             program does not download from the Hub)",
-            dir.display()
-        );
+        anyhow::bail!("--pretrained {}: no such directory", dir.display());
     }
     let device = parse_device(device)?;
     let precision = Precision::parse(precision)?;

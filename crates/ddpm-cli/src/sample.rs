@@ -17,10 +17,13 @@ pub struct SampleArgs {
     /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
     #[arg(long, required_unless_present = "pretrained")]
     checkpoint: Option<PathBuf>,
-    /// Instead of --checkpoint: a local diffusers DDPM pipeline directory (google/ddpm-* layout,
-    /// docs/pretrained.md).
-    #[arg(long, conflicts_with = "checkpoint")]
-    pretrained: Option<PathBuf>,
+    /// Instead of --checkpoint: a diffusers DDPM pipeline, a local directory or else a Hub
+    /// repository such as google/ddpm-cifar10-32 (docs/pretrained.md).
+    #[arg(long, conflicts_with = "checkpoint", value_name = "REPO_OR_DIR")]
+    pretrained: Option<String>,
+    /// The revision (branch, tag or commit) of a --pretrained Hub repository (default: main).
+    #[arg(long, requires = "pretrained")]
+    revision: Option<String>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     num: usize,
@@ -188,9 +191,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
     }
+    let mut source = None;
     let (model, schedule, objective, sampler) = match (&a.pretrained, &a.checkpoint) {
-        (Some(dir), _) => {
-            let p = crate::pretrained::load(dir, &a.inference.device, &a.inference.precision)?;
+        (Some(arg), _) => {
+            let hub = crate::env::hub_options()?;
+            let found = crate::pretrained::resolve(arg, a.revision.as_deref(), &hub)?;
+            let p =
+                crate::pretrained::load(&found.dir, &a.inference.device, &a.inference.precision)?;
+            source = Some(found);
             let sampler = p.sampler(a.sampler.config(p.schedule.timesteps())?);
             (p.model, p.schedule, p.objective, sampler)
         }
@@ -227,6 +235,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
     save_grid(&samples.images, nrow, &a.out, out_format)
         .with_context(|| format!("writing {}", a.out.display()))?;
     tracing::info!(path = %a.out.display(), images = a.num, "sample grid written");
+    if let Some(source) = &source {
+        let settings = serde_json::json!({ "num": a.num, "seed": a.seed, "sampler": opts.sampler });
+        let path = crate::pretrained::write_provenance(&a.out, source, settings)?;
+        tracing::info!(path = %path.display(), commit = ?source.commit, "provenance written");
+    }
     if let Some(dir) = &a.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for i in 0..a.num {

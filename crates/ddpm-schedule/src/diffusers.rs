@@ -480,6 +480,94 @@ fn alpha_bar_betas(timesteps: usize, alpha_bar: impl Fn(f64) -> f64) -> Vec<f64>
         .collect()
 }
 
+/// The `_diffusers_version` written into exported scheduler configs.
+pub const EXPORT_DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// A `DDPMScheduler` `scheduler_config.json` for our `schedule`, `objective` and DDPM
+/// `variance`, clipping x_0 when `clip_x0`: the inverse of [`DiffusersScheduler::from_json`].
+///
+/// The betas are given as a named `beta_schedule` when one of diffusers' formulas reproduces
+/// ours (checked by reading the candidate back: every beta to 1e-12 relative): `linear` for our
+/// `linear` (and for our lucidrains-style `scaled_linear`, whose ends scaled by 1000/T are a
+/// linear schedule), `scaled_linear` for our `quadratic`, `sigmoid` for `sigmoid`, and
+/// `squaredcos_cap_v2` for a cosine schedule whose clipping diffusers' 0.999 cap reproduces.
+/// Otherwise (our default cosine, clipped to `[1e-4, 0.9999]`) the exact betas are written as
+/// `trained_betas`.
+pub fn scheduler_config_json(
+    schedule: &ScheduleConfig,
+    objective: Objective,
+    variance: DdpmVariance,
+    clip_x0: bool,
+) -> Result<Value> {
+    let ours = schedule.betas()?;
+    let t = schedule.timesteps;
+    let named: Option<(&str, f64, f64)> = match schedule.beta_schedule {
+        BetaSchedule::Linear { start, end } => Some(("linear", start, end)),
+        BetaSchedule::ScaledLinear { start, end } => {
+            // Our lucidrains-style scaling: the ends times 1000/T.
+            let scale = 1000.0 / t as f64;
+            Some(("linear", start * scale, end * scale))
+        }
+        BetaSchedule::Quadratic { start, end } => Some(("scaled_linear", start, end)),
+        BetaSchedule::Sigmoid { start, end } => Some(("sigmoid", start, end)),
+        // beta_start and beta_end are not used by this formula; diffusers' defaults are written.
+        BetaSchedule::Cosine { s, .. } if s == SQUAREDCOS_S => {
+            Some(("squaredcos_cap_v2", 1e-4, 0.02))
+        }
+        BetaSchedule::Cosine { .. } => None,
+    };
+    let mut config = serde_json::json!({
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": EXPORT_DIFFUSERS_VERSION,
+        "num_train_timesteps": t,
+        "beta_schedule": "linear",
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "trained_betas": null,
+        "variance_type": match variance {
+            DdpmVariance::FixedSmall => "fixed_small",
+            DdpmVariance::FixedLarge => "fixed_large",
+        },
+        "clip_sample": clip_x0,
+        "clip_sample_range": 1.0,
+        "prediction_type": match objective {
+            Objective::Eps => "epsilon",
+            Objective::X0 => "sample",
+            Objective::V => "v_prediction",
+        },
+        "thresholding": false,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": false,
+    });
+    let same = |c: &Value| {
+        DiffusersScheduler::from_map(c.as_object().expect("a JSON object")).is_ok_and(|read| {
+            read.betas.len() == ours.len()
+                && read
+                    .betas
+                    .iter()
+                    .zip(&ours)
+                    .all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs() + 1e-15)
+        })
+    };
+    if let Some((name, start, end)) = named {
+        config["beta_schedule"] = name.into();
+        config["beta_start"] = start.into();
+        config["beta_end"] = end.into();
+        if same(&config) {
+            return Ok(config);
+        }
+        config["beta_start"] = 1e-4.into();
+        config["beta_end"] = 0.02.into();
+    }
+    config["beta_schedule"] = "linear".into();
+    config["trained_betas"] = Value::from(ours.clone());
+    debug_assert!(same(&config));
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,5 +683,81 @@ mod tests {
         assert!(with("leading", 0).inference_timesteps(1001).is_err());
         // An offset that pushes a timestep past T - 1 is an error, not an index panic later.
         assert!(with("leading", 1).inference_timesteps(1000).is_err());
+    }
+    #[test]
+    fn exported_configs_read_back_as_our_betas() {
+        let cases: [(BetaSchedule, usize, &str); 8] = [
+            (BetaSchedule::default(), 1000, "linear"),
+            (BetaSchedule::default(), 200, "linear"),
+            (
+                BetaSchedule::ScaledLinear {
+                    start: 1e-4,
+                    end: 0.02,
+                },
+                200,
+                "linear",
+            ),
+            (
+                BetaSchedule::Quadratic {
+                    start: 0.00085,
+                    end: 0.012,
+                },
+                1000,
+                "scaled_linear",
+            ),
+            (
+                BetaSchedule::Sigmoid {
+                    start: 1e-4,
+                    end: 0.02,
+                },
+                300,
+                "sigmoid",
+            ),
+            (
+                BetaSchedule::Cosine {
+                    s: SQUAREDCOS_S,
+                    min_beta: f64::MIN_POSITIVE,
+                    max_beta: SQUAREDCOS_MAX_BETA,
+                },
+                20,
+                "squaredcos_cap_v2",
+            ),
+            // Our default cosine clips to [1e-4, 0.9999]: no diffusers formula, explicit betas.
+            (
+                BetaSchedule::from_name("cosine").expect("cosine"),
+                1000,
+                "trained_betas",
+            ),
+            (
+                BetaSchedule::from_name("cosine").expect("cosine"),
+                50,
+                "trained_betas",
+            ),
+        ];
+        for (beta_schedule, timesteps, want) in cases {
+            let ours = ScheduleConfig {
+                timesteps,
+                beta_schedule,
+            };
+            let json = scheduler_config_json(&ours, Objective::V, DdpmVariance::FixedLarge, true)
+                .expect("exported");
+            let read = DiffusersScheduler::from_json(&json.to_string()).expect("read back");
+            assert_eq!(read.beta_schedule, want, "{ours:?}");
+            let betas = ours.betas().expect("betas");
+            for (a, b) in read.betas.iter().zip(&betas) {
+                assert!((a - b).abs() <= 1e-12 * b, "{ours:?}: {a} vs {b}");
+            }
+            assert_eq!(read.betas.len(), timesteps);
+            assert_eq!(
+                (read.objective, read.variance, read.clip_x0, read.class),
+                (
+                    Objective::V,
+                    DdpmVariance::FixedLarge,
+                    true,
+                    SchedulerClass::Ddpm
+                )
+            );
+            assert!(read.notes.is_empty(), "{:?}", read.notes);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! diffusers' `UNet2DModel` (the network of the google/ddpm-* pipelines) as a [`DdpmUnet`](crate::DdpmUnet):
 //! its `config.json` read into a [`DdpmUnetConfig`], and its weights (safetensors or a PyTorch
-//! `.bin` pickle) renamed onto ours.
+//! `.bin` pickle) renamed onto ours; and the way back, a [`DdpmUnet`](crate::DdpmUnet) written as a
+//! `UNet2DModel` folder ([`save_unet_dir`], by the same rules).
 //!
 //! A `UNet2DModel` with the DDPM paper's settings (`time_embedding_type = "positional"`,
 //! `flip_sin_to_cos = false`, `freq_shift = 1`, `downsample_padding = 0`, `norm_eps = 1e-6`,
@@ -915,6 +916,164 @@ pub fn load_unet_weights(
     Ok(model)
 }
 
+/// The `_diffusers_version` written into exported configs: the diffusers release the export was
+/// checked against (`bench/parity/diffusers_export.py`).
+pub const EXPORT_DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// diffusers' `UNet2DModel` `config.json` for our `config`: the inverse of
+/// [`unet_config_from_json`], which reads it back into `config` (every key is written, so no
+/// diffusers default is relied on; `attention_head_dim` is null, diffusers' single-head
+/// attention). A config diffusers cannot express is refused naming the field.
+pub fn unet_config_to_json(config: &DdpmUnetConfig) -> Result<Value, UnetError> {
+    config.validate()?;
+    let n = config.ch_mult.len();
+    let sizes: Vec<usize> = (0..n).map(|i| config.image_size >> i).collect();
+    if let Some(r) = config.attn_resolutions.iter().find(|r| !sizes.contains(r)) {
+        return Err(UnetError::InvalidConfig {
+            field: "attn_resolutions",
+            reason: format!(
+                "{r} is not the size of a level ({sizes:?}): diffusers puts attention at whole \
+                 levels only"
+            ),
+        });
+    }
+    let attn: Vec<bool> = sizes
+        .iter()
+        .map(|s| config.attn_resolutions.contains(s))
+        .collect();
+    let down: Vec<&str> = attn
+        .iter()
+        .map(|a| if *a { "AttnDownBlock2D" } else { "DownBlock2D" })
+        .collect();
+    let up: Vec<&str> = attn
+        .iter()
+        .rev()
+        .map(|a| if *a { "AttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    let channels: Vec<usize> = config.ch_mult.iter().map(|m| m * config.ch).collect();
+    Ok(serde_json::json!({
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": EXPORT_DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "add_attention": true,
+        "attention_head_dim": null,
+        "attn_norm_num_groups": null,
+        "block_out_channels": channels,
+        "center_input_sample": false,
+        "class_embed_type": null,
+        "down_block_types": down,
+        "downsample_padding": 0,
+        "downsample_type": "conv",
+        "dropout": config.dropout,
+        "flip_sin_to_cos": false,
+        "freq_shift": 1,
+        "in_channels": config.in_channels,
+        "layers_per_block": config.num_res_blocks,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-6,
+        "norm_num_groups": config.groups,
+        "num_class_embeds": null,
+        "num_train_timesteps": null,
+        "out_channels": config.out_channels.unwrap_or(config.in_channels),
+        "resnet_time_scale_shift": "default",
+        "sample_size": config.image_size,
+        "time_embedding_dim": null,
+        "time_embedding_type": "positional",
+        "up_block_types": up,
+        "upsample_type": "conv",
+    }))
+}
+
+/// Our tensors (a [`DdpmUnet`](crate::DdpmUnet) of `levels` levels, by our names) under
+/// diffusers' current names, the attention projections reshaped to `Linear` weights `(c, c)`:
+/// the inverse of [`map_tensors`], by the same rules ([`diffusers_name`]). A name no rule covers
+/// is an error naming it.
+pub fn export_tensors(
+    ours: &BTreeMap<String, Tensor>,
+    levels: usize,
+) -> Result<BTreeMap<String, Tensor>, UnetError> {
+    let mut out = BTreeMap::new();
+    for (name, t) in ours {
+        let d = diffusers_name(name, levels).ok_or_else(|| UnetError::Weights {
+            path: "<export>".into(),
+            reason: format!("no diffusers name for our tensor `{name}`: not a DdpmUnet tensor"),
+        })?;
+        let t = if d.linear_as_conv {
+            let dims = t.dims();
+            if dims.len() != 4 || dims[2] != 1 || dims[3] != 1 {
+                return Err(UnetError::Weights {
+                    path: "<export>".into(),
+                    reason: format!(
+                        "tensor `{name}` has shape {dims:?}, not a 1x1 convolution (c, c, 1, 1)"
+                    ),
+                });
+            }
+            t.reshape((dims[0], dims[1]))?
+        } else {
+            t.clone()
+        };
+        if out.insert(d.name.clone(), t).is_some() {
+            return Err(UnetError::Weights {
+                path: "<export>".into(),
+                reason: format!(
+                    "two of our tensors map to `{}` (a bug of the mapping)",
+                    d.name
+                ),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `model`'s network as a diffusers `UNet2DModel` folder: `dir/config.json`
+/// ([`unet_config_to_json`]) and `dir/diffusion_pytorch_model.safetensors` ([`export_tensors`],
+/// in `float32`, with diffusers' `format: pt` metadata), each written atomically. Only a
+/// [`DdpmUnet`](crate::DdpmUnet) can be written: diffusers has no class for the lucidrains
+/// [`Unet`](crate::Unet), which is refused.
+pub fn save_unet_dir(model: &DiffusionModel, dir: &Path) -> Result<UnetFiles, UnetError> {
+    let config = match model.config() {
+        ModelConfig::DdpmUnet(c) => c,
+        ModelConfig::Unet(_) => {
+            return Err(UnetError::InvalidConfig {
+                field: "arch",
+                reason: "the lucidrains-style `unet` model has no diffusers class (diffusers' \
+                         UNet2DModel is the DDPM paper's network, our `ddpm_unet`): only \
+                         `ddpm_unet` models can be exported"
+                    .into(),
+            })
+        }
+    };
+    let json = unet_config_to_json(config)?;
+    let tensors = model
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<BTreeMap<_, _>, candle_core::Error>>()?;
+    let renamed = export_tensors(&tensors, config.ch_mult.len())?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = crate::weights::to_safetensors_bytes(&renamed, metadata)?;
+    let files = UnetFiles {
+        config: dir.join(CONFIG_FILE),
+        weights: dir.join(WEIGHTS_FILES[0]),
+    };
+    let write = |path: &Path, bytes: &[u8]| {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| crate::weights::write_atomic(path, bytes))
+            .map_err(|e| UnetError::Weights {
+                path: path.to_path_buf(),
+                reason: format!("cannot write: {e}"),
+            })
+    };
+    let mut text = serde_json::to_string_pretty(&json).map_err(|e| UnetError::Weights {
+        path: files.config.clone(),
+        reason: e.to_string(),
+    })?;
+    text.push('\n');
+    write(&files.config, text.as_bytes())?;
+    write(&files.weights, &bytes)?;
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1113,5 +1272,57 @@ mod tests {
                 "{text}"
             );
         }
+    }
+    #[test]
+    fn an_exported_config_reads_back_as_the_same_model() -> Result<(), UnetError> {
+        for preset in ["cifar-small", "cifar10", "mnist-small"] {
+            let ModelConfig::DdpmUnet(config) = ModelConfig::preset(preset)? else {
+                continue;
+            };
+            let json = unet_config_to_json(&config)?;
+            let read = unet_config_from_json(&json.to_string(), Path::new("config.json"))?;
+            assert_eq!(read.config, config, "{preset}");
+            assert!(read.notes.is_empty(), "{preset}: {:?}", read.notes);
+        }
+        // An attention resolution that is no level's size cannot be said in diffusers' terms.
+        let odd = DdpmUnetConfig {
+            attn_resolutions: vec![12],
+            ..DdpmUnetConfig::cifar10()
+        };
+        match unet_config_to_json(&odd) {
+            Err(UnetError::InvalidConfig { field, .. }) => assert_eq!(field, "attn_resolutions"),
+            other => panic!("{other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn exported_tensors_map_back_to_ours_bit_for_bit() -> Result<(), UnetError> {
+        let model = DiffusionModel::new(
+            &ModelConfig::preset("cifar-small")?,
+            7,
+            &Device::Cpu,
+            DType::F32,
+        )?;
+        let ModelConfig::DdpmUnet(config) = model.config().clone() else {
+            panic!("cifar-small is a DdpmUnet");
+        };
+        let levels = config.ch_mult.len();
+        let ours = model.tensors();
+        let theirs: HashMap<String, Tensor> = export_tensors(&ours, levels)?.into_iter().collect();
+        assert_eq!(theirs.len(), ours.len());
+        // The attention projections are Linear weights in diffusers' file.
+        let q = theirs
+            .get("mid_block.attentions.0.to_q.weight")
+            .expect("mid attention");
+        assert_eq!(q.dims().len(), 2);
+        let back = map_tensors(&theirs, &model.vars(), levels, Path::new("x"))?;
+        for (name, t) in &ours {
+            let a = t.flatten_all()?.to_vec1::<f32>()?;
+            let b = back[name].flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(a, b, "{name}");
+            assert_eq!(t.dims(), back[name].dims(), "{name}");
+        }
+        Ok(())
     }
 }

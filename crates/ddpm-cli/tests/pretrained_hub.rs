@@ -1,0 +1,344 @@
+//! `ddpm sample --pretrained OWNER/NAME [--revision REV]` against a fake Hub on 127.0.0.1
+//! (crates/ddpm-data/tests/support/hub_server.rs, reached through `HF_ENDPOINT`) serving the tiny
+//! diffusers pipeline of crates/ddpm-unet/tests/fixtures/diffusers-tiny: only the needed files are
+//! downloaded, the commit is recorded beside the images, offline mode reads the filled cache, a
+//! revision picks another commit (the flat `.bin` layout), and corrupt or resized downloads and
+//! configs we cannot represent are refused in one line. No network is used.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{assert_ok, assert_one_clean_error, ddpm_bare, run};
+
+#[path = "../../ddpm-unet/tests/support/diffusers_fixture.rs"]
+mod diffusers_fixture;
+use diffusers_fixture::fixture;
+
+#[path = "../../ddpm-data/tests/support/hub_server.rs"]
+mod hub_server;
+use hub_server::{FakeHub, HubFile, Kind};
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The pipeline layout of the fixture, as a repository holds it, with a `.bin` beside the
+/// safetensors and files a sampler does not need.
+fn pipeline_files() -> Vec<HubFile> {
+    vec![
+        HubFile::git(".gitattributes", "*.safetensors filter=lfs\n"),
+        HubFile::git("README.md", "# tiny\n"),
+        HubFile::git(
+            "model_index.json",
+            read(&fixture("pipeline/model_index.json")),
+        ),
+        HubFile::git(
+            "unet/config.json",
+            read(&fixture("pipeline/unet/config.json")),
+        ),
+        HubFile::lfs(
+            "unet/diffusion_pytorch_model.safetensors",
+            read(&fixture(
+                "pipeline/unet/diffusion_pytorch_model.safetensors",
+            )),
+        ),
+        HubFile::lfs(
+            "unet/diffusion_pytorch_model.bin",
+            read(&fixture("flat-bin/diffusion_pytorch_model.bin")),
+        ),
+        HubFile::git(
+            "scheduler/scheduler_config.json",
+            read(&fixture("pipeline/scheduler/scheduler_config.json")),
+        ),
+        HubFile::lfs("images/samples.png", vec![7u8; 4096]),
+    ]
+}
+
+/// The flat layout of the fixture, weights as a `.bin` only.
+fn flat_files() -> Vec<HubFile> {
+    let f = |name: &str| read(&fixture(&format!("flat-bin/{name}")));
+    vec![
+        HubFile::git("model_index.json", f("model_index.json")),
+        HubFile::git("config.json", f("config.json")),
+        HubFile::lfs(
+            "diffusion_pytorch_model.bin",
+            f("diffusion_pytorch_model.bin"),
+        ),
+        HubFile::git("scheduler_config.json", f("scheduler_config.json")),
+    ]
+}
+
+/// `ddpm sample` of 2 images with 5 DDIM steps into `dir/out` (and `dir/out` with `.json`),
+/// with the Hub variables set for `hub` and the cache in `dir/hf`, plus `args`.
+fn sample(dir: &Path, hub: &FakeHub, offline: bool, out: &str, args: &[&str]) -> Output {
+    let mut c = ddpm_bare(dir);
+    c.env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+        .args(["sample", "--num", "2", "--steps", "5", "--seed", "4"])
+        .args(["--quiet", "--out", out])
+        .args(args);
+    run(&mut c)
+}
+
+fn provenance(dir: &Path, out: &str) -> serde_json::Value {
+    let path = dir.join(Path::new(out).with_extension("json"));
+    serde_json::from_str(&String::from_utf8(read(&path)).expect("utf-8")).expect("json")
+}
+
+/// The files downloaded (the `resolve` requests), without the revision part.
+fn downloads(hub: &FakeHub) -> Vec<String> {
+    let mut files: Vec<String> = hub
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let (_, rest) = r.split_once("/resolve/")?;
+            let (_, file) = rest.split_once('/')?;
+            Some(file.to_string())
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+#[test]
+fn a_hub_pipeline_is_fetched_recorded_and_read_offline() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let hub = FakeHub::start();
+    let commit = hub.publish(Kind::Model, "google/ddpm-tiny", "main", pipeline_files());
+
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "hub.png",
+        &["--pretrained", "google/ddpm-tiny"],
+    );
+    assert_ok(&o);
+    // Only what sampling needs; the safetensors preferred to the .bin.
+    assert_eq!(
+        downloads(&hub),
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+        ]
+    );
+    let meta = provenance(p, "hub.png");
+    assert_eq!(meta["pretrained"]["repo"], "google/ddpm-tiny");
+    assert_eq!(meta["pretrained"]["revision"], "main");
+    assert_eq!(meta["pretrained"]["commit"], commit.as_str());
+    assert_eq!(meta["pretrained"]["endpoint"], hub.endpoint.as_str());
+    assert_eq!(meta["seed"], 4);
+    // The cache is the huggingface_hub layout under HF_HOME/hub.
+    let snapshot = p
+        .join("hf/hub/models--google--ddpm-tiny/snapshots")
+        .join(&commit);
+    assert!(snapshot.join("unet/config.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(p.join("hf/hub/models--google--ddpm-tiny/refs/main"))
+            .expect("ref")
+            .trim(),
+        commit
+    );
+
+    // The same images as from the local directory.
+    let local = fixture("pipeline");
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "local.png",
+        &["--pretrained", local.to_str().expect("utf-8")],
+    );
+    assert_ok(&o);
+    assert!(read(&p.join("hub.png")) == read(&p.join("local.png")));
+    assert!(
+        provenance(p, "local.png")["pretrained"]["commit"].is_null(),
+        "a local directory has no commit"
+    );
+
+    // Offline, with the Hub down: from the cache, the same images, the same commit.
+    hub.set_down(true);
+    let before = hub.request_count();
+    let o = sample(
+        p,
+        &hub,
+        true,
+        "offline.png",
+        &["--pretrained", "google/ddpm-tiny"],
+    );
+    assert_ok(&o);
+    assert_eq!(hub.request_count(), before, "offline asks nothing");
+    assert!(read(&p.join("hub.png")) == read(&p.join("offline.png")));
+    let meta = provenance(p, "offline.png");
+    assert_eq!(meta["pretrained"]["commit"], commit.as_str());
+    assert_eq!(meta["pretrained"]["offline"], true);
+    // A commit id works offline too.
+    let o = sample(
+        p,
+        &hub,
+        true,
+        "offline2.png",
+        &["--pretrained", "google/ddpm-tiny", "--revision", &commit],
+    );
+    assert_ok(&o);
+
+    // Offline, a repository or revision not in the cache: one line naming it and what to do.
+    let o = sample(
+        p,
+        &hub,
+        true,
+        "x.png",
+        &["--pretrained", "google/ddpm-other"],
+    );
+    assert_one_clean_error(&o, "google/ddpm-other");
+    assert_one_clean_error(&o, "HF_HUB_OFFLINE");
+    let o = sample(
+        p,
+        &hub,
+        true,
+        "x.png",
+        &["--pretrained", "google/ddpm-tiny", "--revision", "v2"],
+    );
+    assert_one_clean_error(&o, "v2");
+}
+
+#[test]
+fn a_revision_picks_its_commit_and_the_flat_bin_layout_is_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let hub = FakeHub::start();
+    let first = hub.publish(Kind::Model, "someone/tiny", "main", pipeline_files());
+    let second = hub.publish(Kind::Model, "someone/tiny", "flat", flat_files());
+
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "flat.png",
+        &["--pretrained", "someone/tiny", "--revision", "flat"],
+    );
+    assert_ok(&o);
+    assert_eq!(
+        downloads(&hub),
+        [
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "model_index.json",
+            "scheduler_config.json",
+        ]
+    );
+    let meta = provenance(p, "flat.png");
+    assert_eq!(meta["pretrained"]["revision"], "flat");
+    assert_eq!(meta["pretrained"]["commit"], second.as_str());
+    // The same model: the same images as from the safetensors of the first commit, by its id.
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "first.png",
+        &["--pretrained", "someone/tiny", "--revision", &first],
+    );
+    assert_ok(&o);
+    assert_eq!(
+        provenance(p, "first.png")["pretrained"]["commit"],
+        first.as_str()
+    );
+    let local = fixture("flat-bin");
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "local.png",
+        &["--pretrained", local.to_str().expect("utf-8")],
+    );
+    assert_ok(&o);
+    assert!(read(&p.join("flat.png")) == read(&p.join("local.png")));
+
+    // --revision with a local directory, an unknown revision, an unknown repository.
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "x.png",
+        &[
+            "--pretrained",
+            local.to_str().expect("utf-8"),
+            "--revision",
+            "main",
+        ],
+    );
+    assert_one_clean_error(&o, "local directory");
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "x.png",
+        &["--pretrained", "someone/tiny", "--revision", "nope"],
+    );
+    assert_one_clean_error(&o, "someone/tiny");
+    let o = sample(
+        p,
+        &hub,
+        false,
+        "x.png",
+        &["--pretrained", "someone/missing"],
+    );
+    assert_one_clean_error(&o, "someone/missing");
+    let o = sample(p, &hub, false, "x.png", &["--pretrained", "./no/such/dir"]);
+    assert_one_clean_error(&o, "no such directory");
+}
+
+#[test]
+fn corrupt_downloads_and_configs_we_cannot_represent_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let hub = FakeHub::start();
+    hub.publish(Kind::Model, "a/tiny", "main", pipeline_files());
+    let weights = "unet/diffusion_pytorch_model.safetensors";
+
+    // Other bytes than the listing's SHA-256: refused, and nothing is left in the cache.
+    hub.corrupt(weights);
+    let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/tiny"]);
+    assert_one_clean_error(&o, "checksum mismatch");
+    // A size other than the listing's.
+    hub.heal();
+    hub.resize(weights, -10);
+    let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/tiny"]);
+    assert_one_clean_error(&o, "size mismatch");
+    // Once the server sends the right bytes, the download succeeds.
+    hub.heal();
+    let o = sample(p, &hub, false, "ok.png", &["--pretrained", "a/tiny"]);
+    assert_ok(&o);
+
+    // A config our model cannot be: the field and its value named.
+    let mut files = pipeline_files();
+    let cfg = files
+        .iter_mut()
+        .find(|f| f.path == "unet/config.json")
+        .expect("config");
+    let mut json: serde_json::Value = serde_json::from_slice(&cfg.bytes).expect("json");
+    json["attention_head_dim"] = 4.into();
+    cfg.bytes = json.to_string().into_bytes();
+    hub.publish(Kind::Model, "a/multihead", "main", files);
+    let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/multihead"]);
+    assert_one_clean_error(&o, "`attention_head_dim` = 4");
+
+    // A repository that is not a diffusers pipeline.
+    hub.publish(
+        Kind::Model,
+        "a/text",
+        "main",
+        vec![HubFile::git("tokenizer.json", "{}")],
+    );
+    let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/text"]);
+    assert_one_clean_error(&o, "not a diffusers DDPM pipeline");
+}
