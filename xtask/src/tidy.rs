@@ -323,7 +323,7 @@ fn has_word(code: &str, word: &str) -> bool {
         match bytes[i] {
             b'\\' if in_string => i += 1,
             b'"' => in_string = !in_string,
-            _ if !in_string && code[i..].starts_with(word) => {
+            _ if !in_string && bytes[i..].starts_with(word.as_bytes()) => {
                 let before = i.checked_sub(1).map(|j| bytes[j]);
                 let after = bytes.get(i + word.len()).copied();
                 let ident =
@@ -432,6 +432,17 @@ mod tests {
         // Not the word in a string or an identifier.
         let benign = "let e = bad(\"unsafe or empty path\");\nfn unsafe_edits() {}\n";
         assert!(check_file("crates/ddpm-data/src/x.rs", benign).is_empty());
+    }
+
+    /// A line with characters of several bytes (a `÷` in a string) is scanned without
+    /// slicing inside one, and what follows them is still checked.
+    #[test]
+    fn lines_with_multibyte_characters_are_checked() {
+        let src = "fn f(p: *const u8) -> u8 {\n    let _ = \"ours ÷ best\"; unsafe { *p }\n}\n";
+        assert_eq!(
+            rules(&check_file("crates/ddpm-data/src/x.rs", src)),
+            ["unsafe"]
+        );
     }
 
     #[test]
