@@ -505,7 +505,8 @@ pub fn train_classifier(
 
 /// Where the classifier of a data set at an image size is kept:
 /// `<data root>/classifiers/<name>-<size>.safetensors` (`mnist-28`, `cifar10-32`, `flowers-32`;
-/// an image folder is named after its last component and a hash of its path).
+/// an image folder is named after its last component and a hash of its path, a Hub data set
+/// after its repository and split).
 pub fn default_path(data_root: &Path, spec: &DatasetSpec, image_size: usize) -> PathBuf {
     let name = match spec {
         DatasetSpec::Folder(p) => {
@@ -528,6 +529,12 @@ pub fn default_path(data_root: &Path, spec: &DatasetSpec, image_size: usize) -> 
                 .collect();
             format!("folder-{base}-{:08x}", h as u32)
         }
+        // A Hub data set: its repository and split (`hf-OWNER--NAME-train`).
+        DatasetSpec::Hub(h) => format!(
+            "hf-{}-{}",
+            h.repo.replace('/', "--"),
+            h.split_or_default().replace('/', "--")
+        ),
         other => other.name().to_string(),
     };
     data_root
