@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{fetch, DatasetSpec, FetchOptions};
-use ddpm_schedule::{DiffusionLoss, LossKind, Objective, SamplerConfig};
+use ddpm_schedule::{DiffusionLoss, LossKind, LossWeighting, Objective, SamplerConfig};
 use ddpm_train::checkpoint::ResumeFrom;
 use ddpm_train::optim::LrSchedule;
 use ddpm_train::{
@@ -22,9 +22,8 @@ pub struct TrainArgs {
     /// A TOML training config; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, fashion-mnist, cifar10, flowers, folder:PATH or hf:OWNER/NAME[@REVISION][:SPLIT]
-    /// (parquet images on the Hugging Face Hub; the run records the commit) (with --resume: only
-    /// a run's image folder moved elsewhere, folder:NEW_PATH).
+    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (with --resume: only a run's image
+    /// folder moved elsewhere, folder:NEW_PATH).
     #[arg(long)]
     dataset: Option<String>,
     /// Run directory (default: a new runs/<dataset>[-N]).
@@ -34,7 +33,7 @@ pub struct TrainArgs {
     /// --steps, --lr, --lr-schedule, --min-lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
     /// --log-every and --data-dir (and the same keys edited in RUN/config.toml), and a moved
     /// image folder (--dataset folder:NEW_PATH).
-    #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction"])]
+    #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction", "epochs", "offset_noise", "self_condition", "min_snr_gamma", "grad_accum", "ema_decay", "flip", "no_flip"])]
     resume: Option<PathBuf>,
     /// With --resume: continue from the checkpoint of this step (newer ones are moved to
     /// RUN/checkpoints/set-aside/).
@@ -47,9 +46,40 @@ pub struct TrainArgs {
     /// Total optimizer steps.
     #[arg(long)]
     steps: Option<usize>,
+    /// Train for N passes over the training images instead of --steps: steps = ceil(N * images
+    /// / batch size), worked out once the data set is open (`epochs`; both are recorded).
+    #[arg(long, value_name = "N", conflicts_with = "steps")]
+    epochs: Option<usize>,
     /// Images per optimizer step.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Micro-batches per optimizer step whose gradients are averaged (`grad_accum`; divides
+    /// the batch size).
+    #[arg(long, value_name = "N")]
+    grad_accum: Option<usize>,
+    /// EMA decay of the weights, in [0, 1) (`ema_decay`).
+    #[arg(long, value_name = "D")]
+    ema_decay: Option<f64>,
+    /// Offset noise strength S: noise + S * one N(0, 1) value per image and channel
+    /// (`offset_noise`; 0.1 is usual, 0 turns it off).
+    #[arg(long, value_name = "S")]
+    offset_noise: Option<f64>,
+    /// Weight the loss by min-SNR-gamma with this gamma (`[loss] weighting = { kind = "min_snr",
+    /// gamma = G }`; 5 is usual).
+    #[arg(long, value_name = "G")]
+    min_snr_gamma: Option<f64>,
+    /// Self-conditioning: the model also sees its own x0 estimate half of the time (`[model]
+    /// self_condition = true`; `unet` models only).
+    #[arg(long)]
+    self_condition: bool,
+    /// Random horizontal flips of the training images (`[data] flip = true`; the default for
+    /// CIFAR-10, Flowers and image folders).
+    #[arg(long, conflicts_with = "no_flip")]
+    flip: bool,
+    /// No random horizontal flips (`[data] flip = false`; the default for MNIST and
+    /// Fashion-MNIST).
+    #[arg(long)]
+    no_flip: bool,
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
@@ -135,6 +165,10 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = a.steps {
         c.steps = v;
+        c.epochs = None;
+    }
+    if let Some(v) = a.epochs {
+        c.epochs = Some(v);
     }
     if let Some(p) = &a.precision {
         c.precision = Precision::parse(p)?;
@@ -150,6 +184,26 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(v) = a.min_lr {
         c.optimizer.min_lr = v;
+    }
+    if let Some(v) = a.grad_accum {
+        c.grad_accum = v;
+    }
+    if let Some(v) = a.ema_decay {
+        c.ema_decay = v;
+    }
+    if let Some(v) = a.offset_noise {
+        c.offset_noise = v;
+    }
+    if a.self_condition {
+        match &mut c.model {
+            ModelConfig::Unet(u) => u.self_condition = true,
+            _ => anyhow::bail!(
+                "--self-condition needs a `unet` model (mnist-small, fashion, cifar-small); the                  `ddpm_unet` presets (cifar10, learnopencv) do not take it"
+            ),
+        }
+    }
+    if a.flip || a.no_flip {
+        c.data.flip = Some(a.flip);
     }
     if let Some(v) = a.warmup_steps {
         c.warmup_steps = v;
@@ -175,6 +229,9 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
             kind: crate::parse_word::<LossKind>(l, "loss", "l1, l2, huber")?,
             ..c.loss
         };
+    }
+    if let Some(gamma) = a.min_snr_gamma {
+        c.loss.weighting = LossWeighting::MinSnr { gamma };
     }
     if let Some(v) = a.seed {
         c.seed = v;
@@ -202,18 +259,6 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
 /// The `--lr-schedule` word.
 fn lr_schedule(word: &str) -> Result<LrSchedule> {
     crate::parse_word::<LrSchedule>(word, "--lr-schedule", LrSchedule::NAMES)
-}
-
-/// Resolves an `hf:` data set's revision to its commit (with the Hub options `main` installed),
-/// so that the run's config (and so every `--resume`) names the files it trains on even after
-/// the branch moves.
-fn pin_hub_dataset(c: &mut TrainConfig) -> Result<()> {
-    if let DatasetSpec::Hub(spec) = &c.dataset {
-        let pinned = ddpm_data::hub_dataset::pin(spec, &ddpm_data::hub::installed())
-            .with_context(|| format!("--dataset hf:{spec}"))?;
-        c.dataset = DatasetSpec::Hub(pinned);
-    }
-    Ok(())
 }
 
 /// Makes the data root and an image folder's path absolute (canonical where they exist), so the
@@ -413,7 +458,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => {
             let mut config = build_config(&a)?;
-            pin_hub_dataset(&mut config)?;
             config.check_threads()?;
             config.kernels = crate::env::install_kernel_policy(config.kernels)?;
             config.precision.check_device(&device)?;

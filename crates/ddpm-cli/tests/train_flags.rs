@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_ok, ddpm, run, tensors, write_config};
+use common::{assert_ok, assert_one_clean_error, ddpm, run, tensors, write_config};
 use ddpm_train::optim::LrSchedule;
 use ddpm_train::TrainConfig;
 
@@ -183,4 +183,101 @@ fn a_run_without_the_new_keys_resumes_and_may_take_a_schedule() {
     close(lr_at(&run_dir, 7), 0.002 * 3.0 / 8.0, "step 7");
     close(lr_at(&run_dir, 10), 0.0, "final step");
     assert_eq!(config(&run_dir).optimizer.lr_schedule, LrSchedule::Linear);
+}
+
+/// `--epochs N` trains `ceil(N * images / batch size)` steps (the fixture's 400 training images
+/// in batches of 40: 10 steps per epoch) and records both; with `--steps`, or on `--resume`, it
+/// is one clean error.
+#[test]
+fn epochs_resolve_to_steps_and_conflicts_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    train(
+        dir.path(),
+        "run",
+        10,
+        10,
+        &["--epochs", "1", "--batch-size", "40"],
+    );
+    let run_dir = dir.path().join("run");
+    let c = config(&run_dir);
+    assert_eq!((c.epochs, c.steps), (Some(1), 10));
+    assert_eq!(lrs(&run_dir).len(), 10);
+    let cfg = write_config(dir.path(), 10, 10, 100);
+    let o = run(ddpm(dir.path())
+        .args(["train", "--quiet", "--config"])
+        .arg(&cfg)
+        .args(["--out", "both", "--epochs", "1", "--steps", "5"]));
+    assert_one_clean_error(&o, "--epochs");
+    let o = run(ddpm(dir.path()).args(["train", "--quiet", "--resume", "run", "--epochs", "2"]));
+    assert_one_clean_error(&o, "--epochs");
+}
+
+/// Each flag sets its one config key, over the config file's value, and a short run trains
+/// with them; refused on `--resume` and when out of range, with one clean error.
+#[test]
+fn each_training_flag_sets_its_key_and_trains() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = [
+        "--offset-noise",
+        "0.1",
+        "--min-snr-gamma",
+        "5",
+        "--grad-accum",
+        "2",
+        "--ema-decay",
+        "0.9",
+        "--no-flip",
+    ];
+    train(dir.path(), "run", 4, 4, &flags);
+    let run_dir = dir.path().join("run");
+    let c = config(&run_dir);
+    assert_eq!(c.offset_noise, 0.1);
+    assert_eq!(
+        c.loss.weighting,
+        ddpm_schedule::LossWeighting::MinSnr { gamma: 5.0 }
+    );
+    assert_eq!(
+        (c.grad_accum, c.ema_decay, c.data.flip),
+        (2, 0.9, Some(false))
+    );
+    assert!(!c.model.self_condition());
+    assert_eq!(lrs(&run_dir).len(), 4);
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics");
+    assert!(!text.contains("NaN") && !text.contains("null"), "{text}");
+
+    // Self-conditioning needs the lucidrains-style U-Net.
+    let flags = ["--model", "mnist-small", "--self-condition", "--flip"];
+    train(dir.path(), "self-cond", 2, 2, &flags);
+    let c = config(&dir.path().join("self-cond"));
+    assert!(c.model.self_condition());
+    assert_eq!(c.data.flip, Some(true));
+
+    let cfg = write_config(dir.path(), 2, 2, 100);
+    for (flags, needle) in [
+        (&["--self-condition"][..], "--self-condition"),
+        (&["--offset-noise", "-1"][..], "offset_noise"),
+        (&["--ema-decay", "1.5"][..], "ema_decay"),
+        (&["--grad-accum", "3"][..], "grad_accum"),
+        (&["--flip", "--no-flip"][..], "--flip"),
+    ] {
+        let o = run(ddpm(dir.path())
+            .args(["train", "--quiet", "--config"])
+            .arg(&cfg)
+            .args(["--out", "bad"])
+            .args(flags));
+        assert_one_clean_error(&o, needle);
+    }
+    for flags in [
+        &["--offset-noise", "0.2"][..],
+        &["--min-snr-gamma", "1"][..],
+        &["--grad-accum", "4"][..],
+        &["--ema-decay", "0.5"][..],
+        &["--self-condition"][..],
+        &["--flip"][..],
+    ] {
+        let o = run(ddpm(dir.path())
+            .args(["train", "--quiet", "--resume", "run"])
+            .args(flags));
+        assert_one_clean_error(&o, flags[0]);
+    }
 }

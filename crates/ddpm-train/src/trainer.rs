@@ -343,6 +343,15 @@ impl Trainer {
         record: bool,
     ) -> Result<Self> {
         fit_model_to(&mut config, &dataset);
+        if let Some(epochs) = config.epochs {
+            config.resolve_epochs(dataset.len());
+            tracing::info!(
+                epochs,
+                images = dataset.len(),
+                steps = config.steps,
+                "steps from --epochs"
+            );
+        }
         config.validate()?;
         world.check_batch(config.batch_size, config.grad_accum)?;
         let lead = record && world.is_lead();
@@ -703,7 +712,10 @@ impl Trainer {
             let b = dims[0];
             let ts: Vec<u32> = (0..b).map(|_| self.rng.random_range(0..t_max)).collect();
             let t = Tensor::from_vec(ts, b, &self.device)?;
-            let noise = gaussian(&mut self.rng, &dims, &self.device)?;
+            let mut noise = gaussian(&mut self.rng, &dims, &self.device)?;
+            if self.config.offset_noise > 0.0 {
+                noise = add_offset_noise(&noise, self.config.offset_noise, &mut self.rng)?;
+            }
             let x_t = self.schedule.q_sample(&x0, &t, &noise)?;
             let self_cond = if self.config.model.self_condition() && self.rng.random::<bool>() {
                 let out = self.model.forward_t(&x_t, &t, None, None)?;
@@ -1061,6 +1073,16 @@ impl Trainer {
     }
 }
 
+/// Offset noise: `noise + strength * z`, with `z` of shape `(b, c, 1, 1)` drawn from `rng`
+/// (one N(0, 1) value per image and channel) and broadcast over the pixels of `noise`
+/// (`(b, c, h, w)`). Each image-channel's mean then varies with variance `strength^2` beyond
+/// that of the white noise, which is what lets a model learn to shift whole images' brightness.
+pub fn add_offset_noise(noise: &Tensor, strength: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let (b, c, _, _) = noise.dims4()?;
+    let z = gaussian(rng, &[b, c, 1, 1], noise.device())?.to_dtype(noise.dtype())?;
+    Ok(noise.broadcast_add(&z.affine(strength, 0.0)?)?)
+}
+
 /// Opens the training split and makes the model's image size and channels follow it.
 fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
     let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
@@ -1131,6 +1153,68 @@ mod tests {
                 assert!(same, "{prefix}{name} changed after the stop");
             }
         }
+        Ok(())
+    }
+
+    /// Offset noise against its closed-form statistics: on zero noise it is `strength * z`,
+    /// constant over each image-channel's pixels, with mean 0 and standard deviation
+    /// `strength` over image-channels; added to white noise of `h * w` pixels, the
+    /// image-channel means have variance `strength^2 + 1 / (h w)` and the whole variance
+    /// `1 + strength^2`, while the deviations from each image-channel's mean keep variance
+    /// `1 - 1 / (h w)`. Tolerances are 5 standard errors of each estimate.
+    #[test]
+    fn offset_noise_has_its_closed_form_statistics() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (b, c, h, w) = (512usize, 4usize, 8usize, 8usize);
+        let (n, hw) = ((b * c) as f64, (h * w) as f64);
+        let s = 0.5;
+        let zeros = Tensor::zeros((b, c, h, w), DType::F32, &Device::Cpu)?;
+        let off = add_offset_noise(&zeros, s, &mut rng)?;
+        let rows = off.reshape((b * c, h * w))?.to_vec2::<f32>()?;
+        assert!(rows.iter().all(|r| r.iter().all(|v| *v == r[0])));
+        let z: Vec<f64> = rows.iter().map(|r| r[0] as f64).collect();
+        let mean = z.iter().sum::<f64>() / n;
+        let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        assert!(mean.abs() < 5.0 * s / n.sqrt(), "mean {mean}");
+        assert!(
+            (var - s * s).abs() < 5.0 * s * s * (2.0 / n).sqrt(),
+            "var {var}"
+        );
+
+        let white = gaussian(&mut rng, &[b, c, h, w], &Device::Cpu)?;
+        let noisy = add_offset_noise(&white, s, &mut rng)?;
+        let rows = noisy.reshape((b * c, h * w))?.to_vec2::<f32>()?;
+        let means: Vec<f64> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| *v as f64).sum::<f64>() / hw)
+            .collect();
+        let var_means = means.iter().map(|m| m * m).sum::<f64>() / n;
+        let want = s * s + 1.0 / hw;
+        assert!(
+            (var_means - want).abs() < 5.0 * want * (2.0 / n).sqrt(),
+            "{var_means} vs {want}"
+        );
+        let all = n * hw;
+        let total = rows
+            .iter()
+            .flatten()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            / all;
+        let want = 1.0 + s * s;
+        // The per-channel offsets dominate the error of the total: n draws of variance s^2.
+        assert!(
+            (total - want).abs() < 5.0 * s * s * (2.0 / n).sqrt() + 0.01,
+            "{total}"
+        );
+        let within = rows
+            .iter()
+            .zip(&means)
+            .flat_map(|(r, m)| r.iter().map(move |v| (*v as f64 - m).powi(2)))
+            .sum::<f64>()
+            / all;
+        let want = 1.0 - 1.0 / hw;
+        assert!((within - want).abs() < 5.0 * (2.0 / all).sqrt(), "{within}");
         Ok(())
     }
 
