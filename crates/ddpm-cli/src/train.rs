@@ -22,8 +22,9 @@ pub struct TrainArgs {
     /// A TOML training config; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// mnist, fashion-mnist, cifar10, flowers or folder:PATH (with --resume: only a run's image
-    /// folder moved elsewhere, folder:NEW_PATH).
+    /// mnist, fashion-mnist, cifar10, flowers, folder:PATH or hf:OWNER/NAME[@REVISION][:SPLIT]
+    /// (parquet images on the Hugging Face Hub; the run records the commit) (with --resume: only
+    /// a run's image folder moved elsewhere, folder:NEW_PATH).
     #[arg(long)]
     dataset: Option<String>,
     /// Run directory (default: a new runs/<dataset>[-N]).
@@ -261,6 +262,18 @@ fn lr_schedule(word: &str) -> Result<LrSchedule> {
     crate::parse_word::<LrSchedule>(word, "--lr-schedule", LrSchedule::NAMES)
 }
 
+/// Resolves an `hf:` data set's revision to its commit (with the Hub options `main` installed),
+/// so that the run's config (and so every `--resume`) names the files it trains on even after
+/// the branch moves.
+fn pin_hub_dataset(c: &mut TrainConfig) -> Result<()> {
+    if let DatasetSpec::Hub(spec) = &c.dataset {
+        let pinned = ddpm_data::hub_dataset::pin(spec, &ddpm_data::hub::installed())
+            .with_context(|| format!("--dataset hf:{spec}"))?;
+        c.dataset = DatasetSpec::Hub(pinned);
+    }
+    Ok(())
+}
+
 /// Makes the data root and an image folder's path absolute (canonical where they exist), so the
 /// run's config names the same data from any working directory (`--resume`, `eval`).
 fn absolute_data_paths(c: &mut TrainConfig) -> Result<()> {
@@ -458,6 +471,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => {
             let mut config = build_config(&a)?;
+            pin_hub_dataset(&mut config)?;
             config.check_threads()?;
             config.kernels = crate::env::install_kernel_policy(config.kernels)?;
             config.precision.check_device(&device)?;
