@@ -8,6 +8,8 @@ mod fetch_data;
 mod fixtures;
 mod fuzz;
 mod lint_ci;
+mod parity;
+mod parity_inception;
 mod quality;
 mod reliability;
 mod test_matrix;
@@ -52,6 +54,9 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Kill, fill, lock and corrupt: every reliability attack, then a table (docs/reliability.md).
     Reliability(reliability::ReliabilityArgs),
+    /// Compare with the Python reference: `parity dpm-solver` (diffusers, docs/sampling.md),
+    /// `parity inception` (pytorch-fid, docs/fid.md).
+    Parity(parity::ParityArgs),
     /// Check .github/workflows/ci.yml offline: structure, MSRV job = rust-version, actionlint.
     LintCi(lint_ci::LintCiArgs),
     /// Our side of `bench`, one measurement per process (internal).
@@ -101,6 +106,7 @@ fn main() -> ExitCode {
         Command::BenchWorker(args) => bench::run_worker(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::LintCi(args) => lint_ci::run(args),
+        Command::Parity(args) => parity::run(args),
         Command::Reliability(args) => reliability::run(args),
         Command::BenchGpu(args) => bench_gpu::run(args),
         Command::BuildCuda(args) => build_cuda::run(args),

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use ddpm_data::image_io;
-use ddpm_schedule::{DdpmVariance, SamplerConfig, Schedule};
+use ddpm_schedule::{DdpmVariance, DpmSpacing, SamplerConfig, Schedule};
 use ddpm_train::checkpoint::{load_model, LoadedModel, WeightsKind};
 use ddpm_train::{parse_device, sample, Precision, SampleOptions, TrainError};
 
@@ -60,10 +60,10 @@ const DEFAULT_DDIM_STEPS: usize = 50;
 /// The sampler flags of `sample` and `eval`.
 #[derive(Args, Debug)]
 pub(crate) struct SamplerArgs {
-    /// ddpm or ddim.
+    /// ddim, ddpm or dpm-solver++ (DPM-Solver++ (2M), docs/sampling.md).
     #[arg(long, default_value = "ddim")]
     sampler: String,
-    /// Sampling steps (default: 50 for ddim, all T for ddpm).
+    /// Sampling steps (default: 50 for ddim, 20 for dpm-solver++, all T for ddpm).
     #[arg(long)]
     steps: Option<usize>,
     /// DDIM stochasticity (0 = deterministic).
@@ -76,7 +76,9 @@ pub(crate) struct SamplerArgs {
 
 impl SamplerArgs {
     /// The sampler these flags choose for a model of `timesteps` diffusion steps (DDIM defaults
-    /// to 50 steps, or all T when T is smaller; DDPM to all T; x0 is clipped to [-1, 1]).
+    /// to 50 steps, or all T when T is smaller; DPM-Solver++ to 20, or T - 1; DDPM to all T;
+    /// x0 is clipped to [-1, 1] by every sampler, as our models are trained on data in that
+    /// range).
     pub(crate) fn config(&self, timesteps: usize) -> Result<SamplerConfig> {
         if let Some(s) = self.steps.filter(|&s| s == 0 || s > timesteps) {
             anyhow::bail!(
@@ -99,7 +101,14 @@ impl SamplerArgs {
                 )?,
                 clip_x0: true,
             },
-            other => anyhow::bail!("unknown --sampler `{other}`: choose ddpm or ddim"),
+            "dpm-solver++" | "dpm-solver" | "dpmsolver++" | "dpm++" => SamplerConfig::DpmSolver {
+                steps: self.steps,
+                spacing: DpmSpacing::default(),
+                clip_x0: true,
+            },
+            other => {
+                anyhow::bail!("unknown --sampler `{other}`: choose ddim, ddpm or dpm-solver++")
+            }
         })
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_ok, assert_one_clean_error, ddpm_bare, run};
 use ddpm_schedule::diffusers::DiffusersScheduler;
-use ddpm_schedule::DdimSampler;
+use ddpm_schedule::{DdimOptions, DdimSampler};
 use ddpm_unet::diffusers::load_unet_dir;
 
 #[path = "../../ddpm-unet/tests/support/diffusers_fixture.rs"]
@@ -104,7 +104,14 @@ fn our_ddim_loop_reproduces_diffusers_ddim_pipeline() -> Result<(), Box<dyn std:
     let theirs: Vec<i64> = want["ddim_timesteps"].to_vec1()?;
     let theirs: Vec<usize> = theirs.into_iter().map(|t| t as usize).collect();
     assert_eq!(timesteps, theirs);
-    let sampler = DdimSampler::with_timesteps(&schedule, &timesteps, 0.0, scheduler.clip_x0)?;
+    let sampler = DdimSampler::with_timesteps(
+        &schedule,
+        &timesteps,
+        DdimOptions {
+            clip_x0: scheduler.clip_x0,
+            ..DdimOptions::default()
+        },
+    )?;
 
     let mut x = want["ddim_noise"].clone();
     for (i, &t) in timesteps.iter().enumerate() {

@@ -114,6 +114,20 @@ pub enum ScheduleError {
         timestep: usize,
     },
 
+    /// A multistep sampler's step needs the predicted x_0 of the step before, and the history
+    /// passed does not hold it (or none was passed).
+    #[error(
+        "sampler step {index} (timestep {timestep}) is a multistep step: it needs the predicted \
+         x_0 of step {index} - 1; drive the sampler with Sampler::step_with_history and one \
+         StepHistory per run, every step in order"
+    )]
+    MissingHistory {
+        /// The index into `timesteps()`.
+        index: usize,
+        /// The original timestep of that step.
+        timestep: usize,
+    },
+
     /// A diffusers scheduler config asks for something this crate cannot reproduce.
     #[error("diffusers scheduler config: `{field}` = {value}: {reason}")]
     DiffusersConfig {

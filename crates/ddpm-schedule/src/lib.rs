@@ -11,7 +11,7 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use ddpm_schedule::{DdimSampler, Objective, Schedule, ScheduleConfig};
+//! use ddpm_schedule::{DdimOptions, DdimSampler, Objective, Schedule, ScheduleConfig};
 //!
 //! # fn main() -> ddpm_schedule::Result<()> {
 //! let device = Device::Cpu;
@@ -26,7 +26,8 @@
 //! assert_eq!(target.dims(), x_t.dims());
 //!
 //! // Reverse process: a deterministic 50-step DDIM sampler.
-//! let sampler = DdimSampler::new(&schedule, Some(50), 0.0, true)?;
+//! let opts = DdimOptions { steps: Some(50), ..DdimOptions::default() };
+//! let sampler = DdimSampler::new(&schedule, opts)?;
 //! assert_eq!(sampler.timesteps()[0], 999);
 //! let mut x = Tensor::randn(0f32, 1.0, (2, 1, 4, 4), &device)?;
 //! for i in 0..sampler.timesteps().len() {
@@ -63,8 +64,9 @@ pub use loss::{weighted_mean, DiffusionLoss, LossKind, LossWeighting};
 pub use objective::Objective;
 pub use posterior::{DdpmVariance, ModelPrediction};
 pub use sampler::{
-    spaced_timesteps, AffineStep, DdimSampler, DdpmSampler, RespacedSchedule, Sampler,
-    SamplerConfig,
+    spaced_timesteps, AffineStep, DdimOptions, DdimSampler, DdpmOptions, DdpmSampler,
+    DpmSolverOptions, DpmSolverSampler, DpmSpacing, RespacedSchedule, Sampler, SamplerConfig,
+    StepHistory,
 };
 pub use schedule::{timestep_tensor, Buffer, Schedule};
 

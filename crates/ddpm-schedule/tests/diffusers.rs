@@ -121,11 +121,17 @@ fn squaredcos_cap_v2_is_not_our_default_cosine() -> R<()> {
 
 #[test]
 fn a_ddim_sampler_over_given_timesteps() -> R<()> {
-    use ddpm_schedule::{DdimSampler, Schedule, ScheduleError};
+    use ddpm_schedule::{DdimOptions, DdimSampler, Schedule, ScheduleError};
     let schedule = Schedule::new(&ScheduleConfig::default(), &Device::Cpu)?;
     // Over the timesteps `new` picks, the same sampler.
-    let ours = DdimSampler::new(&schedule, Some(10), 0.0, true)?;
-    let same = DdimSampler::with_timesteps(&schedule, ours.timesteps(), 0.0, true)?;
+    let ours = DdimSampler::new(
+        &schedule,
+        DdimOptions {
+            steps: Some(10),
+            ..DdimOptions::default()
+        },
+    )?;
+    let same = DdimSampler::with_timesteps(&schedule, ours.timesteps(), DdimOptions::default())?;
     for i in 0..10 {
         assert_eq!(
             same.affine_step(i, ddpm_schedule::Objective::Eps)?,
@@ -135,14 +141,14 @@ fn a_ddim_sampler_over_given_timesteps() -> R<()> {
     // diffusers' leading timesteps: each step goes to the next one, the last to x_0.
     let s = DiffusersScheduler::from_json("{}")?;
     let ts = s.inference_timesteps(10)?;
-    let sampler = DdimSampler::with_timesteps(&schedule, &ts, 0.0, true)?;
+    let sampler = DdimSampler::with_timesteps(&schedule, &ts, DdimOptions::default())?;
     assert_eq!(sampler.timesteps(), ts.as_slice());
     assert_eq!(sampler.prev_timestep(0), Some(800));
     assert_eq!(sampler.prev_timestep(9), None);
     for bad in [&[][..], &[1000, 5][..], &[5, 5][..], &[3, 7][..]] {
         assert!(
             matches!(
-                DdimSampler::with_timesteps(&schedule, bad, 0.0, true),
+                DdimSampler::with_timesteps(&schedule, bad, DdimOptions::default()),
                 Err(ScheduleError::InvalidSteps { .. }
                     | ScheduleError::InvalidParameter {
                         field: "timesteps",

@@ -248,8 +248,7 @@ impl TrainConfig {
         self.schedule.validate()?;
         self.loss.validate()?;
         let t = self.schedule.timesteps;
-        let (SamplerConfig::Ddpm { steps, .. } | SamplerConfig::Ddim { steps, .. }) = self.sampler;
-        if let Some(s) = steps.filter(|&s| s == 0 || s > t) {
+        if let Some(s) = self.sampler.steps().filter(|&s| s == 0 || s > t) {
             return bad(format!(
                 "`[sampler] steps` = {s} (the sampler of the sample grids written while training) \
                  must be in 1..={t} (`[schedule] timesteps`): lower it, or leave it out to take \

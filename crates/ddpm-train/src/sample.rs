@@ -2,7 +2,7 @@
 //! seeded, optionally recording frames for an animation.
 
 use candle_core::{DType, Device, Tensor};
-use ddpm_schedule::{Objective, SamplerConfig, Schedule};
+use ddpm_schedule::{Objective, SamplerConfig, Schedule, StepHistory};
 use ddpm_unet::ops::Kernels;
 use ddpm_unet::DiffusionModel;
 use rand::SeedableRng;
@@ -115,6 +115,14 @@ fn sample_with(
             .map(|&t| Tensor::from_vec(vec![t as u32; b], b, &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let mut self_cond: Option<Tensor> = None;
+        // What a multistep sampler (DPM-Solver++) carries from step to step: the predicted x_0,
+        // as a tensor or, in place, as one f32 buffer per batch.
+        let mut history = StepHistory::new();
+        let mut last_x0 = if in_place && sampler.is_multistep() {
+            vec![0f32; x.elem_count()]
+        } else {
+            Vec::new()
+        };
         for (i, tt) in tts.iter().enumerate() {
             for (k, &at) in frame_at.iter().enumerate() {
                 if at == i {
@@ -135,7 +143,13 @@ fn sample_with(
                 // order, that `gaussian` draws for the tensor path.
                 let step = sampler.affine_step(i, objective)?;
                 inplace::update_in_place("sampler-step", &x, &out.contiguous()?, |x, out| {
-                    step.apply(out, x, || StandardNormal.sample(&mut rng))
+                    if sampler.is_multistep() {
+                        step.apply_multistep(out, x, &mut last_x0, || {
+                            StandardNormal.sample(&mut rng)
+                        })
+                    } else {
+                        step.apply(out, x, || StandardNormal.sample(&mut rng))
+                    }
                 })?;
             } else {
                 let noise = if sampler.needs_noise(i) {
@@ -144,7 +158,7 @@ fn sample_with(
                     None
                 };
                 x = sampler
-                    .step(&out, &x, i, objective, noise.as_ref())?
+                    .step_with_history(&out, &x, i, objective, noise.as_ref(), &mut history)?
                     .detach();
             }
             bar.inc(1);
@@ -203,6 +217,11 @@ mod tests {
                     steps: Some(6),
                     eta: 0.5,
                     clip_x0: false,
+                },
+                SamplerConfig::DpmSolver {
+                    steps: Some(6),
+                    spacing: ddpm_schedule::DpmSpacing::Linspace,
+                    clip_x0: true,
                 },
             ];
             for sampler in samplers {

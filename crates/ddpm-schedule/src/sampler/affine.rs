@@ -6,12 +6,14 @@
 //!
 //! ```text
 //! x0_hat = clip(x0_from_x * x_t + x0_from_out * out)
-//! x_prev = prev_from_x0 * x0_hat + prev_from_x * x_t + sigma * z
+//! x_prev = prev_from_x0 * x0_hat + prev_from_x * x_t + prev_from_last_x0 * last_x0_hat + sigma * z
 //! ```
 //!
 //! (DDPM: the posterior mean's two coefficients; DDIM: `sqrt(abar_prev) x0_hat + dir eps_hat`
-//! with `eps_hat` recomputed from `x0_hat` and `x_t`, which is linear in both.) [`AffineStep`]
-//! holds the six scalars and applies them to slices in one pass, in f64 per element.
+//! with `eps_hat` recomputed from `x0_hat` and `x_t`, which is linear in both; DPM-Solver++ (2M):
+//! its multistep update, where `last_x0_hat` is the predicted x_0 of the step before, which
+//! single-step samplers do not use: their `prev_from_last_x0` is 0.) [`AffineStep`] holds the
+//! seven scalars and applies them to slices in one pass, in f64 per element.
 
 use crate::objective::Objective;
 use crate::schedule::Schedule;
@@ -29,26 +31,79 @@ pub struct AffineStep {
     pub prev_from_x0: f64,
     /// Coefficient of x_t in x_prev.
     pub prev_from_x: f64,
+    /// Coefficient of the previous step's (clipped) predicted x_0 in x_prev: 0 for single-step
+    /// samplers and for the first-order steps of multistep ones.
+    pub prev_from_last_x0: f64,
     /// The standard deviation of the noise added, when the step adds noise (the caller draws
     /// one standard normal per element then, in element order); `None` when it adds none.
     pub sigma: Option<f64>,
 }
 
 impl AffineStep {
+    /// Whether the step reads the previous step's predicted x_0, so that it must be applied with
+    /// [`AffineStep::apply_multistep`].
+    pub fn uses_last_x0(&self) -> bool {
+        self.prev_from_last_x0 != 0.0
+    }
+
     /// x_prev over `x` in place, from the model's output `out` (same length), drawing one noise
     /// value per element from `noise` (in element order) when the step adds noise.
     ///
     /// # Panics
-    /// If `out` and `x` differ in length (a caller's bug: both come from one batch).
-    pub fn apply(&self, out: &[f32], x: &mut [f32], mut noise: impl FnMut() -> f32) {
+    /// If `out` and `x` differ in length (a caller's bug: both come from one batch), or if the
+    /// step reads the previous predicted x_0 ([`AffineStep::uses_last_x0`]: a multistep sampler's
+    /// step, which needs [`AffineStep::apply_multistep`]).
+    pub fn apply(&self, out: &[f32], x: &mut [f32], noise: impl FnMut() -> f32) {
+        assert!(
+            !self.uses_last_x0(),
+            "a multistep sampler's step reads the previous x_0: use apply_multistep"
+        );
+        self.apply_inner(out, x, None, noise);
+    }
+
+    /// [`AffineStep::apply`] for any sampler, multistep ones included: `last_x0` (same length as
+    /// `x`) holds the predicted x_0 of the step before on entry (read only when
+    /// [`AffineStep::uses_last_x0`]; its contents do not matter before a run's first step) and
+    /// this step's predicted x_0 on return, for the next step.
+    ///
+    /// # Panics
+    /// If `out`, `x` and `last_x0` differ in length (a caller's bug: all come from one batch).
+    pub fn apply_multistep(
+        &self,
+        out: &[f32],
+        x: &mut [f32],
+        last_x0: &mut [f32],
+        noise: impl FnMut() -> f32,
+    ) {
+        assert_eq!(
+            last_x0.len(),
+            x.len(),
+            "the x_0 buffer and x_t differ in length"
+        );
+        self.apply_inner(out, x, Some(last_x0), noise);
+    }
+
+    fn apply_inner(
+        &self,
+        out: &[f32],
+        x: &mut [f32],
+        mut last_x0: Option<&mut [f32]>,
+        mut noise: impl FnMut() -> f32,
+    ) {
         assert_eq!(out.len(), x.len(), "model output and x_t differ in length");
-        for (x, &o) in x.iter_mut().zip(out) {
+        for (k, (x, &o)) in x.iter_mut().zip(out).enumerate() {
             let xt = *x as f64;
             let mut x0 = self.x0_from_x * xt + self.x0_from_out * o as f64;
             if self.clip_x0 {
                 x0 = x0.clamp(-1.0, 1.0);
             }
             let mut prev = self.prev_from_x0 * x0 + self.prev_from_x * xt;
+            if let Some(last) = last_x0.as_deref_mut() {
+                if self.prev_from_last_x0 != 0.0 {
+                    prev += self.prev_from_last_x0 * last[k] as f64;
+                }
+                last[k] = x0 as f32;
+            }
             if let Some(sigma) = self.sigma {
                 prev += sigma * noise() as f64;
             }

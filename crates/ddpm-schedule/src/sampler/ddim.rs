@@ -25,11 +25,45 @@ pub struct DdimSampler {
     clip_x0: bool,
 }
 
+/// How to build a [`DdimSampler`]: named fields, so that the step count, the stochasticity and
+/// the clipping cannot be swapped by position.
+///
+/// ```
+/// use ddpm_schedule::sampler::DdimOptions;
+/// let opts = DdimOptions { steps: Some(50), ..DdimOptions::default() };
+/// assert_eq!((opts.eta, opts.clip_x0), (0.0, true));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdimOptions {
+    /// The number of steps; all T when `None` (must be in `1..=T`).
+    pub steps: Option<usize>,
+    /// The stochasticity eta in [0, 1]: 0 is deterministic, 1 has the DDPM posterior variance
+    /// over all T steps.
+    pub eta: f64,
+    /// Clip the predicted x_0 to [-1, 1].
+    pub clip_x0: bool,
+}
+
+impl Default for DdimOptions {
+    /// All T steps, deterministic (eta 0), clipping x_0: the defaults of a `[sampler]` table.
+    fn default() -> Self {
+        Self {
+            steps: None,
+            eta: 0.0,
+            clip_x0: true,
+        }
+    }
+}
+
 impl DdimSampler {
-    /// A sampler over `schedule` with `steps` steps (all T when `None`; errors unless
-    /// `1 <= steps <= T`), stochasticity `eta` in [0, 1], clipping the predicted x_0 to [-1, 1]
-    /// if `clip_x0`.
-    pub fn new(schedule: &Schedule, steps: Option<usize>, eta: f64, clip_x0: bool) -> Result<Self> {
+    /// A sampler over `schedule` as `options` say (errors unless `1 <= steps <= T` and eta is in
+    /// [0, 1]).
+    pub fn new(schedule: &Schedule, options: DdimOptions) -> Result<Self> {
+        let DdimOptions {
+            steps,
+            eta,
+            clip_x0,
+        } = options;
         if !(0.0..=1.0).contains(&eta) {
             return Err(ScheduleError::InvalidParameter {
                 field: "eta",
@@ -51,14 +85,27 @@ impl DdimSampler {
     /// A sampler over `schedule` that visits exactly `timesteps` (strictly descending, each below
     /// T), e.g. the timesteps a diffusers scheduler visits
     /// ([`crate::diffusers::DiffusersScheduler::inference_timesteps`]); each step goes to the next
-    /// one listed, the last to x_0. `eta` and `clip_x0` as in [`DdimSampler::new`].
+    /// one listed, the last to x_0. `options.eta` and `options.clip_x0` as in
+    /// [`DdimSampler::new`]; `options.steps` must be `None` or the number of timesteps.
     pub fn with_timesteps(
         schedule: &Schedule,
         timesteps: &[usize],
-        eta: f64,
-        clip_x0: bool,
+        options: DdimOptions,
     ) -> Result<Self> {
-        let mut sampler = Self::new(schedule, Some(1), eta, clip_x0)?;
+        if let Some(steps) = options.steps.filter(|&s| s != timesteps.len()) {
+            return Err(ScheduleError::InvalidParameter {
+                field: "steps",
+                value: steps as f64,
+                reason: "must be None or the number of timesteps listed",
+            });
+        }
+        let mut sampler = Self::new(
+            schedule,
+            DdimOptions {
+                steps: Some(1),
+                ..options
+            },
+        )?;
         let t_max = schedule.timesteps();
         if timesteps.is_empty() {
             return Err(ScheduleError::InvalidSteps {
@@ -164,6 +211,7 @@ impl DdimSampler {
             clip_x0: self.clip_x0,
             prev_from_x0: abar_prev.sqrt() - dir / b,
             prev_from_x: dir * a / b,
+            prev_from_last_x0: 0.0,
             sigma: (sigma > 0.0).then_some(sigma),
         })
     }
@@ -207,7 +255,15 @@ mod tests {
         // sigma^2 = (1 - abar_{t-1})/(1 - abar_t) (1 - abar_t/abar_{t-1}) = beta_tilde_t.
         for cfg in [ScheduleConfig::default(), ScheduleConfig::cosine(1000)] {
             let s = schedule_f64(&cfg);
-            let sampler = DdimSampler::new(&s, None, 1.0, false).expect("sampler");
+            let sampler = DdimSampler::new(
+                &s,
+                DdimOptions {
+                    steps: None,
+                    eta: 1.0,
+                    clip_x0: false,
+                },
+            )
+            .expect("sampler");
             let t_max = s.timesteps();
             assert_eq!(sampler.timesteps(), (0..t_max).rev().collect::<Vec<_>>());
             for i in 0..t_max {
@@ -225,7 +281,15 @@ mod tests {
     fn eta_one_over_all_steps_is_the_ddpm_posterior_step() {
         // With the true eps and zero noise, the DDIM (eta = 1) step lands on the posterior mean.
         let s = schedule_f64(&ScheduleConfig::default());
-        let sampler = DdimSampler::new(&s, None, 1.0, false).expect("sampler");
+        let sampler = DdimSampler::new(
+            &s,
+            DdimOptions {
+                steps: None,
+                eta: 1.0,
+                clip_x0: false,
+            },
+        )
+        .expect("sampler");
         let x0 = normal_tensor(50, &[2, 3, 2, 2]);
         let eps = normal_tensor(51, &[2, 3, 2, 2]);
         for i in [0usize, 500, 998, 999] {
@@ -250,7 +314,15 @@ mod tests {
         let x0 = normal_tensor(60, &[3, 4]).tanh().expect("tanh");
         let eps = normal_tensor(61, &[3, 4]);
         for steps in [None, Some(50), Some(1)] {
-            let sampler = DdimSampler::new(&s, steps, 0.0, false).expect("sampler");
+            let sampler = DdimSampler::new(
+                &s,
+                DdimOptions {
+                    steps,
+                    eta: 0.0,
+                    clip_x0: false,
+                },
+            )
+            .expect("sampler");
             let n = sampler.timesteps().len();
             for i in [0, n / 2, n - 1] {
                 let step = sampler.timesteps()[i] as u32;
@@ -265,7 +337,15 @@ mod tests {
                     let out = s.training_target(objective, &x0, &eps, &t).expect("target");
                     assert!(!sampler.needs_noise(i));
                     for clip in [false, true] {
-                        let sampler = DdimSampler::new(&s, steps, 0.0, clip).expect("sampler");
+                        let sampler = DdimSampler::new(
+                            &s,
+                            DdimOptions {
+                                steps,
+                                eta: 0.0,
+                                clip_x0: clip,
+                            },
+                        )
+                        .expect("sampler");
                         let x_prev = sampler
                             .step(&out, &x_t, i, objective, None)
                             .expect("deterministic step needs no noise");
@@ -279,7 +359,15 @@ mod tests {
     #[test]
     fn stochastic_steps_add_sigma_times_the_noise() {
         let s = schedule_f64(&ScheduleConfig::default());
-        let sampler = DdimSampler::new(&s, Some(20), 0.5, false).expect("sampler");
+        let sampler = DdimSampler::new(
+            &s,
+            DdimOptions {
+                steps: Some(20),
+                eta: 0.5,
+                clip_x0: false,
+            },
+        )
+        .expect("sampler");
         let x_t = normal_tensor(70, &[2, 5]);
         let out = normal_tensor(71, &[2, 5]);
         let noise = normal_tensor(72, &[2, 5]);
@@ -312,19 +400,48 @@ mod tests {
         let s = schedule_f64(&ScheduleConfig::linear(100));
         for eta in [-0.1, 1.5, f64::NAN] {
             assert!(matches!(
-                DdimSampler::new(&s, None, eta, true),
+                DdimSampler::new(
+                    &s,
+                    DdimOptions {
+                        steps: None,
+                        eta,
+                        clip_x0: true
+                    }
+                ),
                 Err(ScheduleError::InvalidParameter { field: "eta", .. })
             ));
         }
         assert!(matches!(
-            DdimSampler::new(&s, Some(101), 0.0, true),
+            DdimSampler::new(
+                &s,
+                DdimOptions {
+                    steps: Some(101),
+                    eta: 0.0,
+                    clip_x0: true
+                }
+            ),
             Err(ScheduleError::InvalidSteps { .. })
         ));
         assert!(matches!(
-            DdimSampler::new(&s, Some(0), 0.0, true),
+            DdimSampler::new(
+                &s,
+                DdimOptions {
+                    steps: Some(0),
+                    eta: 0.0,
+                    clip_x0: true
+                }
+            ),
             Err(ScheduleError::InvalidSteps { .. })
         ));
-        let sampler = DdimSampler::new(&s, Some(10), 0.0, true).expect("sampler");
+        let sampler = DdimSampler::new(
+            &s,
+            DdimOptions {
+                steps: Some(10),
+                eta: 0.0,
+                clip_x0: true,
+            },
+        )
+        .expect("sampler");
         let x = normal_tensor(1, &[1, 2]);
         assert!(matches!(
             sampler.step(&x, &x, 10, Objective::Eps, None),

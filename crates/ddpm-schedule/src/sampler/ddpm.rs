@@ -21,15 +21,37 @@ pub struct DdpmSampler {
     clip_x0: bool,
 }
 
+/// How to build a [`DdpmSampler`]: named fields, so that the arguments cannot be swapped by
+/// position.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DdpmOptions {
+    /// Respace to this many steps (must be in `1..=T`); all T when `None`.
+    pub steps: Option<usize>,
+    /// The reverse-step variance.
+    pub variance: DdpmVariance,
+    /// Clip the predicted x_0 to [-1, 1].
+    pub clip_x0: bool,
+}
+
+impl Default for DdpmOptions {
+    /// All T steps, the posterior variance, clipping x_0: the defaults of a `[sampler]` table.
+    fn default() -> Self {
+        Self {
+            steps: None,
+            variance: DdpmVariance::default(),
+            clip_x0: true,
+        }
+    }
+}
+
 impl DdpmSampler {
-    /// A sampler over `schedule`, respaced to `steps` if given (errors unless `1 <= steps <= T`),
-    /// with the reverse variance `variance`, clipping the predicted x_0 to [-1, 1] if `clip_x0`.
-    pub fn new(
-        schedule: &Schedule,
-        steps: Option<usize>,
-        variance: DdpmVariance,
-        clip_x0: bool,
-    ) -> Result<Self> {
+    /// A sampler over `schedule` as `options` say (errors unless `1 <= steps <= T`).
+    pub fn new(schedule: &Schedule, options: DdpmOptions) -> Result<Self> {
+        let DdpmOptions {
+            steps,
+            variance,
+            clip_x0,
+        } = options;
         let respaced = match steps {
             None => RespacedSchedule::identity(schedule),
             Some(steps) => RespacedSchedule::new(schedule, steps)?,
@@ -121,6 +143,7 @@ impl DdpmSampler {
             clip_x0: self.clip_x0,
             prev_from_x0: schedule.posterior_mean_coef1().values()[k],
             prev_from_x: schedule.posterior_mean_coef2().values()[k],
+            prev_from_last_x0: 0.0,
             sigma: (k > 0).then(|| (0.5 * log_variance).exp()),
         })
     }
@@ -167,7 +190,15 @@ mod tests {
         let eps = normal_tensor(81, &[2, 3, 2]);
         let z = normal_tensor(82, &[2, 3, 2]);
         for variance in [DdpmVariance::FixedSmall, DdpmVariance::FixedLarge] {
-            let sampler = DdpmSampler::new(&s, None, variance, true).expect("sampler");
+            let sampler = DdpmSampler::new(
+                &s,
+                DdpmOptions {
+                    steps: None,
+                    variance,
+                    clip_x0: true,
+                },
+            )
+            .expect("sampler");
             assert_eq!(sampler.timesteps(), (0..1000).rev().collect::<Vec<_>>());
             for i in [0usize, 400, 998, 999] {
                 let step = sampler.timesteps()[i];
@@ -198,8 +229,15 @@ mod tests {
     #[test]
     fn respaced_sampler_uses_the_recomputed_betas_and_maps_timesteps() {
         let s = schedule_f64(&ScheduleConfig::cosine(1000));
-        let sampler =
-            DdpmSampler::new(&s, Some(25), DdpmVariance::FixedLarge, false).expect("sampler");
+        let sampler = DdpmSampler::new(
+            &s,
+            DdpmOptions {
+                steps: Some(25),
+                variance: DdpmVariance::FixedLarge,
+                clip_x0: false,
+            },
+        )
+        .expect("sampler");
         let ts_desc = sampler.timesteps().to_vec();
         assert_eq!(ts_desc.len(), 25);
         assert_eq!((ts_desc[0], ts_desc[24]), (999, 0));
@@ -237,7 +275,15 @@ mod tests {
     #[test]
     fn missing_noise_and_bad_indices_are_errors() {
         let s = schedule_f64(&ScheduleConfig::linear(100));
-        let sampler = DdpmSampler::new(&s, Some(10), DdpmVariance::FixedSmall, true).expect("s");
+        let sampler = DdpmSampler::new(
+            &s,
+            DdpmOptions {
+                steps: Some(10),
+                variance: DdpmVariance::FixedSmall,
+                clip_x0: true,
+            },
+        )
+        .expect("s");
         let x = normal_tensor(1, &[2, 3]);
         assert!(matches!(
             sampler.step(&x, &x, 0, Objective::Eps, None),
@@ -253,7 +299,14 @@ mod tests {
             Err(ScheduleError::StepOutOfRange { index: 10, len: 10 })
         ));
         assert!(matches!(
-            DdpmSampler::new(&s, Some(0), DdpmVariance::FixedSmall, true),
+            DdpmSampler::new(
+                &s,
+                DdpmOptions {
+                    steps: Some(0),
+                    variance: DdpmVariance::FixedSmall,
+                    clip_x0: true
+                }
+            ),
             Err(ScheduleError::InvalidSteps { .. })
         ));
     }

@@ -3,7 +3,9 @@
 //! A sampling loop draws x_T ~ N(0, I), then for `i in 0..sampler.timesteps().len()` feeds
 //! `timesteps()[i]` (an original timestep) to the model and calls `step(output, x, i, ...)`,
 //! passing fresh Gaussian noise when [`Sampler::needs_noise`] says so. Every sample of the batch
-//! shares the step's timestep.
+//! shares the step's timestep. A multistep sampler (DPM-Solver++ (2M), [`Sampler::is_multistep`])
+//! also uses the predicted x_0 of the step before: a loop that serves every sampler calls
+//! [`Sampler::step_with_history`] with one [`StepHistory`] per run (per batch) instead.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -17,11 +19,13 @@ use crate::schedule::Schedule;
 pub mod affine;
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
 pub mod respace;
 
 pub use affine::AffineStep;
-pub use ddim::DdimSampler;
-pub use ddpm::DdpmSampler;
+pub use ddim::{DdimOptions, DdimSampler};
+pub use ddpm::{DdpmOptions, DdpmSampler};
+pub use dpm_solver::{dpm_timesteps, DpmSolverOptions, DpmSolverSampler, DpmSpacing};
 pub use respace::{spaced_timesteps, RespacedSchedule};
 
 /// What a sampling loop needs from a sampler.
@@ -50,6 +54,30 @@ pub trait Sampler {
     /// when [`Sampler::needs_noise`] is true).
     fn affine_step(&self, i: usize, objective: Objective) -> Result<AffineStep>;
 
+    /// Whether steps use the predicted x_0 of the step before (DPM-Solver++ (2M)): then a loop
+    /// calls [`Sampler::step_with_history`] (tensor steps) or [`AffineStep::apply_multistep`]
+    /// (in-place steps) rather than [`Sampler::step`] / [`AffineStep::apply`]. False for the
+    /// single-step samplers (DDPM, DDIM).
+    fn is_multistep(&self) -> bool {
+        false
+    }
+
+    /// [`Sampler::step`] for every sampler, multistep ones included: `history` carries the
+    /// predicted x_0 from one step to the next. Start each run (each batch) with a new
+    /// [`StepHistory`] and pass it to every step in order. Single-step samplers ignore it.
+    fn step_with_history(
+        &self,
+        model_output: &Tensor,
+        x_t: &Tensor,
+        i: usize,
+        objective: Objective,
+        noise: Option<&Tensor>,
+        history: &mut StepHistory,
+    ) -> Result<Tensor> {
+        let _ = history;
+        self.step(model_output, x_t, i, objective, noise)
+    }
+
     /// The step index of timestep `t` (its position in [`Sampler::timesteps`]), or an error
     /// when the sampler does not step from `t` (a respaced sampler visits only some).
     fn index_of(&self, t: usize) -> Result<usize> {
@@ -77,12 +105,40 @@ pub trait Sampler {
     }
 }
 
+/// What a multistep sampler carries from one step to the next of a run: the predicted x_0 of
+/// the latest step, with its index (so that a step never uses another run's or a skipped step's
+/// prediction).
+#[derive(Debug, Clone, Default)]
+pub struct StepHistory {
+    last_x0: Option<(usize, Tensor)>,
+}
+
+impl StepHistory {
+    /// An empty history, for the start of a run.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The predicted x_0 of step `i`, when it is the latest recorded.
+    pub fn x0_of(&self, i: usize) -> Option<&Tensor> {
+        self.last_x0
+            .as_ref()
+            .filter(|(j, _)| *j == i)
+            .map(|(_, x0)| x0)
+    }
+
+    /// Records `x0` as the predicted x_0 of step `i`.
+    pub fn record(&mut self, i: usize, x0: Tensor) {
+        self.last_x0 = Some((i, x0));
+    }
+}
+
 fn default_clip() -> bool {
     true
 }
 
-/// A sampler choice as written in a config file, e.g. `{ kind = "ddim", steps = 50, eta = 0.0 }`
-/// or `{ kind = "ddpm", variance = "fixed_large" }`.
+/// A sampler choice as written in a config file, e.g. `{ kind = "ddim", steps = 50, eta = 0.0 }`,
+/// `{ kind = "ddpm", variance = "fixed_large" }` or `{ kind = "dpm-solver++", steps = 20 }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SamplerConfig {
@@ -110,6 +166,19 @@ pub enum SamplerConfig {
         #[serde(default = "default_clip")]
         clip_x0: bool,
     },
+    /// DPM-Solver++ (2M), see [`DpmSolverSampler`].
+    #[serde(rename = "dpm-solver++", alias = "dpm_solver++", alias = "dpmsolver++")]
+    DpmSolver {
+        /// The number of steps; [`dpm_solver::DEFAULT_DPM_STEPS`] (at most T - 1) when absent.
+        #[serde(default)]
+        steps: Option<usize>,
+        /// How the steps spread over the timesteps (diffusers' `timestep_spacing`).
+        #[serde(default)]
+        spacing: DpmSpacing,
+        /// Clip the predicted x_0 to [-1, 1] (off by default, as diffusers).
+        #[serde(default)]
+        clip_x0: bool,
+    },
 }
 
 impl Default for SamplerConfig {
@@ -131,13 +200,48 @@ impl SamplerConfig {
                 steps,
                 variance,
                 clip_x0,
-            } => Box::new(DdpmSampler::new(schedule, steps, variance, clip_x0)?),
+            } => Box::new(DdpmSampler::new(
+                schedule,
+                DdpmOptions {
+                    steps,
+                    variance,
+                    clip_x0,
+                },
+            )?),
             Self::Ddim {
                 steps,
                 eta,
                 clip_x0,
-            } => Box::new(DdimSampler::new(schedule, steps, eta, clip_x0)?),
+            } => Box::new(DdimSampler::new(
+                schedule,
+                DdimOptions {
+                    steps,
+                    eta,
+                    clip_x0,
+                },
+            )?),
+            Self::DpmSolver {
+                steps,
+                spacing,
+                clip_x0,
+            } => Box::new(DpmSolverSampler::new(
+                schedule,
+                DpmSolverOptions {
+                    steps,
+                    spacing,
+                    clip_x0,
+                },
+            )?),
         })
+    }
+
+    /// The configured number of steps (`None`: the sampler's default).
+    pub fn steps(&self) -> Option<usize> {
+        match *self {
+            Self::Ddpm { steps, .. } | Self::Ddim { steps, .. } | Self::DpmSolver { steps, .. } => {
+                steps
+            }
+        }
     }
 }
 
@@ -188,6 +292,7 @@ mod tests {
             let by_i = sampler.step(&eps, &x, i, Objective::Eps, None).unwrap();
             assert_eq!(values(&by_t), values(&by_i), "timestep {t}");
         }
+        assert!(!sampler.is_multistep());
         // A timestep the respaced sampler skips is an error that names it.
         let skipped = (0..1000).find(|t| !ts.contains(t)).unwrap();
         let e = sampler
@@ -216,6 +321,22 @@ mod tests {
                 SamplerConfig::Ddim {
                     steps: Some(50),
                     eta: 0.0,
+                    clip_x0: true,
+                },
+            ),
+            (
+                "kind = \"dpm-solver++\"",
+                SamplerConfig::DpmSolver {
+                    steps: None,
+                    spacing: DpmSpacing::Linspace,
+                    clip_x0: false,
+                },
+            ),
+            (
+                "kind = \"dpm-solver++\"\nsteps = 10\nspacing = \"trailing\"\nclip_x0 = true",
+                SamplerConfig::DpmSolver {
+                    steps: Some(10),
+                    spacing: DpmSpacing::Trailing,
                     clip_x0: true,
                 },
             ),
@@ -254,10 +375,21 @@ mod tests {
                 eta: 1.0,
                 clip_x0: false,
             },
+            SamplerConfig::DpmSolver {
+                steps: Some(10),
+                spacing: DpmSpacing::Linspace,
+                clip_x0: false,
+            },
+            SamplerConfig::DpmSolver {
+                steps: Some(7),
+                spacing: DpmSpacing::Leading,
+                clip_x0: true,
+            },
         ];
         for (k, cfg) in configs.iter().enumerate() {
             let sampler = cfg.build(&s).expect("build");
             let mut x = normal_tensor(200 + k as u64, &[2, 3]);
+            let mut history = StepHistory::new();
             for (i, &t) in sampler.timesteps().iter().enumerate() {
                 let abar = s.alphas_cumprod().values()[t];
                 let eps = ((&x - (&x_star * abar.sqrt()).expect("mul")).expect("sub")
@@ -267,7 +399,7 @@ mod tests {
                     .needs_noise(i)
                     .then(|| normal_tensor(1000 * k as u64 + i as u64, &[2, 3]));
                 x = sampler
-                    .step(&eps, &x, i, Objective::Eps, noise.as_ref())
+                    .step_with_history(&eps, &x, i, Objective::Eps, noise.as_ref(), &mut history)
                     .expect("step");
             }
             assert_close(&values(&x), &values(&x_star), 1e-12, "sample");

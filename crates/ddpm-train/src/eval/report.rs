@@ -67,6 +67,10 @@ fn sampler_text(s: &SamplerConfig) -> String {
         SamplerConfig::Ddpm {
             steps: n, variance, ..
         } => format!("DDPM, {} steps, {} variance", steps(n), word(variance)),
+        SamplerConfig::DpmSolver { steps: n, .. } => format!(
+            "DPM-Solver++, {} steps",
+            n.map_or_else(|| "default".to_string(), |n| n.to_string())
+        ),
     }
 }
 
