@@ -6,9 +6,7 @@
 //! in-place steps (f32).
 
 use candle_core::{DType, Device, Tensor};
-use ddpm_schedule::{
-    DpmSpacing, Objective, Sampler, SamplerConfig, Schedule, ScheduleConfig, StepHistory,
-};
+use ddpm_schedule::{DpmSpacing, Objective, SamplerConfig, Schedule, ScheduleConfig, StepHistory};
 use serde_json::Value;
 
 const GOLDEN: &str = include_str!("fixtures/dpm_solver_diffusers.json");
