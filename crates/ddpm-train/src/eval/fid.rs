@@ -1,8 +1,10 @@
 //! The Fréchet distance between Gaussians fitted to two sets of features (the "FID" formula),
-//! with the matrix square root taken by a symmetric eigendecomposition in `f64` (cyclic Jacobi),
+//! with the trace root taken by symmetric eigendecompositions in `f64` (`nalgebra`'s
+//! `SymmetricEigen`, `O(n^3)`: about 9 s at the 2048 dimensions of Inception features),
 //! and the Inception-Score-style score `exp E[KL(p(y | x) || p(y))]` of class probabilities.
 
 use candle_core::{DType, Device, Tensor};
+use nalgebra::{DMatrix, SymmetricEigen};
 
 use crate::{Result, TrainError};
 
@@ -39,22 +41,26 @@ impl GaussianStats {
         for m in &mut mean {
             *m /= count as f64;
         }
-        let mut cov = vec![0f64; dim * dim];
-        let mut centered = vec![0f64; dim];
-        for row in rows.chunks_exact(dim) {
-            for k in 0..dim {
-                centered[k] = row[k] - mean[k];
-            }
-            for i in 0..dim {
-                let ci = centered[i];
-                for j in i..dim {
-                    cov[i * dim + j] += ci * centered[j];
+        // The centered rows, a block at a time, as the columns of `x` (`dim x rows`, column-major
+        // storage is the rows one after the other): cov = sum over blocks of x x^T / (count - 1).
+        const BLOCK: usize = 1024;
+        let mut acc = DMatrix::<f64>::zeros(dim, dim);
+        for block in rows.chunks(BLOCK * dim) {
+            let mut centered = block.to_vec();
+            for row in centered.chunks_exact_mut(dim) {
+                for (v, m) in row.iter_mut().zip(&mean) {
+                    *v -= m;
                 }
             }
+            let x = DMatrix::from_vec(dim, block.len() / dim, centered);
+            acc.gemm(1.0, &x, &x.transpose(), 1.0);
         }
+        let scale = 1.0 / (count - 1) as f64;
+        let mut cov = vec![0f64; dim * dim];
         for i in 0..dim {
             for j in i..dim {
-                let v = cov[i * dim + j] / (count - 1) as f64;
+                // Exactly symmetric: the upper triangle mirrored.
+                let v = acc[(i, j)] * scale;
                 cov[i * dim + j] = v;
                 cov[j * dim + i] = v;
             }
@@ -79,99 +85,75 @@ impl GaussianStats {
     }
 }
 
-/// Eigenvalues and orthonormal eigenvectors of the symmetric `n x n` matrix `a` (row-major), by
-/// the cyclic Jacobi method: rotations zero the off-diagonal entries until their norm is below
-/// 1e-15 of the matrix's. Returns `(values, vectors)`; column `k` of `vectors` (row-major
-/// `n x n`) is the eigenvector of `values[k]`. Errors unless `a` has `n * n` values.
-pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+/// Row-major `n x n` values as an `nalgebra` matrix (which is column-major).
+fn to_matrix(a: &[f64], n: usize) -> DMatrix<f64> {
+    DMatrix::from_row_slice(n, n, a)
+}
+
+/// Errors unless `a` has `n * n` values.
+fn check_square(a: &[f64], n: usize, what: &str) -> Result<()> {
     if a.len() != n * n {
         return Err(TrainError::Other(format!(
-            "symmetric_eigen: {} values are not a {n} x {n} matrix",
+            "{what}: {} values are not a {n} x {n} matrix",
             a.len()
         )));
     }
-    let mut a = a.to_vec();
-    let mut v = vec![0f64; n * n];
-    for i in 0..n {
-        v[i * n + i] = 1.0;
-    }
-    let norm2: f64 = a.iter().map(|x| x * x).sum();
-    for _sweep in 0..64 {
-        let off: f64 = (0..n)
-            .flat_map(|p| ((p + 1)..n).map(move |q| (p, q)))
-            .map(|(p, q)| 2.0 * a[p * n + q].powi(2))
-            .sum();
-        if off <= 1e-30 * norm2 || off == 0.0 {
-            break;
-        }
-        for p in 0..n {
-            for q in (p + 1)..n {
-                let apq = a[p * n + q];
-                if apq == 0.0 {
-                    continue;
-                }
-                let theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
-                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                // A <- A J (columns p, q), then A <- J^T A (rows p, q), V <- V J.
-                for k in 0..n {
-                    let (akp, akq) = (a[k * n + p], a[k * n + q]);
-                    a[k * n + p] = c * akp - s * akq;
-                    a[k * n + q] = s * akp + c * akq;
-                }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p * n + k], a[q * n + k]);
-                    a[p * n + k] = c * apk - s * aqk;
-                    a[q * n + k] = s * apk + c * aqk;
-                }
-                for k in 0..n {
-                    let (vkp, vkq) = (v[k * n + p], v[k * n + q]);
-                    v[k * n + p] = c * vkp - s * vkq;
-                    v[k * n + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    Ok(((0..n).map(|i| a[i * n + i]).collect(), v))
+    Ok(())
 }
 
-/// `a b` of `n x n` row-major matrices.
-fn matmul(a: &[f64], b: &[f64], n: usize) -> Vec<f64> {
-    let mut out = vec![0f64; n * n];
-    for i in 0..n {
-        for k in 0..n {
-            let aik = a[i * n + k];
-            if aik == 0.0 {
-                continue;
-            }
-            for j in 0..n {
-                out[i * n + j] += aik * b[k * n + j];
-            }
-        }
+/// Eigenvalues and orthonormal eigenvectors of the symmetric `n x n` matrix `a` (row-major), by
+/// `nalgebra`'s `SymmetricEigen` (Householder tridiagonalisation, then implicit symmetric QR
+/// steps with Wilkinson shifts; `O(n^3)`, in `f64`). Returns `(values, vectors)`; column `k` of
+/// `vectors` (row-major `n x n`) is the eigenvector of `values[k]`. Only the lower triangle of
+/// `a` is read. Errors unless `a` has `n * n` values.
+pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    check_square(a, n, "symmetric_eigen")?;
+    if n == 0 {
+        return Ok((Vec::new(), Vec::new()));
     }
-    out
+    let eigen = SymmetricEigen::new(to_matrix(a, n));
+    // The transpose's column-major storage is the row-major storage of the vectors.
+    let vectors = eigen.eigenvectors.transpose().as_slice().to_vec();
+    Ok((eigen.eigenvalues.as_slice().to_vec(), vectors))
+}
+
+/// The eigenvalues of the symmetric `n x n` matrix `a` (row-major), without the eigenvectors:
+/// the tridiagonalisation does not accumulate its reflections, about a third of the cost of
+/// [`symmetric_eigen`]. Errors unless `a` has `n * n` values.
+pub fn symmetric_eigenvalues(a: &[f64], n: usize) -> Result<Vec<f64>> {
+    check_square(a, n, "symmetric_eigenvalues")?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(to_matrix(a, n).symmetric_eigenvalues().as_slice().to_vec())
 }
 
 /// The square root of a symmetric positive semi-definite matrix, `V sqrt(max(L, 0)) V^T`
 /// (eigenvalues that rounding made slightly negative count as 0).
 pub fn sqrt_psd(a: &[f64], n: usize) -> Result<Vec<f64>> {
-    let (values, v) = symmetric_eigen(a, n)?;
-    let roots: Vec<f64> = values.iter().map(|&l| l.max(0.0).sqrt()).collect();
-    let mut out = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            out[i * n + j] = (0..n).map(|k| v[i * n + k] * roots[k] * v[j * n + k]).sum();
-        }
+    check_square(a, n, "sqrt_psd")?;
+    if n == 0 {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let eigen = SymmetricEigen::new(to_matrix(a, n));
+    let mut scaled = eigen.eigenvectors.clone();
+    for (k, &l) in eigen.eigenvalues.iter().enumerate() {
+        scaled.column_mut(k).scale_mut(l.max(0.0).sqrt());
+    }
+    // Symmetric, so the column-major storage is also the row-major one.
+    let root = &scaled * eigen.eigenvectors.transpose();
+    Ok(root.transpose().as_slice().to_vec())
 }
 
 /// The Fréchet distance between `N(m1, S1)` and `N(m2, S2)`:
-/// `|m1 - m2|^2 + tr S1 + tr S2 - 2 tr sqrt(sqrt(S1) S2 sqrt(S1))`. The last matrix is symmetric
-/// positive semi-definite with the eigenvalues of `S1 S2`, so its trace root is the sum of the
-/// square roots of its eigenvalues, computed by [`symmetric_eigen`] in `f64`. Rounding can make
-/// the result a hair below 0; it is clamped to 0.
+/// `|m1 - m2|^2 + tr S1 + tr S2 - 2 tr sqrt(sqrt(S1) S2 sqrt(S1))`.
+///
+/// With `S1 = V diag(l) V^T` (one symmetric eigendecomposition), `sqrt(S1) S2 sqrt(S1)` is
+/// similar to `M = diag(sqrt(l)) V^T S2 V diag(sqrt(l))`, a symmetric positive semi-definite
+/// matrix with the eigenvalues of `S1 S2`; the trace root is the sum of the square roots of
+/// `M`'s eigenvalues (values only, no vectors). All in `f64`, `O(n^3)`: two eigendecompositions
+/// and two matrix products. Eigenvalues that rounding made slightly negative count as 0, and a
+/// result a hair below 0 is clamped to 0.
 pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
     if a.dim != b.dim {
         return Err(TrainError::Other(format!(
@@ -180,6 +162,15 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
         )));
     }
     let n = a.dim;
+    check_square(&a.cov, n, "Fréchet distance (first covariance)")?;
+    check_square(&b.cov, n, "Fréchet distance (second covariance)")?;
+    if a.mean.len() != n || b.mean.len() != n {
+        return Err(TrainError::Other(format!(
+            "Fréchet distance: means of {} and {} values for dimension {n}",
+            a.mean.len(),
+            b.mean.len()
+        )));
+    }
     let mean_term: f64 = a
         .mean
         .iter()
@@ -187,18 +178,29 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<f64> {
         .map(|(x, y)| (x - y).powi(2))
         .sum();
     let trace = |m: &[f64]| (0..n).map(|i| m[i * n + i]).sum::<f64>();
-    let s1 = sqrt_psd(&a.cov, n)?;
-    let mut m = matmul(&matmul(&s1, &b.cov, n), &s1, n);
-    // Symmetrize away the rounding of the products.
-    for i in 0..n {
-        for j in (i + 1)..n {
-            let v = 0.5 * (m[i * n + j] + m[j * n + i]);
-            m[i * n + j] = v;
-            m[j * n + i] = v;
+    if n == 0 {
+        return Ok(mean_term);
+    }
+    let eigen = SymmetricEigen::new(to_matrix(&a.cov, n));
+    let v = &eigen.eigenvectors;
+    let mut m = v.tr_mul(&(to_matrix(&b.cov, n) * v));
+    let roots: Vec<f64> = eigen
+        .eigenvalues
+        .iter()
+        .map(|l| l.max(0.0).sqrt())
+        .collect();
+    for j in 0..n {
+        for i in 0..n {
+            m[(i, j)] *= roots[i] * roots[j];
         }
     }
-    let (values, _) = symmetric_eigen(&m, n)?;
-    let trace_sqrt: f64 = values.iter().map(|&l| l.max(0.0).sqrt()).sum();
+    // Symmetrize away the rounding of the products.
+    let m = (&m + m.transpose()) * 0.5;
+    let trace_sqrt: f64 = m
+        .symmetric_eigenvalues()
+        .iter()
+        .map(|&l| l.max(0.0).sqrt())
+        .sum();
     let d = mean_term + trace(&a.cov) + trace(&b.cov) - 2.0 * trace_sqrt;
     Ok(d.max(0.0))
 }
@@ -237,6 +239,20 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
+    /// `a b` of `n x n` row-major matrices.
+    fn matmul(a: &[f64], b: &[f64], n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; n * n];
+        for i in 0..n {
+            for k in 0..n {
+                let aik = a[i * n + k];
+                for j in 0..n {
+                    out[i * n + j] += aik * b[k * n + j];
+                }
+            }
+        }
+        out
+    }
+
     fn random_symmetric(n: usize, seed: u64) -> Vec<f64> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut a = vec![0f64; n * n];
@@ -269,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn jacobi_diagonalizes_symmetric_matrices() {
+    fn symmetric_eigen_diagonalizes_symmetric_matrices() {
         for (n, seed) in [(1, 0), (2, 1), (7, 2), (40, 3)] {
             let a = random_symmetric(n, seed);
             let (values, v) = symmetric_eigen(&a, n).expect("eigen");
@@ -340,6 +356,94 @@ mod tests {
         assert!(
             (got - want).abs() < 1e-10 * want.max(1.0),
             "{got} vs {want}"
+        );
+    }
+
+    /// `H A H` for the Householder reflection `H = I - 2 u u^T` of the unit vector `u`:
+    /// `A - 2 u (A u)^T - 2 (A u) u^T + 4 (u^T A u) u u^T` for symmetric `A`, in `O(n^2)`.
+    fn reflect(a: &mut [f64], u: &[f64], n: usize) {
+        let au: Vec<f64> = (0..n)
+            .map(|i| (0..n).map(|k| a[i * n + k] * u[k]).sum())
+            .collect();
+        let uau: f64 = u.iter().zip(&au).map(|(x, y)| x * y).sum();
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] += -2.0 * u[i] * au[j] - 2.0 * au[i] * u[j] + 4.0 * uau * u[i] * u[j];
+            }
+        }
+    }
+
+    #[test]
+    fn frechet_distance_at_inception_dimension_is_the_closed_form() {
+        // The 2048 dimensions of pool3 features. S1 = Q diag(a) Q^T and S2 = Q diag(b) Q^T with
+        // Q a product of three random Householder reflections (dense, exactly orthogonal up to
+        // rounding); a quarter of a is 0, as when fewer samples than dimensions are compared.
+        let n = 2048;
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let a: Vec<f64> = (0..n)
+            .map(|i| {
+                if i % 4 == 0 {
+                    0.0
+                } else {
+                    rng.random_range(0.0..2.0)
+                }
+            })
+            .collect();
+        let b: Vec<f64> = (0..n).map(|_| rng.random_range(0.01..3.0)).collect();
+        let m1: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let m2: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let reflections: Vec<Vec<f64>> = (0..3)
+            .map(|_| {
+                let u: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+                u.iter().map(|x| x / norm).collect()
+            })
+            .collect();
+        let cov = |d: &[f64]| {
+            let mut c = vec![0f64; n * n];
+            for i in 0..n {
+                c[i * n + i] = d[i];
+            }
+            for u in &reflections {
+                reflect(&mut c, u, n);
+            }
+            c
+        };
+        let want: f64 = m1
+            .iter()
+            .zip(&m2)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            + a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x.sqrt() - y.sqrt()).powi(2))
+                .sum::<f64>();
+        let s1 = GaussianStats {
+            dim: n,
+            count: 1536,
+            mean: m1,
+            cov: cov(&a),
+        };
+        let s2 = GaussianStats {
+            dim: n,
+            count: 4096,
+            mean: m2,
+            cov: cov(&b),
+        };
+        let start = std::time::Instant::now();
+        let got = frechet_distance(&s1, &s2).expect("fid");
+        let elapsed = start.elapsed();
+        // The 512 zero eigenvalues of S1 come out as rounding noise of about 1e-16 * |S1|, and
+        // the square roots of such noise add up to about 1e-5 in all: 1e-7 relative of a
+        // distance of about 2700 (measured 5.6e-9) leaves room for other rounding.
+        assert!(
+            (got - want).abs() < 1e-7 * want,
+            "{got} vs {want}: {:e} relative",
+            (got - want).abs() / want
+        );
+        eprintln!(
+            "n = 2048: {got} vs {want}: {:e} relative, in {elapsed:.2?}",
+            (got - want).abs() / want
         );
     }
 
