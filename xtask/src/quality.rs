@@ -13,7 +13,7 @@ use clap::Args;
 #[derive(Args)]
 pub struct QualityArgs {
     /// Training steps of the MNIST preset.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1600)]
     steps: usize,
     /// Seed of the training run and of the evaluation.
     #[arg(long, default_value_t = 0)]

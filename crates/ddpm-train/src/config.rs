@@ -49,7 +49,8 @@ pub struct TrainConfig {
     pub offset_noise: f64,
     /// What the network predicts.
     pub objective: Objective,
-    /// The training loss.
+    /// The training loss (a `[loss]` section without `kind` keeps the default loss's kind).
+    #[serde(deserialize_with = "loss_over_defaults")]
     pub loss: DiffusionLoss,
     /// Write a checkpoint every this many steps (and at the end).
     pub checkpoint_every: usize,
@@ -117,13 +118,30 @@ fn optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
     })
 }
 
+/// `[loss]` over the default: a section that leaves out `kind` (for example one that only sets
+/// `[loss.weighting]`) keeps the default elementwise loss instead of failing with a missing field.
+fn loss_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<DiffusionLoss, D::Error> {
+    use serde::de::Error;
+    let mut table = toml::Table::deserialize(d)?;
+    if !table.contains_key("kind") {
+        let base =
+            toml::Table::try_from(TrainConfig::default().loss.kind).map_err(D::Error::custom)?;
+        for (key, value) in base {
+            table.entry(key).or_insert(value);
+        }
+    }
+    DiffusionLoss::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             seed: 0,
-            steps: 1500,
+            steps: 1600,
             epochs: None,
-            batch_size: 32,
+            batch_size: 64,
             grad_accum: 1,
             optimizer: AdamWConfig {
                 lr: 1e-3,
@@ -402,6 +420,21 @@ mod tests {
         let back: TrainConfig = toml::from_str(&c.to_toml()?).expect("round trip");
         assert_eq!(back, c);
         Ok(())
+    }
+
+    #[test]
+    fn a_loss_section_without_kind_keeps_the_default_kind() {
+        let c: TrainConfig =
+            toml::from_str("[loss.weighting]\nkind = \"min_snr\"\ngamma = 5.0\n").unwrap();
+        assert_eq!(c.loss.kind, TrainConfig::default().loss.kind);
+        assert_eq!(
+            c.loss.weighting,
+            ddpm_schedule::LossWeighting::MinSnr { gamma: 5.0 }
+        );
+        let c: TrainConfig = toml::from_str("[loss]\nkind = \"huber\"\ndelta = 2\n").unwrap();
+        assert_eq!(c.loss.kind, ddpm_schedule::LossKind::Huber { delta: 2.0 });
+        let e = toml::from_str::<TrainConfig>("[loss]\nkind = \"l3\"\n").unwrap_err();
+        assert!(e.to_string().contains("l3"), "{e}");
     }
 
     #[test]
