@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `DDPM_LOG` | the log filter (`--log`) |
 //! | `DDPM_DATA_MIRROR` | a mirror (directory or base URL) every fetch reads from |
+//! | `DDPM_CACHE_DIR` | where downloaded model files (Inception weights) are kept: [`cache_dir`] |
 //! | `DDPM_KERNELS` | `candle`: candle's ops instead of ours ([`KernelPolicy::backend`]) |
 //! | `DDPM_WINOGRAD` | `0`: no Winograd convolutions ([`KernelPolicy::winograd`]) |
 //! | `DDPM_AVX512` | `0`: at most AVX2 in our CPU kernels ([`KernelPolicy::cpu_isa`]) |
@@ -46,6 +47,14 @@ pub fn install_kernel_policy(base: KernelPolicy) -> Result<KernelPolicy> {
 /// The mirror named by `DDPM_DATA_MIRROR`, if it is set.
 pub fn data_mirror() -> Option<Source> {
     var(MIRROR_ENV).map(|v| Source::parse(&v))
+}
+
+/// The cache of downloaded model files (pytorch-fid's Inception weights): `DDPM_CACHE_DIR`, else
+/// `DATA_ROOT/cache`.
+pub fn cache_dir(data_root: &std::path::Path) -> std::path::PathBuf {
+    var("DDPM_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| data_root.join("cache"))
 }
 
 /// The Hugging Face Hub options of the environment, as `huggingface_hub` reads them: the

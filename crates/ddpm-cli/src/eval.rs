@@ -12,6 +12,8 @@ use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
 use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
 use ddpm_train::checkpoint::LoadedModel;
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
+use ddpm_train::eval::fid::{frechet_distance, GaussianStats};
+use ddpm_train::eval::inception::{self, weights, InceptionFid, FID_WEIGHTS_URL};
 use ddpm_train::eval::memorization::MemorizationOptions;
 use ddpm_train::eval::quality::ClassifierSummary;
 use ddpm_train::eval::recognisable::{self, DEFAULT_CONFIDENCE};
@@ -143,9 +145,83 @@ pub struct EvalArgs {
     /// Do not fetch a missing data set; fail instead.
     #[arg(long)]
     no_fetch: bool,
+    /// The features of the FIDs: classifier (the offline default: a small classifier trained
+    /// on the data set; comparable only between our runs) or inception (pytorch-fid's
+    /// Inception-v3 pool3, comparable with published FIDs; needs its weights, fetched once).
+    #[arg(long, value_name = "KIND", default_value = "classifier")]
+    fid: String,
+    /// pytorch-fid's Inception weights for --fid inception: a URL, fetched once into the cache
+    /// (DDPM_CACHE_DIR, default DATA_ROOT/cache) and checked against the SHA-256 prefix its name
+    /// carries, or a local .pth/.safetensors file (checked the same way when its name carries
+    /// a prefix).
+    #[arg(long, value_name = "URL_OR_PATH", default_value = FID_WEIGHTS_URL)]
+    inception_weights: String,
     /// Hide the progress bars.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The Inception network of `--fid inception` on `device` (`None` for `--fid classifier`), its
+/// weights found as `--inception-weights` says: a URL through the cache under `data_root`
+/// (refused with `--no-fetch` unless cached), a local file as it is.
+fn inception_of(
+    a: &EvalArgs,
+    data_root: &Path,
+    device: &candle_core::Device,
+) -> Result<Option<InceptionFid>> {
+    match a.fid.as_str() {
+        "classifier" => return Ok(None),
+        "inception" => {}
+        other => anyhow::bail!("--fid {other}: use classifier or inception"),
+    }
+    let source = a.inception_weights.as_str();
+    let is_url = ["http://", "https://", "file://"]
+        .iter()
+        .any(|scheme| source.starts_with(scheme));
+    let path = if is_url {
+        let cache = crate::env::cache_dir(data_root);
+        let name = source.rsplit('/').next().unwrap_or(source);
+        if a.no_fetch && !cache.join(name).is_file() {
+            anyhow::bail!(
+                "--fid inception: the Inception weights {name} are not in the cache {} and                  --no-fetch forbids fetching them from {source}: drop --no-fetch, or pass a                  local copy with --inception-weights FILE",
+                cache.display()
+            );
+        }
+        weights::ensure_weights(&cache, source, !a.quiet).context("--inception-weights")?
+    } else {
+        let path = PathBuf::from(source);
+        if !path.is_file() {
+            anyhow::bail!(
+                "--inception-weights {source}: no such file (pass pytorch-fid's weights file,                  {}, or a URL)",
+                weights::FID_WEIGHTS_FILE
+            );
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match weights::hash_prefix(&name) {
+            Some(prefix) => {
+                let digest = weights::sha256_file(&path).context("--inception-weights")?;
+                if !digest.starts_with(&prefix.to_ascii_lowercase()) {
+                    anyhow::bail!(
+                        "--inception-weights {source}: its SHA-256 starts with {}, not the {prefix} \
+                         its name promises: the file is damaged or not pytorch-fid's; fetch it \
+                         again",
+                        &digest[..prefix.len().min(digest.len())]
+                    );
+                }
+            }
+            None => tracing::warn!(
+                path = %path.display(),
+                "the Inception weights' name carries no SHA-256 prefix: loaded unverified"
+            ),
+        }
+        path
+    };
+    tracing::info!(weights = %path.display(), "Inception-v3 (pytorch-fid) for the FID");
+    let net = InceptionFid::load(&path, device).context("--inception-weights")?;
+    Ok(Some(net.with_batch_size(a.batch_size.min(32))))
 }
 
 /// The run directory a checkpoint path belongs to: the directory itself, or the folder above
@@ -336,11 +412,12 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
     for note in &loaded.notes {
         tracing::warn!("{note}");
     }
-    let train = open(&data, Split::Train)?;
     let device = candle_core::Device::Cpu;
+    let inception = inception_of(a, &data.data.root, &device)?;
+    let train = open(&data, Split::Train)?;
     let clf = load_classifier(a, &data, &train, &test, &device)?;
     let (reference, floor) = recognisable::reference_and_floor(&test, n, a.seed)?;
-    let numbers = recognisable::recognisability(
+    let mut numbers = recognisable::recognisability(
         &clf.classifier,
         &loaded.images,
         &reference,
@@ -349,6 +426,9 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
         a.confidence,
         a.batch_size,
     )?;
+    if let Some(net) = &inception {
+        net.rescore(&mut numbers, &loaded.images, &reference, &floor)?;
+    }
     let report = SamplesReport {
         format: SAMPLES_FORMAT.to_string(),
         samples: samples.display().to_string(),
@@ -367,6 +447,50 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", report_path.display()))?;
     println!("{}", report.to_text());
     tracing::info!(path = %report_path.display(), "report written");
+    Ok(())
+}
+
+/// Replaces the classifier-feature FIDs of `q` by Inception FIDs of the same images: the samples
+/// read back from their grid (`samples_png`, written losslessly from the 8-bit samples), the
+/// reference and floor test images and the training images that [`ev::sample_quality`] picks
+/// (the same seeded subsets).
+fn inception_quality(
+    q: &mut ev::QualityReport,
+    net: &InceptionFid,
+    samples_png: &Path,
+    train: &Dataset,
+    test: &Dataset,
+    seed: u64,
+) -> Result<()> {
+    let size = test.image_size();
+    let opts = SampleLoadOptions {
+        grid_cell: Some(size),
+        grid_padding: ddpm_data::image_io::GRID_PADDING as usize,
+        grid_count: Some(q.num_samples),
+        strict_size: true,
+        ..SampleLoadOptions::new(test.channels(), size)
+    };
+    let samples = ev::load_samples(samples_png, &opts)
+        .with_context(|| format!("reading the samples back from {}", samples_png.display()))?
+        .images;
+    let (reference, floor) = recognisable::reference_and_floor(test, q.num_samples, seed)?;
+    let n_ref = reference.dim(0)?;
+    let train_idx = ev::subset(
+        train.len(),
+        n_ref,
+        (seed ^ recognisable::SUBSET_DOMAIN).wrapping_add(1),
+    );
+    let train_images = ev::nll::image_batch(train, &train_idx, &candle_core::Device::Cpu)?;
+    let reference_stats = net.rescore(&mut q.recognisable, &samples, &reference, &floor)?;
+    q.fid = q.recognisable.samples.fid;
+    let train_stats: GaussianStats = net.stats(&train_images)?;
+    q.fid_train_vs_test = frechet_distance(&train_stats, &reference_stats)?;
+    tracing::info!(
+        fid = q.fid,
+        fid_train_vs_test = q.fid_train_vs_test,
+        features = inception::FID_FEATURES,
+        "Inception FID done"
+    );
     Ok(())
 }
 
@@ -438,6 +562,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .build(&schedule)
         .context("the sampler does not fit the model's schedule")?;
     let data = data_of(&a, &checkpoint, &loaded)?;
+    if !do_quality && a.fid != "classifier" {
+        anyhow::bail!(
+            "--fid {} applies to sample quality: add --quality (or drop --nll)",
+            a.fid
+        );
+    }
+    let inception = if do_quality {
+        inception_of(&a, &data.data.root, &device)?
+    } else {
+        None
+    };
     crate::train::ensure_data(&data, a.no_fetch)?;
     let eval_set = open(&data, split)?;
     ev::check_compatible(&loaded.model, &eval_set)?;
@@ -486,11 +621,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 pairs: a.nearest_pairs,
                 png: Some(nearest_png),
             },
-            samples_png: Some(samples_png),
+            samples_png: Some(samples_png.clone()),
             confidence: a.confidence,
             progress: !a.quiet,
         };
-        Some(ev::sample_quality(
+        let mut q = ev::sample_quality(
             &loaded.model,
             &schedule,
             loaded.objective,
@@ -498,7 +633,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
             &train,
             test,
             &opts,
-        )?)
+        )?;
+        if let Some(net) = &inception {
+            inception_quality(&mut q, net, &samples_png, &train, test, a.seed)?;
+        }
+        Some(q)
     } else {
         None
     };

@@ -229,7 +229,7 @@ impl Recognisability {
         let _ = writeln!(
             t,
             "{indent}{:<34} {:>12.3} {:>12.3}",
-            format!("FID ({FID_FEATURES})"),
+            format!("FID ({})", self.fid_features),
             s.fid,
             r.fid
         );

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::nll::NllReport;
 use super::quality::{ClassifierSummary, QualityReport};
-use super::recognisable::Recognisability;
+use super::recognisable::{Recognisability, FID_FEATURES};
 use super::samples::SampleSource;
 use crate::{Result, TrainError};
 
@@ -150,11 +150,19 @@ impl EvalReport {
                 c.config.feature_dim,
                 100.0 * c.test_accuracy
             );
-            let _ = writeln!(
-                s,
-                "  classifier-feature FID {:.3} (train vs test images: {:.3}); not comparable with Inception FID",
-                q.fid, q.fid_train_vs_test
-            );
+            if q.recognisable.fid_features == FID_FEATURES {
+                let _ = writeln!(
+                    s,
+                    "  classifier-feature FID {:.3} (train vs test images: {:.3}); not comparable with Inception FID",
+                    q.fid, q.fid_train_vs_test
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  FID ({}) {:.3} (train vs test images: {:.3})",
+                    q.recognisable.fid_features, q.fid, q.fid_train_vs_test
+                );
+            }
             let _ = writeln!(
                 s,
                 "  Inception-style score {:.3} (test images: {:.3}; at most {})",
@@ -281,11 +289,13 @@ impl SamplesReport {
         }
         let _ = writeln!(s);
         let _ = writeln!(s, "{}", self.recognisable.to_table(""));
-        let _ = write!(
-            s,
-            "(this FID is in the classifier's features: not comparable with Inception FID)\ntotal {:.1} s",
-            self.seconds
-        );
+        if self.recognisable.fid_features == FID_FEATURES {
+            let _ = writeln!(
+                s,
+                "(this FID is in the classifier's features: not comparable with Inception FID)"
+            );
+        }
+        let _ = write!(s, "total {:.1} s", self.seconds);
         s
     }
 }

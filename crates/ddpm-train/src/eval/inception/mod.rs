@@ -30,10 +30,15 @@ pub use net::{FidInceptionV3, FEATURES};
 pub use weights::{ensure_weights, read_weights, FID_WEIGHTS_FILE, FID_WEIGHTS_URL};
 
 use super::fid::{frechet_distance, GaussianStats};
+use super::recognisable::Recognisability;
 use crate::{Result, TrainError};
 
 /// The side pytorch-fid resizes its inputs to.
 pub const INPUT_SIZE: usize = 299;
+
+/// What a report's FID is computed in when it is this network's (the `fid_features` of a
+/// [`Recognisability`]; the classifier's is [`super::recognisable::FID_FEATURES`]).
+pub const FID_FEATURES: &str = "Inception-v3, pytorch-fid pool3";
 
 /// pytorch-fid's Inception-v3 with its input handling: images in, pool3 features out.
 #[derive(Debug, Clone)]
@@ -116,6 +121,24 @@ impl InceptionFid {
     /// Gaussians (each set needs at least 2 images; published FIDs use 10,000 or 50,000).
     pub fn fid(&self, a: &Tensor, b: &Tensor) -> Result<f64> {
         frechet_distance(&self.stats(a)?, &self.stats(b)?)
+    }
+
+    /// Replaces the FIDs of `numbers` (the samples' and the real floor's, both against the
+    /// reference images) by Inception FIDs of the same images and names the features
+    /// ([`FID_FEATURES`]); `samples`, `reference` and `floor` are the images `numbers` was
+    /// computed from. Returns the reference images' statistics, for further distances.
+    pub fn rescore(
+        &self,
+        numbers: &mut Recognisability,
+        samples: &Tensor,
+        reference: &Tensor,
+        floor: &Tensor,
+    ) -> Result<GaussianStats> {
+        let r = self.stats(reference)?;
+        numbers.samples.fid = frechet_distance(&self.stats(samples)?, &r)?;
+        numbers.real_floor.fid = frechet_distance(&self.stats(floor)?, &r)?;
+        numbers.fid_features = FID_FEATURES.to_string();
+        Ok(r)
     }
 }
 
