@@ -399,7 +399,8 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(err.contains("`batch_size` (32 -> 16)"), "{err}");
+        let expected = format!("`batch_size` ({} -> 16)", ckpt.batch_size);
+        assert!(err.contains(&expected), "{err}");
         assert!(err.contains("run/config.toml"), "{err}");
         assert!(!err.contains("optimizer.lr`"), "{err}");
         let (same, none) = resumed_config(&ckpt, 5, Some((path, &ckpt)), &SafeChanges::default())?;
