@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
+use ddpm_schedule::diffusers::DiffusersScheduler;
 use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
 use ddpm_train::checkpoint::LoadedModel;
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
@@ -28,8 +29,16 @@ use ddpm_train::TrainConfig;
 #[derive(Args)]
 pub struct EvalArgs {
     /// A run directory (newest checkpoint), a checkpoint .json/.safetensors, or a weights file.
-    #[arg(long, required_unless_present = "samples")]
+    #[arg(long, required_unless_present_any = ["samples", "pretrained"])]
     checkpoint: Option<PathBuf>,
+    /// Evaluate a diffusers DDPM pipeline instead of a checkpoint: a local directory or a Hub
+    /// repository such as google/ddpm-cifar10-32 (docs/pretrained.md); the schedule comes from
+    /// its scheduler_config.json; say the data with --dataset.
+    #[arg(long, value_name = "REPO_OR_DIR", conflicts_with_all = ["checkpoint", "samples", "weights"])]
+    pretrained: Option<String>,
+    /// The revision (branch, tag or commit) of a --pretrained Hub repository (default: main).
+    #[arg(long, value_name = "REV", requires = "pretrained")]
+    revision: Option<String>,
     /// Score these images instead of a model's samples, with no checkpoint: a folder of
     /// .png/.jpg images (sorted by name) or one grid image as `ddpm sample` and training write
     /// them. Prints the recognisable share, class histogram and entropy, and classifier-feature
@@ -450,6 +459,59 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The diffusers pipeline of `--pretrained arg` (a local directory, or a Hub repository at
+/// `--revision`) loaded by `ddpm sample --pretrained`'s loader, as a [`LoadedModel`] with no run
+/// configuration (its source the pipeline's directory, its schedule the named schedule that
+/// reproduces the scheduler's betas), and the pipeline itself (its exact betas and clipping).
+fn load_pretrained(
+    a: &EvalArgs,
+    arg: &str,
+) -> Result<(
+    candle_core::Device,
+    LoadedModel,
+    crate::pretrained::Pretrained,
+)> {
+    if a.dataset.is_none() {
+        anyhow::bail!(
+            "--pretrained {arg}: a diffusers pipeline does not say what it was trained on: name \
+             the data to evaluate on with --dataset (e.g. cifar10)"
+        );
+    }
+    let hub = crate::env::hub_options()?;
+    let found = crate::pretrained::resolve(arg, a.revision.as_deref(), &hub)?;
+    let p = crate::pretrained::load(&found.dir, &a.inference.device, &a.inference.precision)?;
+    let sched_path = [
+        found.dir.join("scheduler").join("scheduler_config.json"),
+        found.dir.join("scheduler_config.json"),
+    ]
+    .into_iter()
+    .find(|f| f.is_file())
+    .ok_or_else(|| anyhow::anyhow!("{}: no scheduler config", found.dir.display()))?;
+    let text = std::fs::read_to_string(&sched_path)
+        .with_context(|| format!("reading {}", sched_path.display()))?;
+    let scheduler = DiffusersScheduler::from_json(&text)
+        .with_context(|| format!("reading {}", sched_path.display()))?;
+    let Some(schedule) = scheduler.named else {
+        anyhow::bail!(
+            "--pretrained {arg}: its scheduler's betas ({}) match none of our named schedules, \
+             which the eval report records: only pipelines with a named beta schedule can be \
+             evaluated",
+            scheduler.beta_schedule
+        );
+    };
+    let device = p.schedule.device().clone();
+    let loaded = LoadedModel {
+        model: p.model.clone(),
+        schedule,
+        objective: p.objective,
+        step: None,
+        config: None,
+        source: found.dir.clone(),
+        weights: Default::default(),
+    };
+    Ok((device, loaded, p))
+}
+
 /// Replaces the classifier-feature FIDs of `q` by Inception FIDs of the same images: the samples
 /// read back from their grid (`samples_png`, written losslessly from the 8-bit samples), the
 /// reference and floor test images and the training images that [`ev::sample_quality`] picks
@@ -498,8 +560,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(samples) = a.samples.clone() {
         return run_samples(&a, &samples);
     }
-    let Some(checkpoint) = a.checkpoint.clone() else {
-        anyhow::bail!("say what to evaluate: --checkpoint RUN, or --samples DIR_OR_GRID");
+    if let (Some(rev), None) = (&a.revision, &a.pretrained) {
+        anyhow::bail!("--revision {rev} is for --pretrained REPO (a Hub repository)");
+    }
+    let checkpoint = match (&a.checkpoint, &a.pretrained) {
+        (Some(c), _) => c.clone(),
+        // Reports land in the working directory unless --report says otherwise.
+        (None, Some(_)) => PathBuf::from("."),
+        (None, None) => anyhow::bail!(
+            "say what to evaluate: --checkpoint RUN, --pretrained REPO_OR_DIR, or --samples \
+             DIR_OR_GRID"
+        ),
     };
     let started = Instant::now();
     recognisable::check_confidence(a.confidence).context("--confidence")?;
@@ -529,8 +600,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         clip_x0: !a.nll_no_clip,
         cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
     };
-    let (device, loaded) = a.inference.load(&checkpoint)?;
-    let sampler = a.sampler.config(loaded.schedule.timesteps)?;
+    let (device, loaded, mut pretrained) = match &a.pretrained {
+        Some(arg) => {
+            let (device, loaded, p) = load_pretrained(&a, arg)?;
+            (device, loaded, Some(p))
+        }
+        None => {
+            let (device, loaded) = a.inference.load(&checkpoint)?;
+            (device, loaded, None)
+        }
+    };
+    let mut sampler = a.sampler.config(loaded.schedule.timesteps)?;
+    if let Some(p) = &pretrained {
+        sampler = p.sampler(sampler);
+    }
     let report_path = a
         .report
         .clone()
@@ -548,7 +631,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         check_dir_exists(&nearest_png)?;
         check_dir_exists(&samples_png)?;
     }
-    let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let schedule = match pretrained.take() {
+        // The scheduler's own betas.
+        Some(p) => p.schedule,
+        None => Schedule::new(&loaded.schedule, &device)?,
+    };
     let t_max = schedule.timesteps();
     if let Some(k) = a.nll_timesteps {
         if k == 0 || k >= t_max {
@@ -646,7 +733,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         format: EVAL_FORMAT.to_string(),
         checkpoint: loaded.source.display().to_string(),
         step: loaded.step,
-        weights: loaded.weights.name().to_string(),
+        weights: if a.pretrained.is_some() {
+            "diffusers".to_string()
+        } else {
+            loaded.weights.name().to_string()
+        },
         objective: loaded.objective,
         schedule: loaded.schedule,
         dataset: data.dataset.to_string(),

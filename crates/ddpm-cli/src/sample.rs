@@ -121,10 +121,10 @@ pub(crate) struct InferenceArgs {
     weights: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
     /// Compute precision of the network: f32, or bf16/f16 (CUDA only).
     #[arg(long, default_value = "f32")]
-    precision: String,
+    pub(crate) precision: String,
 }
 
 impl InferenceArgs {
