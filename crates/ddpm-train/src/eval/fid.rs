@@ -1,6 +1,6 @@
 //! The Fréchet distance between Gaussians fitted to two sets of features (the "FID" formula),
 //! with the trace root taken by symmetric eigendecompositions in `f64` (`nalgebra`'s
-//! `SymmetricEigen`, `O(n^3)`: about 9 s at the 2048 dimensions of Inception features),
+//! `SymmetricEigen`, `O(n^3)`: about 6 s at the 2048 dimensions of Inception features),
 //! and the Inception-Score-style score `exp E[KL(p(y | x) || p(y))]` of class probabilities.
 
 use candle_core::{DType, Device, Tensor};
