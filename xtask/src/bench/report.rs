@@ -80,7 +80,7 @@ fn fmt_mib(kb: Option<u64>) -> String {
     kb.map_or("n/a".into(), |kb| format!("{:.0} MiB", kb as f64 / 1024.0))
 }
 
-/// A rate in GFLOP/s, or TFLOP/s from 1000 GFLOP/s up.
+/// A rate in GFLOP/s, or TFLOP/s from 1000 GFLOP/s up (tidy: not a timing).
 fn fmt_rate(flops_per_s: f64) -> String {
     if flops_per_s >= 1e12 {
         format!("{:.1} TFLOP/s", flops_per_s / 1e12)
