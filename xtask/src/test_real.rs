@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 
 /// The environment variable through which the real-data tests find the fetched data sets.
 pub const REAL_DATA_ENV: &str = "DDPM_REAL_DATA";
+/// Name prefix of the ignored tests that are steps of a parity script, not real-data tests.
+const PARITY_PREFIX: &str = "parity_";
 
 /// Arguments of `test-real`.
 #[derive(Args, Debug)]
@@ -59,11 +61,14 @@ pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
     }
     write_mirror_sums(&data_dir)?;
     eprintln!(
-        "running the real-data tests (cargo test --release --workspace -- --ignored) on {}",
+        "running the real-data tests (cargo test --release --workspace -- --ignored --skip {PARITY_PREFIX}) on {}",
         data_dir.display()
     );
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["test", "--release", "--workspace", "--", "--ignored"])
+        // Ignored tests that are not real-data tests are named `parity_*`: they are steps of the
+        // Python parity scripts (bench/parity/), which run them with their own inputs.
+        .args(["--skip", PARITY_PREFIX])
         .args(&args.test_args)
         .env(REAL_DATA_ENV, &data_dir)
         .status()
