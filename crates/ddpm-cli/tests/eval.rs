@@ -10,8 +10,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use common::{
-    assert_ok, assert_one_clean_error, ddpm, place_real_mnist, run, write_tiny_config,
-    FIXTURE_TEST_IMAGES,
+    assert_ok, assert_one_clean_error, ddpm, num, place_real_mnist, read_json, run,
+    write_tiny_config, FIXTURE_TEST_IMAGES,
 };
 
 /// Trains a tiny model on MNIST at 16x16 with T = 50 for 30 steps into `dir/run`.
@@ -39,19 +39,6 @@ beta_schedule = { kind = "scaled_linear" }
         "--out",
         "run",
     ])));
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-fn num(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("`{what}` is not a number: {v}"));
-    assert!(x.is_finite(), "`{what}` is not finite: {x}");
-    x
 }
 
 /// The bound's fields are present, finite and add up.

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use common::{assert_ok, assert_one_clean_error, ddpm, run, stderr, write_tiny_config};
+use common::{assert_ok, assert_one_clean_error, ddpm, read_json, run, stderr, write_tiny_config};
 
 /// The small, briefly trained classifier of the `--samples` tests (eval_samples.rs).
 const TINY_CLASSIFIER: [&str; 8] = [
@@ -78,11 +78,6 @@ fn write_random_weights(dir: &Path) -> PathBuf {
     let path = dir.join(format!("pt_inception-random-{}.safetensors", &digest[..8]));
     std::fs::rename(&tmp, &path).expect("renamed");
     path
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
 }
 
 /// `ddpm eval --samples real --fid inception` in `p`, quiet, the cache in `p/cache`, and

@@ -6,27 +6,11 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{assert_ok, assert_one_clean_error, ddpm_bare, fixtures, run};
-use serde_json::Value;
+use common::{assert_ok, assert_one_clean_error, ddpm_bare, fixtures, num, read_json, run};
 
 #[path = "../../ddpm-unet/tests/support/diffusers_fixture.rs"]
 mod diffusers_fixture;
 use diffusers_fixture::fixture;
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-fn num(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("`{what}` is not a number: {v}"));
-    assert!(x.is_finite(), "`{what}` is not finite: {x}");
-    x
-}
 
 /// The Flowers fixture as a folder data set, resized to the pipeline's 16x16.
 fn flowers() -> String {

@@ -11,7 +11,7 @@ use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use common::{assert_ok, assert_one_clean_error, ddpm, run, FIXTURE_TEST_IMAGES};
+use common::{assert_ok, assert_one_clean_error, ddpm, num, read_json, run, FIXTURE_TEST_IMAGES};
 
 /// The classifier flags of every `--samples` run: small and briefly trained (on the fixture's
 /// 400 training images), so that the test takes seconds; it reaches about 86% test accuracy and
@@ -26,19 +26,6 @@ const TINY_CLASSIFIER: [&str; 8] = [
     "--classifier-batch-size",
     "32",
 ];
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).expect("valid JSON")
-}
-
-fn num(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("`{what}` is not a number: {v}"));
-    assert!(x.is_finite(), "`{what}` is not finite: {x}");
-    x
-}
 
 /// `ddpm eval --samples PATH` in `p` with the tiny classifier, quiet, and `extra` flags.
 fn eval_samples(p: &Path, samples: &str, extra: &[&str]) -> std::process::Output {

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 /// The committed fixtures (crates/ddpm-data/fixtures: 500 real MNIST test images, 50 Flowers
 /// JPEGs; see its README).
 pub fn fixtures() -> PathBuf {
@@ -248,4 +250,19 @@ impl Drop for AttackRow {
             let _ = f.write_all(line.as_bytes());
         }
     }
+}
+
+/// The JSON document in `path` (a report), or a panic naming the file.
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// `v` as a finite number, or a panic naming `what`.
+pub fn num(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("`{what}` is not a number: {v}"));
+    assert!(x.is_finite(), "`{what}` is not finite: {x}");
+    x
 }
