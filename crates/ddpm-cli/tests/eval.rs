@@ -5,41 +5,12 @@
 
 mod common;
 
-use std::path::Path;
-
 use serde_json::Value;
 
 use common::{
-    assert_ok, assert_one_clean_error, ddpm, num, place_real_mnist, read_json, run,
-    write_tiny_config, FIXTURE_TEST_IMAGES,
+    assert_ok, assert_one_clean_error, ddpm, num, place_real_mnist, read_json, run, train_tiny,
+    FIXTURE_TEST_IMAGES,
 };
-
-/// Trains a tiny model on MNIST at 16x16 with T = 50 for 30 steps into `dir/run`.
-fn train_tiny(dir: &Path) {
-    write_tiny_config(
-        dir,
-        "steps = 30
-batch_size = 8
-warmup_steps = 2
-checkpoint_every = 30
-sample_every = 0
-log_every = 10
-workers = 1
-",
-        r#"[schedule]
-timesteps = 50
-beta_schedule = { kind = "scaled_linear" }
-"#,
-    );
-    assert_ok(&run(ddpm(dir).args([
-        "train",
-        "--quiet",
-        "--config",
-        "tiny.toml",
-        "--out",
-        "run",
-    ])));
-}
 
 /// The bound's fields are present, finite and add up.
 fn check_nll(n: &Value, images: u64, timesteps: u64) {
@@ -78,7 +49,7 @@ fn eval_on_the_real_mnist_reports_the_bound_and_sample_quality() {
 /// Trains the tiny model in `p` (on the MNIST already placed in `p/data/mnist`, else the fixture),
 /// then checks every report `ddpm eval` writes; the test split has `test_images` images.
 fn eval_reports_the_bound_and_sample_quality(p: &std::path::Path, test_images: usize) {
-    train_tiny(p);
+    train_tiny(p, "beta_schedule = { kind = \"scaled_linear\" }\n");
 
     // The full bound on 8 test images, default report path RUN/eval.json.
     let o = run(ddpm(p).args([
@@ -225,7 +196,7 @@ fn bad_eval_input_gives_one_clear_error_line() {
         &run(ddpm(p).args(["eval", "--checkpoint", "missing-run", "--nll"])),
         "missing-run",
     );
-    train_tiny(p);
+    train_tiny(p, "beta_schedule = { kind = \"scaled_linear\" }\n");
     let eval = |extra: &[&str]| {
         let mut c = ddpm(p);
         c.args(["eval", "--checkpoint", "run", "--quiet"])

@@ -20,7 +20,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use common::{assert_ok, assert_one_clean_error, ddpm, read_json, run, stderr, write_tiny_config};
+use common::{assert_ok, assert_one_clean_error, ddpm, read_json, run, stderr, train_tiny};
 
 /// The small, briefly trained classifier of the `--samples` tests (eval_samples.rs).
 const TINY_CLASSIFIER: [&str; 8] = [
@@ -161,29 +161,8 @@ fn eval_samples_with_inception_fid_reports_the_networks_distances() {
 fn eval_quality_with_inception_fid_replaces_every_fid() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = dir.path();
-    // The tiny model of eval.rs: 30 steps on the fixture resized to 16x16, T = 50.
-    write_tiny_config(
-        p,
-        "steps = 30
-batch_size = 8
-warmup_steps = 2
-checkpoint_every = 30
-sample_every = 0
-log_every = 10
-workers = 1
-",
-        r#"[schedule]
-timesteps = 50
-"#,
-    );
-    assert_ok(&run(ddpm(p).args([
-        "train",
-        "--quiet",
-        "--config",
-        "tiny.toml",
-        "--out",
-        "run",
-    ])));
+    // The tiny model of eval.rs (with linear betas): 30 steps on the fixture at 16x16, T = 50.
+    train_tiny(p, "");
     let weights = write_random_weights(p);
     let mut c = ddpm(p);
     c.env("DDPM_CACHE_DIR", p.join("cache"))

@@ -266,3 +266,28 @@ pub fn num(v: &Value, what: &str) -> f64 {
     assert!(x.is_finite(), "`{what}` is not finite: {x}");
     x
 }
+
+/// Trains a tiny model (the MNIST fixture at 16x16, T = 50, 30 steps of batch 8) into `dir/run`;
+/// `schedule` is more lines of its `[schedule]` table (e.g. a `beta_schedule`).
+pub fn train_tiny(dir: &Path, schedule: &str) {
+    write_tiny_config(
+        dir,
+        "steps = 30
+batch_size = 8
+warmup_steps = 2
+checkpoint_every = 30
+sample_every = 0
+log_every = 10
+workers = 1
+",
+        &format!("[schedule]\ntimesteps = 50\n{schedule}"),
+    );
+    assert_ok(&run(ddpm(dir).args([
+        "train",
+        "--quiet",
+        "--config",
+        "tiny.toml",
+        "--out",
+        "run",
+    ])));
+}
