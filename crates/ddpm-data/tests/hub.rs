@@ -2,32 +2,15 @@
 //! revisions, the cache layout hf-hub shares with Python, offline mode on a filled cache, and
 //! refusal of files whose bytes or size differ from the listing.
 
+#[path = "support/hub_options.rs"]
+mod hub_options;
 #[path = "support/hub_server.rs"]
 mod hub_server;
 
-use std::path::Path;
-
 use ddpm_data::hub::{Hub, HubOptions, Repo};
 use ddpm_data::DataError;
+use hub_options::{offline, options};
 use hub_server::{FakeHub, HubFile, Kind};
-
-fn options(hub: &FakeHub, cache: &Path) -> HubOptions {
-    HubOptions {
-        endpoint: Some(hub.endpoint.clone()),
-        cache_dir: Some(cache.to_path_buf()),
-        ..HubOptions::default()
-    }
-}
-
-fn offline(cache: &Path) -> HubOptions {
-    HubOptions {
-        // An endpoint that nothing answers: offline mode must not try it.
-        endpoint: Some("http://127.0.0.1:9".into()),
-        cache_dir: Some(cache.to_path_buf()),
-        offline: true,
-        ..HubOptions::default()
-    }
-}
 
 const CONFIG: &[u8] = b"{\"sample_size\": 32}\n";
 

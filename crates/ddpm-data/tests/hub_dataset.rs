@@ -2,6 +2,8 @@
 //! files made here, found by split, decoded like image folders, pinned to a commit, read
 //! offline from the cache, refused when corrupt, and bad rows handled like bad files.
 
+#[path = "support/hub_options.rs"]
+mod hub_options;
 #[path = "support/hub_parquet.rs"]
 mod hub_parquet;
 #[path = "support/hub_server.rs"]
@@ -9,32 +11,15 @@ mod hub_server;
 
 use std::path::Path;
 
-use ddpm_data::hub::HubOptions;
 use ddpm_data::hub_dataset::{self, HubSpec};
 use ddpm_data::{DataConfig, DataError, Dataset, DatasetSpec, Loader, Split};
+use hub_options::{offline, options};
 use hub_parquet::{colour, parquet_file, png, tiny_rows, Row};
 use hub_server::{FakeHub, HubFile, Kind};
 
 const NAMES: [&str; 4] = ["cat", "dog", "eel", "fox"];
 const TRAIN: &str = "data/train-00000-of-00001.parquet";
 const TEST: &str = "data/test-00000-of-00001.parquet";
-
-fn options(hub: &FakeHub, cache: &Path) -> HubOptions {
-    HubOptions {
-        endpoint: Some(hub.endpoint.clone()),
-        cache_dir: Some(cache.to_path_buf()),
-        ..HubOptions::default()
-    }
-}
-
-fn offline(cache: &Path) -> HubOptions {
-    HubOptions {
-        endpoint: Some("http://127.0.0.1:9".into()),
-        cache_dir: Some(cache.to_path_buf()),
-        offline: true,
-        ..HubOptions::default()
-    }
-}
 
 /// `test/tiny`: 20 training and 4 test images of 4 classes, as `push_to_hub` lays them out.
 fn tiny(hub: &FakeHub) -> String {
