@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::AttnBlock;
-use crate::embedding::sinusoidal_embedding;
+use crate::embedding::{sinusoidal_embedding, ClassEmbedding};
 use crate::layers::{Conv2d, GroupNorm, Linear, TrainRng};
 use crate::ops::{self, ConvParams};
 use crate::resample::{NearestUp, StridedConvDown};
@@ -38,6 +38,10 @@ pub struct DdpmUnetConfig {
     pub dropout: f64,
     /// GroupNorm groups.
     pub groups: usize,
+    /// Class-conditional with this many classes (see [`crate::UnetConfig::num_classes`]; in
+    /// diffusers, `num_class_embeds = num_classes + 1`); `None` for an unconditional model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<usize>,
 }
 
 impl DdpmUnetConfig {
@@ -54,6 +58,7 @@ impl DdpmUnetConfig {
             attn_resolutions: vec![16],
             dropout: 0.1,
             groups: 32,
+            num_classes: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl DdpmUnetConfig {
             attn_resolutions: vec![16, 8],
             dropout: 0.1,
             groups: 8,
+            num_classes: None,
         }
     }
 
@@ -104,6 +110,7 @@ impl DdpmUnetConfig {
             attn_resolutions: vec![16],
             dropout: 0.0,
             groups: 32,
+            num_classes: None,
         }
     }
 
@@ -176,6 +183,7 @@ impl DdpmUnetConfig {
                 format!("{g} must divide every level's channel count {widths:?}"),
             );
         }
+        crate::unet::check_num_classes(self.num_classes)?;
         check_halvings(self.image_size, self.ch_mult.len(), "ch_mult")?;
         let res = self.resolutions();
         if let Some(r) = self.attn_resolutions.iter().find(|r| !res.contains(r)) {
@@ -204,6 +212,7 @@ pub struct DdpmUnet {
     cfg: DdpmUnetConfig,
     temb_dense0: Linear,
     temb_dense1: Linear,
+    class_emb: Option<ClassEmbedding>,
     conv_in: Conv2d,
     down: Vec<Level<StridedConvDown>>,
     mid_block_1: DdpmResnetBlock,
@@ -315,6 +324,10 @@ impl DdpmUnet {
             cfg: cfg.clone(),
             temb_dense0: Linear::new(ch, temb_ch, vb.pp("temb.dense.0"))?,
             temb_dense1: Linear::new(temb_ch, temb_ch, vb.pp("temb.dense.1"))?,
+            class_emb: cfg
+                .num_classes
+                .map(|n| ClassEmbedding::new(n, temb_ch, vb.pp("class_emb")))
+                .transpose()?,
             conv_in: Conv2d::new(cfg.in_channels, ch, 3, same3, true, vb.pp("conv_in"))?,
             down,
             mid_block_1,
@@ -338,14 +351,24 @@ impl DdpmUnet {
         &self.cfg
     }
 
-    /// Predicts from `x` (b, in_channels, s, s) at timesteps `t` (b,). Dropout is active only
-    /// when a training RNG is given.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, mut rng: TrainRng) -> Result<Tensor> {
+    /// Predicts from `x` (b, in_channels, s, s) at timesteps `t` (b,); `labels` (b,) are used
+    /// only by class-conditional models (`None`: the null label, the unconditional model).
+    /// Dropout is active only when a training RNG is given.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        mut rng: TrainRng,
+    ) -> Result<Tensor> {
         // x: (b, c, s, s), t: (b,)
         let temb = sinusoidal_embedding(t, self.cfg.ch, x.dtype())?;
-        let temb = self
+        let mut temb = self
             .temb_dense1
             .forward(&ops::silu(&self.temb_dense0.forward(&temb)?)?)?;
+        if let Some(emb) = &self.class_emb {
+            temb = (temb + emb.forward(labels, x.dim(0)?, x.dtype())?)?;
+        }
         let mut hs = vec![self.conv_in.forward(x)?];
         for level in &self.down {
             for (j, block) in level.blocks.iter().enumerate() {

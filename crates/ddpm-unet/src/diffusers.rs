@@ -684,6 +684,7 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
             .collect(),
         dropout,
         groups,
+        num_classes: None,
     };
     config.validate().map_err(|e| match e {
         UnetError::InvalidConfig { field, reason } => {

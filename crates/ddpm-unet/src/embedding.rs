@@ -49,3 +49,41 @@ mod tests {
         Ok(())
     }
 }
+
+/// A learned embedding of class labels, added to the time embedding (as diffusers'
+/// `UNet2DModel` does with `num_class_embeds`), for class-conditional models trained with
+/// classifier-free guidance (Ho & Salimans 2022).
+///
+/// The table has `num_classes + 1` rows: labels `0..num_classes` are the classes and label
+/// `num_classes` is the *null* label, the unconditional model that guidance contrasts with.
+/// Its rows start as N(0, 1) values, like PyTorch's `nn.Embedding`.
+#[derive(Debug, Clone)]
+pub struct ClassEmbedding {
+    weight: Tensor,
+}
+
+impl ClassEmbedding {
+    /// A table of `num_classes + 1` rows of `dim` values, as `weight` under `vb`.
+    pub fn new(num_classes: usize, dim: usize, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        Ok(Self {
+            weight: vb.get_with_hints((num_classes + 1, dim), "weight", init)?,
+        })
+    }
+
+    /// The rows of `labels` (b,) as (b, dim) in `dtype`; the null label for every image when
+    /// `labels` is `None`.
+    pub fn forward(&self, labels: Option<&Tensor>, b: usize, dtype: DType) -> Result<Tensor> {
+        let labels = match labels {
+            Some(l) => l.to_dtype(DType::U32)?,
+            None => {
+                let null = self.weight.dim(0)? as u32 - 1;
+                Tensor::from_vec(vec![null; b], b, self.weight.device())?
+            }
+        };
+        self.weight.index_select(&labels, 0)?.to_dtype(dtype)
+    }
+}

@@ -91,6 +91,12 @@ pub enum UnetError {
         /// The known names.
         known: String,
     },
+    /// Class labels that do not fit the model.
+    #[error("bad class labels: {reason}")]
+    BadLabels {
+        /// What is wrong and what the model takes.
+        reason: String,
+    },
     /// The input tensors do not fit the model.
     #[error(
         "model input has shape {found:?} with timesteps {t_found:?}, but the model expects \

@@ -105,6 +105,22 @@ impl ModelConfig {
         }
     }
 
+    /// The classes of a class-conditional model (`None`: unconditional).
+    pub fn num_classes(&self) -> Option<usize> {
+        match self {
+            Self::Unet(c) => c.num_classes,
+            Self::DdpmUnet(c) => c.num_classes,
+        }
+    }
+
+    /// Makes the model class-conditional with `n` classes (`None`: unconditional).
+    pub fn set_num_classes(&mut self, n: Option<usize>) {
+        match self {
+            Self::Unet(c) => c.num_classes = n,
+            Self::DdpmUnet(c) => c.num_classes = n,
+        }
+    }
+
     /// Whether the model takes a self-conditioning input.
     pub fn self_condition(&self) -> bool {
         matches!(self, Self::Unet(c) if c.self_condition)
@@ -313,6 +329,39 @@ impl DiffusionModel {
         Ok(())
     }
 
+    /// Checks class labels for a batch of `b` images: shape (b,), an integer dtype, each at most
+    /// the null label, and a class-conditional model.
+    fn check_labels(&self, labels: &Tensor, b: usize) -> Result<(), UnetError> {
+        let bad = |reason: String| Err(UnetError::BadLabels { reason });
+        let Some(n) = self.config.num_classes() else {
+            return bad(
+                "class labels were given, but the model is unconditional (no `num_classes`)".into(),
+            );
+        };
+        if labels.dims() != [b] || labels.dtype().is_float() {
+            return bad(format!(
+                "labels must be integers of shape ({b},), got {:?} {:?}",
+                labels.dtype(),
+                labels.dims()
+            ));
+        }
+        let max = labels
+            .to_dtype(candle_core::DType::I64)?
+            .max(0)?
+            .to_scalar::<i64>()?;
+        let min = labels
+            .to_dtype(candle_core::DType::I64)?
+            .min(0)?
+            .to_scalar::<i64>()?;
+        if min < 0 || max > n as i64 {
+            return bad(format!(
+                "label {} is outside 0..{n} (the model's {n} classes) and {n} (the null label)",
+                if min < 0 { min } else { max }
+            ));
+        }
+        Ok(())
+    }
+
     /// Evaluation-mode prediction (no dropout) for `x` (b, c, s, s) at timesteps `t` (b,), in
     /// the dtype of `x`.
     pub fn forward(&self, x: &Tensor, t: &Tensor) -> Result<Tensor, UnetError> {
@@ -328,7 +377,25 @@ impl DiffusionModel {
         x_self_cond: Option<&Tensor>,
         rng: TrainRng,
     ) -> Result<Tensor, UnetError> {
+        self.forward_full(x, t, None, x_self_cond, rng)
+    }
+
+    /// [`DiffusionModel::forward_t`] with class labels `labels` (b,) of any integer dtype, for a
+    /// class-conditional model: each in `0..num_classes`, or `num_classes` for the null label
+    /// (the unconditional model); `None` gives every image the null label. Labels given to a
+    /// model without classes, or out of range, are [`UnetError::BadLabels`].
+    pub fn forward_full(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        labels: Option<&Tensor>,
+        x_self_cond: Option<&Tensor>,
+        rng: TrainRng,
+    ) -> Result<Tensor, UnetError> {
         self.check_input(x, t)?;
+        if let Some(labels) = labels {
+            self.check_labels(labels, x.dims()[0])?;
+        }
         if let Some(cond) = x_self_cond {
             if cond.dims() != x.dims() {
                 return Err(UnetError::BadInput {
@@ -345,8 +412,8 @@ impl DiffusionModel {
             .map(|c| c.to_dtype(self.compute_dtype))
             .transpose()?;
         let y = match &self.network {
-            Network::Unet(n) => n.forward(&x, t, cond.as_ref())?,
-            Network::DdpmUnet(n) => n.forward(&x, t, rng)?,
+            Network::Unet(n) => n.forward(&x, t, cond.as_ref(), labels)?,
+            Network::DdpmUnet(n) => n.forward(&x, t, labels, rng)?,
         };
         Ok(y.to_dtype(out_dtype)?)
     }

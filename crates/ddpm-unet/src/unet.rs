@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Attention, LinearAttention, PreNormResidual};
-use crate::embedding::sinusoidal_embedding;
+use crate::embedding::{sinusoidal_embedding, ClassEmbedding};
 use crate::layers::{Conv2d, Linear};
 use crate::ops::{self, ConvParams};
 use crate::resample::{NearestUp, PixelUnshuffleDown};
@@ -43,6 +43,12 @@ pub struct UnetConfig {
     pub attn_heads: usize,
     /// Features per attention head.
     pub attn_dim_head: usize,
+    /// Class-conditional with this many classes (a learned class embedding added to the time
+    /// embedding, with one more, null label for the unconditional model of classifier-free
+    /// guidance); `None` for an unconditional model. A training run sets it to its data set's
+    /// class count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<usize>,
 }
 
 impl Default for UnetConfig {
@@ -59,6 +65,7 @@ impl Default for UnetConfig {
             init_conv_kernel: 7,
             attn_heads: 4,
             attn_dim_head: 32,
+            num_classes: None,
         }
     }
 }
@@ -161,7 +168,22 @@ impl UnetConfig {
                 format!("{g} must divide every level's channel count {widths:?}"),
             );
         }
+        check_num_classes(self.num_classes)?;
         check_halvings(self.image_size, self.dim_mults.len(), "dim_mults")
+    }
+}
+
+/// The most classes a class-conditional model may have (a table row per class).
+pub const MAX_CLASSES: usize = 1 << 20;
+
+/// Checks a class count: at least 1 and at most [`MAX_CLASSES`].
+pub(crate) fn check_num_classes(n: Option<usize>) -> std::result::Result<(), UnetError> {
+    match n {
+        Some(n) if n == 0 || n > MAX_CLASSES => Err(UnetError::InvalidConfig {
+            field: "num_classes",
+            reason: format!("{n} must be in 1..={MAX_CLASSES} (or unset for no classes)"),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -214,6 +236,7 @@ pub struct Unet {
     init_conv: Conv2d,
     time_mlp1: Linear,
     time_mlp2: Linear,
+    class_emb: Option<ClassEmbedding>,
     downs: Vec<Level<Down>>,
     mid_block1: ResnetBlock,
     mid_attn: PreNormResidual<Attention>,
@@ -248,6 +271,10 @@ impl Unet {
         let time_dim = cfg.dim * 4;
         let time_mlp1 = Linear::new(cfg.dim, time_dim, vb.pp("time_mlp.1"))?;
         let time_mlp2 = Linear::new(time_dim, time_dim, vb.pp("time_mlp.3"))?;
+        let class_emb = cfg
+            .num_classes
+            .map(|n| ClassEmbedding::new(n, time_dim, vb.pp("class_emb")))
+            .transpose()?;
         let mut dims = vec![init_dim];
         dims.extend(cfg.dim_mults.iter().map(|m| cfg.dim * m));
         let in_out: Vec<(usize, usize)> = dims.windows(2).map(|w| (w[0], w[1])).collect();
@@ -316,6 +343,7 @@ impl Unet {
             init_conv,
             time_mlp1,
             time_mlp2,
+            class_emb,
             downs,
             mid_block1,
             mid_attn,
@@ -332,8 +360,15 @@ impl Unet {
     }
 
     /// Predicts from `x` (b, channels, s, s) at timesteps `t` (b,); `x_self_cond` (same shape as
-    /// `x`, zeros when `None`) is used only by self-conditioned models.
-    pub fn forward(&self, x: &Tensor, t: &Tensor, x_self_cond: Option<&Tensor>) -> Result<Tensor> {
+    /// `x`, zeros when `None`) is used only by self-conditioned models, `labels` (b,) only by
+    /// class-conditional ones (`None`: the null label, the unconditional model).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        x_self_cond: Option<&Tensor>,
+        labels: Option<&Tensor>,
+    ) -> Result<Tensor> {
         // x: (b, c, s, s), t: (b,)
         let x = if self.cfg.self_condition {
             let cond = match x_self_cond {
@@ -347,9 +382,12 @@ impl Unet {
         let mut x = self.init_conv.forward(&x)?;
         let r = x.clone();
         let t = sinusoidal_embedding(t, self.cfg.dim, x.dtype())?;
-        let t = self
+        let mut t = self
             .time_mlp2
             .forward(&ops::gelu(&self.time_mlp1.forward(&t)?)?)?;
+        if let Some(emb) = &self.class_emb {
+            t = (t + emb.forward(labels, x.dim(0)?, x.dtype())?)?;
+        }
         let mut skips = Vec::with_capacity(2 * self.downs.len());
         for level in &self.downs {
             x = level.block1.forward(&x, &t)?;

@@ -37,6 +37,7 @@ fn tiny_ddpm() -> DdpmUnetConfig {
         attn_resolutions: vec![4],
         dropout: 0.0,
         groups: 2,
+        num_classes: None,
     }
 }
 
@@ -809,5 +810,99 @@ fn half_precision_compute_keeps_f32_master_weights() -> R<()> {
             assert!(diff <= tol * scale, "frozen {dtype:?}: {diff}");
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Class conditioning (classifier-free guidance's embedding).
+
+/// Both networks with 3 classes: the table adds exactly `(classes + 1) x time_dim` parameters;
+/// the output depends on the label; no labels is the null label; the class embedding gets a
+/// gradient only through the rows of the labels used.
+#[test]
+fn class_conditional_models_follow_their_labels() -> R<()> {
+    let dev = Device::Cpu;
+    let unconditional = [
+        (ModelConfig::Unet(tiny_unet()), 4 * 8),
+        (ModelConfig::DdpmUnet(tiny_ddpm()), 4 * 8),
+    ];
+    for (plain, time_dim) in unconditional {
+        let mut cfg = plain.clone();
+        cfg.set_num_classes(Some(3));
+        let base = DiffusionModel::new(&plain, 5, &dev, DType::F32)?;
+        let model = DiffusionModel::new(&cfg, 5, &dev, DType::F32)?;
+        assert_eq!(
+            model.num_parameters(),
+            base.num_parameters() + 4 * time_dim,
+            "{cfg:?}"
+        );
+        let x = randn(&[4, 2, 8, 8], 1, DType::F32)?;
+        let t = Tensor::new(&[10u32, 10, 10, 10], &dev)?;
+        let labels = Tensor::new(&[0u32, 1, 2, 3], &dev)?;
+        // The same image and timestep under four labels: four different predictions.
+        let x1 = x.narrow(0, 0, 1)?.repeat((4, 1, 1, 1))?;
+        let y1 = model.forward_full(&x1, &t, Some(&labels), None, None)?;
+        for (i, j) in [(0, 1), (1, 2), (2, 3), (0, 3)] {
+            let d = (y1.get(i)? - y1.get(j)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d > 1e-3, "labels {i} and {j} give the same output ({d})");
+        }
+        // No labels = the null label (3) for every image.
+        let null = Tensor::new(&[3u32; 4], &dev)?;
+        let a = model.forward_full(&x, &t, None, None, None)?;
+        let b = model.forward_full(&x, &t, Some(&null), None, None)?;
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        // Gradient: rows 0 and 2 used, rows 1 and 3 not.
+        let used = Tensor::new(&[0u32, 2, 0, 2], &dev)?;
+        let loss = model
+            .forward_full(&x, &t, Some(&used), None, None)?
+            .sqr()?
+            .sum_all()?;
+        let grads = loss.backward()?;
+        let table = &model.vars()["class_emb.weight"];
+        assert_eq!(table.dims(), &[4, time_dim]);
+        let g = grads.get(table.as_tensor()).ok_or("no gradient")?;
+        let row_norm = |r: usize| -> R<f32> { Ok(g.get(r)?.abs()?.sum_all()?.to_scalar()?) };
+        assert!(row_norm(0)? > 0.0 && row_norm(2)? > 0.0);
+        assert_eq!(row_norm(1)?, 0.0);
+        assert_eq!(row_norm(3)?, 0.0);
+    }
+    Ok(())
+}
+
+/// Labels that do not fit are one clear error, never a panic: labels for an unconditional
+/// model, a label past the null label, a wrong shape, float labels; `num_classes = 0` is refused.
+#[test]
+fn bad_labels_are_errors() -> R<()> {
+    let dev = Device::Cpu;
+    let x = randn(&[2, 2, 8, 8], 1, DType::F32)?;
+    let t = Tensor::new(&[1u32, 2], &dev)?;
+    let plain = DiffusionModel::new(&ModelConfig::Unet(tiny_unet()), 1, &dev, DType::F32)?;
+    let labels = Tensor::new(&[0u32, 1], &dev)?;
+    let e = plain
+        .forward_full(&x, &t, Some(&labels), None, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("unconditional"), "{e}");
+
+    let mut cfg = ModelConfig::Unet(tiny_unet());
+    cfg.set_num_classes(Some(3));
+    let model = DiffusionModel::new(&cfg, 1, &dev, DType::F32)?;
+    for (bad, what) in [
+        (Tensor::new(&[0u32, 4], &dev)?, "label 4"),
+        (Tensor::new(&[0i64, -1], &dev)?, "label -1"),
+        (Tensor::new(&[0u32, 1, 2], &dev)?, "shape"),
+        (Tensor::new(&[0f32, 1.0], &dev)?, "integers"),
+    ] {
+        let e = model
+            .forward_full(&x, &t, Some(&bad), None, None)
+            .unwrap_err();
+        assert!(matches!(e, UnetError::BadLabels { .. }), "{what}: {e}");
+        assert!(
+            e.to_string().contains(what) || e.to_string().contains("integers"),
+            "{what}: {e}"
+        );
+    }
+    cfg.set_num_classes(Some(0));
+    let e = DiffusionModel::new(&cfg, 1, &dev, DType::F32).unwrap_err();
+    assert!(e.to_string().contains("num_classes"), "{e}");
     Ok(())
 }
