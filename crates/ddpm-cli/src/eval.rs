@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use ddpm_data::{DataConfig, Dataset, DatasetSpec, Split};
-use ddpm_schedule::diffusers::DiffusersScheduler;
-use ddpm_schedule::{BoundConfig, DdpmVariance, NormalCdf, Schedule};
-use ddpm_train::checkpoint::LoadedModel;
+use ddpm_schedule::{
+    BoundConfig, DdpmVariance, NormalCdf, Objective, SamplerConfig, Schedule, ScheduleConfig,
+};
 use ddpm_train::eval::classifier::{self, ClassifierConfig, ClassifierTraining};
 use ddpm_train::eval::fid::{frechet_distance, GaussianStats};
 use ddpm_train::eval::inception::{self, weights, InceptionFid, FID_WEIGHTS_URL};
@@ -20,10 +20,11 @@ use ddpm_train::eval::quality::ClassifierSummary;
 use ddpm_train::eval::recognisable::{self, DEFAULT_CONFIDENCE};
 use ddpm_train::eval::report::{EVAL_FORMAT, SAMPLES_FORMAT};
 use ddpm_train::eval::{
-    self as ev, EvalReport, LoadedClassifier, NllOptions, QualityOptions, SampleLoadOptions,
-    SamplesReport,
+    self as ev, EvalReport, ListedBetas, LoadedClassifier, NllOptions, QualityOptions,
+    SampleLoadOptions, SamplesReport,
 };
 use ddpm_train::TrainConfig;
+use ddpm_unet::DiffusionModel;
 
 /// Arguments of `ddpm eval`.
 #[derive(Args)]
@@ -33,7 +34,7 @@ pub struct EvalArgs {
     checkpoint: Option<PathBuf>,
     /// Evaluate a diffusers DDPM pipeline instead of a checkpoint: a local directory or a Hub
     /// repository such as google/ddpm-cifar10-32 (docs/pretrained.md); the schedule comes from
-    /// its scheduler_config.json; say the data with --dataset.
+    /// its scheduler_config.json (named or listed betas alike); say the data with --dataset.
     #[arg(long, value_name = "REPO_OR_DIR", conflicts_with_all = ["checkpoint", "samples", "weights"])]
     pretrained: Option<String>,
     /// The revision (branch, tag or commit) of a --pretrained Hub repository (default: main).
@@ -89,9 +90,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "K")]
     nll_timesteps: Option<usize>,
     /// Reverse variance of the bound: fixed-large (beta_t, the DDPM paper's) or fixed-small
-    /// (the posterior variance).
-    #[arg(long, default_value = "fixed-large")]
-    nll_variance: String,
+    /// (the posterior variance). Default: fixed-large for a checkpoint; for --pretrained, the
+    /// scheduler's variance_type.
+    #[arg(long, value_name = "VARIANCE")]
+    nll_variance: Option<String>,
     /// Standard normal CDF of the decoder term: exact (erf) or approx (the DDPM code's tanh).
     #[arg(long, default_value = "exact")]
     nll_cdf: String,
@@ -275,8 +277,8 @@ fn check_dir_exists(path: &Path) -> Result<()> {
 }
 
 /// The data set and its configuration: the run's unless flags say otherwise.
-fn data_of(a: &EvalArgs, checkpoint: &Path, loaded: &LoadedModel) -> Result<TrainConfig> {
-    let run = loaded.config.as_ref();
+fn data_of(a: &EvalArgs, checkpoint: &Path, subject: &Subject) -> Result<TrainConfig> {
+    let run = subject.config.as_ref();
     let spec: DatasetSpec = match (&a.dataset, run) {
         (Some(d), _) => d.parse().with_context(|| format!("--dataset {d}"))?,
         (None, Some(c)) => c.dataset.clone(),
@@ -292,7 +294,7 @@ fn data_of(a: &EvalArgs, checkpoint: &Path, loaded: &LoadedModel) -> Result<Trai
             image_size: spec
                 .native_size()
                 .is_none()
-                .then(|| loaded.model.config().image_size()),
+                .then(|| subject.model.config().image_size()),
             ..DataConfig::default()
         },
     };
@@ -459,18 +461,63 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What `ddpm eval` evaluates: a run's model or a diffusers pipeline's, the schedule of its
+/// betas built, and what the report says about them.
+struct Subject {
+    /// The device the model and the schedule live on.
+    device: candle_core::Device,
+    /// The network (F32 weights, in the compute precision asked for).
+    model: DiffusionModel,
+    /// The schedule of the model's betas, on `device`.
+    schedule: Schedule,
+    /// What the network predicts.
+    objective: Objective,
+    /// Our named schedule of the betas, when one gives them.
+    named: Option<ScheduleConfig>,
+    /// The record of the betas when no named schedule gives them.
+    listed: Option<ListedBetas>,
+    /// The training step of the weights, when known.
+    step: Option<usize>,
+    /// The run's configuration, when loaded from a checkpoint.
+    config: Option<TrainConfig>,
+    /// What the report names as evaluated: the checkpoint file or the pipeline's directory.
+    source: PathBuf,
+    /// `ema`, `raw` or `diffusers`.
+    weights: String,
+    /// The reverse variance of the bound without `--nll-variance`, and whose it is.
+    variance: (DdpmVariance, &'static str),
+    /// The sampler of the quality metrics.
+    sampler: SamplerConfig,
+}
+
+/// The model of `--checkpoint` with its run's named schedule; the bound's variance defaults to
+/// the DDPM paper's fixed-large.
+fn load_checkpoint(a: &EvalArgs, checkpoint: &Path) -> Result<Subject> {
+    let (device, loaded) = a.inference.load(checkpoint)?;
+    let schedule = Schedule::new(&loaded.schedule, &device)?;
+    let sampler = a.sampler.config(loaded.schedule.timesteps)?;
+    Ok(Subject {
+        device,
+        model: loaded.model,
+        schedule,
+        objective: loaded.objective,
+        named: Some(loaded.schedule),
+        listed: None,
+        step: loaded.step,
+        config: loaded.config,
+        source: loaded.source,
+        weights: loaded.weights.name().to_string(),
+        variance: (DdpmVariance::FixedLarge, "the default, fixed-large"),
+        sampler,
+    })
+}
+
 /// The diffusers pipeline of `--pretrained arg` (a local directory, or a Hub repository at
-/// `--revision`) loaded by `ddpm sample --pretrained`'s loader, as a [`LoadedModel`] with no run
-/// configuration (its source the pipeline's directory, its schedule the named schedule that
-/// reproduces the scheduler's betas), and the pipeline itself (its exact betas and clipping).
-fn load_pretrained(
-    a: &EvalArgs,
-    arg: &str,
-) -> Result<(
-    candle_core::Device,
-    LoadedModel,
-    crate::pretrained::Pretrained,
-)> {
+/// `--revision`) loaded by `ddpm sample --pretrained`'s loader: its scheduler's own betas,
+/// recorded as our named schedule when one reproduces them and else as listed betas (count,
+/// hash, file); its clipping in the sampler; its `variance_type` as the bound's default
+/// variance.
+fn load_pretrained(a: &EvalArgs, arg: &str) -> Result<Subject> {
     if a.dataset.is_none() {
         anyhow::bail!(
             "--pretrained {arg}: a diffusers pipeline does not say what it was trained on: name \
@@ -480,36 +527,35 @@ fn load_pretrained(
     let hub = crate::env::hub_options()?;
     let found = crate::pretrained::resolve(arg, a.revision.as_deref(), &hub)?;
     let p = crate::pretrained::load(&found.dir, &a.inference.device, &a.inference.precision)?;
-    let sched_path = [
-        found.dir.join("scheduler").join("scheduler_config.json"),
-        found.dir.join("scheduler_config.json"),
-    ]
-    .into_iter()
-    .find(|f| f.is_file())
-    .ok_or_else(|| anyhow::anyhow!("{}: no scheduler config", found.dir.display()))?;
-    let text = std::fs::read_to_string(&sched_path)
-        .with_context(|| format!("reading {}", sched_path.display()))?;
-    let scheduler = DiffusersScheduler::from_json(&text)
-        .with_context(|| format!("reading {}", sched_path.display()))?;
-    let Some(schedule) = scheduler.named else {
-        anyhow::bail!(
-            "--pretrained {arg}: its scheduler's betas ({}) match none of our named schedules, \
-             which the eval report records: only pipelines with a named beta schedule can be \
-             evaluated",
-            scheduler.beta_schedule
+    let sampler = p.sampler(a.sampler.config(p.schedule.timesteps())?);
+    let s = &p.scheduler;
+    let listed = s
+        .named
+        .is_none()
+        .then(|| ListedBetas::new(&s.beta_schedule, &s.betas, &p.scheduler_file));
+    if let Some(b) = &listed {
+        tracing::info!(
+            beta_schedule = %b.beta_schedule,
+            count = b.count,
+            sha256 = %b.sha256,
+            file = %b.file,
+            "no named schedule gives the scheduler's betas: evaluated with them as listed"
         );
-    };
-    let device = p.schedule.device().clone();
-    let loaded = LoadedModel {
-        model: p.model.clone(),
-        schedule,
+    }
+    Ok(Subject {
+        device: p.schedule.device().clone(),
+        named: s.named,
+        listed,
+        model: p.model,
+        schedule: p.schedule,
         objective: p.objective,
         step: None,
         config: None,
-        source: found.dir.clone(),
-        weights: Default::default(),
-    };
-    Ok((device, loaded, p))
+        source: found.dir,
+        weights: "diffusers".to_string(),
+        variance: (p.variance, "the scheduler's variance_type"),
+        sampler,
+    })
 }
 
 /// Replaces the classifier-feature FIDs of `q` by Inception FIDs of the same images: the samples
@@ -591,29 +637,28 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .split
         .parse()
         .with_context(|| format!("--split {}", a.split))?;
+    let nll_variance = a
+        .nll_variance
+        .as_deref()
+        .map(|w| crate::parse_word::<DdpmVariance>(w, "--nll-variance", "fixed-large, fixed-small"))
+        .transpose()?;
+    let nll_cdf = crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?;
+    let subject = match &a.pretrained {
+        Some(arg) => load_pretrained(&a, arg)?,
+        None => load_checkpoint(&a, &checkpoint)?,
+    };
     let bound = BoundConfig {
-        variance: crate::parse_word::<DdpmVariance>(
-            &a.nll_variance,
-            "--nll-variance",
-            "fixed-large, fixed-small",
-        )?,
+        variance: nll_variance.unwrap_or_else(|| {
+            let (variance, whose) = subject.variance;
+            if do_nll {
+                tracing::info!(?variance, "no --nll-variance: the bound uses {whose}");
+            }
+            variance
+        }),
         clip_x0: !a.nll_no_clip,
-        cdf: crate::parse_word::<NormalCdf>(&a.nll_cdf, "--nll-cdf", "exact, approx")?,
+        cdf: nll_cdf,
     };
-    let (device, loaded, mut pretrained) = match &a.pretrained {
-        Some(arg) => {
-            let (device, loaded, p) = load_pretrained(&a, arg)?;
-            (device, loaded, Some(p))
-        }
-        None => {
-            let (device, loaded) = a.inference.load(&checkpoint)?;
-            (device, loaded, None)
-        }
-    };
-    let mut sampler = a.sampler.config(loaded.schedule.timesteps)?;
-    if let Some(p) = &pretrained {
-        sampler = p.sampler(sampler);
-    }
+    let (device, sampler, schedule) = (&subject.device, subject.sampler, &subject.schedule);
     let report_path = a
         .report
         .clone()
@@ -631,11 +676,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
         check_dir_exists(&nearest_png)?;
         check_dir_exists(&samples_png)?;
     }
-    let schedule = match pretrained.take() {
-        // The scheduler's own betas.
-        Some(p) => p.schedule,
-        None => Schedule::new(&loaded.schedule, &device)?,
-    };
     let t_max = schedule.timesteps();
     if let Some(k) = a.nll_timesteps {
         if k == 0 || k >= t_max {
@@ -646,9 +686,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     sampler
-        .build(&schedule)
+        .build(schedule)
         .context("the sampler does not fit the model's schedule")?;
-    let data = data_of(&a, &checkpoint, &loaded)?;
+    let data = data_of(&a, &checkpoint, &subject)?;
     if !do_quality && a.fid != "classifier" {
         anyhow::bail!(
             "--fid {} applies to sample quality: add --quality (or drop --nll)",
@@ -656,14 +696,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     let inception = if do_quality {
-        inception_of(&a, &data.data.root, &device)?
+        inception_of(&a, &data.data.root, device)?
     } else {
         None
     };
     crate::train::ensure_data(&data, a.no_fetch)?;
     let eval_set = open(&data, split)?;
-    ev::check_compatible(&loaded.model, &eval_set)?;
-    let model_cfg = loaded.model.config();
+    ev::check_compatible(&subject.model, &eval_set)?;
+    let model_cfg = subject.model.config();
 
     let nll = if do_nll {
         let n = a.limit.unwrap_or(eval_set.len()).min(eval_set.len());
@@ -677,9 +717,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             progress: !a.quiet,
         };
         Some(ev::variational_bound(
-            &loaded.model,
-            &schedule,
-            loaded.objective,
+            &subject.model,
+            schedule,
+            subject.objective,
             &eval_set,
             &indices,
             &opts,
@@ -697,7 +737,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             test_owned = open(&data, Split::Test)?;
             &test_owned
         };
-        let clf = load_classifier(&a, &data, &train, test, &device)?;
+        let clf = load_classifier(&a, &data, &train, test, device)?;
         let opts = QualityOptions {
             num_samples: a.num_samples,
             sampler,
@@ -713,9 +753,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             progress: !a.quiet,
         };
         let mut q = ev::sample_quality(
-            &loaded.model,
-            &schedule,
-            loaded.objective,
+            &subject.model,
+            schedule,
+            subject.objective,
             &clf,
             &train,
             test,
@@ -731,15 +771,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let report = EvalReport {
         format: EVAL_FORMAT.to_string(),
-        checkpoint: loaded.source.display().to_string(),
-        step: loaded.step,
-        weights: if a.pretrained.is_some() {
-            "diffusers".to_string()
-        } else {
-            loaded.weights.name().to_string()
-        },
-        objective: loaded.objective,
-        schedule: loaded.schedule,
+        checkpoint: subject.source.display().to_string(),
+        step: subject.step,
+        weights: subject.weights.clone(),
+        objective: subject.objective,
+        schedule: subject.named,
+        betas: subject.listed.clone(),
         dataset: data.dataset.to_string(),
         split: split.to_string(),
         split_images: eval_set.len(),

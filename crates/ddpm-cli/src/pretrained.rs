@@ -15,7 +15,9 @@ use ddpm_data::hub::{Hub, HubOptions, Repo, Snapshot};
 use ddpm_schedule::diffusers::DiffusersScheduler;
 use ddpm_schedule::{DdpmVariance, Objective, SamplerConfig, Schedule};
 use ddpm_train::{parse_device, Precision};
-use ddpm_unet::diffusers::{load_unet_dir, CONFIG_FILE, UNET_SUBFOLDER, WEIGHTS_FILES};
+use ddpm_unet::diffusers::{
+    find_unet_files, load_unet_dir, CONFIG_FILE, UNET_SUBFOLDER, WEIGHTS_FILES,
+};
 use ddpm_unet::DiffusionModel;
 use serde::Serialize;
 
@@ -112,7 +114,7 @@ pub(crate) fn resolve(
             commit: None,
             endpoint: None,
             offline: false,
-            files: Vec::new(),
+            files: local_files(local)?,
         });
     }
     if looks_like_path(arg) {
@@ -157,6 +159,33 @@ pub(crate) fn resolve(
         offline: snapshot.offline,
         files,
     })
+}
+
+/// The files [`load`] reads from the local pipeline directory `dir`, relative to it and with `/`
+/// separators (as a Hub repository lists them): `model_index.json` when there is one, the UNet's
+/// config and weights, the scheduler config. Found by the same functions `load` uses, so a
+/// directory `load` cannot read is the same error here.
+fn local_files(dir: &Path) -> Result<Vec<String>> {
+    let scheduler = scheduler_file(dir)?;
+    let unet =
+        find_unet_files(dir).with_context(|| format!("loading the UNet of {}", dir.display()))?;
+    let index = dir.join("model_index.json");
+    let read =
+        index
+            .is_file()
+            .then_some(index)
+            .into_iter()
+            .chain([unet.config, unet.weights, scheduler]);
+    Ok(read.map(|path| relative(dir, &path)).collect())
+}
+
+/// `path` relative to `dir`, its components joined by `/`.
+fn relative(dir: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(dir).unwrap_or(path);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// [`needed_files`] of a snapshot, or an error naming the repository and what it holds.
@@ -216,6 +245,11 @@ pub(crate) struct Pretrained {
     pub clip_x0: bool,
     /// The scheduler's DDPM variance (`variance_type`).
     pub variance: DdpmVariance,
+    /// The scheduler config as read: its betas, their diffusers name and our named schedule
+    /// that reproduces them, if any.
+    pub scheduler: DiffusersScheduler,
+    /// The scheduler config file read.
+    pub scheduler_file: PathBuf,
 }
 
 impl Pretrained {
@@ -336,5 +370,7 @@ pub(crate) fn load(dir: &Path, device: &str, precision: &str) -> Result<Pretrain
         objective: scheduler.objective,
         clip_x0: scheduler.clip_x0,
         variance: scheduler.variance,
+        scheduler,
+        scheduler_file: sched_path,
     })
 }

@@ -1,6 +1,7 @@
 //! `ddpm sample --pretrained DIR` on the tiny random diffusers pipeline of
-//! crates/ddpm-unet/tests/fixtures/diffusers-tiny (made by bench/pytorch/diffusers_fixtures.py),
-//! bad directories, and our DDIM loop against diffusers' DDIMPipeline from the same noise.
+//! crates/ddpm-unet/tests/fixtures/diffusers-tiny (made by bench/pytorch/diffusers_fixtures.py)
+//! and the files its provenance lists, bad directories, and our DDIM loop against diffusers'
+//! DDIMPipeline from the same noise.
 
 mod common;
 
@@ -23,7 +24,19 @@ fn png_dims(path: &Path) -> (u32, u32) {
 #[test]
 fn samples_from_both_layouts_of_a_diffusers_pipeline() {
     let dir = tempfile::tempdir().expect("tmp");
-    for (layout, sampler) in [("pipeline", "ddim"), ("flat-bin", "ddpm")] {
+    let pipeline = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    ];
+    let flat = [
+        "model_index.json",
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "scheduler_config.json",
+    ];
+    for (layout, sampler, files) in [("pipeline", "ddim", pipeline), ("flat-bin", "ddpm", flat)] {
         let each = format!("each-{layout}");
         let grid = format!("{layout}.png");
         let o = run(ddpm_bare(dir.path()).args([
@@ -49,6 +62,15 @@ fn samples_from_both_layouts_of_a_diffusers_pipeline() {
             let p = dir.path().join(&each).join(format!("sample-{i:05}.png"));
             assert_eq!(png_dims(&p), (16, 16));
         }
+        // The provenance beside the grid lists the files read, relative to the directory, as
+        // for a Hub repository.
+        let json = dir.path().join(format!("{layout}.json"));
+        let text = std::fs::read_to_string(&json).expect("provenance written");
+        let prov: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let read = &prov["pretrained"];
+        assert_eq!(read["dir"], fixture(layout).display().to_string());
+        assert!(read.get("repo").is_none(), "a local directory: {read}");
+        assert_eq!(read["files"], serde_json::json!(files));
     }
 }
 

@@ -28,7 +28,7 @@ pub use classifier::{Classifier, ClassifierConfig, ClassifierTraining, LoadedCla
 pub use nll::{variational_bound, NllOptions, NllReport};
 pub use quality::{sample_quality, QualityOptions, QualityReport};
 pub use recognisable::Recognisability;
-pub use report::{EvalReport, SamplesReport};
+pub use report::{EvalReport, ListedBetas, SamplesReport};
 pub use samples::{load_samples, LoadedSamples, SampleLoadOptions};
 
 use crate::{Result, TrainError};

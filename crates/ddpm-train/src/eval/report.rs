@@ -32,8 +32,13 @@ pub struct EvalReport {
     pub weights: String,
     /// The model's objective.
     pub objective: Objective,
-    /// The model's schedule.
-    pub schedule: ScheduleConfig,
+    /// The model's schedule, when one of our named schedules gives its betas; `null` for betas
+    /// listed one by one, which [`EvalReport::betas`] describes.
+    pub schedule: Option<ScheduleConfig>,
+    /// The model's betas when no named schedule gives them (a diffusers scheduler's
+    /// `trained_betas`, or a formula we have no name for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub betas: Option<ListedBetas>,
     /// The data set (`mnist`, `folder:PATH`, ...).
     pub dataset: String,
     /// The split evaluated (`test`, `train` or `all`).
@@ -50,6 +55,40 @@ pub struct EvalReport {
     pub quality: Option<QualityReport>,
     /// Wall-clock seconds of the whole evaluation.
     pub seconds: f64,
+}
+
+/// Betas that no named schedule gives, as the report records them: what they are called, how
+/// many, a hash that identifies them and the file they were read from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListedBetas {
+    /// diffusers' name for them: `trained_betas` (listed in the file) or the `beta_schedule`
+    /// whose formula none of ours reproduces (`laplace`).
+    pub beta_schedule: String,
+    /// How many: the number of timesteps `T`.
+    pub count: usize,
+    /// SHA-256 (hex) of the betas as little-endian `f64` bytes in timestep order.
+    pub sha256: String,
+    /// The first beta, `beta_0`.
+    pub first: f64,
+    /// The last beta, `beta_{T-1}`.
+    pub last: f64,
+    /// The file they were read from (a `scheduler_config.json`).
+    pub file: String,
+}
+
+impl ListedBetas {
+    /// The record of `betas`, named `beta_schedule`, read from `file`.
+    pub fn new(beta_schedule: &str, betas: &[f64], file: &Path) -> Self {
+        let bytes: Vec<u8> = betas.iter().flat_map(|b| b.to_le_bytes()).collect();
+        Self {
+            beta_schedule: beta_schedule.to_string(),
+            count: betas.len(),
+            sha256: crate::checkpoint::sha256_hex(&bytes),
+            first: betas.first().copied().unwrap_or(f64::NAN),
+            last: betas.last().copied().unwrap_or(f64::NAN),
+            file: file.display().to_string(),
+        }
+    }
 }
 
 /// The serde name of a unit enum value (`fixed_large`, `eps`, ...).
@@ -75,6 +114,15 @@ fn sampler_text(s: &SamplerConfig) -> String {
 }
 
 impl EvalReport {
+    /// The number of diffusion steps `T` of the model's schedule.
+    pub fn timesteps(&self) -> usize {
+        match (&self.schedule, &self.betas) {
+            (Some(s), _) => s.timesteps,
+            (None, Some(b)) => b.count,
+            (None, None) => 0,
+        }
+    }
+
     /// Writes the report as pretty JSON to `path`, atomically.
     pub fn write_json(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_vec_pretty(self).map_err(|e| TrainError::Other(e.to_string()))?;
@@ -88,8 +136,23 @@ impl EvalReport {
         let _ = writeln!(
             s,
             "{} (step {step}, {} weights, {:?} objective, T = {})",
-            self.checkpoint, self.weights, self.objective, self.schedule.timesteps
+            self.checkpoint,
+            self.weights,
+            self.objective,
+            self.timesteps()
         );
+        if let Some(b) = &self.betas {
+            let _ = writeln!(
+                s,
+                "betas: {} ({} values, {} to {}, sha256 {}) from {}",
+                b.beta_schedule,
+                b.count,
+                b.first,
+                b.last,
+                &b.sha256[..b.sha256.len().min(16)],
+                b.file
+            );
+        }
         let _ = writeln!(
             s,
             "data: {} {} split, {} images, {}x{}x{}",
@@ -297,5 +360,64 @@ impl SamplesReport {
         }
         let _ = write!(s, "total {:.1} s", self.seconds);
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn report(schedule: Option<ScheduleConfig>, betas: Option<ListedBetas>) -> EvalReport {
+        EvalReport {
+            format: EVAL_FORMAT.to_string(),
+            checkpoint: "pipe".into(),
+            step: None,
+            weights: "diffusers".into(),
+            objective: Objective::Eps,
+            schedule,
+            betas,
+            dataset: "mnist".into(),
+            split: "test".into(),
+            split_images: 10,
+            image_size: 16,
+            channels: 1,
+            nll: None,
+            quality: None,
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn listed_betas_hash_their_little_endian_f64_bytes() {
+        let b = ListedBetas::new("trained_betas", &[0.5, 0.25], Path::new("s.json"));
+        // 0.5 = 0x3fe0000000000000 and 0.25 = 0x3fd0000000000000, little-endian.
+        let bytes = [0, 0, 0, 0, 0, 0, 0xe0, 0x3f, 0, 0, 0, 0, 0, 0, 0xd0, 0x3f];
+        assert_eq!(b.sha256, hex::encode(Sha256::digest(bytes)));
+        assert_eq!((b.count, b.first, b.last), (2, 0.5, 0.25));
+        assert_eq!(b.file, "s.json");
+    }
+
+    #[test]
+    fn a_report_names_its_schedule_or_its_listed_betas() {
+        let named = report(Some(ScheduleConfig::cosine(50)), None);
+        let json = serde_json::to_value(&named).expect("json");
+        assert_eq!(json["schedule"]["timesteps"], 50);
+        assert!(
+            json.get("betas").is_none(),
+            "no betas key for a named schedule"
+        );
+        assert_eq!(named.timesteps(), 50);
+
+        let betas = ListedBetas::new("trained_betas", &[0.1; 7], Path::new("s.json"));
+        let listed = report(None, Some(betas));
+        let json = serde_json::to_value(&listed).expect("json");
+        assert!(json["schedule"].is_null());
+        assert_eq!(json["betas"]["beta_schedule"], "trained_betas");
+        assert_eq!(json["betas"]["count"], 7);
+        assert_eq!(listed.timesteps(), 7);
+        assert!(listed.to_text().contains("betas: trained_betas (7 values"));
+        let back: EvalReport = serde_json::from_value(json).expect("read back");
+        assert_eq!(back, listed);
     }
 }
