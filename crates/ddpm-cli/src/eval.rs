@@ -112,6 +112,8 @@ pub struct EvalArgs {
     sampler: crate::sample::SamplerArgs,
     #[command(flatten)]
     inference: crate::sample::InferenceArgs,
+    #[command(flatten)]
+    guidance: crate::sample::GuidanceArgs,
     /// Train the feature classifier even if one is stored (implies --quality).
     #[arg(long)]
     train_classifier: bool,
@@ -751,6 +753,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             samples_png: Some(samples_png.clone()),
             confidence: a.confidence,
             progress: !a.quiet,
+            guidance: a
+                .guidance
+                .resolve(&subject.model, subject.config.as_ref())?,
         };
         let mut q = ev::sample_quality(
             &subject.model,

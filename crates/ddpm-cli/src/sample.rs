@@ -9,7 +9,8 @@ use clap::Args;
 use ddpm_data::image_io;
 use ddpm_schedule::{DdpmVariance, DpmSpacing, SamplerConfig, Schedule};
 use ddpm_train::checkpoint::{load_model, LoadedModel, WeightsKind};
-use ddpm_train::{parse_device, sample, Precision, SampleOptions, TrainError};
+use ddpm_train::trainer::grid_columns;
+use ddpm_train::{parse_device, sample, Guidance, Precision, SampleOptions, TrainError};
 
 /// Arguments of `ddpm sample`.
 #[derive(Args)]
@@ -31,6 +32,8 @@ pub struct SampleArgs {
     sampler: SamplerArgs,
     #[command(flatten)]
     inference: InferenceArgs,
+    #[command(flatten)]
+    guidance: GuidanceArgs,
     /// Seed of the noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -110,6 +113,49 @@ impl SamplerArgs {
                 anyhow::bail!("unknown --sampler `{other}`: choose ddim, ddpm or dpm-solver++")
             }
         })
+    }
+}
+
+/// The class-conditioning flags of `sample` and `eval`.
+#[derive(Args, Debug, Default)]
+pub(crate) struct GuidanceArgs {
+    /// Classifier-free guidance scale of a class-conditional model (1: none; larger: samples
+    /// closer to their class, less varied; default: the run's `[guidance] scale`).
+    #[arg(long, value_name = "S")]
+    guidance: Option<f64>,
+    /// The class of every sample of a class-conditional model (default: the classes in turn,
+    /// one column per class in the grid).
+    #[arg(long, value_name = "LABEL")]
+    class: Option<u32>,
+}
+
+impl GuidanceArgs {
+    /// The guidance for `model`: these flags over the run's `[guidance]` (`run`), checked
+    /// against the model's classes.
+    pub(crate) fn resolve(
+        &self,
+        model: &ddpm_unet::DiffusionModel,
+        run: Option<&ddpm_train::TrainConfig>,
+    ) -> Result<Guidance> {
+        let mut g = run.map(|c| c.guidance).unwrap_or_default();
+        if let Some(s) = self.guidance {
+            g.scale = s;
+        }
+        if self.class.is_some() {
+            g.class = self.class;
+        }
+        let classes = model.config().num_classes();
+        if classes.is_none() && self.guidance.is_some_and(|s| s != 1.0) {
+            anyhow::bail!(
+                "--guidance needs a class-conditional model; this one is unconditional (train \
+                 one with --class-conditional)"
+            );
+        }
+        g.validate(classes).map_err(|e| match self.class {
+            Some(c) => anyhow::anyhow!("--class {c}: {e}"),
+            None => anyhow::anyhow!("--guidance: {e}"),
+        })?;
+        Ok(g)
     }
 }
 
@@ -201,6 +247,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     }
     let mut source = None;
+    let mut run_config = None;
     let (model, schedule, objective, sampler) = match (&a.pretrained, &a.checkpoint) {
         (Some(arg), _) => {
             let hub = crate::env::hub_options()?;
@@ -215,6 +262,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let (device, loaded) = a.inference.load(checkpoint)?;
             let sampler = a.sampler.config(loaded.schedule.timesteps)?;
             let schedule = Schedule::new(&loaded.schedule, &device)?;
+            run_config = loaded.config;
             (loaded.model, schedule, loaded.objective, sampler)
         }
         (None, None) => anyhow::bail!("give --checkpoint or --pretrained"),
@@ -238,9 +286,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
         batch_size: a.batch_size,
         frames: if a.gif.is_some() { frames } else { 0 },
         progress: !a.quiet,
+        guidance: a.guidance.resolve(&model, run_config.as_ref())?,
     };
     let samples = sample(&model, &schedule, objective, &opts)?;
-    let nrow = (a.num as f64).sqrt().ceil() as usize;
+    let nrow = grid_columns(a.num, model.config().num_classes(), &opts.guidance);
     save_grid(&samples.images, nrow, &a.out, out_format)
         .with_context(|| format!("writing {}", a.out.display()))?;
     tracing::info!(path = %a.out.display(), images = a.num, "sample grid written");

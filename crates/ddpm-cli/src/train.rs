@@ -34,7 +34,7 @@ pub struct TrainArgs {
     /// --steps, --lr, --lr-schedule, --min-lr, --warmup-steps, --grad-clip, --checkpoint-every, --sample-every,
     /// --log-every and --data-dir (and the same keys edited in RUN/config.toml), and a moved
     /// image folder (--dataset folder:NEW_PATH).
-    #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction", "epochs", "offset_noise", "self_condition", "min_snr_gamma", "grad_accum", "ema_decay", "flip", "no_flip"])]
+    #[arg(long, conflicts_with_all = ["config", "out", "model", "image_size", "schedule", "timesteps", "objective", "loss", "seed", "batch_size", "precision", "test_fraction", "epochs", "offset_noise", "self_condition", "min_snr_gamma", "grad_accum", "ema_decay", "flip", "no_flip", "class_conditional", "unconditional", "class_dropout", "guidance"])]
     resume: Option<PathBuf>,
     /// With --resume: continue from the checkpoint of this step (newer ones are moved to
     /// RUN/checkpoints/set-aside/).
@@ -73,6 +73,22 @@ pub struct TrainArgs {
     /// self_condition = true`; `unet` models only).
     #[arg(long)]
     self_condition: bool,
+    /// Class-conditional: the model also takes the image's class (`[model] num_classes`, set
+    /// to the data set's class count), trained with classifier-free guidance's label dropout.
+    #[arg(long, conflicts_with = "unconditional")]
+    class_conditional: bool,
+    /// An unconditional model (no `num_classes`), whatever the config or preset says.
+    #[arg(long)]
+    unconditional: bool,
+    /// Class-conditional training: the probability of training on the null label instead of
+    /// the image's class, which trains the unconditional model guidance needs (`class_dropout`;
+    /// default 0.1).
+    #[arg(long, value_name = "P")]
+    class_dropout: Option<f64>,
+    /// Classifier-free guidance scale of the sample grids written while training, and the
+    /// default of `ddpm sample` and `ddpm eval` for the run (`[guidance] scale`; 1: none).
+    #[arg(long, value_name = "S")]
+    guidance: Option<f64>,
     /// Random horizontal flips of the training images (`[data] flip = true`; the default for
     /// CIFAR-10, Flowers and image folders).
     #[arg(long, conflicts_with = "no_flip")]
@@ -154,6 +170,9 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
+    // Class conditioning is a choice of the run, not of the architecture: a preset chosen
+    // below keeps it (--unconditional and --class-conditional set it).
+    let classes = c.model.num_classes();
     if let Some(d) = &a.dataset {
         c.dataset = d.parse().with_context(|| format!("--dataset {d}"))?;
         let grey_28 = matches!(c.dataset, DatasetSpec::Mnist | DatasetSpec::FashionMnist);
@@ -164,6 +183,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(m) = &a.model {
         c.model = ModelConfig::preset(m)?;
     }
+    c.model.set_num_classes(classes);
     if let Some(v) = a.steps {
         c.steps = v;
         c.epochs = None;
@@ -199,9 +219,24 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         match &mut c.model {
             ModelConfig::Unet(u) => u.self_condition = true,
             _ => anyhow::bail!(
-                "--self-condition needs a `unet` model (mnist-small, fashion, cifar-small); the                  `ddpm_unet` presets (cifar10, learnopencv) do not take it"
+                "--self-condition needs a `unet` model (mnist-small, fashion); the `ddpm_unet` \
+                 presets (cifar-small, cifar10, learnopencv, celebahq-256) do not take it"
             ),
         }
+    }
+    if a.class_conditional {
+        // The class count follows the data set when the run opens it.
+        c.model
+            .set_num_classes(Some(c.model.num_classes().unwrap_or(1)));
+    }
+    if a.unconditional {
+        c.model.set_num_classes(None);
+    }
+    if let Some(v) = a.class_dropout {
+        c.class_dropout = v;
+    }
+    if let Some(v) = a.guidance {
+        c.guidance.scale = v;
     }
     if a.flip || a.no_flip {
         c.data.flip = Some(a.flip);

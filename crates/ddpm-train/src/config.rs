@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamWConfig, LrSchedule};
 use crate::precision::Precision;
+use crate::sample::Guidance;
 use crate::{Result, TrainError};
 
 /// The most decode threads `[data] threads` may ask for.
@@ -47,6 +48,14 @@ pub struct TrainConfig {
     /// (the default, left out of the TOML) is plain DDPM noise. 0.1 is the usual value.
     #[serde(skip_serializing_if = "is_zero")]
     pub offset_noise: f64,
+    /// Class-conditional training (a model with `num_classes`): the probability that an image's
+    /// label is replaced by the null label, which trains the unconditional model that
+    /// classifier-free guidance contrasts with (0.1 to 0.2 is usual; 0 trains no unconditional
+    /// model, so guidance other than 1 is refused). Unused by an unconditional model.
+    pub class_dropout: f64,
+    /// How a class-conditional model's sample grids are drawn while training, and the default
+    /// of `ddpm sample` and `ddpm eval` for the run (`[guidance] scale`, `class`).
+    pub guidance: Guidance,
     /// What the network predicts.
     pub objective: Objective,
     /// The training loss (a `[loss]` section without `kind` keeps the default loss's kind).
@@ -151,6 +160,8 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             ema_decay: 0.995,
             offset_noise: 0.0,
+            class_dropout: 0.1,
+            guidance: Guidance::default(),
             objective: Objective::Eps,
             loss: DiffusionLoss::default(),
             checkpoint_every: 250,
@@ -249,6 +260,23 @@ impl TrainConfig {
             return bad(format!(
                 "`ema_decay` must be in [0, 1), got {}",
                 self.ema_decay
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.class_dropout) {
+            return bad(format!(
+                "`class_dropout` must be in [0, 1], got {}",
+                self.class_dropout
+            ));
+        }
+        self.guidance.validate_scale()?;
+        if self.model.num_classes().is_some()
+            && self.class_dropout == 0.0
+            && self.guidance.scale != 1.0
+        {
+            return bad(format!(
+                "`[guidance] scale` = {} needs the unconditional model, which `class_dropout` = 0 \
+                 does not train: set `class_dropout` (0.1 is usual) or a scale of 1",
+                self.guidance.scale
             ));
         }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {

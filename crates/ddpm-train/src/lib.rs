@@ -46,7 +46,7 @@ pub use device::parse_device;
 pub use distributed::{Collective, DistError, World};
 pub use precision::{LossScaler, Precision};
 pub use resume::{ResumeOptions, SafeChanges};
-pub use sample::{sample, SampleOptions, Samples};
+pub use sample::{sample, Guidance, SampleOptions, Samples};
 pub use trainer::{NonFiniteStop, RunOptions, RunSummary, StepStats, Trainer};
 
 /// Errors of this crate.

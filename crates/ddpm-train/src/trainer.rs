@@ -25,7 +25,7 @@ use crate::metrics::{self, MetricsLine};
 use crate::optim::{clip_factor, grad_norm, scheduled_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
 use crate::resume::{self, Change, HistoryEvent, ResumeOptions, SafeChanges};
-use crate::sample::{gaussian, sample, SampleOptions};
+use crate::sample::{gaussian, sample, Guidance, SampleOptions};
 use crate::{Result, TrainError};
 
 /// Domain separator of the training RNG's seed (the model init uses the plain seed).
@@ -667,6 +667,26 @@ impl Trainer {
         self.time_phases = on;
     }
 
+    /// The labels a class-conditional model trains on for a batch's `labels`: each replaced by
+    /// the null label `n` with probability `class_dropout`, drawn from the run's RNG (so a
+    /// resumed run draws what an uninterrupted one would), on the run's device.
+    fn training_labels(&mut self, labels: &Tensor, n: usize) -> Result<Tensor> {
+        let p = self.config.class_dropout;
+        let v: Vec<u32> = labels
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|l| {
+                if self.rng.random::<f64>() < p {
+                    n as u32
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let b = v.len();
+        Ok(Tensor::from_vec(v, b, &self.device)?)
+    }
+
     /// One optimizer step, exactly as [`Trainer::run`] takes it, without the logging,
     /// checkpoints and sample grids around it: `grad_accum` micro-batches from the loader
     /// (random timesteps and noise, `q_sample`, the model in training mode, the configured
@@ -717,8 +737,14 @@ impl Trainer {
                 noise = add_offset_noise(&noise, self.config.offset_noise, &mut self.rng)?;
             }
             let x_t = self.schedule.q_sample(&x0, &t, &noise)?;
+            let labels = match self.config.model.num_classes() {
+                Some(n) => Some(self.training_labels(&batch.labels, n)?),
+                None => None,
+            };
             let self_cond = if self.config.model.self_condition() && self.rng.random::<bool>() {
-                let out = self.model.forward_t(&x_t, &t, None, None)?;
+                let out = self
+                    .model
+                    .forward_full(&x_t, &t, labels.as_ref(), None, None)?;
                 let x0_hat = self
                     .schedule
                     .predict_x0(self.config.objective, &out, &x_t, &t)?
@@ -729,9 +755,13 @@ impl Trainer {
                 None
             };
             clock.mark(&self.device, "inputs")?;
-            let pred = self
-                .model
-                .forward_t(&x_t, &t, self_cond.as_ref(), Some(&mut self.rng))?;
+            let pred = self.model.forward_full(
+                &x_t,
+                &t,
+                labels.as_ref(),
+                self_cond.as_ref(),
+                Some(&mut self.rng),
+            )?;
             let target = self
                 .schedule
                 .training_target(self.config.objective, &x0, &noise, &t)?;
@@ -961,6 +991,7 @@ impl Trainer {
             batch_size: 64,
             frames: 0,
             progress: false,
+            guidance: self.config.guidance,
         };
         let samples = sample(
             &self.ema_model,
@@ -971,7 +1002,11 @@ impl Trainer {
         let dir = self.run_dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, "creating", e))?;
         let path = dir.join(format!("step-{:08}.png", self.step));
-        let nrow = (self.config.sample_num as f64).sqrt().ceil() as usize;
+        let nrow = grid_columns(
+            self.config.sample_num,
+            self.config.model.num_classes(),
+            &self.config.guidance,
+        );
         let grid = image_io::image_grid(&samples.images, nrow)?;
         checkpoint::write_png_atomic(&grid, &path)
             .map_err(|e| TrainError::io(&path, "writing", e))?;
@@ -1083,6 +1118,16 @@ pub fn add_offset_noise(noise: &Tensor, strength: f64, rng: &mut ChaCha8Rng) -> 
     Ok(noise.broadcast_add(&z.affine(strength, 0.0)?)?)
 }
 
+/// Images per row of a sample grid of `num` images: one column per class when a
+/// class-conditional model's labels cycle through at most 16 classes (image `i` has class
+/// `i mod classes`), else a square.
+pub fn grid_columns(num: usize, num_classes: Option<usize>, guidance: &Guidance) -> usize {
+    match num_classes {
+        Some(n) if guidance.class.is_none() && n <= 16 && num >= n => n,
+        _ => ((num as f64).sqrt().ceil() as usize).max(1),
+    }
+}
+
 /// Opens the training split and makes the model's image size and channels follow it.
 fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
     let dataset = Dataset::open(&config.dataset, &config.data, Split::Train)?;
@@ -1094,6 +1139,11 @@ fn open_dataset(config: &mut TrainConfig) -> Result<Dataset> {
 fn fit_model_to(config: &mut TrainConfig, dataset: &Dataset) {
     config.model.set_channels(dataset.channels());
     config.model.set_image_size(dataset.image_size());
+    if config.model.num_classes().is_some() {
+        config
+            .model
+            .set_num_classes(Some(dataset.num_classes().max(1)));
+    }
 }
 
 #[cfg(test)]
@@ -1260,6 +1310,53 @@ mod tests {
                 assert!(same, "{name} differs from the run's");
             }
         }
+        Ok(())
+    }
+
+    /// A class-conditional run: the class count follows the data set (10 for MNIST, whatever
+    /// the config said), label dropout 0 keeps every label and 1 replaces every one by the null
+    /// label, the run trains the class embedding and its checkpoint resumes bit-exactly.
+    #[test]
+    fn a_class_conditional_run_trains_on_its_labels() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut config = TrainConfig {
+            steps: 4,
+            checkpoint_every: 2,
+            ..tiny_config(dir.path())?
+        };
+        config.model.set_num_classes(Some(1));
+        let run_dir = dir.path().join("run");
+        let mut t = Trainer::create(config.clone(), &run_dir, &Device::Cpu)?;
+        assert_eq!(t.config().model.num_classes(), Some(10));
+        let labels = Tensor::new(&[3u32, 0, 9, 4, 4, 1, 7, 2], &Device::Cpu)?;
+        t.config.class_dropout = 0.0;
+        assert_eq!(
+            t.training_labels(&labels, 10)?.to_vec1::<u32>()?,
+            labels.to_vec1::<u32>()?
+        );
+        t.config.class_dropout = 1.0;
+        assert_eq!(
+            t.training_labels(&labels, 10)?.to_vec1::<u32>()?,
+            vec![10; 8]
+        );
+        t.config.class_dropout = 0.5;
+        let mixed = t.training_labels(&labels, 10)?.to_vec1::<u32>()?;
+        let original = labels.to_vec1::<u32>()?;
+        assert!(mixed.iter().zip(&original).all(|(m, o)| m == o || *m == 10));
+
+        let mut t = Trainer::create(config, &dir.path().join("run2"), &Device::Cpu)?;
+        let before = t.model.tensors()["class_emb.weight"].to_vec2::<f32>()?;
+        t.run(&AtomicBool::new(false), &RunOptions::default())?;
+        let after = t.model.tensors()["class_emb.weight"].to_vec2::<f32>()?;
+        assert_ne!(before, after, "the class embedding did not train");
+        let (_, json) = checkpoint::list(&dir.path().join("run2"))?
+            .pop()
+            .ok_or("no checkpoint")?;
+        assert_state_is_checkpoint(&t, &json)?;
+        let mut resumed = Trainer::resume(&dir.path().join("run2"), &Device::Cpu, Some(6))?;
+        assert_eq!(resumed.config().model.num_classes(), Some(10));
+        resumed.run(&AtomicBool::new(false), &RunOptions::default())?;
+        assert_eq!(resumed.step(), 6);
         Ok(())
     }
 

@@ -53,9 +53,10 @@ pub const UNET_SUBFOLDER: &str = "unet";
 /// index, `{n-1-i}` for the level counted from the bottom (`n` levels), `<resnet>` and `<attn>`
 /// for the rest of a name inside a ResNet block or an attention block (renamed by
 /// [`RESNET_RULES`] and [`ATTENTION_RULES`]), and `*` for `weight` or `bias`, unchanged.
-pub const NAME_RULES: [(&str, &str); 14] = [
+pub const NAME_RULES: [(&str, &str); 15] = [
     ("temb.dense.0.*", "time_embedding.linear_1.*"),
     ("temb.dense.1.*", "time_embedding.linear_2.*"),
+    ("class_emb.*", "class_embedding.*"),
     ("conv_in.*", "conv_in.*"),
     (
         "down.{i}.block.{j}.<resnet>",
@@ -462,12 +463,31 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
         &[Value::Null],
         "class conditioning is not supported",
     )?;
-    f.require(
-        "num_class_embeds",
-        Value::Null,
-        &[Value::Null],
-        "class conditioning is not supported",
-    )?;
+    // A class table of k rows is read as k - 1 classes and the null label k - 1: the layout of
+    // our own exports (the last row is the unconditional model of classifier-free guidance).
+    let num_classes = match f.get("num_class_embeds", Value::Null) {
+        Value::Null => None,
+        v => match v.as_u64().and_then(|k| usize::try_from(k).ok()) {
+            Some(k) if k >= 2 => {
+                notes.push(format!(
+                    "{}: num_class_embeds = {k}: read as {} classes (labels 0..{}) and the null \
+                     label {} of classifier-free guidance, the layout ddpm-rs exports",
+                    path.display(),
+                    k - 1,
+                    k - 2,
+                    k - 1
+                ));
+                Some(k - 1)
+            }
+            _ => {
+                return Err(f.refuse(
+                    "num_class_embeds",
+                    &v,
+                    "must be an integer >= 2 (the classes and a null label) or null",
+                ))
+            }
+        },
+    };
     f.require(
         "mid_block_scale_factor",
         1.into(),
@@ -684,7 +704,7 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
             .collect(),
         dropout,
         groups,
-        num_classes: None,
+        num_classes,
     };
     config.validate().map_err(|e| match e {
         UnetError::InvalidConfig { field, reason } => {
@@ -973,7 +993,7 @@ pub fn unet_config_to_json(config: &DdpmUnetConfig) -> Result<Value, UnetError> 
         "mid_block_scale_factor": 1,
         "norm_eps": 1e-6,
         "norm_num_groups": config.groups,
-        "num_class_embeds": null,
+        "num_class_embeds": config.num_classes.map(|n| n + 1),
         "num_train_timesteps": null,
         "out_channels": config.out_channels.unwrap_or(config.in_channels),
         "resnet_time_scale_shift": "default",
@@ -1214,7 +1234,7 @@ mod tests {
                 "scale_shift".into(),
                 "resnet_time_scale_shift",
             ),
-            ("num_class_embeds", 10.into(), "num_class_embeds"),
+            ("num_class_embeds", 1.into(), "num_class_embeds"),
             (
                 "down_block_types",
                 serde_json::json!([
@@ -1297,14 +1317,29 @@ mod tests {
         Ok(())
     }
 
+    /// A class-conditional model of 10 classes is diffusers' `num_class_embeds = 11` (the
+    /// classes and the null label), read back as 10 classes with a note saying how.
+    #[test]
+    fn class_conditional_configs_round_trip() -> Result<(), UnetError> {
+        let config = DdpmUnetConfig {
+            num_classes: Some(10),
+            ..DdpmUnetConfig::cifar_small()
+        };
+        let json = unet_config_to_json(&config)?;
+        assert_eq!(json["num_class_embeds"], 11);
+        assert!(json["class_embed_type"].is_null());
+        let read = unet_config_from_json(&json.to_string(), Path::new("config.json"))?;
+        assert_eq!(read.config, config);
+        assert_eq!(read.notes.len(), 1, "{:?}", read.notes);
+        assert!(read.notes[0].contains("10 classes"), "{:?}", read.notes);
+        Ok(())
+    }
+
     #[test]
     fn exported_tensors_map_back_to_ours_bit_for_bit() -> Result<(), UnetError> {
-        let model = DiffusionModel::new(
-            &ModelConfig::preset("cifar-small")?,
-            7,
-            &Device::Cpu,
-            DType::F32,
-        )?;
+        let mut config = ModelConfig::preset("cifar-small")?;
+        config.set_num_classes(Some(4));
+        let model = DiffusionModel::new(&config, 7, &Device::Cpu, DType::F32)?;
         let ModelConfig::DdpmUnet(config) = model.config().clone() else {
             panic!("cifar-small is a DdpmUnet");
         };
@@ -1317,6 +1352,8 @@ mod tests {
             .get("mid_block.attentions.0.to_q.weight")
             .expect("mid attention");
         assert_eq!(q.dims().len(), 2);
+        // The class table is diffusers' nn.Embedding(num_class_embeds, time_embed_dim).
+        assert_eq!(theirs["class_embedding.weight"].dims(), &[5, 128]);
         let back = map_tensors(&theirs, &model.vars(), levels, Path::new("x"))?;
         for (name, t) in &ours {
             let a = t.flatten_all()?.to_vec1::<f32>()?;

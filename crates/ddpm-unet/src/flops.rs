@@ -223,6 +223,7 @@ mod tests {
             attn_resolutions: vec![2],
             dropout: 0.0,
             groups: 1,
+            num_classes: None,
         };
         // 3x3 conv c_in -> c_out at side r: 2 * c_in * c_out * 9 * r^2.
         let c3 = |i: u64, o: u64, r: u64| 2 * i * o * 9 * r * r;
@@ -275,6 +276,7 @@ mod tests {
             init_conv_kernel: 1,
             attn_heads: 1,
             attn_dim_head: 2,
+            num_classes: None,
         };
         let c3 = |i: u64, o: u64, r: u64| 2 * i * o * 9 * r * r;
         let c1 = |i: u64, o: u64, r: u64| 2 * i * o * r * r;

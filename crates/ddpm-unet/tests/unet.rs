@@ -843,14 +843,20 @@ fn class_conditional_models_follow_their_labels() -> R<()> {
         let x1 = x.narrow(0, 0, 1)?.repeat((4, 1, 1, 1))?;
         let y1 = model.forward_full(&x1, &t, Some(&labels), None, None)?;
         for (i, j) in [(0, 1), (1, 2), (2, 3), (0, 3)] {
-            let d = (y1.get(i)? - y1.get(j)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (y1.get(i)? - y1.get(j)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert!(d > 1e-3, "labels {i} and {j} give the same output ({d})");
         }
         // No labels = the null label (3) for every image.
         let null = Tensor::new(&[3u32; 4], &dev)?;
         let a = model.forward_full(&x, &t, None, None, None)?;
         let b = model.forward_full(&x, &t, Some(&null), None, None)?;
-        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, b.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?
+        );
         // Gradient: rows 0 and 2 used, rows 1 and 3 not.
         let used = Tensor::new(&[0u32, 2, 0, 2], &dev)?;
         let loss = model

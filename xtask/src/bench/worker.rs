@@ -316,6 +316,7 @@ fn time_sampling(
         batch_size: ddim_batch,
         frames: 0,
         progress: false,
+        guidance: Default::default(),
     };
     for _ in 0..a.ddim_runs {
         let start = Instant::now();

@@ -19,7 +19,7 @@ use super::recognisable::{
     recognisability, reference_and_floor, Recognisability, DEFAULT_CONFIDENCE, SUBSET_DOMAIN,
 };
 use crate::checkpoint::write_png_atomic;
-use crate::sample::{sample, SampleOptions};
+use crate::sample::{sample, Guidance, SampleOptions};
 use crate::{Result, TrainError};
 
 /// What to sample and how to compare.
@@ -41,6 +41,8 @@ pub struct QualityOptions {
     pub confidence: f64,
     /// Show progress bars.
     pub progress: bool,
+    /// The labels and guidance of a class-conditional model's samples.
+    pub guidance: Guidance,
 }
 
 impl Default for QualityOptions {
@@ -58,6 +60,7 @@ impl Default for QualityOptions {
             samples_png: None,
             confidence: DEFAULT_CONFIDENCE,
             progress: false,
+            guidance: Guidance::default(),
         }
     }
 }
@@ -105,6 +108,13 @@ pub struct QualityReport {
     pub sampler: SamplerConfig,
     /// Seed of the samples (and of the choice of reference images).
     pub seed: u64,
+    /// A class-conditional model's labels and guidance (absent for an unconditional model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<Guidance>,
+    /// A class-conditional model: the share of samples the classifier assigns to the class
+    /// they were sampled with (absent for an unconditional model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_accuracy: Option<f64>,
     /// The feature classifier.
     pub classifier: ClassifierSummary,
     /// Fréchet distance between the samples' and the test images' classifier features.
@@ -200,12 +210,14 @@ pub fn sample_quality(
             batch_size: opts.batch_size,
             frames: 0,
             progress: opts.progress,
+            guidance: opts.guidance,
         },
     )?
     .images;
     let samples = quantize(&samples.to_dtype(DType::F32)?)?;
+    let classes = model.config().num_classes();
     if let Some(path) = &opts.samples_png {
-        let nrow = (opts.num_samples as f64).sqrt().ceil() as usize;
+        let nrow = crate::trainer::grid_columns(opts.num_samples, classes, &opts.guidance);
         let grid = image_io::image_grid(&samples, nrow)?;
         write_png_atomic(&grid, path).map_err(|e| TrainError::io(path, "writing", e))?;
     }
@@ -228,6 +240,18 @@ pub fn sample_quality(
     let inception = inception_score(&flat(&p_samples)?, k)?;
     let inception_test = inception_score(&flat(&p_test)?, k)?;
     let class_histogram = histogram(&p_samples, k)?;
+    let label_accuracy = match classes {
+        Some(n) => {
+            let pred: Vec<u32> = p_samples.argmax(1)?.to_vec1()?;
+            let hits = pred
+                .iter()
+                .enumerate()
+                .filter(|&(i, &p)| p == opts.guidance.class.unwrap_or((i % n) as u32))
+                .count();
+            Some(hits as f64 / pred.len() as f64)
+        }
+        None => None,
+    };
     let classes_covered = class_histogram.iter().filter(|&&c| c > 0).count();
     tracing::info!(
         fid,
@@ -261,6 +285,8 @@ pub fn sample_quality(
         test_images: n_ref,
         sampler: opts.sampler,
         seed: opts.seed,
+        guidance: classes.map(|_| opts.guidance),
+        label_accuracy,
         classifier: ClassifierSummary::of(classifier),
         fid,
         fid_train_vs_test,

@@ -246,6 +246,15 @@ impl EvalReport {
                 q.class_names.len(),
                 hist.join(" ")
             );
+            if let (Some(g), Some(acc)) = (&q.guidance, q.label_accuracy) {
+                let _ = writeln!(
+                    s,
+                    "  class-conditional: guidance scale {}, {}; {:.2}% of samples classified as the class they were sampled with",
+                    g.scale,
+                    g.class.map_or_else(|| "classes in turn".to_string(), |c| format!("class {c}")),
+                    100.0 * acc
+                );
+            }
             let m = &q.memorization;
             let _ = writeln!(
                 s,
