@@ -170,9 +170,6 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
-    // Class conditioning is a choice of the run, not of the architecture: a preset chosen
-    // below keeps it (--unconditional and --class-conditional set it).
-    let classes = c.model.num_classes();
     if let Some(d) = &a.dataset {
         c.dataset = d.parse().with_context(|| format!("--dataset {d}"))?;
         let grey_28 = matches!(c.dataset, DatasetSpec::Mnist | DatasetSpec::FashionMnist);
@@ -183,7 +180,6 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(m) = &a.model {
         c.model = ModelConfig::preset(m)?;
     }
-    c.model.set_num_classes(classes);
     if let Some(v) = a.steps {
         c.steps = v;
         c.epochs = None;
@@ -494,12 +490,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let (mut trainer, run_dir) = match &a.resume {
         Some(dir) => {
-            let plan = Trainer::plan_resume(dir, &device, &resume_options(&a)?, &world)
+            let mut plan = Trainer::plan_resume(dir, &device, &resume_options(&a)?, &world)
                 .map_err(|e| explain_damaged(e, dir))
                 .with_context(|| format!("resuming {}", dir.display()))?;
             // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
             ensure_data(plan.config(), a.no_fetch || !world.is_lead())?;
-            crate::env::install_kernel_policy(plan.config().kernels)?;
+            // The run's policy with the environment's kernel variables applied: a change of
+            // the run's `[kernels]` when they change it.
+            plan.set_kernels(crate::env::install_kernel_policy(plan.config().kernels)?)?;
             let trainer = Trainer::resume_planned(plan, &device, world)
                 .with_context(|| format!("resuming {}", dir.display()))?;
             (trainer, dir.clone())

@@ -161,13 +161,16 @@ impl Default for TrainConfig {
             ema_decay: 0.995,
             offset_noise: 0.0,
             class_dropout: 0.1,
-            guidance: Guidance::default(),
+            guidance: Guidance {
+                scale: 1.5,
+                class: None,
+            },
             objective: Objective::Eps,
             loss: DiffusionLoss::default(),
             checkpoint_every: 250,
             keep_checkpoints: 3,
             sample_every: 500,
-            sample_num: 36,
+            sample_num: 40,
             sample_seed: 0,
             sampler: SamplerConfig::Ddim {
                 steps: Some(50),
@@ -178,7 +181,12 @@ impl Default for TrainConfig {
             dataset: DatasetSpec::Mnist,
             data: DataConfig::default(),
             workers: 1,
-            model: ModelConfig::Unet(ddpm_unet::UnetConfig::mnist_small()),
+            // The main job's recipe (docs/quality.md): class-conditional, sampled with
+            // classifier-free guidance 1.5.
+            model: ModelConfig::Unet(ddpm_unet::UnetConfig {
+                num_classes: Some(10),
+                ..ddpm_unet::UnetConfig::mnist_small()
+            }),
             schedule: ScheduleConfig::default(),
             precision: Precision::F32,
             kernels: KernelPolicy::default(),
