@@ -6,14 +6,31 @@
 //! in the run's config and checkpoints, and benchmark reports print it. No library crate reads an
 //! environment variable to choose.
 //!
-//! The policy in force is installed for the whole process with [`KernelPolicy::install`] (the
-//! kernels run on rayon's threads and inside candle's custom ops, where no per-call argument can
-//! reach); [`KernelPolicy::active`] reads it. Installing another policy switches every later op,
-//! so two implementations can be compared in one process. The default is the fastest measured
-//! one: ours everywhere.
+//! The policy is passed to what runs the ops: `ddpm_unet::DiffusionModel::with_kernel_policy`,
+//! ddpm-train's optimizer, EMA and sampler, and this crate's [`crate::optim`] functions each
+//! take one, and run their work inside [`KernelPolicy::scoped`]. The ops and kernels read the
+//! policy in force with [`KernelPolicy::active`]: they run on rayon's threads and inside
+//! candle's custom ops (forward and backward), where no per-call argument can reach, so the
+//! policy in force is one value for the whole process. Outside every scope it is the installed
+//! one ([`KernelPolicy::install`]; the default, ours everywhere, is the fastest measured).
+//!
+//! # Scopes and threads
+//!
+//! [`KernelPolicy::scoped`] nests: an inner scope of another policy on the same thread switches
+//! to it and gives the outer one back when it ends (also on a panic). Across threads, scopes of
+//! the same policy run together, and a scope of another policy waits until they have ended, so
+//! an op never sees the policy change under it and two models of different policies can be
+//! used from two threads (one after the other, not at once). A thread that switches the policy
+//! inside its own scope while other threads hold scopes waits for them; two threads doing that
+//! at the same time would wait for each other forever, which panics instead. Kernels that run on
+//! rayon's threads see the policy of the scope that started them; code running inside a rayon
+//! task should not open a scope of another policy (it would switch the policy under the
+//! enclosing op's other tasks, which is correct only up to float rounding).
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,36 +111,151 @@ pub enum CudaConv {
     Candle,
 }
 
-/// The installed policy, packed into one word (see [`KernelPolicy::pack`]); the default until
-/// [`KernelPolicy::install`] is called.
+/// The policy in force, packed into one word (see [`KernelPolicy::pack`]): the installed one
+/// outside every scope, else the open scopes' policy. Read on every op, so an atomic rather than
+/// the lock of [`SCOPES`].
 static ACTIVE: AtomicU32 = AtomicU32::new(KernelPolicy::DEFAULT_PACKED);
+
+/// The bookkeeping of [`KernelPolicy::scoped`] (see the module doc), changed only under its
+/// lock; [`CHANGED`] wakes the threads waiting for a scope.
+struct Scopes {
+    /// The installed policy (packed), in force when no scope is open.
+    base: u32,
+    /// Threads that hold at least one open scope.
+    threads: usize,
+    /// Open scopes that switched the policy inside another scope of the same thread (their
+    /// thread then holds every open scope, and no other thread may join).
+    switched: usize,
+    /// Threads waiting to switch the policy inside their own scope.
+    switching: usize,
+}
+
+static SCOPES: Mutex<Scopes> = Mutex::new(Scopes {
+    base: KernelPolicy::DEFAULT_PACKED,
+    threads: 0,
+    switched: 0,
+    switching: 0,
+});
+static CHANGED: Condvar = Condvar::new();
+
+thread_local! {
+    /// Scopes open on this thread.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+fn scopes() -> MutexGuard<'static, Scopes> {
+    // The lock is never held across user code, so a poisoned state is still consistent.
+    SCOPES.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wait(s: MutexGuard<'static, Scopes>) -> MutexGuard<'static, Scopes> {
+    CHANGED.wait(s).unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An open scope: gives the previous policy back when dropped.
+struct ScopeGuard {
+    /// The policy in force before this scope (packed).
+    previous: u32,
+    /// Whether this scope switched the policy inside another scope of its thread.
+    switched: bool,
+}
+
+impl Drop for ScopeGuard {
+    fn drop(&mut self) {
+        let depth = DEPTH.get() - 1;
+        DEPTH.set(depth);
+        let mut s = scopes();
+        if self.switched {
+            // This thread holds every open scope (no other may join a switched one).
+            s.switched -= 1;
+            ACTIVE.store(self.previous, Ordering::Relaxed);
+        }
+        if depth == 0 {
+            s.threads -= 1;
+            if s.threads == 0 {
+                ACTIVE.store(s.base, Ordering::Relaxed);
+            }
+        }
+        drop(s);
+        CHANGED.notify_all();
+    }
+}
 
 impl KernelPolicy {
     // Winograd on (bit 1); every other field at its first variant (0).
     const DEFAULT_PACKED: u32 = 0b0000_0010;
 
-    /// The policy in force in this process (the default until one is installed).
+    /// The policy in force: that of the open scopes ([`KernelPolicy::scoped`]), else the
+    /// installed one (the default until one is installed).
     pub fn active() -> KernelPolicy {
         KernelPolicy::unpack(ACTIVE.load(Ordering::Relaxed))
     }
 
-    /// Makes this policy the one in force for every later op in this process; returns the one
-    /// it replaces.
+    /// Makes this policy the one in force outside every scope, for the rest of the process (a
+    /// binary installs the one it was asked for once, at start); returns the one it replaces.
+    /// While scopes are open it takes effect when they have all ended.
     pub fn install(self) -> KernelPolicy {
-        KernelPolicy::unpack(ACTIVE.swap(self.pack(), Ordering::Relaxed))
+        let mut s = scopes();
+        let old = std::mem::replace(&mut s.base, self.pack());
+        if s.threads == 0 {
+            ACTIVE.store(s.base, Ordering::Relaxed);
+        }
+        KernelPolicy::unpack(old)
     }
 
-    /// Runs `f` with this policy installed, then restores the previous one (also on a panic).
-    /// Meant for comparisons and tests; ops running on other threads meanwhile see it too.
+    /// Runs `f` with this policy in force, then gives the previous one back (also on a panic).
+    /// Scopes nest; across threads, scopes of one policy run together and a scope of another
+    /// waits for them to end (see the module doc).
+    ///
+    /// # Panics
+    /// When two threads each switch the policy inside their own open scope at the same time
+    /// (each would wait for the other's scope to end).
     pub fn scoped<R>(self, f: impl FnOnce() -> R) -> R {
-        struct Restore(KernelPolicy);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                self.0.install();
-            }
-        }
-        let _restore = Restore(self.install());
+        let _guard = self.enter();
         f()
+    }
+
+    /// Opens a scope of this policy (see [`KernelPolicy::scoped`]).
+    fn enter(self) -> ScopeGuard {
+        let me = self.pack();
+        let depth = DEPTH.get();
+        let mut s = scopes();
+        let mut waiting_to_switch = false;
+        let switched = loop {
+            let active = ACTIVE.load(Ordering::Relaxed);
+            if s.threads == 0 || active == me && (depth > 0 || s.switched == 0) {
+                break false;
+            }
+            if depth > 0 && s.threads == 1 {
+                // Another policy inside this thread's own scope, which no other thread holds.
+                break true;
+            }
+            if depth > 0 && !waiting_to_switch {
+                if s.switching > 0 {
+                    drop(s);
+                    panic!(
+                        "two threads each switch the kernel policy inside their own scope: each \
+                         would wait for the other's scope to end (use one policy per thread, or \
+                         switch outside the scopes)"
+                    );
+                }
+                s.switching += 1;
+                waiting_to_switch = true;
+            }
+            s = wait(s);
+        };
+        if waiting_to_switch {
+            s.switching -= 1;
+        }
+        let previous = ACTIVE.swap(me, Ordering::Relaxed);
+        if depth == 0 {
+            s.threads += 1;
+        }
+        if switched {
+            s.switched += 1;
+        }
+        DEPTH.set(depth + 1);
+        ScopeGuard { previous, switched }
     }
 
     /// Whether our kernels are in use (rather than candle's ops).
@@ -381,14 +513,117 @@ mod tests {
     }
 
     #[test]
-    fn scoped_restores_the_previous_policy() {
+    fn scoped_restores_the_previous_policy_and_nests() {
         let candle = KernelPolicy {
             backend: Backend::Candle,
             ..KernelPolicy::default()
         };
-        let before = KernelPolicy::active();
-        let seen = candle.scoped(KernelPolicy::active);
-        assert_eq!(seen, candle);
-        assert_eq!(KernelPolicy::active(), before);
+        let plain = KernelPolicy {
+            winograd: false,
+            ..KernelPolicy::default()
+        };
+        // Inside a scope of our own, so that the tests running beside this one cannot change
+        // the policy restored to.
+        let base = KernelPolicy {
+            cpu_isa: CpuIsa::Avx2,
+            ..KernelPolicy::default()
+        };
+        base.scoped(|| {
+            let seen = candle.scoped(|| {
+                let outer = KernelPolicy::active();
+                let inner =
+                    plain.scoped(|| (KernelPolicy::active(), candle.scoped(KernelPolicy::active)));
+                (outer, inner, KernelPolicy::active())
+            });
+            assert_eq!(seen, (candle, (plain, candle), candle));
+            assert_eq!(KernelPolicy::active(), base);
+            // A panic inside a (nested) scope gives every outer policy back.
+            let caught = std::panic::catch_unwind(|| {
+                candle.scoped(|| {
+                    let inner = std::panic::catch_unwind(|| plain.scoped(|| panic!("inside")));
+                    assert!(inner.is_err());
+                    assert_eq!(KernelPolicy::active(), candle);
+                    panic!("outside");
+                })
+            });
+            assert!(caught.is_err());
+            assert_eq!(KernelPolicy::active(), base);
+        });
+    }
+
+    /// A scope of another policy on another thread waits until the open one has ended, so the
+    /// first thread's ops never see the policy change under them; one of the same policy joins.
+    #[test]
+    fn other_threads_wait_for_another_policy_and_join_the_same() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{mpsc, Arc};
+        let candle = KernelPolicy {
+            backend: Backend::Candle,
+            ..KernelPolicy::default()
+        };
+        let ours = KernelPolicy::default();
+        let first_done = Arc::new(AtomicBool::new(false));
+        let (joined_tx, joined_rx) = mpsc::channel();
+        let (joined, other) = candle.scoped(|| {
+            let done = first_done.clone();
+            let other = std::thread::spawn(move || {
+                ours.scoped(|| (KernelPolicy::active(), done.load(Ordering::SeqCst)))
+            });
+            // A thread of the same policy joins at once: it reports from inside its scope while
+            // this one is still open.
+            let same = std::thread::spawn(move || {
+                candle.scoped(|| joined_tx.send(KernelPolicy::active()).expect("send"))
+            });
+            let joined = joined_rx.recv().expect("the same policy joins");
+            same.join().expect("same-policy thread");
+            // Give the other thread every chance to (wrongly) enter.
+            for _ in 0..100 {
+                std::thread::yield_now();
+                assert_eq!(KernelPolicy::active(), candle);
+            }
+            first_done.store(true, Ordering::SeqCst);
+            (joined, other)
+        });
+        assert_eq!(joined, candle);
+        let (policy, after_first) = other.join().expect("other thread");
+        assert_eq!(policy, ours);
+        assert!(
+            after_first,
+            "another policy's scope opened while this one was open"
+        );
+    }
+
+    /// Two threads that each switch the policy inside their own scope would wait for each
+    /// other: the second panics (ending its scope), and the first then switches.
+    #[test]
+    fn two_threads_switching_inside_their_scopes_panic_instead_of_waiting_forever() {
+        use std::sync::{Arc, Barrier};
+        let winograd_off = KernelPolicy {
+            winograd: false,
+            cpu_isa: CpuIsa::Baseline,
+            ..KernelPolicy::default()
+        };
+        let switch_to = KernelPolicy {
+            cpu_isa: CpuIsa::Baseline,
+            ..KernelPolicy::default()
+        };
+        let both_in = Arc::new(Barrier::new(2));
+        let b_in = both_in.clone();
+        let b = std::thread::spawn(move || {
+            winograd_off.scoped(|| {
+                b_in.wait();
+                // Wait until the first thread is waiting to switch.
+                while scopes().switching == 0 {
+                    std::thread::yield_now();
+                }
+                std::panic::catch_unwind(|| switch_to.scoped(|| ())).is_err()
+            })
+        });
+        let seen = winograd_off.scoped(|| {
+            both_in.wait();
+            switch_to.scoped(KernelPolicy::active)
+        });
+        assert!(b.join().expect("thread"), "the second switch did not panic");
+        assert_eq!(seen, switch_to);
     }
 }
