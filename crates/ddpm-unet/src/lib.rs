@@ -11,9 +11,10 @@
 //! safetensors save/load with the config in the file's metadata, and input checks. The hot
 //! operations all go through [`ops`], the one place to swap in faster kernels.
 //!
-//! Which implementation each hot op uses is a [`KernelPolicy`], a value the caller installs
-//! (the `ddpm` binary builds it from the run's config and its environment); this crate reads no
-//! environment variables.
+//! Which implementation each hot op uses is a [`KernelPolicy`], a value the caller gives the
+//! model ([`DiffusionModel::with_kernel_policy`]; every forward pass runs under it) or installs
+//! for the process (the `ddpm` binary builds it from the run's config and its environment); this
+//! crate reads no environment variables.
 //!
 //! This crate knows nothing about noise schedules, datasets or training loops; the kernels it
 //! calls through [`ops`] live in the `ddpm-kernels` crate below it (re-exported as [`kernels`]).

@@ -13,6 +13,7 @@ use crate::init::SeededInit;
 use crate::layers::TrainRng;
 use crate::unet::{Unet, UnetConfig};
 use crate::weights::{assign_checked, read_safetensors, to_safetensors_bytes, write_atomic};
+use crate::KernelPolicy;
 use crate::UnetError;
 
 /// Metadata key holding the model config (JSON) in a weights file.
@@ -160,6 +161,8 @@ pub struct DiffusionModel {
     device: Device,
     dtype: DType,
     compute_dtype: DType,
+    /// The policy every forward pass runs under; `None`: the one in force at the call.
+    kernels: Option<KernelPolicy>,
 }
 
 impl std::fmt::Debug for DiffusionModel {
@@ -169,6 +172,7 @@ impl std::fmt::Debug for DiffusionModel {
             .field("parameters", &self.num_parameters())
             .field("dtype", &self.dtype)
             .field("compute_dtype", &self.compute_dtype)
+            .field("kernels", &self.kernels)
             .finish()
     }
 }
@@ -197,7 +201,27 @@ impl DiffusionModel {
             device: device.clone(),
             dtype,
             compute_dtype: dtype,
+            kernels: None,
         })
+    }
+
+    /// Runs every forward pass of this model (and of its [`DiffusionModel::frozen`] copies)
+    /// under `policy` ([`KernelPolicy::scoped`]), whatever policy is in force around the call:
+    /// two models of different policies can be compared in one process. A model given none
+    /// runs under the policy in force at each call (the installed one, or an enclosing
+    /// scope's). The backward pass of a loss runs under the policy in force when it is called:
+    /// run it inside [`DiffusionModel::kernel_policy`]'s scope too (ddpm-train's trainer runs
+    /// its whole step there).
+    pub fn with_kernel_policy(mut self, policy: KernelPolicy) -> Self {
+        self.kernels = Some(policy);
+        self
+    }
+
+    /// The policy this model's forward passes run under: the one given to
+    /// [`DiffusionModel::with_kernel_policy`], else the one in force now
+    /// ([`KernelPolicy::active`]).
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        self.kernels.unwrap_or_else(KernelPolicy::active)
     }
 
     /// Mixed precision: keeps the variables in their dtype (the f32 master weights) and runs
@@ -240,6 +264,7 @@ impl DiffusionModel {
             device: self.device.clone(),
             dtype,
             compute_dtype: dtype,
+            kernels: self.kernels,
         })
     }
 
@@ -407,15 +432,21 @@ impl DiffusionModel {
             }
         }
         let out_dtype = x.dtype();
-        let x = x.to_dtype(self.compute_dtype)?;
-        let cond = x_self_cond
-            .map(|c| c.to_dtype(self.compute_dtype))
-            .transpose()?;
-        let y = match &self.network {
-            Network::Unet(n) => n.forward(&x, t, cond.as_ref(), labels)?,
-            Network::DdpmUnet(n) => n.forward(&x, t, labels, rng)?,
+        let run = || -> Result<Tensor, UnetError> {
+            let x = x.to_dtype(self.compute_dtype)?;
+            let cond = x_self_cond
+                .map(|c| c.to_dtype(self.compute_dtype))
+                .transpose()?;
+            let y = match &self.network {
+                Network::Unet(n) => n.forward(&x, t, cond.as_ref(), labels)?,
+                Network::DdpmUnet(n) => n.forward(&x, t, labels, rng)?,
+            };
+            Ok(y.to_dtype(out_dtype)?)
         };
-        Ok(y.to_dtype(out_dtype)?)
+        match self.kernels {
+            Some(policy) => policy.scoped(run),
+            None => run(),
+        }
     }
 
     /// Metadata stored with the weights: the format tag and the config as JSON.
@@ -550,6 +581,73 @@ mod tests {
             out.insert(name, grad.clone());
         }
         Ok(out)
+    }
+
+    /// Two models of one network with different kernel policies, used in one process: each
+    /// forward pass runs under its own model's policy, whatever is in force around the call and
+    /// on whichever thread. Our kernels and candle's ops round differently (so the outputs are
+    /// not bit-identical, which shows that the two paths really differ), agree to f32 rounding,
+    /// and each model reproduces bit for bit the output of its policy's path.
+    #[test]
+    fn each_model_runs_under_its_own_kernel_policy() -> Result<(), UnetError> {
+        use crate::policy::Backend;
+        let dev = Device::Cpu;
+        let ours = KernelPolicy::default();
+        let candle = KernelPolicy {
+            backend: Backend::Candle,
+            ..KernelPolicy::default()
+        };
+        let cfg = tiny("mnist-small")?;
+        let base = DiffusionModel::new(&cfg, 7, &dev, DType::F32)?;
+        let (c, s) = (cfg.channels(), cfg.image_size());
+        let x = Tensor::randn(0f32, 1.0, (2, c, s, s), &dev)?;
+        let t = Tensor::new(&[3u32, 250], &dev)?;
+        let bits = |y: &Tensor| -> Result<Vec<u32>, UnetError> {
+            Ok(y.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        // The two paths, by scoping the model without a policy of its own.
+        let want_ours = bits(&ours.scoped(|| base.forward(&x, &t))?)?;
+        let want_candle = bits(&candle.scoped(|| base.forward(&x, &t))?)?;
+        assert_ne!(want_ours, want_candle, "the two policies ran the same path");
+        let (a, b) = (
+            ours.scoped(|| base.forward(&x, &t))?,
+            candle.scoped(|| base.forward(&x, &t))?,
+        );
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // f32 sums of a few hundred terms in another order, through a few layers.
+        assert!(diff <= 1e-4 * (1.0 + scale), "{diff} (scale {scale})");
+
+        let m_ours = base.clone().with_kernel_policy(ours);
+        let m_candle = base.clone().with_kernel_policy(candle);
+        assert_eq!(m_candle.kernel_policy(), candle);
+        assert_eq!(m_candle.frozen()?.kernel_policy(), candle);
+        // Inside a scope of the other policy, each model still runs its own.
+        assert_eq!(bits(&candle.scoped(|| m_ours.forward(&x, &t))?)?, want_ours);
+        assert_eq!(
+            bits(&ours.scoped(|| m_candle.forward(&x, &t))?)?,
+            want_candle
+        );
+        // From two threads at once (the scopes take turns), a few passes each.
+        std::thread::scope(|scope| -> Result<(), UnetError> {
+            let runs = [(&m_ours, &want_ours), (&m_candle, &want_candle)].map(|(m, want)| {
+                let (x, t) = (&x, &t);
+                scope.spawn(move || -> Result<(), UnetError> {
+                    for _ in 0..3 {
+                        assert_eq!(&bits(&m.frozen()?.forward(x, t)?)?, want);
+                    }
+                    Ok(())
+                })
+            });
+            for r in runs {
+                r.join().expect("thread")?;
+            }
+            Ok(())
+        })
     }
 
     /// Batch 1 used to fail in the backward pass of the DDPM U-Net: a per-image bias (1, c)

@@ -5,7 +5,9 @@
 //! else. Each function picks, as the [`KernelPolicy`] in force says, between our CPU kernel, our
 //! CUDA kernel and candle's composition of the same op (each op's `fallback` module in
 //! `ddpm-kernels`), and casts weights to the activations' dtype (mixed precision). Each is
-//! differentiable through candle's autograd.
+//! differentiable through candle's autograd. The policy in force is the model's own
+//! ([`crate::DiffusionModel::with_kernel_policy`] scopes every forward pass), else the one
+//! installed for the process.
 
 use candle_core::{Result, Tensor};
 
