@@ -7,8 +7,8 @@
 //! than PyTorch's; these replace them for the U-Nets' hot ops. `ddpm_unet::ops` (the one
 //! switchboard) decides which implementation runs: CPU tensors of f32/f64 and CUDA float
 //! tensors take our kernels, as the [`KernelPolicy`] in force says, and everything else the
-//! fallbacks. ddpm-train's optimizer and EMA use [`optim`]'s CUDA updates and the in-place sums
-//! directly. This crate knows no model, schedule, data set or training loop, and reads no
+//! fallbacks. ddpm-train's optimizer, EMA and sampling loop call [`optim`] directly, with the
+//! run's policy. This crate knows no model, schedule, data set or training loop, and reads no
 //! environment variable. All of the project's `unsafe` code for speed (SIMD, raw slices,
 //! uninitialised buffers, CUDA launches) lives here.
 //!
@@ -22,8 +22,8 @@
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
 //! - [`upsample`]: nearest 2x upsampling.
 //! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
-//! - [`optim`]: multi-tensor AdamW/EMA/gradient-norm updates on CUDA (one launch for all
-//!   variables).
+//! - [`optim`]: AdamW, the EMA and the gradient norm over all variables: in place on the CPU,
+//!   one launch for all of them on CUDA, candle's tensor ops otherwise.
 //! - `custom_op`: the one skeleton of the custom ops (the plan from the layouts, the slices, the
 //!   dtype dispatch, the packed gradients); `cuda` (with the `cuda` feature): what the CUDA
 //!   kernels share (the PTX, launches, the gathers).

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
+use ddpm_kernels::optim::{self as kernels, EmaPair};
+use ddpm_kernels::KernelPolicy;
 
-use crate::inplace;
 use crate::Result;
 
 /// The decay actually used at update number `step` (1-based):
@@ -15,48 +16,44 @@ pub fn warmed_decay(decay: f64, step: usize) -> f64 {
     decay.min((1.0 + step as f64) / (10.0 + step as f64))
 }
 
-/// EMA copies of a set of variables (held in f32). On the CPU they are updated in place
-/// ([`crate::inplace`]).
+/// EMA copies of a set of variables (held in f32), updated as its [`KernelPolicy`] says (with
+/// our kernels in place: [`ddpm_kernels::optim::ema`]).
 #[derive(Debug)]
 pub struct Ema {
     decay: f64,
+    kernels: KernelPolicy,
     shadow: BTreeMap<String, Tensor>,
 }
 
 impl Ema {
-    /// An EMA starting at the current values of `vars`.
-    pub fn new(vars: &BTreeMap<String, Var>, decay: f64) -> Result<Self> {
+    /// An EMA starting at the current values of `vars`, updated under `kernels` (the run's
+    /// policy).
+    pub fn new(vars: &BTreeMap<String, Var>, decay: f64, kernels: KernelPolicy) -> Result<Self> {
         let shadow = vars
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(DType::F32)?.copy()?)))
             .collect::<Result<_>>()?;
-        Ok(Self { decay, shadow })
+        Ok(Self {
+            decay,
+            kernels,
+            shadow,
+        })
     }
 
     /// Moves the averages towards `vars` after optimizer step `step` (1-based).
     pub fn update(&mut self, vars: &BTreeMap<String, Var>, step: usize) -> Result<()> {
         let d = warmed_decay(self.decay, step);
-        // On CUDA, every average in one kernel launch.
-        let pairs: Vec<[&Tensor; 2]> = vars
-            .iter()
-            .filter_map(|(name, var)| Some([self.shadow.get(name)?, var.as_tensor()]))
+        let mut pairs: Vec<EmaPair<'_>> = self
+            .shadow
+            .iter_mut()
+            .filter_map(|(name, average)| {
+                Some(EmaPair {
+                    average,
+                    value: vars.get(name)?.as_tensor(),
+                })
+            })
             .collect();
-        if !pairs.is_empty() && pairs.iter().all(|pair| inplace::cuda_multi(pair)) {
-            inplace::cuda_ema(&pairs, d)?;
-            return Ok(());
-        }
-        for (name, var) in vars {
-            if let Some(s) = self.shadow.get_mut(name) {
-                if inplace::supported(&[s, var.as_tensor()]) {
-                    inplace::ema_update(s, var.as_tensor(), d)?;
-                    continue;
-                }
-                let p = var.as_tensor().to_dtype(DType::F32)?;
-                // Detached: the average must not keep an autograd graph reaching back through
-                // every earlier step (that would hold every old average in memory).
-                *s = ((&*s * d)? + (p * (1.0 - d))?)?.detach();
-            }
-        }
+        kernels::ema(self.kernels, &mut pairs, d)?;
         Ok(())
     }
 
@@ -85,7 +82,7 @@ mod tests {
     fn follows_the_closed_form_recursion() -> Result<()> {
         let var = Var::new(&[0.0f32], &Device::Cpu)?;
         let vars = BTreeMap::from([("w".to_string(), var.clone())]);
-        let mut ema = Ema::new(&vars, 0.9)?;
+        let mut ema = Ema::new(&vars, 0.9, KernelPolicy::default())?;
         let mut expect = 0f64;
         for step in 1..=30 {
             var.set(&Tensor::new(&[step as f32], &Device::Cpu)?)?;

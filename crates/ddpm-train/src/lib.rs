@@ -24,7 +24,6 @@ pub mod device;
 pub mod distributed;
 pub mod ema;
 pub mod eval;
-pub mod inplace;
 pub mod lock;
 pub mod memory;
 pub mod metrics;

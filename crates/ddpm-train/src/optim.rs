@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Tensor, Var};
+use ddpm_kernels::optim::{self as kernels, AdamWGroup, AdamWStep};
+use ddpm_kernels::KernelPolicy;
 use serde::{Deserialize, Serialize};
 
-use crate::inplace::{self, AdamWUpdate};
 use crate::{Result, TrainError};
 
 /// Hyper-parameters of [`AdamW`], as in PyTorch's `torch.optim.AdamW`. Fields left out of a
@@ -158,10 +159,12 @@ pub fn scheduled_lr(config: &AdamWConfig, warmup: usize, total: usize, step: usi
 }
 
 /// AdamW over named variables. Moments are kept in f32 (the master precision) by name, so the
-/// whole state saves to and loads from a checkpoint exactly.
+/// whole state saves to and loads from a checkpoint exactly. Its updates run as its
+/// [`KernelPolicy`] says (`ddpm_kernels::optim`).
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
+    kernels: KernelPolicy,
     vars: BTreeMap<String, Var>,
     m: BTreeMap<String, Tensor>,
     v: BTreeMap<String, Tensor>,
@@ -169,8 +172,13 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer of `vars` with zero moments.
-    pub fn new(vars: BTreeMap<String, Var>, config: AdamWConfig) -> Result<Self> {
+    /// An optimizer of `vars` with zero moments, updating them as `kernels` says (the run's
+    /// policy: that of the model whose variables these are).
+    pub fn new(
+        vars: BTreeMap<String, Var>,
+        config: AdamWConfig,
+        kernels: KernelPolicy,
+    ) -> Result<Self> {
         let mut m = BTreeMap::new();
         let mut v = BTreeMap::new();
         for (name, var) in &vars {
@@ -181,6 +189,7 @@ impl AdamW {
         }
         Ok(Self {
             config,
+            kernels,
             vars,
             m,
             v,
@@ -198,6 +207,11 @@ impl AdamW {
         &self.config
     }
 
+    /// The kernel policy of its updates.
+    pub fn kernel_policy(&self) -> KernelPolicy {
+        self.kernels
+    }
+
     /// One AdamW update with learning rate `lr` from the gradients in `grads` (by name). Variables
     /// without a gradient are left unchanged (their moments too).
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
@@ -207,8 +221,9 @@ impl AdamW {
     /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (the factor of
     /// gradient clipping, see [`clip_factor`]), without materializing the scaled gradients.
     ///
-    /// On the CPU (f32 variables) the moments and the variables are updated in place, in one
-    /// pass each ([`crate::inplace`]); elsewhere with tensor ops, to the same values.
+    /// With our kernels (f32 variables) the moments and the variables are updated in place: on
+    /// CUDA all of them in one kernel, on the CPU in one pass each; elsewhere with tensor ops, to
+    /// the same values ([`ddpm_kernels::optim::adamw`]).
     pub fn step_scaled(
         &mut self,
         grads: &BTreeMap<String, Tensor>,
@@ -217,76 +232,31 @@ impl AdamW {
     ) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let update = AdamWUpdate {
+        let step = AdamWStep {
             lr,
             weight_decay: c.weight_decay,
-            bc1,
-            bc2,
+            beta1: c.beta1,
+            beta2: c.beta2,
             eps: c.eps,
+            step: self.step,
+            grad_scale,
         };
-        if self.cuda_step(grads, &update, grad_scale)? {
-            return Ok(());
-        }
-        for (name, var) in &self.vars {
-            let Some(g) = grads.get(name) else { continue };
-            let (Some(m), Some(v)) = (self.m.get_mut(name), self.v.get_mut(name)) else {
-                continue;
-            };
-            // A clone (no copy) where it is contiguous already.
-            let g = g.contiguous()?;
-            let p = var.as_tensor();
-            if inplace::supported(&[p, &g, m, v]) {
-                inplace::moment_update(m, &g, c.beta1, grad_scale, false)?;
-                inplace::moment_update(v, &g, c.beta2, grad_scale, true)?;
-                p.inplace_op3(m, v, &update)?;
-                continue;
-            }
-            // Moments are detached so that they never chain an autograd graph across steps.
-            let g = g.to_dtype(DType::F32)?.detach();
-            let g = if grad_scale == 1.0 {
-                g
-            } else {
-                (g * grad_scale)?
-            };
-            *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?.detach();
-            *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
-            let m_hat = (&*m / bc1)?;
-            let v_hat = (&*v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            let p = p.to_dtype(DType::F32)?.detach();
-            let p = ((p * (1.0 - lr * c.weight_decay))? - (update * lr)?)?;
-            var.set(&p.to_dtype(var.dtype())?)?;
-        }
+        // Every variable with a gradient and moments, in name order.
+        let mut groups: Vec<AdamWGroup<'_>> = self
+            .m
+            .iter_mut()
+            .zip(self.v.iter_mut())
+            .filter_map(|((name, m), (_, v))| {
+                Some(AdamWGroup {
+                    var: self.vars.get(name)?,
+                    m,
+                    v,
+                    grad: grads.get(name)?,
+                })
+            })
+            .collect();
+        kernels::adamw(self.kernels, &mut groups, &step)?;
         Ok(())
-    }
-
-    /// The whole step in one CUDA kernel ([`inplace::cuda_adamw`]) when every variable, moment
-    /// and gradient is a tensor the multi-tensor kernels take; `false` (nothing done) otherwise.
-    fn cuda_step(
-        &self,
-        grads: &BTreeMap<String, Tensor>,
-        update: &AdamWUpdate,
-        grad_scale: f64,
-    ) -> Result<bool> {
-        let mut owned = Vec::new();
-        for (name, var) in &self.vars {
-            let Some(g) = grads.get(name) else { continue };
-            let (Some(m), Some(v)) = (self.m.get(name), self.v.get(name)) else {
-                continue;
-            };
-            // A clone (no copy) where it is contiguous already.
-            let g = g.contiguous()?;
-            if !inplace::cuda_multi(&[var.as_tensor(), m, v, &g]) {
-                return Ok(false);
-            }
-            owned.push((var.as_tensor(), m, v, g));
-        }
-        let groups: Vec<[&Tensor; 4]> = owned.iter().map(|(p, m, v, g)| [*p, *m, *v, g]).collect();
-        let c = self.config;
-        inplace::cuda_adamw(&groups, update, [c.beta1, c.beta2], grad_scale)?;
-        Ok(true)
     }
 
     /// The state as named tensors (`m.<var>`, `v.<var>`) plus the step count. The tensors share
@@ -339,30 +309,12 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all gradients (on the CPU and, with our kernels, on CUDA the squares
-/// are summed in f64; elsewhere in f32 per tensor, as candle's `sum_all` does).
-pub fn grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-    let mut total = 0f64;
-    // Sums computed on a device stay there until the end: one read back (one synchronization)
-    // for all of them instead of one per gradient.
-    let mut on_device = Vec::new();
-    let mut cuda = Vec::new();
-    for g in grads.values() {
-        match inplace::sum_of_squares(g) {
-            Some(s) => total += s,
-            // CUDA f32 gradients: our kernel, all of them at once (below).
-            None if inplace::cuda_multi(&[g]) => cuda.push(g),
-            None => on_device.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?),
-        }
-    }
-    total += inplace::cuda_sum_of_squares(&cuda)?;
-    if !on_device.is_empty() {
-        total += Tensor::stack(&on_device, 0)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-    }
-    Ok(total.sqrt())
+/// The global L2 norm of all gradients, as `kernels` says (with our kernels the squares are
+/// summed in f64 on the CPU and on CUDA; elsewhere in f32 per tensor, as candle's `sum_all`
+/// does).
+pub fn grad_norm(grads: &BTreeMap<String, Tensor>, kernels: KernelPolicy) -> Result<f64> {
+    let all: Vec<&Tensor> = grads.values().collect();
+    Ok(kernels::sum_of_squares(kernels, &all)?.sqrt())
 }
 
 /// The factor gradient clipping multiplies every gradient by, given their global `norm`:
@@ -379,8 +331,12 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
 /// Scales all gradients so their global norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`); returns the norm before clipping. (The trainer instead passes
 /// [`clip_factor`] to [`AdamW::step_scaled`], which scales without a copy of the gradients.)
-pub fn clip_grad_norm(grads: &mut BTreeMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
+pub fn clip_grad_norm(
+    grads: &mut BTreeMap<String, Tensor>,
+    max_norm: f64,
+    kernels: KernelPolicy,
+) -> Result<f64> {
+    let norm = grad_norm(grads, kernels)?;
     let scale = clip_factor(norm, max_norm);
     if scale != 1.0 {
         for g in grads.values_mut() {
@@ -395,13 +351,22 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn candle() -> KernelPolicy {
+        KernelPolicy {
+            backend: ddpm_kernels::policy::Backend::Candle,
+            ..KernelPolicy::default()
+        }
+    }
+
     /// AdamW against a scalar re-implementation of PyTorch's update equations in f64, through
-    /// both paths: the in-place CPU kernels (f32 variable) and tensor ops (an f64 variable, which
-    /// the kernels do not take), with a clipping factor folded in.
+    /// every path: the in-place CPU kernels (f32 variable, our kernels) and tensor ops (an f64
+    /// variable, which the kernels do not take, or the candle backend), with a clipping factor
+    /// folded in.
     #[test]
     fn matches_reference_update() -> Result<()> {
         let dev = Device::Cpu;
-        for dtype in [DType::F32, DType::F64] {
+        let paths = [DType::F32, DType::F64].map(|d| (d, KernelPolicy::default()));
+        for (dtype, kernels) in paths.into_iter().chain([(DType::F32, candle())]) {
             let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?.to_dtype(dtype)?)?;
             let cfg = AdamWConfig {
                 lr: 0.1,
@@ -411,7 +376,11 @@ mod tests {
                 weight_decay: 0.01,
                 ..AdamWConfig::default()
             };
-            let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), var.clone())]), cfg)?;
+            let mut opt = AdamW::new(
+                BTreeMap::from([("w".to_string(), var.clone())]),
+                cfg,
+                kernels,
+            )?;
             let (mut p, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
             let grad_scale = 0.75;
             for step in 1..=5 {
@@ -433,7 +402,7 @@ mod tests {
                 // f32 arithmetic over 5 steps: a few ulps of values of order 1.
                 assert!(
                     (got[i] - p[i]).abs() < 1e-5,
-                    "{dtype:?}: {} vs {}",
+                    "{dtype:?} {kernels}: {} vs {}",
                     got[i],
                     p[i]
                 );
@@ -451,6 +420,7 @@ mod tests {
         let mut opt = AdamW::new(
             BTreeMap::from([("w".to_string(), var.clone())]),
             AdamWConfig::default(),
+            KernelPolicy::default(),
         )?;
         let g = BTreeMap::from([("w".to_string(), Tensor::new(&[1.0f32, -1.0], &dev)?)]);
         opt.step(&g, 1e-3)?;
@@ -480,11 +450,13 @@ mod tests {
             ("a".to_string(), Tensor::new(&[3.0f32, 0.0], &dev)?),
             ("b".to_string(), Tensor::new(&[4.0f32], &dev)?),
         ]);
-        let before = clip_grad_norm(&mut g, 1.0)?;
+        let ours = KernelPolicy::default();
+        let before = clip_grad_norm(&mut g, 1.0, ours)?;
         assert!((before - 5.0).abs() < 1e-6);
-        assert!((grad_norm(&g)? - 1.0).abs() < 1e-5);
+        assert!((grad_norm(&g, ours)? - 1.0).abs() < 1e-5);
+        assert!((grad_norm(&g, candle())? - 1.0).abs() < 1e-5);
         let mut small = BTreeMap::from([("a".to_string(), Tensor::new(&[0.3f32], &dev)?)]);
-        clip_grad_norm(&mut small, 1.0)?;
+        clip_grad_norm(&mut small, 1.0, ours)?;
         assert_eq!(small["a"].to_vec1::<f32>()?, vec![0.3]);
         Ok(())
     }
@@ -501,9 +473,10 @@ mod tests {
             ("c".to_string(), strided),
         ]);
         // 9 + (16 + 4) + (1 + 4 + 4 + 0) = 38
-        assert!((grad_norm(&g)? - 38f64.sqrt()).abs() < 1e-9);
+        let ours = KernelPolicy::default();
+        assert!((grad_norm(&g, ours)? - 38f64.sqrt()).abs() < 1e-9);
         let only_device = BTreeMap::from([("b".to_string(), Tensor::new(&[4.0f64, 2.0], &dev)?)]);
-        assert!((grad_norm(&only_device)? - 20f64.sqrt()).abs() < 1e-12);
+        assert!((grad_norm(&only_device, ours)? - 20f64.sqrt()).abs() < 1e-12);
         Ok(())
     }
 

@@ -331,18 +331,23 @@ pub fn resumed_config(
             }
         }
     }
-    let (before, after) = (flatten(&config)?, flatten(&asked)?);
-    for (key, value) in &after {
-        if before.get(key) != Some(value) {
-            out.push(Change {
-                key: key.clone(),
-                from: shown(before.get(key)),
-                to: value.to_string(),
-                by: "option".into(),
-            });
-        }
-    }
+    out.extend(changes_between(&config, &asked)?);
     Ok((asked, out))
+}
+
+/// The keys whose values differ from `before` in `after`, as changes asked for by the caller.
+pub(crate) fn changes_between(before: &TrainConfig, after: &TrainConfig) -> Result<Vec<Change>> {
+    let (before, after) = (flatten(before)?, flatten(after)?);
+    Ok(after
+        .iter()
+        .filter(|(key, value)| before.get(*key) != Some(*value))
+        .map(|(key, value)| Change {
+            key: key.clone(),
+            from: shown(before.get(key)),
+            to: value.to_string(),
+            by: "option".into(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

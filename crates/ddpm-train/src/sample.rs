@@ -2,14 +2,14 @@
 //! seeded, optionally recording frames for an animation.
 
 use candle_core::{DType, Device, Tensor};
+use ddpm_kernels::optim::update_in_place;
 use ddpm_schedule::{Objective, SamplerConfig, Schedule, StepHistory};
-use ddpm_unet::ops::Kernels;
 use ddpm_unet::DiffusionModel;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::{inplace, Result};
+use crate::Result;
 
 /// What to sample.
 #[derive(Debug, Clone)]
@@ -152,18 +152,22 @@ fn snapshot(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// Runs the reverse process of `schedule` with `model` (predicting `objective`).
+/// Runs the reverse process of `schedule` with `model` (predicting `objective`), under the
+/// model's kernel policy ([`DiffusionModel::kernel_policy`]).
 ///
-/// On the CPU (f32) each step updates x_t in place ([`AffineStep`]); a candle-backend [`ddpm_unet::KernelPolicy`]
-/// selects the sampler's tensor ops instead, which give the same images up to float rounding.
+/// On the CPU (f32) with our kernels each step updates x_t in place ([`AffineStep`]); with
+/// candle's backend the sampler's tensor ops run instead, which give the same images up to
+/// float rounding.
+///
+/// [`AffineStep`]: ddpm_schedule::AffineStep
 pub fn sample(
     model: &DiffusionModel,
     schedule: &Schedule,
     objective: Objective,
     opts: &SampleOptions,
 ) -> Result<Samples> {
-    let in_place = ddpm_unet::ops::kernels() == Kernels::Ours;
-    sample_with(model, schedule, objective, opts, in_place)
+    let policy = model.kernel_policy();
+    policy.scoped(|| sample_with(model, schedule, objective, opts, policy.ours()))
 }
 
 /// [`sample`], with the in-place step allowed or not.
@@ -251,7 +255,7 @@ fn sample_with(
                 // The noise comes from the sampling RNG in element order: the values, in the
                 // order, that `gaussian` draws for the tensor path.
                 let step = sampler.affine_step(i, objective)?;
-                inplace::update_in_place("sampler-step", &x, &out.contiguous()?, |x, out| {
+                update_in_place("sampler-step", &x, &out.contiguous()?, |x, out| {
                     if sampler.is_multistep() {
                         step.apply_multistep(out, x, &mut last_x0, || {
                             StandardNormal.sample(&mut rng)
@@ -364,6 +368,65 @@ mod tests {
                     b.frames[0].flatten_all()?.to_vec1::<f32>()?
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// One model sampled under our kernels and under candle's backend, in one process: the
+    /// two runs take different paths (our ops and the in-place step, candle's ops and the
+    /// sampler's tensor ops), so the states along the way are not bit-identical, but they agree
+    /// to f32 rounding carried through a few model evaluations.
+    #[test]
+    fn each_model_samples_under_its_own_kernel_policy() -> Result<()> {
+        let schedule = Schedule::new(&ScheduleConfig::default(), &Device::Cpu)?;
+        let config = ModelConfig::Unet(UnetConfig {
+            image_size: 8,
+            channels: 2,
+            dim: 8,
+            dim_mults: vec![1, 2],
+            resnet_block_groups: 2,
+            ..UnetConfig::default()
+        });
+        let model = DiffusionModel::new(&config, 3, &Device::Cpu, DType::F32)?;
+        let candle = ddpm_unet::KernelPolicy {
+            backend: ddpm_unet::policy::Backend::Candle,
+            ..Default::default()
+        };
+        let opts = SampleOptions {
+            num: 3,
+            sampler: SamplerConfig::Ddim {
+                steps: Some(6),
+                eta: 0.5,
+                clip_x0: false,
+            },
+            seed: 5,
+            batch_size: 3,
+            frames: 3,
+            progress: false,
+            guidance: Guidance::default(),
+        };
+        let ours = model.clone().with_kernel_policy(Default::default());
+        let theirs = model.with_kernel_policy(candle);
+        let a = sample(&ours, &schedule, Objective::Eps, &opts)?;
+        let b = sample(&theirs, &schedule, Objective::Eps, &opts)?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        // The state halfway (the final images of an untrained model are mostly clamped to
+        // +-1, the same either way).
+        assert_ne!(
+            bits(&a.frames[1])?,
+            bits(&b.frames[1])?,
+            "both runs took one path"
+        );
+        let pairs = std::iter::once((&a.images, &b.images)).chain(a.frames.iter().zip(&b.frames));
+        for (x, y) in pairs {
+            let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 1e-4, "{diff}");
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use ddpm_data::{image_io, Dataset, Loader, Split};
 use ddpm_schedule::Schedule;
-use ddpm_unet::DiffusionModel;
+use ddpm_unet::{DiffusionModel, KernelPolicy};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -248,6 +248,23 @@ impl ResumePlan {
     /// The settings it changes.
     pub fn changes(&self) -> &[Change] {
         &self.changes
+    }
+
+    /// Resumes under the kernel policy `kernels` rather than the configuration's (a binary's
+    /// kernel overrides): a change of the safe key `kernels` like the others, listed in
+    /// [`ResumePlan::changes`] and the run's history, and written into `config.toml` and the
+    /// later checkpoints. Results agree across policies up to float rounding.
+    pub fn set_kernels(&mut self, kernels: KernelPolicy) -> Result<()> {
+        if kernels == self.config.kernels {
+            return Ok(());
+        }
+        let mut asked = self.config.clone();
+        asked.kernels = kernels;
+        self.changes
+            .extend(resume::changes_between(&self.config, &asked)?);
+        self.config = asked;
+        self.config_file_stale = true;
+        Ok(())
     }
 }
 
@@ -591,13 +608,18 @@ impl Trainer {
     ) -> Result<Self> {
         config.precision.check_device(device)?;
         let compute = config.precision.compute_dtype();
+        // The run's kernel policy, given to everything that runs kernels: the models (their
+        // forward passes), the optimizer and the EMA, and the sampler (through the models).
+        let kernels = config.kernels;
         let model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?
-            .with_compute_dtype(compute);
+            .with_compute_dtype(compute)
+            .with_kernel_policy(kernels);
         let ema_model = DiffusionModel::new(&config.model, config.seed, device, DType::F32)?
-            .with_compute_dtype(compute);
+            .with_compute_dtype(compute)
+            .with_kernel_policy(kernels);
         let vars = model.vars();
-        let opt = AdamW::new(vars.clone(), config.optimizer)?;
-        let ema = Ema::new(&vars, config.ema_decay)?;
+        let opt = AdamW::new(vars.clone(), config.optimizer, kernels)?;
+        let ema = Ema::new(&vars, config.ema_decay, kernels)?;
         let schedule = Schedule::new(&config.schedule, device)?;
         for w in config.schedule.warnings() {
             tracing::warn!("{w}");
@@ -700,7 +722,16 @@ impl Trainer {
     /// the faults of `opts` are injected as in [`Trainer::run`] (its other fields are unused).
     /// The step's work may still be running on an asynchronous device when this returns (the
     /// loss has been read back): synchronize the device before reading a clock.
+    ///
+    /// The whole step (forward, backward, optimizer and EMA) runs under the run's kernel policy
+    /// (`[kernels]` of its config).
     pub fn train_step(&mut self, opts: &RunOptions) -> Result<StepStats> {
+        let kernels = self.config.kernels;
+        kernels.scoped(|| self.step_under_policy(opts))
+    }
+
+    /// [`Trainer::train_step`], under the policy in force.
+    fn step_under_policy(&mut self, opts: &RunOptions) -> Result<StepStats> {
         let mut clock = PhaseClock::new(self.time_phases);
         let accum = self.config.grad_accum;
         let lr = scheduled_lr(
@@ -816,7 +847,7 @@ impl Trainer {
                 *g = g.affine(0.0, f64::INFINITY)?;
             }
         }
-        let norm = grad_norm(&grads)?;
+        let norm = grad_norm(&grads, self.config.kernels)?;
         clock.mark(&self.device, "clip")?;
         // An infinite or NaN gradient would turn every weight, moment and EMA it reaches into
         // NaN (clipping scales by max/inf = 0, and 0 * inf is NaN): stop before the update. In

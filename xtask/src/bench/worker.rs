@@ -163,18 +163,21 @@ fn worker_time(a: &TimeArgs) -> anyhow::Result<WorkerResult> {
     let dev = ddpm_train::parse_device(&a.device)?;
     let precision = ddpm_train::Precision::parse(&a.precision)?;
     precision.check_device(&dev)?;
+    // The policy `cargo xtask` installed from the environment, given to the trainer and the
+    // model explicitly.
+    let policy = ddpm_unet::KernelPolicy::active();
     let (times, ddim, params) = match a.task {
         Task::Train => {
-            let (times, params) = time_training(a, &config, precision, &dev)?;
+            let (times, params) = time_training(a, &config, precision, policy, &dev)?;
             (times, Vec::new(), params)
         }
-        Task::Sample => time_sampling(a, &config, precision, &dev)?,
+        Task::Sample => time_sampling(a, &config, precision, policy, &dev)?,
     };
-    let kernels = match ddpm_unet::ops::kernels() {
+    let kernels = match policy.backend {
         ddpm_unet::ops::Kernels::Ours => "ours",
         ddpm_unet::ops::Kernels::Candle => "candle",
     };
-    tracing::debug!(policy = %ddpm_unet::KernelPolicy::active(), "bench worker kernels");
+    tracing::debug!(%policy, "bench worker kernels");
     let result = WorkerResult {
         engine: "ours".into(),
         preset: a.preset.clone(),
@@ -213,14 +216,15 @@ fn training_images(batch: usize) -> usize {
 
 /// `a.warmup + a.iters` steps of `ddpm train`, each one `Trainer::train_step`: the preset's
 /// model at batch `a.batch` in `precision`, and `TrainConfig`'s defaults for everything else
-/// (eps objective, MSE, AdamW, warm-up, clipping to norm 1, EMA, one loader worker), on random
-/// images held in memory. With `DDPM_BENCH_PHASES` set, prints where each timed step's time
+/// (eps objective, MSE, AdamW, warm-up, clipping to norm 1, EMA, one loader worker) but the
+/// kernel `policy`, on random images held in memory. With `DDPM_BENCH_PHASES` set, prints where each timed step's time
 /// went (the trainer then synchronizes the device after each phase). Returns the seconds of each
 /// timed step and the model's parameter count.
 fn time_training(
     a: &TimeArgs,
     config: &ModelConfig,
     precision: ddpm_train::Precision,
+    policy: ddpm_unet::KernelPolicy,
     dev: &Device,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     let (c, s) = (config.channels(), config.image_size());
@@ -233,6 +237,7 @@ fn time_training(
         batch_size: a.batch,
         model: config.clone(),
         precision,
+        kernels: policy,
         ..TrainConfig::default()
     };
     // The trainer writes nothing there unless asked to (it is not); a directory of its own all
@@ -267,15 +272,18 @@ fn time_training(
 
 /// `a.warmup + a.iters` forward passes without gradients (the model frozen), then
 /// `a.ddim_runs` whole DDIM samples through `ddpm_train::sample`. Returns the seconds of each
-/// timed step and of each sample, and the model's parameter count.
+/// timed step and of each sample, and the model's parameter count; the model runs under
+/// `policy`.
 fn time_sampling(
     a: &TimeArgs,
     config: &ModelConfig,
     precision: ddpm_train::Precision,
+    policy: ddpm_unet::KernelPolicy,
     dev: &Device,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>, usize)> {
     let model = DiffusionModel::new(config, a.seed, dev, DType::F32)?
-        .with_compute_dtype(precision.compute_dtype());
+        .with_compute_dtype(precision.compute_dtype())
+        .with_kernel_policy(policy);
     let schedule = Schedule::new(&ScheduleConfig::default(), dev)?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let shape = [

@@ -433,6 +433,9 @@ pub fn train_classifier(
             weight_decay: training.weight_decay,
             ..AdamWConfig::default()
         },
+        // The classifier has no policy of its own: its ops and its updates run under the one
+        // in force (the one the binary installed).
+        ddpm_unet::KernelPolicy::active(),
     )?;
     tracing::info!(
         dataset = train.name(),
