@@ -185,14 +185,11 @@ impl InferenceArgs {
             .map_err(name_intact)
             .with_context(|| format!("loading {}", checkpoint.display()))?;
         loaded.model = loaded.model.with_compute_dtype(precision.compute_dtype());
-        // The run's kernel policy (a bare weights file has none: the default), with the
-        // environment's kernel variables applied.
-        let policy = loaded
-            .config
-            .as_ref()
-            .map(|c| c.kernels)
-            .unwrap_or_default();
-        crate::env::install_kernel_policy(policy)?;
+        // The run's kernel policy (from its config, or a weights file's metadata; else the
+        // default), with the environment's kernel variables applied: the model runs under it.
+        let policy = crate::env::install_kernel_policy(loaded.kernels)?;
+        loaded.kernels = policy;
+        loaded.model = loaded.model.with_kernel_policy(policy);
         Ok((device, loaded))
     }
 }

@@ -490,12 +490,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let (mut trainer, run_dir) = match &a.resume {
         Some(dir) => {
-            let plan = Trainer::plan_resume(dir, &device, &resume_options(&a)?, &world)
+            let mut plan = Trainer::plan_resume(dir, &device, &resume_options(&a)?, &world)
                 .map_err(|e| explain_damaged(e, dir))
                 .with_context(|| format!("resuming {}", dir.display()))?;
             // Only rank 0 may fetch a missing data set: concurrent fetches would collide.
             ensure_data(plan.config(), a.no_fetch || !world.is_lead())?;
-            crate::env::install_kernel_policy(plan.config().kernels)?;
+            // The run's policy with the environment's kernel variables applied: a change of
+            // the run's `[kernels]` when they change it.
+            plan.set_kernels(crate::env::install_kernel_policy(plan.config().kernels)?)?;
             let trainer = Trainer::resume_planned(plan, &device, world)
                 .with_context(|| format!("resuming {}", dir.display()))?;
             (trainer, dir.clone())

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use ddpm_data::LoaderPosition;
 use ddpm_schedule::{Objective, ScheduleConfig};
 use ddpm_unet::weights::{read_safetensors, write_atomic};
-use ddpm_unet::{DiffusionModel, ModelConfig};
+use ddpm_unet::{DiffusionModel, KernelPolicy, ModelConfig};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +40,9 @@ pub const MODEL_PREFIX: &str = "model.";
 pub const EMA_PREFIX: &str = "ema.";
 /// Tensor-name prefix of the optimizer moments in a checkpoint.
 pub const OPTIM_PREFIX: &str = "optim.";
+/// Tensors-file metadata key of the run's kernel policy (compact JSON of a [`KernelPolicy`]),
+/// also in the JSON's config: a weights-only reader of the tensors file sees what it ran on.
+pub const KERNELS_KEY: &str = "ddpm.kernels";
 /// Tensors-file metadata key of the checkpoint's step.
 pub const STEP_KEY: &str = "ddpm.step";
 /// Tensors-file metadata key of the run id ([`run_id_for`]).
@@ -413,6 +416,7 @@ pub fn save(
             "ddpm.objective".to_string(),
             compact(&meta.config.objective)?,
         ),
+        (KERNELS_KEY.to_string(), compact(&meta.config.kernels)?),
         (STEP_KEY.to_string(), meta.step.to_string()),
         (RUN_ID_KEY.to_string(), run_id.to_string()),
         (
@@ -968,6 +972,10 @@ pub struct LoadedModel {
     pub step: Option<usize>,
     /// The run's full configuration, when loaded from a checkpoint.
     pub config: Option<TrainConfig>,
+    /// The kernel policy the weights were trained under (the run's `[kernels]`, or a weights
+    /// file's [`KERNELS_KEY`]; the default when it records none), which the model runs under
+    /// ([`DiffusionModel::with_kernel_policy`]).
+    pub kernels: KernelPolicy,
     /// The file the weights were read from (a checkpoint's JSON or a weights file).
     pub source: PathBuf,
     /// Which weights were loaded.
@@ -996,13 +1004,15 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
         Some(json) => Some(load(&json, device)?),
     };
     if let Some(ckpt) = ckpt {
+        let kernels = ckpt.meta.config.kernels;
         let model = DiffusionModel::from_tensors(
             &ckpt.meta.config.model,
             &ckpt.section(prefix),
             device,
             DType::F32,
             &ckpt.path,
-        )?;
+        )?
+        .with_kernel_policy(kernels);
         tracing::info!(checkpoint = %ckpt.path.display(), step = ckpt.meta.step, weights = weights.name(), "model loaded");
         return Ok(LoadedModel {
             model,
@@ -1010,6 +1020,7 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
             objective: ckpt.meta.config.objective,
             step: Some(ckpt.meta.step),
             config: Some(ckpt.meta.config),
+            kernels,
             source: ckpt.path,
             weights,
         });
@@ -1036,11 +1047,16 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     } else {
         file.tensors
     };
-    let model = DiffusionModel::from_tensors(&config, &tensors, device, DType::F32, path)?;
     let bad = |what: &str, e: serde_json::Error| TrainError::Checkpoint {
         path: Some(path.to_path_buf()),
         reason: format!("the {what} in the file's metadata is invalid: {e}"),
     };
+    let kernels = match file.metadata.get(KERNELS_KEY) {
+        Some(s) => serde_json::from_str(s).map_err(|e| bad("kernel policy", e))?,
+        None => KernelPolicy::default(),
+    };
+    let model = DiffusionModel::from_tensors(&config, &tensors, device, DType::F32, path)?
+        .with_kernel_policy(kernels);
     let schedule = match file.metadata.get("ddpm.schedule_config") {
         Some(s) => serde_json::from_str(s).map_err(|e| bad("schedule config", e))?,
         None => ScheduleConfig::default(),
@@ -1057,6 +1073,7 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
         objective,
         step,
         config: None,
+        kernels,
         source: path.to_path_buf(),
         weights,
     })
@@ -1209,6 +1226,12 @@ mod tests {
         positions.sort();
         assert_eq!(written, positions, "metadata keys not in sorted order");
         assert_eq!(header["__metadata__"][STEP_KEY], "3");
+        // The run's kernel policy is recorded.
+        let kernels = header["__metadata__"][KERNELS_KEY]
+            .as_str()
+            .expect("kernels");
+        let recorded: KernelPolicy = serde_json::from_str(kernels)?;
+        assert_eq!(recorded, TrainConfig::default().kernels);
         let ckpt = load(&json_path(&a, 3), &Device::Cpu)?;
         assert_eq!(ckpt.meta.step, 3);
         assert_eq!(ckpt.integrity.tensors_sha256, Some(sha256_hex(&bytes)));
