@@ -354,6 +354,28 @@ pub(crate) fn changes_between(before: &TrainConfig, after: &TrainConfig) -> Resu
 mod tests {
     use super::*;
 
+    /// A kernel policy changed by the caller (a binary's kernel variables, through
+    /// `ResumePlan::set_kernels`) is a change of the safe key `kernels`, reported per field.
+    #[test]
+    fn a_changed_kernel_policy_is_reported_as_an_option() -> Result<()> {
+        let before = TrainConfig::default();
+        let mut after = before.clone();
+        after.kernels.backend = ddpm_unet::policy::Backend::Candle;
+        let changes = changes_between(&before, &after)?;
+        assert_eq!(
+            changes,
+            [Change {
+                key: "kernels.backend".into(),
+                from: "\"ours\"".into(),
+                to: "\"candle\"".into(),
+                by: "option".into(),
+            }]
+        );
+        assert!(safe_entry("kernels.backend").is_some());
+        assert!(changes_between(&before, &before)?.is_empty());
+        Ok(())
+    }
+
     /// Every safe key, changed in a config file, is taken over and reported; the result then
     /// equals the file.
     #[test]
