@@ -41,7 +41,7 @@ fn cuda_takes(policy: &KernelPolicy, t: &Tensor) -> bool {
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (policy, t, CudaKernels::Off);
+        let _ = (policy, t);
         false
     }
 }
