@@ -4,7 +4,9 @@ the same (docs/pretrained.md, "Export to diffusers").
 1. Runs the ignored test `parity_export_for_diffusers` of crates/ddpm-cli/tests/export.rs, which
    exports the `cifar-small` and `cifar10` presets with every parameter randomized through
    `ddpm export` into WORK/<preset>/pipeline and writes our UNet's output on a fixed input to
-   WORK/<preset>/expected.safetensors (`x`, `t`, `eps`).
+   WORK/<preset>/expected.safetensors (`x`, `t`, `eps`); `cifar-small-classes` is `cifar-small`
+   class-conditional (10 classes and the null label: diffusers' `num_class_embeds = 11`), whose
+   input also has `labels`.
 2. Loads each pipeline with `DDPMPipeline.from_pretrained` (strict: diffusers reports missing or
    unexpected keys as errors here), checks its scheduler's betas are ours (to float32 rounding:
    diffusers computes them in float32), runs its UNet on the same `x` and `t`, and prints the largest
@@ -29,7 +31,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PRESETS = ["cifar-small", "cifar10"]
+PRESETS = ["cifar-small", "cifar10", "cifar-small-classes"]
 
 
 def export(work: str) -> None:
@@ -56,7 +58,9 @@ def check(work: str, preset: str) -> tuple[int, float, float, str, str]:
     expected = load_file(os.path.join(work, preset, "expected.safetensors"))
     unet = pipe.unet.eval()
     with torch.no_grad():
-        out = unet(expected["x"], expected["t"]).sample
+        # A class-conditional export takes its labels (a class and the null label).
+        labels = expected.get("labels")
+        out = unet(expected["x"], expected["t"], class_labels=labels).sample
     diff = (out - expected["eps"]).abs().max().item()
     # diffusers computes its betas in float32 (torch.linspace): ours to float32 rounding.
     ours_betas = expected["betas"]

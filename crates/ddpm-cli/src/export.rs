@@ -113,6 +113,16 @@ pub fn run(a: ExportArgs) -> Result<()> {
     )?;
     // Last, so that a directory with a model_index.json is a complete pipeline.
     write_json(&a.out.join("model_index.json"), &index)?;
+    if let Some(n) = loaded.model.config().num_classes() {
+        tracing::warn!(
+            classes = n,
+            null_label = n,
+            "the model is class-conditional: its UNet2DModel has num_class_embeds = {} and needs \
+             `class_labels` (0..{n}, {n} = unconditional), which DDPMPipeline does not pass; call \
+             the UNet with class_labels yourself (docs/sampling.md)",
+            n + 1
+        );
+    }
     tracing::info!(
         out = %a.out.display(),
         weights = %unet.weights.display(),

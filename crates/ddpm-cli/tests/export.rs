@@ -211,7 +211,8 @@ fn models_and_flags_export_cannot_serve_are_refused_in_one_line() {
 /// randomized (GroupNorms and the zero-initialized output layers too, so that every tensor
 /// matters), each exported by `ddpm export` into `DIR/<preset>/pipeline`, with our UNet's output
 /// on a fixed input in `DIR/<preset>/expected.safetensors` (`x`, `t`, `eps`, and the schedule's
-/// `betas` in f64).
+/// `betas` in f64); and `cifar-small-classes`, `cifar-small` class-conditional with 10 classes,
+/// whose input also has `labels` (a class and the null label).
 #[test]
 #[ignore = "run by bench/parity/diffusers_export.py"]
 fn parity_export_for_diffusers() {
@@ -219,17 +220,18 @@ fn parity_export_for_diffusers() {
         panic!("set DDPM_EXPORT_PARITY_DIR (bench/parity/diffusers_export.py does)");
     };
     let root = Path::new(&root);
-    for preset in ["cifar-small", "cifar10"] {
-        let dir = root.join(preset);
+    for (name, preset, classes) in [
+        ("cifar-small", "cifar-small", None),
+        ("cifar10", "cifar10", None),
+        ("cifar-small-classes", "cifar-small", Some(10)),
+    ] {
+        let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("parity dir");
-        let model = ddpm_unet::DiffusionModel::new(
-            &ddpm_unet::ModelConfig::preset(preset).expect("preset"),
-            0,
-            &Device::Cpu,
-            DType::F32,
-        )
-        .expect("model");
+        let mut config = ddpm_unet::ModelConfig::preset(preset).expect("preset");
+        config.set_num_classes(classes);
+        let model =
+            ddpm_unet::DiffusionModel::new(&config, 0, &Device::Cpu, DType::F32).expect("model");
         let random: std::collections::HashMap<String, Tensor> = model
             .vars()
             .iter()
@@ -271,7 +273,12 @@ fn parity_export_for_diffusers() {
         let (c, s) = (cfg.channels(), cfg.image_size());
         let x = Tensor::randn(0f32, 1.0, (2, c, s, s), &Device::Cpu).expect("x");
         let t = Tensor::new(&[3u32, 777], &Device::Cpu).expect("t");
-        let eps = model.forward(&x, &t).expect("forward");
+        let labels = Tensor::new(&[3i64, 10], &Device::Cpu).expect("labels");
+        let eps = match classes {
+            Some(_) => model.forward_full(&x, &t, Some(&labels), None, None),
+            None => model.forward(&x, &t),
+        }
+        .expect("forward");
         let t_i64 = t.to_dtype(DType::I64).expect("t as i64");
         let betas = load_model(
             &dir.join("weights.safetensors"),
@@ -283,15 +290,16 @@ fn parity_export_for_diffusers() {
         .betas()
         .expect("betas");
         let betas = Tensor::new(betas, &Device::Cpu).expect("betas");
-        candle_core::safetensors::save(
-            &std::collections::HashMap::from([
-                ("x".to_string(), x),
-                ("t".to_string(), t_i64),
-                ("eps".to_string(), eps),
-                ("betas".to_string(), betas),
-            ]),
-            dir.join("expected.safetensors"),
-        )
-        .expect("expected written");
+        let mut expected = std::collections::HashMap::from([
+            ("x".to_string(), x),
+            ("t".to_string(), t_i64),
+            ("eps".to_string(), eps),
+            ("betas".to_string(), betas),
+        ]);
+        if classes.is_some() {
+            expected.insert("labels".to_string(), labels);
+        }
+        candle_core::safetensors::save(&expected, dir.join("expected.safetensors"))
+            .expect("expected written");
     }
 }
