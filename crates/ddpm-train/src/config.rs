@@ -51,10 +51,14 @@ pub struct TrainConfig {
     /// Class-conditional training (a model with `num_classes`): the probability that an image's
     /// label is replaced by the null label, which trains the unconditional model that
     /// classifier-free guidance contrasts with (0.1 to 0.2 is usual; 0 trains no unconditional
-    /// model, so guidance other than 1 is refused). Unused by an unconditional model.
+    /// model, so guidance other than 1 is refused). Unused by an unconditional model. Left out
+    /// of the TOML at its default, 0.1, like the other keys added after the first release.
+    #[serde(skip_serializing_if = "is_default_class_dropout")]
     pub class_dropout: f64,
     /// How a class-conditional model's sample grids are drawn while training, and the default
-    /// of `ddpm sample` and `ddpm eval` for the run (`[guidance] scale`, `class`).
+    /// of `ddpm sample` and `ddpm eval` for the run (`[guidance] scale`, `class`). Left out of
+    /// the TOML at its default (scale 1.5, the classes in turn).
+    #[serde(skip_serializing_if = "is_default_guidance")]
     pub guidance: Guidance,
     /// What the network predicts.
     pub objective: Objective,
@@ -96,6 +100,23 @@ pub struct TrainConfig {
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+/// The default label dropout of class-conditional training.
+const DEFAULT_CLASS_DROPOUT: f64 = 0.1;
+
+/// The default guidance: scale 1.5 (the main job's recipe, docs/quality.md), classes in turn.
+const DEFAULT_GUIDANCE: Guidance = Guidance {
+    scale: 1.5,
+    class: None,
+};
+
+fn is_default_class_dropout(x: &f64) -> bool {
+    *x == DEFAULT_CLASS_DROPOUT
+}
+
+fn is_default_guidance(g: &Guidance) -> bool {
+    *g == DEFAULT_GUIDANCE
 }
 
 /// An `[optimizer]` table whose missing keys keep [`TrainConfig::default`]'s values (its
@@ -160,11 +181,8 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             ema_decay: 0.995,
             offset_noise: 0.0,
-            class_dropout: 0.1,
-            guidance: Guidance {
-                scale: 1.5,
-                class: None,
-            },
+            class_dropout: DEFAULT_CLASS_DROPOUT,
+            guidance: DEFAULT_GUIDANCE,
             objective: Objective::Eps,
             loss: DiffusionLoss::default(),
             checkpoint_every: 250,
