@@ -58,7 +58,10 @@ pub struct TrainConfig {
     /// How a class-conditional model's sample grids are drawn while training, and the default
     /// of `ddpm sample` and `ddpm eval` for the run (`[guidance] scale`, `class`). Left out of
     /// the TOML at its default (scale 1.5, the classes in turn).
-    #[serde(skip_serializing_if = "is_default_guidance")]
+    #[serde(
+        skip_serializing_if = "is_default_guidance",
+        deserialize_with = "guidance_over_defaults"
+    )]
     pub guidance: Guidance,
     /// What the network predicts.
     pub objective: Objective,
@@ -117,6 +120,24 @@ fn is_default_class_dropout(x: &f64) -> bool {
 
 fn is_default_guidance(g: &Guidance) -> bool {
     *g == DEFAULT_GUIDANCE
+}
+
+/// A `[guidance]` table whose missing keys keep [`DEFAULT_GUIDANCE`]'s values (a table with
+/// only `class = 3` keeps the scale 1.5).
+fn guidance_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Guidance, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Partial {
+        scale: Option<f64>,
+        class: Option<u32>,
+    }
+    let p = Partial::deserialize(d)?;
+    Ok(Guidance {
+        scale: p.scale.unwrap_or(DEFAULT_GUIDANCE.scale),
+        class: p.class.or(DEFAULT_GUIDANCE.class),
+    })
 }
 
 /// An `[optimizer]` table whose missing keys keep [`TrainConfig::default`]'s values (its
@@ -459,7 +480,14 @@ mod tests {
     #[test]
     fn newer_keys_are_left_out_at_their_defaults_and_round_trip() -> Result<()> {
         let text = TrainConfig::default().to_toml()?;
-        for key in ["epochs", "offset_noise", "lr_schedule", "min_lr"] {
+        for key in [
+            "epochs",
+            "offset_noise",
+            "lr_schedule",
+            "min_lr",
+            "class_dropout",
+            "guidance",
+        ] {
             assert!(!text.contains(key), "{key} in\n{text}");
         }
         let old: TrainConfig = toml::from_str(&text).expect("parses");
@@ -471,8 +499,20 @@ mod tests {
         };
         c.optimizer.lr_schedule = LrSchedule::Cosine;
         c.optimizer.min_lr = 1e-5;
+        c.class_dropout = 0.2;
+        c.guidance = Guidance {
+            scale: 3.0,
+            class: Some(4),
+        };
         let back: TrainConfig = toml::from_str(&c.to_toml()?).expect("round trip");
         assert_eq!(back, c);
+        // A `[guidance]` table with one key keeps the other's default.
+        let only_class: TrainConfig = toml::from_str("[guidance]\nclass = 2\n").expect("parses");
+        assert_eq!(only_class.guidance.scale, 1.5);
+        assert_eq!(only_class.guidance.class, Some(2));
+        let only_scale: TrainConfig = toml::from_str("[guidance]\nscale = 2.0\n").expect("parses");
+        assert_eq!(only_scale.guidance.class, None);
+        assert!(toml::from_str::<TrainConfig>("[guidance]\nscael = 2.0\n").is_err());
         Ok(())
     }
 
