@@ -9,7 +9,7 @@ use clap::Args;
 use ddpm_data::image_io;
 use ddpm_schedule::{DdpmVariance, DpmSpacing, SamplerConfig, Schedule};
 use ddpm_train::checkpoint::{load_model, LoadedModel, WeightsKind};
-use ddpm_train::trainer::grid_columns;
+use ddpm_train::sample::grid_columns;
 use ddpm_train::{parse_device, sample, Guidance, Precision, SampleOptions, TrainError};
 
 /// Arguments of `ddpm sample`.

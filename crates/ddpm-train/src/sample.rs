@@ -84,47 +84,73 @@ impl Guidance {
         Ok(())
     }
 
+    /// The class of image `i` (counted over the whole run, not the batch) of a model with `n`
+    /// classes: [`Guidance::class`], else `i mod n`.
+    pub fn label_of(&self, i: usize, n: usize) -> u32 {
+        self.class.unwrap_or((i % n) as u32)
+    }
+
     /// The labels of images `first..first + b` of a model with `n` classes.
     fn labels(&self, first: usize, b: usize, n: usize, device: &Device) -> Result<Tensor> {
-        let v: Vec<u32> = (first..first + b)
-            .map(|i| self.class.unwrap_or((i % n) as u32))
-            .collect();
+        let v: Vec<u32> = (first..first + b).map(|i| self.label_of(i, n)).collect();
         Ok(Tensor::from_vec(v, b, device)?)
     }
 }
 
-/// The model's prediction for a batch under `labels` with guidance `scale` (see [`Guidance`]):
-/// the conditional and the unconditional predictions come from one forward pass of twice the
-/// batch.
-fn guided_forward(
-    model: &DiffusionModel,
-    x: &Tensor,
-    t: &Tensor,
-    labels: &Tensor,
+/// Images per row of a sample grid of `num` images: one column per class when a
+/// class-conditional model's labels cycle through at most 16 classes (image `i` has class
+/// `i mod classes`), else a square.
+pub fn grid_columns(num: usize, num_classes: Option<usize>, guidance: &Guidance) -> usize {
+    match num_classes {
+        Some(n) if guidance.class.is_none() && n <= 16 && num >= n => n,
+        _ => ((num as f64).sqrt().ceil() as usize).max(1),
+    }
+}
+
+/// A class-conditional batch's forward passes with guidance (see [`Guidance`]): the labels the
+/// model is given are made once per batch, not per step.
+struct GuidedBatch {
+    /// With scale 1, the batch's `b` labels; with 0, `b` null labels; otherwise the `b` labels
+    /// then `b` null labels of the doubled batch whose two halves guidance combines.
+    labels: Tensor,
     scale: f64,
-    self_cond: Option<&Tensor>,
-) -> Result<Tensor> {
-    if scale == 1.0 {
-        return Ok(model.forward_full(x, t, Some(labels), self_cond, None)?);
+}
+
+impl GuidedBatch {
+    /// The passes of a batch with `labels` (b,) of a model whose null label is `null`.
+    fn new(labels: Tensor, null: u32, scale: f64) -> Result<Self> {
+        let b = labels.dim(0)?;
+        let nulls = || Tensor::from_vec(vec![null; b], b, labels.device());
+        let labels = if scale == 1.0 {
+            labels
+        } else if scale == 0.0 {
+            nulls()?
+        } else {
+            Tensor::cat(&[&labels, &nulls()?], 0)?
+        };
+        Ok(Self { labels, scale })
     }
-    let b = x.dim(0)?;
-    let null = model.config().num_classes().unwrap_or(0) as u32;
-    let nulls = Tensor::from_vec(vec![null; b], b, x.device())?;
-    if scale == 0.0 {
-        return Ok(model.forward_full(x, t, Some(&nulls), self_cond, None)?);
+
+    /// The guided prediction for `x` at `t`: one forward pass, of twice the batch when the
+    /// conditional and the unconditional predictions are both needed.
+    fn forward(
+        &self,
+        model: &DiffusionModel,
+        x: &Tensor,
+        t: &Tensor,
+        self_cond: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if self.scale == 1.0 || self.scale == 0.0 {
+            return Ok(model.forward_full(x, t, Some(&self.labels), self_cond, None)?);
+        }
+        let b = x.dim(0)?;
+        let two = |a: &Tensor| Tensor::cat(&[a, a], 0);
+        let sc = self_cond.map(two).transpose()?;
+        let out = model.forward_full(&two(x)?, &two(t)?, Some(&self.labels), sc.as_ref(), None)?;
+        let cond = out.narrow(0, 0, b)?;
+        let uncond = out.narrow(0, b, b)?;
+        Ok(((cond - &uncond)?.affine(self.scale, 0.0)? + uncond)?)
     }
-    let two = |a: &Tensor| Tensor::cat(&[a, a], 0);
-    let sc = self_cond.map(two).transpose()?;
-    let out = model.forward_full(
-        &two(x)?,
-        &two(t)?,
-        Some(&Tensor::cat(&[labels, &nulls], 0)?),
-        sc.as_ref(),
-        None,
-    )?;
-    let cond = out.narrow(0, 0, b)?;
-    let uncond = out.narrow(0, b, b)?;
-    Ok(((cond - &uncond)?.affine(scale, 0.0)? + uncond)?)
 }
 
 /// Sampled images in [-1, 1] (n, c, h, w) on the CPU, and the recorded frames, each (n, c, h, w).
@@ -218,8 +244,11 @@ fn sample_with(
             .iter()
             .map(|&t| Tensor::from_vec(vec![t as u32; b], b, &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let labels = classes
-            .map(|n| opts.guidance.labels(done, b, n, &device))
+        let guided = classes
+            .map(|n| {
+                let labels = opts.guidance.labels(done, b, n, &device)?;
+                GuidedBatch::new(labels, n as u32, opts.guidance.scale)
+            })
             .transpose()?;
         let mut self_cond: Option<Tensor> = None;
         // What a multistep sampler (DPM-Solver++) carries from step to step: the predicted x_0,
@@ -238,10 +267,8 @@ fn sample_with(
             }
             // Sampling needs no gradients: detaching cuts the autograd graph at every step, so memory
             // stays that of one forward pass.
-            let out = match &labels {
-                Some(l) => {
-                    guided_forward(model, &x, tt, l, opts.guidance.scale, self_cond.as_ref())?
-                }
+            let out = match &guided {
+                Some(g) => g.forward(model, &x, tt, self_cond.as_ref())?,
                 None => model.forward_t(&x, tt, self_cond.as_ref(), None)?,
             }
             .detach();
@@ -441,7 +468,10 @@ mod tests {
             num_classes: Some(3),
             ..UnetConfig::default()
         });
-        Ok(DiffusionModel::new(&config, 4, &Device::Cpu, DType::F32)?)
+        // Its own policy: tests running beside it that switch the policy in force (the
+        // candle-backend tests) cannot change its path between two runs compared bit for bit.
+        Ok(DiffusionModel::new(&config, 4, &Device::Cpu, DType::F32)?
+            .with_kernel_policy(ddpm_unet::KernelPolicy::default()))
     }
 
     /// Guidance combines the conditional and the null-label predictions as
@@ -457,7 +487,7 @@ mod tests {
         let cond = model.forward_full(&x, &t, Some(&labels), None, None)?;
         let uncond = model.forward_full(&x, &t, None, None, None)?;
         for scale in [0.0, 1.0, 2.5, 4.0] {
-            let got = guided_forward(&model, &x, &t, &labels, scale, None)?;
+            let got = GuidedBatch::new(labels.clone(), 3, scale)?.forward(&model, &x, &t, None)?;
             let want = ((&cond - &uncond)?.affine(scale, 0.0)? + &uncond)?;
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "scale {scale}: {diff}");

@@ -25,7 +25,7 @@ use crate::metrics::{self, MetricsLine};
 use crate::optim::{clip_factor, grad_norm, scheduled_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
 use crate::resume::{self, Change, HistoryEvent, ResumeOptions, SafeChanges};
-use crate::sample::{gaussian, sample, Guidance, SampleOptions};
+use crate::sample::{gaussian, grid_columns, sample, SampleOptions};
 use crate::{Result, TrainError};
 
 /// Domain separator of the training RNG's seed (the model init uses the plain seed).
@@ -1147,16 +1147,6 @@ pub fn add_offset_noise(noise: &Tensor, strength: f64, rng: &mut ChaCha8Rng) -> 
     let (b, c, _, _) = noise.dims4()?;
     let z = gaussian(rng, &[b, c, 1, 1], noise.device())?.to_dtype(noise.dtype())?;
     Ok(noise.broadcast_add(&z.affine(strength, 0.0)?)?)
-}
-
-/// Images per row of a sample grid of `num` images: one column per class when a
-/// class-conditional model's labels cycle through at most 16 classes (image `i` has class
-/// `i mod classes`), else a square.
-pub fn grid_columns(num: usize, num_classes: Option<usize>, guidance: &Guidance) -> usize {
-    match num_classes {
-        Some(n) if guidance.class.is_none() && n <= 16 && num >= n => n,
-        _ => ((num as f64).sqrt().ceil() as usize).max(1),
-    }
 }
 
 /// Opens the training split and makes the model's image size and channels follow it.

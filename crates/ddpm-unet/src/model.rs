@@ -370,18 +370,12 @@ impl DiffusionModel {
                 labels.dims()
             ));
         }
-        let max = labels
-            .to_dtype(candle_core::DType::I64)?
-            .max(0)?
-            .to_scalar::<i64>()?;
-        let min = labels
-            .to_dtype(candle_core::DType::I64)?
-            .min(0)?
-            .to_scalar::<i64>()?;
-        if min < 0 || max > n as i64 {
+        // One read of the b labels (one transfer from a GPU).
+        let values = labels.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
+        if let Some(bad_label) = values.iter().find(|&&l| l < 0 || l > n as i64) {
             return bad(format!(
-                "label {} is outside 0..{n} (the model's {n} classes) and {n} (the null label)",
-                if min < 0 { min } else { max }
+                "label {bad_label} is outside 0..{n} (the model's {n} classes) and {n} (the null \
+                 label)"
             ));
         }
         Ok(())

@@ -217,7 +217,7 @@ pub fn sample_quality(
     let samples = quantize(&samples.to_dtype(DType::F32)?)?;
     let classes = model.config().num_classes();
     if let Some(path) = &opts.samples_png {
-        let nrow = crate::trainer::grid_columns(opts.num_samples, classes, &opts.guidance);
+        let nrow = crate::sample::grid_columns(opts.num_samples, classes, &opts.guidance);
         let grid = image_io::image_grid(&samples, nrow)?;
         write_png_atomic(&grid, path).map_err(|e| TrainError::io(path, "writing", e))?;
     }
@@ -246,7 +246,7 @@ pub fn sample_quality(
             let hits = pred
                 .iter()
                 .enumerate()
-                .filter(|&(i, &p)| p == opts.guidance.class.unwrap_or((i % n) as u32))
+                .filter(|&(i, &p)| p == opts.guidance.label_of(i, n))
                 .count();
             Some(hits as f64 / pred.len() as f64)
         }
