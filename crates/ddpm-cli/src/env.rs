@@ -14,6 +14,7 @@
 //! | `DDPM_CUDA_POOL` | `release`: hand freed GPU memory back to the driver at every sync |
 //! | `HF_ENDPOINT`, `HF_HOME`, `HF_HUB_CACHE`, `HF_TOKEN`, `HF_HUB_OFFLINE` | the Hugging Face Hub: [`hub_options`] |
 //! | `MIMALLOC_PURGE_DELAY` | when set, mimalloc's own purge delay is left in force |
+//! | `CANDLE_BARRIER_POOL_SPIN_LIMIT` | when set, candle's own spin limit is left in force: [`park_idle_candle_threads`] |
 //! | `DDPM_FAULT_NAN_AT_STEP` | tests only: a NaN loss at that step |
 //! | `DDPM_F16_INITIAL_SCALE` | tests only: the first f16 loss scale |
 //! | `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ... | a data-parallel launch (docs/distributed.md) |
@@ -90,6 +91,23 @@ pub fn cuda_pool_release() -> bool {
 /// `LOCAL_RANK`, ...; docs/distributed.md), a single process when they are unset.
 pub fn world() -> Result<ddpm_train::World, ddpm_train::distributed::DistError> {
     ddpm_train::World::from_vars(|name| std::env::var(name).ok())
+}
+
+/// candle's variable for how long its CPU worker threads spin, waiting for the next op, before
+/// they sleep.
+pub const CANDLE_SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// Makes candle's CPU worker threads sleep as soon as an op of candle's own ends, unless the
+/// user set [`CANDLE_SPIN_LIMIT`]. By default they spin 25,000 times first, and on a machine
+/// with few cores that spinning takes the cores from our kernels' threads, which run next:
+/// training steps were 5-12% faster without it on a 2-core AMD EPYC (`mnist-small`, `fashion`,
+/// `learnopencv`; alternating processes), sampling no slower (docs/benchmarks.md, "Kernel
+/// decisions"). Call at start-up, before any other thread exists and before the first op.
+pub fn park_idle_candle_threads() {
+    if std::env::var_os(CANDLE_SPIN_LIMIT).is_none() {
+        // Start-up is single-threaded: no other thread reads the environment meanwhile.
+        std::env::set_var(CANDLE_SPIN_LIMIT, "0");
+    }
 }
 
 /// Whether mimalloc's purge delay was set by the user (`MIMALLOC_PURGE_DELAY`), to be left alone.

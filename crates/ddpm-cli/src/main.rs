@@ -53,6 +53,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    env::park_idle_candle_threads();
     if !env::mimalloc_purge_delay_set() {
         ddpm_train::device::keep_freed_host_memory();
     }

@@ -431,6 +431,15 @@ mod tests {
             (2, 64, 31, 33, 65, 3, 1, 1),
             (2, 32, 28, 28, 32, 3, 1, 1),
             (1, 33, 23, 24, 34, 3, 1, 1),
+            // Chunks of several images, of uneven sizes: im2col weight gradients summed over
+            // them, a Winograd input gradient (from the kernel's own transform read flipped)
+            // beside an im2col weight gradient on a small map, pointwise convolutions and a
+            // stride-2 conv's scatter.
+            (11, 3, 16, 16, 4, 3, 1, 1),
+            (6, 40, 8, 8, 36, 3, 1, 1),
+            (9, 5, 4, 4, 6, 1, 1, 0),
+            (13, 3, 6, 5, 4, 1, 1, 0),
+            (9, 3, 8, 8, 4, 3, 2, 1),
         ];
         let flat = |t: &Tensor| -> Result<Vec<f64>> {
             t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()

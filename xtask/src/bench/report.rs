@@ -411,7 +411,8 @@ impl Report<'_> {
         };
         let _ = writeln!(
             s,
-            "| our kernels | {kernels}; allocator mimalloc, as the `ddpm` binary |"
+            "| our kernels | {kernels}; allocator mimalloc and candle's idle threads parked \
+             (`CANDLE_BARRIER_POOL_SPIN_LIMIT=0` unless set), as the `ddpm` binary |"
         );
         let _ = writeln!(
             s,

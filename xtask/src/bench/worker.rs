@@ -398,6 +398,12 @@ pub(crate) fn our_worker(engine: Engine, threads: usize) -> anyhow::Result<Comma
     cmd.arg("bench-worker")
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string());
+    // candle's CPU threads sleep when its ops end, as in the `ddpm` binary (ddpm-cli's
+    // `env::park_idle_candle_threads`), unless the user set the limit.
+    const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN_LIMIT).is_none() {
+        cmd.env(SPIN_LIMIT, "0");
+    }
     // The worker's log would repeat what the bench's own lines say ("model and data ready"):
     // warnings only, unless RUST_LOG asks for more.
     if std::env::var_os("RUST_LOG").is_none() {

@@ -354,7 +354,16 @@ pub(super) fn forward<T: Float>(
                     &bias[first * g.o..(first + count) * g.o]
                 };
                 let rs = residual.map(|r| &r[first * g.out_len()..(first + count) * g.out_len()]);
-                winograd::conv(s, count, xs, &u, Some(bias), rs, ys, par);
+                winograd::conv(
+                    s,
+                    count,
+                    xs,
+                    winograd::Kernel::Own(&u),
+                    Some(bias),
+                    rs,
+                    ys,
+                    par,
+                );
             });
         // SAFETY: the chunks, each a whole number of images, cover `y`, and `winograd::conv`
         // writes all of its images' outputs.
@@ -447,13 +456,14 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
     let mut out = Uninit::new(g.b * g.in_len() + wlen + g.b * g.o);
     let (dx, rest) = out.split_at_mut(g.b * g.in_len());
     let t = g.input_gradient_as_conv();
-    let w_flipped = t.map(|_| flip_kernel(g, w));
     // The input gradient through Winograd: a whole chunk of images at once, before the
-    // per-image loop.
+    // per-image loop, with the kernel's own transform read as the flipped kernel's; else
+    // through im2col with the flipped kernel, when it is a convolution.
     let t_winograd = t.and_then(|t| t.winograd());
-    let u_flipped = t_winograd
-        .zip(w_flipped.as_ref())
-        .map(|(_, wf)| winograd::transform_kernel(g.c, g.o, wf));
+    let u = t_winograd.map(|_| winograd::transform_kernel(g.o, g.c, w));
+    let w_flipped = t
+        .filter(|_| t_winograd.is_none())
+        .map(|_| flip_kernel(g, w));
     // The weight gradient through Winograd: a whole chunk of images at once, no patches.
     let dw_winograd = g
         .winograd()
@@ -468,7 +478,8 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
             let mut dw = vec![T::ZERO; wlen];
             let (first, count) = (ci * chunk, dxs.len() / g.in_len());
             let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
-            if let (Some(s), Some(u)) = (t_winograd, &u_flipped) {
+            if let (Some(s), Some(u)) = (t_winograd, &u) {
+                let u = winograd::Kernel::Flipped(u);
                 winograd::conv(s, count, dys, u, None, None, dxs, par);
             }
             if let Some(s) = dw_winograd {

@@ -170,6 +170,38 @@ avx2_dispatch! {
     fn kernel_rows<T>(w: &[T], u: &mut [MaybeUninit<T>], c: usize) = kernel_rows_impl
 }
 
+/// A transformed kernel as [`conv`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Kernel<'a, T> {
+    /// `transform_kernel(o, c, w)` of the convolution's own kernel `w` (o, c, 3, 3).
+    Own(&'a [T]),
+    /// `transform_kernel(c, o, w)` of the kernel `w` (c, o, 3, 3) of the convolution whose input
+    /// gradient this is: read as the transform of the flipped and transposed kernel
+    /// `w'[oc, ci, ky, kx] = w[ci, oc, 2 - ky, 2 - kx]`, which is never built. Reversing a kernel
+    /// row reverses `G g` except in its two middle entries (`G rev(g) = [g2, s, d, g0]` where
+    /// `G g = [g0, s, d, g2]`), so each matrix ξ of `U'` is a matrix of `U` (rows and columns
+    /// 0 and 3 of the 4x4 index swapped) transposed, which the GEMM takes as strides. (Building
+    /// `w'` or `U'` cost a scattered copy per backward pass: most of the setup of a
+    /// 256-channel layer's.)
+    Flipped(&'a [T]),
+}
+
+impl<T> Kernel<'_, T> {
+    /// Matrix ξ as the GEMM's left operand (o x c) of a convolution of shape `s`: the slice it
+    /// starts at and its (row, column) strides.
+    fn matrix(&self, s: Shape, xi: usize) -> (&[T], (usize, usize)) {
+        /// Entry i of `G rev(g)` is entry `SWAP[i]` of `G g`.
+        const SWAP: [usize; 4] = [3, 1, 2, 0];
+        match *self {
+            Kernel::Own(u) => (&u[xi * s.c..], (16 * s.c, 1)),
+            Kernel::Flipped(u) => {
+                let from = SWAP[xi / 4] * 4 + SWAP[xi % 4];
+                (&u[from * s.o..], (1, 16 * s.o))
+            }
+        }
+    }
+}
+
 /// `y = conv3x3(x, w) + bias [+ residual]` for `n` images `x` (n, c, h, w) into `y`
 /// (n, o, h, w), all of which is written, with `u` from [`transform_kernel`]. `bias` has `o`
 /// values, or `n * o` (one per image and channel); `residual` is shaped like `y`.
@@ -178,7 +210,7 @@ pub(super) fn conv<T: Float>(
     s: Shape,
     n: usize,
     x: &[T],
-    u: &[T],
+    u: Kernel<'_, T>,
     bias: Option<&[T]>,
     residual: Option<&[T]>,
     y: &mut [MaybeUninit<T>],
@@ -212,8 +244,8 @@ pub(super) fn conv<T: Float>(
             // its `per_image` columns of each of the c rows (`p` apart) of matrix ξ: all of its
             // c * p values.
             let vs = unsafe { assume_init_ref(&v[xi * vl..xi * vl + s.c * p]) };
-            let us = &u[xi * s.c..];
-            &*matmul_to(s.o, p, s.c, mat, us, (16 * s.c, 1), vs, (p, 1), par)
+            let (us, strides) = u.matrix(s, xi);
+            &*matmul_to(s.o, p, s.c, mat, us, strides, vs, (p, 1), par)
         });
         for img in 0..count {
             let bi = first + img;
@@ -790,7 +822,16 @@ mod tests {
             let want = direct(s, n, &x, &wt, &bias);
             let u = transform_kernel(o, c, &wt);
             let mut y = Uninit::new(n * s.out_len());
-            conv(s, n, &x, &u, Some(&bias), None, &mut y, Parallelism::None);
+            conv(
+                s,
+                n,
+                &x,
+                Kernel::Own(&u),
+                Some(&bias),
+                None,
+                &mut y,
+                Parallelism::None,
+            );
             // SAFETY: `conv` writes all of `y` (in tests `Uninit` starts as NaN, so a value it
             // missed fails the comparison below).
             let y = unsafe { y.assume_init() };
@@ -808,7 +849,7 @@ mod tests {
                 s,
                 n,
                 &x,
-                &u,
+                Kernel::Own(&u),
                 Some(&bias_n),
                 Some(&residual),
                 &mut y,
@@ -832,6 +873,50 @@ mod tests {
                         "{s:?} image {b} [{i}]"
                     );
                 }
+            }
+        }
+    }
+
+    /// A kernel read as [`Kernel::Flipped`] convolves as the flipped and transposed kernel
+    /// itself does.
+    #[test]
+    fn a_flipped_kernel_convolves_as_the_flipped_kernel() {
+        for (c, o, h, w, n) in CASES {
+            let s = Shape { c, o, h, w };
+            let x = values(n * s.in_len(), 1);
+            // The kernel (c, o, 3, 3) of the convolution whose input gradient this is.
+            let wt = values(c * o * 9, 2);
+            let mut flipped = vec![0f32; wt.len()];
+            for oc in 0..o {
+                for ci in 0..c {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            flipped[((oc * c + ci) * 3 + ky) * 3 + kx] =
+                                wt[((ci * o + oc) * 3 + 2 - ky) * 3 + 2 - kx];
+                        }
+                    }
+                }
+            }
+            let want = direct(s, n, &x, &flipped, &vec![0f32; o]);
+            let u = transform_kernel(c, o, &wt);
+            let mut y = Uninit::new(n * s.out_len());
+            conv(
+                s,
+                n,
+                &x,
+                Kernel::Flipped(&u),
+                None,
+                None,
+                &mut y,
+                Parallelism::None,
+            );
+            // SAFETY: as in the test above.
+            let y = unsafe { y.assume_init() };
+            for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "{s:?} n={n} [{i}] {g} vs {e}"
+                );
             }
         }
     }
