@@ -57,6 +57,13 @@ impl Ema {
         Ok(())
     }
 
+    /// The decay of update number `step` (1-based) and the averages by name, for an optimizer
+    /// that moves them in its own pass over the weights ([`crate::optim::AdamW::step_scaled`]):
+    /// each `average <- decay average + (1 - decay) value`, as [`Ema::update`] does.
+    pub fn for_update(&mut self, step: usize) -> (f64, &mut BTreeMap<String, Tensor>) {
+        (warmed_decay(self.decay, step), &mut self.shadow)
+    }
+
     /// The averaged tensors by name.
     pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
         &self.shadow

@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Tensor, Var};
-use ddpm_kernels::optim::{self as kernels, AdamWGroup, AdamWStep};
+use ddpm_kernels::optim::{self as kernels, AdamWGroup, AdamWStep, EmaPair};
 use ddpm_kernels::KernelPolicy;
 use serde::{Deserialize, Serialize};
 
+use crate::ema::Ema;
 use crate::{Result, TrainError};
 
 /// Hyper-parameters of [`AdamW`], as in PyTorch's `torch.optim.AdamW`. Fields left out of a
@@ -215,23 +216,39 @@ impl AdamW {
     /// One AdamW update with learning rate `lr` from the gradients in `grads` (by name). Variables
     /// without a gradient are left unchanged (their moments too).
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Result<()> {
-        self.step_scaled(grads, lr, 1.0)
+        self.step_scaled(grads, lr, 1.0, None)
     }
 
     /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (the factor of
     /// gradient clipping, see [`clip_factor`]), without materializing the scaled gradients.
     ///
-    /// With our kernels (f32 variables) the moments and the variables are updated in place: on
-    /// CUDA all of them in one kernel, on the CPU in one pass each; elsewhere with tensor ops, to
-    /// the same values ([`ddpm_kernels::optim::adamw`]).
+    /// With `ema = Some((ema, n))`, the EMA then takes its update number `n` ([`Ema::update`]
+    /// with the new weights), in the same pass where the kernels allow.
+    ///
+    /// With our kernels (f32 variables) the moments, the variables and the averages are updated
+    /// in place: on CUDA all of them in one kernel (and one for the averages), on the CPU in one
+    /// pass per variable over its weights, moments, gradient and average; elsewhere with tensor
+    /// ops, to the same values ([`ddpm_kernels::optim::adamw`]).
     pub fn step_scaled(
         &mut self,
         grads: &BTreeMap<String, Tensor>,
         lr: f64,
         grad_scale: f64,
+        ema: Option<(&mut Ema, usize)>,
     ) -> Result<()> {
         self.step += 1;
         let c = self.config;
+        let (ema_decay, mut averages) = match ema {
+            Some((ema, n)) => {
+                let (decay, averages) = ema.for_update(n);
+                let by_name: HashMap<&str, &mut Tensor> = averages
+                    .iter_mut()
+                    .map(|(name, t)| (name.as_str(), t))
+                    .collect();
+                (Some(decay), by_name)
+            }
+            None => (None, HashMap::new()),
+        };
         let step = AdamWStep {
             lr,
             weight_decay: c.weight_decay,
@@ -240,8 +257,9 @@ impl AdamW {
             eps: c.eps,
             step: self.step,
             grad_scale,
+            ema_decay,
         };
-        // Every variable with a gradient and moments, in name order.
+        // Every variable with a gradient and moments, in name order, with its average.
         let mut groups: Vec<AdamWGroup<'_>> = self
             .m
             .iter_mut()
@@ -252,10 +270,26 @@ impl AdamW {
                     m,
                     v,
                     grad: grads.get(name)?,
+                    average: averages.remove(name.as_str()),
                 })
             })
             .collect();
         kernels::adamw(self.kernels, &mut groups, &step)?;
+        drop(groups);
+        // The averages of variables without a gradient follow their unchanged values, as in
+        // `Ema::update`.
+        if let Some(decay) = ema_decay {
+            let mut pairs: Vec<EmaPair<'_>> = averages
+                .into_iter()
+                .filter_map(|(name, average)| {
+                    Some(EmaPair {
+                        average,
+                        value: self.vars.get(name)?.as_tensor(),
+                    })
+                })
+                .collect();
+            kernels::ema(self.kernels, &mut pairs, decay)?;
+        }
         Ok(())
     }
 
@@ -358,6 +392,58 @@ mod tests {
         }
     }
 
+    /// An EMA moved in AdamW's pass (`step_scaled` with `Some(ema)`) holds, bit for bit, what
+    /// the step followed by [`Ema::update`] gives, with our kernels (one pass on the CPU) and
+    /// with candle's ops; a variable without a gradient keeps its weights and its average.
+    #[test]
+    fn an_ema_moved_in_the_adamw_pass_equals_a_separate_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 3 * ddpm_kernels::optim::cpu::CHUNK_LEN + 7;
+        let wave = |k: f32| -> Result<Tensor> {
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + k).sin()).collect();
+            Ok(Tensor::from_vec(v, n, &dev)?)
+        };
+        for kernels in [KernelPolicy::default(), candle()] {
+            let run = |fused: bool| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+                let w = Var::from_tensor(&wave(0.0)?)?;
+                let frozen = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev)?)?;
+                let vars = BTreeMap::from([
+                    ("w".to_string(), w.clone()),
+                    ("z".to_string(), frozen.clone()),
+                ]);
+                let mut opt = AdamW::new(vars.clone(), AdamWConfig::default(), kernels)?;
+                let mut ema = Ema::new(&vars, 0.99, kernels)?;
+                // A variable without a gradient whose average has yet to catch up with it.
+                frozen.set(&Tensor::new(&[3f32, 4.0], &dev)?)?;
+                for step in 1..=3 {
+                    let g = wave(step as f32)?;
+                    let grads = BTreeMap::from([("w".to_string(), g)]);
+                    if fused {
+                        opt.step_scaled(&grads, 1e-2, 0.5, Some((&mut ema, step)))?;
+                    } else {
+                        opt.step_scaled(&grads, 1e-2, 0.5, None)?;
+                        ema.update(&vars, step)?;
+                    }
+                }
+                let avg = |k: &str| ema.tensors()[k].to_vec1::<f32>();
+                let mut z = avg("z")?;
+                z.extend(frozen.as_tensor().to_vec1::<f32>()?);
+                Ok((w.as_tensor().to_vec1()?, avg("w")?, z))
+            };
+            let separate = run(false)?;
+            let fused = run(true)?;
+            assert_eq!(fused, separate, "{kernels:?}");
+            // Its average moved towards it, the variable stayed.
+            let z = &fused.2;
+            assert!(
+                z[0] > 1.0 && z[0] < 3.0 && z[1] > 2.0 && z[1] < 4.0,
+                "{z:?}"
+            );
+            assert_eq!(z[2..], [3.0, 4.0]);
+        }
+        Ok(())
+    }
+
     /// AdamW against a scalar re-implementation of PyTorch's update equations in f64, through
     /// every path: the in-place CPU kernels (f32 variable, our kernels) and tensor ops (an f64
     /// variable, which the kernels do not take, or the candle backend), with a clipping factor
@@ -386,7 +472,12 @@ mod tests {
             for step in 1..=5 {
                 let g = [0.3 * step as f64, -1.0, 2.0 / step as f64];
                 let gt = Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &dev)?;
-                opt.step_scaled(&BTreeMap::from([("w".to_string(), gt)]), cfg.lr, grad_scale)?;
+                opt.step_scaled(
+                    &BTreeMap::from([("w".to_string(), gt)]),
+                    cfg.lr,
+                    grad_scale,
+                    None,
+                )?;
                 for i in 0..3 {
                     let g = g[i] * grad_scale;
                     p[i] *= 1.0 - cfg.lr * cfg.weight_decay;

@@ -871,10 +871,12 @@ impl Trainer {
             });
         }
         let clip = clip_factor(norm, self.config.grad_clip);
-        self.opt.step_scaled(&grads, lr, clip)?;
+        // The EMA takes this step's number, and moves in AdamW's pass where the kernels allow
+        // (then the `ema` phase is empty and its time is in `adamw`'s).
+        self.opt
+            .step_scaled(&grads, lr, clip, Some((&mut self.ema, self.step + 1)))?;
         clock.mark(&self.device, "adamw")?;
         self.step += 1;
-        self.ema.update(&vars, self.step)?;
         clock.mark(&self.device, "ema")?;
         Ok(StepStats {
             loss,

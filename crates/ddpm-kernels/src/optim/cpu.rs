@@ -8,11 +8,15 @@
 
 use std::cell::RefCell;
 
-use candle_core::{bail, CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 /// Elements per parallel chunk: large enough that a chunk's work dwarfs rayon's scheduling.
 pub(crate) const CHUNK: usize = 1 << 15;
+
+/// Tensors of at least twice this many elements are updated in parallel chunks of this many
+/// (for tests of both paths).
+pub const CHUNK_LEN: usize = CHUNK;
 
 /// The elements of a contiguous f32 storage.
 pub(crate) fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -157,6 +161,141 @@ pub(crate) fn adamw_update(
         let update = (m * inv_bc1) / ((v * inv_bc2).sqrt() + eps);
         *p = *p * decay - update * lr;
     });
+}
+
+/// An in-place op over a destination alone, given as a function of its slice (for
+/// [`adamw_step`], which writes four tensors: each is taken through one of these, nested).
+struct SliceMutOp<F> {
+    name: &'static str,
+    // `InplaceOp1::cpu_fwd` takes `&self`; the cell lets `f` be `FnMut` (it is called once).
+    f: RefCell<F>,
+}
+
+impl<F: FnMut(&mut [f32]) -> Result<()>> InplaceOp1 for SliceMutOp<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let dst = values_mut(s, l, self.name)?;
+        (self.f.borrow_mut())(dst)
+    }
+}
+
+/// Runs `f` on the elements of a contiguous f32 CPU tensor, writable in place; errors (naming
+/// `name`) for any other tensor.
+fn with_values_mut(
+    name: &'static str,
+    t: &Tensor,
+    f: impl FnMut(&mut [f32]) -> Result<()>,
+) -> Result<()> {
+    t.inplace_op1(&SliceMutOp {
+        name,
+        f: RefCell::new(f),
+    })
+}
+
+/// One AdamW step of a variable `p` with its moments `m` and `v` and its gradient `g`, and with
+/// `ema = Some((average, decay))` one EMA step of its average towards the new value, in one
+/// parallel pass over the five buffers, in place (contiguous f32 CPU tensors of one size, each
+/// with its own storage: a storage passed twice would wait for its own lock forever). The
+/// values are bit for bit those of the separate passes ([`axpby`] for each moment, then
+/// [`adamw_update`], then [`axpby`] for the average), which read the weights, moments and
+/// gradient three times and the new weights once more: a tenth of a `learnopencv` training
+/// step on a 2-core CPU (docs/benchmarks.md, "Kernel decisions").
+pub(crate) fn adamw_step(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    ema: Option<(&Tensor, f64)>,
+    step: &super::AdamWStep,
+) -> Result<()> {
+    const NAME: &str = "adamw-step";
+    let scale = step.grad_scale as f32;
+    let (b1, b1c) = (step.beta1 as f32, (1.0 - step.beta1) as f32);
+    let (b2, b2c) = (step.beta2 as f32, (1.0 - step.beta2) as f32);
+    let [decay, inv_bc1, inv_bc2, lr, eps] = step.update().factors();
+    let (keep, take) = ema.map_or((0.0, 0.0), |(_, d)| (d as f32, (1.0 - d) as f32));
+    // One element of every buffer: the moments, the weight, then the average (if any).
+    let one = |p: &mut f32, m: &mut f32, v: &mut f32, g: f32| {
+        *m = *m * b1 + g * scale * b1c;
+        let gs = g * scale;
+        *v = *v * b2 + gs * gs * b2c;
+        let update = (*m * inv_bc1) / ((*v * inv_bc2).sqrt() + eps);
+        *p = *p * decay - update * lr;
+    };
+    let mut result = Ok(());
+    update_in_place(NAME, m, g, |m, g| {
+        result = with_values_mut(NAME, v, |v| {
+            with_values_mut(NAME, p, |p| {
+                check_len(NAME, p.len(), &[m.len(), v.len()])?;
+                let Some((average, _)) = ema else {
+                    zip4(p, m, v, g, None, |p, m, v, g, _| one(p, m, v, g));
+                    return Ok(());
+                };
+                with_values_mut(NAME, average, |a| {
+                    check_len(NAME, p.len(), &[a.len()])?;
+                    zip4(p, m, v, g, Some(a), |p, m, v, g, a| {
+                        one(p, m, v, g);
+                        if let Some(a) = a {
+                            *a = *a * keep + *p * 1.0 * take;
+                        }
+                    });
+                    Ok(())
+                })
+            })
+        });
+    })?;
+    result
+}
+
+/// Matching chunks of [`zip4`]'s buffers: `((p, m), v)`, `g` and `a`.
+type Chunks<'a> = (
+    ((&'a mut [f32], &'a mut [f32]), &'a mut [f32]),
+    &'a [f32],
+    Option<&'a mut [f32]>,
+);
+
+/// `f(p[i], m[i], v[i], g[i], a[i])` for every i (`a` absent: `None`), in parallel chunks.
+fn zip4(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    a: Option<&mut [f32]>,
+    f: impl Fn(&mut f32, &mut f32, &mut f32, f32, Option<&mut f32>) + Sync,
+) {
+    let body = |(((p, m), v), g, a): Chunks<'_>| match a {
+        Some(a) => {
+            for ((((p, m), v), &g), a) in p.iter_mut().zip(m).zip(v).zip(g).zip(a) {
+                f(p, m, v, g, Some(a));
+            }
+        }
+        None => {
+            for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                f(p, m, v, g, None);
+            }
+        }
+    };
+    let n = p.len();
+    if n < 2 * CHUNK {
+        body((((p, m), v), g, a));
+        return;
+    }
+    let chunks = p
+        .par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK));
+    match a {
+        Some(a) => chunks
+            .zip(g.par_chunks(CHUNK))
+            .zip(a.par_chunks_mut(CHUNK))
+            .for_each(|((pmv, g), a)| body((pmv, g, Some(a)))),
+        None => chunks
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(pmv, g)| body((pmv, g, None))),
+    }
 }
 
 /// The sum of squares of a contiguous f32 CPU tensor's elements, accumulated in f64; `None` for

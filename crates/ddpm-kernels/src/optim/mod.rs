@@ -72,6 +72,10 @@ pub struct AdamWStep {
     pub step: usize,
     /// Multiplies every gradient first (the factor of gradient clipping; 1: none).
     pub grad_scale: f64,
+    /// The decay of the EMA that follows the variables, for the groups that carry their average
+    /// ([`AdamWGroup::average`]): `average <- decay average + (1 - decay) new value`, in the
+    /// same pass on the CPU. `None`: no average moves.
+    pub ema_decay: Option<f64>,
 }
 
 impl AdamWStep {
@@ -105,11 +109,18 @@ pub struct AdamWGroup<'a> {
     pub v: &'a mut Tensor,
     /// Its gradient.
     pub grad: &'a Tensor,
+    /// Its exponential moving average (f32), if one follows it: moved towards the new value
+    /// with [`AdamWStep::ema_decay`] (as [`ema`] does), updated in place or replaced.
+    pub average: Option<&'a mut Tensor>,
 }
 
-/// One AdamW step of every group, under `policy`: on CUDA in one kernel for all of them where
-/// [`cuda_multi`] takes every tensor, else per variable in place where [`supported`], else with
-/// tensor ops. `m`, `v` and the variables are overwritten in place, or replaced.
+/// One AdamW step of every group, under `policy`, then (with [`AdamWStep::ema_decay`]) one EMA
+/// step of the averages the groups carry: on CUDA in one kernel for all of them where
+/// [`cuda_multi`] takes every tensor (and one more for the averages), on the CPU in one pass
+/// per variable over its weights, moments, gradient and average where [`supported`] takes them
+/// ([`cpu::adamw_step`]), else with tensor ops. `m`, `v`, the variables and the averages are
+/// overwritten in place, or replaced. The values are those of [`moment_update`] twice,
+/// [`AdamWUpdate`] and [`ema_update`] one after the other, bit for bit.
 pub fn adamw(policy: KernelPolicy, groups: &mut [AdamWGroup<'_>], step: &AdamWStep) -> Result<()> {
     policy.scoped(|| {
         // A clone (no copy) where a gradient is contiguous already.
@@ -122,23 +133,48 @@ pub fn adamw(policy: KernelPolicy, groups: &mut [AdamWGroup<'_>], step: &AdamWSt
                 .iter()
                 .zip(&grads)
                 .all(|(g, grad)| cuda_multi(&policy, &[g.var.as_tensor(), &*g.m, &*g.v, grad]));
-        if all_cuda {
+        let averages_cuda = groups.iter().all(|g| {
+            g.average
+                .as_deref()
+                .is_none_or(|a| cuda_multi(&policy, &[a, g.var.as_tensor()]))
+        });
+        if all_cuda && averages_cuda {
             let tensors: Vec<[&Tensor; 4]> = groups
                 .iter()
                 .zip(&grads)
                 .map(|(g, grad)| [g.var.as_tensor(), &*g.m, &*g.v, grad])
                 .collect();
-            return cuda_adamw(&tensors, step);
+            cuda_adamw(&tensors, step)?;
+            if let Some(decay) = step.ema_decay {
+                let pairs: Vec<[&Tensor; 2]> = groups
+                    .iter()
+                    .filter_map(|g| Some([g.average.as_deref()?, g.var.as_tensor()]))
+                    .collect();
+                cuda_ema(&pairs, decay)?;
+            }
+            return Ok(());
         }
         let update = step.update();
         for (g, grad) in groups.iter_mut().zip(&grads) {
             let p = g.var.as_tensor();
+            let average = step.ema_decay.zip(g.average.as_deref_mut());
+            let mut tensors = vec![p, grad, &*g.m, &*g.v];
+            tensors.extend(average.as_ref().map(|(_, a)| &**a));
+            if p.device().is_cpu() && supported(&policy, &tensors) {
+                let ema = average.map(|(decay, a)| (&*a, decay));
+                cpu::adamw_step(p, g.m, g.v, grad, ema, step)?;
+                continue;
+            }
             if supported(&policy, &[p, grad, g.m, g.v]) {
                 moment_update(g.m, grad, step.beta1, step.grad_scale, false)?;
                 moment_update(g.v, grad, step.beta2, step.grad_scale, true)?;
                 p.inplace_op3(g.m, g.v, &update)?;
             } else {
                 fallback::adamw(g.var, g.m, g.v, grad, step)?;
+            }
+            if let Some((decay, average)) = average {
+                let mut pair = [EmaPair { average, value: p }];
+                ema(policy, &mut pair, decay)?;
             }
         }
         Ok(())
@@ -248,7 +284,7 @@ pub struct AdamWUpdate {
 
 impl AdamWUpdate {
     /// `[1 - lr wd, 1 / bc1, 1 / bc2, lr, eps]` in f32, as the kernels take them.
-    fn factors(&self) -> [f32; 5] {
+    pub(crate) fn factors(&self) -> [f32; 5] {
         [
             (1.0 - self.lr * self.weight_decay) as f32,
             (1.0 / self.bc1) as f32,
@@ -455,6 +491,66 @@ mod tests {
         Ok(())
     }
 
+    /// The one-pass AdamW step with its EMA ([`cpu::adamw_step`], what [`adamw`] runs on the
+    /// CPU) gives the separate passes' values bit for bit, with and without an average, on a
+    /// buffer split into parallel chunks and on a small one.
+    #[test]
+    fn one_pass_adamw_and_ema_equal_the_separate_passes() -> Result<()> {
+        for n in [7, 3 * CHUNK + 5] {
+            let g = ramp(n, 2.0, 0.1);
+            let (m, v, p) = (
+                ramp(n, 0.5, 0.0),
+                ramp(n, 0.3, 0.5).abs()?,
+                ramp(n, 1.0, -0.2),
+            );
+            let avg = ramp(n, 0.7, 0.3);
+            let step = AdamWStep {
+                lr: 0.01,
+                weight_decay: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step: 3,
+                grad_scale: 0.7,
+                ema_decay: Some(0.995),
+            };
+            // The separate passes.
+            let (m1, v1, p1, a1) = (m.copy()?, v.copy()?, p.copy()?, avg.copy()?);
+            moment_update(&m1, &g, step.beta1, step.grad_scale, false)?;
+            moment_update(&v1, &g, step.beta2, step.grad_scale, true)?;
+            p1.inplace_op3(&m1, &v1, &step.update())?;
+            ema_update(&a1, &p1, 0.995)?;
+            for with_average in [true, false] {
+                let (m2, v2, p2, a2) = (m.copy()?, v.copy()?, p.copy()?, avg.copy()?);
+                let ema = with_average.then_some((&a2, 0.995));
+                cpu::adamw_step(&p2, &m2, &v2, &g, ema, &step)?;
+                for (what, got, want) in [("m", &m2, &m1), ("v", &v2, &v1), ("p", &p2, &p1)] {
+                    assert_eq!(vec(got), vec(want), "{what} of {n}");
+                }
+                let want_a = if with_average { vec(&a1) } else { vec(&avg) };
+                assert_eq!(vec(&a2), want_a, "average of {n}");
+            }
+        }
+        // Operands of another length are an error, not a panic.
+        let short = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+        let long = Tensor::zeros(4, DType::F32, &Device::Cpu)?;
+        let step = AdamWStep {
+            lr: 0.01,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 1,
+            grad_scale: 1.0,
+            ema_decay: None,
+        };
+        let (m, v) = (short.copy()?, short.copy()?);
+        assert!(cpu::adamw_step(&long, &m, &v, &short, None, &step).is_err());
+        let p = short.copy()?;
+        assert!(cpu::adamw_step(&p, &m, &v, &short, Some((&long, 0.9)), &step).is_err());
+        Ok(())
+    }
+
     #[test]
     fn views_offsets_and_bad_operands() -> Result<()> {
         // A contiguous view with an offset updates only its own elements.
@@ -507,19 +603,16 @@ mod tests {
                     eps: 1e-8,
                     step,
                     grad_scale: 0.5,
+                    ema_decay: Some(0.9),
                 };
                 let mut groups = [AdamWGroup {
                     var: &var,
                     m: &mut m,
                     v: &mut v,
                     grad: &grad,
+                    average: Some(&mut avg),
                 }];
                 adamw(policy, &mut groups, &s)?;
-                let mut pairs = [EmaPair {
-                    average: &mut avg,
-                    value: var.as_tensor(),
-                }];
-                ema(policy, &mut pairs, 0.9)?;
             }
             let in_place = m.id() == m_before.id();
             Ok((vec(var.as_tensor()), vec(&m), vec(&avg), norm, in_place))
