@@ -193,7 +193,13 @@ pub fn sample(
     opts: &SampleOptions,
 ) -> Result<Samples> {
     let policy = model.kernel_policy();
-    policy.scoped(|| sample_with(model, schedule, objective, opts, policy.ours()))
+    // The weights stay as they are for the whole loop: each convolution's Winograd kernel is
+    // transformed once, not at every step.
+    policy.scoped(|| {
+        ddpm_kernels::conv::with_constant_weights(|| {
+            sample_with(model, schedule, objective, opts, policy.ours())
+        })
+    })
 }
 
 /// [`sample`], with the in-place step allowed or not.

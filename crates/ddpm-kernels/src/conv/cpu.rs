@@ -330,19 +330,20 @@ fn plan(b: usize) -> (usize, Parallelism) {
     }
 }
 
-/// `conv(x, w) + bias [+ residual]`, the residual shaped like the output.
+/// `conv(x, w) + bias [+ residual]`, the residual shaped like the output; `weight` is `w`'s
+/// tensor, for a kept Winograd kernel ([`super::transformed_kernel`]).
 pub(super) fn forward<T: Float>(
     g: &Geom,
     x: &[T],
-    w: &[T],
+    (w, weight): (&[T], Option<candle_core::TensorId>),
     bias: &[T],
     residual: Option<&[T]>,
 ) -> Vec<T> {
     let (k, n) = (g.k(), g.n());
     let mut y = Uninit::new(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
-    if let Some(s) = g.winograd() {
-        let u = winograd::transform_kernel(g.o, g.c, w);
+    if let Some(s) = g.winograd().filter(|&s| winograd::enough_tiles(s, chunk)) {
+        let u = super::transformed_kernel(g.o, g.c, w, weight);
         y.par_chunks_mut(chunk * g.out_len())
             .enumerate()
             .for_each(|(ci, ys)| {
@@ -459,7 +460,9 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
     // The input gradient through Winograd: a whole chunk of images at once, before the
     // per-image loop, with the kernel's own transform read as the flipped kernel's; else
     // through im2col with the flipped kernel, when it is a convolution.
-    let t_winograd = t.and_then(|t| t.winograd());
+    let t_winograd = t
+        .and_then(|t| t.winograd())
+        .filter(|&s| winograd::enough_tiles(s, chunk));
     let u = t_winograd.map(|_| winograd::transform_kernel(g.o, g.c, w));
     let w_flipped = t
         .filter(|_| t_winograd.is_none())

@@ -11,7 +11,12 @@ pub mod cuda;
 pub mod fallback;
 mod winograd;
 
-use candle_core::{Layout, Result, Shape, Tensor};
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{Layout, Result, Shape, Tensor, TensorId};
 
 use crate::custom_op::{unpack, Kernel};
 use crate::Float;
@@ -27,6 +32,9 @@ pub struct Conv2d {
     /// Zero padding after the last row and column (usually `padding`; TensorFlow's "SAME"
     /// padding of a stride-2 conv pads only after).
     pub padding_end: usize,
+    /// The weight tensor's id, under which its Winograd transform is kept while weights are
+    /// constant ([`with_constant_weights`]); `None`: never kept.
+    pub weight: Option<TensorId>,
 }
 
 /// Its backward pass over (x, w, grad): `[dx | dw | db per (image, channel)]`, flat.
@@ -57,7 +65,7 @@ impl Kernel<3> for Conv2d {
     }
 
     fn cpu<T: Float>(&self, g: &Geom, [x, w, bias]: [&[T]; 3]) -> Result<Vec<T>> {
-        Ok(cpu::forward(g, x, w, bias, None))
+        Ok(cpu::forward(g, x, (w, self.weight), bias, None))
     }
 
     fn bwd(
@@ -150,7 +158,13 @@ impl Kernel<3> for Conv2dResidual {
 
     fn cpu<T: Float>(&self, g: &Geom, [x, wb, residual]: [&[T]; 3]) -> Result<Vec<T>> {
         let (w, bias) = wb.split_at(self.w_len());
-        Ok(cpu::forward(g, x, w, bias, Some(residual)))
+        Ok(cpu::forward(
+            g,
+            x,
+            (w, self.conv.weight),
+            bias,
+            Some(residual),
+        ))
     }
 
     fn bwd(
@@ -191,6 +205,7 @@ pub fn conv2d_residual(
                 stride,
                 padding,
                 padding_end,
+                weight: Some(w.id()),
             },
             w_dims: [w_dims.0, w_dims.1, w_dims.2, w_dims.3],
         },
@@ -214,6 +229,129 @@ pub fn conv2d(
             stride,
             padding,
             padding_end,
+            weight: Some(w.id()),
         },
     )
+}
+
+/// Transformed kernels kept while the weights are constant ([`with_constant_weights`]), on the
+/// thread that promised it, by weight tensor and kernel shape.
+#[derive(Default)]
+struct ConstantKernels {
+    /// Each a `Vec<T>` of the weights' element type.
+    kernels: HashMap<(TensorId, usize, usize), Arc<dyn Any + Send + Sync>>,
+    /// Bytes held.
+    bytes: usize,
+}
+
+/// The most bytes of transformed kernels kept: more weights than this (16/9 of the Winograd
+/// layers' weights are kept) are transformed at every call, as outside the scope.
+const CONSTANT_KERNELS_MAX_BYTES: usize = 1 << 30;
+
+thread_local! {
+    /// Open while this thread runs inside [`with_constant_weights`].
+    static CONSTANT_KERNELS: RefCell<Option<ConstantKernels>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the promise that no weight tensor changes while it runs (no optimizer step, no
+/// `Var::set`, no in-place update): the CPU convolutions on this thread then transform each
+/// weight tensor's Winograd kernel once, at its first use, instead of at every call. Sampling
+/// opens this around its whole loop (ddpm-train's `sample`): a DDIM-50 sample transforms every
+/// kernel 50 times otherwise, writing 16/9 of the weights each time. Up to 1 GiB of transformed
+/// kernels are kept, and dropped when the outermost scope ends. Scopes nest; the promise covers
+/// this thread's calls only. Breaking it gives convolutions with the old weights.
+pub fn with_constant_weights<R>(f: impl FnOnce() -> R) -> R {
+    struct Close;
+    impl Drop for Close {
+        fn drop(&mut self) {
+            CONSTANT_KERNELS.with(|c| c.borrow_mut().take());
+        }
+    }
+    let outermost = CONSTANT_KERNELS.with(|c| {
+        let mut c = c.borrow_mut();
+        let outermost = c.is_none();
+        if outermost {
+            *c = Some(ConstantKernels::default());
+        }
+        outermost
+    });
+    // Made only for the outermost scope: a `Close` made and dropped at once would end it.
+    let _close = if outermost { Some(Close) } else { None };
+    f()
+}
+
+/// The Winograd transform of the kernel `w` (o, c, 3, 3) of weight tensor `id`: kept for the
+/// rest of a [`with_constant_weights`] scope when one is open on this thread, else made anew.
+pub(crate) fn transformed_kernel<T: Float>(
+    o: usize,
+    c: usize,
+    w: &[T],
+    id: Option<TensorId>,
+) -> Arc<Vec<T>> {
+    let make = || Arc::new(winograd::transform_kernel(o, c, w));
+    let Some(id) = id else { return make() };
+    CONSTANT_KERNELS.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let Some(cache) = cell.as_mut() else {
+            return make();
+        };
+        let key = (id, o, c);
+        if let Some(kept) = cache.kernels.get(&key) {
+            if let Ok(u) = Arc::clone(kept).downcast::<Vec<T>>() {
+                return u;
+            }
+        }
+        let u = make();
+        let bytes = u.len() * std::mem::size_of::<T>();
+        if cache.bytes + bytes <= CONSTANT_KERNELS_MAX_BYTES {
+            cache.bytes += bytes;
+            cache
+                .kernels
+                .insert(key, Arc::clone(&u) as Arc<dyn Any + Send + Sync>);
+        }
+        u
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Inside [`with_constant_weights`] a convolution keeps the Winograd kernel of its first
+    /// call (a weight changed in place, against the promise, is not seen), gives the same
+    /// values as outside, and the kept kernels go when the scope ends.
+    #[test]
+    fn constant_weights_keep_the_first_transformed_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 32, 8, 8), &dev)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (32, 32, 3, 3), &dev)? * 0.1)?)?;
+        let bias = Tensor::zeros(32, candle_core::DType::F32, &dev)?;
+        let conv = |w: &Tensor| {
+            conv2d(&x, w, &bias, 1, (1, 1))?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let before = conv(w.as_tensor())?;
+        let changed = (w.as_tensor() * 2.0)?;
+        let (inside, after_change) = with_constant_weights(|| -> Result<_> {
+            let first = conv(w.as_tensor())?;
+            let nested = with_constant_weights(|| conv(w.as_tensor()))?;
+            assert_eq!(nested, first, "a nested scope keeps the kernels");
+            w.set(&changed)?;
+            Ok((first, conv(w.as_tensor())?))
+        })?;
+        assert_eq!(
+            inside, before,
+            "the kept kernel gives the values of a fresh one"
+        );
+        assert_eq!(after_change, before, "the first kernel was kept");
+        let outside = conv(w.as_tensor())?;
+        let doubled: Vec<f32> = before.iter().map(|v| v * 2.0).collect();
+        for (a, b) in outside.iter().zip(&doubled) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        assert!(CONSTANT_KERNELS.with(|c| c.borrow().is_none()));
+        Ok(())
+    }
 }

@@ -88,6 +88,18 @@ pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     th * tw >= 128
 }
 
+/// Whether a thread's chunk of `images` images of shape `s` has enough tiles for Winograd to
+/// pay for its kernel transform ([`transform_kernel`], 16/9 of the weights written at every
+/// call), which the GEMMs of a few tiles do not earn back: at least [`MIN_CHUNK_TILES`]
+/// (docs/benchmarks.md, "Kernel decisions").
+pub(super) fn enough_tiles(s: Shape, images: usize) -> bool {
+    let (th, tw) = s.tiles();
+    images * th * tw >= MIN_CHUNK_TILES
+}
+
+/// The fewest tiles per thread's chunk [`enough_tiles`] takes.
+const MIN_CHUNK_TILES: usize = 16;
+
 /// The fewest input and output channels [`worthwhile`] takes.
 const MIN_CHANNELS: usize = 32;
 
