@@ -195,11 +195,15 @@ pub fn sample(
     let policy = model.kernel_policy();
     // The weights stay as they are for the whole loop: each convolution's Winograd kernel is
     // transformed once, not at every step.
-    policy.scoped(|| {
+    let run = || {
         ddpm_kernels::conv::with_constant_weights(|| {
             sample_with(model, schedule, objective, opts, policy.ours())
         })
-    })
+    };
+    if !model.device().is_cpu() {
+        return policy.scoped(run);
+    }
+    policy.scoped(|| ddpm_kernels::on_pool(run))
 }
 
 /// [`sample`], with the in-place step allowed or not.
