@@ -431,6 +431,8 @@ mod tests {
             (2, 64, 31, 33, 65, 3, 1, 1),
             (2, 32, 28, 28, 32, 3, 1, 1),
             (1, 33, 23, 24, 34, 3, 1, 1),
+            // 128 x 128 channel pairs: the Winograd weight gradient summed by GEMMs in f32.
+            (1, 128, 24, 24, 128, 3, 1, 1),
             // Chunks of several images, of uneven sizes: im2col weight gradients summed over
             // them, a Winograd input gradient (from the kernel's own transform read flipped)
             // beside an im2col weight gradient on a small map, pointwise convolutions and a

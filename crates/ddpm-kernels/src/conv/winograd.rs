@@ -100,6 +100,13 @@ pub(super) fn enough_tiles(s: Shape, images: usize) -> bool {
 /// The fewest tiles per thread's chunk [`enough_tiles`] takes.
 const MIN_CHUNK_TILES: usize = 16;
 
+/// From this many (output, input) channel pairs on, [`weight_grad`] sums its products by GEMMs
+/// rather than by the lane-wise dot products of [`dots`]: `cifar10`'s 128- and 256-channel
+/// layers on 32x32 images made its training step 6% faster by GEMMs, while `learnopencv`'s
+/// 64-channel ones (up to 192 x 64 pairs) were faster by the dot products (docs/benchmarks.md,
+/// "Kernel decisions").
+const DOTS_MAX_CHANNEL_PAIRS: usize = 128 * 128;
+
 /// The fewest input and output channels [`worthwhile`] takes.
 const MIN_CHANNELS: usize = 32;
 
@@ -291,9 +298,10 @@ pub(super) fn weight_grad<T: Float>(
     let (th, tw) = s.tiles();
     let per_image = th * tw;
     let (o, c) = (s.o, s.c);
-    // In f32 on an AVX2 CPU, dU by lane-wise dot products ([`dots`]), the tiles padded to a
-    // multiple of 16 (the AVX-512 build's vectors) with zeros; otherwise by GEMMs.
-    let lanes = as_f32(x).is_some() && crate::avx2();
+    // In f32 on an AVX2 CPU with fewer than DOTS_MAX_CHANNEL_PAIRS channel pairs, dU by
+    // lane-wise dot products ([`dots`]), the tiles padded to a multiple of 16 (the AVX-512
+    // build's vectors) with zeros; otherwise by GEMMs.
+    let lanes = as_f32(x).is_some() && crate::avx2() && o * c < DOTS_MAX_CHANNEL_PAIRS;
     if n == 0 {
         return;
     }
