@@ -832,6 +832,28 @@ mod tests {
         }
     }
 
+    /// `conv` of `n` images `x` with kernel `u` and no residual, checked against `want` (f64).
+    fn assert_conv(
+        s: Shape,
+        n: usize,
+        x: &[f32],
+        u: Kernel<'_, f32>,
+        bias: Option<&[f32]>,
+        want: &[f64],
+    ) {
+        let mut y = Uninit::new(n * s.out_len());
+        conv(s, n, x, u, bias, None, &mut y, Parallelism::None);
+        // SAFETY: `conv` writes all of `y` (in tests `Uninit` starts as NaN, so a value it
+        // missed fails the comparison below).
+        let y = unsafe { y.assume_init() };
+        for (i, (&g, &e)) in y.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "{s:?} n={n} [{i}] {g} vs {e}"
+            );
+        }
+    }
+
     #[test]
     fn matches_a_direct_convolution_on_even_odd_and_tiny_images() {
         for (c, o, h, w, n) in CASES {
@@ -841,26 +863,7 @@ mod tests {
             let bias = values(o, 3);
             let want = direct(s, n, &x, &wt, &bias);
             let u = transform_kernel(o, c, &wt);
-            let mut y = Uninit::new(n * s.out_len());
-            conv(
-                s,
-                n,
-                &x,
-                Kernel::Own(&u),
-                Some(&bias),
-                None,
-                &mut y,
-                Parallelism::None,
-            );
-            // SAFETY: `conv` writes all of `y` (in tests `Uninit` starts as NaN, so a value it
-            // missed fails the comparison below).
-            let y = unsafe { y.assume_init() };
-            for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "{s:?} n={n} [{i}] {g} vs {e}"
-                );
-            }
+            assert_conv(s, n, &x, Kernel::Own(&u), Some(&bias), &want);
             // Per-image biases and a residual.
             let bias_n = values(n * o, 4);
             let residual = values(n * s.out_len(), 5);
@@ -919,25 +922,7 @@ mod tests {
             }
             let want = direct(s, n, &x, &flipped, &vec![0f32; o]);
             let u = transform_kernel(c, o, &wt);
-            let mut y = Uninit::new(n * s.out_len());
-            conv(
-                s,
-                n,
-                &x,
-                Kernel::Flipped(&u),
-                None,
-                None,
-                &mut y,
-                Parallelism::None,
-            );
-            // SAFETY: as in the test above.
-            let y = unsafe { y.assume_init() };
-            for (i, (&g, &e)) in y.iter().zip(&want).enumerate() {
-                assert!(
-                    (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "{s:?} n={n} [{i}] {g} vs {e}"
-                );
-            }
+            assert_conv(s, n, &x, Kernel::Flipped(&u), None, &want);
         }
     }
 }

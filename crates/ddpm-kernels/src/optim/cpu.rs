@@ -219,8 +219,8 @@ pub(crate) fn adamw_step(
     let (keep, take) = ema.map_or((0.0, 0.0), |(_, d)| (d as f32, (1.0 - d) as f32));
     // One element of every buffer: the moments, the weight, then the average (if any).
     let one = |p: &mut f32, m: &mut f32, v: &mut f32, g: f32| {
-        *m = *m * b1 + g * scale * b1c;
         let gs = g * scale;
+        *m = *m * b1 + gs * b1c;
         *v = *v * b2 + gs * gs * b2c;
         let update = (*m * inv_bc1) / ((*v * inv_bc2).sqrt() + eps);
         *p = *p * decay - update * lr;
@@ -239,7 +239,7 @@ pub(crate) fn adamw_step(
                     zip4(p, m, v, g, Some(a), |p, m, v, g, a| {
                         one(p, m, v, g);
                         if let Some(a) = a {
-                            *a = *a * keep + *p * 1.0 * take;
+                            *a = *a * keep + *p * take;
                         }
                     });
                     Ok(())
