@@ -296,6 +296,9 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device(args.device)
     version = f"torch {torch.__version__}, Python {platform.python_version()}"
+    if device.type == "cpu":
+        # What ATen's kernels and inductor's code use (ATEN_CPU_CAPABILITY caps it).
+        version += f", CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@
 //! `bench/stats.rs` the statistics, `bench/report.rs` the Markdown report and
 //! `bench/probe.rs` what is read of the machine (CPU, versions, clock, memory).
 
+mod isa;
 mod ops;
 mod probe;
 mod report;
@@ -44,6 +45,7 @@ pub(crate) use torch::{check_python, python_cmd};
 pub(crate) use worker::our_worker;
 pub use worker::{run_worker, WorkerArgs};
 
+pub use isa::Isa;
 use report::{render_parity, Report};
 use stats::Measured;
 use torch::{setup_torch, Torch};
@@ -140,6 +142,11 @@ pub struct BenchArgs {
     /// timeout (a compile that does not finish, say). Default: no limit.
     #[arg(long, value_name = "SECONDS")]
     worker_timeout: Option<u64>,
+    /// Instruction sets of both sides: native, or avx2 (an AVX-512 CPU capped at AVX2 on both
+    /// sides, built and run as bench/isa.rs describes; the report goes to
+    /// docs/benchmarks-run-avx2.md for a full run).
+    #[arg(long, value_enum, default_value_t = Isa::Native)]
+    isa: Isa,
 }
 
 /// What one worker process measures.
@@ -637,6 +644,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !gpu && args.device != "cpu" {
         bail!("--device {}: use cpu, cuda or cuda:N", args.device);
     }
+    if args.isa == Isa::Avx2 {
+        if gpu {
+            bail!("--isa avx2 caps the CPU's instruction sets: use it with --device cpu");
+        }
+        if !isa::running_capped() {
+            return isa::rerun_capped();
+        }
+    }
     let presets: Vec<String> = if !args.presets.is_empty() {
         args.presets.clone()
     } else if gpu {
@@ -686,6 +701,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     eprintln!("bench: the machine's matrix-multiply rate (peak)");
     let peaks = measure_peak(&args, threads, python.as_deref())?;
+    if args.isa == Isa::Avx2 {
+        // PyTorch ignores a capability it does not know: make sure the cap took.
+        if let Some(p) = peaks.iter().find(|p| p.engine == "pytorch") {
+            if !p.version.contains(isa::TORCH_AVX2_CAPABILITY) {
+                bail!(
+                    "--isa avx2: PyTorch did not cap itself at AVX2 (it reports: {})",
+                    p.version
+                );
+            }
+        }
+    }
     for p in &peaks {
         for (dtype, rate) in &p.rates {
             eprintln!(
@@ -773,6 +799,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None if python.is_none() || args.kernels == KernelChoice::Candle || gpu => {
             target_dir().join("bench/report.md")
         }
+        None if args.isa == Isa::Avx2 => workspace_root().join("docs/benchmarks-run-avx2.md"),
         None => workspace_root().join("docs/benchmarks-run.md"),
     };
     if let Some(dir) = out.parent() {

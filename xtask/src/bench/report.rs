@@ -373,6 +373,13 @@ impl Report<'_> {
         let _ = writeln!(s, "| command | `{}` |", self.command_line());
         let _ = writeln!(s, "| date | {} |", utc_now());
         let _ = writeln!(s, "| CPU | {} |", cpu_model());
+        if !gpu {
+            let _ = writeln!(
+                s,
+                "| instruction sets | {} |",
+                super::isa::describe(self.args.isa)
+            );
+        }
         let _ = writeln!(
             s,
             "| cores | {} logical CPUs (`/proc/cpuinfo`); available to this process: {} |",
@@ -691,6 +698,7 @@ mod tests {
             device: "cpu".into(),
             precision: "f32".into(),
             worker_timeout: None,
+            isa: crate::bench::Isa::Native,
         }
     }
 
