@@ -19,7 +19,8 @@
 //! measurements (`bench-worker time` and `export`), `bench/ops.rs` the single-op timings
 //! (`bench-worker ops`), `bench/torch.rs` the Python environment and PyTorch's processes,
 //! `bench/stats.rs` the statistics, `bench/report.rs` the Markdown report and
-//! `bench/probe.rs` what is read of the machine (CPU, versions, clock, memory).
+//! `bench/probe.rs` what is read of the machine (CPU, versions, clock, memory), `bench/isa.rs`
+//! the run capped at AVX2 (`--isa avx2`).
 
 mod isa;
 mod ops;
