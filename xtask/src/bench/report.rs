@@ -481,10 +481,11 @@ impl Report<'_> {
         let _ = writeln!(s, "## Peak\n");
         let _ = writeln!(
             s,
-            "The machine's matrix-multiply rate, measured at the start of the run on both \
-             sides: the best of 5 products of two square matrices (f32 without TF32; bf16 \
-             too on CUDA), 2 n^3 FLOPs each. The higher rate of the run's precision is the \
-             peak the fractions above are of.\n"
+            "The machine's matrix-multiply rate, measured on both sides at the start and at \
+             the end of the run, each side's higher rate kept (a rate measured while another \
+             process shared the cores would inflate every fraction): the best of 5 products of \
+             two square matrices (f32 without TF32; bf16 too on CUDA), 2 n^3 FLOPs each. The \
+             higher rate of the run's precision is the peak the fractions above are of.\n"
         );
         s.push_str(&self.peak_table());
         s.push('\n');
