@@ -626,6 +626,21 @@ fn measure_peak(
     Ok(peaks)
 }
 
+/// One line per side and dtype of `peaks`, `what` after the matrix size.
+fn print_peaks(peaks: &[PeakResult], what: &str) {
+    for p in peaks {
+        for (dtype, rate) in &p.rates {
+            eprintln!(
+                "bench: peak {} {dtype} {}x{}{what}: {:.1} GFLOP/s",
+                p.engine,
+                p.size,
+                p.size,
+                rate / 1e9
+            );
+        }
+    }
+}
+
 /// Exports a preset's weights and reference output, and checks the PyTorch reference on them.
 fn parity(preset: &str, python: &Path, threads: usize) -> anyhow::Result<ParityResult> {
     let dir = target_dir().join("bench/parity").join(preset);
@@ -723,17 +738,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    for p in &peaks {
-        for (dtype, rate) in &p.rates {
-            eprintln!(
-                "bench: peak {} {dtype} {}x{}: {:.1} GFLOP/s",
-                p.engine,
-                p.size,
-                p.size,
-                rate / 1e9
-            );
-        }
-    }
+    print_peaks(&peaks, "");
 
     let mut engines = match args.kernels {
         KernelChoice::Ours => vec![Engine::Ours],
@@ -797,15 +802,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             None => peaks.push(p),
         }
     }
-    for p in &peaks {
-        for (dtype, rate) in &p.rates {
-            eprintln!(
-                "bench: peak {} {dtype}, the higher of the two: {:.1} GFLOP/s",
-                p.engine,
-                rate / 1e9
-            );
-        }
-    }
+    print_peaks(&peaks, ", the higher of the two");
 
     let report = Report {
         args: &args,
@@ -878,7 +875,6 @@ mod tests {
         assert_eq!((g.train_batch, g.ddim_batch), (128, 256));
     }
 
-    /// `--torch-mode all` measures eager and best; every mode has its engines and labels.
     /// The peak kept from two measurements is, per dtype, the higher one.
     #[test]
     fn peak_keeps_the_higher_rate_per_dtype() {
@@ -895,6 +891,7 @@ mod tests {
         assert_eq!(start.rates["f16"], 700e9);
     }
 
+    /// `--torch-mode all` measures eager and best; every mode has its engines and labels.
     #[test]
     fn torch_modes_and_engines() {
         assert_eq!(

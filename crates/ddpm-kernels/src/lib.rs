@@ -410,14 +410,15 @@ pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Runs `f` on one of rayon's worker threads while the caller waits (at once when the caller is
-/// one already), and returns what it returns. Each parallel loop of our kernels started from
-/// outside the pool is handed to its threads and waited for across threads; started from
-/// inside, the calling worker takes part and the others steal. A whole CPU training step run
-/// this way was 4-8% faster on 2 cores (`learnopencv`, `mnist-small`; docs/benchmarks.md,
-/// "Kernel decisions"). For CPU work: a CUDA context is bound to the thread that made it.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
+/// Runs `f`, work on `device`, on one of rayon's worker threads while the caller waits (in
+/// place when the caller is one already, or when `device` is not the CPU: a CUDA context is
+/// bound to the thread that made it), and returns what it returns. Each parallel loop of our
+/// kernels started from outside the pool is handed to its threads and waited for across
+/// threads; started from inside, the calling worker takes part and the others steal. A whole
+/// CPU training step run this way was 4-8% faster on 2 cores (`learnopencv`, `mnist-small`;
+/// docs/benchmarks.md, "Kernel decisions").
+pub fn on_pool<R: Send>(device: &candle_core::Device, f: impl FnOnce() -> R + Send) -> R {
+    if !device.is_cpu() || rayon::current_thread_index().is_some() {
         return f();
     }
     let mut out = None;
@@ -550,18 +551,19 @@ unsafe fn gemm_raw<T: Float>(
 mod tests {
     use super::*;
 
-    /// `on_pool` runs its work on a rayon worker and returns its value; from a worker it runs
+    /// `on_pool` runs CPU work on a rayon worker and returns its value; from a worker it runs
     /// in place.
     #[test]
     fn on_pool_runs_on_a_worker_thread() {
-        let (index, inner) = on_pool(|| {
+        let cpu = candle_core::Device::Cpu;
+        let (index, inner) = on_pool(&cpu, || {
             let index = rayon::current_thread_index();
             let here = std::thread::current().id();
-            (index, on_pool(|| std::thread::current().id() == here))
+            (index, on_pool(&cpu, || std::thread::current().id() == here))
         });
         assert!(index.is_some(), "ran outside rayon's pool");
         assert!(inner, "a nested call moved to another thread");
-        assert_eq!(on_pool(|| 6 * 7), 42);
+        assert_eq!(on_pool(&cpu, || 6 * 7), 42);
     }
 
     /// `exp_f32` against f64's exp: relative error below 3e-7 over the range that matters,

@@ -200,10 +200,7 @@ pub fn sample(
             sample_with(model, schedule, objective, opts, policy.ours())
         })
     };
-    if !model.device().is_cpu() {
-        return policy.scoped(run);
-    }
-    policy.scoped(|| ddpm_kernels::on_pool(run))
+    policy.scoped(|| ddpm_kernels::on_pool(model.device(), run))
 }
 
 /// [`sample`], with the in-place step allowed or not.

@@ -727,10 +727,8 @@ impl Trainer {
     /// (`[kernels]` of its config).
     pub fn train_step(&mut self, opts: &RunOptions) -> Result<StepStats> {
         let kernels = self.config.kernels;
-        if !self.device.is_cpu() {
-            return kernels.scoped(|| self.step_under_policy(opts));
-        }
-        kernels.scoped(|| ddpm_kernels::on_pool(|| self.step_under_policy(opts)))
+        let device = self.device.clone();
+        kernels.scoped(|| ddpm_kernels::on_pool(&device, || self.step_under_policy(opts)))
     }
 
     /// [`Trainer::train_step`], under the policy in force.
