@@ -447,7 +447,7 @@ pub(crate) fn matmul<T: Float>(
     unsafe {
         gemm_raw(
             (m, n, k),
-            dst.as_mut_ptr(),
+            (dst.as_mut_ptr(), n),
             accumulate,
             (a, a_strides),
             (b, b_strides),
@@ -478,13 +478,50 @@ pub(crate) fn matmul_to<'d, T: Float>(
     unsafe {
         gemm_raw(
             (m, n, k),
-            dst.as_mut_ptr().cast::<T>(),
+            (dst.as_mut_ptr().cast::<T>(), n),
             false,
             (a, a_strides),
             (b, b_strides),
             par,
         );
         assume_init_mut(dst)
+    }
+}
+
+/// `dst (m x n) = a (m x k) * b (k x n)` into storage not yet written, as [`matmul_to`], with
+/// the rows of `dst` `dst.1` values apart (`dst.1 >= n`): writes `n` values at the start of each
+/// of the m rows, nothing between them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_rows_to<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (&mut [MaybeUninit<T>], usize),
+    a: &[T],
+    a_strides: (usize, usize),
+    b: &[T],
+    b_strides: (usize, usize),
+    par: Parallelism,
+) {
+    assert!(dst_rs >= n, "matmul: output rows overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst.len() >= (m - 1) * dst_rs + n,
+        "matmul: output too short"
+    );
+    // SAFETY: dst holds the m rows of n outputs, `dst_rs` apart; a and b are checked by the
+    // callers' shapes. As in `matmul_to`, without accumulation dst is only written.
+    unsafe {
+        gemm_raw(
+            (m, n, k),
+            (dst.as_mut_ptr().cast::<T>(), dst_rs),
+            false,
+            (a, a_strides),
+            (b, b_strides),
+            par,
+        );
     }
 }
 
@@ -506,16 +543,17 @@ pub(crate) fn matmul_new<T: Float>(
     unsafe { dst.assume_init() }
 }
 
-/// The `gemm` crate's product into `dst`, row-major (m x n), reading it first when `accumulate`.
+/// The `gemm` crate's product into `dst.0`, row-major (m x n) with rows `dst.1` apart, reading
+/// it first when `accumulate`.
 ///
 /// # Safety
 ///
-/// `dst` is valid for writing m*n elements (and initialised when `accumulate`); `a` and `b` hold
-/// every element their strides address.
+/// `dst.0` is valid for writing the m rows of n elements (and initialised when `accumulate`);
+/// `a` and `b` hold every element their strides address.
 #[inline(always)]
 unsafe fn gemm_raw<T: Float>(
     (m, n, k): (usize, usize, usize),
-    dst: *mut T,
+    (dst, dst_rs): (*mut T, usize),
     accumulate: bool,
     (a, (a_rs, a_cs)): (&[T], (usize, usize)),
     (b, (b_rs, b_cs)): (&[T], (usize, usize)),
@@ -529,7 +567,7 @@ unsafe fn gemm_raw<T: Float>(
             k,
             dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,

@@ -43,6 +43,13 @@ pub struct KernelPolicy {
     /// Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions with enough channels (CPU); off: all
     /// convolutions through im2col + GEMM.
     pub winograd: bool,
+    /// Winograd F(4x4, 3x3) instead of F(2x2, 3x3) where a thread's images hold at least 64 of
+    /// its 4x4 tiles (CPU, with `winograd` on): a quarter of im2col's multiply-adds instead of
+    /// 4/9, and rounding about 20 times larger (near 3e-5 of the outputs' size over 256 input
+    /// channels in f32, against 1.4e-6). Off by default: `learnopencv`'s sampling steps were 8%
+    /// faster with it and its training steps no faster (docs/benchmarks.md, "Kernel
+    /// decisions"), not enough to give up F(2x2, 3x3)'s accuracy unasked.
+    pub winograd_4x4: bool,
     /// The widest x86 vector instructions our CPU kernels may use.
     pub cpu_isa: CpuIsa,
     /// Which of our CUDA kernels run (a `cuda` build on a CUDA device).
@@ -57,6 +64,7 @@ impl Default for KernelPolicy {
         KernelPolicy {
             backend: Backend::Ours,
             winograd: true,
+            winograd_4x4: false,
             cpu_isa: CpuIsa::Auto,
             cuda_kernels: CudaKernels::All,
             cuda_conv: CudaConv::Ours,
@@ -282,7 +290,12 @@ impl KernelPolicy {
             CudaConv::Ours => 0,
             CudaConv::Candle => 1,
         };
-        backend | u32::from(self.winograd) << 1 | isa << 2 | cuda << 4 | conv << 6
+        backend
+            | u32::from(self.winograd) << 1
+            | isa << 2
+            | cuda << 4
+            | conv << 6
+            | u32::from(self.winograd_4x4) << 7
     }
 
     fn unpack(w: u32) -> KernelPolicy {
@@ -293,6 +306,7 @@ impl KernelPolicy {
                 Backend::Candle
             },
             winograd: w >> 1 & 1 == 1,
+            winograd_4x4: w >> 7 & 1 == 1,
             cpu_isa: match w >> 2 & 3 {
                 0 => CpuIsa::Auto,
                 1 => CpuIsa::Avx2,
@@ -316,7 +330,7 @@ impl KernelPolicy {
 /// environment variables the `ddpm` binary and `cargo xtask` honour.
 pub const OVERRIDES: [(&str, &str); 5] = [
     ("DDPM_KERNELS", "ours | candle"),
-    ("DDPM_WINOGRAD", "1 | 0"),
+    ("DDPM_WINOGRAD", "1 | 0 | 4x4 (F(4x4, 3x3) where it pays)"),
     ("DDPM_AVX512", "1 | 0 (0: at most AVX2)"),
     ("DDPM_CUDA_KERNELS", "all | basic | off"),
     ("DDPM_CUDA_CONV", "ours | candle | cudnn"),
@@ -343,10 +357,16 @@ impl KernelPolicy {
                     p.backend = Backend::Candle;
                     true
                 }
+                ("DDPM_WINOGRAD", "4x4") => {
+                    p.winograd = true;
+                    p.winograd_4x4 = true;
+                    true
+                }
                 ("DDPM_WINOGRAD" | "DDPM_AVX512", "1" | "on" | "0" | "off") => {
                     let on = matches!(v.as_str(), "1" | "on");
                     if name == "DDPM_WINOGRAD" {
                         p.winograd = on;
+                        p.winograd_4x4 = false;
                     } else {
                         p.cpu_isa = if on { CpuIsa::Auto } else { CpuIsa::Avx2 };
                     }
@@ -385,7 +405,8 @@ impl KernelPolicy {
 }
 
 impl fmt::Display for KernelPolicy {
-    /// `backend=ours winograd=on cpu-isa=auto cuda-kernels=all cuda-conv=ours`.
+    /// `backend=ours winograd=on cpu-isa=auto cuda-kernels=all cuda-conv=ours` (`winograd=4x4`
+    /// with [`KernelPolicy::winograd_4x4`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backend = match self.backend {
             Backend::Ours => "ours",
@@ -405,7 +426,11 @@ impl fmt::Display for KernelPolicy {
             CudaConv::Ours => "ours",
             CudaConv::Candle => "candle",
         };
-        let winograd = if self.winograd { "on" } else { "off" };
+        let winograd = match (self.winograd, self.winograd_4x4) {
+            (false, _) => "off",
+            (true, false) => "on",
+            (true, true) => "4x4",
+        };
         write!(
             f,
             "backend={backend} winograd={winograd} cpu-isa={isa} cuda-kernels={cuda} cuda-conv={conv}"
@@ -420,13 +445,14 @@ mod tests {
     fn all() -> Vec<KernelPolicy> {
         let mut out = Vec::new();
         for backend in [Backend::Ours, Backend::Candle] {
-            for winograd in [false, true] {
+            for (winograd, winograd_4x4) in [(false, false), (true, false), (true, true)] {
                 for cpu_isa in [CpuIsa::Auto, CpuIsa::Avx2, CpuIsa::Baseline] {
                     for cuda_kernels in [CudaKernels::All, CudaKernels::Basic, CudaKernels::Off] {
                         for cuda_conv in [CudaConv::Ours, CudaConv::Candle] {
                             out.push(KernelPolicy {
                                 backend,
                                 winograd,
+                                winograd_4x4,
                                 cpu_isa,
                                 cuda_kernels,
                                 cuda_conv,
@@ -442,7 +468,7 @@ mod tests {
     #[test]
     fn every_policy_packs_and_unpacks_to_itself() {
         let all = all();
-        assert_eq!(all.len(), 72);
+        assert_eq!(all.len(), 108);
         for p in all {
             assert_eq!(KernelPolicy::unpack(p.pack()), p, "{p}");
         }
@@ -453,6 +479,9 @@ mod tests {
     fn serde_names_and_partial_tables() {
         let p: KernelPolicy =
             serde_json::from_str(r#"{"backend": "candle", "cpu_isa": "avx2"}"#).unwrap();
+        // A table without `winograd_4x4` (every config and checkpoint written before it) reads
+        // as F(2x2, 3x3).
+        assert!(!p.winograd_4x4);
         assert_eq!(
             p,
             KernelPolicy {
@@ -493,11 +522,21 @@ mod tests {
             KernelPolicy {
                 backend: Backend::Candle,
                 winograd: false,
+                winograd_4x4: false,
                 cpu_isa: CpuIsa::Avx2,
                 cuda_kernels: CudaKernels::Basic,
                 cuda_conv: CudaConv::Candle,
             }
         );
+        // 4x4 turns Winograd on with the larger tiles; 1 gives the default tiles back.
+        let p = with(&[("DDPM_WINOGRAD", "4x4")]).unwrap();
+        assert!(p.winograd && p.winograd_4x4);
+        assert_eq!(
+            p.to_string(),
+            "backend=ours winograd=4x4 cpu-isa=auto cuda-kernels=all cuda-conv=ours"
+        );
+        let p = p.with_overrides(|n| (n == "DDPM_WINOGRAD").then(|| "on".into()));
+        assert_eq!(p.unwrap(), KernelPolicy::default());
         let e = with(&[("DDPM_KERNELS", "fast")]).unwrap_err();
         assert!(
             e.contains("DDPM_KERNELS=fast") && e.contains("ours | candle"),

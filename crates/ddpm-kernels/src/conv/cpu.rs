@@ -1,5 +1,5 @@
 //! The convolution on the CPU: 2-D convolution lowered onto GEMM (im2col per image, or
-//! Winograd's F(2x2, 3x3) in [`super::winograd`]), with the input, weight and bias gradients
+//! Winograd's F(2x2, 3x3) or F(4x4, 3x3) in [`super::winograd`]), with the input, weight and bias gradients
 //! also computed as GEMMs plus a col2im scatter. Work is split over the batch.
 
 use gemm::Parallelism;
@@ -343,7 +343,8 @@ pub(super) fn forward<T: Float>(
     let mut y = Uninit::new(g.b * g.out_len());
     let (chunk, par) = plan(g.b);
     if let Some(s) = g.winograd().filter(|&s| winograd::enough_tiles(s, chunk)) {
-        let u = super::transformed_kernel(g.o, g.c, w, weight);
+        let f43 = winograd::f43_worthwhile(s, chunk);
+        let u = super::transformed_kernel(g.o, g.c, w, weight, f43);
         y.par_chunks_mut(chunk * g.out_len())
             .enumerate()
             .for_each(|(ci, ys)| {
@@ -355,16 +356,12 @@ pub(super) fn forward<T: Float>(
                     &bias[first * g.o..(first + count) * g.o]
                 };
                 let rs = residual.map(|r| &r[first * g.out_len()..(first + count) * g.out_len()]);
-                winograd::conv(
-                    s,
-                    count,
-                    xs,
-                    winograd::Kernel::Own(&u),
-                    Some(bias),
-                    rs,
-                    ys,
-                    par,
-                );
+                let (u, extra) = (winograd::Kernel::Own(&u[..]), (Some(bias), rs));
+                if f43 {
+                    winograd::conv::<_, 36, winograd::F43>(s, count, xs, u, extra, ys, par);
+                } else {
+                    winograd::conv::<_, 16, winograd::F23>(s, count, xs, u, extra, ys, par);
+                }
             });
         // SAFETY: the chunks, each a whole number of images, cover `y`, and `winograd::conv`
         // writes all of its images' outputs.
@@ -463,7 +460,14 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
     let t_winograd = t
         .and_then(|t| t.winograd())
         .filter(|&s| winograd::enough_tiles(s, chunk));
-    let u = t_winograd.map(|_| winograd::transform_kernel(g.o, g.c, w));
+    let t_f43 = t_winograd.is_some_and(|s| winograd::f43_worthwhile(s, chunk));
+    let u = t_winograd.map(|_| {
+        if t_f43 {
+            winograd::transform_kernel_f43(g.o, g.c, w, true)
+        } else {
+            winograd::transform_kernel(g.o, g.c, w)
+        }
+    });
     let w_flipped = t
         .filter(|_| t_winograd.is_none())
         .map(|_| flip_kernel(g, w));
@@ -482,8 +486,29 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
             let (first, count) = (ci * chunk, dxs.len() / g.in_len());
             let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
             if let (Some(s), Some(u)) = (t_winograd, &u) {
-                let u = winograd::Kernel::Flipped(u);
-                winograd::conv(s, count, dys, u, None, None, dxs, par);
+                if t_f43 {
+                    let u = winograd::Kernel::Transposed(u);
+                    winograd::conv::<_, 36, winograd::F43>(
+                        s,
+                        count,
+                        dys,
+                        u,
+                        (None, None),
+                        dxs,
+                        par,
+                    );
+                } else {
+                    let u = winograd::Kernel::Flipped(u);
+                    winograd::conv::<_, 16, winograd::F23>(
+                        s,
+                        count,
+                        dys,
+                        u,
+                        (None, None),
+                        dxs,
+                        par,
+                    );
+                }
             }
             if let Some(s) = dw_winograd {
                 let xs = &x[first * g.in_len()..(first + count) * g.in_len()];

@@ -16,7 +16,10 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use crate::{as_f32, assume_init_mut, assume_init_ref, fill, matmul, matmul_to, Float, Uninit};
+use crate::{
+    as_f32, assume_init_mut, assume_init_ref, fill, matmul, matmul_rows_to, matmul_to, Float,
+    Uninit,
+};
 
 mod dots;
 
@@ -43,6 +46,72 @@ macro_rules! over_blocks {
             k += 1;
         }
     }};
+}
+
+mod f43;
+
+pub(super) use f43::{transform_kernel as transform_kernel_f43, F43};
+
+/// One Winograd algorithm F(m x m, 3x3) as [`conv`] runs it, with `XI = (m + 2)^2` matrices ξ:
+/// [`F23`] or [`F43`].
+pub(super) trait Tiling<const XI: usize> {
+    /// Tile rows and columns of an image (sizes not a multiple of m get a last tile partly
+    /// outside the image).
+    fn tiles(s: Shape) -> (usize, usize);
+    /// The scratch the transforms of one image need.
+    fn scratch_len(s: Shape) -> usize;
+    /// `V_ξ[ci][p0 + tile]` for one image `x` (c, h, w): in `v`, matrix ξ starts at
+    /// `ξ * strides.0` and its rows are `strides.1` apart; the image's tiles' columns from `p0`
+    /// of each of its c rows are written, nothing else.
+    fn input_transform<T: Float>(
+        s: Shape,
+        x: &[T],
+        v: &mut [MaybeUninit<T>],
+        strides: (usize, usize),
+        p0: usize,
+        d: &mut [T],
+    );
+    /// One image's output (o, h, w), all of `y` written, from the products `M_ξ[oc][p0 + tile]`
+    /// (rows of `p` columns), plus bias and residual.
+    fn output_transform<T: Float>(
+        s: Shape,
+        m: (&[&[T]; XI], usize, usize),
+        extra: (Option<&[T]>, Option<&[T]>),
+        y: &mut [MaybeUninit<T>],
+        d: &mut [T],
+    );
+}
+
+/// F(2x2, 3x3), this module's own transforms: 16 matrices ξ (row * 4 + column of the 4x4).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct F23;
+
+impl Tiling<16> for F23 {
+    fn tiles(s: Shape) -> (usize, usize) {
+        s.tiles()
+    }
+    fn scratch_len(s: Shape) -> usize {
+        scratch_len(s)
+    }
+    fn input_transform<T: Float>(
+        s: Shape,
+        x: &[T],
+        v: &mut [MaybeUninit<T>],
+        strides: (usize, usize),
+        p0: usize,
+        d: &mut [T],
+    ) {
+        input_transform(s, x, v, strides, p0, d);
+    }
+    fn output_transform<T: Float>(
+        s: Shape,
+        m: (&[&[T]; 16], usize, usize),
+        extra: (Option<&[T]>, Option<&[T]>),
+        y: &mut [MaybeUninit<T>],
+        d: &mut [T],
+    ) {
+        output_transform(s, m, extra, y, d);
+    }
 }
 
 /// A convolution's shape as this module sees it: `c` input and `o` output channels of
@@ -87,6 +156,22 @@ pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     let (th, tw) = s.tiles();
     th * tw >= 128
 }
+
+/// Whether a convolution [`worthwhile`] takes runs F(4x4, 3x3) ([`F43`]) rather than F(2x2,
+/// 3x3) on a thread's chunk of `images` images of shape `s`: when the [`KernelPolicy`] asks for
+/// it and the chunk holds at least [`MIN_CHUNK_TILES_4X4`] of its 4x4 tiles. Its kernel transform
+/// writes 4 times the weights (F(2x2, 3x3)'s 16/9), at every call in training; on fewer tiles
+/// that cost more than the GEMMs saved (`learnopencv` training steps at batch 8 were slower with
+/// F(4x4, 3x3) on its 8x8 images, 16 tiles per thread; docs/benchmarks.md, "Kernel decisions").
+///
+/// [`KernelPolicy`]: crate::KernelPolicy
+pub(super) fn f43_worthwhile(s: Shape, images: usize) -> bool {
+    let (th, tw) = F43::tiles(s);
+    crate::KernelPolicy::active().winograd_4x4 && images * th * tw >= MIN_CHUNK_TILES_4X4
+}
+
+/// The fewest 4x4 tiles per thread's chunk [`f43_worthwhile`] takes.
+const MIN_CHUNK_TILES_4X4: usize = 64;
 
 /// Whether a thread's chunk of `images` images of shape `s` has enough tiles for Winograd to
 /// pay for its kernel transform ([`transform_kernel`], 16/9 of the weights written at every
@@ -203,17 +288,26 @@ pub(super) enum Kernel<'a, T> {
     /// `w'` or `U'` cost a scattered copy per backward pass: most of the setup of a
     /// 256-channel layer's.)
     Flipped(&'a [T]),
+    /// A kernel transformed as the convolution's own (`U_ξ` with `o` rows of `c`) whose
+    /// matrices are read transposed: [`transform_kernel_f43`]`(c, o, w, true)` of the kernel
+    /// `w` (c, o, 3, 3) of the convolution whose input gradient this is.
+    Transposed(&'a [T]),
 }
 
 impl<T> Kernel<'_, T> {
-    /// Matrix ξ as the GEMM's left operand (o x c) of a convolution of shape `s`: the slice it
-    /// starts at and its (row, column) strides.
-    fn matrix(&self, s: Shape, xi: usize) -> (&[T], (usize, usize)) {
+    /// Matrix ξ of `XI` as the GEMM's left operand (o x c) of a convolution of shape `s`: the
+    /// slice it starts at and its (row, column) strides.
+    fn matrix<const XI: usize>(&self, s: Shape, xi: usize) -> (&[T], (usize, usize)) {
         /// Entry i of `G rev(g)` is entry `SWAP[i]` of `G g`.
         const SWAP: [usize; 4] = [3, 1, 2, 0];
         match *self {
-            Kernel::Own(u) => (&u[xi * s.c..], (16 * s.c, 1)),
+            Kernel::Own(u) => (&u[xi * s.c..], (XI * s.c, 1)),
+            Kernel::Transposed(u) => (&u[xi * s.o..], (1, XI * s.o)),
             Kernel::Flipped(u) => {
+                assert_eq!(
+                    XI, 16,
+                    "winograd: a flipped kernel is read by F(2x2, 3x3) only"
+                );
                 let from = SWAP[xi / 4] * 4 + SWAP[xi % 4];
                 (&u[from * s.o..], (1, 16 * s.o))
             }
@@ -222,50 +316,62 @@ impl<T> Kernel<'_, T> {
 }
 
 /// `y = conv3x3(x, w) + bias [+ residual]` for `n` images `x` (n, c, h, w) into `y`
-/// (n, o, h, w), all of which is written, with `u` from [`transform_kernel`]. `bias` has `o`
-/// values, or `n * o` (one per image and channel); `residual` is shaped like `y`.
+/// (n, o, h, w), all of which is written, by the Winograd algorithm `Z` with `u` from its
+/// kernel transform ([`transform_kernel`] for [`F23`], [`transform_kernel_f43`] for [`F43`]).
+/// `bias` has `o` values, or `n * o` (one per image and channel); `residual` is shaped like `y`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn conv<T: Float>(
+pub(super) fn conv<T: Float, const XI: usize, Z: Tiling<XI>>(
     s: Shape,
     n: usize,
     x: &[T],
     u: Kernel<'_, T>,
-    bias: Option<&[T]>,
-    residual: Option<&[T]>,
+    (bias, residual): (Option<&[T]>, Option<&[T]>),
     y: &mut [MaybeUninit<T>],
     par: Parallelism,
 ) {
     assert_eq!(y.len(), n * s.out_len(), "winograd: output length");
-    let (th, tw) = s.tiles();
+    let (th, tw) = Z::tiles(s);
     let per_image = th * tw;
     let group = (TILES_PER_GROUP / per_image).clamp(1, n.max(1));
-    // V, written by the input transform, and M, by the GEMMs (no accumulation): each a group's
-    // (c or o) x p values per matrix ξ, `vl` or `ml` apart. The transforms' scratch `d` is
+    // V, written by the input transform, and M, by the GEMMs (no accumulation): a group's
+    // (c or o) x XI x p values, each channel's XI rows (one per matrix ξ) together, so that the
+    // transforms of a channel read or write one block rather than XI places megabytes apart
+    // (F(4x4, 3x3)'s input transform, 36 streams, spent half its time on those stores). The
+    // GEMMs read and write matrix ξ with a row stride of XI p. The transforms' scratch `d` is
     // small (a few rows of one image) and zeroed.
-    let (vl, ml) = (
-        xi_stride(s.c * group * per_image),
-        xi_stride(s.o * group * per_image),
-    );
-    let mut v = Uninit::new(16 * vl);
-    let mut m = Uninit::new(16 * ml);
-    let mut d = vec![T::ZERO; scratch_len(s)];
+    let mut v = Uninit::new(s.c * XI * group * per_image);
+    let mut m = Uninit::new(s.o * XI * group * per_image);
+    let mut d = vec![T::ZERO; Z::scratch_len(s)];
     for first in (0..n).step_by(group) {
         let count = group.min(n - first);
         let p = count * per_image;
+        let ld = XI * p;
         for img in 0..count {
             let xb = &x[(first + img) * s.in_len()..(first + img + 1) * s.in_len()];
-            input_transform(s, xb, &mut v, (vl, p), img * per_image, &mut d);
+            Z::input_transform(s, xb, &mut v, (p, ld), img * per_image, &mut d);
         }
-        let mut mats = m.chunks_mut(ml);
-        let mats: [&[T]; 16] = std::array::from_fn(|xi| {
-            let mat = mats.next().expect("16 matrices");
-            // SAFETY: the input transforms above wrote, for each of the group's `count` images,
-            // its `per_image` columns of each of the c rows (`p` apart) of matrix ξ: all of its
-            // c * p values.
-            let vs = unsafe { assume_init_ref(&v[xi * vl..xi * vl + s.c * p]) };
-            let (us, strides) = u.matrix(s, xi);
-            &*matmul_to(s.o, p, s.c, mat, us, strides, vs, (p, 1), par)
-        });
+        // SAFETY: the input transforms above wrote, for each of the group's `count` images,
+        // its `per_image` columns of each of the c * XI rows (`p` apart): all c * ld values.
+        let vs = unsafe { assume_init_ref(&v[..s.c * ld]) };
+        for xi in 0..XI {
+            let (us, strides) = u.matrix::<XI>(s, xi);
+            let dst = &mut m[xi * p..];
+            matmul_rows_to(
+                s.o,
+                p,
+                s.c,
+                (dst, ld),
+                us,
+                strides,
+                &vs[xi * p..],
+                (ld, 1),
+                par,
+            );
+        }
+        // SAFETY: GEMM ξ wrote rows oc * XI + ξ (p values each, `p` apart) of every output
+        // channel oc: together all o * ld values.
+        let ms = unsafe { assume_init_ref(&m[..s.o * ld]) };
+        let mats: [&[T]; XI] = std::array::from_fn(|xi| &ms[xi * p..]);
         for img in 0..count {
             let bi = first + img;
             let yb = &mut y[bi * s.out_len()..(bi + 1) * s.out_len()];
@@ -277,7 +383,7 @@ pub(super) fn conv<T: Float>(
                 }
             });
             let rb = residual.map(|r| &r[bi * s.out_len()..(bi + 1) * s.out_len()]);
-            output_transform(s, (&mats, p, img * per_image), (bias_b, rb), yb, &mut d);
+            Z::output_transform(s, (&mats, ld, img * per_image), (bias_b, rb), yb, &mut d);
         }
     }
 }
@@ -420,6 +526,15 @@ fn add<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
     a
 }
 
+/// `k a`, lane-wise.
+#[inline(always)]
+fn mul<T: Float, const L: usize>(k: T, mut a: [T; L]) -> [T; L] {
+    for v in &mut a {
+        *v *= k;
+    }
+    a
+}
+
 /// `a - b`, lane-wise.
 #[inline(always)]
 fn sub<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
@@ -429,10 +544,22 @@ fn sub<T: Float, const L: usize>(mut a: [T; L], b: [T; L]) -> [T; L] {
     a
 }
 
-/// The 16 matrices ξ of a transformed buffer, `stride` values apart.
-fn matrices<T>(v: &mut [T], stride: usize) -> [&mut [T]; 16] {
-    let mut it = v.chunks_mut(stride);
-    std::array::from_fn(|_| it.next().expect("a Winograd buffer holds 16 matrices"))
+/// Row `start` of each of the `XI` matrices ξ of a transformed buffer, matrix ξ's row at
+/// `start + ξ * step`, `len` values each (`len <= step`).
+fn rows_at<T, const XI: usize>(
+    v: &mut [T],
+    start: usize,
+    step: usize,
+    len: usize,
+) -> [&mut [T]; XI] {
+    assert!(len <= step, "winograd: the rows of a buffer overlap");
+    let mut rest = &mut v[start..];
+    std::array::from_fn(|xi| {
+        let cut = if xi + 1 < XI { step } else { len };
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(cut);
+        rest = tail;
+        &mut row[..len]
+    })
 }
 
 /// Scratch the transforms need for a shape: the input transform's even and odd halves
@@ -567,7 +694,6 @@ fn grad_transform_impl<T: Float>(
 ) {
     let (th, tw) = s.tiles();
     let p = th * tw;
-    let mut mats = matrices(yt, xi_stride);
     // q[a * 2 + b][ty * tw + tx]: the gradient at row 2 ty + a, column 2 tx + b (zero outside).
     let mut it = d.chunks_mut(p);
     let mut q: [&mut [T]; 4] = std::array::from_fn(|_| it.next().expect("scratch"));
@@ -590,8 +716,7 @@ fn grad_transform_impl<T: Float>(
             }
         }
         let q: [&[T]; 4] = std::array::from_fn(|i| &*q[i]);
-        let base = oc * ld + p0;
-        let mut out = mats.each_mut().map(|m| &mut m[base..base + p]);
+        let mut out = rows_at::<_, 16>(yt, oc * ld + p0, xi_stride, p);
         over_blocks!(p, grad_block(&q, &mut out));
     }
 }
@@ -623,7 +748,6 @@ fn input_transform_impl<T: Float>(
     // Rows outside the image (the one above it, and one or two below) stay zero.
     split[..rs].fill(T::ZERO);
     split[(s.h + 1) * rs..].fill(T::ZERO);
-    let mut mats = matrices(v, xi_stride);
     for ci in 0..s.c {
         let plane = &x[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for (row, part) in plane
@@ -635,8 +759,7 @@ fn input_transform_impl<T: Float>(
             odd[0] = T::ZERO;
             deinterleave(row, &mut even[..tw], &mut odd[1..]);
         }
-        let base = ci * ld + p0;
-        let mut out = mats.each_mut().map(|m| &mut m[base..base + p]);
+        let mut out = rows_at::<_, 16>(v, ci * ld + p0, xi_stride, p);
         for ty in 0..th {
             let rows = &split[2 * ty * rs..(2 * ty + 4) * rs];
             over_blocks!(tw, input_block((rows, rs, tw), &mut out, ty * tw));
@@ -832,23 +955,32 @@ mod tests {
         }
     }
 
-    /// `conv` of `n` images `x` with kernel `u` and no residual, checked against `want` (f64).
-    fn assert_conv(
+    /// The root mean square of `v`.
+    fn rms(v: &[f64]) -> f64 {
+        (v.iter().map(|e| e * e).sum::<f64>() / v.len().max(1) as f64).sqrt()
+    }
+
+    /// `conv` by `Z` of `n` images `x` with kernel `u` and no residual, checked against `want`
+    /// (f64): each value within `tol` of its own size plus the outputs' root mean square (at
+    /// least 1). Winograd's rounding scales with the size of the sums' terms, not of the sum.
+    fn assert_conv<const XI: usize, Z: Tiling<XI>>(
         s: Shape,
-        n: usize,
-        x: &[f32],
+        (n, x): (usize, &[f32]),
         u: Kernel<'_, f32>,
         bias: Option<&[f32]>,
         want: &[f64],
+        tol: f64,
     ) {
         let mut y = Uninit::new(n * s.out_len());
-        conv(s, n, x, u, bias, None, &mut y, Parallelism::None);
+        conv::<_, XI, Z>(s, n, x, u, (bias, None), &mut y, Parallelism::None);
         // SAFETY: `conv` writes all of `y` (in tests `Uninit` starts as NaN, so a value it
         // missed fails the comparison below).
         let y = unsafe { y.assume_init() };
+        let scale = rms(want).max(1.0);
+
         for (i, (&g, &e)) in y.iter().zip(want).enumerate() {
             assert!(
-                (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                (g as f64 - e).abs() <= tol * (scale + e.abs()),
                 "{s:?} n={n} [{i}] {g} vs {e}"
             );
         }
@@ -863,18 +995,17 @@ mod tests {
             let bias = values(o, 3);
             let want = direct(s, n, &x, &wt, &bias);
             let u = transform_kernel(o, c, &wt);
-            assert_conv(s, n, &x, Kernel::Own(&u), Some(&bias), &want);
+            assert_conv::<16, F23>(s, (n, &x), Kernel::Own(&u), Some(&bias), &want, 1e-5);
             // Per-image biases and a residual.
             let bias_n = values(n * o, 4);
             let residual = values(n * s.out_len(), 5);
             let mut y = Uninit::new(n * s.out_len());
-            conv(
+            conv::<_, 16, F23>(
                 s,
                 n,
                 &x,
                 Kernel::Own(&u),
-                Some(&bias_n),
-                Some(&residual),
+                (Some(&bias_n), Some(&residual)),
                 &mut y,
                 Parallelism::None,
             );
@@ -893,6 +1024,53 @@ mod tests {
                     let e = e + residual[at] as f64;
                     assert!(
                         (y[at] as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{s:?} image {b} [{i}]"
+                    );
+                }
+            }
+        }
+    }
+
+    /// F(4x4, 3x3) on the same shapes (sizes 1 to 9 and 32, none, some or all a multiple of 4;
+    /// partial tiles on every side), and on 256 channels of unit-size values, where its
+    /// rounding is largest: within 1e-5 of a value's size on the small cases (the sums there
+    /// are short) and 5e-5 on 256 channels (F(2x2, 3x3) is within 1e-5 on both).
+    #[test]
+    fn f43_matches_a_direct_convolution() {
+        let wide = (256, 3, 12, 10, 2);
+        for (c, o, h, w, n) in CASES
+            .into_iter()
+            .chain([(6, 4, 4, 4, 2), (7, 2, 13, 17, 1), wide])
+        {
+            let s = Shape { c, o, h, w };
+            let x = values(n * s.in_len(), 1);
+            let scale = if c > 64 { 4.0 } else { 1.0 };
+            let x: Vec<f32> = x.iter().map(|v| v * scale).collect();
+            let wt = values(o * c * 9, 2);
+            let bias = values(o, 3);
+            let want = direct(s, n, &x, &wt, &bias);
+            let u = transform_kernel_f43(o, c, &wt, false);
+            let tol = if c > 64 { 5e-5 } else { 1e-5 };
+            let u2 = transform_kernel(o, c, &wt);
+            assert_conv::<16, F23>(s, (n, &x), Kernel::Own(&u2), Some(&bias), &want, tol);
+            assert_conv::<36, F43>(s, (n, &x), Kernel::Own(&u), Some(&bias), &want, tol);
+            // Per-image biases and a residual.
+            let bias_n = values(n * o, 4);
+            let residual = values(n * s.out_len(), 5);
+            let mut y = Uninit::new(n * s.out_len());
+            let extra = (Some(&bias_n[..]), Some(&residual[..]));
+            conv::<_, 36, F43>(s, n, &x, Kernel::Own(&u), extra, &mut y, Parallelism::None);
+            // SAFETY: as in `assert_conv`.
+            let y = unsafe { y.assume_init() };
+            let scale = rms(&want).max(1.0);
+            for b in 0..n {
+                let xb = &x[b * s.in_len()..(b + 1) * s.in_len()];
+                let want_b = direct(s, 1, xb, &wt, &bias_n[b * o..(b + 1) * o]);
+                for (i, &e) in want_b.iter().enumerate() {
+                    let at = b * s.out_len() + i;
+                    let e = e + residual[at] as f64;
+                    assert!(
+                        (y[at] as f64 - e).abs() <= tol * (scale + e.abs()),
                         "{s:?} image {b} [{i}]"
                     );
                 }
@@ -922,7 +1100,10 @@ mod tests {
             }
             let want = direct(s, n, &x, &flipped, &vec![0f32; o]);
             let u = transform_kernel(c, o, &wt);
-            assert_conv(s, n, &x, Kernel::Flipped(&u), None, &want);
+            assert_conv::<16, F23>(s, (n, &x), Kernel::Flipped(&u), None, &want, 1e-5);
+            // F(4x4, 3x3) of the kernel turned by 180 degrees, read transposed.
+            let u = transform_kernel_f43(c, o, &wt, true);
+            assert_conv::<36, F43>(s, (n, &x), Kernel::Transposed(&u), None, &want, 1e-5);
         }
     }
 }
