@@ -363,17 +363,19 @@ mod tests {
         Ok(())
     }
 
-    /// With [`KernelPolicy::winograd_4x4`](crate::KernelPolicy) the forward pass and all three
-    /// gradients of a 3x3 convolution on 32x32 images (64 4x4 tiles per image, so F(4x4, 3x3)
-    /// runs whatever the thread count) match candle's convolution: within 1e-4 of the outputs'
-    /// root mean square, where F(4x4, 3x3)'s rounding is near 1e-5 over 48 channels.
-    #[test]
-    fn winograd_4x4_matches_candles_convolution_forward_and_backward() -> Result<()> {
+    /// The forward pass and all three gradients of a 3x3 convolution of `b` images of `c`
+    /// channels and `size` x `size` pixels into `o` channels, under `policy`, against candle's
+    /// convolution: within 1e-4 of each output's root mean square (Winograd's rounding is
+    /// near 1e-6 of it for F(2x2, 3x3) and 1e-5 for F(4x4, 3x3) over these channel counts).
+    fn assert_matches_candle(
+        policy: crate::KernelPolicy,
+        (b, c, o, size): (usize, usize, usize, usize),
+    ) -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 48, 32, 32), &dev)?)?;
-        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (40, 48, 3, 3), &dev)? * 0.05)?)?;
-        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 40, &dev)?)?;
-        let target = Tensor::randn(0f32, 1.0, (3, 40, 32, 32), &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, size, size), &dev)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (o, c, 3, 3), &dev)? * 0.05)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev)?)?;
+        let target = Tensor::randn(0f32, 1.0, (b, o, size, size), &dev)?;
         // The output and the gradients of sum(y * target), flattened.
         let run = |ours: bool| -> Result<Vec<Vec<f32>>> {
             let y = if ours {
@@ -391,24 +393,38 @@ mod tests {
             }
             Ok(out)
         };
-        let policy = crate::KernelPolicy {
-            winograd_4x4: true,
-            ..crate::KernelPolicy::default()
-        };
         let ours = policy.scoped(|| run(true))?;
         let want = run(false)?;
         for (what, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(ours.iter().zip(&want)) {
             let rms = (b.iter().map(|v| v * v).sum::<f32>() / b.len() as f32).sqrt();
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(
                 worst <= 1e-4 * rms,
-                "{what}: worst {worst} against rms {rms}"
+                "{policy} {size}x{size}, {what}: worst {worst} against rms {rms}"
             );
         }
         Ok(())
+    }
+
+    /// The default policy: Winograd F(2x2, 3x3) forward and for the input gradient, and for the
+    /// weight gradient from 8x8 images on (16 tiles), im2col's weight gradient on 4x4 images.
+    #[test]
+    fn winograd_matches_candles_convolution_forward_and_backward() -> Result<()> {
+        let policy = crate::KernelPolicy::default();
+        for size in [4, 8, 14, 32] {
+            assert_matches_candle(policy, (4, 40, 36, size))?;
+        }
+        Ok(())
+    }
+
+    /// With [`KernelPolicy::winograd_4x4`](crate::KernelPolicy), on 32x32 images (64 4x4 tiles
+    /// per image, so F(4x4, 3x3) runs whatever the thread count).
+    #[test]
+    fn winograd_4x4_matches_candles_convolution_forward_and_backward() -> Result<()> {
+        let policy = crate::KernelPolicy {
+            winograd_4x4: true,
+            ..crate::KernelPolicy::default()
+        };
+        assert_matches_candle(policy, (3, 48, 40, 32))
     }
 }

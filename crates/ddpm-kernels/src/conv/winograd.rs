@@ -148,14 +148,15 @@ pub(super) fn worthwhile(c: usize, o: usize) -> bool {
 }
 
 /// Whether the weight gradient of a convolution [`worthwhile`] takes also goes through
-/// Winograd ([`weight_grad`]): on images of at least 128 tiles (28x28, 196 tiles, and up).
-/// Measured against im2col (conv forward and backward at batch 32, and whole `mnist-small`
-/// training steps; docs/benchmarks.md, "Kernel decisions"): faster at 32, 64 and 96 channels on
-/// 32x32 and 28x28 images, no faster on 16x16 and 8x8 images (64 and 16 tiles).
+/// Winograd ([`weight_grad`]): on images of at least [`WEIGHT_GRAD_MIN_TILES`] tiles (8x8 and
+/// up). On 4x4 images (4 tiles) im2col stays faster (docs/benchmarks.md, "Kernel decisions").
 pub(super) fn weight_grad_worthwhile(s: Shape) -> bool {
     let (th, tw) = s.tiles();
-    th * tw >= 128
+    th * tw >= WEIGHT_GRAD_MIN_TILES
 }
+
+/// The fewest tiles per image [`weight_grad_worthwhile`] takes.
+const WEIGHT_GRAD_MIN_TILES: usize = 16;
 
 /// Whether a convolution [`worthwhile`] takes runs F(4x4, 3x3) ([`F43`]) rather than F(2x2,
 /// 3x3) on a thread's chunk of `images` images of shape `s`: when the [`KernelPolicy`] asks for
@@ -475,26 +476,60 @@ pub(super) fn weight_grad<T: Float>(
     // (`as_f32` is `Some` for f32, so no GEMM ran); otherwise the first group (there is one:
     // n > 0) wrote each of the 16 blocks of o * c values by its GEMM.
     let du = unsafe { du.assume_init() };
-    // dW += G^T dU G, per channel pair, in f64.
+    weight_epilogue(&du, (o, c), dw);
+}
+
+/// `dW += G^T dU G` for every channel pair: `du` holds the 16 matrices dU_ξ (o x c), `dw` the
+/// (o, c, 3, 3) weight gradient. Vectorized over input channels (a channel pair at a time in
+/// f64, this was several milliseconds per 256-channel layer, on one thread).
+#[inline(always)]
+fn weight_epilogue_impl<T: Float>(du: &[T], (o, c): (usize, usize), dw: &mut [T]) {
     for oc in 0..o {
-        for ci in 0..c {
-            let u = |i: usize, j: usize| du[((i * 4 + j) * o + oc) * c + ci].f64();
-            // t = G^T dU (3 x 4): rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3.
-            let t: [[f64; 4]; 3] = [
-                std::array::from_fn(|j| u(0, j) + 0.5 * (u(1, j) + u(2, j))),
-                std::array::from_fn(|j| 0.5 * (u(1, j) - u(2, j))),
-                std::array::from_fn(|j| 0.5 * (u(1, j) + u(2, j)) + u(3, j)),
-            ];
-            let g = &mut dw[(oc * c + ci) * 9..(oc * c + ci + 1) * 9];
-            for (ky, r) in t.iter().enumerate() {
-                let [t0, t1, t2, t3] = *r;
-                let row = [t0 + 0.5 * (t1 + t2), 0.5 * (t1 - t2), 0.5 * (t1 + t2) + t3];
-                for (kx, &val) in row.iter().enumerate() {
-                    g[ky * 3 + kx] += T::of(val);
-                }
-            }
+        over_blocks!(c, epilogue_block(du, (o, c, oc), dw));
+    }
+}
+
+/// [`weight_epilogue_impl`] for output channel `oc` and input channels `k..k + L`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // j, ky and tap index several arrays at once
+fn epilogue_block<T: Float, const L: usize>(
+    du: &[T],
+    (o, c, oc): (usize, usize, usize),
+    dw: &mut [T],
+    k: usize,
+) {
+    let h = T::of(0.5);
+    // t = G^T dU (3 x 4): rows u0 + (u1 + u2) / 2, (u1 - u2) / 2, (u1 + u2) / 2 + u3.
+    let mut t = [[[T::ZERO; L]; 4]; 3];
+    for j in 0..4 {
+        let u = |i: usize| load::<T, L>(du, ((i * 4 + j) * o + oc) * c + k);
+        let (u0, u1, u2, u3) = (u(0), u(1), u(2), u(3));
+        let s = mul(h, add(u1, u2));
+        t[0][j] = add(u0, s);
+        t[1][j] = mul(h, sub(u1, u2));
+        t[2][j] = add(s, u3);
+    }
+    // g = t G (3 x 3), the same combinations along each row.
+    let mut g = [[T::ZERO; L]; 9];
+    for ky in 0..3 {
+        let [t0, t1, t2, t3] = t[ky];
+        let s = mul(h, add(t1, t2));
+        g[ky * 3] = add(t0, s);
+        g[ky * 3 + 1] = mul(h, sub(t1, t2));
+        g[ky * 3 + 2] = add(s, t3);
+    }
+    let at = (oc * c + k) * 9;
+    let out = &mut dw[at..at + 9 * L];
+    for l in 0..L {
+        for tap in 0..9 {
+            out[l * 9 + tap] += g[tap][l];
         }
     }
+}
+
+avx2_dispatch! {
+    /// See [`weight_epilogue_impl`].
+    fn weight_epilogue<T>(du: &[T], shape: (usize, usize), dw: &mut [T]) = weight_epilogue_impl
 }
 
 /// `L` consecutive values of `s` from `k`.
