@@ -397,7 +397,11 @@ mod tests {
         let want = run(false)?;
         for (what, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(ours.iter().zip(&want)) {
             let rms = (b.iter().map(|v| v * v).sum::<f32>() / b.len() as f32).sqrt();
-            let worst = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(
                 worst <= 1e-4 * rms,
                 "{policy} {size}x{size}, {what}: worst {worst} against rms {rms}"
