@@ -493,20 +493,41 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
         let _ = std::fs::remove_file(dir.join(format!("{}.safetensors", stem(*step))));
     }
     let kept: Vec<usize> = all.iter().skip(n).map(|(step, _)| *step).collect();
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let orphan = name
-                .strip_prefix("ckpt-")
-                .and_then(|s| s.strip_suffix(".safetensors"))
-                .and_then(|s| s.parse::<usize>().ok())
-                .is_some_and(|step| !kept.contains(&step));
-            if orphan {
-                let _ = std::fs::remove_file(entry.path());
+    remove_orphans(&dir, &kept);
+    Ok(())
+}
+
+/// Deletes the tensors files whose JSON is gone: left by a process killed between writing a
+/// checkpoint's two files, or between removing them while pruning. Resuming calls it (under the
+/// run's lock, before anything else is written): a run killed while pruning after its last
+/// checkpoint is never pruned again, since its resume has no step left to save.
+pub fn remove_orphan_tensors(run_dir: &Path) -> Result<()> {
+    let complete: Vec<usize> = list(run_dir)?.iter().map(|(step, _)| *step).collect();
+    remove_orphans(&checkpoint_dir(run_dir), &complete);
+    Ok(())
+}
+
+/// Deletes the `ckpt-N.safetensors` files in `dir` whose step is not in `kept`.
+fn remove_orphans(dir: &Path, kept: &[usize]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let orphan = name
+            .strip_prefix("ckpt-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.parse::<usize>().ok())
+            .is_some_and(|step| !kept.contains(&step));
+        if orphan {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::debug!(file = %entry.path().display(), "removed orphan tensors"),
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), "cannot remove orphan tensors: {e}")
+                }
             }
         }
     }
-    Ok(())
 }
 
 /// Moves both files of the checkpoint of `step` into `RUN_DIR/checkpoints/set-aside/` (a name
@@ -1193,6 +1214,28 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_else(|| "loaded".into())
+    }
+
+    /// A process killed while pruning after its last checkpoint leaves the tensors of a
+    /// checkpoint whose JSON it had removed; `remove_orphan_tensors` (run by every resume)
+    /// deletes exactly those, and every complete checkpoint still loads.
+    #[test]
+    fn orphan_tensors_are_removed_and_complete_checkpoints_kept() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = write_run(dir.path(), &[2, 4, 6, 8], 0);
+        // Killed between the JSON and the tensors of step 2 (pruning), and after the tensors of
+        // step 10 were written but before its JSON.
+        std::fs::remove_file(json_path(&run, 2))?;
+        std::fs::copy(tensors_path(&run, 8), tensors_path(&run, 10))?;
+        remove_orphan_tensors(&run)?;
+        assert!(!tensors_path(&run, 2).exists() && !tensors_path(&run, 10).exists());
+        let steps: Vec<usize> = list(&run)?.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [4, 6, 8]);
+        for step in steps {
+            assert!(tensors_path(&run, step).exists());
+            assert_eq!(load_err(&json_path(&run, step)), "loaded");
+        }
+        Ok(())
     }
 
     /// Identical states give identical files, with the metadata keys sorted; the records

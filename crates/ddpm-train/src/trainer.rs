@@ -554,6 +554,7 @@ impl Trainer {
             None => checkpoint::run_id_for(&ckpt.meta.config)?,
         };
         if rank == 0 {
+            checkpoint::remove_orphan_tensors(run_dir)?;
             for passed in &newer {
                 let to = checkpoint::set_aside(run_dir, passed.step)?;
                 tracing::warn!(
