@@ -1,6 +1,6 @@
 //! The convolution on the CPU: 2-D convolution lowered onto GEMM (im2col per image, or
-//! Winograd's F(2x2, 3x3) or F(4x4, 3x3) in [`super::winograd`]), with the input, weight and bias gradients
-//! also computed as GEMMs plus a col2im scatter. Work is split over the batch.
+//! Winograd's F(2x2, 3x3) or F(4x4, 3x3) in [`super::winograd`]), with the input, weight and
+//! bias gradients also computed as GEMMs plus a col2im scatter. Work is split over the batch.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -356,12 +356,8 @@ pub(super) fn forward<T: Float>(
                     &bias[first * g.o..(first + count) * g.o]
                 };
                 let rs = residual.map(|r| &r[first * g.out_len()..(first + count) * g.out_len()]);
-                let (u, extra) = (winograd::Kernel::Own(&u[..]), (Some(bias), rs));
-                if f43 {
-                    winograd::conv::<_, 36, winograd::F43>(s, count, xs, u, extra, ys, par);
-                } else {
-                    winograd::conv::<_, 16, winograd::F23>(s, count, xs, u, extra, ys, par);
-                }
+                let u = winograd::Kernel::Own(&u[..]);
+                winograd::conv_by(f43, s, count, xs, u, (Some(bias), rs), ys, par);
             });
         // SAFETY: the chunks, each a whole number of images, cover `y`, and `winograd::conv`
         // writes all of its images' outputs.
@@ -486,29 +482,12 @@ pub(super) fn backward<T: Float>(g: &Geom, x: &[T], w: &[T], dy: &[T]) -> Vec<T>
             let (first, count) = (ci * chunk, dxs.len() / g.in_len());
             let dys = &dy[first * g.out_len()..(first + count) * g.out_len()];
             if let (Some(s), Some(u)) = (t_winograd, &u) {
-                if t_f43 {
-                    let u = winograd::Kernel::Transposed(u);
-                    winograd::conv::<_, 36, winograd::F43>(
-                        s,
-                        count,
-                        dys,
-                        u,
-                        (None, None),
-                        dxs,
-                        par,
-                    );
+                let u = if t_f43 {
+                    winograd::Kernel::Transposed(u)
                 } else {
-                    let u = winograd::Kernel::Flipped(u);
-                    winograd::conv::<_, 16, winograd::F23>(
-                        s,
-                        count,
-                        dys,
-                        u,
-                        (None, None),
-                        dxs,
-                        par,
-                    );
-                }
+                    winograd::Kernel::Flipped(u)
+                };
+                winograd::conv_by(t_f43, s, count, dys, u, (None, None), dxs, par);
             }
             if let Some(s) = dw_winograd {
                 let xs = &x[first * g.in_len()..(first + count) * g.in_len()];

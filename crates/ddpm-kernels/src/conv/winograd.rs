@@ -389,6 +389,26 @@ pub(super) fn conv<T: Float, const XI: usize, Z: Tiling<XI>>(
     }
 }
 
+/// [`conv`] by F(4x4, 3x3) when `f43` (see [`f43_worthwhile`]; `u` from
+/// [`transform_kernel_f43`]), else by F(2x2, 3x3).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_by<T: Float>(
+    f43: bool,
+    s: Shape,
+    n: usize,
+    x: &[T],
+    u: Kernel<'_, T>,
+    extra: (Option<&[T]>, Option<&[T]>),
+    y: &mut [MaybeUninit<T>],
+    par: Parallelism,
+) {
+    if f43 {
+        conv::<T, 36, F43>(s, n, x, u, extra, y, par);
+    } else {
+        conv::<T, 16, F23>(s, n, x, u, extra, y, par);
+    }
+}
+
 /// The weight gradient `dW` (o, c, 3, 3) of the convolution over `n` images `x` (n, c, h, w)
 /// with output gradient `dy` (n, o, h, w), added to `dw`. With `U = G g G^T` the forward pass is
 /// linear in `U`, so `dL/dU_ξ = Σ_tiles (A dY A^T)_ξ V_ξ`: per ξ a product (o x tiles) by
