@@ -76,7 +76,7 @@ const CHECKS: &[&str] = &[
     "nccl world size 1 = plain",
 ];
 
-/// The checks [`column`] makes; the GPU-only ones after them are made by [`run`].
+/// The checks [`column()`] makes; the GPU-only ones after them are made by [`run`].
 const COLUMN_CHECKS: usize = 4;
 
 /// A column: one device and precision.

@@ -21,7 +21,7 @@
 //!   SiLU and dropout in one pass forward and two backward.
 //! - [`attention`]: softmax and linear attention over a packed qkv, one op each.
 //! - [`upsample`]: nearest 2x upsampling.
-//! - [`concat`]: concatenation along the channels (the U-Nets' skip connections).
+//! - [`concat`](mod@concat): concatenation along the channels (the U-Nets' skip connections).
 //! - [`optim`]: AdamW, the EMA and the gradient norm over all variables: in place on the CPU,
 //!   one launch for all of them on CUDA, candle's tensor ops otherwise.
 //! - `custom_op`: the one skeleton of the custom ops (the plan from the layouts, the slices, the
@@ -241,7 +241,7 @@ pub(crate) fn as_f32<T: Float>(s: &[T]) -> Option<&[f32]> {
 }
 
 /// Whether this CPU runs the AVX-512 builds of our kernels (AVX-512F and VL with AVX2 and FMA;
-/// detected once): not when the [`KernelPolicy`](crate::KernelPolicy) caps the instruction set
+/// detected once): not when the [`KernelPolicy`] caps the instruction set
 /// lower, so that the AVX2 builds can be compared on the same machine.
 pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -259,7 +259,7 @@ pub fn avx512() -> bool {
 }
 
 /// Whether this CPU runs the AVX2 + FMA builds of our element-wise loops (checked once).
-/// Not when the [`KernelPolicy`](crate::KernelPolicy) asks for the baseline build.
+/// Not when the [`KernelPolicy`] asks for the baseline build.
 pub fn avx2() -> bool {
     avx2_present() && crate::KernelPolicy::active().cpu_isa != crate::policy::CpuIsa::Baseline
 }

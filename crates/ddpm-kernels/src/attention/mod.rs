@@ -10,7 +10,7 @@
 //! matrix products) and writes the gradient of `qkv` in place.
 //!
 //! The candle custom ops are here, the CPU kernels in `cpu`, softmax attention's CUDA passes in
-//! [`cuda`] (cuBLAS GEMMs and the row-softmax kernels of `kernels.cu`), and candle's
+//! `cuda` (cuBLAS GEMMs and the row-softmax kernels of `kernels.cu`), and candle's
 //! composition in [`fallback`].
 
 mod cpu;

@@ -221,8 +221,10 @@ fn im2col_impl<T: Float>(g: &Geom, x: &[T], cols: &mut [MaybeUninit<T>]) {
                         let ix0 = xlo + kx - g.pad;
                         write_copy(&mut line[xlo..xhi], &src_row[ix0..ix0 + (xhi - xlo)]);
                     } else {
-                        for (ox, v) in line.iter_mut().enumerate().take(xhi).skip(xlo) {
-                            v.write(src_row[ox * g.stride + kx - g.pad]);
+                        // An index loop: iterator adapters here (`skip`, `take`) were left as
+                        // calls outside the AVX2 copy and ran element by element.
+                        for ox in xlo..xhi {
+                            line[ox].write(src_row[ox * g.stride + kx - g.pad]);
                         }
                     }
                 }

@@ -3,7 +3,7 @@
 //! backward passes here, the CPU kernels in `cpu` (im2col + GEMM) and `winograd` (F(2x2, 3x3)
 //! for 3x3 stride-1 convolutions, with its AVX-512 dot products in `winograd/dots.rs`, and the
 //! opt-in F(4x4, 3x3) in `winograd/f43.rs`), the CUDA
-//! version in [`cuda`] (our im2col, one cuBLAS GEMM, a bias epilogue), and candle's composition
+//! version in `cuda` (our im2col, one cuBLAS GEMM, a bias epilogue), and candle's composition
 //! in [`fallback`].
 
 mod cpu;

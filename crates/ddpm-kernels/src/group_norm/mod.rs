@@ -1,6 +1,6 @@
 //! GroupNorm with a per-(image, channel) affine (scale-shift conditioning), SiLU and dropout,
 //! one op forward and one backward: the candle custom ops here, the CPU kernels in `cpu`, the
-//! CUDA passes in [`cuda`] (kernels in `kernels.cu`), and candle's composition in [`fallback`].
+//! CUDA passes in `cuda` (kernels in `kernels.cu`), and candle's composition in [`fallback`].
 
 mod cpu;
 #[cfg(feature = "cuda")]

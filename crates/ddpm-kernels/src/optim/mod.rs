@@ -118,7 +118,7 @@ pub struct AdamWGroup<'a> {
 /// step of the averages the groups carry: on CUDA in one kernel for all of them where
 /// [`cuda_multi`] takes every tensor (and one more for the averages), on the CPU in one pass
 /// per variable over its weights, moments, gradient and average where [`supported`] takes them
-/// ([`cpu::adamw_step`]), else with tensor ops. `m`, `v`, the variables and the averages are
+/// (`cpu::adamw_step`), else with tensor ops. `m`, `v`, the variables and the averages are
 /// overwritten in place, or replaced. The values are those of [`moment_update`] twice,
 /// [`AdamWUpdate`] and [`ema_update`] one after the other, bit for bit.
 pub fn adamw(policy: KernelPolicy, groups: &mut [AdamWGroup<'_>], step: &AdamWStep) -> Result<()> {

@@ -1,5 +1,5 @@
 //! Nearest-neighbour 2x upsampling, forward and backward (the sum over each 2x2 block): the
-//! candle custom op here, the CPU kernels in `cpu`, the CUDA version in [`cuda`] (kernels in
+//! candle custom op here, the CPU kernels in `cpu`, the CUDA version in `cuda` (kernels in
 //! `kernels.cu`), and candle's op in [`fallback`], whose backward pass is a grouped convolution
 //! with a kernel of ones, through candle's slow CPU convolution.
 
