@@ -100,12 +100,23 @@ fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<Pat
     if !output.status.success() {
         bail!("building ddpm-kernels' CUDA tests failed (see above)");
     }
-    String::from_utf8_lossy(&output.stdout)
+    test_executable(
+        &String::from_utf8_lossy(&output.stdout),
+        KERNEL_TESTS_TARGET,
+    )
+    .context("cargo built no test executable for ddpm-kernels")
+}
+
+/// The library target whose test binary carries the CUDA kernels' tests (ddpm-kernels' lib).
+const KERNEL_TESTS_TARGET: &str = "ddpm_kernels";
+
+/// The executable of `target`'s test binary in cargo's JSON messages (`--message-format json`).
+fn test_executable(messages: &str, target: &str) -> Option<PathBuf> {
+    messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "ddpm_unet")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no test executable for ddpm-kernels")
 }
 
 /// Runs `build-cuda`.
@@ -363,4 +374,40 @@ fn driver_symbols() -> anyhow::Result<Vec<String>> {
         );
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test binary is found by the kernels crate's library target (the kernels moved out of
+    /// ddpm-unet, and a search for `ddpm_unet` found nothing, failing every `build-cuda`), and
+    /// the target name is the lib name cargo gives ddpm-kernels.
+    #[test]
+    fn the_kernel_test_binary_is_found_by_its_target() {
+        let messages = [
+            r#"{"reason":"compiler-artifact","target":{"name":"ddpm_unet","kind":["lib"]},"executable":"/t/ddpm_unet-1"}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"ddpm_kernels","kind":["lib"]},"executable":null}"#,
+            r#"{"reason":"compiler-artifact","target":{"name":"ddpm_kernels","kind":["lib"]},"executable":"/t/ddpm_kernels-2"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(
+            test_executable(&messages, KERNEL_TESTS_TARGET),
+            Some(PathBuf::from("/t/ddpm_kernels-2"))
+        );
+        assert_eq!(test_executable("not json\n", KERNEL_TESTS_TARGET), None);
+        let manifest = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/ddpm-kernels/Cargo.toml"),
+        )
+        .expect("ddpm-kernels' Cargo.toml");
+        assert!(
+            manifest.contains("name = \"ddpm-kernels\""),
+            "the kernels crate was renamed: update KERNEL_TESTS_TARGET"
+        );
+        assert!(
+            !manifest.contains("[lib]"),
+            "a [lib] name may differ from the package's"
+        );
+    }
 }

@@ -85,13 +85,10 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         ..Default::default()
     };
     crate::train::ensure_data(&probe, false)?;
-    let ds = Dataset::open(&spec, &cfg, Split::Train).with_context(|| {
-        format!(
-            "opening {spec} in {} (fetch it with `cargo xtask fetch-data {}`)",
-            a.data_dir.display(),
-            spec.name()
-        )
-    })?;
+    check_memory(&probe, a.num, ts.len())?;
+    // `ensure_data` fetched the set or said how: what fails here is the data themselves.
+    let ds = Dataset::open(&spec, &cfg, Split::Train)
+        .with_context(|| format!("opening {spec} in {}", a.data_dir.display()))?;
     let n = a.num.min(ds.len());
     let x0 = Tensor::stack(
         &(0..n)
@@ -124,4 +121,36 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         .with_context(|| format!("writing {}", a.out.display()))?;
     tracing::info!(path = %a.out.display(), rows = n, columns = ts.len(), "forward-process figure written");
     Ok(())
+}
+
+/// Refuses a figure whose decoded data (the whole training split is decoded at `--image-size`)
+/// and tiles cannot fit in the available memory, before the decoding runs out of it.
+fn check_memory(probe: &ddpm_train::TrainConfig, num: usize, columns: usize) -> Result<()> {
+    use ddpm_train::memory::{estimate, human_bytes};
+    let Some(available) = crate::train::available_memory() else {
+        return Ok(());
+    };
+    let e = estimate(probe);
+    // Each tile in f32, held about four times over (images, noise, noised columns, the grid).
+    let tile = (e.channels as u64).saturating_mul((e.image_size as u64).saturating_pow(2));
+    let tiles = tile
+        .saturating_mul(num.min(e.images.unwrap_or(num)) as u64)
+        .saturating_mul(columns as u64 + 2)
+        .saturating_mul(4 * 4);
+    let need = e.data_cache_bytes.saturating_add(tiles);
+    if need <= available {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "this figure needs at least {} of memory but {} is available: the training split decoded \
+         at {}x{} takes {} and the figure's {} images {}; lower --image-size (now {}) or --num",
+        human_bytes(need),
+        human_bytes(available),
+        e.image_size,
+        e.image_size,
+        human_bytes(e.data_cache_bytes),
+        num.saturating_mul(columns),
+        human_bytes(tiles),
+        e.image_size,
+    )
 }

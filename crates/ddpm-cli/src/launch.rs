@@ -53,6 +53,7 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
              or run `ddpm train` directly under your own launcher)"
         );
     }
+    ddpm_train::World::check_launch(a.nproc).with_context(|| format!("--nproc {}", a.nproc))?;
     let exe = std::env::current_exe().context("finding this ddpm binary to start the ranks")?;
     // Signals received; each new one (a second, to force the ranks out) is passed on.
     let signals = Arc::new(AtomicUsize::new(0));
@@ -129,8 +130,8 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
     match failed {
         Some((rank, status)) => bail!(
             "rank {rank} of {n} failed ({status}), so the other ranks were stopped; its error is \
-             above. The run keeps its last checkpoint: the same `ddpm launch` with `train --resume \
-             DIR` continues it"
+             above. Checkpoints written before the failure are kept: if there is one, the same \
+             `ddpm launch` with `train --resume DIR` continues from it"
         ),
         None => Ok(()),
     }

@@ -237,6 +237,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let out_format = grid_format(&a.out)?;
     check_writable(&a.out)?;
+    if let Some(dir) = a.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        anyhow::bail!(
+            "--out-dir {} is a file: name a directory (new or existing) for the samples",
+            dir.display()
+        );
+    }
     if let Some(g) = &a.gif {
         check_writable(g)?;
         if a.frames < 2 {
@@ -265,6 +271,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         (None, None) => anyhow::bail!("give --checkpoint or --pretrained"),
     };
     let states = sampler.build(&schedule)?.timesteps().len() + 1;
+    let gif_frames = if a.gif.is_some() {
+        a.frames.min(states)
+    } else {
+        0
+    };
+    check_memory(a.num, gif_frames, model.config())?;
     let frames = if a.gif.is_some() && a.frames > states {
         tracing::info!(
             "--frames {} is more than the {states} states of a {}-step sampler: the GIF has \
@@ -296,7 +308,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         tracing::info!(path = %path.display(), commit = ?source.commit, "provenance written");
     }
     if let Some(dir) = &a.out_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating --out-dir {}", dir.display()))?;
         for i in 0..a.num {
             let p = dir.join(format!("sample-{i:05}.png"));
             image_io::save_image(&samples.images.get(i)?, &p)
@@ -309,6 +322,38 @@ pub fn run(a: SampleArgs) -> Result<()> {
         tracing::info!(path = %gif.display(), frames = samples.frames.len(), "reverse-process GIF written");
     }
     Ok(())
+}
+
+/// Refuses a `--num` whose samples cannot be held in the available memory (every image is kept
+/// in `f32` until the grid is written, and `frames` states of each for a GIF), before the
+/// sampling runs for hours and ends in an abort.
+fn check_memory(num: usize, frames: usize, config: &ddpm_unet::ModelConfig) -> Result<()> {
+    use ddpm_train::memory::human_bytes;
+    let Some(available) = crate::train::available_memory() else {
+        return Ok(());
+    };
+    let side = config.image_size() as u64;
+    let per_image = (config.channels() as u64)
+        .saturating_mul(side.saturating_mul(side))
+        .saturating_mul(4);
+    // The images, their 8-bit grid, and the GIF's states.
+    let copies = 2 + frames as u64;
+    let need = per_image.saturating_mul(num as u64).saturating_mul(copies);
+    if need <= available {
+        return Ok(());
+    }
+    let fits = available / per_image.saturating_mul(copies).max(1);
+    anyhow::bail!(
+        "--num {num}: the samples need at least {} of memory{} but {} is available; lower --num \
+         (at most about {fits} fit) and draw more in several runs with different --seed",
+        human_bytes(need),
+        if frames > 0 {
+            " with the GIF's frames"
+        } else {
+            ""
+        },
+        human_bytes(available),
+    )
 }
 
 /// The image format `--out` names by its extension: PNG or JPEG; anything else is refused

@@ -435,6 +435,18 @@ fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
     };
     let mut what = data;
     let mut fix = format!("lower --image-size (now {})", e.image_size);
+    if device.is_cpu() && e.state_bytes >= e.data_cache_bytes.max(e.activation_bytes) {
+        // The model is the largest part: a smaller batch or image does not make it fit.
+        anyhow::bail!(
+            "this run needs at least {} of memory but {} is available: the model's {} \
+             parameters (at least) with their gradients, EMA and AdamW moments take {}; choose \
+             a smaller model (its width, [model] dim or ch in the config, or another --model)",
+            human_bytes(need),
+            human_bytes(available),
+            e.parameters,
+            human_bytes(e.state_bytes),
+        );
+    }
     if device.is_cpu() {
         let per_image = e.activation_bytes / e.micro_batch.max(1) as u64;
         what += &format!(
@@ -443,7 +455,9 @@ fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
             human_bytes(e.activation_bytes),
             human_bytes(per_image)
         );
-        let room = available.saturating_sub(e.data_cache_bytes);
+        let room = available
+            .saturating_sub(e.data_cache_bytes)
+            .saturating_sub(e.state_bytes);
         let fits = room.checked_div(per_image).unwrap_or(0);
         if fits >= 1 {
             fix = format!(

@@ -433,3 +433,127 @@ fn a_run_killed_by_sigusr1_resumes_and_sighup_stops_cleanly() {
         }
     }
 }
+
+/// A new run into a directory that holds another run's files but no checkpoint (a user's own
+/// `config.toml` placed there, or a run stopped before its first checkpoint) replaced them. It is
+/// refused with the files named, and every byte of them is kept.
+#[test]
+fn a_new_run_never_replaces_files_in_its_directory() {
+    let _row = common::AttackRow("train --config exp/config.toml --out exp");
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("exp");
+    std::fs::create_dir_all(&exp).unwrap();
+    let config =
+        "# my experiment: keep this comment\nsteps = 1\nbatch_size = 2\nsample_every = 0\n";
+    std::fs::write(exp.join("config.toml"), config).unwrap();
+    std::fs::write(exp.join("metrics.jsonl"), "{\"mine\": 1}\n").unwrap();
+    let mut c = ddpm(dir.path());
+    c.args([
+        "train",
+        "--quiet",
+        "--config",
+        "exp/config.toml",
+        "--out",
+        "exp",
+    ]);
+    let o = run(&mut c);
+    assert_one_clean_error(&o, "config.toml, metrics.jsonl");
+    assert!(stderr(&o).contains("choose another output directory"));
+    assert_eq!(
+        std::fs::read_to_string(exp.join("config.toml")).unwrap(),
+        config
+    );
+    assert_eq!(
+        std::fs::read_to_string(exp.join("metrics.jsonl")).unwrap(),
+        "{\"mine\": 1}\n"
+    );
+    // The same config from outside the directory, into a new one, trains.
+    std::fs::rename(exp.join("config.toml"), dir.path().join("mine.toml")).unwrap();
+    let mut c = ddpm(dir.path());
+    c.args([
+        "train",
+        "--quiet",
+        "--config",
+        "mine.toml",
+        "--out",
+        "fresh",
+    ]);
+    assert_ok(&run(&mut c));
+}
+
+/// `[model] dim = 100000` passed the memory estimate (which counted data and activations only)
+/// and aborted on a 320 GB allocation. The parameters' training state is counted now, and the
+/// error names the model as what to shrink.
+#[test]
+fn a_model_too_wide_for_memory_is_refused() {
+    let _row = common::AttackRow("[model] dim = 100000");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("wide.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 1\nbatch_size = 2\nsample_every = 0\n\n[model]\narch = \"unet\"\n\
+         image_size = 28\nchannels = 1\ndim = 100000\ndim_mults = [1, 2, 4]\n\
+         self_condition = false\nresnet_block_groups = 4\ninit_conv_kernel = 1\n\
+         attn_heads = 4\nattn_dim_head = 32\n",
+    )
+    .unwrap();
+    let mut c = ddpm(dir.path());
+    c.args(["train", "--quiet", "--out", "runs/wide", "--config"])
+        .arg(&cfg);
+    let o = run(&mut c);
+    assert_one_clean_error(&o, "choose a smaller model");
+    assert!(stderr(&o).contains("parameters"), "{}", stderr(&o));
+    assert!(!dir.path().join("runs/wide/config.toml").exists());
+}
+
+/// `ddpm forward --image-size 4096` decoded the whole split (MNIST's 8,000 images) at that size
+/// until the allocator aborted. A figure that cannot fit is refused at once, naming the flag (at
+/// 65536 pixels: the fixture's 400 images take 1.7 TB, more than any test machine has).
+#[test]
+fn a_forward_figure_that_cannot_fit_is_refused() {
+    let _row = common::AttackRow("forward --image-size 65536");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = ddpm(dir.path());
+    c.args([
+        "forward",
+        "--num",
+        "2",
+        "--image-size",
+        "65536",
+        "--timesteps",
+        "0",
+        "--out",
+        "f.png",
+    ]);
+    let o = run(&mut c);
+    assert_one_clean_error(&o, "lower --image-size (now 65536)");
+    assert!(!dir.path().join("f.png").exists());
+}
+
+/// `ddpm sample --num 18446744073709551615` ran silently for as long as it was let, holding ever
+/// more memory; an `--out-dir` that is a file failed only after sampling, naming no flag.
+#[test]
+fn sample_refuses_a_num_that_cannot_fit_and_an_out_dir_that_is_a_file() {
+    let _row = common::AttackRow("sample --num u64::MAX, --out-dir FILE");
+    let dir = tempfile::tempdir().unwrap();
+    assert_ok(&two_step_run(dir.path()));
+    let sample = |num: &str, extra: &[&str]| {
+        let mut c = ddpm(dir.path());
+        c.args(["sample", "--quiet", "--checkpoint", "runs/t2", "--num", num])
+            .args(extra);
+        run(&mut c)
+    };
+    for num in ["18446744073709551615", "100000000000"] {
+        let o = sample(num, &["--out", "big.png"]);
+        assert_one_clean_error(&o, &format!("--num {num}"));
+        assert!(stderr(&o).contains("lower --num"), "{}", stderr(&o));
+    }
+    std::fs::write(dir.path().join("afile"), "mine").unwrap();
+    let o = sample("2", &["--out", "s.png", "--out-dir", "afile"]);
+    assert_one_clean_error(&o, "--out-dir afile is a file");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("afile")).unwrap(),
+        "mine"
+    );
+    assert!(!dir.path().join("s.png").exists());
+}

@@ -40,7 +40,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// An error naming the devices there are when `cuda:N` asks for one beyond them (the driver's
 /// own answer is an opaque `CUDA_ERROR_INVALID_DEVICE`).
 #[cfg(feature = "cuda")]
-fn check_ordinal(spec: &str, ordinal: usize) -> Result<()> {
+pub(crate) fn check_ordinal(spec: &str, ordinal: usize) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::CudaContext;
     match CudaContext::device_count() {
         Ok(n) if n <= 0 => Err(TrainError::Config(format!(
@@ -60,7 +60,7 @@ fn check_ordinal(spec: &str, ordinal: usize) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn check_ordinal(_spec: &str, _ordinal: usize) -> Result<()> {
+pub(crate) fn check_ordinal(_spec: &str, _ordinal: usize) -> Result<()> {
     Ok(())
 }
 

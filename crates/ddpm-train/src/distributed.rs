@@ -241,6 +241,24 @@ impl World {
         })
     }
 
+    /// Checks, before any rank starts, that this build and machine can run `size` ranks on one
+    /// machine (ranks on `cuda:0` to `cuda:{size - 1}`): NCCL built in for more than one, and that
+    /// many CUDA devices. A launcher calls it so that an impossible world is one error, not one
+    /// per started process.
+    pub fn check_launch(size: usize) -> Result<()> {
+        if size == 0 {
+            return Err(DistError::EmptyWorld.into());
+        }
+        if size > 1 && !cfg!(feature = "nccl") {
+            return Err(DistError::NoNccl { size }.into());
+        }
+        if size > 1 {
+            let last = size - 1;
+            crate::device::check_ordinal(&format!("cuda:{last}"), last)?;
+        }
+        Ok(())
+    }
+
     /// Whether this is rank 0, the one that writes checkpoints, samples, metrics and plots.
     pub fn is_lead(&self) -> bool {
         self.rank == 0

@@ -5,9 +5,12 @@
 //! `channels x size x size` bytes) and the activations one micro-batch keeps for the backward
 //! pass (a lower bound from the model's layout, see
 //! [`ModelConfig::activation_values_per_image`](ddpm_unet::ModelConfig::activation_values_per_image)).
-//! The caller compares them with the memory it has (this crate reads no system state).
+//! A third dominates for very wide models: the parameters' training state (weights, gradients,
+//! EMA and AdamW's moments). The caller compares them with the memory it has (this crate reads
+//! no system state).
 
 use ddpm_data::{cifar, folder, mnist, DatasetSpec};
+use ddpm_unet::flops::forward_flops;
 
 use crate::TrainConfig;
 
@@ -28,18 +31,27 @@ pub struct MemoryEstimate {
     /// A lower bound on the activations of one micro-batch's forward pass (kept for the backward
     /// pass), in the compute dtype.
     pub activation_bytes: u64,
+    /// A lower bound on the model's parameters ([`ForwardFlops::weights`](ddpm_unet::flops::ForwardFlops::weights)).
+    pub parameters: u64,
+    /// The training state of those parameters: [`STATE_COPIES`] `f32` copies of each.
+    pub state_bytes: u64,
 }
 
+/// The `f32` copies of every parameter a run keeps: the weights, their gradients, the EMA
+/// weights and AdamW's two moments.
+pub const STATE_COPIES: u64 = 5;
+
 impl MemoryEstimate {
-    /// The bytes the run needs in host memory: the data cache, plus the activations when the
-    /// model runs on the CPU (on a GPU they take device memory instead).
+    /// The bytes the run needs in host memory: the data cache, plus the activations and the
+    /// parameters' training state when the model runs on the CPU (on a GPU they take device
+    /// memory instead).
     pub fn host_bytes(&self, model_on_cpu: bool) -> u64 {
-        let activations = if model_on_cpu {
-            self.activation_bytes
+        let model = if model_on_cpu {
+            self.activation_bytes.saturating_add(self.state_bytes)
         } else {
             0
         };
-        self.data_cache_bytes.saturating_add(activations)
+        self.data_cache_bytes.saturating_add(model)
     }
 }
 
@@ -65,6 +77,7 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
     model.set_channels(channels);
     let dtype_bytes = config.precision.compute_dtype().size_in_bytes() as f64;
     let activations = model.activation_values_per_image() * micro_batch as f64 * dtype_bytes;
+    let parameters = forward_flops(&model).weights;
     MemoryEstimate {
         images,
         channels,
@@ -73,6 +86,8 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
         data_cache_bytes,
         // A float-to-integer `as` saturates: an absurd size stays an absurd number of bytes.
         activation_bytes: activations as u64,
+        parameters,
+        state_bytes: parameters.saturating_mul(4 * STATE_COPIES),
     }
 }
 

@@ -304,6 +304,53 @@ pub struct Trainer {
     time_phases: bool,
 }
 
+/// The files a run writes into its directory besides `checkpoints/` (which
+/// [`Trainer::create_with_world`] checks first).
+const RUN_FILES: [&str; 5] = [
+    "config.toml",
+    "metrics.jsonl",
+    resume::HISTORY_FILE,
+    "loss.png",
+    "samples",
+];
+
+/// Clears the way for a new run in `run_dir`. A run of this program that stopped before its first
+/// checkpoint (its `history.jsonl` says so) left nothing to resume: its metrics and history are
+/// replaced. Any other file a run would write there (a user's own `config.toml` placed there,
+/// metrics from elsewhere) is refused by name: nothing saved is replaced without being asked.
+fn prepare_new_run_dir(run_dir: &Path) -> Result<()> {
+    let found: Vec<&str> = RUN_FILES
+        .into_iter()
+        .filter(|name| {
+            let path = run_dir.join(name);
+            match std::fs::read_dir(&path) {
+                Ok(mut entries) => entries.next().is_some(),
+                Err(_) => path.exists(),
+            }
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    if run_dir.join(resume::HISTORY_FILE).is_file() {
+        tracing::warn!(
+            run_dir = %run_dir.display(),
+            files = found.join(", "),
+            "an earlier run here stopped before its first checkpoint: starting over"
+        );
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        let _ = std::fs::remove_file(run_dir.join(resume::HISTORY_FILE));
+        return Ok(());
+    }
+    let it = if found.len() == 1 { "it" } else { "them" };
+    Err(TrainError::Config(format!(
+        "{} already holds {} but no run history: a new run would replace {it}; choose another \
+         output directory (a config file of your own belongs outside it), or move {it} away",
+        run_dir.display(),
+        found.join(", "),
+    )))
+}
+
 impl Trainer {
     /// Starts a new run in `run_dir` (which must not hold checkpoints yet). The model's image
     /// size and channels follow the data set.
@@ -376,11 +423,10 @@ impl Trainer {
             std::fs::create_dir_all(run_dir)
                 .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
             let lock = RunLock::acquire(run_dir)?;
+            prepare_new_run_dir(run_dir)?;
             let config_path = run_dir.join("config.toml");
             ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
                 .map_err(|e| TrainError::io(&config_path, "writing", e))?;
-            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-            let _ = std::fs::remove_file(run_dir.join(resume::HISTORY_FILE));
             Some(lock)
         } else {
             None

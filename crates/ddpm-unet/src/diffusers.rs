@@ -814,6 +814,13 @@ pub fn map_tensors(
                 found: t.dims().to_vec(),
             });
         }
+        if !t.dtype().is_float() {
+            return Err(UnetError::NotFloat {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                found: t.dtype(),
+            });
+        }
         // A NaN or infinity anywhere makes the sum of squares (in f64) non-finite.
         let energy = t
             .to_dtype(DType::F64)?

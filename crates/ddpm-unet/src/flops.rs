@@ -35,6 +35,10 @@ pub struct ForwardFlops {
     pub linear: u64,
     /// Matrix products inside attention (full and linear).
     pub attention: u64,
+    /// The weights and biases of the counted convolutions and linear layers: a lower bound on
+    /// the model's parameter count (normalizations, embedding tables and class embeddings are
+    /// not counted), for estimating memory before a model is built.
+    pub weights: u64,
 }
 
 impl ForwardFlops {
@@ -54,12 +58,29 @@ impl ForwardFlops {
     }
 
     fn conv(&mut self, c_in: usize, c_out: usize, k: usize, side_out: usize) {
-        self.conv += 2 * (c_in * c_out * k * k * side_out * side_out) as u64;
+        // Saturating: an absurd config (refused later) must not overflow here.
+        let taps = product(&[c_in, c_out, k, k]);
+        let pixels = product(&[side_out, side_out]);
+        self.conv = self
+            .conv
+            .saturating_add(taps.saturating_mul(pixels).saturating_mul(2));
+        self.weights = self
+            .weights
+            .saturating_add(taps.saturating_add(c_out as u64));
     }
 
     fn linear(&mut self, d_in: usize, d_out: usize) {
-        self.linear += 2 * (d_in * d_out) as u64;
+        let w = product(&[d_in, d_out]);
+        self.linear = self.linear.saturating_add(w.saturating_mul(2));
+        self.weights = self.weights.saturating_add(w.saturating_add(d_out as u64));
     }
+}
+
+/// The product of `factors` in `u64`, saturating.
+fn product(factors: &[usize]) -> u64 {
+    factors
+        .iter()
+        .fold(1u64, |p, &f| p.saturating_mul(f as u64))
 }
 
 /// The FLOPs of one image's forward pass through the network of `config` (see the module docs
@@ -258,6 +279,37 @@ mod tests {
             temb + temb_proj + conv_in + down0 + down1 + mid + up1 + up0 + conv_out
         );
         assert_eq!(f.training_step(2), 3.0 * 2.0 * f.total() as f64);
+    }
+
+    /// The weight count is a lower bound on each preset's parameters, and a close one: only
+    /// normalizations and embedding tables are left out.
+    #[test]
+    fn weights_bound_the_presets_parameters() -> Result<(), Box<dyn std::error::Error>> {
+        for name in ["mnist-small", "fashion", "cifar-small", "learnopencv"] {
+            let config = ModelConfig::preset(name)?;
+            let model = crate::DiffusionModel::new(
+                &config,
+                0,
+                &candle_core::Device::Cpu,
+                candle_core::DType::F32,
+            )?;
+            let (counted, actual) = (forward_flops(&config).weights, model.num_parameters());
+            assert!(
+                counted as usize <= actual && counted as f64 >= 0.98 * actual as f64,
+                "{name}: {counted} counted, {actual} parameters"
+            );
+        }
+        Ok(())
+    }
+
+    /// Absurd sizes saturate instead of overflowing.
+    #[test]
+    fn absurd_sizes_saturate() -> Result<(), Box<dyn std::error::Error>> {
+        let mut config = ModelConfig::preset("mnist-small")?;
+        config.set_image_size(usize::MAX / 2);
+        let f = forward_flops(&config);
+        assert_eq!(f.conv, u64::MAX);
+        Ok(())
     }
 
     /// A two-level lucidrains Unet on 4x4 grey images (dim 2, mults 1,2, one head of 2), counted

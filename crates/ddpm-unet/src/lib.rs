@@ -149,6 +149,20 @@ pub enum UnetError {
         /// Its shape in the file.
         found: Vec<usize>,
     },
+    /// A weights file holds a parameter as integers or booleans, which no float model stores.
+    #[error(
+        "weights file {path} is not a float model's: tensor `{name}` is stored as {found:?}, \
+         where a model's parameters are floating point (F32, F16, BF16 or F64); the file is \
+         damaged or not model weights"
+    )]
+    NotFloat {
+        /// The file.
+        path: PathBuf,
+        /// The first such tensor.
+        name: String,
+        /// Its dtype in the file.
+        found: candle_core::DType,
+    },
     /// A weights file holds a tensor the model does not have.
     #[error(
         "weights file {path} does not match this model: it has tensor `{name}`, which the \

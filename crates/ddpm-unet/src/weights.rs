@@ -106,6 +106,13 @@ pub fn assign_checked(
                     found: t.dims().to_vec(),
                 })
             }
+            Some(t) if !t.dtype().is_float() => {
+                return Err(UnetError::NotFloat {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    found: t.dtype(),
+                })
+            }
             Some(_) => {}
         }
     }

@@ -602,6 +602,43 @@ fn loading_weights_of_another_config_names_the_tensor_and_both_shapes() -> R<()>
     Ok(())
 }
 
+/// A parameter whose header says integers (the same byte length, so the file parses) is refused
+/// by name instead of its bits being read as numbers.
+#[test]
+fn integer_tensors_in_a_weights_file_are_refused_by_name() -> R<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("w.safetensors");
+    let model = DiffusionModel::new(&ModelConfig::Unet(tiny_unet()), 0, &Device::Cpu, DType::F32)?;
+    model.save(&path)?;
+    let mut bytes = std::fs::read(&path)?;
+    let header_len = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec())?;
+    // Relabel the first tensor in the header as I32: 4 bytes per value, like F32.
+    let relabelled = header.replacen("\"F32\"", "\"I32\"", 1);
+    assert_ne!(relabelled, header, "no F32 tensor in the header");
+    bytes[8..8 + header_len].copy_from_slice(relabelled.as_bytes());
+    std::fs::write(&path, &bytes)?;
+    let before = model.tensors();
+    let err = expect_err(model.load_weights(&path));
+    assert!(
+        matches!(
+            err,
+            UnetError::NotFloat {
+                found: DType::I32,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("I32") && msg.contains('`'), "{msg}");
+    for (name, t) in model.tensors() {
+        let same = (t - &before[&name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(same, 0.0, "{name} changed");
+    }
+    Ok(())
+}
+
 #[test]
 fn truncated_or_garbage_weight_files_are_clear_errors() -> R<()> {
     let dir = tempfile::tempdir()?;
