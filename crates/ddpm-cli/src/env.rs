@@ -110,6 +110,18 @@ pub fn park_idle_candle_threads() {
     }
 }
 
+/// Keeps library backtraces out of error messages, unless the user set `RUST_LIB_BACKTRACE`.
+/// candle attaches a backtrace to its errors whenever one can be captured, and with
+/// `RUST_BACKTRACE=1` in the shell that made a one-line error twenty lines long. Panics still
+/// print theirs (`RUST_BACKTRACE` alone governs those once this is set). Call at start-up,
+/// before any other thread exists.
+pub fn no_backtraces_in_errors() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // Start-up is single-threaded: no other thread reads the environment meanwhile.
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// Whether mimalloc's purge delay was set by the user (`MIMALLOC_PURGE_DELAY`), to be left alone.
 pub fn mimalloc_purge_delay_set() -> bool {
     std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()

@@ -278,6 +278,39 @@ fn check_dir_exists(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// [`check_dir_exists`] for the JSON report, which may replace only an earlier report of ours:
+/// any other file at that path (a run's `config.toml` given by mistake) is refused untouched.
+fn check_report_path(path: &Path) -> Result<()> {
+    check_dir_exists(path)?;
+    if path.is_dir() {
+        anyhow::bail!(
+            "--report {} is a directory: name the JSON file to write",
+            path.display()
+        );
+    }
+    if !path.exists() {
+        return Ok(());
+    }
+    let ours = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v.get("format")?
+                .as_str()
+                .map(|f| f == EVAL_FORMAT || f == SAMPLES_FORMAT)
+        })
+        .unwrap_or(false);
+    if !ours {
+        anyhow::bail!(
+            "--report {} exists and is not an eval report: name a new file (nothing was \
+             written)",
+            path.display()
+        );
+    }
+    tracing::info!(path = %path.display(), "replacing an earlier eval report");
+    Ok(())
+}
+
 /// The data set and its configuration: the run's unless flags say otherwise.
 fn data_of(a: &EvalArgs, checkpoint: &Path, subject: &Subject) -> Result<TrainConfig> {
     let run = subject.config.as_ref();
@@ -389,7 +422,7 @@ fn run_samples(a: &EvalArgs, samples: &Path) -> Result<()> {
         .report
         .clone()
         .unwrap_or_else(|| samples_report_path(samples));
-    check_dir_exists(&report_path)?;
+    check_report_path(&report_path)?;
     let word = a.dataset.as_deref().unwrap_or("mnist");
     let spec: DatasetSpec = word.parse().with_context(|| format!("--dataset {word}"))?;
     let mut data = DataConfig {
@@ -665,7 +698,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .report
         .clone()
         .unwrap_or_else(|| run_dir_of(&checkpoint).join("eval.json"));
-    check_dir_exists(&report_path)?;
+    check_report_path(&report_path)?;
     let nearest_png = a
         .nearest_png
         .clone()

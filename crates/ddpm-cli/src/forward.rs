@@ -65,6 +65,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     if let Some(t) = ts.iter().find(|&&t| t >= a.total_steps) {
         anyhow::bail!("--timesteps: {t} is out of range for T = {}", a.total_steps);
     }
+    crate::require_extension(&a.out, "--out", "png")?;
     let beta_schedule: BetaSchedule = crate::beta_schedule(&a.schedule)?;
     let device = ddpm_train::parse_device(&a.device)?;
     let schedule = Schedule::new(

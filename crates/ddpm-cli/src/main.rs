@@ -58,6 +58,7 @@ enum Command {
 
 fn main() -> ExitCode {
     env::park_idle_candle_threads();
+    env::no_backtraces_in_errors();
     if !env::mimalloc_purge_delay_set() {
         ddpm_train::device::keep_freed_host_memory();
     }
@@ -137,6 +138,25 @@ fn chain(e: &anyhow::Error) -> String {
         }
     }
     parts.join(": ")
+}
+
+/// Refuses an output path whose extension is not `ext`: the bytes written must be what the
+/// name says (`flag` names the option in the error).
+pub(crate) fn require_extension(
+    path: &std::path::Path,
+    flag: &str,
+    ext: &str,
+) -> anyhow::Result<()> {
+    let found = path.extension().and_then(|e| e.to_str());
+    if found.is_some_and(|e| e.eq_ignore_ascii_case(ext)) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{flag} {}: this writes a {} file, so name it .{ext} (it has {})",
+        path.display(),
+        ext.to_ascii_uppercase(),
+        found.map_or("no extension".to_string(), |e| format!("`.{e}`"))
+    )
 }
 
 /// The beta schedule named `word` ([`ddpm_schedule::BetaSchedule::NAMES`]) with its default

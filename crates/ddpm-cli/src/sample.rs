@@ -244,6 +244,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         );
     }
     if let Some(g) = &a.gif {
+        crate::require_extension(g, "--gif", "gif")?;
         check_writable(g)?;
         if a.frames < 2 {
             anyhow::bail!("--frames must be at least 2 for a GIF");

@@ -532,6 +532,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 ),
                 None => fresh_run_dir(config.dataset.name())?,
             };
+            if out.exists() && !out.is_dir() {
+                anyhow::bail!(
+                    "--out {} is a file: name a directory (new, or empty) for the run",
+                    out.display()
+                );
+            }
             tracing::info!(run_dir = %out.display(), "starting a new run");
             let trainer = Trainer::create_with_world(config, &out, &device, world)
                 .with_context(|| format!("starting run {}", out.display()))?;

@@ -557,3 +557,126 @@ fn sample_refuses_a_num_that_cannot_fit_and_an_out_dir_that_is_a_file() {
     );
     assert!(!dir.path().join("s.png").exists());
 }
+
+/// Outputs are what their names say, and nothing that is not ours is replaced: `forward --out
+/// f.gif` wrote PNG bytes and `sample --gif a.png` GIF bytes; `train --out FILE` failed on
+/// "listing FILE/checkpoints"; `eval --report` overwrote any file it was given (a run's
+/// config.toml). Each is refused up front, the file untouched.
+#[test]
+fn outputs_are_what_their_names_say_and_foreign_files_are_kept() {
+    let _row = common::AttackRow("--out f.gif, --gif a.png, --out FILE, --report config.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let mut c = ddpm(p);
+    c.args([
+        "forward",
+        "--num",
+        "1",
+        "--timesteps",
+        "0",
+        "--out",
+        "f.gif",
+    ]);
+    assert_one_clean_error(&run(&mut c), "--out f.gif: this writes a PNG file");
+    assert!(!p.join("f.gif").exists());
+
+    assert_ok(&two_step_run(p));
+    let o = sample_t2(p, &["--out", "s.png", "--gif", "a.png"]);
+    assert_one_clean_error(&o, "--gif a.png: this writes a GIF file");
+    assert!(!p.join("a.png").exists() && !p.join("s.png").exists());
+
+    std::fs::write(p.join("afile"), "mine").unwrap();
+    let o = train(p, "afile", &["--steps", "1"]);
+    assert_one_clean_error(&o, "--out afile is a file");
+    assert_eq!(std::fs::read_to_string(p.join("afile")).unwrap(), "mine");
+
+    let config = p.join("runs/t2/config.toml");
+    let before = std::fs::read(&config).unwrap();
+    let mut c = ddpm(p);
+    c.args([
+        "eval",
+        "--checkpoint",
+        "runs/t2",
+        "--nll",
+        "--limit",
+        "2",
+        "--report",
+        "runs/t2/config.toml",
+    ]);
+    assert_one_clean_error(&run(&mut c), "exists and is not an eval report");
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+}
+
+/// `train --resume RUN --steps 1` on a run at step 2 exited 0 having trained nothing, and wrote
+/// `steps = 1` into its config.toml. A total below the trained steps is refused, the config kept.
+#[test]
+fn a_resume_never_goes_back() {
+    let _row = common::AttackRow("train --resume --steps below the run's step");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    assert_ok(&two_step_run(p));
+    let config = p.join("runs/t2/config.toml");
+    let before = std::fs::read(&config).unwrap();
+    let mut c = ddpm(p);
+    c.args(["train", "--quiet", "--resume", "runs/t2", "--steps", "0"]);
+    assert_one_clean_error(&run(&mut c), "--steps 0 is fewer than the 1 steps");
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+}
+
+/// A weights file whose header gives a tensor another shape of the same size: with
+/// `RUST_BACKTRACE=1` in the shell, candle's error carried a 20-line backtrace. The error is one
+/// line whatever the environment says.
+#[test]
+fn errors_stay_one_line_under_rust_backtrace() {
+    let _row = common::AttackRow("RUST_BACKTRACE=1 and a reshaped tensor");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    assert_ok(&two_step_run(p));
+    let ckpt = std::fs::read_dir(p.join("runs/t2/checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a checkpoint's tensors");
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (name, len) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("ema."))
+        .find_map(|(k, v)| match v["shape"].as_array()?.as_slice() {
+            [len] if len.as_u64()? % 2 == 0 => Some((k.clone(), len.as_u64()?)),
+            _ => None,
+        })
+        .expect("a 1-D EMA tensor of even length");
+    header[&name]["shape"] = serde_json::json!([2, len / 2]);
+    let mut text = serde_json::to_vec(&header).unwrap();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(p.join("reshaped.safetensors"), out).unwrap();
+    let mut c = ddpm(p);
+    c.args([
+        "sample",
+        "--quiet",
+        "--checkpoint",
+        "reshaped.safetensors",
+        "--num",
+        "1",
+        "--out",
+        "s.png",
+    ])
+    .env("RUST_BACKTRACE", "1")
+    .env_remove("RUST_LIB_BACKTRACE");
+    let o = run(&mut c);
+    assert_one_clean_error(&o, "shape");
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.contains(" INFO ")).collect();
+    assert!(
+        lines.len() <= 2 && !err.contains("backtrace"),
+        "more than the error line: {err}"
+    );
+}

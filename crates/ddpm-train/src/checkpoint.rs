@@ -1078,10 +1078,18 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     };
     let model = DiffusionModel::from_tensors(&config, &tensors, device, DType::F32, path)?
         .with_kernel_policy(kernels);
-    let schedule = match file.metadata.get("ddpm.schedule_config") {
+    let schedule: ScheduleConfig = match file.metadata.get("ddpm.schedule_config") {
         Some(s) => serde_json::from_str(s).map_err(|e| bad("schedule config", e))?,
         None => ScheduleConfig::default(),
     };
+    // A schedule that cannot be built (0 timesteps, betas out of range) is the file's fault:
+    // said here with its key, not later by whichever command first builds it.
+    schedule.betas().map_err(|e| TrainError::Checkpoint {
+        path: Some(path.to_path_buf()),
+        reason: format!(
+            "the schedule config in the file's metadata (ddpm.schedule_config) is invalid: {e}"
+        ),
+    })?;
     let objective = match file.metadata.get("ddpm.objective") {
         Some(s) => serde_json::from_str(s).map_err(|e| bad("objective", e))?,
         None => Objective::Eps,

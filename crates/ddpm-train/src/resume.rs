@@ -291,6 +291,19 @@ pub fn resumed_config(
     if let Some(v) = c.steps {
         asked.steps = v;
     }
+    if asked.steps < step {
+        return Err(TrainError::Config(format!(
+            "{} {} is fewer than the {step} steps the run has already trained: give more than \
+             {step} to train further (a resume never goes back; `--from-step` picks an older \
+             checkpoint)",
+            if c.steps.is_some() {
+                "--steps"
+            } else {
+                "`steps` in config.toml"
+            },
+            asked.steps
+        )));
+    }
     if let Some(v) = c.lr {
         asked.optimizer.lr = v;
     }
@@ -457,6 +470,44 @@ mod tests {
 
     /// A run on an image folder may be pointed at the folder's new path (recorded as a change);
     /// its own data set again changes nothing; another kind of data set is refused by name.
+    /// A total below the checkpoint's step would train nothing and record a smaller total: it
+    /// is refused, by the flag or by config.toml; the step itself (a finished run) is allowed.
+    #[test]
+    fn fewer_steps_than_trained_are_refused() -> Result<()> {
+        let ckpt = TrainConfig {
+            steps: 10,
+            ..TrainConfig::default()
+        };
+        let by_flag = SafeChanges {
+            steps: Some(3),
+            ..SafeChanges::default()
+        };
+        let e = resumed_config(&ckpt, 5, None, &by_flag).expect_err("3 < 5");
+        assert!(
+            e.to_string()
+                .contains("--steps 3 is fewer than the 5 steps"),
+            "{e}"
+        );
+        let edited = TrainConfig {
+            steps: 4,
+            ..ckpt.clone()
+        };
+        let e = resumed_config(
+            &ckpt,
+            5,
+            Some((Path::new("config.toml"), &edited)),
+            &SafeChanges::default(),
+        )
+        .expect_err("4 < 5");
+        assert!(e.to_string().contains("`steps` in config.toml 4"), "{e}");
+        let same = SafeChanges {
+            steps: Some(5),
+            ..SafeChanges::default()
+        };
+        assert_eq!(resumed_config(&ckpt, 5, None, &same)?.0.steps, 5);
+        Ok(())
+    }
+
     #[test]
     fn an_image_folder_may_move_but_the_data_set_stays() -> Result<()> {
         let ckpt = TrainConfig {

@@ -516,8 +516,10 @@ pub fn config_from_metadata(
         .ok_or_else(|| UnetError::Weights {
             path: path.to_path_buf(),
             reason: format!(
-                "no `{CONFIG_METADATA_KEY}` metadata: not written by ddpm-rs; build the model \
-                 from its config and use `load_weights` instead"
+                "no `{CONFIG_METADATA_KEY}` metadata, so not a model written by ddpm-rs: a \
+                 diffusers model loads from its pipeline directory (`ddpm sample --pretrained \
+                 DIR`; `ddpm_unet::diffusers` in Rust), other weights by building the model from \
+                 its config and calling `load_weights`"
             ),
         })?;
     serde_json::from_str(json).map_err(|e| UnetError::Weights {

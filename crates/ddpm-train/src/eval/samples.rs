@@ -341,12 +341,19 @@ pub fn split_grid(grid: &RgbImage, name: &str, opts: &SampleLoadOptions) -> Resu
         } else {
             format!("cells of side {} would fit (--grid-cell)", fits.join(", "))
         };
+        let why = if w <= p || h <= p {
+            format!("it is no wider or taller than the {p}-pixel padding itself")
+        } else {
+            format!(
+                "width and height minus {p} must be positive multiples of {pitch}; {} and {} \
+                 are not both",
+                w - p,
+                h - p
+            )
+        };
         return Err(err(format!(
             "{name} is {w}x{h} pixels, not a grid of {cell}x{cell} cells with {p}-pixel padding \
-             (width and height minus {p} must be multiples of {pitch}; {} and {} are not both): \
-             {hint}, or pass a folder of single images",
-            w.saturating_sub(p),
-            h.saturating_sub(p)
+             ({why}): {hint}, or pass a folder of single images"
         )));
     };
     let pitch = cell + p;
