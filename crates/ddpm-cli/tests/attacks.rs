@@ -420,8 +420,14 @@ fn a_run_killed_by_sigusr1_resumes_and_sighup_stops_cleanly() {
         child.0.wait().unwrap();
         let lock = dir.path().join(run_dir).join(".lock");
         assert_eq!(lock.exists(), signal == libc::SIGUSR1, "{run_dir}");
+        // Resumed to one step more than it reached: it trains that step and ends.
+        let reached = ddpm_train::checkpoint::list(&run_path)
+            .unwrap()
+            .last()
+            .map_or(0, |(step, _)| *step);
         let mut c = ddpm(dir.path());
-        c.args(["train", "--quiet", "--resume", run_dir, "--steps", "1"]);
+        c.args(["train", "--quiet", "--resume", run_dir, "--steps"])
+            .arg((reached + 1).to_string());
         let o = run(&mut c);
         assert_ok(&o);
         if signal == libc::SIGUSR1 {
