@@ -278,36 +278,58 @@ fn check_dir_exists(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// [`check_dir_exists`] for the JSON report, which may replace only an earlier report of ours:
-/// any other file at that path (a run's `config.toml` given by mistake) is refused untouched.
+/// [`check_dir_exists`] for the JSON report, which must be named `.json` and may replace only
+/// an earlier report of ours: any other file at that path (a run's `config.toml` given by
+/// mistake, a device, a pipe) is refused untouched.
 fn check_report_path(path: &Path) -> Result<()> {
+    crate::require_extension(path, "--report", "json")?;
+    check_output(path, "--report", |bytes| {
+        serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .and_then(|v| {
+                v.get("format")?
+                    .as_str()
+                    .map(|f| f == EVAL_FORMAT || f == SAMPLES_FORMAT)
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// [`check_dir_exists`] for a PNG output (`flag` names it), which must be named `.png` and may
+/// replace only a PNG.
+fn check_png_path(path: &Path, flag: &str) -> Result<()> {
+    crate::require_extension(path, flag, "png")?;
+    check_output(path, flag, |bytes| bytes.starts_with(b"\x89PNG\r\n\x1a\n"))
+}
+
+/// The largest existing file an output may replace after [`check_output`] reads it.
+const MAX_REPLACED_BYTES: u64 = 1 << 30;
+
+/// Checks an output path: its directory exists, and what is there already is a regular file
+/// that `ours` recognises (read whole, at most [`MAX_REPLACED_BYTES`]), or nothing.
+fn check_output(path: &Path, flag: &str, ours: impl Fn(&[u8]) -> bool) -> Result<()> {
     check_dir_exists(path)?;
-    if path.is_dir() {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("{flag} {}", path.display())),
+    };
+    if !meta.is_file() {
         anyhow::bail!(
-            "--report {} is a directory: name the JSON file to write",
+            "{flag} {} exists and is not a regular file: name a new file",
             path.display()
         );
     }
-    if !path.exists() {
-        return Ok(());
-    }
-    let ours = std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| {
-            v.get("format")?
-                .as_str()
-                .map(|f| f == EVAL_FORMAT || f == SAMPLES_FORMAT)
-        })
-        .unwrap_or(false);
-    if !ours {
+    let replaceable =
+        meta.len() <= MAX_REPLACED_BYTES && std::fs::read(path).is_ok_and(|bytes| ours(&bytes));
+    if !replaceable {
         anyhow::bail!(
-            "--report {} exists and is not an eval report: name a new file (nothing was \
-             written)",
+            "{flag} {} exists and is not an earlier output of this command: name a new file \
+             (nothing was written)",
             path.display()
         );
     }
-    tracing::info!(path = %path.display(), "replacing an earlier eval report");
+    tracing::info!(path = %path.display(), "replacing an earlier output");
     Ok(())
 }
 
@@ -708,8 +730,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| beside(&report_path, "samples.png"));
     if do_quality {
-        check_dir_exists(&nearest_png)?;
-        check_dir_exists(&samples_png)?;
+        check_png_path(&nearest_png, "--nearest-png")?;
+        check_png_path(&samples_png, "--samples-png")?;
     }
     let t_max = schedule.timesteps();
     if let Some(k) = a.nll_timesteps {

@@ -105,14 +105,23 @@ pub fn run(a: ExportArgs) -> Result<()> {
         "unet": ["diffusers", "UNet2DModel"],
     });
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // Each file below is replaced atomically, but not the set: until the marker is removed at
+    // the end, the directory is an unfinished export that `--pretrained` refuses (a `--force`
+    // export killed midway would otherwise pair one run's UNet with another's scheduler).
+    let marker = a.out.join(crate::pretrained::INCOMPLETE_EXPORT);
+    ddpm_unet::weights::write_atomic(
+        &marker,
+        b"a `ddpm export` into this directory did not finish: run it again\n",
+    )
+    .with_context(|| format!("writing {}", marker.display()))?;
     let unet = save_unet_dir(&loaded.model, &a.out.join(UNET_SUBFOLDER))
         .with_context(|| format!("writing the UNet into {}", a.out.display()))?;
     write_json(
         &a.out.join("scheduler").join("scheduler_config.json"),
         &scheduler,
     )?;
-    // Last, so that a directory with a model_index.json is a complete pipeline.
     write_json(&a.out.join("model_index.json"), &index)?;
+    std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
     if let Some(n) = loaded.model.config().num_classes() {
         tracing::warn!(
             classes = n,

@@ -213,6 +213,33 @@ fn pipeline_files(snapshot: &Snapshot) -> Result<Vec<String>> {
 /// Writes `source` and `extra` (the sampling settings) as JSON beside the output `out`
 /// (`samples.png` -> `samples.json`), so that the images say which pipeline and commit made
 /// them.
+/// Refuses, before any work, a grid name whose provenance file ([`write_provenance`]: the
+/// grid's name with `.json`) would replace a file that is not an earlier provenance record
+/// (a checkpoint's JSON, an eval report, anything of the user's).
+pub(crate) fn check_provenance_path(out: &Path) -> Result<()> {
+    let path = out.with_extension("json");
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
+    };
+    let ours = meta.is_file()
+        && meta.len() <= 1 << 20
+        && std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v.get("pretrained").is_some());
+    if !ours {
+        anyhow::bail!(
+            "--out {}: its provenance record would replace {}, which is not one: name the grid \
+             differently (nothing was written)",
+            out.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn write_provenance(
     out: &Path,
     source: &PipelineSource,
@@ -229,6 +256,10 @@ pub(crate) fn write_provenance(
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
+
+/// The file `ddpm export` keeps in its output directory while it writes (removed last): a
+/// directory holding it is an unfinished export, refused by `--pretrained`.
+pub(crate) const INCOMPLETE_EXPORT: &str = ".ddpm-export-incomplete";
 
 /// The pipelines whose model and scheduler this program can run.
 const PIPELINES: [&str; 2] = ["DDPMPipeline", "DDIMPipeline"];
@@ -306,7 +337,17 @@ fn scheduler_file(dir: &Path) -> Result<PathBuf> {
 /// Checks `model_index.json`, when there is one, names a pipeline of a UNet2DModel and a DDPM
 /// or DDIM scheduler.
 fn check_model_index(dir: &Path) -> Result<()> {
+    if dir.join(INCOMPLETE_EXPORT).exists() {
+        anyhow::bail!(
+            "{} holds a `ddpm export` that did not finish ({INCOMPLETE_EXPORT} is there): its \
+             files may come from two different runs; run the export again (with --force)",
+            dir.display()
+        );
+    }
     let path = dir.join("model_index.json");
+    if path.exists() && !path.is_file() {
+        anyhow::bail!("{} is not a file", path.display());
+    }
     if !path.is_file() {
         return Ok(());
     }
@@ -314,6 +355,13 @@ fn check_model_index(dir: &Path) -> Result<()> {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let index: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    if !index.is_object() || index.get("_class_name").is_none() {
+        anyhow::bail!(
+            "{}: no `_class_name`, so not a diffusers pipeline index (a DDPMPipeline's names its \
+             class, scheduler and unet)",
+            path.display()
+        );
+    }
     let class = index.get("_class_name").and_then(|c| c.as_str());
     if let Some(class) = class.filter(|c| !PIPELINES.contains(c)) {
         anyhow::bail!(

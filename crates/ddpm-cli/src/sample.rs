@@ -237,6 +237,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let out_format = grid_format(&a.out)?;
     check_writable(&a.out)?;
+    if a.pretrained.is_some() {
+        crate::pretrained::check_provenance_path(&a.out)?;
+    }
     if let Some(dir) = a.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
         anyhow::bail!(
             "--out-dir {} is a file: name a directory (new or existing) for the samples",

@@ -596,21 +596,54 @@ fn outputs_are_what_their_names_say_and_foreign_files_are_kept() {
     assert_one_clean_error(&o, "--out afile is a file");
     assert_eq!(std::fs::read_to_string(p.join("afile")).unwrap(), "mine");
 
+    // `eval`'s outputs: the report must be named .json and may replace only an earlier report,
+    // the PNGs only PNGs (they overwrote a checkpoint's files); a device is never read.
     let config = p.join("runs/t2/config.toml");
     let before = std::fs::read(&config).unwrap();
-    let mut c = ddpm(p);
-    c.args([
-        "eval",
-        "--checkpoint",
-        "runs/t2",
-        "--nll",
-        "--limit",
-        "2",
-        "--report",
-        "runs/t2/config.toml",
-    ]);
-    assert_one_clean_error(&run(&mut c), "exists and is not an eval report");
+    std::fs::write(p.join("mine.json"), "{\"mine\": 1}").unwrap();
+    std::fs::create_dir(p.join("dir.json")).unwrap();
+    let ckpt_json = std::fs::read_dir(p.join("runs/t2/checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| f.extension().is_some_and(|e| e == "json"))
+        .expect("a checkpoint's JSON");
+    let ckpt_before = std::fs::read(&ckpt_json).unwrap();
+    let eval = |extra: &[&str]| {
+        let mut c = ddpm(p);
+        c.args(["eval", "--checkpoint", "runs/t2", "--limit", "2"])
+            .args(extra);
+        run(&mut c)
+    };
+    for (extra, needle) in [
+        (
+            &["--nll", "--report", "runs/t2/config.toml"][..],
+            "--report runs/t2/config.toml: this writes a JSON file",
+        ),
+        (
+            &["--nll", "--report", "mine.json"][..],
+            "--report mine.json exists and is not an earlier output",
+        ),
+        (
+            &["--nll", "--report", "dir.json"][..],
+            "--report dir.json exists and is not a regular file",
+        ),
+        (
+            &["--quality", "--report", "q.json", "--samples-png", "s.gif"][..],
+            "--samples-png s.gif: this writes a PNG file",
+        ),
+    ] {
+        assert_one_clean_error(&eval(extra), needle);
+    }
+    let ckpt = ckpt_json.display().to_string();
+    let o = eval(&["--quality", "--report", "q.json", "--nearest-png", &ckpt]);
+    assert_one_clean_error(&o, "this writes a PNG file");
     assert_eq!(std::fs::read(&config).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(p.join("mine.json")).unwrap(),
+        "{\"mine\": 1}"
+    );
+    assert_eq!(std::fs::read(&ckpt_json).unwrap(), ckpt_before);
 }
 
 /// `train --resume RUN --steps 1` on a run at step 2 exited 0 having trained nothing, and wrote

@@ -122,6 +122,30 @@ fn an_exported_run_samples_like_the_run_through_pretrained() {
     let pipe = load_unet_dir(&p.join("pipe"), &Device::Cpu, DType::F32).expect("pipe");
     assert_eq!(output(&raw.model), output(&pipe.model));
     assert_ne!(output(&raw.model), output(&ema.model), "EMA 0.5 differs");
+
+    // A finished export leaves no marker; one that did not finish (killed between its files,
+    // here its marker put back by hand) is refused by --pretrained, and a new export mends it.
+    let marker = p.join("pipe/.ddpm-export-incomplete");
+    assert!(
+        !marker.exists(),
+        "the marker of a finished export is removed"
+    );
+    std::fs::write(&marker, "").expect("marker");
+    let o = run(ddpm(p).args([
+        "sample",
+        "--pretrained",
+        "pipe",
+        "--num",
+        "1",
+        "--steps",
+        "2",
+    ]));
+    assert_one_clean_error(&o, "did not finish");
+    assert_ok(&export(
+        p,
+        &["--checkpoint", "run", "--out", "pipe", "--force"],
+    ));
+    assert!(!marker.exists());
 }
 
 #[test]

@@ -71,6 +71,31 @@ fn samples_from_both_layouts_of_a_diffusers_pipeline() {
         assert_eq!(read["dir"], fixture(layout).display().to_string());
         assert!(read.get("repo").is_none(), "a local directory: {read}");
         assert_eq!(read["files"], serde_json::json!(files));
+        // Sampling again under the same name replaces the provenance record, but never a JSON
+        // that is not one (a checkpoint's, an eval report): that is refused before sampling.
+        let again = |grid: &str| {
+            run(ddpm_bare(dir.path()).args([
+                "sample",
+                "--pretrained",
+                fixture(layout).to_str().expect("utf-8 path"),
+                "--num",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                grid,
+                "--quiet",
+            ]))
+        };
+        assert_ok(&again(&grid));
+        let foreign = dir.path().join(format!("{layout}-mine.json"));
+        std::fs::write(&foreign, "{\"step\": 2}").expect("written");
+        assert_one_clean_error(&again(&format!("{layout}-mine.png")), "which is not one");
+        assert_eq!(
+            std::fs::read_to_string(&foreign).expect("kept"),
+            "{\"step\": 2}"
+        );
+        assert!(!dir.path().join(format!("{layout}-mine.png")).exists());
     }
 }
 
