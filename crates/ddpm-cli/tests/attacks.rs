@@ -719,3 +719,38 @@ fn errors_stay_one_line_under_rust_backtrace() {
         "more than the error line: {err}"
     );
 }
+
+/// A misspelled key in `[data]`, `[sampler]`, `[schedule]`, its `beta_schedule` or `[loss]` was
+/// ignored without a word (`[data] flipp = true` trained without flips); the top level and
+/// `[optimizer]` already refused them. Every section now names the key and what it expected.
+#[test]
+fn misspelled_keys_are_refused_in_every_section() {
+    let _row = common::AttackRow("misspelled keys in config sections");
+    let dir = tempfile::tempdir().unwrap();
+    for (section, needle) in [
+        ("[data]\nflipp = true\n", "`flipp`"),
+        ("[sampler]\nkind = \"ddim\"\nstepz = 5\n", "`stepz`"),
+        ("[schedule]\ntimestepz = 10\n", "`timestepz`"),
+        (
+            "[schedule.beta_schedule]\nkind = \"linear\"\nstrat = 0.1\n",
+            "`strat`",
+        ),
+        ("[loss]\nkind = \"huber\"\ndelat = 0.5\n", "`delat`"),
+        (
+            "[loss]\nkind = \"l2\"\nweighting = { kind = \"min_snr\", gama = 5.0 }\n",
+            "`gama`",
+        ),
+    ] {
+        let cfg = dir.path().join("typo.toml");
+        std::fs::write(
+            &cfg,
+            format!("steps = 1\nbatch_size = 2\nsample_every = 0\n{section}"),
+        )
+        .unwrap();
+        let mut c = ddpm(dir.path());
+        c.args(["train", "--quiet", "--out", "runs/typo", "--config"])
+            .arg(&cfg);
+        assert_one_clean_error(&run(&mut c), needle);
+        assert!(!dir.path().join("runs/typo/config.toml").exists());
+    }
+}

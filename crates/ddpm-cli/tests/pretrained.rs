@@ -132,6 +132,29 @@ fn bad_pretrained_directories_give_one_clear_error() {
     std::fs::write(bad.join("unet/config.json"), cfg).expect("write");
     assert_one_clean_error(&sample("fourier"), "time_embedding_type");
 
+    // Sizes edited by hand are refused before a model of that size is allocated (they aborted
+    // on allocations of 4 GB and more).
+    let config = std::fs::read_to_string(fixture("pipeline/unet/config.json")).expect("config");
+    let mut json: serde_json::Value = serde_json::from_str(&config).expect("json");
+    for (key, value, needle) in [
+        (
+            "in_channels",
+            serde_json::json!(4_294_967_296u64),
+            "do not belong together",
+        ),
+        (
+            "layers_per_block",
+            serde_json::json!(100_000_000),
+            "`layers_per_block` = 100000000",
+        ),
+    ] {
+        let original = json[key].clone();
+        json[key] = value;
+        std::fs::write(bad.join("unet/config.json"), json.to_string()).expect("write");
+        assert_one_clean_error(&sample("fourier"), needle);
+        json[key] = original;
+    }
+
     // Both sources at once are refused by the argument parser.
     let o = run(ddpm_bare(dir.path()).args(["sample", "--pretrained", "a", "--checkpoint", "b"]));
     assert!(!o.status.success());

@@ -176,7 +176,7 @@ impl fmt::Display for Split {
 
 /// How to read and transform a data set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
     /// The data root holding `mnist/`, `fashion-mnist/`, `cifar10/` and `flowers/` (default
     /// `data`).

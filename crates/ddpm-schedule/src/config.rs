@@ -48,7 +48,7 @@ fn default_cosine_max() -> f64 {
 /// In TOML the variant is named by `kind`, e.g. `{ kind = "cosine" }` or
 /// `{ kind = "linear", start = 1e-4, end = 0.02 }`; omitted fields take their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BetaSchedule {
     /// `linspace(start, end, T)` (DDPM paper: 1e-4 to 0.02 at T = 1000).
     Linear {
@@ -302,13 +302,27 @@ pub(crate) fn check_betas(betas: &[f64]) -> Result<()> {
     if betas.is_empty() {
         return Err(ScheduleError::ZeroTimesteps);
     }
+    let mut log_alpha_bar = 0.0;
     for (timestep, &value) in betas.iter().enumerate() {
         if value.is_nan() || value <= 0.0 || value >= 1.0 {
             return Err(ScheduleError::BetaOutOfRange { timestep, value });
         }
+        log_alpha_bar += (-value).ln_1p();
+        if log_alpha_bar < MIN_ALPHA_BAR.ln() {
+            return Err(ScheduleError::SignalVanishes {
+                timestep,
+                timesteps: betas.len(),
+            });
+        }
     }
     Ok(())
 }
+
+/// The smallest `alphas_cumprod` a schedule may reach. Below it the buffers derived from it
+/// (`1 / sqrt(alphas_cumprod)` and its kin, kept in `f32` on devices) overflow to infinity, and
+/// in `f64` the product itself underflows to 0 soon after: an unscaled linear schedule over a
+/// million steps gave infinities from step 262,000 on and "NaN bits/dim". DDPM's reaches 4e-5.
+pub const MIN_ALPHA_BAR: f64 = 1e-60;
 
 /// The noise schedule: how many timesteps and how the betas are laid out.
 ///
@@ -321,7 +335,7 @@ pub(crate) fn check_betas(betas: &[f64]) -> Result<()> {
 /// end = 0.02
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ScheduleConfig {
     /// The number of diffusion steps `T`.
     pub timesteps: usize,
@@ -429,6 +443,43 @@ impl ScheduleConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every named schedule at 1000 steps keeps alphas_cumprod above the bound, and at 100,000
+    /// steps is accepted exactly when its product does; the unscaled linear one over a million
+    /// steps (infinities from step 262,000 on) is refused with the timestep where it falls below.
+    #[test]
+    fn schedules_whose_signal_vanishes_are_refused() {
+        for name in BetaSchedule::NAMES {
+            for t in [1000, 100_000] {
+                let config = ScheduleConfig {
+                    timesteps: t,
+                    beta_schedule: BetaSchedule::from_name(name).expect("a named schedule"),
+                };
+                let log_alpha_bar: f64 = config
+                    .beta_schedule
+                    .raw_betas(t)
+                    .iter()
+                    .map(|b| (-b).ln_1p())
+                    .sum();
+                let fits = log_alpha_bar >= MIN_ALPHA_BAR.ln();
+                assert!(t > 1000 || fits, "{name} at {t}: {log_alpha_bar}");
+                assert_eq!(config.validate().is_ok(), fits, "{name} at {t}");
+            }
+        }
+        let e = ScheduleConfig::linear(1_000_000)
+            .validate()
+            .expect_err("vanishes");
+        match e {
+            ScheduleError::SignalVanishes {
+                timestep,
+                timesteps,
+            } => {
+                assert_eq!(timesteps, 1_000_000);
+                assert!((100_000..262_000).contains(&timestep), "{timestep}");
+            }
+            other => panic!("{other}"),
+        }
+    }
 
     fn betas(timesteps: usize, beta_schedule: BetaSchedule) -> Vec<f64> {
         ScheduleConfig {

@@ -54,6 +54,20 @@ pub enum ScheduleError {
         value: f64,
     },
 
+    /// The signal is gone long before the last step: `alphas_cumprod` falls below
+    /// [`crate::config::MIN_ALPHA_BAR`], where the derived buffers overflow.
+    #[error(
+        "the schedule's alphas_cumprod falls below 1e-60 at timestep {timestep} of {timesteps}, \
+         where its derived buffers overflow: use fewer timesteps or smaller betas (a linear \
+         schedule over many steps wants its start and end scaled by 1000 / timesteps)"
+    )]
+    SignalVanishes {
+        /// The first timestep below the bound.
+        timestep: usize,
+        /// The schedule's length.
+        timesteps: usize,
+    },
+
     /// A respacing or sampler asked for more steps than the schedule has, or for none.
     #[error("cannot respace a {timesteps}-step schedule to {steps} steps: need 1 <= steps <= {timesteps}")]
     InvalidSteps {

@@ -27,7 +27,7 @@ fn default_gamma() -> f64 {
 /// The elementwise loss. Written `{ kind = "l2" }`, `{ kind = "l1" }` or
 /// `{ kind = "huber", delta = 1.0 }` in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LossKind {
     /// `|d|` with d = prediction - target.
     L1,
@@ -95,7 +95,7 @@ impl LossKind {
 /// How the per-sample losses are weighted. Written `{ kind = "uniform" }` or
 /// `{ kind = "min_snr", gamma = 5.0 }` in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LossWeighting {
     /// Weight 1 for every sample.
     #[default]

@@ -15,6 +15,11 @@ use crate::resnet::DdpmResnetBlock;
 use crate::unet::check_halvings;
 use crate::UnetError;
 
+/// The most ResNet blocks per level a [`DdpmUnetConfig`] may ask for (`num_res_blocks`; diffusers'
+/// `layers_per_block`): far above any published model, low enough that a hand-edited config cannot
+/// make building the model's layout exhaust memory.
+pub const MAX_RES_BLOCKS: usize = 64;
+
 /// Hyper-parameters of [`DdpmUnet`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,12 +156,16 @@ impl DdpmUnetConfig {
             .collect()
     }
 
-    /// Checks every field; the error names the field and why it is wrong.
+    /// Checks every field; the error names the field and why it is wrong (the bounds are in
+    /// [`MAX_RES_BLOCKS`]).
     pub fn validate(&self) -> std::result::Result<(), UnetError> {
         let bad =
             |field: &'static str, reason: String| Err(UnetError::InvalidConfig { field, reason });
-        if self.in_channels == 0 || self.out_channels() == 0 {
-            return bad("in_channels", "channel counts must be at least 1".into());
+        if self.in_channels == 0 {
+            return bad("in_channels", "must be at least 1".into());
+        }
+        if self.out_channels() == 0 {
+            return bad("out_channels", "must be at least 1".into());
         }
         if self.ch == 0 {
             return bad("ch", "must be at least 1".into());
@@ -167,8 +176,14 @@ impl DdpmUnetConfig {
                 format!("{:?} must be non-empty and positive", self.ch_mult),
             );
         }
-        if self.num_res_blocks == 0 {
-            return bad("num_res_blocks", "must be at least 1".into());
+        if !(1..=MAX_RES_BLOCKS).contains(&self.num_res_blocks) {
+            return bad(
+                "num_res_blocks",
+                format!(
+                    "{} is outside 1..={MAX_RES_BLOCKS} (published U-Nets use 1 to 4 per level)",
+                    self.num_res_blocks
+                ),
+            );
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", format!("{} must be in [0, 1)", self.dropout));

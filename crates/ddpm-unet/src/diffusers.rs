@@ -937,7 +937,22 @@ pub fn load_unet_weights(
     dtype: DType,
 ) -> Result<DiffusionModel, UnetError> {
     let tensors = read_weights(weights)?;
-    let model = DiffusionModel::new(&ModelConfig::DdpmUnet(config.clone()), 0, device, dtype)?;
+    // A config claiming more parameters than the file holds (a hand-edited `in_channels` or
+    // `layers_per_block`) is refused before a model of its size is allocated.
+    let config_model = ModelConfig::DdpmUnet(config.clone());
+    config.validate()?;
+    let claimed = crate::flops::forward_flops(&config_model).weights;
+    let held: u64 = tensors.values().map(|t| t.elem_count() as u64).sum();
+    if claimed > held {
+        return Err(UnetError::Weights {
+            path: weights.to_path_buf(),
+            reason: format!(
+                "the UNet's config.json describes a model of at least {claimed} parameters but \
+                 this file holds {held} values: the config and the weights do not belong together"
+            ),
+        });
+    }
+    let model = DiffusionModel::new(&config_model, 0, device, dtype)?;
     let vars = model.vars();
     let mapped = map_tensors(&tensors, &vars, config.ch_mult.len(), weights)?;
     model.set_tensors(&mapped, weights)?;

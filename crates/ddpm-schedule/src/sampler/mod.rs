@@ -140,7 +140,7 @@ fn default_clip() -> bool {
 /// A sampler choice as written in a config file, e.g. `{ kind = "ddim", steps = 50, eta = 0.0 }`,
 /// `{ kind = "ddpm", variance = "fixed_large" }` or `{ kind = "dpm-solver++", steps = 20 }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SamplerConfig {
     /// Ancestral DDPM sampling, see [`DdpmSampler`].
     Ddpm {

@@ -67,17 +67,23 @@ impl ClassifierConfig {
         }
     }
 
-    /// Checks the fields; the error names the wrong one.
+    /// Checks the fields; the error names the wrong one. `width` and `feature_dim` are bounded
+    /// ([`MAX_WIDTH`], [`MAX_FEATURES`]) so that a typo cannot ask for more memory than any
+    /// machine has (the default is 16 and 64; the FID's covariance is `feature_dim` squared).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Other(format!("classifier: {m}")));
-        if self.width == 0 || !self.width.is_multiple_of(GROUPS) {
+        if self.width == 0 || !self.width.is_multiple_of(GROUPS) || self.width > MAX_WIDTH {
             return bad(format!(
-                "`width` must be a positive multiple of {GROUPS}, got {}",
+                "`width` (--classifier-width) must be a positive multiple of {GROUPS} up to \
+                 {MAX_WIDTH}, got {}",
                 self.width
             ));
         }
-        if self.feature_dim == 0 {
-            return bad("`feature_dim` must be at least 1".into());
+        if !(1..=MAX_FEATURES).contains(&self.feature_dim) {
+            return bad(format!(
+                "`feature_dim` (--classifier-features) must be in 1..={MAX_FEATURES}, got {}",
+                self.feature_dim
+            ));
         }
         if self.num_classes < 2 {
             return bad(format!(
@@ -94,6 +100,12 @@ impl ClassifierConfig {
         Ok(())
     }
 }
+
+/// The widest classifier [`ClassifierConfig::validate`] allows (base channels).
+pub const MAX_WIDTH: usize = 1024;
+
+/// The most features [`ClassifierConfig::validate`] allows.
+pub const MAX_FEATURES: usize = 4096;
 
 /// How the classifier is trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -632,6 +644,25 @@ mod tests {
             labels.push(label);
         }
         Dataset::from_u8(1, 8, pixels, labels, vec!["dark".into(), "bright".into()]).expect("toy")
+    }
+
+    /// Widths and feature counts beyond the bounds are refused by name (400000 and 1e8 aborted
+    /// on allocations of terabytes); the bounds themselves pass.
+    #[test]
+    fn absurd_classifier_sizes_are_refused() {
+        let base = ClassifierConfig::for_dataset(&toy(4, 0));
+        let with = |width, feature_dim| ClassifierConfig {
+            width,
+            feature_dim,
+            ..base.clone()
+        };
+        assert!(with(MAX_WIDTH, MAX_FEATURES).validate().is_ok());
+        let e = with(400_000, 64).validate().expect_err("too wide");
+        assert!(e.to_string().contains("--classifier-width"), "{e}");
+        let e = with(16, 100_000_000)
+            .validate()
+            .expect_err("too many features");
+        assert!(e.to_string().contains("--classifier-features"), "{e}");
     }
 
     #[test]

@@ -323,12 +323,21 @@ fn fitting_cells(width: usize, height: usize, p: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The most cells [`split_grid`] takes from one grid image (each becomes an image in memory): far
+/// above any sample grid, and a bound on what a mistyped `--grid-cell 1` asks for.
+pub const MAX_GRID_CELLS: usize = 1 << 18;
+
 /// Splits a grid image into its cells ([`grid_shape`]), row by row, dropping empty trailing
 /// cells of the last row unless `opts.grid_count` says how many to take.
 pub fn split_grid(grid: &RgbImage, name: &str, opts: &SampleLoadOptions) -> Result<LoadedSamples> {
     let (w, h) = (grid.width() as usize, grid.height() as usize);
     let p = opts.grid_padding;
     let cell = opts.grid_cell.unwrap_or(opts.image_size);
+    if cell == 0 {
+        return Err(err(
+            "--grid-cell must be at least 1 (the side of one image)".into(),
+        ));
+    }
     let Some((cols, rows)) = grid_shape(w, h, cell, p) else {
         let pitch = cell + p;
         let fits: Vec<String> = fitting_cells(w, h, p)
@@ -356,6 +365,13 @@ pub fn split_grid(grid: &RgbImage, name: &str, opts: &SampleLoadOptions) -> Resu
              ({why}): {hint}, or pass a folder of single images"
         )));
     };
+    if cols.saturating_mul(rows) > MAX_GRID_CELLS {
+        return Err(err(format!(
+            "{name} would split into {cols}x{rows} cells of {cell}x{cell} pixels, more than the \
+             {MAX_GRID_CELLS} a grid may hold: check --grid-cell and --grid-padding, or pass a \
+             folder of single images"
+        )));
+    }
     let pitch = cell + p;
     let crop = |k: usize| {
         let (col, row) = (k % cols, k / cols);
@@ -471,6 +487,32 @@ mod tests {
         assert_eq!(luma(255, 0, 0), 76);
         assert_eq!(luma(0, 255, 0), 150);
         assert_eq!(luma(0, 0, 255), 29);
+    }
+
+    /// A 600x600 image read as cells of 1 pixel (360,000 of them; a 4000x4000 one aborted on a
+    /// 6.5 GB allocation), a cell of 0 and a 1x1 grid: each one clear error.
+    #[test]
+    fn grids_that_split_into_too_many_or_no_cells_are_refused() {
+        let opts = |cell: usize, padding: usize| SampleLoadOptions {
+            grid_cell: Some(cell),
+            grid_padding: padding,
+            ..SampleLoadOptions::new(3, 28)
+        };
+        let big = RgbImage::new(600, 600);
+        let e = split_grid(&big, "big.png", &opts(1, 0)).expect_err("too many cells");
+        assert!(e.to_string().contains("600x600 cells of 1x1 pixels"), "{e}");
+        let e = split_grid(&big, "big.png", &opts(0, 0)).expect_err("cell 0");
+        assert!(
+            e.to_string().contains("--grid-cell must be at least 1"),
+            "{e}"
+        );
+        let e = split_grid(&RgbImage::new(1, 1), "one.png", &opts(28, 2)).expect_err("1x1");
+        assert!(
+            e.to_string()
+                .contains("no wider or taller than the 2-pixel padding"),
+            "{e}"
+        );
+        assert!(split_grid(&RgbImage::new(62, 32), "two.png", &opts(28, 2)).is_ok());
     }
 
     #[test]
