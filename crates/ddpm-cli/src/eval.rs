@@ -283,7 +283,7 @@ fn check_dir_exists(path: &Path) -> Result<()> {
 /// mistake, a device, a pipe) is refused untouched.
 fn check_report_path(path: &Path) -> Result<()> {
     crate::require_extension(path, "--report", "json")?;
-    check_output(path, "--report", |bytes| {
+    check_output(path, "--report", MAX_REPORT_BYTES, |bytes| {
         serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
             .and_then(|v| {
@@ -299,15 +299,18 @@ fn check_report_path(path: &Path) -> Result<()> {
 /// replace only a PNG.
 fn check_png_path(path: &Path, flag: &str) -> Result<()> {
     crate::require_extension(path, flag, "png")?;
-    check_output(path, flag, |bytes| bytes.starts_with(b"\x89PNG\r\n\x1a\n"))
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    check_output(path, flag, SIGNATURE.len() as u64, |bytes| {
+        bytes == SIGNATURE
+    })
 }
 
-/// The largest existing file an output may replace after [`check_output`] reads it.
-const MAX_REPLACED_BYTES: u64 = 1 << 30;
+/// The largest existing report [`check_report_path`] reads to recognise it.
+const MAX_REPORT_BYTES: u64 = 1 << 26;
 
 /// Checks an output path: its directory exists, and what is there already is a regular file
-/// that `ours` recognises (read whole, at most [`MAX_REPLACED_BYTES`]), or nothing.
-fn check_output(path: &Path, flag: &str, ours: impl Fn(&[u8]) -> bool) -> Result<()> {
+/// whose first `head` bytes `ours` recognises, or nothing.
+fn check_output(path: &Path, flag: &str, head: u64, ours: impl Fn(&[u8]) -> bool) -> Result<()> {
     check_dir_exists(path)?;
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -320,8 +323,10 @@ fn check_output(path: &Path, flag: &str, ours: impl Fn(&[u8]) -> bool) -> Result
             path.display()
         );
     }
-    let replaceable =
-        meta.len() <= MAX_REPLACED_BYTES && std::fs::read(path).is_ok_and(|bytes| ours(&bytes));
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, head), &mut bytes));
+    let replaceable = read.is_ok() && ours(&bytes);
     if !replaceable {
         anyhow::bail!(
             "{flag} {} exists and is not an earlier output of this command: name a new file \

@@ -98,6 +98,12 @@ pub(crate) fn resolve(
     revision: Option<&str>,
     options: &HubOptions,
 ) -> Result<PipelineSource> {
+    if arg.trim().is_empty() {
+        anyhow::bail!(
+            "--pretrained is empty: give a pipeline directory or a Hub repository such as \
+             google/ddpm-cifar10-32"
+        );
+    }
     let local = Path::new(arg);
     if local.is_dir() {
         if let Some(rev) = revision {
@@ -210,9 +216,6 @@ fn pipeline_files(snapshot: &Snapshot) -> Result<Vec<String>> {
     })
 }
 
-/// Writes `source` and `extra` (the sampling settings) as JSON beside the output `out`
-/// (`samples.png` -> `samples.json`), so that the images say which pipeline and commit made
-/// them.
 /// Refuses, before any work, a grid name whose provenance file ([`write_provenance`]: the
 /// grid's name with `.json`) would replace a file that is not an earlier provenance record
 /// (a checkpoint's JSON, an eval report, anything of the user's).
@@ -240,6 +243,9 @@ pub(crate) fn check_provenance_path(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `source` and `extra` (the sampling settings) as JSON beside the output `out`
+/// (`samples.png` -> `samples.json`), so that the images say which pipeline and commit made
+/// them.
 pub(crate) fn write_provenance(
     out: &Path,
     source: &PipelineSource,

@@ -347,9 +347,19 @@ fn check_memory(num: usize, frames: usize, config: &ddpm_unet::ModelConfig) -> R
         return Ok(());
     }
     let fits = available / per_image.saturating_mul(copies).max(1);
+    let fix = if frames > 0 {
+        format!(
+            "lower --num (at most about {fits} fit with {frames} GIF frames) or --frames, or \
+             leave out --gif"
+        )
+    } else {
+        format!(
+            "lower --num (at most about {fits} fit) and draw more in several runs with \
+             different --seed"
+        )
+    };
     anyhow::bail!(
-        "--num {num}: the samples need at least {} of memory{} but {} is available; lower --num \
-         (at most about {fits} fit) and draw more in several runs with different --seed",
+        "--num {num}: the samples need at least {} of memory{} but {} is available; {fix}",
         human_bytes(need),
         if frames > 0 {
             " with the GIF's frames"

@@ -435,8 +435,17 @@ fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
     };
     let mut what = data;
     let mut fix = format!("lower --image-size (now {})", e.image_size);
-    if device.is_cpu() && e.state_bytes >= e.data_cache_bytes.max(e.activation_bytes) {
-        // The model is the largest part: a smaller batch or image does not make it fit.
+    let one_image = e.activation_bytes / e.micro_batch.max(1) as u64;
+    let model_floor = e
+        .state_bytes
+        .saturating_add(e.data_cache_bytes)
+        .saturating_add(one_image);
+    if device.is_cpu()
+        && model_floor > available
+        && e.state_bytes >= e.data_cache_bytes.max(one_image)
+    {
+        // Not even a batch of one fits, and the model is the largest part: a smaller batch or
+        // image does not help.
         anyhow::bail!(
             "this run needs at least {} of memory but {} is available: the model's {} \
              parameters (at least) with their gradients, EMA and AdamW moments take {}; choose \

@@ -736,6 +736,8 @@ fn misspelled_keys_are_refused_in_every_section() {
             "`strat`",
         ),
         ("[loss]\nkind = \"huber\"\ndelat = 0.5\n", "`delat`"),
+        ("[loss]\nkind = \"l2\"\ndelat = 0.5\n", "`delat`"),
+        ("[loss]\nweigting = { kind = \"min_snr\" }\n", "`weigting`"),
         (
             "[loss]\nkind = \"l2\"\nweighting = { kind = \"min_snr\", gama = 5.0 }\n",
             "`gama`",

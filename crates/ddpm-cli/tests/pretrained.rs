@@ -113,6 +113,7 @@ fn bad_pretrained_directories_give_one_clear_error() {
         ]))
     };
     assert_one_clean_error(&sample("./missing"), "no such directory");
+    assert_one_clean_error(&sample(""), "--pretrained is empty");
     std::fs::create_dir(dir.path().join("empty")).expect("dir");
     assert_one_clean_error(&sample("empty"), "scheduler_config.json");
 

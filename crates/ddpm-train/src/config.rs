@@ -183,7 +183,39 @@ fn loss_over_defaults<'de, D: serde::Deserializer<'de>>(
             table.entry(key).or_insert(value);
         }
     }
-    DiffusionLoss::deserialize(toml::Value::Table(table)).map_err(D::Error::custom)
+    let loss =
+        DiffusionLoss::deserialize(toml::Value::Table(table.clone())).map_err(D::Error::custom)?;
+    // serde ignores extra keys beside the tag of a unit variant (`kind = "l2"`), even with
+    // `deny_unknown_fields`: every key given must be one the parsed loss writes back.
+    let known = toml::Table::try_from(loss).map_err(D::Error::custom)?;
+    check_known_keys(&table, &known, "loss").map_err(D::Error::custom)?;
+    Ok(loss)
+}
+
+/// Errors naming the first key of `given` that `known` (the same table written back from its
+/// parsed value) does not have, at any depth; `path` names the table.
+fn check_known_keys(
+    given: &toml::Table,
+    known: &toml::Table,
+    path: &str,
+) -> std::result::Result<(), String> {
+    for (key, value) in given {
+        match (known.get(key), value) {
+            (None, _) => {
+                let mut expected: Vec<&str> = known.keys().map(String::as_str).collect();
+                expected.sort_unstable();
+                return Err(format!(
+                    "unknown field `{key}` in [{path}], expected one of {}",
+                    expected.join(", ")
+                ));
+            }
+            (Some(toml::Value::Table(k)), toml::Value::Table(g)) => {
+                check_known_keys(g, k, &format!("{path}.{key}"))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Default for TrainConfig {

@@ -254,7 +254,11 @@ impl World {
         }
         if size > 1 {
             let last = size - 1;
-            crate::device::check_ordinal(&format!("cuda:{last}"), last)?;
+            crate::device::check_ordinal(&format!("cuda:{last}"), last).map_err(|e| {
+                crate::TrainError::Config(format!(
+                    "{size} ranks need one CUDA device each ({e}): lower --nproc"
+                ))
+            })?;
         }
         Ok(())
     }

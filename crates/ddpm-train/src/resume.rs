@@ -468,8 +468,6 @@ mod tests {
         Ok(())
     }
 
-    /// A run on an image folder may be pointed at the folder's new path (recorded as a change);
-    /// its own data set again changes nothing; another kind of data set is refused by name.
     /// A total below the checkpoint's step would train nothing and record a smaller total: it
     /// is refused, by the flag or by config.toml; the step itself (a finished run) is allowed.
     #[test]
@@ -508,6 +506,8 @@ mod tests {
         Ok(())
     }
 
+    /// A run on an image folder may be pointed at the folder's new path (recorded as a change);
+    /// its own data set again changes nothing; another kind of data set is refused by name.
     #[test]
     fn an_image_folder_may_move_but_the_data_set_stays() -> Result<()> {
         let ckpt = TrainConfig {

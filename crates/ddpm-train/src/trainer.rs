@@ -338,8 +338,9 @@ fn prepare_new_run_dir(run_dir: &Path) -> Result<()> {
             files = found.join(", "),
             "an earlier run here stopped before its first checkpoint: starting over"
         );
-        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
-        let _ = std::fs::remove_file(run_dir.join(resume::HISTORY_FILE));
+        for name in ["metrics.jsonl", resume::HISTORY_FILE, "loss.png"] {
+            let _ = std::fs::remove_file(run_dir.join(name));
+        }
         return Ok(());
     }
     let it = if found.len() == 1 { "it" } else { "them" };
@@ -424,15 +425,16 @@ impl Trainer {
                 .map_err(|e| TrainError::io(run_dir, "creating run directory", e))?;
             let lock = RunLock::acquire(run_dir)?;
             prepare_new_run_dir(run_dir)?;
-            let config_path = run_dir.join("config.toml");
-            ddpm_unet::weights::write_atomic(&config_path, config.to_toml()?.as_bytes())
-                .map_err(|e| TrainError::io(&config_path, "writing", e))?;
             Some(lock)
         } else {
             None
         };
+        let toml = config.to_toml()?;
         let trainer = Self::build(config, run_dir, device, dataset, lock, world)?;
         if lead {
+            // Written once the model and data are ready, history first: a start that fails
+            // before (out of memory, a rank that never joins) leaves nothing that would stop the
+            // same command from being run again ([`prepare_new_run_dir`]).
             resume::append_history(
                 run_dir,
                 &HistoryEvent {
@@ -444,6 +446,9 @@ impl Trainer {
                     set_aside: Vec::new(),
                 },
             )?;
+            let config_path = run_dir.join("config.toml");
+            ddpm_unet::weights::write_atomic(&config_path, toml.as_bytes())
+                .map_err(|e| TrainError::io(&config_path, "writing", e))?;
         }
         Ok(trainer)
     }

@@ -44,7 +44,9 @@ pub struct ForwardFlops {
 impl ForwardFlops {
     /// All counted FLOPs of one image's forward pass.
     pub fn total(&self) -> u64 {
-        self.conv + self.linear + self.attention
+        self.conv
+            .saturating_add(self.linear)
+            .saturating_add(self.attention)
     }
 
     /// FLOPs of a forward pass over `batch` images.
@@ -110,15 +112,18 @@ fn unet_flops(cfg: &UnetConfig) -> ForwardFlops {
     };
     // Attention's 1x1 projections in and out, and its products (linear or full).
     let attention = |f: &mut ForwardFlops, c: usize, r: usize, full: bool| {
-        let n = (r * r) as u64;
+        let n = product(&[r, r]);
         f.conv(c, 3 * hidden, 1, r);
         f.conv(hidden, c, 1, r);
         let d = dh as u64;
-        f.attention += if full {
-            heads as u64 * 4 * n * n * d
+        let per_head = if full {
+            n.saturating_mul(n).saturating_mul(d)
         } else {
-            heads as u64 * 4 * d * d * n
+            d.saturating_mul(d).saturating_mul(n)
         };
+        f.attention = f
+            .attention
+            .saturating_add(per_head.saturating_mul(4 * heads as u64));
     };
     f.conv(cfg.input_channels(), init_dim, cfg.init_conv_kernel, s);
     f.linear(cfg.dim, time_dim);
@@ -179,8 +184,10 @@ fn ddpm_unet_flops(cfg: &DdpmUnetConfig) -> ForwardFlops {
         for _ in 0..4 {
             f.conv(c, c, 1, r);
         }
-        let n = (r * r) as u64;
-        f.attention += 4 * n * n * c as u64;
+        let n = product(&[r, r]);
+        f.attention = f
+            .attention
+            .saturating_add(n.saturating_mul(n).saturating_mul(4 * c as u64));
     };
     let with_attn = |r: usize| cfg.attn_resolutions.contains(&r);
     f.linear(ch, temb_ch);
@@ -306,7 +313,7 @@ mod tests {
     #[test]
     fn absurd_sizes_saturate() -> Result<(), Box<dyn std::error::Error>> {
         let mut config = ModelConfig::preset("mnist-small")?;
-        config.set_image_size(usize::MAX / 2);
+        config.set_image_size(1 << 40);
         let f = forward_flops(&config);
         assert_eq!(f.conv, u64::MAX);
         Ok(())
