@@ -60,6 +60,8 @@ fn cifar_presets_train_at_batch_one() {
 
 /// Item 6: `--image-size 4096` decoded for minutes and then aborted on a failed allocation. The
 /// run is refused at once with the memory it needs, what is available and the flag to lower.
+// The memory checks read MemAvailable from /proc/meminfo (Linux); elsewhere they are skipped.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_run_that_cannot_fit_in_memory_is_refused_before_decoding() {
     let _row = common::AttackRow("--image-size 4096 (memory estimate)");
@@ -490,6 +492,8 @@ fn a_new_run_never_replaces_files_in_its_directory() {
 /// `[model] dim = 100000` passed the memory estimate (which counted data and activations only)
 /// and aborted on a 320 GB allocation. The parameters' training state is counted now, and the
 /// error names the model as what to shrink.
+// The memory checks read MemAvailable from /proc/meminfo (Linux); elsewhere they are skipped.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_model_too_wide_for_memory_is_refused() {
     let _row = common::AttackRow("[model] dim = 100000");
@@ -515,6 +519,8 @@ fn a_model_too_wide_for_memory_is_refused() {
 /// `ddpm forward --image-size 4096` decoded the whole split (MNIST's 8,000 images) at that size
 /// until the allocator aborted. A figure that cannot fit is refused at once, naming the flag (at
 /// 65536 pixels: the fixture's 400 images take 1.7 TB, more than any test machine has).
+// The memory checks read MemAvailable from /proc/meminfo (Linux); elsewhere they are skipped.
+#[cfg(target_os = "linux")]
 #[test]
 fn a_forward_figure_that_cannot_fit_is_refused() {
     let _row = common::AttackRow("forward --image-size 65536");
@@ -538,6 +544,8 @@ fn a_forward_figure_that_cannot_fit_is_refused() {
 
 /// `ddpm sample --num 18446744073709551615` ran silently for as long as it was let, holding ever
 /// more memory; an `--out-dir` that is a file failed only after sampling, naming no flag.
+// The memory checks read MemAvailable from /proc/meminfo (Linux); elsewhere they are skipped.
+#[cfg(target_os = "linux")]
 #[test]
 fn sample_refuses_a_num_that_cannot_fit_and_an_out_dir_that_is_a_file() {
     let _row = common::AttackRow("sample --num u64::MAX, --out-dir FILE");
