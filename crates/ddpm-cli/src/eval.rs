@@ -284,14 +284,7 @@ fn check_dir_exists(path: &Path) -> Result<()> {
 fn check_report_path(path: &Path) -> Result<()> {
     crate::require_extension(path, "--report", "json")?;
     check_output(path, "--report", MAX_REPORT_BYTES, |bytes| {
-        serde_json::from_slice::<serde_json::Value>(bytes)
-            .ok()
-            .and_then(|v| {
-                v.get("format")?
-                    .as_str()
-                    .map(|f| f == EVAL_FORMAT || f == SAMPLES_FORMAT)
-            })
-            .unwrap_or(false)
+        crate::output::json_has(bytes, "format", |f| f == EVAL_FORMAT || f == SAMPLES_FORMAT)
     })
 }
 
@@ -309,33 +302,28 @@ fn check_png_path(path: &Path, flag: &str) -> Result<()> {
 const MAX_REPORT_BYTES: u64 = 1 << 26;
 
 /// Checks an output path: its directory exists, and what is there already is a regular file
-/// whose first `head` bytes `ours` recognises, or nothing.
+/// whose first `head` bytes `ours` recognises, or nothing ([`crate::output::existing`]).
 fn check_output(path: &Path, flag: &str, head: u64, ours: impl Fn(&[u8]) -> bool) -> Result<()> {
+    use crate::output::Existing;
     check_dir_exists(path)?;
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("{flag} {}", path.display())),
-    };
-    if !meta.is_file() {
-        anyhow::bail!(
+    match crate::output::existing(path, head, ours)
+        .with_context(|| format!("{flag} {}", path.display()))?
+    {
+        Existing::Absent => Ok(()),
+        Existing::Ours => {
+            tracing::info!(path = %path.display(), "replacing an earlier output");
+            Ok(())
+        }
+        Existing::NotRegular => anyhow::bail!(
             "{flag} {} exists and is not a regular file: name a new file",
             path.display()
-        );
-    }
-    let mut bytes = Vec::new();
-    let read = std::fs::File::open(path)
-        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, head), &mut bytes));
-    let replaceable = read.is_ok() && ours(&bytes);
-    if !replaceable {
-        anyhow::bail!(
+        ),
+        Existing::Foreign => anyhow::bail!(
             "{flag} {} exists and is not an earlier output of this command: name a new file \
              (nothing was written)",
             path.display()
-        );
+        ),
     }
-    tracing::info!(path = %path.display(), "replacing an earlier output");
-    Ok(())
 }
 
 /// The data set and its configuration: the run's unless flags say otherwise.

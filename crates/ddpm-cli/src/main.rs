@@ -12,6 +12,7 @@ mod eval;
 mod export;
 mod forward;
 mod launch;
+mod output;
 mod pretrained;
 mod sample;
 mod schedule;

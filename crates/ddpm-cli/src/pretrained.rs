@@ -220,19 +220,12 @@ fn pipeline_files(snapshot: &Snapshot) -> Result<Vec<String>> {
 /// grid's name with `.json`) would replace a file that is not an earlier provenance record
 /// (a checkpoint's JSON, an eval report, anything of the user's).
 pub(crate) fn check_provenance_path(out: &Path) -> Result<()> {
+    use crate::output::Existing;
     let path = out.with_extension("json");
-    let meta = match std::fs::metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
-    };
-    let ours = meta.is_file()
-        && meta.len() <= 1 << 20
-        && std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v.get("pretrained").is_some());
-    if !ours {
+    let found = crate::output::existing(&path, 1 << 20, |bytes| {
+        crate::output::json_has(bytes, "pretrained", |_| true)
+    })?;
+    if matches!(found, Existing::NotRegular | Existing::Foreign) {
         anyhow::bail!(
             "--out {}: its provenance record would replace {}, which is not one: name the grid \
              differently (nothing was written)",

@@ -246,9 +246,6 @@ impl World {
     /// many CUDA devices. A launcher calls it so that an impossible world is one error, not one
     /// per started process.
     pub fn check_launch(size: usize) -> Result<()> {
-        if size == 0 {
-            return Err(DistError::EmptyWorld.into());
-        }
         if size > 1 && !cfg!(feature = "nccl") {
             return Err(DistError::NoNccl { size }.into());
         }
