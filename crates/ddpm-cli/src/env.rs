@@ -61,7 +61,8 @@ pub fn cache_dir(data_root: &std::path::Path) -> std::path::PathBuf {
 /// The Hugging Face Hub options of the environment, as `huggingface_hub` reads them: the
 /// endpoint `HF_ENDPOINT`; the cache `HF_HUB_CACHE`, else `$HF_HOME/hub`, else the default
 /// `~/.cache/huggingface/hub`; the token `HF_TOKEN`; offline mode `HF_HUB_OFFLINE` (`1`, `true`,
-/// `yes`, `on`, or `0`, `false`, `no`, `off`; anything else is an error naming it). A progress
+/// `yes`, `on`, or `0`, `false`, `no`, `off`; anything else is an error naming it); the
+/// seconds a request may wait for an answer `HF_HUB_DOWNLOAD_TIMEOUT`. A progress
 /// bar is shown while a file downloads when stderr is a terminal.
 pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
     let offline = match var("HF_HUB_OFFLINE").map(|v| v.trim().to_ascii_lowercase()) {
@@ -69,6 +70,19 @@ pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
         Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => true,
         Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => false,
         Some(v) => anyhow::bail!("HF_HUB_OFFLINE={v}: use 1 (offline) or 0"),
+    };
+    let timeout = match var("HF_HUB_DOWNLOAD_TIMEOUT") {
+        None => None,
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 86_400.0 => {
+                Some(std::time::Duration::from_secs_f64(secs))
+            }
+            _ => anyhow::bail!(
+                "HF_HUB_DOWNLOAD_TIMEOUT={v}: give the seconds a Hub request may wait for an \
+                 answer (more than 0, at most 86400; default {})",
+                ddpm_data::hub::DEFAULT_TIMEOUT.as_secs()
+            ),
+        },
     };
     let cache_dir = var("HF_HUB_CACHE")
         .map(std::path::PathBuf::from)
@@ -79,6 +93,8 @@ pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
         token: var("HF_TOKEN"),
         offline,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        timeout,
+        retries: None,
     })
 }
 

@@ -3,7 +3,8 @@
 //! diffusers pipeline of crates/ddpm-unet/tests/fixtures/diffusers-tiny: only the needed files are
 //! downloaded, the commit is recorded beside the images, offline mode reads the filled cache, a
 //! revision picks another commit (the flat `.bin` layout), and corrupt or resized downloads and
-//! configs we cannot represent are refused in one line. No network is used.
+//! configs we cannot represent are refused in one line, as is a Hub that never answers (after
+//! `HF_HUB_DOWNLOAD_TIMEOUT`). No network is used.
 
 mod common;
 
@@ -341,4 +342,48 @@ fn corrupt_downloads_and_configs_we_cannot_represent_are_refused() {
     );
     let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/text"]);
     assert_one_clean_error(&o, "not a diffusers DDPM pipeline");
+}
+
+#[test]
+fn a_hub_that_never_answers_is_one_line_after_the_timeout() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let hub = FakeHub::start();
+    hub.publish(Kind::Model, "a/tiny", "main", pipeline_files());
+    hub.stall("*");
+    let started = std::time::Instant::now();
+    let mut c = ddpm_bare(p);
+    c.env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", p.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "0.5")
+        .args(["sample", "--num", "2", "--steps", "5", "--quiet"])
+        .args(["--out", "x.png", "--pretrained", "a/tiny"]);
+    let o = run(&mut c);
+    assert_one_clean_error(&o, "did not answer in time");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!p.join("x.png").exists());
+
+    // A timeout that is not a number of seconds is refused by name.
+    for bad in ["abc", "0", "-3", "inf"] {
+        let mut c = ddpm_bare(p);
+        c.env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HOME", p.join("hf"))
+            .env("HF_HUB_DOWNLOAD_TIMEOUT", bad)
+            .args([
+                "sample",
+                "--num",
+                "2",
+                "--out",
+                "x.png",
+                "--pretrained",
+                "a/tiny",
+            ]);
+        assert_one_clean_error(&run(&mut c), "HF_HUB_DOWNLOAD_TIMEOUT");
+    }
 }

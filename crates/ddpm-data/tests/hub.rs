@@ -285,3 +285,75 @@ fn an_unreachable_hub_is_one_line_that_suggests_offline_mode() {
     );
     assert!(!text.contains('\n'));
 }
+
+#[test]
+fn a_hub_that_never_answers_is_an_error_after_the_timeout_not_a_hang() {
+    let hub = FakeHub::start();
+    let commit = model(&hub, "o/slow");
+    let cache = tempfile::tempdir().unwrap();
+    let client = Hub::new(&HubOptions {
+        timeout: Some(std::time::Duration::from_millis(300)),
+        retries: Some(1),
+        ..options(&hub, cache.path())
+    })
+    .unwrap();
+    let repo = Repo::model("o/slow").unwrap();
+    let snap = client.snapshot(&repo, "main").unwrap();
+
+    // A file whose download never starts: each try times out, then the error names the file,
+    // says what timed out and how to change it.
+    hub.stall("unet/weights.bin");
+    let started = std::time::Instant::now();
+    let err = client.get(&snap, "unet/weights.bin").unwrap_err();
+    let waited = started.elapsed();
+    let text = err.to_string();
+    assert!(
+        text.contains("o/slow@") && text.contains("unet/weights.bin"),
+        "{text}"
+    );
+    assert!(
+        text.contains("did not answer in time") && text.contains("HF_HUB_DOWNLOAD_TIMEOUT"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+    // Two tries of 0.3 s and a wait of 1 s between them; far from the fake Hub's minute.
+    assert!(waited < std::time::Duration::from_secs(20), "{waited:?}");
+    let stalled = format!("/o/slow/resolve/{commit}/unet/weights.bin");
+    assert_eq!(
+        hub.requests().iter().filter(|r| **r == stalled).count(),
+        2,
+        "{:?}",
+        hub.requests()
+    );
+    // Nothing half-made is left as the file: no link, no blob (a `.part` may wait to resume).
+    let root = cache.path().join("models--o--slow");
+    let link = root
+        .join("snapshots")
+        .join(&commit)
+        .join("unet/weights.bin");
+    assert!(link.symlink_metadata().is_err());
+    assert!(!root
+        .join("blobs")
+        .join(hub_server::sha256(&weights()))
+        .exists());
+    // Other files still come.
+    let config = client.get(&snap, "unet/config.json").unwrap();
+    assert_eq!(std::fs::read(config).unwrap(), CONFIG);
+
+    // The listing itself never answered.
+    hub.stall("*");
+    let started = std::time::Instant::now();
+    let err = client.snapshot(&repo, "main").unwrap_err();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("o/slow at revision main")
+            && text.contains("did not answer in time")
+            && text.contains("HF_HUB_OFFLINE=1"),
+        "{text}"
+    );
+}

@@ -45,7 +45,7 @@
 
 mod checksum;
 mod store;
-mod transfer;
+pub(crate) mod transfer;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -81,18 +81,40 @@ fn status_hint(status: u16) -> String {
 pub(crate) struct Transfer<'a> {
     opts: &'a FetchOptions,
     agent: ureq::Agent,
+    /// The `Authorization` header of every request, when there is one.
+    auth: Option<String>,
 }
 
 impl<'a> Transfer<'a> {
     pub fn new(opts: &'a FetchOptions) -> Self {
+        Self::with_token(opts, None)
+    }
+
+    /// Like [`Transfer::new`], sending `token` as a bearer token (kept across redirects to the
+    /// same host only).
+    pub fn with_token(opts: &'a FetchOptions, token: Option<&str>) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .build()
             .into();
-        Transfer { opts, agent }
+        Transfer {
+            opts,
+            agent,
+            auth: token.map(|t| format!("Bearer {t}")),
+        }
+    }
+
+    /// A GET request of `url`, with the token if there is one.
+    pub fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let request = self.agent.get(url);
+        match &self.auth {
+            Some(auth) => request.header("Authorization", auth),
+            None => request,
+        }
     }
 
     /// A byte-count progress bar (hidden when progress is off).
@@ -204,7 +226,7 @@ impl<'a> Transfer<'a> {
             let _ = std::fs::remove_file(part);
             have = 0;
         }
-        let mut request = self.agent.get(url);
+        let mut request = self.get(url);
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
         }

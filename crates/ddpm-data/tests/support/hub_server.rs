@@ -1,5 +1,5 @@
-//! A fake Hugging Face Hub on 127.0.0.1 for tests: answers the requests `hf-hub` 0.4's sync
-//! client makes, from repositories held in memory. Include it with
+//! A fake Hugging Face Hub on 127.0.0.1 for tests: answers the requests the Hub client
+//! (`ddpm_data::hub`, and `hf-hub` 0.4's sync client) makes, from repositories held in memory. Include it with
 //! `#[path = ".../ddpm-data/tests/support/hub_server.rs"] mod hub_server;` (it needs the `sha1`
 //! and `sha2` crates among the test's dependencies, and `hex`).
 //!
@@ -14,7 +14,8 @@
 //!
 //! `REV` is a branch (or any ref, `/` escaped as `%2F`) or a commit id. [`FakeHub::corrupt`] and
 //! [`FakeHub::resize`] make the server send other bytes than its listing declares;
-//! [`FakeHub::set_down`] makes it answer 503 to everything.
+//! [`FakeHub::set_down`] makes it answer 503 to everything, and [`FakeHub::stall`] makes it read
+//! requests and never answer them.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -80,6 +81,8 @@ struct State {
     corrupt: HashSet<String>,
     resized: HashMap<String, i64>,
     down: bool,
+    /// Request paths (or `*`, all) read and never answered.
+    stalled: HashSet<String>,
     commits_made: u64,
 }
 
@@ -163,6 +166,12 @@ impl FakeHub {
         self.state.lock().unwrap().down = down;
     }
 
+    /// From now on, a request for a file at `path` (`*`: every request) is read and never
+    /// answered: the connection stays open and silent for a minute.
+    pub fn stall(&self, path: &str) {
+        self.state.lock().unwrap().stalled.insert(path.to_string());
+    }
+
     /// The request targets (path and query) received so far, in order.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
@@ -225,6 +234,16 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let response = {
         let mut st = state.lock().unwrap();
         st.requests.push(target.clone());
+        let stalled = st.stalled.contains("*")
+            || st
+                .stalled
+                .iter()
+                .any(|p| target.contains("/resolve/") && target.ends_with(&format!("/{p}")));
+        if stalled {
+            drop(st);
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            return Ok(());
+        }
         if st.down {
             json_error("503 Service Unavailable", "down")
         } else {
