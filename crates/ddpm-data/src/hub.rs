@@ -1,4 +1,4 @@
-//! The Hugging Face Hub: a thin, verifying layer over the `hf-hub` crate's sync client.
+//! The Hugging Face Hub: a verifying client with timeouts, on `hf-hub`'s cache conventions.
 //!
 //! [`Hub::snapshot`] resolves a revision (a branch, tag or commit) of a model or data-set
 //! repository to its commit and lists the files there; [`Hub::get`] brings one file of that
