@@ -88,7 +88,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     crate::train::ensure_data(&probe, false)?;
     check_memory(&probe, a.num, ts.len())?;
     // `ensure_data` fetched the set or said how: what fails here is the data themselves.
-    let ds = Dataset::open(&spec, &cfg, Split::Train)
+    let ds = Dataset::open_first(&spec, &cfg, Split::Train, a.num)
         .with_context(|| format!("opening {spec} in {}", a.data_dir.display()))?;
     let n = a.num.min(ds.len());
     let x0 = Tensor::stack(
@@ -124,34 +124,37 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a figure whose decoded data (the whole training split is decoded at `--image-size`)
-/// and tiles cannot fit in the available memory, before the decoding runs out of it.
+/// Refuses a figure whose decoded images (the first `--num` of the training split, at
+/// `--image-size`) and tiles cannot fit in the available memory, before the decoding runs out
+/// of it.
 fn check_memory(probe: &ddpm_train::TrainConfig, num: usize, columns: usize) -> Result<()> {
     use ddpm_train::memory::{estimate, human_bytes};
     let Some(available) = crate::train::available_memory() else {
         return Ok(());
     };
     let e = estimate(probe);
-    // Each tile in f32, held about four times over (images, noise, noised columns, the grid).
     let tile = (e.channels as u64).saturating_mul((e.image_size as u64).saturating_pow(2));
+    let rows = num.min(e.images.unwrap_or(num)) as u64;
+    // The decoded images in u8, then each tile in f32, held about four times over (images,
+    // noise, noised columns, the grid).
+    let decoded = tile.saturating_mul(rows);
     let tiles = tile
-        .saturating_mul(num.min(e.images.unwrap_or(num)) as u64)
+        .saturating_mul(rows)
         .saturating_mul(columns as u64 + 2)
         .saturating_mul(4 * 4);
-    let need = e.data_cache_bytes.saturating_add(tiles);
+    let need = decoded.saturating_add(tiles);
     if need <= available {
         return Ok(());
     }
     anyhow::bail!(
-        "this figure needs at least {} of memory but {} is available: the training split decoded \
-         at {}x{} takes {} and the figure's {} images {}; lower --image-size (now {}) or --num",
+        "this figure needs at least {} of memory but {} is available: its {} images of {}x{} \
+         in {} columns; lower --image-size (now {}) or --num",
         human_bytes(need),
         human_bytes(available),
+        rows,
         e.image_size,
         e.image_size,
-        human_bytes(e.data_cache_bytes),
-        num.saturating_mul(columns),
-        human_bytes(tiles),
+        columns,
         e.image_size,
     )
 }

@@ -517,8 +517,9 @@ fn a_model_too_wide_for_memory_is_refused() {
 }
 
 /// `ddpm forward --image-size 4096` decoded the whole split (MNIST's 8,000 images) at that size
-/// until the allocator aborted. A figure that cannot fit is refused at once, naming the flag (at
-/// 65536 pixels: the fixture's 400 images take 1.7 TB, more than any test machine has).
+/// until the allocator aborted. It now decodes only the `--num` images it draws, and a figure
+/// that cannot fit is refused at once, naming the flag (at 65536 pixels the tiles of two images
+/// in one column take about 400 GB, more than any test machine has).
 // The memory checks read MemAvailable from /proc/meminfo (Linux); elsewhere they are skipped.
 #[cfg(target_os = "linux")]
 #[test]

@@ -54,6 +54,28 @@ impl Dataset {
     /// are decoded in parallel (`cfg.threads`) and cached at
     /// `cfg.image_size` (default: MNIST and Fashion-MNIST 28, others 32).
     pub fn open(spec: &DatasetSpec, cfg: &DataConfig, split: Split) -> Result<Self> {
+        Self::open_limited(spec, cfg, split, None)
+    }
+
+    /// Like [`Dataset::open`], but reads and decodes only the first `limit` images of the split
+    /// (all of them when it has fewer): for a figure of a few images, without decoding the rest.
+    /// For a Hub data set only the parquet files that hold them are downloaded, and class names
+    /// taken from string labels are those of these images.
+    pub fn open_first(
+        spec: &DatasetSpec,
+        cfg: &DataConfig,
+        split: Split,
+        limit: usize,
+    ) -> Result<Self> {
+        Self::open_limited(spec, cfg, split, Some(limit))
+    }
+
+    fn open_limited(
+        spec: &DatasetSpec,
+        cfg: &DataConfig,
+        split: Split,
+        limit: Option<usize>,
+    ) -> Result<Self> {
         let size = match cfg.image_size {
             Some(s) if s == 0 || s > MAX_IMAGE_SIZE => {
                 return Err(DataError::Config(format!(
@@ -68,7 +90,12 @@ impl Dataset {
         let threads = cfg.thread_count();
         let mut ds = match spec {
             DatasetSpec::Mnist | DatasetSpec::FashionMnist => {
-                let (images, labels) = mnist::load_as(&dir, split, spec.name())?;
+                let (mut images, mut labels) = mnist::load_as(&dir, split, spec.name())?;
+                if let Some(limit) = limit.filter(|&l| l < images.count) {
+                    images.count = limit;
+                    images.pixels.truncate(limit * images.rows * images.cols);
+                    labels.truncate(limit);
+                }
                 let native = images.rows == images.cols && images.rows == size;
                 let pixels = if native {
                     images.pixels
@@ -95,7 +122,13 @@ impl Dataset {
                 )?
             }
             DatasetSpec::Cifar10 => {
-                let batch = cifar::load(&dir, split)?;
+                let mut batch = cifar::load(&dir, split)?;
+                if let Some(limit) = limit.filter(|&l| l < batch.len()) {
+                    batch
+                        .pixels
+                        .truncate(limit * batch.pixels.len() / batch.len());
+                    batch.labels.truncate(limit);
+                }
                 let pixels = if size == cifar::SIDE {
                     batch.pixels
                 } else {
@@ -138,7 +171,10 @@ impl Dataset {
                         images: index.files.len(),
                     });
                 }
-                let files = index.split_with(split, cfg.test_fraction);
+                let mut files = index.split_with(split, cfg.test_fraction);
+                if let Some(limit) = limit {
+                    files.truncate(limit);
+                }
                 let decoded = folder::decode_all(&files, size as u32, threads, cfg.skip_corrupt)?;
                 if decoded.labels.is_empty() {
                     return Err(DataError::Empty {
@@ -153,7 +189,8 @@ impl Dataset {
             }
             DatasetSpec::Hub(hub) => {
                 let options = crate::hub::installed();
-                let images = crate::hub_dataset::load(hub, cfg, split, size, &options)?;
+                let images =
+                    crate::hub_dataset::load_first(hub, cfg, split, size, &options, limit)?;
                 let mut ds = Dataset::from_u8(
                     images.channels,
                     size,
@@ -407,6 +444,59 @@ mod tests {
         assert!(err.to_string().contains("pets"), "{err}");
         let err = Dataset::open(&spec, &cfg(1.0), Split::Train).unwrap_err();
         assert!(err.to_string().contains("test_fraction 1"), "{err}");
+    }
+
+    /// `open_first` gives the first images of what `open` gives, decoded alike, and all of them
+    /// when the split has fewer.
+    #[test]
+    fn the_first_images_of_a_split_are_those_of_the_whole_split() {
+        let dir = tempfile::tempdir().unwrap();
+        // CIFAR-10's layout: five training batches of 3 images, resized to 8x8.
+        let batches = dir.path().join("cifar10").join(cifar::BATCH_DIR);
+        std::fs::create_dir_all(&batches).unwrap();
+        for (k, file) in cifar::split_files(&batches, Split::Train)
+            .iter()
+            .enumerate()
+        {
+            let labels: Vec<u8> = (0..3).map(|i| (k * 3 + i) as u8 % 10).collect();
+            let pixels: Vec<u8> = (0..3 * 3 * 32 * 32)
+                .map(|i| (i * 7 + k * 31) as u8)
+                .collect();
+            cifar::write_batch(file, &labels, &pixels).unwrap();
+        }
+        // A folder of 12 images.
+        let folder = dir.path().join("pets");
+        std::fs::create_dir(&folder).unwrap();
+        for i in 0..12u8 {
+            image::RgbImage::from_fn(6, 6, |x, y| image::Rgb([i, x as u8 * 40, y as u8 * 40]))
+                .save(folder.join(format!("{i:02}.png")))
+                .unwrap();
+        }
+        let cfg = DataConfig {
+            root: dir.path().to_path_buf(),
+            image_size: Some(8),
+            threads: Some(2),
+            test_fraction: 0.0,
+            ..DataConfig::default()
+        };
+        for spec in [DatasetSpec::Cifar10, DatasetSpec::Folder(folder)] {
+            let all = Dataset::open(&spec, &cfg, Split::Train).unwrap();
+            assert!(all.len() >= 12, "{spec}: {}", all.len());
+            for limit in [1, 4, 7] {
+                let first = Dataset::open_first(&spec, &cfg, Split::Train, limit).unwrap();
+                assert_eq!(first.len(), limit, "{spec}");
+                for i in 0..limit {
+                    assert_eq!(
+                        first.image_u8(i).unwrap(),
+                        all.image_u8(i).unwrap(),
+                        "{spec} {i}"
+                    );
+                    assert_eq!(first.labels()[i], all.labels()[i], "{spec} {i}");
+                }
+            }
+            let more = Dataset::open_first(&spec, &cfg, Split::Train, 1000).unwrap();
+            assert_eq!(more.len(), all.len(), "{spec}");
+        }
     }
 
     #[test]

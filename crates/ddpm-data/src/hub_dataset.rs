@@ -363,6 +363,20 @@ pub fn load(
     size: usize,
     options: &HubOptions,
 ) -> Result<HubImages> {
+    load_first(spec, cfg, split, size, options, None)
+}
+
+/// Like [`load`], keeping only the first `limit` rows (all with `None`): the parquet files after
+/// the one that completes them are not downloaded, and class names taken from string labels are
+/// those of the rows kept.
+pub fn load_first(
+    spec: &HubSpec,
+    cfg: &DataConfig,
+    split: Split,
+    size: usize,
+    options: &HubOptions,
+    limit: Option<usize>,
+) -> Result<HubImages> {
     let hub = Hub::new(options)?;
     let snapshot = resolve(&hub, spec)?;
     let splits: Vec<&str> = match split {
@@ -384,6 +398,9 @@ pub fn load(
     let mut rows = Vec::new();
     let mut class_names: Option<Vec<String>> = None;
     for file in &files {
+        if limit.is_some_and(|l| rows.len() >= l) {
+            break;
+        }
         let local = hub.get(&snapshot, file)?;
         let shown = PathBuf::from(format!("{label}/{file}"));
         let (file_rows, names) = read_parquet(&local, &shown)?;
@@ -391,6 +408,9 @@ pub fn load(
             class_names = names;
         }
         rows.extend(file_rows);
+    }
+    if let Some(limit) = limit {
+        rows.truncate(limit);
     }
     tracing::info!(dataset = %spec, commit = %snapshot.commit, files = files.len(), rows = rows.len(), "read the parquet files of the Hub data set");
     decode_rows(rows, class_names, cfg, size, &snapshot)

@@ -74,6 +74,18 @@ fn a_split_is_read_decoded_and_batched_like_a_folder() {
     assert_eq!(test.labels.len(), 4);
     let all = hub_dataset::load(&spec("hf:test/tiny"), &cfg(), Split::All, 4, &opts).unwrap();
     assert_eq!(all.labels.len(), 24);
+    // The first rows only (what `ddpm forward` draws): those of the whole split.
+    let first = hub_dataset::load_first(
+        &spec("hf:test/tiny"),
+        &cfg(),
+        Split::Train,
+        4,
+        &opts,
+        Some(3),
+    )
+    .unwrap();
+    assert_eq!(first.labels, images.labels[..3]);
+    assert_eq!(first.pixels, images.pixels[..3 * 3 * 16]);
     let named =
         hub_dataset::load(&spec("hf:test/tiny:test"), &cfg(), Split::Train, 4, &opts).unwrap();
     assert_eq!(named.pixels, test.pixels);
