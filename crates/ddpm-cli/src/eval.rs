@@ -196,7 +196,9 @@ fn inception_of(
         let name = source.rsplit('/').next().unwrap_or(source);
         if a.no_fetch && !cache.join(name).is_file() {
             anyhow::bail!(
-                "--fid inception: the Inception weights {name} are not in the cache {} and                  --no-fetch forbids fetching them from {source}: drop --no-fetch, or pass a                  local copy with --inception-weights FILE",
+                "--fid inception: the Inception weights {name} are not in the cache {} and \
+                 --no-fetch forbids fetching them from {source}: drop --no-fetch, or pass a \
+                 local copy with --inception-weights FILE",
                 cache.display()
             );
         }
@@ -205,7 +207,8 @@ fn inception_of(
         let path = PathBuf::from(source);
         if !path.is_file() {
             anyhow::bail!(
-                "--inception-weights {source}: no such file (pass pytorch-fid's weights file,                  {}, or a URL)",
+                "--inception-weights {source}: no such file (pass pytorch-fid's weights file, \
+                 {}, or a URL)",
                 weights::FID_WEIGHTS_FILE
             );
         }
@@ -219,8 +222,9 @@ fn inception_of(
                 if !digest.starts_with(&prefix.to_ascii_lowercase()) {
                     anyhow::bail!(
                         "--inception-weights {source}: its SHA-256 starts with {}, not the {prefix} \
-                         its name promises: the file is damaged or not pytorch-fid's; fetch it \
-                         again",
+                         its name promises: the file is damaged or not pytorch-fid's, so fetch it \
+                         again (or, if the digits after the name's last `-` are not a hash, such \
+                         as a step or a date, rename the file without them)",
                         &digest[..prefix.len().min(digest.len())]
                     );
                 }

@@ -16,7 +16,8 @@ use ddpm_schedule::diffusers::DiffusersScheduler;
 use ddpm_schedule::{DdpmVariance, Objective, SamplerConfig, Schedule};
 use ddpm_train::{parse_device, Precision};
 use ddpm_unet::diffusers::{
-    find_unet_files, load_unet_dir, CONFIG_FILE, UNET_SUBFOLDER, WEIGHTS_FILES,
+    find_unet_files, is_fp16_variant, load_unet_dir, CONFIG_FILE, FP16_VARIANT_FILES,
+    UNET_SUBFOLDER, WEIGHTS_FILES,
 };
 use ddpm_unet::DiffusionModel;
 use serde::Serialize;
@@ -70,10 +71,11 @@ fn needed_files(listed: &[&str]) -> Option<Vec<String>> {
         files.push("model_index.json".to_string());
     }
     files.push(format!("{prefix}{CONFIG_FILE}"));
-    // Safetensors when listed, else the pickle; with neither, the first name, so that the
-    // download names what is missing.
+    // Safetensors when listed, else the pickle, else an fp16 variant; with none, the first name,
+    // so that the download names what is missing.
     let weights = WEIGHTS_FILES
         .iter()
+        .chain(&FP16_VARIANT_FILES)
         .map(|w| format!("{prefix}{w}"))
         .find(|w| has(w))
         .unwrap_or_else(|| format!("{prefix}{}", WEIGHTS_FILES[0]));
@@ -399,6 +401,13 @@ pub(crate) fn load(dir: &Path, device: &str, precision: &str) -> Result<Pretrain
         .with_context(|| format!("loading the UNet of {}", dir.display()))?;
     for note in unet.config.notes.iter().chain(&scheduler.notes) {
         tracing::info!("{note}");
+    }
+    if is_fp16_variant(&unet.files.weights) {
+        tracing::warn!(
+            weights = %unet.files.weights.display(),
+            "the pipeline has only half-precision (fp16 variant) UNet weights: they are read into \
+             f32, so the samples differ slightly from those of full-precision weights"
+        );
     }
     let schedule = scheduler.schedule(&device, DType::F32)?;
     tracing::info!(

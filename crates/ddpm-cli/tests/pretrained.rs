@@ -207,3 +207,83 @@ fn our_ddim_loop_reproduces_diffusers_ddim_pipeline() -> Result<(), Box<dyn std:
     println!("DDIM, 10 steps: max |ours - diffusers| = {raw:.2e} (sample), {gap:.2e} (image)");
     Ok(())
 }
+
+/// A pipeline with only the fp16 variant of its UNet weights (as many Hub repositories ship
+/// beside, or instead of, full precision) is read into f32 with a warning, and samples what the
+/// full-precision weights sample, to within the rounding of half precision; its provenance names
+/// the variant.
+#[test]
+fn an_fp16_variant_alone_is_read_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let half = dir.path().join("half");
+    std::fs::create_dir_all(half.join("unet")).expect("dir");
+    std::fs::create_dir_all(half.join("scheduler")).expect("dir");
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        std::fs::copy(fixture("pipeline").join(f), half.join(f)).expect("copy");
+    }
+    let tensors = candle_core::safetensors::load(
+        fixture("pipeline/unet/diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("fixture weights");
+    let tensors: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::F16).expect("f16")))
+        .collect();
+    candle_core::safetensors::save(
+        &tensors,
+        half.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .expect("save");
+    let sample = |from: &Path, out: &str| {
+        run(ddpm_bare(dir.path()).args([
+            "sample",
+            "--pretrained",
+            from.to_str().expect("utf-8 path"),
+            "--num",
+            "2",
+            "--steps",
+            "10",
+            "--seed",
+            "3",
+            "--out",
+            out,
+        ]))
+    };
+    let o = sample(&half, "half.png");
+    assert_ok(&o);
+    let err = common::stderr(&o);
+    assert!(err.contains("fp16 variant"), "{err}");
+    let o = sample(&fixture("pipeline"), "full.png");
+    assert_ok(&o);
+    assert!(!common::stderr(&o).contains("fp16 variant"));
+    let pixels = |name: &str| {
+        image::open(dir.path().join(name))
+            .expect("png")
+            .to_rgb8()
+            .into_raw()
+    };
+    let (h, f) = (pixels("half.png"), pixels("full.png"));
+    assert_eq!(h.len(), f.len());
+    let worst = h
+        .iter()
+        .zip(&f)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(worst <= 8, "pixels differ by up to {worst}/255");
+    let prov: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("half.json")).expect("provenance"),
+    )
+    .expect("json");
+    assert!(
+        prov["pretrained"]["files"]
+            .to_string()
+            .contains("unet/diffusion_pytorch_model.fp16.safetensors"),
+        "{prov}"
+    );
+}

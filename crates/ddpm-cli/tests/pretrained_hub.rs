@@ -387,3 +387,32 @@ fn a_hub_that_never_answers_is_one_line_after_the_timeout() {
         assert_one_clean_error(&run(&mut c), "HF_HUB_DOWNLOAD_TIMEOUT");
     }
 }
+
+#[test]
+fn a_repository_with_only_the_fp16_variant_is_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let hub = FakeHub::start();
+    let files: Vec<HubFile> = pipeline_files()
+        .into_iter()
+        .filter(|f| !f.path.starts_with("unet/diffusion_pytorch_model"))
+        .chain([HubFile::lfs(
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            read(&fixture(
+                "pipeline/unet/diffusion_pytorch_model.safetensors",
+            )),
+        )])
+        .collect();
+    hub.publish(Kind::Model, "a/half", "main", files);
+    let o = sample(p, &hub, false, "h.png", &["--pretrained", "a/half"]);
+    assert_ok(&o);
+    assert_eq!(
+        downloads(&hub),
+        [
+            "model_index.json",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ]
+    );
+}

@@ -45,6 +45,21 @@ pub const WEIGHTS_FILES: [&str; 2] = [
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
 ];
+/// The half-precision variants diffusers writes with `variant="fp16"`, in the order they are
+/// looked for: read (into f32, as diffusers does with `variant="fp16"` and
+/// `torch_dtype=torch.float32`) only where neither of [`WEIGHTS_FILES`] is present.
+pub const FP16_VARIANT_FILES: [&str; 2] = [
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.bin",
+];
+
+/// Whether `path` names one of the [`FP16_VARIANT_FILES`].
+pub fn is_fp16_variant(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| FP16_VARIANT_FILES.contains(&n))
+}
+
 /// The sub-folder of a pipeline directory that holds its UNet.
 pub const UNET_SUBFOLDER: &str = "unet";
 
@@ -852,7 +867,8 @@ pub fn map_tensors(
 pub struct UnetFiles {
     /// The `config.json`.
     pub config: PathBuf,
-    /// The weights file (safetensors preferred to `.bin`, as diffusers does).
+    /// The weights file (safetensors preferred to `.bin`, as diffusers does; an fp16 variant
+    /// only when there is no other, [`FP16_VARIANT_FILES`]).
     pub weights: PathBuf,
 }
 
@@ -881,6 +897,7 @@ pub fn find_unet_files(dir: &Path) -> Result<UnetFiles, UnetError> {
     };
     let weights = WEIGHTS_FILES
         .iter()
+        .chain(&FP16_VARIANT_FILES)
         .map(|w| base.join(w))
         .find(|p| p.is_file())
         .ok_or_else(|| {
@@ -888,7 +905,7 @@ pub fn find_unet_files(dir: &Path) -> Result<UnetFiles, UnetError> {
                 .join("diffusion_pytorch_model.safetensors.index.json")
                 .is_file();
             not_found(format!(
-                "{} has no {}{}",
+                "{} has no {} (nor their fp16 variants){}",
                 base.display(),
                 WEIGHTS_FILES.join(" nor "),
                 if sharded {

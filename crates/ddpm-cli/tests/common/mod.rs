@@ -103,7 +103,8 @@ pub fn assert_ok(o: &Output) {
     assert!(o.status.success(), "ddpm failed: {}", stderr(o));
 }
 
-/// The `error:` line of a failed command that did not panic, or a description of what is wrong.
+/// The `error:` line of a failed command that did not panic (one message, without runs of
+/// spaces), or a description of what is wrong.
 pub fn clean_error(o: &Output) -> Result<String, String> {
     let err = stderr(o);
     if o.status.success() {
@@ -112,10 +113,16 @@ pub fn clean_error(o: &Output) -> Result<String, String> {
     if err.contains("panicked") || err.contains("RUST_BACKTRACE") {
         return Err(format!("panic: {err}"));
     }
-    err.lines()
+    let line = err
+        .lines()
         .find(|l| l.starts_with("error: "))
         .map(str::to_string)
-        .ok_or_else(|| format!("no error line in: {err}"))
+        .ok_or_else(|| format!("no error line in: {err}"))?;
+    // A run of spaces is a message whose source line lost its `\` continuation.
+    if line.contains("   ") {
+        return Err(format!("a run of spaces in the error line: {line}"));
+    }
+    Ok(line)
 }
 
 /// A failure is an `error:` line naming `needle`, a non-zero exit and never a panic.

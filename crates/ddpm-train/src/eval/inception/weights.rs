@@ -79,6 +79,15 @@ fn file_name(source: &str) -> &str {
 /// resumed) into `cache_dir/.NAME.partial`, verified, and renamed into place. A copy that fails
 /// verification is deleted and named in the error. `progress` draws a progress bar.
 pub fn ensure_weights(cache_dir: &Path, source: &str, progress: bool) -> Result<PathBuf> {
+    let opts = FetchOptions {
+        progress,
+        ..FetchOptions::new(cache_dir)
+    };
+    ensure_weights_with(cache_dir, source, &opts)
+}
+
+/// [`ensure_weights`] with the fetch's retries, timeout and progress bar from `opts`.
+pub fn ensure_weights_with(cache_dir: &Path, source: &str, opts: &FetchOptions) -> Result<PathBuf> {
     let name = file_name(source);
     let prefix = hash_prefix(name).ok_or_else(|| {
         TrainError::Other(format!(
@@ -106,14 +115,11 @@ pub fn ensure_weights(cache_dir: &Path, source: &str, progress: bool) -> Result<
         source,
     })?;
     let part = cache_dir.join(format!(".{name}.partial"));
-    let opts = FetchOptions {
-        progress,
-        ..FetchOptions::new(cache_dir)
-    };
-    fetch_file(source, &part, name, &opts).map_err(|e| {
+    fetch_file(source, &part, name, opts).map_err(|e| {
         TrainError::Other(format!(
-            "fetching Inception weights from {source}: {e} (or download the file yourself and \
-             pass its path)"
+            "fetching Inception weights from {source}: {} (or download the file yourself and \
+             pass its path)",
+            e.chain()
         ))
     })?;
     if let Err(e) = verify_prefix(&part, prefix) {
@@ -157,6 +163,31 @@ pub fn read_weights(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed download names the URL and why it failed (here the refused connection), not the
+    /// URL alone.
+    #[test]
+    fn a_failed_download_says_why() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}/{FID_WEIGHTS_FILE}");
+        let cache = tempfile::tempdir().unwrap();
+        let opts = FetchOptions {
+            retries: 0,
+            progress: false,
+            ..FetchOptions::new(cache.path())
+        };
+        let err = ensure_weights_with(cache.path(), &url, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&url) && err.to_ascii_lowercase().contains("refused"),
+            "{err}"
+        );
+        assert!(!cache.path().join(FID_WEIGHTS_FILE).exists());
+    }
 
     #[test]
     fn the_hash_prefix_comes_from_the_name() {
