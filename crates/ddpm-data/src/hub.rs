@@ -12,8 +12,8 @@
 //! broken download (`Range`). `hf-hub` 0.4's own client has no timeouts and panics on some
 //! malformed answers; from `hf-hub` this module takes the URL and cache conventions and the
 //! token file. A file is downloaded by its commit URL to `blobs/<hash>.part` under a lock
-//! (another process downloading the same blob is waited for), checked, then renamed into
-//! `blobs/`.
+//! (`.locks/<repo folder>/<hash>.lock`, where `huggingface_hub` keeps its own: another process
+//! downloading the same blob is waited for), checked, then renamed into `blobs/`.
 //!
 //! What is checked. Every file returned by [`Hub::get`] is checked against the repository's listing
 //! (`/api/{models,datasets}/OWNER/NAME/revision/REV?blobs=true`): its size, and its SHA-256 for
@@ -630,7 +630,10 @@ impl Hub {
         let stem = known
             .clone()
             .unwrap_or_else(|| format!("unlisted-{}", sha256_hex(url.as_bytes())));
-        let lock_path = blobs.join(format!("{stem}.lock"));
+        // Where `huggingface_hub` keeps its locks, so that the two wait for each other.
+        let locks = self.cache.join(".locks").join(snapshot.repo.cache_folder());
+        std::fs::create_dir_all(&locks).map_err(DataError::io(&locks))?;
+        let lock_path = locks.join(format!("{stem}.lock"));
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

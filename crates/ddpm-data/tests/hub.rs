@@ -357,3 +357,38 @@ fn a_hub_that_never_answers_is_an_error_after_the_timeout_not_a_hang() {
         "{text}"
     );
 }
+
+#[test]
+fn processes_downloading_the_same_file_wait_for_each_other() {
+    let hub = FakeHub::start();
+    model(&hub, "o/shared");
+    let cache = tempfile::tempdir().unwrap();
+    let repo = Repo::model("o/shared").unwrap();
+    let got: Vec<std::path::PathBuf> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = Hub::new(&options(&hub, cache.path())).unwrap();
+                    let snap = client.snapshot(&repo, "main").unwrap();
+                    client.get(&snap, "unet/weights.bin").unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for path in &got {
+        assert_eq!(std::fs::read(path).unwrap(), weights());
+    }
+    let root = cache.path().join("models--o--shared");
+    let blobs: Vec<String> = std::fs::read_dir(root.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(blobs, [hub_server::sha256(&weights())], "{blobs:?}");
+    // The lock lives where huggingface_hub keeps its own.
+    assert!(cache
+        .path()
+        .join(".locks/models--o--shared")
+        .join(format!("{}.lock", hub_server::sha256(&weights())))
+        .is_file());
+}
