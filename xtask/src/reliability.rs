@@ -7,9 +7,9 @@
 //! attacks of `tests/integrity.rs` and the bad-input attacks of `tests/attacks.rs` (one row per
 //! test, through `common::AttackRow`), and the replay of every
 //! corrupt input kept from fuzzing in `crates/*/tests/fuzz_regressions.rs`. This command runs
-//! them (release build, one at a time), collects the line each writes to a report file and prints
-//! `attack, runs, failures, data lost`. It fails when an attack fails, loses data, or does not
-//! report at all.
+//! them (the release test binaries `cargo test --release --workspace` builds, one at a time),
+//! collects the line each writes to a report file and prints `attack, runs, failures, data
+//! lost`. It fails when an attack fails, loses data, or does not report at all.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -129,14 +129,33 @@ pub fn run(args: ReliabilityArgs) -> Result<()> {
         .map(|dir| std::fs::canonicalize(&dir).unwrap_or(dir));
     let deadline = Instant::now() + Duration::from_secs(60 * args.timeout_minutes);
     let start = Instant::now();
+    let binaries = test_binaries(&root)?;
     let mut broken = Vec::new();
     for suite in &SUITES {
+        let binary = binaries
+            .iter()
+            .find(|b| b.package == suite.package && b.test == suite.test)
+            .with_context(|| {
+                format!(
+                    "cargo built no test binary `{}` of {}: is the suite list out of date?",
+                    suite.test, suite.package
+                )
+            })?;
         eprintln!(
-            "reliability: cargo test --release -p {} --test {}",
-            suite.package, suite.test
+            "reliability: {} --test-threads=1 (the {} tests of {})",
+            binary.executable.display(),
+            suite.test,
+            suite.package
         );
-        let ok = run_suite(&root, suite, &args, &report, real_data.as_deref(), deadline)
-            .with_context(|| format!("running the {} tests of {}", suite.test, suite.package))?;
+        let ok = run_suite(
+            binary,
+            suite,
+            &args,
+            &report,
+            real_data.as_deref(),
+            deadline,
+        )
+        .with_context(|| format!("running the {} tests of {}", suite.test, suite.package))?;
         if !ok {
             broken.push(format!("{}/{}", suite.package, suite.test));
         }
@@ -196,27 +215,106 @@ pub fn run(args: ReliabilityArgs) -> Result<()> {
     Ok(())
 }
 
+/// An integration-test binary of the workspace, as cargo built it.
+#[derive(Debug)]
+struct TestBinary {
+    /// Its package.
+    package: String,
+    /// The test target (the file's name under `tests/`).
+    test: String,
+    /// The executable.
+    executable: PathBuf,
+    /// The package's directory, where `cargo test` runs it.
+    dir: PathBuf,
+}
+
+/// The workspace's integration-test binaries, built as `cargo test --release --workspace` builds
+/// them (the README's test command): with the features of the whole workspace, so that after
+/// that command nothing is compiled again. (`cargo test -p PACKAGE` unifies features over that
+/// package alone and rebuilt every dependency, minutes of CPU and a gigabyte of disk.)
+fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(root)
+        .args(["test", "--release", "--workspace", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the test binaries (cargo test --release --workspace --no-run) failed");
+    }
+    #[derive(serde::Deserialize)]
+    struct Message {
+        reason: String,
+        #[serde(default)]
+        package_id: String,
+        #[serde(default)]
+        manifest_path: Option<PathBuf>,
+        #[serde(default)]
+        target: Option<Target>,
+        #[serde(default)]
+        executable: Option<PathBuf>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Target {
+        name: String,
+        kind: Vec<String>,
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(m) = serde_json::from_str::<Message>(line) else {
+            continue;
+        };
+        let (Some(target), Some(executable), Some(manifest)) =
+            (m.target, m.executable, m.manifest_path)
+        else {
+            continue;
+        };
+        if m.reason != "compiler-artifact" || !target.kind.iter().any(|k| k == "test") {
+            continue;
+        }
+        binaries.push(TestBinary {
+            package: package_name(&m.package_id, &manifest),
+            test: target.name,
+            executable,
+            dir: manifest.parent().map(Path::to_path_buf).unwrap_or_default(),
+        });
+    }
+    Ok(binaries)
+}
+
+/// The package's name from cargo's package id (`path+file:///.../ddpm-cli#0.1.0` names it by
+/// its directory; `path+file:///...#ddpm-cli@0.1.0` and the older `ddpm-cli 0.1.0 (...)` by
+/// name).
+fn package_name(id: &str, manifest: &Path) -> String {
+    if let Some((_, fragment)) = id.rsplit_once('#') {
+        if let Some((name, _)) = fragment.split_once('@') {
+            return name.to_string();
+        }
+    } else if let Some((name, _)) = id.split_once(' ') {
+        return name.to_string();
+    }
+    manifest
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Runs one test binary; returns whether it passed.
 fn run_suite(
-    root: &Path,
+    binary: &TestBinary,
     suite: &Suite,
     args: &ReliabilityArgs,
     report: &Path,
     real_data: Option<&Path>,
     deadline: Instant,
 ) -> Result<bool> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            suite.package,
-            "--test",
-            suite.test,
-        ])
-        .args(["--", "--test-threads=1"])
+    let mut cmd = Command::new(&binary.executable);
+    cmd.current_dir(&binary.dir)
+        .arg("--test-threads=1")
         .env("DDPM_RELIABILITY_REPORT", report)
         .env("DDPM_RELIABILITY_SEED", args.seed.to_string())
         .env("DDPM_RELIABILITY_QUICK", if args.quick { "1" } else { "0" })
@@ -228,13 +326,15 @@ fn run_suite(
     }
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().context("starting cargo test")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", binary.executable.display()))?;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status.success());
         }
         if Instant::now() > deadline {
-            // The test binary runs in cargo's process group: stop them all.
+            // The test binary and the commands it started share a process group: stop them all.
             let _ = Command::new("kill")
                 .args(["-KILL", &format!("-{}", child.id())])
                 .status();
