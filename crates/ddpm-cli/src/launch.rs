@@ -32,6 +32,38 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
+/// Refuses, for more than one rank, a training command whose `--device` is not a bare `cuda`:
+/// the launcher gives rank r `cuda:r` only for `cuda`, and keeps any other device, so
+/// `--device cuda:1` would put every rank on one GPU and `cpu` (the default) on none.
+fn check_device(nproc: usize, command: &[String]) -> anyhow::Result<()> {
+    if nproc < 2 {
+        return Ok(());
+    }
+    let mut device = None;
+    let mut args = command.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--device" {
+            device = args.next().map(String::as_str);
+        } else if let Some(value) = arg.strip_prefix("--device=") {
+            device = Some(value);
+        }
+    }
+    match device.map(str::trim) {
+        Some("cuda") => Ok(()),
+        other => bail!(
+            "--nproc {nproc}: each rank trains on its own CUDA device, rank r on cuda:r, so the \
+             training command needs `--device cuda` ({})",
+            match other {
+                Some(d) => format!("it has `--device {d}`"),
+                None => "it has no --device, which means the CPU".to_string(),
+            }
+        ),
+    }
+}
+
 /// The environment variables that make a `ddpm train` process one rank.
 const RANK_VARS: [&str; 3] = ["RANK", "WORLD_SIZE", "LOCAL_RANK"];
 
@@ -54,6 +86,7 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         );
     }
     ddpm_train::World::check_launch(a.nproc).with_context(|| format!("--nproc {}", a.nproc))?;
+    check_device(a.nproc, &a.command)?;
     let exe = std::env::current_exe().context("finding this ddpm binary to start the ranks")?;
     // Signals received; each new one (a second, to force the ranks out) is passed on.
     let signals = Arc::new(AtomicUsize::new(0));
@@ -179,4 +212,44 @@ fn terminate(child: &Child) {
     }
     #[cfg(not(unix))]
     let _ = child;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_ranks_need_a_bare_cuda_device() {
+        let cmd = |args: &[&str]| -> Vec<String> {
+            ["train", "--out", "r"]
+                .iter()
+                .chain(args)
+                .map(|s| s.to_string())
+                .collect()
+        };
+        for ok in [
+            &["--device", "cuda"][..],
+            &["--device=cuda"],
+            &["--device", " cuda "],
+        ] {
+            assert!(check_device(2, &cmd(ok)).is_ok(), "{ok:?}");
+        }
+        // One rank is a plain run: any device.
+        assert!(check_device(1, &cmd(&["--device", "cpu"])).is_ok());
+        for (bad, says) in [
+            (&[][..], "it has no --device"),
+            (&["--device", "cpu"], "it has `--device cpu`"),
+            (&["--device=cuda:1"], "it has `--device cuda:1`"),
+            (
+                &["--device", "cuda", "--device", "cuda:0"],
+                "`--device cuda:0`",
+            ),
+        ] {
+            let err = check_device(4, &cmd(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains("--nproc 4") && err.contains("--device cuda"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 }
