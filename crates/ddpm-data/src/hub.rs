@@ -7,7 +7,7 @@
 //! `refs/<revision>` holding a commit, under `<cache>/{models,datasets}--OWNER--NAME/`.
 //!
 //! How files travel. The requests are made here, on the same HTTP client as the data sets'
-//! fetches ([`crate::fetch`]): with a connect and per-read timeout ([`HubOptions::timeout`]), so
+//! fetches ([`mod@crate::fetch`]): with a connect and per-read timeout ([`HubOptions::timeout`]), so
 //! a Hub that stops answering is an error rather than a hang, and with retries that resume a
 //! broken download (`Range`). `hf-hub` 0.4's own client has no timeouts and panics on some
 //! malformed answers; from `hf-hub` this module takes the URL and cache conventions and the
