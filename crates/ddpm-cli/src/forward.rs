@@ -91,6 +91,12 @@ pub fn run(a: ForwardArgs) -> Result<()> {
     let ds = Dataset::open_first(&spec, &cfg, Split::Train, a.num)
         .with_context(|| format!("opening {spec} in {}", a.data_dir.display()))?;
     let n = a.num.min(ds.len());
+    if n < a.num {
+        tracing::warn!(
+            "--num {}: the training split has only {n} images, so the figure has {n} rows",
+            a.num
+        );
+    }
     let x0 = Tensor::stack(
         &(0..n)
             .map(|i| ds.image_tensor(i))

@@ -57,6 +57,9 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// The connect and per-read timeout when [`HubOptions::timeout`] is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many per-read timeouts the whole listing request may take.
+const LISTING_TIMEOUTS: u32 = 10;
+
 /// The largest repository listing read (the Hub's for a repository of 100,000 files is about
 /// 30 MB).
 const MAX_LISTING: u64 = 256 << 20;
@@ -296,7 +299,12 @@ impl Snapshot {
 
 /// Whether `s` is a full commit id: 40 hex digits.
 pub fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+    is_hex(s, 40)
+}
+
+/// Whether `s` is `digits` hex digits.
+fn is_hex(s: &str, digits: usize) -> bool {
+    s.len() == digits && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A client of the Hub with its cache: see the module doc.
@@ -418,6 +426,11 @@ impl Hub {
                     .transfer()
                     .get(&url)
                     .query("blobs", "true")
+                    // A listing is small: one sent slowly enough to keep each read within the
+                    // timeout still ends at ten of them.
+                    .config()
+                    .timeout_global(Some(self.options.timeout() * LISTING_TIMEOUTS))
+                    .build()
                     .call()
                     .map_err(|e| transport_error(&what, &endpoint, e))
                     .and_then(|mut response| {
@@ -454,6 +467,16 @@ impl Hub {
                         source: None,
                     });
                 }
+                if is_commit(revision) && revision.to_ascii_lowercase() != commit {
+                    return Err(DataError::Hub {
+                        what,
+                        hint: format!(
+                            "the Hub answered for another commit, {commit}: is {endpoint} a \
+                             Hugging Face Hub?"
+                        ),
+                        source: None,
+                    });
+                }
                 let mut files = Vec::with_capacity(listing.siblings.len());
                 for s in listing.siblings {
                     check_path(&s.rfilename).map_err(|reason| DataError::Hub {
@@ -461,6 +484,27 @@ impl Hub {
                         hint: format!("the listing names a file {:?}: {reason}", s.rfilename),
                         source: None,
                     })?;
+                    // The hashes name files in the cache: nothing but hex digits of the right
+                    // length may pass.
+                    let bad_hash = |kind: &str, digits: usize, h: &str| DataError::Hub {
+                        what: format!("{repo}@{commit}"),
+                        hint: format!(
+                            "the listing gives {} the {kind} {h:?}, not {digits} hex digits: is \
+                             {endpoint} a Hugging Face Hub?",
+                            s.rfilename
+                        ),
+                        source: None,
+                    };
+                    if let Some(lfs) = &s.lfs {
+                        if !is_hex(&lfs.sha256, 64) {
+                            return Err(bad_hash("SHA-256", 64, &lfs.sha256));
+                        }
+                    }
+                    if let Some(blob) = &s.blob_id {
+                        if !is_hex(blob, 40) {
+                            return Err(bad_hash("blob id", 40, blob));
+                        }
+                    }
                     let hex = |h: String| Some(h.to_ascii_lowercase());
                     files.push(match s.lfs {
                         Some(lfs) => RepoFile {
@@ -501,8 +545,9 @@ impl Hub {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
         }
-        // Written aside and renamed, so a reader never sees half a commit id.
-        let tmp = path.with_extension("ddpm-tmp");
+        // Written aside (under a name of this process's own) and renamed, so a reader never sees
+        // half a commit id and two writers never take each other's file.
+        let tmp = unique_sibling(&path);
         std::fs::write(&tmp, commit).map_err(DataError::io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(DataError::io(&path))
     }
@@ -584,10 +629,19 @@ impl Hub {
             };
             match verify(&pointer, &expected, &label) {
                 Ok(()) => return Ok(pointer),
-                Err(e) if self.online.is_none() => return Err(e),
+                Err(e) if self.online.is_none() => {
+                    return Err(damaged_in_cache(&label, &pointer, e))
+                }
                 Err(e) => {
-                    tracing::warn!(file = %label, error = %e, "cached Hub file does not verify: downloading it again");
-                    remove_cached(&pointer);
+                    tracing::warn!(file = %label, error = %e, "cached Hub file does not match the listing: downloading it again");
+                    if verify(&pointer, &cached_entry(&pointer, path), &label).is_ok() {
+                        // The blob still matches the hash it is named by: it is sound, and other
+                        // commits may link to it. Only this link, which the listing says should
+                        // lead to other bytes, goes.
+                        let _ = std::fs::remove_file(&pointer);
+                    } else {
+                        remove_cached(&pointer);
+                    }
                 }
             }
         } else if pointer.symlink_metadata().is_ok() {
@@ -615,6 +669,16 @@ impl Hub {
         label: &str,
     ) -> Result<()> {
         let endpoint = self.options.endpoint();
+        let Some(size) = entry.size else {
+            // Without a size, a server could send bytes without end.
+            return Err(DataError::Hub {
+                what: label.to_string(),
+                hint: format!(
+                    "the listing gives no size for it: is {endpoint} a Hugging Face Hub?"
+                ),
+                source: None,
+            });
+        };
         let hf = snapshot.repo.hf(&snapshot.commit);
         let url = format!(
             "{endpoint}/{}/resolve/{}/{}",
@@ -655,7 +719,7 @@ impl Hub {
             let transfer = online.transfer();
             let bar = transfer.byte_bar(&entry.path);
             let fetched =
-                transfer.fetch(&Location::Url(url.clone()), &part, Some(&bar), entry.size);
+                transfer.fetch(&Location::Url(url.clone()), &part, Some(&bar), Some(size));
             bar.finish_and_clear();
             fetched.map_err(|e| download_error(label, &endpoint, e))?;
             if let Err(e) = verify(&part, entry, label) {
@@ -677,12 +741,13 @@ impl Hub {
 
 /// Points `pointer` (in `snapshots/<commit>/`) at `blob` (in `blobs/`): a relative symbolic link
 /// where the system has them, as `huggingface_hub` makes; a copy elsewhere.
+///
+/// A link that is already right is left alone, and a new one replaces the old by a rename, so a
+/// process reading the file while another links it never finds it missing.
 fn link(blob: &Path, pointer: &Path) -> Result<()> {
     let dir = pointer.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(DataError::io(dir))?;
-    if pointer.symlink_metadata().is_ok() {
-        std::fs::remove_file(pointer).map_err(DataError::io(pointer))?;
-    }
+    let tmp = unique_sibling(pointer);
     #[cfg(unix)]
     {
         // From the link's folder up to the repository folder, then into blobs/.
@@ -699,14 +764,28 @@ fn link(blob: &Path, pointer: &Path) -> Result<()> {
         }
         target.push("blobs");
         target.push(blob.file_name().unwrap_or_default());
-        std::os::unix::fs::symlink(&target, pointer).map_err(DataError::io(pointer))
+        if std::fs::read_link(pointer).is_ok_and(|t| t == target) {
+            return Ok(());
+        }
+        std::os::unix::fs::symlink(&target, &tmp).map_err(DataError::io(&tmp))?;
     }
     #[cfg(not(unix))]
-    {
-        std::fs::copy(blob, pointer)
-            .map(|_| ())
-            .map_err(DataError::io(pointer))
-    }
+    std::fs::copy(blob, &tmp).map_err(DataError::io(&tmp))?;
+    std::fs::rename(&tmp, pointer).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io(pointer)(e)
+    })
+}
+
+/// A name beside `path` that no other process or call uses: `.<name>.<pid>.<n>.tmp`.
+fn unique_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 /// A repository path for a URL: each byte outside the unreserved set and `/` percent-encoded.
@@ -751,7 +830,7 @@ fn check_path(path: &str) -> std::result::Result<(), &'static str> {
     }
     for c in Path::new(path).components() {
         if !matches!(c, Component::Normal(_)) {
-            return Err("it is absolute or leaves the repository (`..`)");
+            return Err("not a plain relative path (it is absolute, or has `.` or `..`)");
         }
     }
     Ok(())
@@ -792,6 +871,29 @@ fn cached_entry(pointer: &Path, rel: &str) -> RepoFile {
         size: None,
         sha256: hex(64),
         git_sha1: hex(40),
+    }
+}
+
+/// The error for a cached file that offline mode finds damaged (its bytes do not match the hash
+/// its blob is named by): nothing was deleted, and only an online run can replace it.
+fn damaged_in_cache(label: &str, pointer: &Path, e: DataError) -> DataError {
+    let detail = match e {
+        DataError::ChecksumMismatch {
+            algorithm,
+            expected,
+            actual,
+            ..
+        } => format!("its {algorithm} is {actual}, not the {expected} its blob is named by"),
+        other => other.to_string(),
+    };
+    DataError::Hub {
+        what: label.to_string(),
+        hint: format!(
+            "the cached copy {} is damaged ({detail}); offline mode (HF_HUB_OFFLINE) cannot \
+             fetch it again: run once online to replace it",
+            pointer.display()
+        ),
+        source: None,
     }
 }
 
@@ -898,13 +1000,18 @@ fn transport_hint(endpoint: &str) -> String {
 
 /// A request to the Hub that got no answer (or broke off), with what to do.
 fn transport_error(what: &str, endpoint: &str, e: ureq::Error) -> DataError {
-    let hint = match e {
+    let hint = match &e {
         ureq::Error::Timeout(_) => format!(
             "{endpoint} did not answer in time (HF_HUB_DOWNLOAD_TIMEOUT sets the seconds); check \
              the network (or HF_ENDPOINT); with the files already cached, set HF_HUB_OFFLINE=1 to \
              use them without the network"
         ),
-        _ => transport_hint(endpoint),
+        ureq::Error::Io(_) | ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => {
+            transport_hint(endpoint)
+        }
+        // It answered, with something a Hub does not send (a redirect without a target or in a
+        // loop, a body over the limit, broken HTTP).
+        _ => format!("the answer of {endpoint} cannot be used: is it a Hugging Face Hub?"),
     };
     DataError::Hub {
         what: what.to_string(),
@@ -943,6 +1050,17 @@ fn download_error(what: &str, endpoint: &str, e: DataError) -> DataError {
     match e {
         DataError::HttpStatus { url, status, .. } => status_error(what, &url, endpoint, status, ""),
         DataError::Http { source, .. } => transport_error(what, endpoint, *source),
+        DataError::Interrupted {
+            received, source, ..
+        } => DataError::Hub {
+            what: what.to_string(),
+            hint: format!(
+                "the download from {endpoint} broke off after {received} bytes ({source}), \
+                 after every retry: run again to resume it (HF_HUB_DOWNLOAD_TIMEOUT sets the \
+                 seconds a read may wait)"
+            ),
+            source: None,
+        },
         DataError::SizeMismatch {
             expected, actual, ..
         } => DataError::SizeMismatch {
@@ -1063,6 +1181,9 @@ mod tests {
         // A blob that no longer has its hash is refused.
         std::fs::write(root.join("blobs").join(&blob), b"{\"a\": 2}\n").unwrap();
         let err = hub.get(&snap, "unet/config.json").unwrap_err();
-        assert!(matches!(err, DataError::ChecksumMismatch { .. }), "{err}");
+        assert!(
+            matches!(&err, DataError::Hub { hint, .. } if hint.contains("is damaged")),
+            "{err}"
+        );
     }
 }

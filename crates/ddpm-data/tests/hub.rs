@@ -185,7 +185,18 @@ fn corrupt_or_resized_downloads_are_refused_and_deleted() {
         .snapshot(&Repo::model("o/bad").unwrap(), "main")
         .unwrap();
     let err = off.get(&snap_off, "unet/weights.bin").unwrap_err();
-    assert!(matches!(err, DataError::ChecksumMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("is damaged")
+            && text.contains("run once online")
+            && !text.contains("deleted"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&blob).unwrap(),
+        b"rotten",
+        "offline deletes nothing"
+    );
     let path = client.get(&snap, "unet/weights.bin").unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), weights());
 }
@@ -391,4 +402,68 @@ fn processes_downloading_the_same_file_wait_for_each_other() {
         .join(".locks/models--o--shared")
         .join(format!("{}.lock", hub_server::sha256(&weights())))
         .is_file());
+}
+
+/// A Hub that lies in its listing cannot reach outside the cache through a hash, move a pinned
+/// commit, or cost a sound cached blob.
+#[test]
+fn a_lying_listing_is_refused_and_spares_the_cache() {
+    let hub = FakeHub::start();
+    let commit = model(&hub, "o/liar");
+    let cache = tempfile::tempdir().unwrap();
+    let client = Hub::new(&options(&hub, cache.path())).unwrap();
+    let repo = Repo::model("o/liar").unwrap();
+    let good = hub_server::sha256(&weights());
+    let snap = client.snapshot(&repo, "main").unwrap();
+    let bin = client.get(&snap, "unet/weights.bin").unwrap();
+
+    // Hashes are file names in the cache: a path instead of one is refused with the listing,
+    // and nothing is read, written or deleted where it points.
+    let victims = tempfile::tempdir().unwrap();
+    let victim = victims.path().join("v");
+    std::fs::write(victim.with_extension("part"), b"precious").unwrap();
+    for (field, lie) in [
+        (good.clone(), victim.display().to_string()),
+        (good.clone(), "../../../../x".to_string()),
+        (hub_server::git_sha1(CONFIG), victim.display().to_string()),
+    ] {
+        let lie2 = lie.clone();
+        let field2 = field.clone();
+        hub.rewrite_listings(move |json| json.replace(&field2, &lie2));
+        let err = client.snapshot(&repo, "main").unwrap_err().to_string();
+        assert!(err.contains("hex digits") && err.contains(&lie), "{err}");
+        hub.heal();
+    }
+    assert_eq!(
+        std::fs::read(victim.with_extension("part")).unwrap(),
+        b"precious"
+    );
+    assert!(!victim.with_extension("lock").exists());
+
+    // A commit asked for by its id is the commit answered for.
+    let other = "f".repeat(40);
+    let c = commit.clone();
+    hub.rewrite_listings(move |json| json.replace(&c, &"f".repeat(40)));
+    let err = client.snapshot(&repo, &commit).unwrap_err().to_string();
+    assert!(
+        err.contains("another commit") && err.contains(&other),
+        "{err}"
+    );
+    hub.heal();
+
+    // A listing that gives a cached file another hash: the download of what it names fails, and
+    // the cached blob, which still matches its own name, is kept for every commit linking it.
+    let zeros = "0".repeat(64);
+    let g = good.clone();
+    let z = zeros.clone();
+    hub.rewrite_listings(move |json| json.replace(&g, &z));
+    let lying = client.snapshot(&repo, "main").unwrap();
+    let err = client.get(&lying, "unet/weights.bin").unwrap_err();
+    assert!(matches!(err, DataError::ChecksumMismatch { .. }), "{err}");
+    let blob = cache.path().join("models--o--liar/blobs").join(&good);
+    assert_eq!(std::fs::read(&blob).unwrap(), weights());
+    hub.heal();
+    let snap = client.snapshot(&repo, "main").unwrap();
+    assert_eq!(client.get(&snap, "unet/weights.bin").unwrap(), bin);
+    assert_eq!(std::fs::read(&bin).unwrap(), weights());
 }

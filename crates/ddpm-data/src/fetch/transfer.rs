@@ -90,15 +90,15 @@ impl<'a> Transfer<'a> {
         Self::with_token(opts, None)
     }
 
-    /// Like [`Transfer::new`], sending `token` as a bearer token (kept across redirects to the
-    /// same host only).
+    /// Like [`Transfer::new`], sending `token` as a bearer token, on the first request only: a
+    /// redirect drops it (the Hub's redirects lead to its CDN, which needs none; ureq's
+    /// same-host rule would keep it for another port of the same host).
     pub fn with_token(opts: &'a FetchOptions, token: Option<&str>) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
-            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .build()
             .into();
         Transfer {

@@ -74,6 +74,9 @@ struct RepoState {
     refs: HashMap<String, String>,
 }
 
+/// A change made to every listing's JSON.
+type Rewrite = dyn Fn(&str) -> String + Send + Sync;
+
 #[derive(Default)]
 struct State {
     repos: HashMap<(Kind, String), RepoState>,
@@ -83,6 +86,8 @@ struct State {
     down: bool,
     /// Request paths (or `*`, all) read and never answered.
     stalled: HashSet<String>,
+    /// Rewrites every listing's JSON before it is sent.
+    rewrite: Option<Arc<Rewrite>>,
     commits_made: u64,
 }
 
@@ -154,11 +159,12 @@ impl FakeHub {
             .insert(path.to_string(), delta);
     }
 
-    /// Undoes [`FakeHub::corrupt`] and [`FakeHub::resize`].
+    /// Undoes [`FakeHub::corrupt`], [`FakeHub::resize`] and [`FakeHub::rewrite_listings`].
     pub fn heal(&self) {
         let mut st = self.state.lock().unwrap();
         st.corrupt.clear();
         st.resized.clear();
+        st.rewrite = None;
     }
 
     /// Whether every request is answered 503.
@@ -170,6 +176,11 @@ impl FakeHub {
     /// answered: the connection stays open and silent for a minute.
     pub fn stall(&self, path: &str) {
         self.state.lock().unwrap().stalled.insert(path.to_string());
+    }
+
+    /// From now on, every listing's JSON goes through `f` before it is sent (a Hub that lies).
+    pub fn rewrite_listings(&self, f: impl Fn(&str) -> String + Send + Sync + 'static) {
+        self.state.lock().unwrap().rewrite = Some(Arc::new(f));
     }
 
     /// The request targets (path and query) received so far, in order.
@@ -247,7 +258,11 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         if st.down {
             json_error("503 Service Unavailable", "down")
         } else {
-            route(&st, &target, headers.get("range").map(String::as_str))
+            let mut response = route(&st, &target, headers.get("range").map(String::as_str));
+            if let Some(f) = st.rewrite.as_ref().filter(|_| target.starts_with("/api/")) {
+                response.body = f(&String::from_utf8_lossy(&response.body)).into_bytes();
+            }
+            response
         }
     };
     write!(stream, "HTTP/1.1 {}\r\n", response.status)?;
