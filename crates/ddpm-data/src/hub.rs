@@ -206,11 +206,12 @@ impl Repo {
                 && !p.contains("..")
         };
         if parts.len() > 2 || !parts.iter().all(|p| part_ok(p)) {
-            return Err(DataError::BadSpec {
-                spec: id.to_string(),
-                reason: "a Hub repository is OWNER/NAME (letters, digits, '-', '_', '.'), such as \
-                         ylecun/mnist or google/ddpm-cifar10-32"
+            return Err(DataError::Hub {
+                what: format!("the repository {id:?}"),
+                hint: "a Hub repository is OWNER/NAME (letters, digits, '-', '_', '.'), such as \
+                       ylecun/mnist or google/ddpm-cifar10-32"
                     .to_string(),
+                source: None,
             });
         }
         Ok(Repo {
@@ -367,6 +368,9 @@ impl Hub {
     /// A client for these options. Contacts nothing yet.
     pub fn new(options: &HubOptions) -> Result<Hub> {
         let cache = options.cache()?;
+        if !options.offline {
+            check_endpoint(&options.endpoint())?;
+        }
         let online = (!options.offline).then(|| {
             let mut fetch = crate::fetch::FetchOptions::new(PathBuf::new());
             fetch.timeout = options.timeout();
@@ -801,6 +805,37 @@ fn quote_path(path: &str) -> String {
     out
 }
 
+/// Refuses an endpoint that is not an `http(s)://HOST[:PORT]` address, before any request.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let bad = |why: &str| DataError::Hub {
+        what: format!("the Hub endpoint {endpoint:?}"),
+        hint: format!(
+            "{why}: give the address as http(s)://HOST[:PORT] (HF_ENDPOINT; default \
+             {DEFAULT_ENDPOINT})"
+        ),
+        source: None,
+    };
+    let uri: ureq::http::Uri = endpoint.parse().map_err(|_| bad("it is not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("it is not an http or https URL"));
+    }
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
+        return Err(bad("it names no host"));
+    };
+    // The port as written (the parser drops one it cannot read rather than failing): after any
+    // user info and an IPv6 address's brackets.
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    let after_host = host_port
+        .rsplit_once(']')
+        .map_or(host_port, |(_, rest)| rest);
+    if let Some((_, port)) = after_host.rsplit_once(':') {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(bad("its port is not a number from 1 to 65535"));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses revisions that could leave the cache's `refs/` folder or break a URL.
 fn check_revision(revision: &str) -> Result<()> {
     let bad = revision.is_empty()
@@ -813,11 +848,12 @@ fn check_revision(revision: &str) -> Result<()> {
             .chars()
             .any(|c| c.is_control() || matches!(c, ' ' | '\\' | ':' | '?' | '#' | '%' | '~' | '^'));
     if bad {
-        return Err(DataError::BadSpec {
-            spec: revision.to_string(),
-            reason: "a revision is a branch, tag or commit id (such as main, v1.0, \
-                     refs/convert/parquet or 40 hex digits)"
+        return Err(DataError::Hub {
+            what: format!("the revision {revision:?}"),
+            hint: "a revision is a branch, tag or commit id (such as main, v1.0, \
+                   refs/convert/parquet or 40 hex digits)"
                 .to_string(),
+            source: None,
         });
     }
     Ok(())
@@ -1138,6 +1174,38 @@ mod tests {
         };
         assert_eq!(o.endpoint(), "http://127.0.0.1:9");
         assert_eq!(HubOptions::default().endpoint(), DEFAULT_ENDPOINT);
+        for good in [
+            "https://huggingface.co",
+            "http://127.0.0.1:8080/",
+            "http://[::1]:9/",
+        ] {
+            assert!(check_endpoint(good.trim_end_matches('/')).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("http://127.0.0.1:99999", "port"),
+            ("http://127.0.0.1:0", "port"),
+            ("ftp://mirror", "http or https"),
+            ("127.0.0.1:8080", "http or https"),
+            ("http://", "not a URL"),
+            ("not a url", "not a URL"),
+        ] {
+            let Err(err) = check_endpoint(bad) else {
+                panic!("{bad} accepted");
+            };
+            let err = err.to_string();
+            assert!(
+                err.contains(why) && err.contains("HF_ENDPOINT"),
+                "{bad}: {err}"
+            );
+        }
+        // Offline mode contacts nothing, so it does not look at the endpoint.
+        let offline = HubOptions {
+            endpoint: Some("ftp://x".into()),
+            offline: true,
+            cache_dir: Some("/tmp/c".into()),
+            ..HubOptions::default()
+        };
+        assert!(Hub::new(&offline).is_ok());
         assert_eq!(o.cache().unwrap(), PathBuf::from("/tmp/c"));
         let shown = format!("{o:?} {:?}", Hub::new(&o).unwrap());
         assert!(!shown.contains("hf_secret"), "{shown}");
