@@ -49,6 +49,7 @@ use serde::Deserialize;
 use sha1::Digest as _;
 
 use crate::error::{DataError, Result};
+use crate::fetch::checksum::is_hex;
 use crate::fetch::transfer::{Location, Transfer};
 
 /// The Hub's address when [`HubOptions::endpoint`] is not set.
@@ -303,11 +304,6 @@ pub fn is_commit(s: &str) -> bool {
     is_hex(s, 40)
 }
 
-/// Whether `s` is `digits` hex digits.
-fn is_hex(s: &str, digits: usize) -> bool {
-    s.len() == digits && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// A client of the Hub with its cache: see the module doc.
 pub struct Hub {
     options: HubOptions,
@@ -320,13 +316,15 @@ pub struct Hub {
 struct Online {
     /// Timeouts, retries and progress bars of the downloads.
     fetch: crate::fetch::FetchOptions,
+    /// The HTTP client, made once: every request of this Hub reuses its connections.
+    agent: ureq::Agent,
     /// The access token, if any.
     token: Option<String>,
 }
 
 impl Online {
     fn transfer(&self) -> Transfer<'_> {
-        Transfer::with_token(&self.fetch, self.token.as_deref())
+        Transfer::with_agent(&self.fetch, self.agent.clone(), self.token.as_deref())
     }
 }
 
@@ -384,7 +382,12 @@ impl Hub {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
                 .or_else(|| hf_hub::Cache::new(cache.clone()).token());
-            Online { fetch, token }
+            let agent = Transfer::agent(&fetch);
+            Online {
+                fetch,
+                agent,
+                token,
+            }
         });
         Ok(Hub {
             options: options.clone(),
@@ -898,10 +901,7 @@ fn cached_entry(pointer: &Path, rel: &str) -> RepoFile {
         t.file_name()
             .map(|n| n.to_string_lossy().to_ascii_lowercase())
     });
-    let hex = |len| {
-        blob.clone()
-            .filter(|b| b.len() == len && b.bytes().all(|c| c.is_ascii_hexdigit()))
-    };
+    let hex = |len| blob.clone().filter(|b| is_hex(b, len));
     RepoFile {
         path: rel.to_string(),
         size: None,

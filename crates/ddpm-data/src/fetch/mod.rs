@@ -43,7 +43,7 @@
 //! `flowers/SHA256SUMS`. Another archive of class folders can be fetched with
 //! [`FetchOptions::flowers_url`] and [`FetchOptions::flowers_sha256`] (a checksum you trust).
 
-mod checksum;
+pub(crate) mod checksum;
 mod store;
 pub(crate) mod transfer;
 

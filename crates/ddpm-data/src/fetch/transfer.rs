@@ -87,20 +87,26 @@ pub(crate) struct Transfer<'a> {
 
 impl<'a> Transfer<'a> {
     pub fn new(opts: &'a FetchOptions) -> Self {
-        Self::with_token(opts, None)
+        Self::with_agent(opts, Self::agent(opts), None)
     }
 
-    /// Like [`Transfer::new`], sending `token` as a bearer token, on the first request only: a
-    /// redirect drops it (the Hub's redirects lead to its CDN, which needs none; ureq's
-    /// same-host rule would keep it for another port of the same host).
-    pub fn with_token(opts: &'a FetchOptions, token: Option<&str>) -> Self {
-        let agent = ureq::Agent::config_builder()
+    /// The HTTP client of a transfer with `opts`: its timeouts, statuses returned rather than
+    /// errors. Cheap to clone; clones share their connections.
+    pub fn agent(opts: &FetchOptions) -> ureq::Agent {
+        ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
             .build()
-            .into();
+            .into()
+    }
+
+    /// A transfer on `agent` (made by [`Transfer::agent`] with the same `opts`), sending `token`
+    /// as a bearer token, on the first request only: a redirect drops it (the Hub's redirects
+    /// lead to its CDN, which needs none; ureq's same-host rule would keep it for another port
+    /// of the same host).
+    pub fn with_agent(opts: &'a FetchOptions, agent: ureq::Agent, token: Option<&str>) -> Self {
         Transfer {
             opts,
             agent,
