@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{assert_ok, assert_one_clean_error, ddpm, run, stderr};
 
@@ -611,12 +611,7 @@ fn outputs_are_what_their_names_say_and_foreign_files_are_kept() {
     let before = std::fs::read(&config).unwrap();
     std::fs::write(p.join("mine.json"), "{\"mine\": 1}").unwrap();
     std::fs::create_dir(p.join("dir.json")).unwrap();
-    let ckpt_json = std::fs::read_dir(p.join("runs/t2/checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|f| f.extension().is_some_and(|e| e == "json"))
-        .expect("a checkpoint's JSON");
+    let ckpt_json = checkpoint_file(p, "json");
     let ckpt_before = std::fs::read(&ckpt_json).unwrap();
     let eval = |extra: &[&str]| {
         let mut c = ddpm(p);
@@ -680,12 +675,7 @@ fn errors_stay_one_line_under_rust_backtrace() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
     assert_ok(&two_step_run(p));
-    let ckpt = std::fs::read_dir(p.join("runs/t2/checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|f| f.extension().is_some_and(|e| e == "safetensors"))
-        .expect("a checkpoint's tensors");
+    let ckpt = checkpoint_file(p, "safetensors");
     let bytes = std::fs::read(&ckpt).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
@@ -764,4 +754,14 @@ fn misspelled_keys_are_refused_in_every_section() {
         assert_one_clean_error(&run(&mut c), needle);
         assert!(!dir.path().join("runs/typo/config.toml").exists());
     }
+}
+
+/// A file of `runs/t2`'s checkpoints (made by [`two_step_run`]) with the extension `ext`.
+fn checkpoint_file(p: &Path, ext: &str) -> PathBuf {
+    std::fs::read_dir(p.join("runs/t2/checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|f| f.extension().is_some_and(|e| e == ext))
+        .unwrap_or_else(|| panic!("no .{ext} file among runs/t2's checkpoints"))
 }

@@ -91,6 +91,17 @@ fn provenance(dir: &Path, out: &str) -> serde_json::Value {
     serde_json::from_str(&String::from_utf8(read(&path)).expect("utf-8")).expect("json")
 }
 
+/// The files sampling needs from the pipeline layout, sorted as [`downloads`] gives them, with
+/// `weights` the UNet's weights file.
+fn pipeline_needs(weights: &str) -> Vec<String> {
+    vec![
+        "model_index.json".to_string(),
+        "scheduler/scheduler_config.json".to_string(),
+        "unet/config.json".to_string(),
+        format!("unet/{weights}"),
+    ]
+}
+
 /// The files downloaded (the `resolve` requests), without the revision part.
 fn downloads(hub: &FakeHub) -> Vec<String> {
     let mut files: Vec<String> = hub
@@ -125,12 +136,7 @@ fn a_hub_pipeline_is_fetched_recorded_and_read_offline() {
     // Only what sampling needs; the safetensors preferred to the .bin.
     assert_eq!(
         downloads(&hub),
-        [
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            "unet/config.json",
-            "unet/diffusion_pytorch_model.safetensors",
-        ]
+        pipeline_needs("diffusion_pytorch_model.safetensors")
     );
     let meta = provenance(p, "hub.png");
     assert_eq!(meta["pretrained"]["repo"], "google/ddpm-tiny");
@@ -408,11 +414,6 @@ fn a_repository_with_only_the_fp16_variant_is_read() {
     assert_ok(&o);
     assert_eq!(
         downloads(&hub),
-        [
-            "model_index.json",
-            "scheduler/scheduler_config.json",
-            "unet/config.json",
-            "unet/diffusion_pytorch_model.fp16.safetensors",
-        ]
+        pipeline_needs("diffusion_pytorch_model.fp16.safetensors")
     );
 }
