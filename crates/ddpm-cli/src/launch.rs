@@ -64,6 +64,22 @@ fn check_device(nproc: usize, command: &[String]) -> anyhow::Result<()> {
     }
 }
 
+/// The one rank of `--nproc 1` exited with `code` after printing its own error: `ddpm` exits
+/// with the same code and prints nothing more.
+#[derive(Debug)]
+pub struct SoleRankFailed {
+    /// The rank's exit code.
+    pub code: i32,
+}
+
+impl std::fmt::Display for SoleRankFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the only rank failed (exit code {})", self.code)
+    }
+}
+
+impl std::error::Error for SoleRankFailed {}
+
 /// The environment variables that make a `ddpm train` process one rank.
 const RANK_VARS: [&str; 3] = ["RANK", "WORLD_SIZE", "LOCAL_RANK"];
 
@@ -161,6 +177,11 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     match failed {
+        // The only rank said why on its own `error:` line; one more line would repeat it.
+        Some((_, status)) if n == 1 && status.code().is_some() => Err(SoleRankFailed {
+            code: status.code().unwrap_or(1),
+        }
+        .into()),
         Some((rank, status)) => bail!(
             "rank {rank} of {n} failed ({status}), so the other ranks were stopped; its error is \
              above. Checkpoints written before the failure are kept: if there is one, the same \

@@ -122,6 +122,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<launch::SoleRankFailed>() => {
+            let code = e
+                .downcast_ref::<launch::SoleRankFailed>()
+                .map_or(1, |f| f.code);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Err(e) => {
             eprintln!("error: {}", chain(&e));
             ExitCode::FAILURE

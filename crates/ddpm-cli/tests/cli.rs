@@ -343,6 +343,21 @@ fn launch_starts_ranks_and_reports_a_failed_one() {
     }
     assert!(!p.join("two/checkpoints").exists());
 
+    // The only rank's own error is the one line: the launcher adds none and exits with its code.
+    let mut missing = ddpm(p);
+    missing.args([
+        "launch",
+        "--nproc",
+        "1",
+        "--",
+        "train",
+        "--config",
+        "no-such.toml",
+    ]);
+    let missing = run(&mut missing);
+    assert_one_clean_error(&missing, "no-such.toml");
+    assert_eq!(missing.status.code(), Some(1));
+
     assert_clean_error(&run(&mut launch("0", "zero")), "--nproc must be at least 1");
     let mut sample = ddpm(p);
     sample.args([

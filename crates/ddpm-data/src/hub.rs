@@ -1023,7 +1023,10 @@ fn status_hint(status: u16, endpoint: &str) -> String {
                 limit)"
             .to_string(),
         s if s >= 500 => format!("the Hub failed (HTTP {s}): run again later"),
-        s => format!("HTTP {s}"),
+        s => format!(
+            "{endpoint} answered HTTP {s}, which a Hub does not send for this request: run \
+             again later, and if it persists check HF_ENDPOINT (or a proxy in between)"
+        ),
     }
 }
 
@@ -1130,6 +1133,20 @@ mod tests {
             git_blob_sha1(b""),
             "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
         );
+    }
+
+    #[test]
+    fn every_status_says_what_to_do() {
+        let endpoint = "http://hub.test";
+        for status in [400, 401, 403, 404, 405, 416, 429, 500, 503] {
+            let hint = status_hint(status, endpoint);
+            let acts = ["run again", "check", "set", "wait", "token"];
+            assert!(
+                acts.iter().any(|a| hint.contains(a)),
+                "HTTP {status}: no advice in {hint:?}"
+            );
+        }
+        assert!(status_hint(416, endpoint).contains("HF_ENDPOINT"));
     }
 
     #[test]

@@ -73,7 +73,15 @@ fn status_hint(status: u16) -> String {
             "access denied; the server needs credentials this tool does not have".to_string()
         }
         408 | 429 | 500..=599 => "the server failed or is overloaded; try again later".to_string(),
-        _ => "unexpected answer from the server".to_string(),
+        // Only when no range was asked for (a partial file's 416 goes to its checksum): a
+        // proxy or a server that mishandles the request.
+        416 => "the server refused a byte range though none was asked for (a proxy or server \
+                that mishandles the request); try again later, or fetch from a mirror \
+                (--from DIR_OR_URL or DDPM_DATA_MIRROR)"
+            .to_string(),
+        _ => "unexpected answer from the server; try again later, or fetch from a mirror \
+              (--from DIR_OR_URL or DDPM_DATA_MIRROR)"
+            .to_string(),
     }
 }
 
@@ -420,4 +428,25 @@ fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>, size: Option<u6
         }
     }
     output.flush().map_err(DataError::io(part))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_says_what_to_do() {
+        for status in [400, 401, 403, 404, 410, 416, 429, 500, 503, 999] {
+            let hint = status_hint(status);
+            assert!(
+                ["try again", "check", "credentials"]
+                    .iter()
+                    .any(|a| hint.contains(a)),
+                "HTTP {status}: no advice in {hint:?}"
+            );
+        }
+        // A 416 reaches the hint only for a request without a range (a partial file's 416 is
+        // settled by its checksum), so it must not blame the partial file.
+        assert!(status_hint(416).contains("none was asked for"));
+    }
 }
