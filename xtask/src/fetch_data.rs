@@ -66,6 +66,7 @@ pub fn run(args: FetchDataArgs) -> anyhow::Result<()> {
         progress: !args.no_progress,
         flowers_url: args.flowers_url.clone(),
         flowers_sha256: args.flowers_sha256.clone(),
+        roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
         ..FetchOptions::new(&args.data_dir)
     };
     let specs = match args.dataset {

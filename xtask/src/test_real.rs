@@ -47,6 +47,7 @@ pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
     let opts = FetchOptions {
         source: source.clone(),
         progress: false,
+        roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
         ..FetchOptions::new(&data_dir)
     };
     for spec in [DatasetSpec::Mnist, DatasetSpec::Flowers] {

@@ -95,7 +95,16 @@ pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         timeout,
         retries: None,
+        roots: trusted_roots(),
     })
+}
+
+/// The certificate authorities HTTPS downloads trust: the PEM bundle named by the first of
+/// `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`, `SSL_CERT_DIR` that is set (as
+/// `requests` and OpenSSL read them; it replaces the built-in roots), else the built-in Mozilla
+/// roots. The bundle is read when a download starts, so a bad one stops only downloads.
+pub fn trusted_roots() -> ddpm_data::fetch::TrustedRoots {
+    ddpm_data::fetch::TrustedRoots::from_variables(|v| std::env::var_os(v))
 }
 
 /// Whether freed GPU memory goes back to the driver at every sync (`DDPM_CUDA_POOL=release`).

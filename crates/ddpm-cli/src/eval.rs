@@ -202,7 +202,12 @@ fn inception_of(
                 cache.display()
             );
         }
-        weights::ensure_weights(&cache, source, !a.quiet).context("--inception-weights")?
+        let opts = ddpm_data::FetchOptions {
+            progress: !a.quiet,
+            roots: crate::env::trusted_roots(),
+            ..ddpm_data::FetchOptions::new(&cache)
+        };
+        weights::ensure_weights_with(&cache, source, &opts).context("--inception-weights")?
     } else {
         let path = PathBuf::from(source);
         if !path.is_file() {

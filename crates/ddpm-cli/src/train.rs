@@ -390,7 +390,10 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
     tracing::info!(dataset = %c.dataset, dir = %c.data.root.display(), "data set missing: fetching it");
     let report = fetch(
         &c.dataset,
-        &FetchOptions::with_mirror(&c.data.root, crate::env::data_mirror()),
+        &FetchOptions {
+            roots: crate::env::trusted_roots(),
+            ..FetchOptions::with_mirror(&c.data.root, crate::env::data_mirror())
+        },
     )
     .with_context(|| {
         format!(

@@ -4,7 +4,8 @@
 //! downloaded, the commit is recorded beside the images, offline mode reads the filled cache, a
 //! revision picks another commit (the flat `.bin` layout), and corrupt or resized downloads and
 //! configs we cannot represent are refused in one line, as is a Hub that never answers (after
-//! `HF_HUB_DOWNLOAD_TIMEOUT`). No network is used.
+//! `HF_HUB_DOWNLOAD_TIMEOUT`); over HTTPS, a Hub whose CA is named in `SSL_CERT_FILE` is
+//! trusted and one whose CA is not is refused in one line. No network is used.
 
 mod common;
 
@@ -20,6 +21,9 @@ use diffusers_fixture::fixture;
 #[path = "../../ddpm-data/tests/support/hub_server.rs"]
 mod hub_server;
 use hub_server::{FakeHub, HubFile, Kind};
+
+#[path = "../../ddpm-data/tests/support/tls_front.rs"]
+mod tls_front;
 
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -416,4 +420,75 @@ fn a_repository_with_only_the_fp16_variant_is_read() {
         downloads(&hub),
         pipeline_needs("diffusion_pytorch_model.fp16.safetensors")
     );
+}
+
+/// A Hub behind HTTPS with a private CA (a company's proxy that inspects TLS): refused in one line
+/// that says how to trust it, sampled from once its CA is named in `SSL_CERT_FILE` (or
+/// `REQUESTS_CA_BUNDLE`, which comes first); a bundle that cannot be read is named in one line,
+/// and stops only what downloads.
+#[test]
+fn a_hub_over_https_is_trusted_through_the_ca_bundle_variables() {
+    let hub = FakeHub::start();
+    hub.publish(Kind::Model, "o/tiny", "main", pipeline_files());
+    let front = tls_front::TlsFront::start(&hub.endpoint);
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let ca = tls_front::fixtures().join("ca.pem");
+    let sample = |bundle: &[(&str, &Path)], out: &str| {
+        let mut c = ddpm_bare(p);
+        c.env("HF_ENDPOINT", &front.base)
+            .env("HF_HOME", p.join("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HUB_OFFLINE", "0")
+            .env("HF_HUB_DOWNLOAD_TIMEOUT", "10");
+        for var in [
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "SSL_CERT_FILE",
+            "SSL_CERT_DIR",
+        ] {
+            c.env_remove(var);
+        }
+        for (var, path) in bundle {
+            c.env(var, path);
+        }
+        c.args([
+            "sample",
+            "--pretrained",
+            "o/tiny",
+            "--num",
+            "2",
+            "--steps",
+            "5",
+        ])
+        .args(["--quiet", "--out", out]);
+        run(&mut c)
+    };
+
+    let refused = sample(&[], "a.png");
+    assert_one_clean_error(&refused, "SSL_CERT_FILE");
+    assert!(!p.join("a.png").exists());
+
+    let missing = p.join("no-such.pem");
+    let bad = sample(&[("SSL_CERT_FILE", &missing)], "b.png");
+    assert_one_clean_error(&bad, &format!("SSL_CERT_FILE={}", missing.display()));
+
+    // REQUESTS_CA_BUNDLE is looked at first, as `requests` does.
+    assert_ok(&sample(
+        &[("REQUESTS_CA_BUNDLE", &ca), ("SSL_CERT_FILE", &missing)],
+        "c.png",
+    ));
+    assert!(p.join("c.png").is_file());
+    assert_eq!(
+        downloads(&hub),
+        pipeline_needs("diffusion_pytorch_model.safetensors")
+    );
+
+    // A bad bundle does not stop a command that downloads nothing.
+    let mut schedule = ddpm_bare(p);
+    schedule
+        .env("SSL_CERT_FILE", &missing)
+        .args(["schedule", "--timesteps", "10"]);
+    assert_ok(&run(&mut schedule));
 }

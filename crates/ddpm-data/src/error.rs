@@ -204,6 +204,35 @@ pub enum DataError {
         #[source]
         source: Box<ureq::Error>,
     },
+    /// The TLS connection to a server failed: most often its certificate is not signed by an
+    /// authority that is trusted.
+    #[error(
+        "downloading {url}: the secure connection failed ({detail}); trusted were {trusted}: \
+         behind a proxy that inspects TLS, or for a server with a private CA, name a PEM file of \
+         its CA certificates in SSL_CERT_FILE (or REQUESTS_CA_BUNDLE)"
+    )]
+    Tls {
+        /// The URL.
+        url: String,
+        /// The TLS library's words.
+        detail: String,
+        /// What was trusted ([`crate::fetch::TrustedRoots::describe`]).
+        trusted: String,
+    },
+    /// The CA bundle named for HTTPS cannot be used.
+    #[error(
+        "{named_by}={}: {reason}: name a PEM file (or folder of them) of CA certificates, or \
+         unset it to trust the built-in roots",
+        path.display()
+    )]
+    TrustedRoots {
+        /// The bundle's file or directory.
+        path: PathBuf,
+        /// The variable or option that named it.
+        named_by: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The connection broke while the body of a download was being received.
     #[error("downloading {url}: connection lost after {received} bytes")]
     Interrupted {

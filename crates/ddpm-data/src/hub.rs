@@ -87,6 +87,10 @@ pub struct HubOptions {
     /// connection, HTTP 429 or 5xx) is tried again, resuming where it stopped, with waits of 1,
     /// 2, 4, ... seconds (default 5). The listing is asked for once.
     pub retries: Option<u32>,
+    /// The certificate authorities an HTTPS endpoint is checked against (a bundle is read when
+    /// the client is made, online only); the binary takes a bundle from the variables of
+    /// [`crate::fetch::CA_BUNDLE_VARS`].
+    pub roots: crate::fetch::TrustedRoots,
 }
 
 impl fmt::Debug for HubOptions {
@@ -100,6 +104,7 @@ impl fmt::Debug for HubOptions {
             .field("progress", &self.progress)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
+            .field("roots", &self.roots)
             .finish()
     }
 }
@@ -374,6 +379,7 @@ impl Hub {
             fetch.timeout = options.timeout();
             fetch.progress = options.progress;
             fetch.retries = options.retries.unwrap_or(fetch.retries);
+            fetch.roots = options.roots.clone();
             // The token of the options, else the one `huggingface-cli login` wrote beside the
             // cache (nothing is taken from the environment here).
             let token = options
@@ -382,13 +388,13 @@ impl Hub {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
                 .or_else(|| hf_hub::Cache::new(cache.clone()).token());
-            let agent = Transfer::agent(&fetch);
-            Online {
+            Transfer::agent(&fetch).map(|agent| Online {
                 fetch,
                 agent,
                 token,
-            }
+            })
         });
+        let online = online.transpose()?;
         Ok(Hub {
             options: options.clone(),
             cache,
@@ -431,7 +437,7 @@ impl Hub {
                 let what = format!("{repo} at revision {revision}");
                 let listing: Listing = online
                     .transfer()
-                    .get(&url)
+                    .get(&url)?
                     .query("blobs", "true")
                     // A listing is small: one sent slowly enough to keep each read within the
                     // timeout still ends at ten of them.
@@ -1039,6 +1045,18 @@ fn transport_hint(endpoint: &str) -> String {
 
 /// A request to the Hub that got no answer (or broke off), with what to do.
 fn transport_error(what: &str, endpoint: &str, e: ureq::Error) -> DataError {
+    if let Some(detail) = crate::fetch::transfer::tls_failure(&e) {
+        // What was trusted is in the options, which this does not see: the fetch's error says.
+        return DataError::Hub {
+            what: what.to_string(),
+            hint: format!(
+                "the secure connection to {endpoint} failed ({detail}): behind a proxy that \
+                 inspects TLS, or for a Hub with a private CA, name a PEM file of its CA \
+                 certificates in SSL_CERT_FILE (or REQUESTS_CA_BUNDLE)"
+            ),
+            source: None,
+        };
+    }
     let hint = match &e {
         ureq::Error::Timeout(_) => format!(
             "{endpoint} did not answer in time (HF_HUB_DOWNLOAD_TIMEOUT sets the seconds); check \

@@ -45,6 +45,7 @@
 
 pub(crate) mod checksum;
 mod store;
+mod tls;
 pub(crate) mod transfer;
 
 use std::fmt;
@@ -53,6 +54,7 @@ use std::time::Duration;
 
 pub use checksum::Checksum;
 pub use store::MARKER;
+pub use tls::{TrustedRoots, CA_BUNDLE_VARS};
 
 use checksum::{is_hex, verify_file, ChecksumList};
 use store::{check_marker, extract_tar_gz, list_files, ExtractLimits, FileRecord, Marker, Staging};
@@ -231,6 +233,8 @@ pub struct FetchOptions {
     pub backoff: Duration,
     /// The connect and per-read timeout.
     pub timeout: Duration,
+    /// The certificate authorities HTTPS servers are checked against.
+    pub roots: TrustedRoots,
     /// Whether to draw progress bars (on a terminal).
     pub progress: bool,
     /// The upstream Flowers archive (a `.tar.gz`/`.tgz` of class folders; URL or path) instead of
@@ -250,6 +254,7 @@ impl FetchOptions {
             retries: 5,
             backoff: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
+            roots: TrustedRoots::Bundled,
             progress: true,
             flowers_url: None,
             flowers_sha256: None,

@@ -62,6 +62,21 @@ pub(crate) fn is_transient(e: &DataError) -> bool {
     }
 }
 
+/// The TLS library's words when `e` is a failed TLS handshake (an untrusted or invalid
+/// certificate, a refused protocol).
+pub(crate) fn tls_failure(e: &ureq::Error) -> Option<String> {
+    match e {
+        ureq::Error::Rustls(e) => Some(e.to_string()),
+        ureq::Error::Tls(e) => Some((*e).to_string()),
+        // rustls reports a certificate it refuses as an I/O error of the handshake.
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|e| e.to_string()),
+        _ => None,
+    }
+}
+
 fn status_hint(status: u16) -> String {
     match status {
         404 | 410 => {
@@ -88,26 +103,45 @@ fn status_hint(status: u16) -> String {
 /// Fetches files for one data set.
 pub(crate) struct Transfer<'a> {
     opts: &'a FetchOptions,
-    agent: ureq::Agent,
+    /// The HTTP client, or why it could not be made (a bad CA bundle), which the first request
+    /// reports: copies from a directory need no client.
+    agent: std::result::Result<ureq::Agent, (PathBuf, String, String)>,
     /// The `Authorization` header of every request, when there is one.
     auth: Option<String>,
 }
 
 impl<'a> Transfer<'a> {
     pub fn new(opts: &'a FetchOptions) -> Self {
-        Self::with_agent(opts, Self::agent(opts), None)
+        let agent = Self::agent(opts).map_err(|e| match e {
+            DataError::TrustedRoots {
+                path,
+                named_by,
+                reason,
+            } => (path, named_by, reason),
+            other => (PathBuf::new(), String::new(), other.to_string()),
+        });
+        Transfer {
+            opts,
+            agent,
+            auth: None,
+        }
     }
 
-    /// The HTTP client of a transfer with `opts`: its timeouts, statuses returned rather than
-    /// errors. Cheap to clone; clones share their connections.
-    pub fn agent(opts: &FetchOptions) -> ureq::Agent {
-        ureq::Agent::config_builder()
+    /// The HTTP client of a transfer with `opts`: its timeouts, the certificate authorities it
+    /// trusts (a bundle is read now), statuses returned rather than errors. Cheap to clone;
+    /// clones share their connections.
+    pub fn agent(opts: &FetchOptions) -> Result<ureq::Agent> {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(opts.roots.root_certs()?)
+            .build();
+        Ok(ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls)
             .build()
-            .into()
+            .into())
     }
 
     /// A transfer on `agent` (made by [`Transfer::agent`] with the same `opts`), sending `token`
@@ -117,17 +151,44 @@ impl<'a> Transfer<'a> {
     pub fn with_agent(opts: &'a FetchOptions, agent: ureq::Agent, token: Option<&str>) -> Self {
         Transfer {
             opts,
-            agent,
+            agent: Ok(agent),
             auth: token.map(|t| format!("Bearer {t}")),
         }
     }
 
-    /// A GET request of `url`, with the token if there is one.
-    pub fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let request = self.agent.get(url);
-        match &self.auth {
+    /// A GET request of `url`, with the token if there is one; an error when the client could
+    /// not be made.
+    pub fn get(&self, url: &str) -> Result<ureq::RequestBuilder<ureq::typestate::WithoutBody>> {
+        let agent = match &self.agent {
+            Ok(agent) => agent,
+            Err((path, named_by, reason)) => {
+                return Err(DataError::TrustedRoots {
+                    path: path.clone(),
+                    named_by: named_by.clone(),
+                    reason: reason.clone(),
+                })
+            }
+        };
+        let request = agent.get(url);
+        Ok(match &self.auth {
             Some(auth) => request.header("Authorization", auth),
             None => request,
+        })
+    }
+
+    /// The error of a request of `url` that got no answer: a failed TLS handshake says what was
+    /// trusted and how to trust more.
+    pub fn transport_error(&self, url: &str, e: ureq::Error) -> DataError {
+        match tls_failure(&e) {
+            Some(detail) => DataError::Tls {
+                url: url.to_string(),
+                detail,
+                trusted: self.opts.roots.describe(),
+            },
+            None => DataError::Http {
+                url: url.to_string(),
+                source: Box::new(e),
+            },
         }
     }
 
@@ -240,14 +301,11 @@ impl<'a> Transfer<'a> {
             let _ = std::fs::remove_file(part);
             have = 0;
         }
-        let mut request = self.get(url);
+        let mut request = self.get(url)?;
         if have > 0 {
             request = request.header("Range", format!("bytes={have}-"));
         }
-        let response = request.call().map_err(|e| DataError::Http {
-            url: url.to_string(),
-            source: Box::new(e),
-        })?;
+        let response = request.call().map_err(|e| self.transport_error(url, e))?;
         let status = response.status().as_u16();
         let length = response.body().content_length();
         let start = match status {

@@ -1,6 +1,8 @@
 //! The Hub client's options for the tests against the fake Hub (`hub_server.rs`, which the test
 //! binary must include as `mod hub_server`): online through its endpoint, or offline.
 
+#![allow(dead_code)] // each test binary uses a part
+
 use std::path::Path;
 
 use ddpm_data::hub::HubOptions;

@@ -27,7 +27,9 @@ use candle_core::{DType, Device, Tensor};
 use ddpm_unet::candle_nn::VarBuilder;
 
 pub use net::{FidInceptionV3, FEATURES};
-pub use weights::{ensure_weights, read_weights, FID_WEIGHTS_FILE, FID_WEIGHTS_URL};
+pub use weights::{
+    ensure_weights, ensure_weights_with, read_weights, FID_WEIGHTS_FILE, FID_WEIGHTS_URL,
+};
 
 use super::fid::{frechet_distance, GaussianStats};
 use super::recognisable::Recognisability;

@@ -1,0 +1,213 @@
+//! Which certificate authorities an HTTPS server's certificate is checked against: the Mozilla
+//! roots compiled in, or the certificates of a PEM bundle the user names (a company's proxy that
+//! inspects TLS re-signs every site with its own CA; a private mirror or Hub may have one).
+//!
+//! The binaries take the bundle from the variables `requests` (and so `huggingface_hub`), curl
+//! and OpenSSL read, in [`CA_BUNDLE_VARS`]' order, through [`TrustedRoots::from_variables`];
+//! this crate reads no environment itself. As with those tools, a bundle *replaces* the
+//! compiled-in roots. It is read when the first HTTP client is made, not before, so a bad one
+//! does not stop work that needs no network.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ureq::tls::{Certificate, PemItem, RootCerts};
+
+use crate::error::{DataError, Result};
+
+/// The variables that name a CA bundle, in the order they are looked at: `requests`' own two,
+/// then OpenSSL's file and directory.
+pub const CA_BUNDLE_VARS: [&str; 4] = [
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// Files of a bundle directory read at most (a certificate store holds a few hundred).
+const MAX_DIR_FILES: usize = 10_000;
+/// Bytes of one bundle file read at most (the system bundle is about 200 KB).
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// The certificate authorities HTTPS servers are checked against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TrustedRoots {
+    /// The Mozilla roots compiled in (`webpki-roots`).
+    #[default]
+    Bundled,
+    /// Only the certificates in a PEM file, or in the PEM files of a directory.
+    Bundle {
+        /// The file or directory.
+        path: PathBuf,
+        /// Where the user named it (a variable such as `SSL_CERT_FILE`, or an option), for
+        /// messages.
+        named_by: String,
+    },
+}
+
+impl TrustedRoots {
+    /// The bundle named by the first of [`CA_BUNDLE_VARS`] that `lookup` gives a non-empty
+    /// value for, else [`TrustedRoots::Bundled`]. A binary passes `|v| std::env::var_os(v)`.
+    pub fn from_variables(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        CA_BUNDLE_VARS
+            .iter()
+            .find_map(|var| {
+                let value = lookup(var).filter(|v| !v.is_empty())?;
+                Some(TrustedRoots::Bundle {
+                    path: PathBuf::from(value),
+                    named_by: (*var).to_string(),
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    /// What is trusted, in words: "the built-in Mozilla roots" or "the CA certificates of
+    /// PATH (VAR)".
+    pub fn describe(&self) -> String {
+        match self {
+            TrustedRoots::Bundled => "the built-in Mozilla roots".to_string(),
+            TrustedRoots::Bundle { path, named_by } => {
+                format!("the CA certificates of {} ({named_by})", path.display())
+            }
+        }
+    }
+
+    /// The root certificates of an HTTP client: the bundle's certificates read now, or the
+    /// compiled-in roots.
+    pub(crate) fn root_certs(&self) -> Result<RootCerts> {
+        match self {
+            TrustedRoots::Bundled => Ok(RootCerts::WebPki),
+            TrustedRoots::Bundle { path, named_by } => {
+                let bad = |reason: String| DataError::TrustedRoots {
+                    path: path.clone(),
+                    named_by: named_by.clone(),
+                    reason,
+                };
+                let certs = read_bundle(path).map_err(bad)?;
+                if certs.is_empty() {
+                    return Err(bad(
+                        "it holds no certificate (no -----BEGIN CERTIFICATE----- block)".into(),
+                    ));
+                }
+                Ok(RootCerts::Specific(Arc::new(certs)))
+            }
+        }
+    }
+}
+
+/// The certificates of the PEM file at `path`, or of every PEM file in the directory at `path`
+/// (files without certificates are passed over, as OpenSSL does in `SSL_CERT_DIR`).
+fn read_bundle(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read it ({e})"))?;
+    if !meta.is_dir() {
+        return read_pem(path);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| format!("cannot list it ({e})"))?;
+    let mut certs = Vec::new();
+    for entry in entries.take(MAX_DIR_FILES) {
+        let entry = entry.map_err(|e| format!("cannot list it ({e})"))?;
+        // Links (the hashed names of a certificate store) are followed; folders are not.
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+            certs.extend(read_pem(&entry.path()).unwrap_or_default());
+        }
+    }
+    Ok(certs)
+}
+
+/// The certificates of one PEM file (keys and other blocks beside them are passed over).
+fn read_pem(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&bytes) {
+        match item {
+            Ok(PemItem::Certificate(cert)) => certs.push(cert),
+            Ok(_) => {}
+            Err(e) => return Err(format!("{} is not valid PEM ({e})", path.display())),
+        }
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+    }
+
+    #[test]
+    fn the_first_variable_set_names_the_bundle() {
+        let vars = |set: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                set.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        };
+        assert_eq!(
+            TrustedRoots::from_variables(vars(&[])),
+            TrustedRoots::Bundled
+        );
+        assert_eq!(
+            TrustedRoots::from_variables(vars(&[("SSL_CERT_FILE", "")])),
+            TrustedRoots::Bundled
+        );
+        assert_eq!(
+            TrustedRoots::from_variables(vars(&[
+                ("SSL_CERT_FILE", "/b.pem"),
+                ("REQUESTS_CA_BUNDLE", "/a.pem")
+            ])),
+            TrustedRoots::Bundle {
+                path: "/a.pem".into(),
+                named_by: "REQUESTS_CA_BUNDLE".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_bundle_is_read_from_a_file_or_a_directory() {
+        let file = TrustedRoots::Bundle {
+            path: fixture("ca.pem"),
+            named_by: "SSL_CERT_FILE".into(),
+        };
+        assert!(matches!(file.root_certs(), Ok(RootCerts::Specific(c)) if c.len() == 1));
+        // The directory holds the CA, the server's certificate and its key (passed over).
+        let dir = TrustedRoots::Bundle {
+            path: fixture(""),
+            named_by: "SSL_CERT_DIR".into(),
+        };
+        assert!(matches!(dir.root_certs(), Ok(RootCerts::Specific(c)) if c.len() == 2));
+    }
+
+    #[test]
+    fn a_bad_bundle_is_an_error_naming_it_and_its_variable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let empty = tmp.path().join("empty.pem");
+        std::fs::write(&empty, "no certificates here\n").unwrap();
+        let broken = tmp.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!\n").unwrap();
+        for (path, says) in [
+            (tmp.path().join("missing.pem"), "cannot read it"),
+            (empty, "holds no certificate"),
+            (broken, "not valid PEM"),
+        ] {
+            let roots = TrustedRoots::Bundle {
+                path: path.clone(),
+                named_by: "SSL_CERT_FILE".into(),
+            };
+            let e = roots.root_certs().expect_err("an error").to_string();
+            assert!(
+                e.contains(&format!("SSL_CERT_FILE={}", path.display())),
+                "{e}"
+            );
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}
