@@ -67,6 +67,7 @@ pub fn run(args: FetchDataArgs) -> anyhow::Result<()> {
         flowers_url: args.flowers_url.clone(),
         flowers_sha256: args.flowers_sha256.clone(),
         roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
+        proxy: fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok()),
         ..FetchOptions::new(&args.data_dir)
     };
     let specs = match args.dataset {

@@ -48,6 +48,7 @@ pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
         source: source.clone(),
         progress: false,
         roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
+        proxy: fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok()),
         ..FetchOptions::new(&data_dir)
     };
     for spec in [DatasetSpec::Mnist, DatasetSpec::Flowers] {

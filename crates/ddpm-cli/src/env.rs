@@ -96,7 +96,15 @@ pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
         timeout,
         retries: None,
         roots: trusted_roots(),
+        proxy: proxy(),
     })
+}
+
+/// The HTTP proxy of every download: the first of `HTTPS_PROXY`, `https_proxy`, `ALL_PROXY`,
+/// `all_proxy`, `HTTP_PROXY`, `http_proxy` that is set, with the hosts of `NO_PROXY` (or
+/// `no_proxy`) reached directly. A bad address is an error when a download starts.
+pub fn proxy() -> Option<ddpm_data::fetch::ProxyConfig> {
+    ddpm_data::fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok())
 }
 
 /// The certificate authorities HTTPS downloads trust: the PEM bundle named by the first of

@@ -205,6 +205,7 @@ fn inception_of(
         let opts = ddpm_data::FetchOptions {
             progress: !a.quiet,
             roots: crate::env::trusted_roots(),
+            proxy: crate::env::proxy(),
             ..ddpm_data::FetchOptions::new(&cache)
         };
         weights::ensure_weights_with(&cache, source, &opts).context("--inception-weights")?

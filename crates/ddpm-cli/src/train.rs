@@ -392,6 +392,7 @@ pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
         &c.dataset,
         &FetchOptions {
             roots: crate::env::trusted_roots(),
+            proxy: crate::env::proxy(),
             ..FetchOptions::with_mirror(&c.data.root, crate::env::data_mirror())
         },
     )

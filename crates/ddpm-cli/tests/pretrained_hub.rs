@@ -5,7 +5,8 @@
 //! revision picks another commit (the flat `.bin` layout), and corrupt or resized downloads and
 //! configs we cannot represent are refused in one line, as is a Hub that never answers (after
 //! `HF_HUB_DOWNLOAD_TIMEOUT`); over HTTPS, a Hub whose CA is named in `SSL_CERT_FILE` is
-//! trusted and one whose CA is not is refused in one line. No network is used.
+//! trusted and one whose CA is not is refused in one line; `HTTPS_PROXY` is the way to a Hub
+//! that only a proxy reaches. No network is used.
 
 mod common;
 
@@ -24,6 +25,9 @@ use hub_server::{FakeHub, HubFile, Kind};
 
 #[path = "../../ddpm-data/tests/support/tls_front.rs"]
 mod tls_front;
+
+#[path = "../../ddpm-data/tests/support/connect_proxy.rs"]
+mod connect_proxy;
 
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -491,4 +495,81 @@ fn a_hub_over_https_is_trusted_through_the_ca_bundle_variables() {
         .env("SSL_CERT_FILE", &missing)
         .args(["schedule", "--timesteps", "10"]);
     assert_ok(&run(&mut schedule));
+}
+
+/// `HTTPS_PROXY` (with credentials) is the way to a Hub that only the proxy reaches (`hub.test`),
+/// with `NO_PROXY` honoured; a proxy address that cannot be used is one line that names the
+/// variable and leaves the password out.
+#[test]
+fn the_hub_is_reached_through_the_proxy_of_the_environment() {
+    let hub = FakeHub::start();
+    hub.publish(Kind::Model, "o/tiny", "main", pipeline_files());
+    let proxy = connect_proxy::ConnectProxy::start(Some("me:pw"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let endpoint = hub.endpoint.replace("127.0.0.1", "hub.test");
+    let sample = |vars: &[(&str, String)], out: &str| {
+        let mut c = ddpm_bare(p);
+        c.env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", p.join("hf"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .env("HF_HUB_OFFLINE", "0")
+            .env("HF_HUB_DOWNLOAD_TIMEOUT", "10");
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
+            c.env_remove(var);
+        }
+        for (var, value) in vars {
+            c.env(var, value);
+        }
+        c.args([
+            "sample",
+            "--pretrained",
+            "o/tiny",
+            "--num",
+            "2",
+            "--steps",
+            "5",
+        ])
+        .args(["--quiet", "--out", out]);
+        run(&mut c)
+    };
+    let good = format!("http://me:pw@{}", proxy.addr);
+
+    assert_ok(&sample(&[("https_proxy", good.clone())], "a.png"));
+    assert!(p.join("a.png").is_file());
+    assert!(!proxy.targets().is_empty());
+    assert!(proxy.targets().iter().all(|t| t.starts_with("hub.test:")));
+
+    // NO_PROXY: hub.test is then looked up directly, and does not exist.
+    let seen = proxy.targets().len();
+    let direct = sample(
+        &[
+            ("HTTPS_PROXY", good),
+            ("NO_PROXY", "example.org, hub.test".to_string()),
+            ("HF_HUB_OFFLINE", "0".to_string()),
+        ],
+        "b.png",
+    );
+    assert_one_clean_error(&direct, "cannot reach http://hub.test:");
+    assert_eq!(proxy.targets().len(), seen);
+
+    let bad = sample(
+        &[(
+            "HTTPS_PROXY",
+            "socks5://me:pw@proxy.example:1080".to_string(),
+        )],
+        "c.png",
+    );
+    assert_one_clean_error(&bad, "HTTPS_PROXY=socks5://me:***@proxy.example:1080");
+    assert!(!String::from_utf8_lossy(&bad.stderr).contains(":pw@"));
 }

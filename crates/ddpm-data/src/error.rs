@@ -219,19 +219,17 @@ pub enum DataError {
         /// What was trusted ([`crate::fetch::TrustedRoots::describe`]).
         trusted: String,
     },
-    /// The CA bundle named for HTTPS cannot be used.
-    #[error(
-        "{named_by}={}: {reason}: name a PEM file (or folder of them) of CA certificates, or \
-         unset it to trust the built-in roots",
-        path.display()
-    )]
-    TrustedRoots {
-        /// The bundle's file or directory.
-        path: PathBuf,
-        /// The variable or option that named it.
-        named_by: String,
+    /// A setting of the HTTP client (the CA bundle, the proxy) cannot be used.
+    #[error("{setting}={value}: {reason}: {advice}")]
+    HttpSetting {
+        /// The variable or option that gave it (`SSL_CERT_FILE`, `HTTPS_PROXY`).
+        setting: String,
+        /// Its value (a proxy's password left out).
+        value: String,
         /// What is wrong with it.
         reason: String,
+        /// What to do.
+        advice: String,
     },
     /// The connection broke while the body of a download was being received.
     #[error("downloading {url}: connection lost after {received} bytes")]

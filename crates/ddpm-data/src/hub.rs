@@ -91,6 +91,9 @@ pub struct HubOptions {
     /// the client is made, online only); the binary takes a bundle from the variables of
     /// [`crate::fetch::CA_BUNDLE_VARS`].
     pub roots: crate::fetch::TrustedRoots,
+    /// The HTTP proxy requests go through (none: direct connections); the binary takes it from
+    /// the variables of [`crate::fetch::PROXY_VARS`].
+    pub proxy: Option<crate::fetch::ProxyConfig>,
 }
 
 impl fmt::Debug for HubOptions {
@@ -105,6 +108,7 @@ impl fmt::Debug for HubOptions {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("roots", &self.roots)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -380,6 +384,7 @@ impl Hub {
             fetch.progress = options.progress;
             fetch.retries = options.retries.unwrap_or(fetch.retries);
             fetch.roots = options.roots.clone();
+            fetch.proxy = options.proxy.clone();
             // The token of the options, else the one `huggingface-cli login` wrote beside the
             // cache (nothing is taken from the environment here).
             let token = options
@@ -445,7 +450,10 @@ impl Hub {
                     .timeout_global(Some(self.options.timeout() * LISTING_TIMEOUTS))
                     .build()
                     .call()
-                    .map_err(|e| transport_error(&what, &endpoint, e))
+                    .map_err(|e| {
+                        let e = online.transfer().transport_error(&url, e);
+                        download_error(&what, &endpoint, e)
+                    })
                     .and_then(|mut response| {
                         let status = response.status().as_u16();
                         let body = response
@@ -1045,18 +1053,6 @@ fn transport_hint(endpoint: &str) -> String {
 
 /// A request to the Hub that got no answer (or broke off), with what to do.
 fn transport_error(what: &str, endpoint: &str, e: ureq::Error) -> DataError {
-    if let Some(detail) = crate::fetch::transfer::tls_failure(&e) {
-        // What was trusted is in the options, which this does not see: the fetch's error says.
-        return DataError::Hub {
-            what: what.to_string(),
-            hint: format!(
-                "the secure connection to {endpoint} failed ({detail}): behind a proxy that \
-                 inspects TLS, or for a Hub with a private CA, name a PEM file of its CA \
-                 certificates in SSL_CERT_FILE (or REQUESTS_CA_BUNDLE)"
-            ),
-            source: None,
-        };
-    }
     let hint = match &e {
         ureq::Error::Timeout(_) => format!(
             "{endpoint} did not answer in time (HF_HUB_DOWNLOAD_TIMEOUT sets the seconds); check \

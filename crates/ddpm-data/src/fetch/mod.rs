@@ -44,6 +44,7 @@
 //! [`FetchOptions::flowers_url`] and [`FetchOptions::flowers_sha256`] (a checksum you trust).
 
 pub(crate) mod checksum;
+mod proxy;
 mod store;
 mod tls;
 pub(crate) mod transfer;
@@ -53,6 +54,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use checksum::Checksum;
+pub use proxy::{ProxyConfig, NO_PROXY_VARS, PROXY_VARS};
 pub use store::MARKER;
 pub use tls::{TrustedRoots, CA_BUNDLE_VARS};
 
@@ -235,6 +237,8 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// The certificate authorities HTTPS servers are checked against.
     pub roots: TrustedRoots,
+    /// The HTTP proxy downloads go through (none: direct connections).
+    pub proxy: Option<ProxyConfig>,
     /// Whether to draw progress bars (on a terminal).
     pub progress: bool,
     /// The upstream Flowers archive (a `.tar.gz`/`.tgz` of class folders; URL or path) instead of
@@ -255,6 +259,7 @@ impl FetchOptions {
             backoff: Duration::from_secs(1),
             timeout: Duration::from_secs(30),
             roots: TrustedRoots::Bundled,
+            proxy: None,
             progress: true,
             flowers_url: None,
             flowers_sha256: None,

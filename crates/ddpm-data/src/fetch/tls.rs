@@ -78,10 +78,13 @@ impl TrustedRoots {
         match self {
             TrustedRoots::Bundled => Ok(RootCerts::WebPki),
             TrustedRoots::Bundle { path, named_by } => {
-                let bad = |reason: String| DataError::TrustedRoots {
-                    path: path.clone(),
-                    named_by: named_by.clone(),
+                let bad = |reason: String| DataError::HttpSetting {
+                    setting: named_by.clone(),
+                    value: path.display().to_string(),
                     reason,
+                    advice: "name a PEM file (or folder of them) of CA certificates, or unset it \
+                             to trust the built-in roots"
+                        .to_string(),
                 };
                 let certs = read_bundle(path).map_err(bad)?;
                 if certs.is_empty() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::FetchOptions;
+use super::{FetchOptions, ProxyConfig};
 use crate::error::{DataError, Result};
 
 /// The longest wait between two tries.
@@ -103,9 +103,9 @@ fn status_hint(status: u16) -> String {
 /// Fetches files for one data set.
 pub(crate) struct Transfer<'a> {
     opts: &'a FetchOptions,
-    /// The HTTP client, or why it could not be made (a bad CA bundle), which the first request
-    /// reports: copies from a directory need no client.
-    agent: std::result::Result<ureq::Agent, (PathBuf, String, String)>,
+    /// The HTTP client, or why it could not be made (a bad CA bundle or proxy), which the first
+    /// request reports: copies from a directory need no client.
+    agent: std::result::Result<ureq::Agent, [String; 4]>,
     /// The `Authorization` header of every request, when there is one.
     auth: Option<String>,
 }
@@ -113,12 +113,18 @@ pub(crate) struct Transfer<'a> {
 impl<'a> Transfer<'a> {
     pub fn new(opts: &'a FetchOptions) -> Self {
         let agent = Self::agent(opts).map_err(|e| match e {
-            DataError::TrustedRoots {
-                path,
-                named_by,
+            DataError::HttpSetting {
+                setting,
+                value,
                 reason,
-            } => (path, named_by, reason),
-            other => (PathBuf::new(), String::new(), other.to_string()),
+                advice,
+            } => [setting, value, reason, advice],
+            other => [
+                String::new(),
+                String::new(),
+                other.to_string(),
+                String::new(),
+            ],
         });
         Transfer {
             opts,
@@ -139,6 +145,8 @@ impl<'a> Transfer<'a> {
             .timeout_connect(Some(opts.timeout))
             .timeout_per_read(Some(opts.timeout))
             .user_agent(concat!("ddpm-data/", env!("CARGO_PKG_VERSION")))
+            // The proxy of the options only: ureq's default would read the environment.
+            .proxy(opts.proxy.as_ref().map(ProxyConfig::build).transpose()?)
             .tls_config(tls)
             .build()
             .into())
@@ -161,11 +169,12 @@ impl<'a> Transfer<'a> {
     pub fn get(&self, url: &str) -> Result<ureq::RequestBuilder<ureq::typestate::WithoutBody>> {
         let agent = match &self.agent {
             Ok(agent) => agent,
-            Err((path, named_by, reason)) => {
-                return Err(DataError::TrustedRoots {
-                    path: path.clone(),
-                    named_by: named_by.clone(),
+            Err([setting, value, reason, advice]) => {
+                return Err(DataError::HttpSetting {
+                    setting: setting.clone(),
+                    value: value.clone(),
                     reason: reason.clone(),
+                    advice: advice.clone(),
                 })
             }
         };
@@ -179,6 +188,40 @@ impl<'a> Transfer<'a> {
     /// The error of a request of `url` that got no answer: a failed TLS handshake says what was
     /// trusted and how to trust more.
     pub fn transport_error(&self, url: &str, e: ureq::Error) -> DataError {
+        if let (ureq::Error::ConnectProxyFailed(detail), Some(proxy)) = (&e, &self.opts.proxy) {
+            return DataError::HttpSetting {
+                setting: proxy.named_by.clone(),
+                value: proxy.shown(),
+                reason: format!("the proxy refused to connect to {url} ({detail})"),
+                advice: "check the proxy's address and credentials, or list the host in NO_PROXY \
+                         to reach it directly"
+                    .to_string(),
+            };
+        }
+        if let Some(proxy) = &self.opts.proxy {
+            let unreachable = match &e {
+                ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
+                ureq::Error::Io(io) => matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::HostUnreachable
+                        | std::io::ErrorKind::NetworkUnreachable
+                        | std::io::ErrorKind::AddrNotAvailable
+                ),
+                _ => false,
+            };
+            // Through a proxy, the only connection this side makes is the one to the proxy.
+            if unreachable && proxy.applies_to(url) {
+                return DataError::HttpSetting {
+                    setting: proxy.named_by.clone(),
+                    value: proxy.shown(),
+                    reason: format!("cannot reach the proxy ({e}) to download {url}"),
+                    advice: "check the proxy's address and that it runs, or unset it to connect \
+                             directly"
+                        .to_string(),
+                };
+            }
+        }
         match tls_failure(&e) {
             Some(detail) => DataError::Tls {
                 url: url.to_string(),

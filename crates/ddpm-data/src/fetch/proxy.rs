@@ -1,0 +1,220 @@
+//! The HTTP proxy downloads go through, and the hosts they reach directly.
+//!
+//! The binaries take it from the variables curl and `requests` read ([`PROXY_VARS`],
+//! [`NO_PROXY_VARS`]) through [`ProxyConfig::from_variables`]; this crate reads no environment
+//! itself (the HTTP client's own reading of them is turned off). One proxy serves every
+//! download, http:// and https:// alike, through HTTP `CONNECT`; the loopback addresses are
+//! always reached directly, as a proxy cannot reach them. A proxy address that cannot be used is
+//! an error when the first download starts, never silently a direct connection.
+
+use std::fmt;
+
+use crate::error::{DataError, Result};
+
+/// The variables that name the proxy, in the order they are looked at: the https proxy first
+/// (most downloads are https), then the one for every scheme, then the http proxy.
+pub const PROXY_VARS: [&str; 6] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+];
+
+/// The variables that list the hosts reached without the proxy (comma-separated: `host`,
+/// `.domain` or `*.domain` for its sub-domains, `*` for all), the first set.
+pub const NO_PROXY_VARS: [&str; 2] = ["NO_PROXY", "no_proxy"];
+
+/// Hosts never sent through a proxy.
+const LOOPBACK: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
+
+/// An HTTP proxy for downloads.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Its address, `http://[USER:PASSWORD@]HOST[:PORT]` (or `https://`; `HOST:PORT` alone means
+    /// `http://`).
+    pub url: String,
+    /// Where the user named it (a variable such as `HTTPS_PROXY`, or an option), for messages.
+    pub named_by: String,
+    /// Hosts reached directly (the entries of `NO_PROXY`).
+    pub no_proxy: Vec<String>,
+}
+
+impl fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A password in the address stays out of logs.
+        f.debug_struct("ProxyConfig")
+            .field("url", &redacted(&self.url))
+            .field("named_by", &self.named_by)
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
+}
+
+impl ProxyConfig {
+    /// The proxy named by the first of [`PROXY_VARS`] that `lookup` gives a non-empty value for,
+    /// with the hosts of the first of [`NO_PROXY_VARS`] that is set; `None` when no proxy is
+    /// named. A binary passes `|v| std::env::var(v).ok()`.
+    pub fn from_variables(lookup: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let (named_by, url) = PROXY_VARS.iter().find_map(|var| {
+            let value = lookup(var).filter(|v| !v.trim().is_empty())?;
+            Some((var.to_string(), value.trim().to_string()))
+        })?;
+        let no_proxy = NO_PROXY_VARS
+            .iter()
+            .find_map(|var| lookup(var))
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(ProxyConfig {
+            url,
+            named_by,
+            no_proxy,
+        })
+    }
+
+    /// Its address as messages show it, without the password.
+    pub(crate) fn shown(&self) -> String {
+        redacted(&self.url)
+    }
+
+    /// Whether a request of `url` goes through this proxy (its host is not in `NO_PROXY` nor
+    /// the loopback).
+    pub(crate) fn applies_to(&self, url: &str) -> bool {
+        match (self.build(), url.parse::<ureq::http::Uri>()) {
+            (Ok(proxy), Ok(uri)) => !proxy.is_no_proxy(&uri),
+            _ => false,
+        }
+    }
+
+    /// The HTTP client's proxy, or an error that names the setting and says what is wrong.
+    pub(crate) fn build(&self) -> Result<ureq::Proxy> {
+        let bad = |reason: String| DataError::HttpSetting {
+            setting: self.named_by.clone(),
+            value: self.shown(),
+            reason,
+            advice: "give the proxy as http://HOST:PORT (or http://USER:PASSWORD@HOST:PORT), or \
+                     unset it to connect directly"
+                .to_string(),
+        };
+        let scheme = self
+            .url
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase());
+        if scheme
+            .as_deref()
+            .is_some_and(|s| s != "http" && s != "https")
+        {
+            return Err(bad(format!(
+                "{}:// proxies are not supported, only http:// and https://",
+                scheme.unwrap_or_default()
+            )));
+        }
+        let parsed =
+            ureq::Proxy::new(&self.url).map_err(|e| bad(format!("not a proxy address ({e})")))?;
+        let host = parsed.host();
+        if host.is_empty() || host.contains(['/', ' ']) {
+            return Err(bad("it names no host".to_string()));
+        }
+        let mut builder = ureq::Proxy::builder(parsed.protocol())
+            .host(host)
+            .port(parsed.port());
+        if let Some(user) = parsed.username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = parsed.password() {
+            builder = builder.password(password);
+        }
+        for entry in self.no_proxy.iter().map(String::as_str).chain(LOOPBACK) {
+            builder = builder.no_proxy(entry);
+        }
+        builder
+            .build()
+            .map_err(|e| bad(format!("not a proxy address ({e})")))
+    }
+}
+
+/// `url` with the password of its user part replaced by `***`.
+fn redacted(url: &str) -> String {
+    let (prefix, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = match userinfo.split_once(':') {
+        Some((name, _)) => format!("{name}:***"),
+        None => userinfo.to_string(),
+    };
+    format!("{prefix}{user}@{host}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(set: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            set.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_first_variable_set_names_the_proxy() {
+        assert_eq!(ProxyConfig::from_variables(vars(&[])), None);
+        assert_eq!(
+            ProxyConfig::from_variables(vars(&[("HTTP_PROXY", " ")])),
+            None
+        );
+        let p = ProxyConfig::from_variables(vars(&[
+            ("http_proxy", "http://h:1"),
+            ("HTTPS_PROXY", "http://s:2"),
+            ("NO_PROXY", "a.example, .b.example,,"),
+            ("no_proxy", "ignored"),
+        ]))
+        .unwrap();
+        assert_eq!(p.url, "http://s:2");
+        assert_eq!(p.named_by, "HTTPS_PROXY");
+        assert_eq!(p.no_proxy, ["a.example", ".b.example"]);
+    }
+
+    #[test]
+    fn proxies_are_checked_and_passwords_kept_out_of_messages() {
+        let proxy = |url: &str| ProxyConfig {
+            url: url.to_string(),
+            named_by: "HTTPS_PROXY".into(),
+            no_proxy: vec![],
+        };
+        for good in [
+            "http://p.example:3128",
+            "p.example:3128",
+            "https://u:pw@p.example",
+        ] {
+            assert!(proxy(good).build().is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("socks5://p.example:1080", "not supported"),
+            ("ftp://p.example", "not supported"),
+            ("http://", "HTTPS_PROXY=http://"),
+            ("http://user:secret@", "user:***@"),
+        ] {
+            let e = proxy(bad).build().expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        assert_eq!(redacted("http://u:pw@h:1/x"), "http://u:***@h:1/x");
+        assert_eq!(redacted("http://u@h:1"), "http://u@h:1");
+        assert_eq!(redacted("h:1"), "h:1");
+        assert!(!format!("{:?}", proxy("http://u:pw@h:1")).contains("pw"));
+    }
+}
