@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Output;
 
@@ -426,6 +427,41 @@ fn a_repository_with_only_the_fp16_variant_is_read() {
     );
 }
 
+/// `ddpm sample --pretrained o/tiny` of 2 images in 5 steps into `dir/out`, from the Hub at
+/// `endpoint` with the cache in `dir/hf`, no CA bundle or proxy from the test's own environment,
+/// and the variables `vars` set.
+fn sample_over_network(dir: &Path, endpoint: &str, vars: &[(&str, &OsStr)], out: &str) -> Output {
+    use ddpm_data::fetch::{CA_BUNDLE_VARS, NO_PROXY_VARS, PROXY_VARS};
+    let mut c = ddpm_bare(dir);
+    c.env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", dir.join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env("HF_HUB_OFFLINE", "0")
+        .env("HF_HUB_DOWNLOAD_TIMEOUT", "10");
+    for var in CA_BUNDLE_VARS
+        .iter()
+        .chain(&PROXY_VARS)
+        .chain(&NO_PROXY_VARS)
+    {
+        c.env_remove(var);
+    }
+    for (var, value) in vars {
+        c.env(var, value);
+    }
+    c.args([
+        "sample",
+        "--pretrained",
+        "o/tiny",
+        "--num",
+        "2",
+        "--steps",
+        "5",
+    ])
+    .args(["--quiet", "--out", out]);
+    run(&mut c)
+}
+
 /// A Hub behind HTTPS with a private CA (a company's proxy that inspects TLS): refused in one line
 /// that says how to trust it, sampled from once its CA is named in `SSL_CERT_FILE` (or
 /// `REQUESTS_CA_BUNDLE`, which comes first); a bundle that cannot be read is named in one line,
@@ -439,35 +475,8 @@ fn a_hub_over_https_is_trusted_through_the_ca_bundle_variables() {
     let p = dir.path();
     let ca = tls_front::fixtures().join("ca.pem");
     let sample = |bundle: &[(&str, &Path)], out: &str| {
-        let mut c = ddpm_bare(p);
-        c.env("HF_ENDPOINT", &front.base)
-            .env("HF_HOME", p.join("hf"))
-            .env_remove("HF_HUB_CACHE")
-            .env_remove("HF_TOKEN")
-            .env("HF_HUB_OFFLINE", "0")
-            .env("HF_HUB_DOWNLOAD_TIMEOUT", "10");
-        for var in [
-            "REQUESTS_CA_BUNDLE",
-            "CURL_CA_BUNDLE",
-            "SSL_CERT_FILE",
-            "SSL_CERT_DIR",
-        ] {
-            c.env_remove(var);
-        }
-        for (var, path) in bundle {
-            c.env(var, path);
-        }
-        c.args([
-            "sample",
-            "--pretrained",
-            "o/tiny",
-            "--num",
-            "2",
-            "--steps",
-            "5",
-        ])
-        .args(["--quiet", "--out", out]);
-        run(&mut c)
+        let vars: Vec<(&str, &OsStr)> = bundle.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        sample_over_network(p, &front.base, &vars, out)
     };
 
     let refused = sample(&[], "a.png");
@@ -509,39 +518,8 @@ fn the_hub_is_reached_through_the_proxy_of_the_environment() {
     let p = dir.path();
     let endpoint = hub.endpoint.replace("127.0.0.1", "hub.test");
     let sample = |vars: &[(&str, String)], out: &str| {
-        let mut c = ddpm_bare(p);
-        c.env("HF_ENDPOINT", &endpoint)
-            .env("HF_HOME", p.join("hf"))
-            .env_remove("HF_HUB_CACHE")
-            .env_remove("HF_TOKEN")
-            .env("HF_HUB_OFFLINE", "0")
-            .env("HF_HUB_DOWNLOAD_TIMEOUT", "10");
-        for var in [
-            "HTTPS_PROXY",
-            "https_proxy",
-            "ALL_PROXY",
-            "all_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            c.env_remove(var);
-        }
-        for (var, value) in vars {
-            c.env(var, value);
-        }
-        c.args([
-            "sample",
-            "--pretrained",
-            "o/tiny",
-            "--num",
-            "2",
-            "--steps",
-            "5",
-        ])
-        .args(["--quiet", "--out", out]);
-        run(&mut c)
+        let vars: Vec<(&str, &OsStr)> = vars.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        sample_over_network(p, &endpoint, &vars, out)
     };
     let good = format!("http://me:pw@{}", proxy.addr);
 
