@@ -1,6 +1,5 @@
 //! `ddpm sample`: images (grid, single files, GIF of the reverse process) from a checkpoint.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -389,25 +388,22 @@ fn grid_format(path: &Path) -> Result<image::ImageFormat> {
     }
 }
 
-/// Writes the grid of `images` in `format`, through a temporary file renamed into place.
+/// Writes the grid of `images` in `format`, whole or not at all (an earlier file at `path`
+/// stays until the new one is complete).
 fn save_grid(images: &Tensor, nrow: usize, path: &Path, format: image::ImageFormat) -> Result<()> {
-    if format == image::ImageFormat::Png {
-        return Ok(image_io::save_image_grid(images, nrow, path)?);
-    }
     let grid = image_io::image_grid(images, nrow)?;
-    let tmp = path.with_extension("tmp");
-    grid.save_with_format(&tmp, format)?;
-    std::fs::rename(&tmp, path)?;
+    let bytes = image_io::encode(&grid, format, path)?;
+    image_io::write_atomic(path, &bytes)?;
     Ok(())
 }
 
+/// Writes the frames as an animated GIF, encoded in memory, then written whole or not at all.
 fn write_gif(frames: &[Tensor], nrow: usize, path: &Path) -> Result<()> {
     use image::codecs::gif::{GifEncoder, Repeat};
     use image::{Delay, DynamicImage, Frame};
-    let tmp = path.with_extension("gif.tmp");
+    let mut bytes = Vec::new();
     {
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut enc = GifEncoder::new_with_speed(file, 10);
+        let mut enc = GifEncoder::new_with_speed(&mut bytes, 10);
         enc.set_repeat(Repeat::Infinite)?;
         let n = frames.len();
         for (i, f) in frames.iter().enumerate() {
@@ -423,6 +419,7 @@ fn write_gif(frames: &[Tensor], nrow: usize, path: &Path) -> Result<()> {
             ))?;
         }
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    image_io::write_atomic(path, &bytes)
+        .with_context(|| format!("writing --gif {}", path.display()))?;
     Ok(())
 }

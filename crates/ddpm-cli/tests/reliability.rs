@@ -479,6 +479,77 @@ fn a_full_disk_stops_the_run_cleanly_and_keeps_the_previous_checkpoint() {
     tally.finish();
 }
 
+/// `ddpm sample` onto a full disk: the error is one line saying so, a grid written before at the
+/// same path is kept byte for byte, and no empty or partial image (nor a temporary file) is left.
+#[test]
+fn a_full_disk_while_sampling_keeps_the_earlier_images_and_leaves_no_empty_ones() {
+    let attack = "full disk while sampling";
+    let (_, seed) = rng(attack);
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    let cfg = write_config(p, 2, 2, 100);
+    let o = run(&mut train_new(p, "run", &cfg));
+    assert!(o.status.success(), "training: {}", stderr(&o));
+    let disk = p.join("disk");
+    let mount = match Tmpfs::mount(&disk, "size=64k") {
+        Ok(m) => m,
+        Err(why) => return Tally::skip(attack, &why),
+    };
+    let mut tally = Tally::new(attack, seed);
+    let o = run(&mut sample(p, "run", seed, "disk/s.png"));
+    tally.runs += 1;
+    tally.check(o.status.success(), || format!("first grid: {}", stderr(&o)));
+    let before = std::fs::read(disk.join("s.png")).unwrap_or_default();
+    // Fill what is left of the disk.
+    let mut fill = std::fs::File::create(disk.join("fill")).expect("fill");
+    let _ = std::io::Write::write_all(&mut fill, &vec![0u8; 1 << 20]);
+    drop(fill);
+    let full = |args: &[&str]| {
+        let mut c = ddpm(p);
+        c.args(["sample", "--quiet", "--checkpoint", "run", "--num", "16"])
+            .args(["--sampler", "ddpm", "--steps", "6", "--seed", "9"])
+            .args(args);
+        run(&mut c)
+    };
+    for args in [
+        &["--out", "disk/s.png"][..],
+        &["--out", "disk/s.jpg"],
+        &["--out", "t.png", "--out-dir", "disk/each"],
+        &["--out", "g.png", "--gif", "disk/r.gif"],
+    ] {
+        let o = full(args);
+        tally.runs += 1;
+        match clean_error(&o) {
+            Ok(line) => tally.check(line.contains("No space left"), || {
+                format!("{args:?}: the error does not say the disk is full: {line}")
+            }),
+            Err(e) => tally.check(false, || format!("{args:?}: {e}")),
+        }
+    }
+    let after = std::fs::read(disk.join("s.png")).unwrap_or_default();
+    if after != before {
+        tally.lost(format!(
+            "the earlier grid changed ({} bytes, then {})",
+            before.len(),
+            after.len()
+        ));
+    }
+    let mut left: Vec<String> = Vec::new();
+    for d in [disk.clone(), disk.join("each")] {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != "s.png" && name != "fill" && name != "each" {
+                left.push(name);
+            }
+        }
+    }
+    tally.check(left.is_empty(), || {
+        format!("files left behind on the full disk: {left:?}")
+    });
+    drop(mount);
+    tally.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-only and missing directories
 

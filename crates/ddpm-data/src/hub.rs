@@ -51,6 +51,7 @@ use sha1::Digest as _;
 use crate::error::{DataError, Result};
 use crate::fetch::checksum::is_hex;
 use crate::fetch::transfer::{Location, Transfer};
+use crate::image_io::unique_sibling;
 
 /// The Hub's address when [`HubOptions::endpoint`] is not set.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -796,17 +797,6 @@ fn link(blob: &Path, pointer: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         DataError::io(pointer)(e)
     })
-}
-
-/// A name beside `path` that no other process or call uses: `.<name>.<pid>.<n>.tmp`.
-fn unique_sibling(path: &Path) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 /// A repository path for a URL: each byte outside the unreserved set and `/` percent-encoded.

@@ -1,6 +1,8 @@
-//! Saving images: tensors in [-1, 1] back to `u8` pictures and PNG grids.
+//! Saving images: tensors in [-1, 1] back to `u8` pictures and PNG grids, written whole or
+//! not at all ([`write_atomic`]).
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use image::{Rgb, RgbImage};
@@ -97,12 +99,50 @@ fn save_png(picture: &RgbImage, path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(DataError::io(parent))?;
     }
+    let bytes = encode(picture, image::ImageFormat::Png, path)?;
+    write_atomic(path, &bytes).map_err(DataError::io(path))
+}
+
+/// `picture` encoded as `format` in memory (`path`, the file it is for, names it in errors).
+pub fn encode(picture: &RgbImage, format: image::ImageFormat, path: &Path) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
     picture
-        .save_with_format(path, image::ImageFormat::Png)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), format)
         .map_err(|source| DataError::Encode {
             path: path.into(),
             source,
-        })
+        })?;
+    Ok(bytes)
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a file beside it under a name no other
+/// process or call uses, flushed to disk, then renamed over `path`. On any failure (a full
+/// disk) the temporary file is removed and whatever was at `path` is left as it was.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = unique_sibling(path);
+    let result = std::fs::File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    } else if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // Persist the rename; some file systems cannot sync a directory.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    result
+}
+
+/// A name beside `path` that no other process or call uses: `.<name>.<pid>.<n>.tmp`.
+pub(crate) fn unique_sibling(path: &Path) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 #[cfg(test)]

@@ -6,13 +6,18 @@
 //! another process never reads a half-written lock. A second run into the same directory fails
 //! with [`LockError::Busy`] naming the owner's pid; a lock left behind by a process that no longer
 //! exists (a `kill -9`, a power cut) is taken over with a warning, and the temporary files that
-//! process left half-written (`.NAME.tmp-PID`) are removed. The lock is released when the
-//! [`RunLock`] is dropped.
+//! process left half-written (`.NAME.tmp-PID`) are removed. Taking over is done under an OS file
+//! lock on `RUN_DIR/.lock.takeover` (made only then), and the lock file is read again under it,
+//! so two processes that both found the same stale lock cannot both take it: the second finds
+//! the first one's live lock. The lock is released when the [`RunLock`] is dropped.
 
 use std::path::{Path, PathBuf};
 
 /// The lock file's name inside a run directory.
 pub const LOCK_FILE: &str = ".lock";
+
+/// The file whose OS lock serializes the taking over of a stale lock.
+const TAKEOVER_FILE: &str = ".lock.takeover";
 
 /// Why a run directory could not be locked.
 #[derive(Debug, thiserror::Error)]
@@ -152,9 +157,11 @@ impl RunLock {
         // Not named `.NAME.tmp-PID`: a dead process with our pid had its leftovers removed below.
         let tmp = run_dir.join(format!(".lock.pending-{}", owner.pid));
         std::fs::write(&tmp, owner.to_text()).map_err(io(&tmp))?;
+        // Held from the first stale lock found on: only one process takes over at a time.
+        let mut takeover: Option<std::fs::File> = None;
         // A few rounds: a stale lock removed by us may be retaken by a racing process.
         let result = (|| {
-            for _ in 0..3 {
+            for _ in 0..4 {
                 match std::fs::hard_link(&tmp, &path) {
                     Ok(()) => return Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -174,6 +181,20 @@ impl RunLock {
                             lock_file: path.clone(),
                             pid: holder.pid,
                         })
+                    }
+                    _ if takeover.is_none() => {
+                        // Judge it again under the takeover lock: another process may have taken
+                        // it over since it was read.
+                        let guard = run_dir.join(TAKEOVER_FILE);
+                        let file = std::fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&guard)
+                            .map_err(io(&guard))?;
+                        file.lock().map_err(io(&guard))?;
+                        takeover = Some(file);
+                        continue;
                     }
                     stale => {
                         let who = stale.map_or("an unreadable lock".to_string(), |h| {
@@ -199,6 +220,8 @@ impl RunLock {
                 "the lock changed hands repeatedly while it was being taken",
             )))
         })();
+        // Releases the takeover lock (closing the file unlocks it).
+        drop(takeover);
         let _ = std::fs::remove_file(&tmp);
         result.map(|()| RunLock { path, owner })
     }
@@ -306,5 +329,45 @@ mod tests {
         // Garbage in the lock file is stale too.
         std::fs::write(dir.path().join(LOCK_FILE), b"\xff\xfe").expect("write");
         drop(RunLock::acquire(dir.path()).expect("garbage lock taken over"));
+    }
+
+    /// Two processes that find the same stale lock: the one that takes it over second sees the
+    /// first one's live lock under the takeover lock and stops, instead of removing it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stale_lock_taken_over_by_another_process_meanwhile_is_not_removed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let lock_path = dir.path().join(LOCK_FILE);
+        // A stale lock: a pid that has exited.
+        let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = gone.id();
+        gone.wait().expect("wait");
+        std::fs::write(&lock_path, format!("pid {dead}\nstart 1\n")).expect("stale");
+        // Hold the takeover lock, as a process in the middle of taking over would.
+        let guard = std::fs::File::create(dir.path().join(TAKEOVER_FILE)).expect("guard");
+        guard.lock().expect("lock guard");
+        let run_dir = dir.path().to_path_buf();
+        let taker = std::thread::spawn(move || RunLock::acquire(&run_dir));
+        // Meanwhile that other process installs its live lock (a child that is running).
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let holder = Owner {
+            pid: live.id(),
+            start: process_start(live.id()),
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::write(&lock_path, holder.to_text()).expect("live lock");
+        drop(guard);
+        let result = taker.join().expect("join");
+        let _ = live.kill();
+        let _ = live.wait();
+        match result {
+            Err(LockError::Busy { pid, .. }) => assert_eq!(pid, holder.pid),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        let text = std::fs::read_to_string(&lock_path).expect("the live lock is still there");
+        assert_eq!(Owner::parse(&text), Some(holder));
     }
 }
