@@ -97,9 +97,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ddpm_train::device::set_cuda_pool_release(
-        var("DDPM_CUDA_POOL").is_some_and(|v| v == "release"),
-    );
+    match ddpm_train::device::parse_cuda_pool(var("DDPM_CUDA_POOL").as_deref()) {
+        Ok(release) => ddpm_train::device::set_cuda_pool_release(release),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match Cli::parse().command {
         Command::FetchData(args) => fetch_data::run(args),
         Command::TestReal(args) => test_real::run(args),

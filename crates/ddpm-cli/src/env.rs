@@ -115,9 +115,11 @@ pub fn trusted_roots() -> ddpm_data::fetch::TrustedRoots {
     ddpm_data::fetch::TrustedRoots::from_variables(|v| std::env::var_os(v))
 }
 
-/// Whether freed GPU memory goes back to the driver at every sync (`DDPM_CUDA_POOL=release`).
-pub fn cuda_pool_release() -> bool {
-    var("DDPM_CUDA_POOL").is_some_and(|v| v == "release")
+/// Whether freed GPU memory goes back to the driver at every sync: `DDPM_CUDA_POOL=release`;
+/// `keep` (the default) keeps it for reuse. Any other value is an error naming it.
+pub fn cuda_pool_release() -> Result<bool> {
+    ddpm_train::device::parse_cuda_pool(var("DDPM_CUDA_POOL").as_deref())
+        .map_err(anyhow::Error::msg)
 }
 
 /// The data-parallel world of this process: the launcher's variables (`RANK`, `WORLD_SIZE`,

@@ -63,7 +63,6 @@ fn main() -> ExitCode {
     if !env::mimalloc_purge_delay_set() {
         ddpm_train::device::keep_freed_host_memory();
     }
-    ddpm_train::device::set_cuda_pool_release(env::cuda_pool_release());
     // Every option that takes a value accepts a negative number (`--lr -1`, then refused by the
     // value's own check) rather than reading it as an unknown flag.
     let command = Cli::command().mut_subcommands(|sub| {
@@ -89,8 +88,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = match log_filter(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -101,6 +105,13 @@ fn main() -> ExitCode {
     if let Err(e) = env::install_kernel_policy(ddpm_unet::KernelPolicy::default()) {
         eprintln!("error: {}", chain(&e));
         return ExitCode::FAILURE;
+    }
+    match env::cuda_pool_release() {
+        Ok(release) => ddpm_train::device::set_cuda_pool_release(release),
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
     }
     // The Hub options of the environment (HF_ENDPOINT, HF_HOME, ...), for `hf:` data sets
     // wherever one is opened (`train`, `eval`).
@@ -133,6 +144,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The log filter of `--log` (or `DDPM_LOG`): a level, or tracing-subscriber directives. A
+/// bare word that is neither a level nor one of our crates would silently hide every line (it
+/// reads as a module name), so it is refused like a malformed directive.
+fn log_filter(text: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let advice = "use error, warn, info, debug, trace or off, or directives such as \
+                  info,ddpm_train=debug";
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[', ':']);
+        let known = LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            || directive.starts_with("ddpm")
+            || directive.starts_with("candle");
+        if bare && !known {
+            anyhow::bail!(
+                "--log {text}: `{directive}` is not a log level (a bare word names a module, \
+                 which would hide every other line): {advice}"
+            );
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map_err(|e| anyhow::anyhow!("--log {text}: not a log filter ({e}): {advice}"))
 }
 
 /// The error and its causes on one line: "reading X: file is truncated".

@@ -660,3 +660,40 @@ fn schedule_and_forward_commands() {
         (3 * 30 + 2, 2 * 30 + 2)
     );
 }
+
+/// A log filter or an environment value we cannot honour is one line naming it, never ignored:
+/// a bare word that is not a level would hide every line, a malformed directive would fall back
+/// to `info`, and `DDPM_CUDA_POOL=yes` would do nothing.
+#[test]
+fn bad_log_filters_and_environment_values_are_one_line() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let schedule = |log: Option<&str>, env: Option<(&str, &str)>| {
+        let mut c = ddpm(dir.path());
+        c.args(["schedule", "--timesteps", "10"])
+            .env_remove("DDPM_LOG");
+        if let Some(log) = log {
+            c.args(["--log", log]);
+        }
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        run(&mut c)
+    };
+    assert_one_clean_error(&schedule(Some("errr"), None), "`errr` is not a log level");
+    assert_one_clean_error(&schedule(Some("nonsense=["), None), "not a log filter");
+    assert_one_clean_error(&schedule(None, Some(("DDPM_LOG", "infoo"))), "--log infoo");
+    for good in [
+        "warn",
+        "DEBUG",
+        "info,ddpm_train=debug",
+        "ddpm_train",
+        "off",
+    ] {
+        assert_ok(&schedule(Some(good), None));
+    }
+    assert_one_clean_error(
+        &schedule(None, Some(("DDPM_CUDA_POOL", "yes"))),
+        "DDPM_CUDA_POOL=yes",
+    );
+    assert_ok(&schedule(None, Some(("DDPM_CUDA_POOL", "keep"))));
+}

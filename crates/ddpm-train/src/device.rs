@@ -76,6 +76,19 @@ pub fn set_cuda_pool_release(release: bool) {
     CUDA_POOL_RELEASE.store(release, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The CUDA pool choice a user wrote (`DDPM_CUDA_POOL`): `release` (true), `keep` or nothing
+/// (false), in any case; anything else is an error that says what is accepted.
+pub fn parse_cuda_pool(value: Option<&str>) -> std::result::Result<bool, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("keep") => Ok(false),
+        Some("release") => Ok(true),
+        Some(other) => Err(format!(
+            "DDPM_CUDA_POOL={other}: use release (hand freed GPU memory back to the driver at \
+             every sync) or keep (the default: keep it for reuse)"
+        )),
+    }
+}
+
 /// candle allocates a fresh buffer for every op through the device's default stream-ordered
 /// memory pool, whose default release threshold of 0 hands freed memory back to the driver at
 /// every synchronization; the next step must then map it again. Keeping it in the pool (as
@@ -143,6 +156,18 @@ pub fn keep_freed_host_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cuda_pool_choice_is_release_keep_or_an_error() {
+        assert_eq!(parse_cuda_pool(None), Ok(false));
+        assert_eq!(parse_cuda_pool(Some("keep")), Ok(false));
+        assert_eq!(parse_cuda_pool(Some(" Release ")), Ok(true));
+        let e = parse_cuda_pool(Some("yes")).unwrap_err();
+        assert!(
+            e.starts_with("DDPM_CUDA_POOL=yes") && e.contains("release"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn parses_cpu_and_rejects_nonsense() {
