@@ -413,7 +413,17 @@ fn load_classifier(
         device,
         !a.quiet,
     )
-    .with_context(|| format!("feature classifier {}", path.display()))
+    .map_err(|e| {
+        // A stored classifier of other images or classes is an error that names the file
+        // already: it is not prefixed with it a second time.
+        let named = e.to_string().starts_with("the stored classifier ");
+        let e = anyhow::Error::from(e);
+        if named {
+            e
+        } else {
+            e.context(format!("feature classifier {}", path.display()))
+        }
+    })
 }
 
 /// The default report of `--samples PATH`: `PATH-eval.json` beside the folder, or beside the

@@ -544,11 +544,23 @@ impl Trainer {
         let run_dir = run_dir.as_path();
         let dataset = open_dataset(&mut config)?;
         if config.model != ckpt.meta.config.model {
+            let reason = match (
+                ckpt.meta.config.model.num_classes(),
+                config.model.num_classes(),
+            ) {
+                (Some(model), Some(data)) if model != data => format!(
+                    "the model of this run is class-conditional with {model} classes, but the \
+                     data set {} has {data}: resume it on a data set of {model} classes, or \
+                     train a new run (another --out) on this one",
+                    config.dataset
+                ),
+                _ => "the data set no longer matches the model of this run (image size or \
+                      channels changed)"
+                    .into(),
+            };
             return Err(TrainError::Checkpoint {
                 path: Some(ckpt.path.clone()),
-                reason: "the data set no longer matches the model of this run (image size or \
-                         channels changed)"
-                    .into(),
+                reason,
             });
         }
         config.validate()?;

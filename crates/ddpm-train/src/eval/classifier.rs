@@ -158,6 +158,96 @@ pub struct ClassifierMeta {
     pub final_loss: f64,
     /// Seconds the training took.
     pub train_seconds: f64,
+    /// The class names of the training split, in label order (absent in files written before
+    /// they were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
+    /// [`training_fingerprint`] of the training split it was trained on (absent in files written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_fingerprint: Option<String>,
+}
+
+/// Domain tag hashed first by [`training_fingerprint`]: a change of what is hashed changes it.
+const FINGERPRINT_DOMAIN: &[u8] = b"ddpm-rs/classifier-train-data/v1";
+
+/// A fingerprint of what a classifier trained on `train` learned from: SHA-256 (hex) of the
+/// split's channels and image size, its class names in order, and every image's label and
+/// decoded 8-bit pixels, in order. Any change of the images, their classes or the class names
+/// changes it. It reads the decoded cache once (about 50 MB for MNIST's training split).
+pub fn training_fingerprint(train: &Dataset) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let word = |h: &mut Sha256, v: usize| h.update((v as u64).to_le_bytes());
+    h.update(FINGERPRINT_DOMAIN);
+    word(&mut h, train.channels());
+    word(&mut h, train.image_size());
+    word(&mut h, train.num_classes());
+    for name in train.class_names() {
+        word(&mut h, name.len());
+        h.update(name.as_bytes());
+    }
+    word(&mut h, train.len());
+    for (i, label) in train.labels().iter().enumerate() {
+        h.update(label.to_le_bytes());
+        h.update(train.image_u8(i)?);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Whether `spec` is one of the fixed, named data sets (MNIST, Fashion-MNIST, CIFAR-10,
+/// Flowers), whose classifiers written before fingerprints were recorded are still trusted; an
+/// image folder or a Hub data set can change under the same name, so its classifier must carry
+/// a fingerprint.
+fn is_canonical(spec: &DatasetSpec) -> bool {
+    matches!(
+        spec,
+        DatasetSpec::Mnist
+            | DatasetSpec::FashionMnist
+            | DatasetSpec::Cifar10
+            | DatasetSpec::Flowers
+    )
+}
+
+/// Errors unless the classifier of `meta` (stored at `path`) was trained on `train` as it is
+/// now: the same class names in the same order and the same [`training_fingerprint`]. A stored
+/// classifier without a fingerprint (written by an older ddpm-rs) passes only for a canonical
+/// data set ([`is_canonical`]). The error is one sentence naming the file and saying to retrain.
+pub fn check_trained_on(
+    meta: &ClassifierMeta,
+    path: &Path,
+    spec: &DatasetSpec,
+    train: &Dataset,
+) -> Result<()> {
+    let advice = "retrain it with `ddpm eval --train-classifier` (or delete the file)";
+    let data = format!("the training split of {spec}");
+    if let Some(names) = &meta.class_names {
+        if names.as_slice() != train.class_names() {
+            return Err(TrainError::Other(format!(
+                "the stored classifier {} was trained on the classes [{}], but {data} has the \
+                 classes [{}]: {advice}",
+                path.display(),
+                names.join(", "),
+                train.class_names().join(", ")
+            )));
+        }
+    }
+    match &meta.train_fingerprint {
+        Some(stored) if *stored != training_fingerprint(train)? => Err(TrainError::Other(format!(
+            "the stored classifier {} was trained on other images than {data} holds now \
+                 ({} images; it was trained on {}): {advice}",
+            path.display(),
+            train.len(),
+            meta.train_images
+        ))),
+        None if !is_canonical(spec) => Err(TrainError::Other(format!(
+            "the stored classifier {} records no fingerprint of the images and classes it was \
+             trained on (written by an older ddpm-rs), so it cannot be checked against {data}: \
+             {advice}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The classifier's weights.
@@ -508,6 +598,8 @@ pub fn train_classifier(
         test_accuracy,
         final_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
         train_seconds: start.elapsed().as_secs_f64(),
+        class_names: Some(train.class_names().to_vec()),
+        train_fingerprint: Some(training_fingerprint(train)?),
     };
     tracing::info!(
         test_accuracy,
@@ -572,7 +664,8 @@ pub struct LoadedClassifier {
 
 /// Loads the classifier at `path`, or trains one (on `train`, measured on `test`) and stores it
 /// there when the file is missing or `retrain` is set. A stored classifier must fit `config`'s
-/// image size, channels and classes; its own width and feature size are kept.
+/// image size, channels and classes, and must have been trained on `train` as it is now
+/// ([`check_trained_on`]); its own width and feature size are kept.
 #[allow(clippy::too_many_arguments)]
 pub fn load_or_train(
     path: &Path,
@@ -591,23 +684,22 @@ pub fn load_or_train(
         if (c.image_size, c.channels, c.num_classes)
             != (config.image_size, config.channels, config.num_classes)
         {
-            return Err(TrainError::Checkpoint {
-                path: Some(path.to_path_buf()),
-                reason: format!(
-                    "was trained on {}-channel {}x{} images of {} classes, but the data has \
-                     {}-channel {}x{} images of {} classes; retrain it with \
-                     `ddpm eval --train-classifier`",
-                    c.channels,
-                    c.image_size,
-                    c.image_size,
-                    c.num_classes,
-                    config.channels,
-                    config.image_size,
-                    config.image_size,
-                    config.num_classes
-                ),
-            });
+            return Err(TrainError::Other(format!(
+                "the stored classifier {} was trained on {}-channel {}x{} images of {} classes, \
+                 but the data has {}-channel {}x{} images of {} classes: retrain it with \
+                 `ddpm eval --train-classifier` (or delete the file)",
+                path.display(),
+                c.channels,
+                c.image_size,
+                c.image_size,
+                c.num_classes,
+                config.channels,
+                config.image_size,
+                config.image_size,
+                config.num_classes
+            )));
         }
+        check_trained_on(&meta, path, dataset, train)?;
         tracing::info!(path = %path.display(), test_accuracy = meta.test_accuracy, "feature classifier loaded");
         return Ok(LoadedClassifier {
             classifier,
@@ -759,6 +851,142 @@ mod tests {
         )
         .expect_err("mismatch");
         assert!(e.to_string().contains("--train-classifier"), "{e}");
+    }
+
+    /// `toy` with its images, class names or labels changed one at a time.
+    fn toy_with(n: usize, seed: u64, names: [&str; 2], swap_first: bool) -> Dataset {
+        let t = toy(n, seed);
+        let pixels: Vec<u8> = (0..t.len())
+            .flat_map(|i| t.image_u8(i).expect("image").to_vec())
+            .collect();
+        let mut labels = t.labels().to_vec();
+        if swap_first {
+            labels[0] = 1 - labels[0];
+        }
+        Dataset::from_u8(
+            1,
+            8,
+            pixels,
+            labels,
+            names.iter().map(|s| s.to_string()).collect(),
+        )
+        .expect("toy")
+    }
+
+    /// The fingerprint follows the images, their labels and the class names, and nothing else.
+    #[test]
+    fn fingerprint_changes_with_images_labels_and_class_names() {
+        let base = training_fingerprint(&toy(16, 1)).expect("fp");
+        assert_eq!(base.len(), 64);
+        assert_eq!(base, training_fingerprint(&toy(16, 1)).expect("fp"));
+        assert_eq!(
+            base,
+            training_fingerprint(&toy_with(16, 1, ["dark", "bright"], false)).expect("fp")
+        );
+        for (what, other) in [
+            ("other pixels", toy(16, 2)),
+            ("one image fewer", toy(15, 1)),
+            (
+                "renamed classes",
+                toy_with(16, 1, ["night", "bright"], false),
+            ),
+            (
+                "classes swapped in order",
+                toy_with(16, 1, ["bright", "dark"], false),
+            ),
+            ("one label moved", toy_with(16, 1, ["dark", "bright"], true)),
+        ] {
+            assert_ne!(
+                base,
+                training_fingerprint(&other).expect("fp"),
+                "{what} kept the fingerprint"
+            );
+        }
+    }
+
+    /// A stored classifier is reused while its training data is unchanged, refused (one line
+    /// naming the file and `--train-classifier`) once the images or the class names change, and
+    /// retraining stores one that is reused again; a file without a fingerprint is refused for
+    /// an image folder and trusted for a canonical data set.
+    #[test]
+    fn stored_classifier_of_other_data_is_refused() {
+        let (train, test) = (toy(32, 1), toy(16, 2));
+        let config = ClassifierConfig {
+            width: 4,
+            feature_dim: 8,
+            ..ClassifierConfig::for_dataset(&train)
+        };
+        let training = ClassifierTraining {
+            steps: 3,
+            batch_size: 8,
+            warmup_steps: 1,
+            ..ClassifierTraining::default()
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("toy-8.safetensors");
+        let spec = DatasetSpec::Folder("toy".into());
+        let go = |retrain: bool, train: &Dataset| {
+            load_or_train(
+                &path,
+                retrain,
+                &config,
+                &training,
+                &spec,
+                train,
+                &test,
+                &Device::Cpu,
+                false,
+            )
+        };
+        let a = go(false, &train).expect("trained");
+        assert!(a.trained_now);
+        assert_eq!(
+            a.meta.train_fingerprint.as_deref(),
+            Some(training_fingerprint(&train).expect("fp").as_str())
+        );
+        assert_eq!(a.meta.class_names.as_deref(), Some(train.class_names()));
+        assert!(!go(false, &toy(32, 1)).expect("reused").trained_now);
+
+        let other_images = toy(32, 3);
+        let e = go(false, &other_images).expect_err("other images");
+        let msg = e.to_string();
+        assert!(msg.contains("other images"), "{msg}");
+        assert!(msg.contains("--train-classifier"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(!msg.contains('\n') && !msg.contains("   "), "{msg}");
+
+        let renamed = toy_with(32, 1, ["night", "bright"], false);
+        let e = go(false, &renamed).expect_err("renamed classes");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("[dark, bright]") && msg.contains("[night, bright]"),
+            "{msg}"
+        );
+        assert!(msg.contains("--train-classifier"), "{msg}");
+
+        // Retraining replaces it; the new one is reused for the new data and refused for the old.
+        assert!(go(true, &renamed).expect("retrained").trained_now);
+        assert!(!go(false, &renamed).expect("reused").trained_now);
+        assert!(go(false, &train).is_err());
+
+        // A file written before fingerprints (none in its metadata).
+        let (classifier, mut meta) = Classifier::load(&path, &Device::Cpu).expect("load");
+        meta.class_names = None;
+        meta.train_fingerprint = None;
+        classifier.save(&path, &meta).expect("save");
+        let json = read_safetensors(&path, &Device::Cpu)
+            .expect("read")
+            .metadata[CLASSIFIER_META_KEY]
+            .clone();
+        assert!(!json.contains("fingerprint"), "{json}");
+        let e = go(false, &renamed).expect_err("legacy folder classifier");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("no fingerprint") && msg.contains("--train-classifier"),
+            "{msg}"
+        );
+        check_trained_on(&meta, &path, &DatasetSpec::Mnist, &renamed)
+            .expect("a canonical data set keeps its older classifier");
     }
 
     #[test]
