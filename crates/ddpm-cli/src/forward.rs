@@ -59,6 +59,9 @@ pub fn run(a: ForwardArgs) -> Result<()> {
                 .with_context(|| format!("--timesteps: `{s}` is not a number"))
         })
         .collect::<Result<_>>()?;
+    if a.total_steps == 0 {
+        anyhow::bail!("--total-steps must be at least 1 (the schedule's number of timesteps T)");
+    }
     if ts.is_empty() || a.num == 0 {
         anyhow::bail!("--timesteps and --num must not be empty");
     }
@@ -85,6 +88,17 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         data: cfg.clone(),
         ..Default::default()
     };
+    if let DatasetSpec::Folder(dir) = &spec {
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "--dataset {}: no such folder ({}): give a folder of images",
+                a.dataset,
+                std::path::absolute(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+            );
+        }
+    }
     crate::train::ensure_data(&probe, false)?;
     check_memory(&probe, a.num, ts.len())?;
     // `ensure_data` fetched the set or said how: what fails here is the data themselves.

@@ -79,13 +79,14 @@ fn main() -> ExitCode {
         .and_then(|m| Cli::from_arg_matches(&m))
     {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            eprintln!("{}", usage_error_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+        // --help and --version.
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return ExitCode::SUCCESS;
         }
     };
     let filter = match log_filter(&cli.log) {
@@ -144,6 +145,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's usage error (`error: ...`, indented details, tips, `Usage: ddpm CMD ...`, a footer)
+/// as one line: the message with its details and tips, then where to read more.
+fn usage_error_line(text: &str) -> String {
+    let mut paragraphs = text.split("\n\n").map(|p| {
+        p.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+    });
+    let mut line = paragraphs
+        .next()
+        .map(|p| p.join(" "))
+        .unwrap_or_else(|| "error: bad arguments".to_string());
+    let mut command = "ddpm".to_string();
+    for p in paragraphs {
+        for l in p {
+            if let Some(tip) = l.strip_prefix("tip:") {
+                line.push_str(&format!(" ({})", tip.trim()));
+            } else if let Some(usage) = l.strip_prefix("Usage:") {
+                command = usage
+                    .split_whitespace()
+                    .take_while(|w| !w.starts_with(['[', '<', '-']))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+            }
+        }
+    }
+    format!("{line}; see `{command} --help`")
 }
 
 /// The log filter of `--log` (or `DDPM_LOG`): a level, or tracing-subscriber directives. A
@@ -221,4 +252,58 @@ pub(crate) fn parse_word<T: serde::de::DeserializeOwned>(
     serde_json::from_value(serde_json::Value::String(w.clone()))
         .or_else(|_| serde_json::from_value(serde_json::json!({ "kind": w })))
         .map_err(|_| anyhow::anyhow!("unknown {what} `{word}`: choose one of {choices}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_are_one_line_with_details_tips_and_the_command() {
+        let conflict = "error: the argument '--resume <RESUME>' cannot be used with '--model \
+                        <MODEL>'\n\nUsage: ddpm train --resume <RESUME>\n\nFor more information, \
+                        try '--help'.\n";
+        assert_eq!(
+            usage_error_line(conflict),
+            "error: the argument '--resume <RESUME>' cannot be used with '--model <MODEL>'; see \
+             `ddpm train --help`"
+        );
+        let missing = "error: the following required arguments were not provided:\n  --nproc \
+                       <N>\n  <COMMAND>...\n\nUsage: ddpm launch --nproc <N> <COMMAND>...\n\nFor \
+                       more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(missing),
+            "error: the following required arguments were not provided: --nproc <N> \
+             <COMMAND>...; see `ddpm launch --help`"
+        );
+        let tip = "error: unexpected argument '--stpes' found\n\n  tip: a similar argument \
+                   exists: '--steps'\n\nUsage: ddpm sample [OPTIONS]\n\nFor more information, \
+                   try '--help'.\n";
+        assert_eq!(
+            usage_error_line(tip),
+            "error: unexpected argument '--stpes' found (a similar argument exists: '--steps'); \
+             see `ddpm sample --help`"
+        );
+    }
+
+    #[test]
+    fn log_filters_are_levels_or_directives() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,ddpm_train=debug",
+            "ddpm_train",
+            "candle_core",
+        ] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["errr", "infoo", "nonsense=[", "info,verbose"] {
+            let e = log_filter(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.starts_with(&format!("--log {bad}:")), "{bad}: {e}");
+        }
+    }
 }

@@ -180,6 +180,24 @@ impl InferenceArgs {
         let precision = Precision::parse(&self.precision)?;
         precision.check_device(&device)?;
         let weights = parse_weights(&self.weights)?;
+        if !checkpoint.exists() {
+            anyhow::bail!(
+                "--checkpoint {}: no such file or directory: give a run directory, a checkpoint \
+                 .json/.safetensors or a weights file",
+                checkpoint.display()
+            );
+        }
+        if checkpoint.join("model_index.json").is_file()
+            || checkpoint.join("unet/config.json").is_file()
+            || checkpoint.join("config.json").is_file() && !checkpoint.join("config.toml").exists()
+        {
+            anyhow::bail!(
+                "--checkpoint {}: this is a diffusers pipeline directory, not a training run: \
+                 read it with --pretrained {}",
+                checkpoint.display(),
+                checkpoint.display()
+            );
+        }
         let mut loaded = load_model(checkpoint, weights, &device)
             .map_err(name_intact)
             .with_context(|| format!("loading {}", checkpoint.display()))?;

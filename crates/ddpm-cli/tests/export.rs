@@ -64,6 +64,10 @@ fn an_exported_run_samples_like_the_run_through_pretrained() {
     ] {
         assert!(p.join("pipe").join(f).is_file(), "{f} written");
     }
+    // A pipeline directory given where a run is expected says how to read it.
+    let mut wrong = ddpm(p);
+    wrong.args(["sample", "--checkpoint", "pipe", "--out", "w.png"]);
+    assert_one_clean_error(&run(&mut wrong), "--pretrained pipe");
     let sched: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(p.join("pipe/scheduler/scheduler_config.json")).expect("read"),
     )

@@ -420,11 +420,20 @@ impl ScheduleConfig {
         if matches!(self.beta_schedule, BetaSchedule::Linear { .. })
             && self.timesteps < REFERENCE_TIMESTEPS
         {
+            // The scaled schedule is the advice only where its last beta stays below 1.
+            let instead = if ScheduleConfig::scaled_linear(self.timesteps)
+                .validate()
+                .is_ok()
+            {
+                "use kind = \"scaled_linear\" (ends scaled by 1000/T) or more timesteps"
+            } else {
+                "use kind = \"cosine\" (the scaled linear schedule reaches beta = 1 at so few \
+                 timesteps) or more timesteps"
+            };
             out.push(format!(
                 "the unscaled linear beta schedule with timesteps = {} < 1000 leaves \
                  sqrt(alphas_cumprod[T-1]) = {signal:.3}, so x_T still carries signal and sampling \
-                 from pure noise is mismatched; use kind = \"scaled_linear\" (ends scaled by 1000/T) \
-                 or more timesteps",
+                 from pure noise is mismatched; {instead}",
                 self.timesteps
             ));
         } else if signal > SIGNAL_WARNING_LEVEL {
@@ -758,6 +767,14 @@ mod tests {
             w[0]
         );
         assert!(ScheduleConfig::linear(1000).warnings().is_empty());
+        // At T = 20 the scaled schedule's last beta is 1 (invalid): the advice is another.
+        assert!(ScheduleConfig::scaled_linear(20).validate().is_err());
+        let w = ScheduleConfig::linear(20).warnings();
+        assert!(
+            w[0].contains("cosine") && !w[0].contains("kind = \"scaled_linear\""),
+            "{}",
+            w[0]
+        );
         assert!(ScheduleConfig::scaled_linear(300).warnings().is_empty());
         assert!(ScheduleConfig::cosine(300).warnings().is_empty());
         // A schedule that barely noises warns too, whatever its kind.
