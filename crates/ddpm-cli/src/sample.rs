@@ -150,9 +150,18 @@ impl GuidanceArgs {
                  one with --class-conditional)"
             );
         }
-        g.validate(classes).map_err(|e| match self.class {
-            Some(c) => anyhow::anyhow!("--class {c}: {e}"),
-            None => anyhow::anyhow!("--guidance: {e}"),
+        g.validate(classes).map_err(|e| {
+            // The flag's own words, not "invalid training config": no config is involved.
+            let reason = match e {
+                ddpm_train::TrainError::Config(m) => m,
+                other => other.to_string(),
+            };
+            match self.class {
+                Some(c) if !reason.starts_with("guidance") => {
+                    anyhow::anyhow!("--class {c}: {reason}")
+                }
+                _ => anyhow::anyhow!("--guidance: {reason}"),
+            }
         })?;
         Ok(g)
     }

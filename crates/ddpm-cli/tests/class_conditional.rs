@@ -80,9 +80,18 @@ fn a_class_conditional_run_samples_and_evaluates_by_class() {
     assert_ok(&sample(&["--guidance", "0"], "uncond.png"));
 
     // Flags that do not fit: one error line each, nothing written.
-    assert_one_clean_error(&sample(&["--class", "10"], "bad.png"), "class 10");
-    assert_one_clean_error(&sample(&["--guidance", "-1"], "bad.png"), "guidance");
-    assert_one_clean_error(&sample(&["--guidance", "nan"], "bad.png"), "guidance");
+    assert_one_clean_error(
+        &sample(&["--class", "10"], "bad.png"),
+        "--class 10: class 10",
+    );
+    assert_one_clean_error(
+        &sample(&["--guidance", "-1"], "bad.png"),
+        "--guidance: guidance",
+    );
+    // The flag at fault is named, with its own words (no "training config" is involved).
+    let both = sample(&["--class", "3", "--guidance", "nan"], "bad.png");
+    assert_one_clean_error(&both, "--guidance: guidance scale NaN");
+    assert!(!String::from_utf8_lossy(&both.stderr).contains("training config"));
     assert!(!p.join("bad.png").exists());
 
     // `ddpm eval --quality`: the share of samples classified as their class, and the guidance.
