@@ -486,6 +486,15 @@ fn check_memory(c: &TrainConfig, device: &candle_core::Device) -> Result<()> {
     )
 }
 
+/// Refuses a `sample_num` whose sample grids cannot fit in the available memory (their images are
+/// held on the host whatever the device), like `sample --num`.
+fn check_sample_grid(c: &TrainConfig) -> Result<()> {
+    match available_memory() {
+        Some(available) => Ok(ddpm_train::memory::check_sample_grid(c, available)?),
+        None => Ok(()),
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     // One process per GPU under a launcher (RANK, WORLD_SIZE, LOCAL_RANK; docs/distributed.md).
     let world = crate::env::world().context("reading the data-parallel launch")?;
@@ -525,6 +534,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             // The run's policy with the environment's kernel variables applied: a change of
             // the run's `[kernels]` when they change it.
             plan.set_kernels(crate::env::install_kernel_policy(plan.config().kernels)?)?;
+            check_sample_grid(plan.config())
+                .with_context(|| format!("resuming {}", dir.display()))?;
             let trainer = Trainer::resume_planned(plan, &device, world)
                 .with_context(|| format!("resuming {}", dir.display()))?;
             (trainer, dir.clone())
@@ -537,6 +548,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             config.precision.check_device(&device)?;
             ensure_data(&config, a.no_fetch || !world.is_lead())?;
             check_memory(&config, &device)?;
+            check_sample_grid(&config)?;
             let out = match &a.out {
                 Some(o) => o.clone(),
                 None if world.size > 1 => anyhow::bail!(

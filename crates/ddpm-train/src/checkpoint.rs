@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use ddpm_data::LoaderPosition;
 use ddpm_schedule::{Objective, ScheduleConfig};
-use ddpm_unet::weights::{read_safetensors, write_atomic};
+use ddpm_unet::weights::{
+    check_regular_file, read_regular_file, read_safetensors, write_atomic, MAX_TEXT_BYTES,
+};
 use ddpm_unet::{DiffusionModel, KernelPolicy, ModelConfig};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -738,13 +740,13 @@ fn verify(
 /// checkpoint written before these records existed loads with a warning naming what could not
 /// be verified.
 pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
-    let text =
-        std::fs::read(json_path).map_err(|e| TrainError::io(json_path, "reading checkpoint", e))?;
+    let text = read_regular_file(json_path, MAX_TEXT_BYTES)
+        .map_err(|e| TrainError::io(json_path, "reading checkpoint", e))?;
     let meta = parse_meta(&text, json_path)?;
     let integrity = parse_integrity(&text, json_path)?;
     let dir = json_path.parent().unwrap_or(Path::new("."));
     let tensors_path = dir.join(&meta.tensors_file);
-    let size = match std::fs::metadata(&tensors_path) {
+    let size = match check_regular_file(&tensors_path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(TrainError::Checkpoint {
@@ -768,7 +770,7 @@ pub fn load(json_path: &Path, device: &Device) -> Result<Checkpoint> {
             ),
         });
     }
-    let bytes = std::fs::read(&tensors_path)
+    let bytes = read_regular_file(&tensors_path, meta.tensors_bytes)
         .map_err(|e| TrainError::io(&tensors_path, "reading checkpoint", e))?;
     let unverified = verify(&text, &meta, &integrity, &bytes, json_path, &tensors_path)?;
     if !unverified.is_empty() {
@@ -1049,7 +1051,8 @@ pub fn load_model(path: &Path, weights: WeightsKind, device: &Device) -> Result<
     // A plain weights file written by DiffusionModel::save (eps objective, default schedule
     // unless its metadata says otherwise).
     let file = read_safetensors(path, device)?;
-    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, "reading weights", e))?;
+    let bytes = read_regular_file(path, u64::MAX)
+        .map_err(|e| TrainError::io(path, "reading weights", e))?;
     if let Some(found) = find_non_finite(&bytes).map_err(|e| TrainError::Checkpoint {
         path: Some(path.to_path_buf()),
         reason: format!("cannot be read: {e}"),

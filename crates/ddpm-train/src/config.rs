@@ -4,6 +4,7 @@ use std::path::Path;
 
 use ddpm_data::{DataConfig, DatasetSpec};
 use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, ScheduleConfig};
+use ddpm_unet::weights::read_regular_text;
 use ddpm_unet::{KernelPolicy, ModelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -88,7 +89,10 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// Loader worker threads.
     pub workers: usize,
-    /// The network.
+    /// The network. A `[model]` section may leave keys out: they come from the preset of its
+    /// `arch` (the default model's for `unet` or no `arch`, `cifar-small`'s for `ddpm_unet`;
+    /// see [`fill_model_keys`]); the image size and channels follow the data anyway.
+    #[serde(deserialize_with = "model_over_defaults")]
     pub model: ModelConfig,
     /// The noise schedule.
     pub schedule: ScheduleConfig,
@@ -167,6 +171,53 @@ fn optimizer_over_defaults<'de, D: serde::Deserializer<'de>>(
         lr_schedule: p.lr_schedule.unwrap_or(base.lr_schedule),
         min_lr: p.min_lr.unwrap_or(base.min_lr),
     })
+}
+
+/// A `[model]` table whose left-out keys come from a preset ([`fill_model_keys`]).
+fn model_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<ModelConfig, D::Error> {
+    use serde::de::Error;
+    let mut value = serde_json::Value::deserialize(d)?;
+    if let serde_json::Value::Object(table) = &mut value {
+        fill_model_keys(table);
+    }
+    ModelConfig::deserialize(value).map_err(D::Error::custom)
+}
+
+/// Fills the keys a `[model]` table leaves out that a model config cannot do without, from the
+/// preset of its `arch`: the default model's for `unet` or no `arch`, `cifar-small`'s for
+/// `ddpm_unet` (the image size and channels follow the data when a run opens it). Keys with a
+/// default of their own (`num_classes`, `self_condition`, `init_dim`, ...) keep it, so that a
+/// full section written without them reads as before. An unknown `arch` is left for the model's
+/// own error, and so are unknown keys.
+pub fn fill_model_keys(table: &mut serde_json::Map<String, serde_json::Value>) {
+    let base = match table.get("arch") {
+        None => TrainConfig::default().model,
+        Some(serde_json::Value::String(a)) if a == "unet" => match TrainConfig::default().model {
+            m @ ModelConfig::Unet(_) => m,
+            ModelConfig::DdpmUnet(_) => ModelConfig::Unet(ddpm_unet::UnetConfig::mnist_small()),
+        },
+        Some(serde_json::Value::String(a)) if a == "ddpm_unet" => {
+            ModelConfig::DdpmUnet(ddpm_unet::DdpmUnetConfig::cifar_small())
+        }
+        Some(_) => return,
+    };
+    let Ok(serde_json::Value::Object(full)) = serde_json::to_value(&base) else {
+        return;
+    };
+    for (key, value) in &full {
+        if table.contains_key(key) {
+            continue;
+        }
+        // A key the model config can do without keeps its own default.
+        let mut without = full.clone();
+        without.remove(key);
+        if ModelConfig::deserialize(serde_json::Value::Object(without)).is_ok() {
+            continue;
+        }
+        table.insert(key.clone(), value.clone());
+    }
 }
 
 /// `[loss]` over the default: a section that leaves out `kind` (for example one that only sets
@@ -266,10 +317,11 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a TOML file; fields it leaves out keep their defaults.
+    /// Reads a TOML file; fields it leaves out keep their defaults (a `[model]` section's too,
+    /// from the preset of its `arch`: see [`fill_model_keys`]).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text =
-            std::fs::read_to_string(path).map_err(|e| TrainError::io(path, "reading config", e))?;
+            read_regular_text(path).map_err(|e| TrainError::io(path, "reading config", e))?;
         toml::from_str(&text).map_err(|e| TrainError::Config(toml_error(path, &text, &e)))
     }
 
@@ -631,5 +683,53 @@ mod tests {
             );
             assert!(e.contains(range), "{e}");
         }
+    }
+
+    /// A `[model]` section that leaves keys out takes them from the preset of its `arch` (the
+    /// default model's without one); keys with defaults of their own keep them, so a full section
+    /// without `num_classes` stays unconditional; unknown keys stay errors.
+    #[test]
+    fn a_partial_model_section_is_filled_from_its_preset() -> Result<()> {
+        let parse = |text: &str| toml::from_str::<TrainConfig>(text);
+        let c = parse("[model]\ndim = 8\n").map_err(|e| TrainError::Config(e.to_string()))?;
+        let ModelConfig::Unet(u) = &c.model else {
+            panic!("{:?}", c.model);
+        };
+        let ModelConfig::Unet(base) = TrainConfig::default().model else {
+            panic!("the default model is a unet");
+        };
+        assert_eq!(u.dim, 8);
+        assert_eq!(
+            ddpm_unet::UnetConfig {
+                dim: base.dim,
+                num_classes: base.num_classes,
+                ..u.clone()
+            },
+            base
+        );
+        assert_eq!(u.num_classes, None);
+        let c = parse("[model]\narch = \"ddpm_unet\"\nch = 16\n")
+            .map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(
+            c.model,
+            ModelConfig::DdpmUnet(ddpm_unet::DdpmUnetConfig {
+                ch: 16,
+                ..ddpm_unet::DdpmUnetConfig::cifar_small()
+            })
+        );
+        // A full section reads as it always did.
+        let mut full = TrainConfig::default();
+        full.model.set_num_classes(None);
+        let back = parse(&full.to_toml()?).map_err(|e| TrainError::Config(e.to_string()))?;
+        assert_eq!(back, full);
+        for (text, needle) in [
+            ("[model]\ndim = 8\nwidth = 2\n", "unknown field `width`"),
+            ("[model]\narch = \"vit\"\n", "unknown variant `vit`"),
+            ("[model]\ndim = -1\n", "invalid value"),
+        ] {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@
 use ddpm_data::{cifar, folder, mnist, DatasetSpec};
 use ddpm_unet::flops::forward_flops;
 
-use crate::TrainConfig;
+use crate::{Result, TrainConfig, TrainError};
 
 /// What a run's largest buffers take, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,6 +89,50 @@ pub fn estimate(config: &TrainConfig) -> MemoryEstimate {
         parameters,
         state_bytes: parameters.saturating_mul(4 * STATE_COPIES),
     }
+}
+
+/// The copies of every image of a training sample grid held at once: the sampled batches in
+/// `f32` and their concatenation (the 8-bit grid is smaller than either), as `ddpm sample` counts.
+pub const SAMPLE_GRID_COPIES: u64 = 2;
+
+/// The host memory one sample grid written during training takes at least: `sample_num` images
+/// of the run's channels and image size, [`SAMPLE_GRID_COPIES`] times in `f32`; 0 when the run
+/// writes no grids (`sample_every = 0`).
+pub fn sample_grid_bytes(config: &TrainConfig) -> u64 {
+    if config.sample_every == 0 {
+        return 0;
+    }
+    sample_grid_per_image(config).saturating_mul(config.sample_num as u64)
+}
+
+fn sample_grid_per_image(config: &TrainConfig) -> u64 {
+    let side = config
+        .data
+        .image_size
+        .or_else(|| config.dataset.native_size())
+        .unwrap_or(ddpm_data::transform::DEFAULT_IMAGE_SIZE) as u64;
+    (config.dataset.channels() as u64)
+        .saturating_mul(side.saturating_mul(side))
+        .saturating_mul(4 * SAMPLE_GRID_COPIES)
+}
+
+/// Refuses a `sample_num` whose grid cannot be held in `available` bytes, at the start of a run
+/// or a resume rather than at the first grid (which would end in an abort after hours of
+/// sampling); the error names `sample_num`, what the grid needs and how many images fit.
+pub fn check_sample_grid(config: &TrainConfig, available: u64) -> Result<()> {
+    let need = sample_grid_bytes(config);
+    if need <= available {
+        return Ok(());
+    }
+    let fits = available / sample_grid_per_image(config).max(1);
+    Err(TrainError::Config(format!(
+        "`sample_num` = {}: each sample grid written during training needs at least {} of \
+         memory but {} is available; lower `sample_num` (at most about {fits} fit), or set \
+         `sample_every = 0` to write no grids",
+        config.sample_num,
+        human_bytes(need),
+        human_bytes(available),
+    )))
 }
 
 /// The training split's image count, read from file headers (MNIST, Fashion-MNIST), file sizes

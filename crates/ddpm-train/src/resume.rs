@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ddpm_data::DatasetSpec;
+use ddpm_unet::weights::read_regular_text;
 use serde::{Deserialize, Serialize};
 
 pub use crate::checkpoint::{PassedOver, ResumeFrom};
@@ -133,7 +134,7 @@ pub fn append_history(run_dir: &Path, event: &HistoryEvent) -> Result<()> {
 /// The events of the run's `history.jsonl` (empty when there is none).
 pub fn read_history(run_dir: &Path) -> Result<Vec<HistoryEvent>> {
     let path = run_dir.join(HISTORY_FILE);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match read_regular_text(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(TrainError::io(&path, "reading", e)),
@@ -149,7 +150,7 @@ pub fn read_history(run_dir: &Path) -> Result<Vec<HistoryEvent>> {
 
 /// Reads a run's `config.toml` (`None` when it is missing), with an error of one line.
 pub fn read_config_file(path: &Path) -> Result<Option<TrainConfig>> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_regular_text(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(TrainError::io(path, "reading", e)),

@@ -192,12 +192,26 @@ pub fn sample(
     objective: Objective,
     opts: &SampleOptions,
 ) -> Result<Samples> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    sample_until(model, schedule, objective, opts, &never)?
+        .ok_or_else(|| crate::TrainError::Other("sampling stopped".into()))
+}
+
+/// [`sample`], giving up (`None`) before the next denoising step once `stop` is set: a training
+/// run asked to stop skips its sample grid rather than finish it.
+pub fn sample_until(
+    model: &DiffusionModel,
+    schedule: &Schedule,
+    objective: Objective,
+    opts: &SampleOptions,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<Samples>> {
     let policy = model.kernel_policy();
     // The weights stay as they are for the whole loop: each convolution's Winograd kernel is
     // transformed once, not at every step.
     let run = || {
         ddpm_kernels::conv::with_constant_weights(|| {
-            sample_with(model, schedule, objective, opts, policy.ours())
+            sample_with(model, schedule, objective, opts, policy.ours(), stop)
         })
     };
     policy.scoped(|| ddpm_kernels::on_pool(model.device(), run))
@@ -210,7 +224,8 @@ fn sample_with(
     objective: Objective,
     opts: &SampleOptions,
     allow_in_place: bool,
-) -> Result<Samples> {
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<Samples>> {
     let sampler = opts.sampler.build(schedule)?;
     let classes = model.config().num_classes();
     opts.guidance.validate(classes)?;
@@ -267,6 +282,10 @@ fn sample_with(
             Vec::new()
         };
         for (i, tt) in tts.iter().enumerate() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                bar.finish_and_clear();
+                return Ok(None);
+            }
             for (k, &at) in frame_at.iter().enumerate() {
                 if at == i {
                     frames[k].push(snapshot(&x)?);
@@ -325,10 +344,10 @@ fn sample_with(
         .into_iter()
         .map(|f| Tensor::cat(&f, 0))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Samples {
+    Ok(Some(Samples {
         images: Tensor::cat(&images, 0)?,
         frames,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -381,8 +400,12 @@ mod tests {
                     progress: false,
                     guidance: Guidance::default(),
                 };
-                let a = sample_with(&model, &schedule, Objective::Eps, &opts, true)?;
-                let b = sample_with(&model, &schedule, Objective::Eps, &opts, false)?;
+                let never = std::sync::atomic::AtomicBool::new(false);
+                let run = |in_place| {
+                    sample_with(&model, &schedule, Objective::Eps, &opts, in_place, &never)?
+                        .ok_or_else(|| crate::TrainError::Other("stopped".into()))
+                };
+                let (a, b) = (run(true)?, run(false)?);
                 let pairs =
                     std::iter::once((&a.images, &b.images)).chain(a.frames.iter().zip(&b.frames));
                 assert_eq!(a.frames.len(), 3);

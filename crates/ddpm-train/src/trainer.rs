@@ -25,7 +25,7 @@ use crate::metrics::{self, MetricsLine};
 use crate::optim::{clip_factor, grad_norm, scheduled_lr, AdamW};
 use crate::precision::{LossScaler, Precision};
 use crate::resume::{self, Change, HistoryEvent, ResumeOptions, SafeChanges};
-use crate::sample::{gaussian, grid_columns, sample, SampleOptions};
+use crate::sample::{gaussian, grid_columns, sample_until, SampleOptions};
 use crate::{Result, TrainError};
 
 /// Domain separator of the training RNG's seed (the model init uses the plain seed).
@@ -1075,6 +1075,14 @@ impl Trainer {
     /// Writes `samples/step-NNNNNNNN.png`: a grid sampled from the EMA weights with the fixed
     /// sample seed.
     pub fn write_sample_grid(&mut self) -> Result<PathBuf> {
+        let never = AtomicBool::new(false);
+        self.write_sample_grid_until(&never)?
+            .ok_or_else(|| TrainError::Other("the sample grid was stopped".into()))
+    }
+
+    /// [`Trainer::write_sample_grid`], given up (`None`, nothing written) as soon as `stop` is
+    /// set, so that a run asked to stop does not finish a grid that may take minutes first.
+    pub fn write_sample_grid_until(&mut self, stop: &AtomicBool) -> Result<Option<PathBuf>> {
         let ema: std::collections::HashMap<String, Tensor> = self
             .ema
             .tensors()
@@ -1091,12 +1099,20 @@ impl Trainer {
             progress: false,
             guidance: self.config.guidance,
         };
-        let samples = sample(
+        let Some(samples) = sample_until(
             &self.ema_model,
             &self.schedule,
             self.config.objective,
             &opts,
-        )?;
+            stop,
+        )?
+        else {
+            tracing::info!(
+                step = self.step,
+                "stop requested: the sample grid of this step is skipped"
+            );
+            return Ok(None);
+        };
         let dir = self.run_dir.join("samples");
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, "creating", e))?;
         let path = dir.join(format!("step-{:08}.png", self.step));
@@ -1109,7 +1125,7 @@ impl Trainer {
         checkpoint::write_png_atomic(&grid, &path)
             .map_err(|e| TrainError::io(&path, "writing", e))?;
         tracing::info!(step = self.step, path = %path.display(), "sample grid written");
-        Ok(path)
+        Ok(Some(path))
     }
 
     /// Trains until `config.steps` or until `stop` is set (then the current step finishes and a
@@ -1184,7 +1200,9 @@ impl Trainer {
             if self.config.sample_every > 0
                 && (self.step.is_multiple_of(self.config.sample_every) || self.step == total)
             {
-                self.on_lead("writing a sample grid", |t| t.write_sample_grid())?;
+                self.on_lead("writing a sample grid", |t| {
+                    t.write_sample_grid_until(stop).map(drop)
+                })?;
             }
         }
         if interrupted && self.last_checkpoint.as_ref().map(|c| c.0) != Some(self.step) {
