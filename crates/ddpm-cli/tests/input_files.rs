@@ -126,6 +126,24 @@ fn fifos_and_devices_are_refused_before_they_are_opened() {
             "zz.png",
         ),
     ];
+    // A diffusers pipeline whose UNet config is a FIFO (the other files real).
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ddpm-unet/tests/fixtures/diffusers-tiny/pipeline");
+    for f in ["model_index.json", "scheduler/scheduler_config.json"] {
+        let to = p.join("pipe").join(f);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("dir");
+        std::fs::copy(fixture.join(f), to).expect("copy");
+    }
+    std::fs::create_dir_all(p.join("pipe/unet")).expect("unet");
+    std::fs::copy(
+        fixture.join("unet/diffusion_pytorch_model.st"),
+        p.join("pipe/unet/diffusion_pytorch_model.safetensors"),
+    )
+    .expect("copy");
+    mkfifo(&p.join("pipe/unet/config.json"));
+    let o = run_promptly(ddpm(p).args(["sample", "--pretrained", "pipe", "--out", "y.png"]));
+    assert_one_clean_error(&o, "config.json");
+    assert_one_clean_error(&o, "a FIFO (named pipe), not a regular file");
     for (args, name) in cases {
         let o = run_promptly(ddpm(p).args(*args));
         assert_one_clean_error(&o, name);

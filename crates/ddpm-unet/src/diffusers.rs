@@ -740,7 +740,7 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
 
 /// Reads a diffusers `UNet2DModel` `config.json` file, see [`unet_config_from_json`].
 pub fn read_unet_config(path: &Path) -> Result<DiffusersUnetConfig, UnetError> {
-    let text = std::fs::read_to_string(path).map_err(|e| UnetError::DiffusersConfig {
+    let text = crate::weights::read_regular_text(path).map_err(|e| UnetError::DiffusersConfig {
         path: path.to_path_buf(),
         field: "(file)".into(),
         value: "-".into(),
@@ -763,9 +763,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, UnetError> {
         path: path.to_path_buf(),
         reason,
     };
-    if !path.is_file() {
-        return Err(err("no such file".into()));
-    }
+    crate::weights::check_regular_file(path).map_err(|e| err(e.to_string()))?;
     let pairs = candle_core::pickle::read_all(path).map_err(|e| {
         err(format!(
             "not a PyTorch state dict this program can read: {e}"
@@ -885,9 +883,11 @@ pub fn find_unet_files(dir: &Path) -> Result<UnetFiles, UnetError> {
         return Err(not_found("not a directory".into()));
     }
     let sub = dir.join(UNET_SUBFOLDER);
-    let base = if sub.join(CONFIG_FILE).is_file() {
+    // `exists`, not `is_file`: a config that is not a regular file (a FIFO) is found here and
+    // refused by name when it is read.
+    let base = if sub.join(CONFIG_FILE).exists() {
         sub
-    } else if dir.join(CONFIG_FILE).is_file() {
+    } else if dir.join(CONFIG_FILE).exists() {
         dir.to_path_buf()
     } else {
         return Err(not_found(format!(
@@ -899,7 +899,7 @@ pub fn find_unet_files(dir: &Path) -> Result<UnetFiles, UnetError> {
         .iter()
         .chain(&FP16_VARIANT_FILES)
         .map(|w| base.join(w))
-        .find(|p| p.is_file())
+        .find(|p| p.exists())
         .ok_or_else(|| {
             let sharded = base
                 .join("diffusion_pytorch_model.safetensors.index.json")

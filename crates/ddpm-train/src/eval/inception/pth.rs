@@ -47,11 +47,13 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> TrainError {
 /// Reads the float (`FloatStorage`, `DoubleStorage`) tensors of a state dict in a `.pth` file of
 /// either format, on the CPU, by name. Other tensors (`num_batches_tracked`) are left out.
 pub fn read_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
-        what: "reading weights".into(),
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = ddpm_unet::weights::check_regular_file(path)
+        .and_then(|_| std::fs::read(path))
+        .map_err(|source| TrainError::Io {
+            what: "reading weights".into(),
+            path: path.to_path_buf(),
+            source,
+        })?;
     if is_zip(&bytes) {
         let tensors = candle_core::pickle::read_all(path).map_err(|e| bad(path, e))?;
         return Ok(tensors
