@@ -67,7 +67,10 @@ impl CifarBatch {
 pub fn read_batch(path: &Path) -> Result<CifarBatch> {
     let len = std::fs::metadata(path).map_err(DataError::io(path))?.len();
     check_len(path, len)?;
-    let bytes = std::fs::read(path).map_err(DataError::io(path))?;
+    let bytes = crate::regular::read(
+        path,
+        "replace it with the data set's file (`cargo xtask fetch-data cifar10`)",
+    )?;
     parse_batch(&bytes, path)
 }
 

@@ -255,61 +255,11 @@ pub(crate) fn scan_class_has_images(dir: &Path) -> Result<bool> {
 /// Reads and decodes one image file, center-crops it to a square and resizes it to `size`;
 /// returns its (3, size, size) RGB bytes.
 pub fn load_image(path: &Path, size: u32) -> Result<Vec<u8>> {
-    let bytes = read_image_file(path)?;
+    let bytes = crate::regular::read(
+        path,
+        "remove it from the folder or put an image file in its place",
+    )?;
     decode_image(bytes, path, size)
-}
-
-/// What a file-system object that is not a regular file is, for errors.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_dir() {
-        return "a directory";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if t.is_fifo() {
-            return "a FIFO (named pipe)";
-        }
-        if t.is_socket() {
-            return "a socket";
-        }
-        if t.is_char_device() || t.is_block_device() {
-            return "a device";
-        }
-    }
-    "not a regular file"
-}
-
-/// Reads an image file whole, refusing (before opening it) anything that is not a regular file
-/// once symlinks are followed: opening a FIFO blocks until a writer comes, and a device may
-/// never end. The error names the file and what it is, like that of a dangling symlink.
-fn read_image_file(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let not_regular = |meta: &std::fs::Metadata| DataError::Io {
-        path: path.into(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "it is {}, not a regular file: remove it from the folder or put an image file \
-                 in its place",
-                file_kind(meta)
-            ),
-        ),
-    };
-    let meta = std::fs::metadata(path).map_err(DataError::io(path))?;
-    if !meta.is_file() {
-        return Err(not_regular(&meta));
-    }
-    let mut file = std::fs::File::open(path).map_err(DataError::io(path))?;
-    // Checked again on what was opened, in case the path was replaced in between.
-    let meta = file.metadata().map_err(DataError::io(path))?;
-    if !meta.is_file() {
-        return Err(not_regular(&meta));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut bytes).map_err(DataError::io(path))?;
-    Ok(bytes)
 }
 
 /// Decodes the bytes of a JPEG, PNG or GIF file like [`load_image`]; `path` only names the file

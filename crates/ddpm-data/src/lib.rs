@@ -49,6 +49,7 @@ pub mod hub_dataset;
 pub mod image_io;
 pub mod loader;
 pub mod mnist;
+mod regular;
 pub mod spec;
 pub mod transform;
 

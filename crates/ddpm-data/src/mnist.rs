@@ -68,7 +68,10 @@ pub struct IdxImages {
 
 /// Reads an IDX image file (`u8`, 3 dimensions), gzip-compressed or not.
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let raw = std::fs::read(path).map_err(DataError::io(path))?;
+    let raw = crate::regular::read(
+        path,
+        "replace it with the data set's file (`cargo xtask fetch-data mnist`)",
+    )?;
     parse_images(&raw, path)
 }
 
@@ -92,7 +95,10 @@ pub fn parse_images(raw: &[u8], path: &Path) -> Result<IdxImages> {
 
 /// Reads an IDX label file (`u8`, 1 dimension), gzip-compressed or not.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(DataError::io(path))?;
+    let raw = crate::regular::read(
+        path,
+        "replace it with the data set's file (`cargo xtask fetch-data mnist`)",
+    )?;
     parse_labels(&raw, path)
 }
 

@@ -38,7 +38,10 @@ pub fn append(path: &Path, line: &MetricsLine) -> Result<()> {
 /// Reads the metrics file (missing: empty); unparsable lines (a torn last line after a crash)
 /// are skipped.
 pub fn read(path: &Path) -> Result<Vec<MetricsLine>> {
-    match std::fs::read_to_string(path) {
+    // Not capped (a long run's file grows), but never a FIFO or device.
+    let text =
+        ddpm_unet::weights::check_regular_file(path).and_then(|_| std::fs::read_to_string(path));
+    match text {
         Ok(text) => Ok(text
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
