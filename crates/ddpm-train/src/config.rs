@@ -365,6 +365,23 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
         self.check_threads()?;
+        // The run's config.toml records these paths, and TOML holds only UTF-8 text.
+        let folder = match &self.dataset {
+            DatasetSpec::Folder(p) => Some(("the image folder of `dataset`", p)),
+            _ => None,
+        };
+        for (what, path) in [("`data.root` (--data-dir)", &self.data.root)]
+            .into_iter()
+            .chain(folder)
+        {
+            if path.to_str().is_none() {
+                return bad(format!(
+                    "{what} {} is not valid UTF-8, which the run's config.toml cannot record: \
+                     rename it (or link to it from a UTF-8 path)",
+                    path.display()
+                ));
+            }
+        }
         if self.steps == 0 {
             return bad("`steps` must be at least 1".into());
         }
@@ -472,6 +489,27 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn paths_the_config_toml_cannot_record_are_refused_by_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let odd = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(b"data-\xff"));
+        let mut c = TrainConfig::default();
+        c.data.root = odd.clone();
+        let e = c.validate().expect_err("non-UTF-8 root").to_string();
+        assert!(
+            e.contains("--data-dir") && e.contains("not valid UTF-8"),
+            "{e}"
+        );
+        let mut c = TrainConfig::default();
+        c.dataset = DatasetSpec::Folder(odd);
+        let e = c.validate().expect_err("non-UTF-8 folder").to_string();
+        assert!(
+            e.contains("image folder") && e.contains("not valid UTF-8"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn default_is_valid_and_round_trips_through_toml() -> Result<()> {
