@@ -502,8 +502,10 @@ mod tests {
             e.contains("--data-dir") && e.contains("not valid UTF-8"),
             "{e}"
         );
-        let mut c = TrainConfig::default();
-        c.dataset = DatasetSpec::Folder(odd);
+        let c = TrainConfig {
+            dataset: DatasetSpec::Folder(odd),
+            ..TrainConfig::default()
+        };
         let e = c.validate().expect_err("non-UTF-8 folder").to_string();
         assert!(
             e.contains("image folder") && e.contains("not valid UTF-8"),
