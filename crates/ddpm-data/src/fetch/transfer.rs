@@ -62,6 +62,19 @@ pub(crate) fn is_transient(e: &DataError) -> bool {
     }
 }
 
+/// Whether `e` is a host name that could not be resolved (no network, no DNS, a typo).
+pub(crate) fn is_unresolved(e: &DataError) -> bool {
+    match e {
+        DataError::Http { source, .. } => match &**source {
+            ureq::Error::HostNotFound => true,
+            // The standard library's resolver error has no kind of its own to match.
+            ureq::Error::Io(io) => io.to_string().contains("failed to lookup address"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// The TLS library's words when `e` is a failed TLS handshake (an untrusted or invalid
 /// certificate, a refused protocol).
 pub(crate) fn tls_failure(e: &ureq::Error) -> Option<String> {
@@ -303,6 +316,14 @@ impl<'a> Transfer<'a> {
         let mut attempt = 0u32;
         loop {
             match self.http_once(url, part, bar, size) {
+                // A host name that does not resolve is tried once more, not `retries` times:
+                // offline, the backoff would only delay the error (by a minute at 5 retries).
+                Err(e) if attempt < self.opts.retries.min(1) && is_unresolved(&e) => {
+                    attempt += 1;
+                    tracing::warn!("{}; trying once more", e.chain());
+                    std::thread::sleep(self.opts.backoff.min(MAX_BACKOFF));
+                }
+                Err(e) if is_unresolved(&e) => return Err(e),
                 Err(e) if attempt < self.opts.retries && is_transient(&e) => {
                     attempt += 1;
                     let delay = self
@@ -534,6 +555,24 @@ fn copy_file(src: &Path, part: &Path, bar: Option<&ProgressBar>, size: Option<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unresolved_hosts_are_told_apart_from_failures_that_pass() {
+        let http = |e: ureq::Error| DataError::Http {
+            url: "http://x.invalid/f".into(),
+            source: Box::new(e),
+        };
+        assert!(is_unresolved(&http(ureq::Error::HostNotFound)));
+        let lookup = std::io::Error::other("failed to lookup address information: unknown");
+        assert!(is_unresolved(&http(ureq::Error::Io(lookup))));
+        for passing in [
+            ureq::Error::ConnectionFailed,
+            ureq::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+        ] {
+            let e = http(passing);
+            assert!(!is_unresolved(&e) && is_transient(&e), "{e:?}");
+        }
+    }
 
     #[test]
     fn every_status_says_what_to_do() {
