@@ -212,7 +212,7 @@ fn is_canonical(spec: &DatasetSpec) -> bool {
 /// Errors unless the classifier of `meta` (stored at `path`) was trained on `train` as it is
 /// now: the same class names in the same order and the same [`training_fingerprint`]. A stored
 /// classifier without a fingerprint (written by an older ddpm-rs) passes only for a canonical
-/// data set ([`is_canonical`]). The error is one sentence naming the file and saying to retrain.
+/// data set (`is_canonical`). The error is one sentence naming the file and saying to retrain.
 pub fn check_trained_on(
     meta: &ClassifierMeta,
     path: &Path,
