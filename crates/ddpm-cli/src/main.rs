@@ -89,18 +89,39 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let filter = match log_filter(&cli.log) {
+    // Named as the user gave it: the variable when the flag is absent.
+    let log_source =
+        if std::env::args_os().any(|a| a == "--log" || a.to_string_lossy().starts_with("--log=")) {
+            "--log"
+        } else {
+            "DDPM_LOG"
+        };
+    let filter = match log_filter(&cli.log, log_source) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        use tracing_subscriber::Layer as _;
+        // The HTTP client's trace level dumps every request's bytes, a token's header among
+        // them: never shown, whatever the filter says.
+        let no_wire_dump = tracing_subscriber::filter::filter_fn(|meta| {
+            !(meta.target().starts_with("ureq") && *meta.level() == tracing::Level::TRACE)
+        });
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_filter(filter)
+                    .with_filter(no_wire_dump),
+            )
+            .init();
+    }
     // The kernel policy of the environment (commands that read a run's config install its
     // policy, with the environment's variables applied, once they have it).
     if let Err(e) = env::install_kernel_policy(ddpm_unet::KernelPolicy::default()) {
@@ -177,27 +198,64 @@ fn usage_error_line(text: &str) -> String {
     format!("{line}; see `{command} --help`")
 }
 
-/// The log filter of `--log` (or `DDPM_LOG`): a level, or tracing-subscriber directives. A
-/// bare word that is neither a level nor one of our crates would silently hide every line (it
-/// reads as a module name), so it is refused like a malformed directive.
-fn log_filter(text: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+/// The log filter of `--log` (or `DDPM_LOG`, named by `source` in errors): a level, or
+/// tracing-subscriber directives. What would silently hide every line is refused: an empty
+/// filter, a bare word that is neither a level nor one of our crates or candle's (it reads as a
+/// module name), a target with a glob (there are none), a span filter without a target.
+fn log_filter(text: &str, source: &str) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    const TARGETS: [&str; 12] = [
+        "ureq",
+        "ureq_proto",
+        "rustls",
+        "ddpm",
+        "ddpm_cli",
+        "ddpm_data",
+        "ddpm_train",
+        "ddpm_unet",
+        "ddpm_kernels",
+        "ddpm_schedule",
+        "candle_core",
+        "candle_nn",
+    ];
     let advice = "use error, warn, info, debug, trace or off, or directives such as \
                   info,ddpm_train=debug";
-    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let bare = !directive.contains(['=', '[', ':']);
-        let known = LEVELS.contains(&directive.to_ascii_lowercase().as_str())
-            || directive.starts_with("ddpm")
-            || directive.starts_with("candle");
-        if bare && !known {
-            anyhow::bail!(
-                "--log {text}: `{directive}` is not a log level (a bare word names a module, \
-                 which would hide every other line): {advice}"
-            );
+    let named = if source.starts_with("--") {
+        format!("{source} {text}")
+    } else {
+        format!("{source}={text}")
+    };
+    let bad = |why: String| anyhow::anyhow!("{named}: {why}: {advice}");
+    let directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(bad("an empty filter hides every line".into()));
+    }
+    for directive in directives {
+        let (target, level) = match directive.rsplit_once('=') {
+            Some((t, l)) => (t, Some(l)),
+            None => (directive, None),
+        };
+        let is_level = |w: &str| LEVELS.contains(&w.to_ascii_lowercase().as_str());
+        if level.is_some_and(|l| !is_level(l)) {
+            return Err(bad(format!("`{directive}` does not end in a level")));
+        }
+        let module = target.split('[').next().unwrap_or_default();
+        let crate_name = module.split("::").next().unwrap_or_default();
+        if level.is_none() && is_level(target) {
+            continue;
+        }
+        if module.is_empty() || module.contains('*') || !TARGETS.contains(&crate_name) {
+            return Err(bad(format!(
+                "`{directive}` names no module of this program (a target it does not know, or a \
+                 glob, would hide every other line)"
+            )));
         }
     }
-    tracing_subscriber::EnvFilter::try_new(text)
-        .map_err(|e| anyhow::anyhow!("--log {text}: not a log filter ({e}): {advice}"))
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| bad(format!("not a log filter ({e})")))
 }
 
 /// The error and its causes on one line: "reading X: file is truncated".
@@ -295,15 +353,29 @@ mod tests {
             "info,ddpm_train=debug",
             "ddpm_train",
             "candle_core",
+            "warn,ddpm_train::trainer=trace",
+            "info,ddpm_train[span]=debug",
+            "ureq=trace,warn",
         ] {
-            assert!(log_filter(good).is_ok(), "{good}");
+            assert!(log_filter(good, "--log").is_ok(), "{good}");
         }
-        for bad in ["errr", "infoo", "nonsense=[", "info,verbose"] {
-            let e = log_filter(bad)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            assert!(e.starts_with(&format!("--log {bad}:")), "{bad}: {e}");
+        for bad in [
+            "errr",
+            "infoo",
+            "nonsense=[",
+            "info,verbose",
+            "",
+            ",",
+            "ddpm_*",
+            "ddpm*",
+            "candle*",
+            "[span]",
+            "[]",
+            "ddpm_train=",
+        ] {
+            let e = log_filter(bad, "DDPM_LOG").err().map(|e| e.to_string());
+            let e = e.unwrap_or_default();
+            assert!(e.starts_with(&format!("DDPM_LOG={bad}:")), "{bad:?}: {e}");
         }
     }
 }

@@ -551,3 +551,26 @@ fn the_hub_is_reached_through_the_proxy_of_the_environment() {
     assert_one_clean_error(&bad, "HTTPS_PROXY=socks5://me:***@proxy.example:1080");
     assert!(!String::from_utf8_lossy(&bad.stderr).contains(":pw@"));
 }
+
+/// `--log trace` (what a bug report asks for) never prints the token: the HTTP client's trace
+/// level, which dumps each request's bytes and so the `Authorization` header, is never shown.
+#[test]
+fn the_token_stays_out_of_a_trace_log() {
+    let hub = FakeHub::start();
+    hub.publish(Kind::Model, "o/tiny", "main", pipeline_files());
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = OsStr::new("hf_SECRETTOKEN_for_this_test");
+    let o = sample_over_network(
+        dir.path(),
+        &hub.endpoint,
+        &[
+            ("HF_TOKEN", token),
+            ("DDPM_LOG", OsStr::new("trace")),
+        ],
+        "t.png",
+    );
+    assert_ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("DEBUG"), "the trace filter took: {err}");
+    assert!(!err.contains("SECRETTOKEN") && !err.contains("5345 4352"), "{err}");
+}

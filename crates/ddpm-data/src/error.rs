@@ -208,8 +208,7 @@ pub enum DataError {
     /// authority that is trusted.
     #[error(
         "downloading {url}: the secure connection failed ({detail}); trusted were {trusted}: \
-         behind a proxy that inspects TLS, or for a server with a private CA, name a PEM file of \
-         its CA certificates in SSL_CERT_FILE (or REQUESTS_CA_BUNDLE)"
+         {advice}"
     )]
     Tls {
         /// The URL.
@@ -218,6 +217,8 @@ pub enum DataError {
         detail: String,
         /// What was trusted ([`crate::fetch::TrustedRoots::describe`]).
         trusted: String,
+        /// What to do ([`crate::fetch::TrustedRoots::advice`]).
+        advice: String,
     },
     /// A setting of the HTTP client (the CA bundle, the proxy) cannot be used.
     #[error("{setting}={value}: {reason}: {advice}")]

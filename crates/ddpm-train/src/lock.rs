@@ -16,6 +16,9 @@ use std::path::{Path, PathBuf};
 /// The lock file's name inside a run directory.
 pub const LOCK_FILE: &str = ".lock";
 
+/// The largest lock file read (one is a few bytes).
+const MAX_LOCK_BYTES: u64 = 4096;
+
 /// The file whose OS lock serializes the taking over of a stale lock.
 const TAKEOVER_FILE: &str = ".lock.takeover";
 
@@ -167,7 +170,8 @@ impl RunLock {
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(io(&path)(e)),
                 }
-                let text = match std::fs::read(&path) {
+                // A lock is a few bytes; a FIFO or device there would block or never end.
+                let text = match ddpm_unet::weights::read_regular_file(&path, MAX_LOCK_BYTES) {
                     Ok(t) => String::from_utf8_lossy(&t).into_owned(),
                     // Released between our link and our read: try again.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -186,6 +190,7 @@ impl RunLock {
                         // Judge it again under the takeover lock: another process may have taken
                         // it over since it was read.
                         let guard = run_dir.join(TAKEOVER_FILE);
+                        ddpm_unet::weights::check_writable_file(&guard).map_err(io(&guard))?;
                         let file = std::fs::OpenOptions::new()
                             .create(true)
                             .truncate(false)
@@ -235,7 +240,7 @@ impl RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         // Only remove the file if it is still ours (a user may have deleted and retaken it).
-        let ours = std::fs::read(&self.path)
+        let ours = ddpm_unet::weights::read_regular_file(&self.path, MAX_LOCK_BYTES)
             .ok()
             .and_then(|t| Owner::parse(&String::from_utf8_lossy(&t)))
             .is_some_and(|o| o == self.owner);

@@ -120,10 +120,13 @@ pub fn append_history(run_dir: &Path, event: &HistoryEvent) -> Result<()> {
     let path = run_dir.join(HISTORY_FILE);
     let mut line = serde_json::to_string(event).map_err(|e| TrainError::Other(e.to_string()))?;
     line.push('\n');
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
+    ddpm_unet::weights::check_writable_file(&path)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+        })
         .and_then(|mut f| {
             f.write_all(line.as_bytes())?;
             f.sync_all()

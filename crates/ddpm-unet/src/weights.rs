@@ -92,6 +92,21 @@ pub fn check_regular_file(path: &Path) -> std::io::Result<fs::Metadata> {
     }
 }
 
+/// Checks that `path`, a file about to be written or appended to, is a regular file or does not
+/// exist yet: opening a FIFO for writing blocks until a reader comes. The error (kind
+/// `InvalidInput`) says what the path is and to remove it.
+pub fn check_writable_file(path: &Path) -> std::io::Result<()> {
+    match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {}, not a regular file: remove it", file_kind(&meta)),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads all of `path` if it is a regular file ([`check_regular_file`]) of at most `limit` bytes;
 /// a larger one is refused (kind `InvalidData`) rather than read.
 pub fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {

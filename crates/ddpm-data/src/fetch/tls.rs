@@ -72,6 +72,27 @@ impl TrustedRoots {
         }
     }
 
+    /// What to do about a refused server certificate, from the TLS library's `detail`: a
+    /// certificate of an authority that is not trusted needs its CA named (in the variable in
+    /// force, when one is), any other refusal (expired, another host's) is the server's.
+    pub fn advice(&self, detail: &str) -> String {
+        let unknown_issuer = detail.contains("UnknownIssuer") || detail.contains("unknown issuer");
+        match self {
+            _ if !unknown_issuer => "the certificate itself is refused, whoever signed it: check \
+                                     the address (HF_ENDPOINT, the mirror's URL) and the server's \
+                                     certificate (its dates and host names)"
+                .to_string(),
+            TrustedRoots::Bundled => "behind a proxy that inspects TLS, or for a server with a \
+                                      private CA, name a PEM file of its CA certificates in \
+                                      SSL_CERT_FILE (or REQUESTS_CA_BUNDLE)"
+                .to_string(),
+            TrustedRoots::Bundle { named_by, .. } => format!(
+                "add the server's CA certificate to that bundle, or point {named_by} (the \
+                 variable in force) at one that holds it"
+            ),
+        }
+    }
+
     /// The root certificates of an HTTP client: the bundle's certificates read now, or the
     /// compiled-in roots.
     pub(crate) fn root_certs(&self) -> Result<RootCerts> {
@@ -107,12 +128,24 @@ fn read_bundle(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, St
     }
     let entries = std::fs::read_dir(path).map_err(|e| format!("cannot list it ({e})"))?;
     let mut certs = Vec::new();
+    let mut passed_over = Vec::new();
     for entry in entries.take(MAX_DIR_FILES) {
         let entry = entry.map_err(|e| format!("cannot list it ({e})"))?;
         // Links (the hashed names of a certificate store) are followed; folders are not.
         if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
-            certs.extend(read_pem(&entry.path()).unwrap_or_default());
+            match read_pem(&entry.path()) {
+                Ok(found) => certs.extend(found),
+                Err(why) => passed_over.push(why),
+            }
         }
+    }
+    if certs.is_empty() && !passed_over.is_empty() {
+        return Err(format!(
+            "none of its files holds a certificate that can be read ({} passed over; the first: \
+             {})",
+            passed_over.len(),
+            passed_over[0]
+        ));
     }
     Ok(certs)
 }
@@ -120,6 +153,20 @@ fn read_bundle(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, St
 /// The certificates of one PEM file (keys and other blocks beside them are passed over).
 fn read_pem(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, String> {
     use std::io::Read;
+    // A FIFO would block the open, a device never end: only regular files are read.
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} is {} bytes, more than the {} MB a bundle may have",
+            path.display(),
+            meta.len(),
+            MAX_FILE_BYTES >> 20
+        ));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_FILE_BYTES).read_to_end(&mut bytes))
@@ -129,7 +176,13 @@ fn read_pem(path: &Path) -> std::result::Result<Vec<Certificate<'static>>, Strin
         match item {
             Ok(PemItem::Certificate(cert)) => certs.push(cert),
             Ok(_) => {}
-            Err(e) => return Err(format!("{} is not valid PEM ({e})", path.display())),
+            Err(_) => {
+                return Err(format!(
+                    "{} is not valid PEM (a block is broken or not closed by its -----END \
+                     line)",
+                    path.display()
+                ))
+            }
         }
     }
     Ok(certs)
@@ -175,6 +228,27 @@ mod tests {
     }
 
     #[test]
+    fn the_advice_names_the_variable_in_force_and_tells_a_bad_certificate_apart() {
+        let unknown = "invalid peer certificate: UnknownIssuer";
+        assert!(TrustedRoots::Bundled
+            .advice(unknown)
+            .contains("SSL_CERT_FILE"));
+        let bundle = TrustedRoots::Bundle {
+            path: "/etc/ssl/certs/ca-certificates.crt".into(),
+            named_by: "REQUESTS_CA_BUNDLE".into(),
+        };
+        let a = bundle.advice(unknown);
+        assert!(
+            a.contains("point REQUESTS_CA_BUNDLE") && !a.contains("SSL_CERT_FILE"),
+            "{a}"
+        );
+        for other in ["invalid peer certificate: Expired", "NotValidForName"] {
+            let a = bundle.advice(other);
+            assert!(a.contains("the certificate itself is refused"), "{a}");
+        }
+    }
+
+    #[test]
     fn a_bundle_is_read_from_a_file_or_a_directory() {
         let file = TrustedRoots::Bundle {
             path: fixture("ca.pem"),
@@ -196,10 +270,21 @@ mod tests {
         std::fs::write(&empty, "no certificates here\n").unwrap();
         let broken = tmp.path().join("broken.pem");
         std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!\n").unwrap();
+        let fifo = tmp.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let broken_dir = tmp.path().join("certs");
+        std::fs::create_dir(&broken_dir).unwrap();
+        std::fs::copy(&broken, broken_dir.join("a.pem")).unwrap();
         for (path, says) in [
             (tmp.path().join("missing.pem"), "cannot read it"),
             (empty, "holds no certificate"),
-            (broken, "not valid PEM"),
+            (broken, "not valid PEM (a block is broken"),
+            (fifo, "not a regular file"),
+            (
+                broken_dir,
+                "none of its files holds a certificate that can be read",
+            ),
         ] {
             let roots = TrustedRoots::Bundle {
                 path: path.clone(),

@@ -238,6 +238,7 @@ impl<'a> Transfer<'a> {
         match tls_failure(&e) {
             Some(detail) => DataError::Tls {
                 url: url.to_string(),
+                advice: self.opts.roots.advice(&detail),
                 detail,
                 trusted: self.opts.roots.describe(),
             },
