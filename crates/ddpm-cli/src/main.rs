@@ -80,7 +80,16 @@ fn main() -> ExitCode {
     {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
-            eprintln!("{}", usage_error_line(&e.render().to_string()));
+            // The subcommand the arguments name, for errors whose text has no usage line.
+            let names: Vec<String> = Cli::command()
+                .get_subcommands()
+                .map(|c| c.get_name().to_string())
+                .collect();
+            let sub = std::env::args().skip(1).find(|a| names.contains(a));
+            eprintln!(
+                "{}",
+                usage_error_line(&e.render().to_string(), sub.as_deref())
+            );
             return ExitCode::from(2);
         }
         // --help and --version.
@@ -170,7 +179,7 @@ fn main() -> ExitCode {
 
 /// clap's usage error (`error: ...`, indented details, tips, `Usage: ddpm CMD ...`, a footer)
 /// as one line: the message with its details and tips, then where to read more.
-fn usage_error_line(text: &str) -> String {
+fn usage_error_line(text: &str, subcommand: Option<&str>) -> String {
     let mut paragraphs = text.split("\n\n").map(|p| {
         p.lines()
             .map(str::trim)
@@ -181,7 +190,7 @@ fn usage_error_line(text: &str) -> String {
         .next()
         .map(|p| p.join(" "))
         .unwrap_or_else(|| "error: bad arguments".to_string());
-    let mut command = "ddpm".to_string();
+    let mut command = subcommand.map_or("ddpm".to_string(), |s| format!("ddpm {s}"));
     for p in paragraphs {
         for l in p {
             if let Some(tip) = l.strip_prefix("tip:") {
@@ -322,7 +331,7 @@ mod tests {
                         <MODEL>'\n\nUsage: ddpm train --resume <RESUME>\n\nFor more information, \
                         try '--help'.\n";
         assert_eq!(
-            usage_error_line(conflict),
+            usage_error_line(conflict, Some("train")),
             "error: the argument '--resume <RESUME>' cannot be used with '--model <MODEL>'; see \
              `ddpm train --help`"
         );
@@ -330,15 +339,23 @@ mod tests {
                        <N>\n  <COMMAND>...\n\nUsage: ddpm launch --nproc <N> <COMMAND>...\n\nFor \
                        more information, try '--help'.\n";
         assert_eq!(
-            usage_error_line(missing),
+            usage_error_line(missing, Some("launch")),
             "error: the following required arguments were not provided: --nproc <N> \
              <COMMAND>...; see `ddpm launch --help`"
+        );
+        // A value error has no usage line: the subcommand of the arguments is named.
+        let value = "error: invalid value 'abc' for '--num <NUM>': invalid digit found in \
+                     string\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_error_line(value, Some("sample")),
+            "error: invalid value 'abc' for '--num <NUM>': invalid digit found in string; see \
+             `ddpm sample --help`"
         );
         let tip = "error: unexpected argument '--stpes' found\n\n  tip: a similar argument \
                    exists: '--steps'\n\nUsage: ddpm sample [OPTIONS]\n\nFor more information, \
                    try '--help'.\n";
         assert_eq!(
-            usage_error_line(tip),
+            usage_error_line(tip, Some("sample")),
             "error: unexpected argument '--stpes' found (a similar argument exists: '--steps'); \
              see `ddpm sample --help`"
         );

@@ -358,6 +358,14 @@ fn fresh_run_dir(name: &str) -> Result<PathBuf> {
 
 /// Fetches the data set when it is missing (from `DDPM_DATA_MIRROR` when set).
 pub(crate) fn ensure_data(c: &TrainConfig, no_fetch: bool) -> Result<()> {
+    // Before anything is fetched into it: a root the run's config cannot record is refused.
+    if c.data.root.to_str().is_none() {
+        anyhow::bail!(
+            "--data-dir {} is not valid UTF-8, which the run's config.toml cannot record: rename \
+             it (or link to it from a UTF-8 path)",
+            c.data.root.display()
+        );
+    }
     if ddpm_data::fetch::is_fetched(&c.dataset, &c.data.root) {
         return Ok(());
     }

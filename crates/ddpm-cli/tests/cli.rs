@@ -679,9 +679,18 @@ fn bad_log_filters_and_environment_values_are_one_line() {
         }
         run(&mut c)
     };
-    assert_one_clean_error(&schedule(Some("errr"), None), "--log errr: `errr` names no module");
-    assert_one_clean_error(&schedule(Some("nonsense=["), None), "does not end in a level");
-    assert_one_clean_error(&schedule(None, Some(("DDPM_LOG", "infoo"))), "DDPM_LOG=infoo");
+    assert_one_clean_error(
+        &schedule(Some("errr"), None),
+        "--log errr: `errr` names no module",
+    );
+    assert_one_clean_error(
+        &schedule(Some("nonsense=["), None),
+        "does not end in a level",
+    );
+    assert_one_clean_error(
+        &schedule(None, Some(("DDPM_LOG", "infoo"))),
+        "DDPM_LOG=infoo",
+    );
     for good in [
         "warn",
         "DEBUG",

@@ -563,14 +563,14 @@ fn the_token_stays_out_of_a_trace_log() {
     let o = sample_over_network(
         dir.path(),
         &hub.endpoint,
-        &[
-            ("HF_TOKEN", token),
-            ("DDPM_LOG", OsStr::new("trace")),
-        ],
+        &[("HF_TOKEN", token), ("DDPM_LOG", OsStr::new("trace"))],
         "t.png",
     );
     assert_ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("DEBUG"), "the trace filter took: {err}");
-    assert!(!err.contains("SECRETTOKEN") && !err.contains("5345 4352"), "{err}");
+    assert!(
+        !err.contains("SECRETTOKEN") && !err.contains("5345 4352"),
+        "{err}"
+    );
 }

@@ -260,6 +260,21 @@ fn a_proxy_that_does_not_answer_is_named_not_the_server() {
         "{msg}"
     );
     assert!(msg.contains("cannot reach the proxy"), "{msg}");
+    // A proxy whose name does not resolve is named too, its password hidden.
+    let opts = FetchOptions {
+        proxy: through("http://bob:hunter2@proxy.invalid:3128", &[]),
+        ..quiet(TrustedRoots::Bundled)
+    };
+    let e = fetch_file("http://files.test:1/f", &dir.path().join("p"), "f", &opts).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("HTTPS_PROXY=http://bob:***@proxy.invalid:3128"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("cannot reach the proxy") && !msg.contains("hunter2"),
+        "{msg}"
+    );
 }
 
 #[test]

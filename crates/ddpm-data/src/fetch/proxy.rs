@@ -103,6 +103,31 @@ impl ProxyConfig {
                      unset it to connect directly"
                 .to_string(),
         };
+        let after_scheme = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        // An unencoded `/`, `?` or `#` in the user part ends the address there: the rest would
+        // be read as a path, and the user name as the host.
+        if let Some(cut) = after_scheme.find(['/', '?', '#']) {
+            if after_scheme[cut..].contains('@') {
+                return Err(bad(
+                    "its user name or password holds `/`, `?` or `#`, which must be \
+                     percent-encoded (%2F, %3F, %23)"
+                        .to_string(),
+                ));
+            }
+        }
+        let authority = after_scheme
+            .rsplit_once('@')
+            .map_or(after_scheme, |(_, h)| h);
+        let authority = authority.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((_, port)) = authority.rsplit_once(':') {
+            let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+            if digits && !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return Err(bad(format!("port {port} is not a port (1 to 65535)")));
+            }
+        }
         let scheme = self
             .url
             .split_once("://")
@@ -140,21 +165,21 @@ impl ProxyConfig {
     }
 }
 
-/// `url` with the password of its user part replaced by `***`.
+/// `url` with the password of its user part replaced by `***` (the user part ends at the last
+/// `@`, so a password holding `/` or `@` is hidden whole).
 fn redacted(url: &str) -> String {
     let (prefix, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), url),
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_string();
     };
     let user = match userinfo.split_once(':') {
         Some((name, _)) => format!("{name}:***"),
         None => userinfo.to_string(),
     };
-    format!("{prefix}{user}@{host}{path}")
+    format!("{prefix}{user}@{host}")
 }
 
 #[cfg(test)]
@@ -199,6 +224,8 @@ mod tests {
             "http://p.example:3128",
             "p.example:3128",
             "https://u:pw@p.example",
+            "http://[::1]:8080",
+            "http://u:p%2Fw@p.example:3128",
         ] {
             assert!(proxy(good).build().is_ok(), "{good}");
         }
@@ -207,12 +234,19 @@ mod tests {
             ("ftp://p.example", "not supported"),
             ("http://", "HTTPS_PROXY=http://"),
             ("http://user:secret@", "user:***@"),
+            ("http://alice:pa/secret@127.0.0.1:3128", "percent-encoded"),
+            (
+                "http://alice:secret@127.0.0.1:99999",
+                "port 99999 is not a port",
+            ),
+            ("http://127.0.0.1:0", "port 0"),
         ] {
             let e = proxy(bad).build().expect_err(bad).to_string();
             assert!(e.contains(says), "{bad}: {e}");
             assert!(!e.contains("secret"), "{e}");
         }
         assert_eq!(redacted("http://u:pw@h:1/x"), "http://u:***@h:1/x");
+        assert_eq!(redacted("http://u:p/w@h:1"), "http://u:***@h:1");
         assert_eq!(redacted("http://u@h:1"), "http://u@h:1");
         assert_eq!(redacted("h:1"), "h:1");
         assert!(!format!("{:?}", proxy("http://u:pw@h:1")).contains("pw"));

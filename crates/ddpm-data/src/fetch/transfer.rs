@@ -214,13 +214,15 @@ impl<'a> Transfer<'a> {
         if let Some(proxy) = &self.opts.proxy {
             let unreachable = match &e {
                 ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
-                ureq::Error::Io(io) => matches!(
-                    io.kind(),
-                    std::io::ErrorKind::ConnectionRefused
-                        | std::io::ErrorKind::HostUnreachable
-                        | std::io::ErrorKind::NetworkUnreachable
-                        | std::io::ErrorKind::AddrNotAvailable
-                ),
+                ureq::Error::Io(io) => {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::HostUnreachable
+                            | std::io::ErrorKind::NetworkUnreachable
+                            | std::io::ErrorKind::AddrNotAvailable
+                    ) || io.to_string().contains("failed to lookup address")
+                }
                 _ => false,
             };
             // Through a proxy, the only connection this side makes is the one to the proxy.
