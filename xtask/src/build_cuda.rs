@@ -80,7 +80,7 @@ pub struct BuildCudaArgs {
 /// missing CUDA device fails those tests instead of skipping them.
 fn build_kernel_tests(root: &Path, env: &[(&str, String)]) -> anyhow::Result<PathBuf> {
     eprintln!("build-cuda: cargo test -p ddpm-kernels --features cuda --release --no-run");
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let output = crate::cargo()
         .args([
             "test",
             "-p",
@@ -157,7 +157,7 @@ pub fn run(args: BuildCudaArgs) -> anyhow::Result<()> {
          (CUDA 13.0, compute capability {}; the first build takes 15-25 minutes on 2 cores)",
         args.compute_cap
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::cargo()
         .args(["build", "--release", "-p", "ddpm-cli", "-p", "xtask"])
         .args(["--features", &features])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -333,7 +333,7 @@ fn link_shims(cuda: &Path) -> anyhow::Result<()> {
 
 /// The CUDA driver functions cudarc binds, read from its source in cargo's registry.
 fn driver_symbols() -> anyhow::Result<Vec<String>> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = crate::cargo()
         .args([
             "metadata",
             "--format-version",

@@ -49,7 +49,7 @@ pub(crate) fn workspace_root() -> PathBuf {
 }
 
 fn cargo_fuzz(fuzz_dir: &Path) -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = crate::cargo();
     c.arg("fuzz").current_dir(fuzz_dir);
     // libFuzzer's instrumentation flags are nightly-only; let a stable compiler accept them.
     c.env("RUSTC_BOOTSTRAP", "1");

@@ -68,6 +68,26 @@ enum Command {
     BenchWorker(bench::WorkerArgs),
 }
 
+/// A `cargo` command (the cargo that runs this xtask) without the variables `cargo run` set for
+/// this process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Passed on, they reach build scripts
+/// that track them (ring's reruns on `CARGO_MANIFEST_DIR`), and everything above them was
+/// compiled again after the README's test command, which ran without them.
+pub fn cargo() -> std::process::Command {
+    let mut c =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_run = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(&*key, "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE");
+        if set_by_run {
+            c.env_remove(&*key);
+        }
+    }
+    c
+}
+
 /// The mirror named by `DDPM_DATA_MIRROR` ([`ddpm_data::fetch::MIRROR_ENV`]), if it is set.
 pub fn mirror_from_env() -> Option<ddpm_data::fetch::Source> {
     std::env::var(ddpm_data::fetch::MIRROR_ENV)

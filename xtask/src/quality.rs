@@ -36,7 +36,7 @@ pub struct QualityArgs {
 }
 
 fn ddpm_binary() -> Result<PathBuf> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::cargo()
         .args(["build", "--release", "--quiet", "-p", "ddpm-cli"])
         .status()
         .context("building the ddpm binary")?;

@@ -233,8 +233,7 @@ struct TestBinary {
 /// that command nothing is compiled again. (`cargo test -p PACKAGE` unifies features over that
 /// package alone and rebuilt every dependency, minutes of CPU and a gigabyte of disk.)
 fn test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
+    let output = crate::cargo()
         .current_dir(root)
         .args(["test", "--release", "--workspace", "--no-run"])
         .args(["--message-format", "json-render-diagnostics"])

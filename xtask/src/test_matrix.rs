@@ -468,7 +468,7 @@ fn find_ddpm(args: &TestMatrixArgs) -> anyhow::Result<PathBuf> {
         }
     }
     eprintln!("test-matrix: building ddpm (cargo build --release -p ddpm-cli)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::cargo()
         .args(["build", "--release", "-p", "ddpm-cli"])
         .current_dir(workspace_root())
         .status()

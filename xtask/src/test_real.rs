@@ -7,7 +7,6 @@
 //! the suite never passes without having run.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -66,7 +65,7 @@ pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
         "running the real-data tests (cargo test --release --workspace -- --ignored --skip {PARITY_PREFIX}) on {}",
         data_dir.display()
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = crate::cargo()
         .args(["test", "--release", "--workspace", "--", "--ignored"])
         // Ignored tests that are not real-data tests are named `parity_*`: they are steps of the
         // Python parity scripts (bench/parity/), which run them with their own inputs.

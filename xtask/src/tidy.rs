@@ -16,7 +16,6 @@
 //! `--root DIR` checks another checkout (the tests plant a violation of each rule in a copy).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -112,7 +111,7 @@ pub fn run(args: TidyArgs) -> anyhow::Result<()> {
         Some(r) => r,
         None => crate::fuzz::workspace_root(),
     };
-    let metadata = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let metadata = crate::cargo()
         .args([
             "metadata",
             "--format-version",

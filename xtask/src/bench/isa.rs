@@ -84,8 +84,7 @@ fn build_without_avx512() -> anyhow::Result<PathBuf> {
         "bench: building xtask without AVX-512 matrix kernels (--no-default-features) in {}",
         dir.display()
     );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let status = crate::cargo()
         .current_dir(workspace_root())
         .args([
             "build",
