@@ -66,8 +66,8 @@ pub fn run(args: FetchDataArgs) -> anyhow::Result<()> {
         progress: !args.no_progress,
         flowers_url: args.flowers_url.clone(),
         flowers_sha256: args.flowers_sha256.clone(),
-        roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
-        proxy: fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok()),
+        roots: crate::net_env::trusted_roots(),
+        proxy: crate::net_env::proxy(),
         ..FetchOptions::new(&args.data_dir)
     };
     let specs = match args.dataset {

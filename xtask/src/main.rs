@@ -9,9 +9,12 @@ mod bench;
 mod bench_gpu;
 mod build_cuda;
 mod fetch_data;
+// The proxy and CA bundle of the environment, read as `ddpm` reads them.
 mod fixtures;
 mod fuzz;
 mod lint_ci;
+#[path = "../../crates/ddpm-cli/src/net_env.rs"]
+mod net_env;
 mod parity;
 mod parity_inception;
 mod quality;

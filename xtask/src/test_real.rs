@@ -46,8 +46,8 @@ pub fn run(args: TestRealArgs) -> anyhow::Result<()> {
     let opts = FetchOptions {
         source: source.clone(),
         progress: false,
-        roots: fetch::TrustedRoots::from_variables(|v| std::env::var_os(v)),
-        proxy: fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok()),
+        roots: crate::net_env::trusted_roots(),
+        proxy: crate::net_env::proxy(),
         ..FetchOptions::new(&data_dir)
     };
     for spec in [DatasetSpec::Mnist, DatasetSpec::Flowers] {

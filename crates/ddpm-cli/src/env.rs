@@ -100,20 +100,7 @@ pub fn hub_options() -> Result<ddpm_data::hub::HubOptions> {
     })
 }
 
-/// The HTTP proxy of every download: the first of `HTTPS_PROXY`, `https_proxy`, `ALL_PROXY`,
-/// `all_proxy`, `HTTP_PROXY`, `http_proxy` that is set, with the hosts of `NO_PROXY` (or
-/// `no_proxy`) reached directly. A bad address is an error when a download starts.
-pub fn proxy() -> Option<ddpm_data::fetch::ProxyConfig> {
-    ddpm_data::fetch::ProxyConfig::from_variables(|v| std::env::var(v).ok())
-}
-
-/// The certificate authorities HTTPS downloads trust: the PEM bundle named by the first of
-/// `REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`, `SSL_CERT_FILE`, `SSL_CERT_DIR` that is set (as
-/// `requests` and OpenSSL read them; it replaces the built-in roots), else the built-in Mozilla
-/// roots. The bundle is read when a download starts, so a bad one stops only downloads.
-pub fn trusted_roots() -> ddpm_data::fetch::TrustedRoots {
-    ddpm_data::fetch::TrustedRoots::from_variables(|v| std::env::var_os(v))
-}
+pub use crate::net_env::{proxy, trusted_roots};
 
 /// Whether freed GPU memory goes back to the driver at every sync: `DDPM_CUDA_POOL=release`;
 /// `keep` (the default) keeps it for reuse. Any other value is an error naming it.

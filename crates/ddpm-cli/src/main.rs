@@ -12,6 +12,7 @@ mod eval;
 mod export;
 mod forward;
 mod launch;
+mod net_env;
 mod output;
 mod pretrained;
 mod sample;

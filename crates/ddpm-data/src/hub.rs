@@ -89,11 +89,9 @@ pub struct HubOptions {
     /// 2, 4, ... seconds (default 5). The listing is asked for once.
     pub retries: Option<u32>,
     /// The certificate authorities an HTTPS endpoint is checked against (a bundle is read when
-    /// the client is made, online only); the binary takes a bundle from the variables of
-    /// [`crate::fetch::CA_BUNDLE_VARS`].
+    /// the client is made, online only).
     pub roots: crate::fetch::TrustedRoots,
-    /// The HTTP proxy requests go through (none: direct connections); the binary takes it from
-    /// the variables of [`crate::fetch::PROXY_VARS`].
+    /// The HTTP proxy requests go through (none: direct connections).
     pub proxy: Option<crate::fetch::ProxyConfig>,
 }
 

@@ -54,9 +54,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use checksum::Checksum;
-pub use proxy::{ProxyConfig, NO_PROXY_VARS, PROXY_VARS};
+pub use proxy::ProxyConfig;
 pub use store::MARKER;
-pub use tls::{TrustedRoots, CA_BUNDLE_VARS};
+pub use tls::TrustedRoots;
 
 use checksum::{is_hex, verify_file, ChecksumList};
 use store::{check_marker, extract_tar_gz, list_files, ExtractLimits, FileRecord, Marker, Staging};

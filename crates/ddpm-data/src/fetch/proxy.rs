@@ -1,8 +1,8 @@
 //! The HTTP proxy downloads go through, and the hosts they reach directly.
 //!
-//! The binaries take it from the variables curl and `requests` read ([`PROXY_VARS`],
-//! [`NO_PROXY_VARS`]) through [`ProxyConfig::from_variables`]; this crate reads no environment
-//! itself (the HTTP client's own reading of them is turned off). One proxy serves every
+//! The binary passes it in as a value ([`ProxyConfig::new`]; `ddpm` takes it from the variables
+//! curl and `requests` read); this crate reads no environment, and the HTTP client's own
+//! reading of it is turned off. One proxy serves every
 //! download, http:// and https:// alike, through HTTP `CONNECT`; the loopback addresses are
 //! always reached directly, as a proxy cannot reach them. A proxy address that cannot be used is
 //! an error when the first download starts, never silently a direct connection.
@@ -10,21 +10,6 @@
 use std::fmt;
 
 use crate::error::{DataError, Result};
-
-/// The variables that name the proxy, in the order they are looked at: the https proxy first
-/// (most downloads are https), then the one for every scheme, then the http proxy.
-pub const PROXY_VARS: [&str; 6] = [
-    "HTTPS_PROXY",
-    "https_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "HTTP_PROXY",
-    "http_proxy",
-];
-
-/// The variables that list the hosts reached without the proxy (comma-separated: `host`,
-/// `.domain` or `*.domain` for its sub-domains, `*` for all), the first set.
-pub const NO_PROXY_VARS: [&str; 2] = ["NO_PROXY", "no_proxy"];
 
 /// Hosts never sent through a proxy.
 const LOOPBACK: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];
@@ -53,30 +38,20 @@ impl fmt::Debug for ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// The proxy named by the first of [`PROXY_VARS`] that `lookup` gives a non-empty value for,
-    /// with the hosts of the first of [`NO_PROXY_VARS`] that is set; `None` when no proxy is
-    /// named. A binary passes `|v| std::env::var(v).ok()`.
-    pub fn from_variables(lookup: impl Fn(&str) -> Option<String>) -> Option<Self> {
-        let (named_by, url) = PROXY_VARS.iter().find_map(|var| {
-            let value = lookup(var).filter(|v| !v.trim().is_empty())?;
-            Some((var.to_string(), value.trim().to_string()))
-        })?;
-        let no_proxy = NO_PROXY_VARS
-            .iter()
-            .find_map(|var| lookup(var))
-            .map(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default();
-        Some(ProxyConfig {
-            url,
-            named_by,
-            no_proxy,
-        })
+    /// The proxy at `url` (trimmed), named by `named_by` in messages, with `no_proxy` a
+    /// comma-separated list of hosts reached directly (`host`, `.domain` or `*.domain` for its
+    /// sub-domains, `*` for all).
+    pub fn new(url: &str, named_by: &str, no_proxy: &str) -> Self {
+        ProxyConfig {
+            url: url.trim().to_string(),
+            named_by: named_by.to_string(),
+            no_proxy: no_proxy
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect(),
+        }
     }
 
     /// Its address as messages show it, without the password.
@@ -186,28 +161,9 @@ fn redacted(url: &str) -> String {
 mod tests {
     use super::*;
 
-    fn vars(set: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| {
-            set.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
-
     #[test]
-    fn the_first_variable_set_names_the_proxy() {
-        assert_eq!(ProxyConfig::from_variables(vars(&[])), None);
-        assert_eq!(
-            ProxyConfig::from_variables(vars(&[("HTTP_PROXY", " ")])),
-            None
-        );
-        let p = ProxyConfig::from_variables(vars(&[
-            ("http_proxy", "http://h:1"),
-            ("HTTPS_PROXY", "http://s:2"),
-            ("NO_PROXY", "a.example, .b.example,,"),
-            ("no_proxy", "ignored"),
-        ]))
-        .unwrap();
+    fn the_no_proxy_list_is_split_and_trimmed() {
+        let p = ProxyConfig::new(" http://s:2 ", "HTTPS_PROXY", "a.example, .b.example,,");
         assert_eq!(p.url, "http://s:2");
         assert_eq!(p.named_by, "HTTPS_PROXY");
         assert_eq!(p.no_proxy, ["a.example", ".b.example"]);

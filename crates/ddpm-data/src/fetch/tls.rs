@@ -2,10 +2,9 @@
 //! roots compiled in, or the certificates of a PEM bundle the user names (a company's proxy that
 //! inspects TLS re-signs every site with its own CA; a private mirror or Hub may have one).
 //!
-//! The binaries take the bundle from the variables `requests` (and so `huggingface_hub`), curl
-//! and OpenSSL read, in [`CA_BUNDLE_VARS`]' order, through [`TrustedRoots::from_variables`];
-//! this crate reads no environment itself. As with those tools, a bundle *replaces* the
-//! compiled-in roots. It is read when the first HTTP client is made, not before, so a bad one
+//! The binary passes the bundle in as a value (`ddpm` takes it from the variables `requests`,
+//! curl and OpenSSL read); this crate reads no environment. As with those tools, a bundle
+//! *replaces* the compiled-in roots. It is read when the first HTTP client is made, not before, so a bad one
 //! does not stop work that needs no network.
 
 use std::path::{Path, PathBuf};
@@ -14,15 +13,6 @@ use std::sync::Arc;
 use ureq::tls::{Certificate, PemItem, RootCerts};
 
 use crate::error::{DataError, Result};
-
-/// The variables that name a CA bundle, in the order they are looked at: `requests`' own two,
-/// then OpenSSL's file and directory.
-pub const CA_BUNDLE_VARS: [&str; 4] = [
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-];
 
 /// Files of a bundle directory read at most (a certificate store holds a few hundred).
 const MAX_DIR_FILES: usize = 10_000;
@@ -46,21 +36,6 @@ pub enum TrustedRoots {
 }
 
 impl TrustedRoots {
-    /// The bundle named by the first of [`CA_BUNDLE_VARS`] that `lookup` gives a non-empty
-    /// value for, else [`TrustedRoots::Bundled`]. A binary passes `|v| std::env::var_os(v)`.
-    pub fn from_variables(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
-        CA_BUNDLE_VARS
-            .iter()
-            .find_map(|var| {
-                let value = lookup(var).filter(|v| !v.is_empty())?;
-                Some(TrustedRoots::Bundle {
-                    path: PathBuf::from(value),
-                    named_by: (*var).to_string(),
-                })
-            })
-            .unwrap_or_default()
-    }
-
     /// What is trusted, in words: "the built-in Mozilla roots" or "the CA certificates of
     /// PATH (VAR)".
     pub fn describe(&self) -> String {
@@ -196,35 +171,6 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tls")
             .join(name)
-    }
-
-    #[test]
-    fn the_first_variable_set_names_the_bundle() {
-        let vars = |set: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                set.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
-        assert_eq!(
-            TrustedRoots::from_variables(vars(&[])),
-            TrustedRoots::Bundled
-        );
-        assert_eq!(
-            TrustedRoots::from_variables(vars(&[("SSL_CERT_FILE", "")])),
-            TrustedRoots::Bundled
-        );
-        assert_eq!(
-            TrustedRoots::from_variables(vars(&[
-                ("SSL_CERT_FILE", "/b.pem"),
-                ("REQUESTS_CA_BUNDLE", "/a.pem")
-            ])),
-            TrustedRoots::Bundle {
-                path: "/a.pem".into(),
-                named_by: "REQUESTS_CA_BUNDLE".into()
-            }
-        );
     }
 
     #[test]
