@@ -48,7 +48,7 @@ struct Suite {
     attacks: &'static [&'static str],
 }
 
-const SUITES: [Suite; 5] = [
+const SUITES: [Suite; 6] = [
     Suite {
         package: "ddpm-data",
         test: "fuzz_regressions",
@@ -97,6 +97,17 @@ const SUITES: [Suite; 5] = [
             "decode error advice (skip_corrupt)",
             "sample --out x.jpg, --batch-size 0",
             "SIGUSR1 / SIGHUP",
+        ],
+    },
+    Suite {
+        package: "ddpm-cli",
+        test: "attacks_round5",
+        attacks: &[
+            "a file name with a newline in an error",
+            "null and stray Hub labels, empty class folders",
+            "a checkpoint copied in from another run",
+            "a new run over a run whose checkpoints were moved",
+            "export --out RUN --force",
         ],
     },
 ];

@@ -21,18 +21,26 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 /// The workspace crates from the bottom layer up, each with the workspace crates it may use.
-pub const LAYERS: [(&str, &[&str]); 7] = [
+pub const LAYERS: [(&str, &[&str]); 8] = [
+    ("ddpm-fs", &[]),
     ("ddpm-schedule", &[]),
     ("ddpm-kernels", &[]),
-    ("ddpm-unet", &["ddpm-kernels"]),
-    ("ddpm-data", &[]),
+    ("ddpm-unet", &["ddpm-fs", "ddpm-kernels"]),
+    ("ddpm-data", &["ddpm-fs"]),
     (
         "ddpm-train",
-        &["ddpm-schedule", "ddpm-kernels", "ddpm-unet", "ddpm-data"],
+        &[
+            "ddpm-fs",
+            "ddpm-schedule",
+            "ddpm-kernels",
+            "ddpm-unet",
+            "ddpm-data",
+        ],
     ),
     (
         "ddpm-cli",
         &[
+            "ddpm-fs",
             "ddpm-schedule",
             "ddpm-kernels",
             "ddpm-unet",
@@ -43,6 +51,7 @@ pub const LAYERS: [(&str, &[&str]); 7] = [
     (
         "xtask",
         &[
+            "ddpm-fs",
             "ddpm-schedule",
             "ddpm-kernels",
             "ddpm-unet",
@@ -53,7 +62,8 @@ pub const LAYERS: [(&str, &[&str]); 7] = [
 ];
 
 /// The library crates: their `src/` may not read the environment.
-pub const LIBRARIES: [&str; 5] = [
+pub const LIBRARIES: [&str; 6] = [
+    "ddpm-fs",
     "ddpm-schedule",
     "ddpm-kernels",
     "ddpm-unet",

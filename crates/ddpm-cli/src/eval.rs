@@ -273,22 +273,7 @@ fn beside(report: &Path, suffix: &str) -> PathBuf {
     report.with_file_name(format!("{stem}-{suffix}"))
 }
 
-fn check_dir_exists(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "output directory {} of {} does not exist: create it first",
-            dir.display(),
-            path.display()
-        );
-    }
-    Ok(())
-}
-
-/// [`check_dir_exists`] for the JSON report, which must be named `.json` and may replace only
+/// [`check_output`] for the JSON report, which must be named `.json` and may replace only
 /// an earlier report of ours: any other file at that path (a run's `config.toml` given by
 /// mistake, a device, a pipe) is refused untouched.
 fn check_report_path(path: &Path) -> Result<()> {
@@ -298,7 +283,7 @@ fn check_report_path(path: &Path) -> Result<()> {
     })
 }
 
-/// [`check_dir_exists`] for a PNG output (`flag` names it), which must be named `.png` and may
+/// [`check_output`] for a PNG output (`flag` names it), which must be named `.png` and may
 /// replace only a PNG.
 fn check_png_path(path: &Path, flag: &str) -> Result<()> {
     crate::require_extension(path, flag, "png")?;
@@ -311,16 +296,16 @@ fn check_png_path(path: &Path, flag: &str) -> Result<()> {
 /// The largest existing report [`check_report_path`] reads to recognise it.
 const MAX_REPORT_BYTES: u64 = 1 << 26;
 
-/// Checks an output path: its directory exists, and what is there already is a regular file
-/// whose first `head` bytes `ours` recognises, or nothing ([`crate::output::existing`]).
+/// Checks an output path: its directory exists, and what is there already is a writable regular
+/// file whose first `head` bytes `ours` recognises, or nothing ([`crate::output::existing`]).
 fn check_output(path: &Path, flag: &str, head: u64, ours: impl Fn(&[u8]) -> bool) -> Result<()> {
     use crate::output::Existing;
-    check_dir_exists(path)?;
     match crate::output::existing(path, head, ours)
         .with_context(|| format!("{flag} {}", path.display()))?
     {
-        Existing::Absent => Ok(()),
+        Existing::Absent => crate::check_output_file(path, flag),
         Existing::Ours => {
+            crate::check_output_file(path, flag)?;
             tracing::info!(path = %path.display(), "replacing an earlier output");
             Ok(())
         }

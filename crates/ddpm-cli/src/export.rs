@@ -39,12 +39,33 @@ pub struct ExportArgs {
     force: bool,
 }
 
-/// Refuses an `out` that is a file, or a non-empty directory without `force`.
+/// Refuses an `out` that is a file, a training run's directory or its `checkpoints/` (even
+/// with `force`: a pipeline there makes `--checkpoint RUN` read as a pipeline), or a non-empty
+/// directory without `force`.
 fn check_out(out: &Path, force: bool) -> Result<()> {
     if out.is_file() {
         anyhow::bail!(
             "--out {} is a file: name a directory to write the pipeline into",
             out.display()
+        );
+    }
+    let is_run = out.join("checkpoints").is_dir() || out.join("history.jsonl").is_file();
+    let run_dir = out.parent().unwrap_or(Path::new("."));
+    let is_checkpoints = out.file_name().is_some_and(|n| n == "checkpoints")
+        && ddpm_train::checkpoint::list(run_dir).is_ok_and(|l| !l.is_empty());
+    if is_run || is_checkpoints {
+        anyhow::bail!(
+            "--out {} is {}: a pipeline written there would be mistaken for the run (and the \
+             run for a pipeline); name a directory of its own, such as {}",
+            out.display(),
+            if is_run {
+                "a training run's directory"
+            } else {
+                "a training run's checkpoints folder"
+            },
+            if is_run { out } else { run_dir }
+                .join("diffusers")
+                .display()
         );
     }
     if out.is_dir() && !force {
@@ -68,7 +89,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     }
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    ddpm_unet::weights::write_atomic(path, text.as_bytes())
+    ddpm_fs::write_atomic(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -109,7 +130,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     // the end, the directory is an unfinished export that `--pretrained` refuses (a `--force`
     // export killed midway would otherwise pair one run's UNet with another's scheduler).
     let marker = a.out.join(crate::pretrained::INCOMPLETE_EXPORT);
-    ddpm_unet::weights::write_atomic(
+    ddpm_fs::write_atomic(
         &marker,
         b"a `ddpm export` into this directory did not finish: run it again\n",
     )

@@ -69,6 +69,7 @@ pub fn run(a: ForwardArgs) -> Result<()> {
         anyhow::bail!("--timesteps: {t} is out of range for T = {}", a.total_steps);
     }
     crate::require_extension(&a.out, "--out", "png")?;
+    crate::check_output_file(&a.out, "--out")?;
     let beta_schedule: BetaSchedule = crate::beta_schedule(&a.schedule)?;
     let device = ddpm_train::parse_device(&a.device)?;
     let schedule = Schedule::new(

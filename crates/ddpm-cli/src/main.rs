@@ -109,7 +109,7 @@ fn main() -> ExitCode {
     let filter = match log_filter(&cli.log, log_source) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: {e}");
+            print_error(&e);
             return ExitCode::from(2);
         }
     };
@@ -135,13 +135,13 @@ fn main() -> ExitCode {
     // The kernel policy of the environment (commands that read a run's config install its
     // policy, with the environment's variables applied, once they have it).
     if let Err(e) = env::install_kernel_policy(ddpm_unet::KernelPolicy::default()) {
-        eprintln!("error: {}", chain(&e));
+        print_error(&e);
         return ExitCode::FAILURE;
     }
     match env::cuda_pool_release() {
         Ok(release) => ddpm_train::device::set_cuda_pool_release(release),
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            print_error(&e);
             return ExitCode::FAILURE;
         }
     }
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
     match env::hub_options() {
         Ok(options) => ddpm_data::hub::install(options),
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            print_error(&e);
             return ExitCode::FAILURE;
         }
     }
@@ -172,7 +172,7 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            print_error(&e);
             ExitCode::FAILURE
         }
     }
@@ -268,7 +268,17 @@ fn log_filter(text: &str, source: &str) -> anyhow::Result<tracing_subscriber::En
     tracing_subscriber::EnvFilter::try_new(text).map_err(|e| bad(format!("not a log filter ({e})")))
 }
 
-/// The error and its causes on one line: "reading X: file is truncated".
+/// Writes `error: MESSAGE` for `e` ([`chain`]) to standard error in one write, so that the line
+/// of another process sharing the stream (a launcher and its ranks) cannot land inside it.
+fn print_error(e: &anyhow::Error) {
+    use std::io::Write;
+    let line = format!("error: {}\n", chain(e));
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// The error and its causes on one line: "reading X: file is truncated". Control characters (a
+/// file name's newline, a terminal escape) are written escaped, as `\n` or `\u{1b}`, so that no
+/// name can break the line or forge another.
 fn chain(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
@@ -277,7 +287,20 @@ fn chain(e: &anyhow::Error) -> String {
             parts.push(s);
         }
     }
-    parts.join(": ")
+    one_line(&parts.join(": "))
+}
+
+/// `text` with every control character escaped (`\n`, `\t`, `\u{1b}`, ...).
+fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Refuses an output path whose extension is not `ext`: the bytes written must be what the
@@ -297,6 +320,13 @@ pub(crate) fn require_extension(
         ext.to_ascii_uppercase(),
         found.map_or("no extension".to_string(), |e| format!("`.{e}`"))
     )
+}
+
+/// Refuses, before any work, an output file that could not be written at the end
+/// ([`ddpm_fs::check_output`]): a missing directory, a directory or FIFO at the path, a read-only
+/// file (`flag` names the option in the error).
+pub(crate) fn check_output_file(path: &std::path::Path, flag: &str) -> anyhow::Result<()> {
+    ddpm_fs::check_output(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
 }
 
 /// The beta schedule named `word` ([`ddpm_schedule::BetaSchedule::NAMES`]) with its default
@@ -360,6 +390,17 @@ mod tests {
             "error: unexpected argument '--stpes' found (a similar argument exists: '--steps'); \
              see `ddpm sample --help`"
         );
+    }
+
+    #[test]
+    fn an_error_naming_a_file_with_a_newline_stays_one_line() {
+        let e = anyhow::anyhow!("cannot decode image")
+            .context("/data/bad\nerror: forged.png\u{1b}[2J\tx");
+        assert_eq!(
+            chain(&e),
+            "/data/bad\\nerror: forged.png\\u{1b}[2J\\tx: cannot decode image"
+        );
+        assert_eq!(one_line("été ok"), "été ok");
     }
 
     #[test]

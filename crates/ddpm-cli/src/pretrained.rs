@@ -253,7 +253,7 @@ pub(crate) fn write_provenance(
     }
     let mut text = serde_json::to_string_pretty(&value)?;
     text.push('\n');
-    ddpm_unet::weights::write_atomic(&path, text.as_bytes())
+    ddpm_fs::write_atomic(&path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
@@ -352,8 +352,8 @@ fn check_model_index(dir: &Path) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }
-    let text = ddpm_unet::weights::read_regular_text(&path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        ddpm_fs::read_regular_text(&path).with_context(|| format!("reading {}", path.display()))?;
     let index: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     if !index.is_object() || index.get("_class_name").is_none() {
@@ -393,7 +393,7 @@ pub(crate) fn load(dir: &Path, device: &str, precision: &str) -> Result<Pretrain
     precision.check_device(&device)?;
     check_model_index(dir)?;
     let sched_path = scheduler_file(dir)?;
-    let text = ddpm_unet::weights::read_regular_text(&sched_path)
+    let text = ddpm_fs::read_regular_text(&sched_path)
         .with_context(|| format!("reading {}", sched_path.display()))?;
     let scheduler = DiffusersScheduler::from_json(&text)
         .with_context(|| format!("reading {}", sched_path.display()))?;

@@ -196,9 +196,13 @@ impl InferenceArgs {
                 checkpoint.display()
             );
         }
-        if checkpoint.join("model_index.json").is_file()
-            || checkpoint.join("unet/config.json").is_file()
-            || checkpoint.join("config.json").is_file() && !checkpoint.join("config.toml").exists()
+        // A training run is one whatever else it holds (a pipeline exported into it by hand).
+        let is_run = ddpm_train::checkpoint::list(checkpoint).is_ok_and(|l| !l.is_empty());
+        if !is_run
+            && (checkpoint.join("model_index.json").is_file()
+                || checkpoint.join("unet/config.json").is_file()
+                || checkpoint.join("config.json").is_file()
+                    && !checkpoint.join("config.toml").exists())
         {
             anyhow::bail!(
                 "--checkpoint {}: this is a diffusers pipeline directory, not a training run: \
@@ -240,20 +244,6 @@ pub(crate) fn parse_weights(which: &str) -> Result<WeightsKind> {
     }
 }
 
-fn check_writable(path: &Path) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        anyhow::bail!(
-            "output directory {} does not exist: create it first",
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
 pub fn run(a: SampleArgs) -> Result<()> {
     if a.num == 0 {
         anyhow::bail!("--num must be at least 1");
@@ -262,7 +252,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         anyhow::bail!("--batch-size must be at least 1 (images denoised at once)");
     }
     let out_format = grid_format(&a.out)?;
-    check_writable(&a.out)?;
+    crate::check_output_file(&a.out, "--out")?;
     if a.pretrained.is_some() {
         crate::pretrained::check_provenance_path(&a.out)?;
     }
@@ -274,7 +264,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     if let Some(g) = &a.gif {
         crate::require_extension(g, "--gif", "gif")?;
-        check_writable(g)?;
+        crate::check_output_file(g, "--gif")?;
         if a.frames < 2 {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
@@ -342,8 +332,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
             .with_context(|| format!("creating --out-dir {}", dir.display()))?;
         for i in 0..a.num {
             let p = dir.join(format!("sample-{i:05}.png"));
+            // The error names the file.
             image_io::save_image(&samples.images.get(i)?, &p)
-                .with_context(|| format!("writing {}", p.display()))?;
+                .context("writing the --out-dir images")?;
         }
         tracing::info!(dir = %dir.display(), "individual samples written");
     }

@@ -598,6 +598,39 @@ fn bad_input_gives_one_clear_error_line() {
         ])),
         "does not exist",
     );
+    // Outputs that could not be written at the end are refused before the model is even
+    // loaded (the checkpoint named here does not exist): a directory named like the GIF, a
+    // read-only grid left as it was, a FIFO.
+    std::fs::create_dir(p.join("reverse.gif")).expect("mkdir");
+    let o = run(ddpm(p).args([
+        "sample",
+        "--checkpoint",
+        "none",
+        "--out",
+        "s.png",
+        "--gif",
+        "reverse.gif",
+    ]));
+    assert_clean_error(
+        &o,
+        "--gif reverse.gif: it is a directory, not a regular file",
+    );
+    std::fs::write(p.join("kept.png"), b"mine").expect("write");
+    let mut ro = std::fs::metadata(p.join("kept.png"))
+        .expect("meta")
+        .permissions();
+    ro.set_readonly(true);
+    std::fs::set_permissions(p.join("kept.png"), ro).expect("chmod");
+    for args in [
+        &["sample", "--checkpoint", "none", "--out", "kept.png"][..],
+        &["forward", "--out", "kept.png"][..],
+    ] {
+        assert_clean_error(
+            &run(ddpm(p).args(args)),
+            "--out kept.png: the file is read-only",
+        );
+    }
+    assert_eq!(std::fs::read(p.join("kept.png")).expect("read"), b"mine");
     // A checkpoint of another model config cannot be loaded into this run's model.
     let o = run(ddpm(p).args(["train", "--config", "tiny.toml", "--out", "run"]));
     assert_clean_error(&o, "--resume");

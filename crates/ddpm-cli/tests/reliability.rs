@@ -230,13 +230,13 @@ fn kill9(child: &mut Child) {
     }
 }
 
-/// Temporary files (`.NAME.tmp-PID`) in a directory.
+/// Temporary files (`.ddpm-PID-N.tmp`, `ddpm_fs::temporary_name`) in a directory.
 fn temp_files(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with('.') && n.contains(".tmp-"))
+                .filter(|n| n.starts_with(".ddpm-") && n.ends_with(".tmp"))
                 .collect()
         })
         .unwrap_or_default()
@@ -309,7 +309,7 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
                 Duration::from_millis(rng.random_range(0..run_ms / 4))
             };
         // Odd rounds: kill as soon as this process has a checkpoint file half-written.
-        let tmp_suffix = format!(".tmp-{pid}");
+        let tmp_prefix = format!(".ddpm-{pid}-");
         let mut exited = None;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
@@ -319,7 +319,7 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
             if aim_at_write
                 && temp_files(&ckpt_dir)
                     .iter()
-                    .any(|n| n.ends_with(&tmp_suffix))
+                    .any(|n| n.starts_with(&tmp_prefix))
             {
                 if rng.random_bool(0.5) {
                     std::thread::sleep(Duration::from_micros(rng.random_range(0..3000)));
@@ -340,7 +340,7 @@ fn crash_loop_kill_9_at_random_moments_then_resume_to_the_same_weights() {
         }
         if temp_files(&ckpt_dir)
             .iter()
-            .any(|n| n.ends_with(&tmp_suffix))
+            .any(|n| n.starts_with(&tmp_prefix))
         {
             during_write += 1;
         }
@@ -520,9 +520,14 @@ fn a_full_disk_while_sampling_keeps_the_earlier_images_and_leaves_no_empty_ones(
         let o = full(args);
         tally.runs += 1;
         match clean_error(&o) {
-            Ok(line) => tally.check(line.contains("No space left"), || {
-                format!("{args:?}: the error does not say the disk is full: {line}")
-            }),
+            Ok(line) => {
+                tally.check(line.contains("No space left"), || {
+                    format!("{args:?}: the error does not say the disk is full: {line}")
+                });
+                tally.check(line.matches("disk/").count() == 1, || {
+                    format!("{args:?}: the error should name the file once: {line}")
+                });
+            }
             Err(e) => tally.check(false, || format!("{args:?}: {e}")),
         }
     }

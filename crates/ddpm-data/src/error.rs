@@ -196,10 +196,16 @@ pub enum DataError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// A transport-level HTTP failure (connection refused, reset, timeout, TLS...).
-    #[error("downloading {url}")]
+    #[error(
+        "downloading {url}{}",
+        via.as_deref().map(|v| format!(" through the proxy {v}")).unwrap_or_default()
+    )]
     Http {
         /// The URL.
         url: String,
+        /// The proxy the request went through (`VARIABLE=ADDRESS`, password hidden), when one
+        /// did: the failure may be the proxy's as much as the server's.
+        via: Option<String>,
         /// The client's error.
         #[source]
         source: Box<ureq::Error>,

@@ -299,7 +299,18 @@ pub fn decode_image(bytes: Vec<u8>, path: &Path, size: u32) -> Result<Vec<u8>> {
         .with_guessed_format()
         .map_err(|e| decode_err(image::ImageError::IoError(e)))?
         .decode()
-        .map_err(decode_err)?;
+        .map_err(|e| match e {
+            // The decoder's own cap ("Memory limit exceeded" alone reads as the machine's).
+            image::ImageError::Limits(_) => DataError::BadHeader {
+                path: path.into(),
+                reason: format!(
+                    "the image is {w}x{h} pixels, more than the image decoder's 512 MiB limit \
+                     allows: downscale it (to skip such files, set `skip_corrupt = true` under \
+                     `[data]` in the config)"
+                ),
+            },
+            e => decode_err(e),
+        })?;
     let rgb = image.to_rgb8();
     if rgb.width() == 0 || rgb.height() == 0 {
         return Err(DataError::Empty {
@@ -884,6 +895,42 @@ mod tests {
         let decoded = decode_all(&index.files, 4, 2, true).unwrap();
         assert_eq!(decoded.skipped, vec![fifo]);
         assert_eq!(decoded.labels.len(), 3);
+    }
+
+    /// A PNG whose 12000x12000 pixels pass the size-per-byte check (a 150 KB ancillary chunk)
+    /// but not the decoder's 512 MiB cap: the error gives the size and what to do, not the
+    /// decoder's bare "Memory limit exceeded".
+    #[test]
+    fn an_image_above_the_decoders_limit_is_named_with_its_size() {
+        fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            let mut out = (data.len() as u32).to_be_bytes().to_vec();
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            out.extend_from_slice(&crc.sum().to_be_bytes());
+            out
+        }
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&12000u32.to_be_bytes());
+        ihdr.extend_from_slice(&12000u32.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"zzZz", &vec![0; 150_000]));
+        png.extend(chunk(
+            b"IDAT",
+            &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+        ));
+        png.extend(chunk(b"IEND", &[]));
+        let err = decode_image(png, Path::new("big.png"), 8).unwrap_err();
+        assert!(matches!(err, DataError::BadHeader { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("12000x12000") && text.contains("downscale"),
+            "{text}"
+        );
     }
 
     #[test]

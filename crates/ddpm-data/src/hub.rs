@@ -469,7 +469,10 @@ impl Hub {
                                 body.as_deref().unwrap_or_default(),
                             ));
                         }
-                        let body = body.map_err(|e| transport_error(&what, &endpoint, e))?;
+                        let body = body.map_err(|e| {
+                            let via = online.transfer().proxy_of(&url);
+                            transport_error(&what, &endpoint, e, via.as_deref())
+                        })?;
                         serde_json::from_str(&body).map_err(|e| DataError::Hub {
                             what: format!("{what} ({url})"),
                             hint: "the Hub's answer is not a repository listing".to_string(),
@@ -1039,8 +1042,20 @@ fn transport_hint(endpoint: &str) -> String {
     )
 }
 
-/// A request to the Hub that got no answer (or broke off), with what to do.
-fn transport_error(what: &str, endpoint: &str, e: ureq::Error) -> DataError {
+/// A request to the Hub that got no answer (or broke off), with what to do; `via` names the
+/// proxy it went through, if any, which may be at fault as much as the Hub.
+fn transport_error(what: &str, endpoint: &str, e: ureq::Error, via: Option<&str>) -> DataError {
+    if let Some(via) = via {
+        return DataError::Hub {
+            what: what.to_string(),
+            hint: format!(
+                "the connection to {endpoint} through the proxy {via} failed: check that the \
+                 proxy works, or list the Hub's host in NO_PROXY to reach it directly; with the \
+                 files already cached, set HF_HUB_OFFLINE=1 to use them without the network"
+            ),
+            source: Some(Box::new(e)),
+        };
+    }
     let hint = match &e {
         ureq::Error::Timeout(_) => format!(
             "{endpoint} did not answer in time (HF_HUB_DOWNLOAD_TIMEOUT sets the seconds); check \
@@ -1090,7 +1105,9 @@ fn hub_message(body: &str) -> Option<String> {
 fn download_error(what: &str, endpoint: &str, e: DataError) -> DataError {
     match e {
         DataError::HttpStatus { url, status, .. } => status_error(what, &url, endpoint, status, ""),
-        DataError::Http { source, .. } => transport_error(what, endpoint, *source),
+        DataError::Http { source, via, .. } => {
+            transport_error(what, endpoint, *source, via.as_deref())
+        }
         DataError::Interrupted {
             received, source, ..
         } => DataError::Hub {

@@ -417,8 +417,17 @@ pub fn load_first(
 }
 
 /// Labels to class indices and names; `None` when the rows carry no usable label.
+/// Rows of which only some carry a label, or labels that mix integers and strings, are read
+/// as one class with a warning naming the first row without a usable label.
 fn labels_of(rows: &[RawRow], names: Option<Vec<String>>) -> Option<(Vec<u32>, Vec<String>)> {
-    if rows.iter().any(|r| r.label == Label::None) {
+    if let Some(row) = rows.iter().find(|r| r.label == Label::None) {
+        if rows.iter().any(|r| r.label != Label::None) {
+            tracing::warn!(
+                row = %row.name.display(),
+                "a row has no label (null, or not an integer or a string) while others have one: \
+                 the images are read as one class"
+            );
+        }
         return None;
     }
     if rows.iter().all(|r| matches!(r.label, Label::Int(_))) {
@@ -458,6 +467,7 @@ fn labels_of(rows: &[RawRow], names: Option<Vec<String>>) -> Option<(Vec<u32>, V
             .collect();
         return Some((labels, names));
     }
+    tracing::warn!("the label column mixes integers and strings: the images are read as one class");
     None
 }
 

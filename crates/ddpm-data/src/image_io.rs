@@ -1,7 +1,6 @@
 //! Saving images: tensors in [-1, 1] back to `u8` pictures and PNG grids, written whole or
 //! not at all ([`write_atomic`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -115,122 +114,16 @@ pub fn encode(picture: &RgbImage, format: image::ImageFormat, path: &Path) -> Re
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` whole or not at all: into a file beside it under a name no other
-/// process or call uses, flushed to disk, then renamed over `path`. On any failure (a full
-/// disk) the temporary file is removed and whatever was at `path` is left as it was.
-///
-/// A symbolic link at `path` is written through (the file it names is replaced, and the link
-/// keeps pointing there); an existing file that is read-only is refused, not replaced; a file
-/// that is replaced keeps its permissions.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let path = &link_target(path)?;
-    let existing = std::fs::metadata(path).ok().filter(|m| m.is_file());
-    if existing
-        .as_ref()
-        .is_some_and(|m| m.permissions().readonly())
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "the file is read-only: make it writable, or write elsewhere",
-        ));
-    }
-    let tmp = unique_sibling(path);
-    let result = std::fs::File::create(&tmp).and_then(|mut file| {
-        file.write_all(bytes)?;
-        if let Some(meta) = &existing {
-            file.set_permissions(meta.permissions())?;
-        }
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    } else if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        // Persist the rename; some file systems cannot sync a directory.
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    result
-}
+pub use ddpm_fs::{check_output, write_atomic};
 
-/// The file a chain of symbolic links at `path` ends at (`path` itself when it is no link); a
-/// dangling link gives the path it names, which a write then creates.
-fn link_target(path: &Path) -> std::io::Result<PathBuf> {
-    let mut path = path.to_path_buf();
-    // As many links as the system follows itself.
-    for _ in 0..40 {
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                let to = std::fs::read_link(&path)?;
-                path = match path.parent() {
-                    Some(dir) if to.is_relative() => dir.join(to),
-                    _ => to,
-                };
-            }
-            _ => return Ok(path),
-        }
-    }
-    Err(std::io::Error::other("too many levels of symbolic links"))
-}
-
-/// A name beside `path` that no other process or call uses, and short, so that every name a
-/// file system allows can be written this way: `.ddpm-<pid>-<n>.tmp`.
+/// A name beside `path` that no other process or call uses ([`ddpm_fs::temporary_name`]).
 pub(crate) fn unique_sibling(path: &Path) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    path.with_file_name(format!(".ddpm-{}-{n}.tmp", std::process::id()))
+    path.with_file_name(ddpm_fs::temporary_name(std::process::id()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_writes_go_through_links_keep_modes_and_spare_read_only_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        // Through a link: the linked file is replaced and the link stays a link.
-        std::fs::write(p.join("target.png"), b"old").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::os::unix::fs::symlink("target.png", p.join("latest.png")).unwrap();
-            write_atomic(&p.join("latest.png"), b"new").unwrap();
-            assert!(std::fs::symlink_metadata(p.join("latest.png"))
-                .unwrap()
-                .is_symlink());
-            assert_eq!(std::fs::read(p.join("target.png")).unwrap(), b"new");
-            // The mode of a replaced file is kept.
-            std::fs::set_permissions(p.join("target.png"), std::fs::Permissions::from_mode(0o640))
-                .unwrap();
-            write_atomic(&p.join("target.png"), b"newer").unwrap();
-            let mode = std::fs::metadata(p.join("target.png"))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o640);
-        }
-        // A read-only file is refused and left as it was.
-        let mut ro = std::fs::metadata(p.join("target.png"))
-            .unwrap()
-            .permissions();
-        ro.set_readonly(true);
-        std::fs::set_permissions(p.join("target.png"), ro).unwrap();
-        let e = write_atomic(&p.join("target.png"), b"x").unwrap_err();
-        assert!(e.to_string().contains("read-only"), "{e}");
-        assert_ne!(std::fs::read(p.join("target.png")).unwrap(), b"x");
-        // The longest name a file system allows can be written (the temporary name is short).
-        let long = p.join(format!("{}.png", "w".repeat(251)));
-        write_atomic(&long, b"ok").unwrap();
-        let names: Vec<_> = std::fs::read_dir(p)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert!(
-            names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")),
-            "{names:?}"
-        );
-    }
     use crate::transform::u8_to_signed;
 
     #[test]

@@ -12,10 +12,7 @@ use crate::error::{DataError, Result};
 pub(crate) fn read(path: &Path, advice: &str) -> Result<Vec<u8>> {
     let not_regular = |meta: &std::fs::Metadata| DataError::Io {
         path: path.into(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file: {advice}", file_kind(meta)),
-        ),
+        source: ddpm_fs::not_regular(meta, advice),
     };
     let meta = std::fs::metadata(path).map_err(DataError::io(path))?;
     if !meta.is_file() {
@@ -29,28 +26,6 @@ pub(crate) fn read(path: &Path, advice: &str) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.read_to_end(&mut bytes).map_err(DataError::io(path))?;
     Ok(bytes)
-}
-
-/// What a file-system object that is not a regular file is, for errors.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_dir() {
-        return "a directory";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if t.is_fifo() {
-            return "a FIFO (named pipe)";
-        }
-        if t.is_socket() {
-            return "a socket";
-        }
-        if t.is_char_device() || t.is_block_device() {
-            return "a device";
-        }
-    }
-    "not a regular file"
 }
 
 #[cfg(all(test, unix))]

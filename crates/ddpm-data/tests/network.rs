@@ -3,7 +3,8 @@
 //! CA bundle is named ([`TrustedRoots::Bundle`]), refused at once with the built-in roots, with
 //! a message that says how to trust it; a bad bundle is an error that names it, and only for
 //! HTTP. Proxies (`support/connect_proxy.rs`): downloads go through the one named, with its
-//! credentials, except to the hosts of `NO_PROXY` and the loopback; a bad one is named.
+//! credentials, except to the hosts of `NO_PROXY` and the loopback; a bad one is named, and so
+//! is one that breaks the connection.
 
 #[path = "support/connect_proxy.rs"]
 mod connect_proxy;
@@ -291,4 +292,69 @@ fn a_proxy_address_that_cannot_be_used_is_named() {
         msg.starts_with("HTTPS_PROXY=socks5://user:***@p.example:1080"),
         "{msg}"
     );
+}
+
+/// A proxy that breaks the way `how` says: `garbage` answers `CONNECT` with bytes that are not
+/// HTTP, `close` hangs up without a word, `tunnel-close` says the tunnel is made and then
+/// closes it. Returns its `HOST:PORT`.
+fn broken_proxy(how: &'static str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = match how {
+                "garbage" => stream.write_all(b"\x16\x03\x01 SSH-2.0-OpenSSH\r\n\r\n"),
+                "tunnel-close" => stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+                _ => Ok(()),
+            };
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_proxy_that_breaks_the_connection_is_named_with_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start();
+    hub.publish(
+        Kind::Model,
+        "o/n",
+        "main",
+        vec![HubFile::lfs("w.bin", bytes())],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    for how in ["garbage", "close", "tunnel-close"] {
+        let addr = broken_proxy(how);
+        let shown = format!("HTTPS_PROXY=http://u:***@{addr}");
+        let opts = FetchOptions {
+            proxy: through(&format!("http://u:pw@{addr}"), &[]),
+            retries: 1,
+            ..quiet(TrustedRoots::Bundled)
+        };
+        let e = fetch_file("http://files.test:1/f", &dir.path().join("p"), "f", &opts).unwrap_err();
+        let msg = e.chain();
+        assert!(
+            msg.contains(&shown) && !msg.contains(":pw@"),
+            "{how}: {msg}"
+        );
+        // The Hub's client does not blame the Hub either.
+        let mut opts = hub_options::options(&hub, cache.path());
+        opts.endpoint = Some(hub.endpoint.replace("127.0.0.1", "hub.test"));
+        opts.retries = Some(0);
+        opts.proxy = through(&format!("http://u:pw@{addr}"), &[]);
+        let e = Hub::new(&opts)
+            .unwrap()
+            .snapshot(&Repo::model("o/n").unwrap(), "main")
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(&shown), "{how}: {msg}");
+        assert!(!msg.contains("is it a Hugging Face Hub"), "{how}: {msg}");
+    }
 }

@@ -21,10 +21,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use ddpm_data::LoaderPosition;
+use ddpm_fs::{check_regular_file, read_regular_file, write_atomic, MAX_TEXT_BYTES};
 use ddpm_schedule::{Objective, ScheduleConfig};
-use ddpm_unet::weights::{
-    check_regular_file, read_regular_file, read_safetensors, write_atomic, MAX_TEXT_BYTES,
-};
+use ddpm_unet::weights::read_safetensors;
 use ddpm_unet::{DiffusionModel, KernelPolicy, ModelConfig};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -865,15 +864,49 @@ impl fmt::Display for DamagedCheckpoint {
     }
 }
 
-/// The newest checkpoint at or before `newest` of `all` that loads, and the errors of those
-/// after it.
+/// The run id of the run started in `run_dir`: that of the last `start` event of its
+/// `history.jsonl`, when it has one (lines that do not parse, a torn one, are passed over).
+fn started_run_id(run_dir: &Path) -> Option<String> {
+    let path = run_dir.join(crate::resume::HISTORY_FILE);
+    let bytes = read_regular_file(&path, MAX_TEXT_BYTES).ok()?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<crate::resume::HistoryEvent>(l).ok())
+        .find(|e| e.event == "start")
+        .map(|e| e.run_id)
+}
+
+/// [`load`], and the checkpoint must be of the run `run` (the run id its directory's history
+/// records, when known): one copied in from another run's directory is refused by name.
+fn load_of_run(json: &Path, device: &Device, run: Option<&str>) -> Result<Checkpoint> {
+    let ckpt = load(json, device)?;
+    if let (Some(ours), Some(theirs)) = (run, ckpt.integrity.run_id.as_deref()) {
+        if ours != theirs {
+            return Err(TrainError::Checkpoint {
+                path: Some(json.to_path_buf()),
+                reason: format!(
+                    "belongs to another run (run id {theirs}; this directory's {} records run \
+                     {ours}): it was copied in from another run's checkpoints; move it out of \
+                     this run's checkpoints/ or use an older checkpoint",
+                    crate::resume::HISTORY_FILE
+                ),
+            });
+        }
+    }
+    Ok(ckpt)
+}
+
+/// The newest checkpoint at or before `newest` of `all` that loads (and is of the run `run`),
+/// and the errors of those after it.
 fn newest_loadable(
     all: &[(usize, PathBuf)],
     device: &Device,
+    run: Option<&str>,
 ) -> (Option<Checkpoint>, Vec<PassedOver>) {
     let mut failed = Vec::new();
     for (step, json) in all.iter().rev() {
-        match load(json, device) {
+        match load_of_run(json, device, run) {
             Ok(ckpt) => {
                 failed.reverse();
                 return (Some(ckpt), failed);
@@ -893,6 +926,8 @@ fn newest_loadable(
 /// [`ResumeFrom::Newest`] it is an error naming the newest one that verifies.
 pub fn select(run_dir: &Path, from: ResumeFrom, device: &Device) -> Result<Selected> {
     let all = list(run_dir)?;
+    let run = started_run_id(run_dir);
+    let run = run.as_deref();
     let Some((newest, newest_json)) = all.last().cloned() else {
         return Err(TrainError::Checkpoint {
             path: Some(checkpoint_dir(run_dir)),
@@ -902,13 +937,13 @@ pub fn select(run_dir: &Path, from: ResumeFrom, device: &Device) -> Result<Selec
         });
     };
     match from {
-        ResumeFrom::Newest => match load(&newest_json, device) {
+        ResumeFrom::Newest => match load_of_run(&newest_json, device, run) {
             Ok(checkpoint) => Ok(Selected {
                 checkpoint,
                 newer: Vec::new(),
             }),
             Err(e) => {
-                let (intact, _) = newest_loadable(&all[..all.len() - 1], device);
+                let (intact, _) = newest_loadable(&all[..all.len() - 1], device, run);
                 Err(TrainError::Damaged(Box::new(DamagedCheckpoint {
                     run_dir: run_dir.to_path_buf(),
                     step: newest,
@@ -928,12 +963,12 @@ pub fn select(run_dir: &Path, from: ResumeFrom, device: &Device) -> Result<Selec
                     ),
                 });
             };
-            let checkpoint = load(&all[pos].1, device)?;
+            let checkpoint = load_of_run(&all[pos].1, device, run)?;
             let newer = all[pos + 1..]
                 .iter()
                 .map(|(s, json)| PassedOver {
                     step: *s,
-                    reason: match load(json, device) {
+                    reason: match load_of_run(json, device, run) {
                         Ok(_) => format!("an older step ({step}) was chosen to resume from"),
                         Err(e) => e.to_string(),
                     },
@@ -941,7 +976,7 @@ pub fn select(run_dir: &Path, from: ResumeFrom, device: &Device) -> Result<Selec
                 .collect();
             Ok(Selected { checkpoint, newer })
         }
-        ResumeFrom::NewestIntact => match newest_loadable(&all, device) {
+        ResumeFrom::NewestIntact => match newest_loadable(&all, device, run) {
             (Some(checkpoint), newer) => Ok(Selected { checkpoint, newer }),
             (None, failed) => Err(TrainError::Damaged(Box::new(DamagedCheckpoint {
                 run_dir: run_dir.to_path_buf(),
@@ -1562,6 +1597,59 @@ mod tests {
         let moved = set_aside(&run, 6)?;
         assert!(moved.ends_with("set-aside/ckpt-00000006.json") && moved.exists());
         assert_eq!(list(&run)?.len(), 2);
+        Ok(())
+    }
+
+    /// A whole checkpoint (JSON and tensors) copied in from another run verifies on its own;
+    /// the run id of the directory's `history.jsonl` names it as another run's, and the newest
+    /// checkpoint of the run itself is the intact one.
+    #[test]
+    fn a_checkpoint_copied_in_from_another_run_is_refused() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let ours = write_run(&tmp.path().join("ours"), &[2, 4], 0);
+        let theirs = write_run(&tmp.path().join("theirs"), &[6], 1);
+        for ext in ["json", "safetensors"] {
+            let name = format!("{}.{ext}", stem(6));
+            std::fs::copy(
+                checkpoint_dir(&theirs).join(&name),
+                checkpoint_dir(&ours).join(&name),
+            )?;
+        }
+        // Without a history the run is not known: the copy is taken (as before histories).
+        assert_eq!(
+            select(&ours, ResumeFrom::Newest, &Device::Cpu)?
+                .checkpoint
+                .meta
+                .step,
+            6
+        );
+        let start = crate::resume::HistoryEvent {
+            event: "start".into(),
+            step: 0,
+            run_id: run_id_for(&TrainConfig {
+                seed: 0,
+                ..TrainConfig::default()
+            })?,
+            checkpoint: None,
+            changes: Vec::new(),
+            set_aside: Vec::new(),
+        };
+        crate::resume::append_history(&ours, &start)?;
+        // A torn last line is passed over.
+        let history = ours.join(crate::resume::HISTORY_FILE);
+        let mut text = std::fs::read_to_string(&history)?;
+        text.push_str("{\"event\":\"sta");
+        std::fs::write(&history, text)?;
+        match select(&ours, ResumeFrom::Newest, &Device::Cpu) {
+            Err(TrainError::Damaged(d)) => {
+                assert_eq!((d.step, d.intact.as_ref().map(|i| i.0)), (6, Some(4)));
+                assert!(d.error.contains("belongs to another run"), "{d}");
+            }
+            other => panic!("expected a foreign checkpoint, got {other:?}"),
+        }
+        let s = select(&ours, ResumeFrom::NewestIntact, &Device::Cpu)?;
+        assert_eq!(s.checkpoint.meta.step, 4);
+        assert_eq!(s.newer.iter().map(|p| p.step).collect::<Vec<_>>(), [6]);
         Ok(())
     }
 

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use ddpm_data::{DataConfig, DatasetSpec};
+use ddpm_fs::read_regular_text;
 use ddpm_schedule::{DiffusionLoss, Objective, SamplerConfig, ScheduleConfig};
-use ddpm_unet::weights::read_regular_text;
 use ddpm_unet::{KernelPolicy, ModelConfig};
 use serde::{Deserialize, Serialize};
 

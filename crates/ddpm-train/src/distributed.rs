@@ -512,8 +512,7 @@ pub fn write_id_file(path: &Path, id: &IdBytes) -> Result<(), DistError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| bad(format!("creating {}: {e}", dir.display())))?;
     }
-    ddpm_unet::weights::write_atomic(path, encode_id(id).as_bytes())
-        .map_err(|e| bad(format!("writing: {e}")))
+    ddpm_fs::write_atomic(path, encode_id(id).as_bytes()).map_err(|e| bad(format!("writing: {e}")))
 }
 
 /// Ranks other than 0: waits up to `world.id_timeout` for rank 0's id file at `path`, then

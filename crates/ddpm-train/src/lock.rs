@@ -6,7 +6,7 @@
 //! another process never reads a half-written lock. A second run into the same directory fails
 //! with [`LockError::Busy`] naming the owner's pid; a lock left behind by a process that no longer
 //! exists (a `kill -9`, a power cut) is taken over with a warning, and the temporary files that
-//! process left half-written (`.NAME.tmp-PID`) are removed. Taking over is done under an OS file
+//! process left half-written (`.ddpm-PID-N.tmp`) are removed. Taking over is done under an OS file
 //! lock on `RUN_DIR/.lock.takeover` (made only then), and the lock file is read again under it,
 //! so two processes that both found the same stale lock cannot both take it: the second finds
 //! the first one's live lock. The lock is released when the [`RunLock`] is dropped.
@@ -157,7 +157,7 @@ impl RunLock {
             let path = path.to_path_buf();
             move |source| LockError::Io { path, source }
         };
-        // Not named `.NAME.tmp-PID`: a dead process with our pid had its leftovers removed below.
+        // Not a temporary name of `ddpm_fs`: a dead process with our pid had its leftovers removed below.
         let tmp = run_dir.join(format!(".lock.pending-{}", owner.pid));
         std::fs::write(&tmp, owner.to_text()).map_err(io(&tmp))?;
         // Held from the first stale lock found on: only one process takes over at a time.
@@ -171,7 +171,7 @@ impl RunLock {
                     Err(e) => return Err(io(&path)(e)),
                 }
                 // A lock is a few bytes; a FIFO or device there would block or never end.
-                let text = match ddpm_unet::weights::read_regular_file(&path, MAX_LOCK_BYTES) {
+                let text = match ddpm_fs::read_regular_file(&path, MAX_LOCK_BYTES) {
                     Ok(t) => String::from_utf8_lossy(&t).into_owned(),
                     // Released between our link and our read: try again.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -190,7 +190,7 @@ impl RunLock {
                         // Judge it again under the takeover lock: another process may have taken
                         // it over since it was read.
                         let guard = run_dir.join(TAKEOVER_FILE);
-                        ddpm_unet::weights::check_writable_file(&guard).map_err(io(&guard))?;
+                        ddpm_fs::check_writable_file(&guard).map_err(io(&guard))?;
                         let file = std::fs::OpenOptions::new()
                             .create(true)
                             .truncate(false)
@@ -240,7 +240,7 @@ impl RunLock {
 impl Drop for RunLock {
     fn drop(&mut self) {
         // Only remove the file if it is still ours (a user may have deleted and retaken it).
-        let ours = ddpm_unet::weights::read_regular_file(&self.path, MAX_LOCK_BYTES)
+        let ours = ddpm_fs::read_regular_file(&self.path, MAX_LOCK_BYTES)
             .ok()
             .and_then(|t| Owner::parse(&String::from_utf8_lossy(&t)))
             .is_some_and(|o| o == self.owner);
@@ -250,10 +250,9 @@ impl Drop for RunLock {
     }
 }
 
-/// Removes the half-written temporary files (`.NAME.tmp-PID`) a dead process left in the run
+/// Removes the half-written temporary files ([`ddpm_fs::temporary_name`]) a dead process left in the run
 /// directory and its `checkpoints/` and `samples/` folders.
 fn remove_leftovers(run_dir: &Path, pid: u32) {
-    let suffix = format!(".tmp-{pid}");
     for dir in [
         run_dir.to_path_buf(),
         run_dir.join("checkpoints"),
@@ -264,7 +263,7 @@ fn remove_leftovers(run_dir: &Path, pid: u32) {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(&suffix) {
+            if ddpm_fs::is_temporary_of(&name, pid) {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => tracing::debug!(file = %entry.path().display(), "removed leftover"),
                     Err(e) => {
@@ -316,10 +315,17 @@ mod tests {
         let other = ckpts.join(".ckpt-00000001.safetensors.tmp-12");
         std::fs::write(&leftover, b"half").expect("write");
         std::fs::write(&other, b"half").expect("write");
+        // A half-written sample grid, under today's temporary names.
+        std::fs::create_dir(dir.path().join("samples")).expect("mkdir");
+        let grid = dir
+            .path()
+            .join("samples")
+            .join(ddpm_fs::temporary_name(dead.pid));
+        std::fs::write(&grid, b"half").expect("write");
         let lock = RunLock::acquire(dir.path()).expect("stale lock taken over");
         assert!(
-            !leftover.exists(),
-            "the dead process's temporary file is removed"
+            !leftover.exists() && !grid.exists(),
+            "the dead process's temporary files are removed"
         );
         assert!(other.exists(), "other processes' files are left alone");
         drop(lock);

@@ -39,8 +39,7 @@ pub fn append(path: &Path, line: &MetricsLine) -> Result<()> {
 /// are skipped.
 pub fn read(path: &Path) -> Result<Vec<MetricsLine>> {
     // Not capped (a long run's file grows), but never a FIFO or device.
-    let text =
-        ddpm_unet::weights::check_regular_file(path).and_then(|_| std::fs::read_to_string(path));
+    let text = ddpm_fs::check_regular_file(path).and_then(|_| std::fs::read_to_string(path));
     match text {
         Ok(text) => Ok(text
             .lines()
@@ -60,6 +59,6 @@ pub fn truncate_after(path: &Path, step: usize) -> Result<()> {
         text.push_str(&serde_json::to_string(l).map_err(|e| TrainError::Other(e.to_string()))?);
         text.push('\n');
     }
-    ddpm_unet::weights::write_atomic(path, text.as_bytes())
+    ddpm_fs::write_atomic(path, text.as_bytes())
         .map_err(|e| TrainError::io(path, "rewriting metrics file", e))
 }

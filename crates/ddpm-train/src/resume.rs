@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ddpm_data::DatasetSpec;
-use ddpm_unet::weights::read_regular_text;
+use ddpm_fs::read_regular_text;
 use serde::{Deserialize, Serialize};
 
 pub use crate::checkpoint::{PassedOver, ResumeFrom};
@@ -115,23 +115,40 @@ pub struct HistoryEvent {
     pub set_aside: Vec<PassedOver>,
 }
 
-/// Appends `event` to the run's `history.jsonl`.
+/// Appends `event` to the run's `history.jsonl`, on a line of its own (after a torn last line,
+/// which a crash or a full disk can leave, it starts a new one).
 pub fn append_history(run_dir: &Path, event: &HistoryEvent) -> Result<()> {
     let path = run_dir.join(HISTORY_FILE);
     let mut line = serde_json::to_string(event).map_err(|e| TrainError::Other(e.to_string()))?;
     line.push('\n');
-    ddpm_unet::weights::check_writable_file(&path)
+    ddpm_fs::check_writable_file(&path)
         .and_then(|()| {
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .read(true)
                 .open(&path)
         })
         .and_then(|mut f| {
+            if !ends_in_newline(&mut f)? {
+                line.insert(0, '\n');
+            }
             f.write_all(line.as_bytes())?;
             f.sync_all()
         })
         .map_err(|e| TrainError::io(&path, "appending to", e))
+}
+
+/// Whether `file` is empty or its last byte is a newline.
+fn ends_in_newline(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
 }
 
 /// The events of the run's `history.jsonl` (empty when there is none).
@@ -370,6 +387,38 @@ pub(crate) fn changes_between(before: &TrainConfig, after: &TrainConfig) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event appended after a torn last line (a crash or a full disk mid-append) goes on a
+    /// line of its own, so it stays readable.
+    #[test]
+    fn an_event_after_a_torn_line_starts_a_new_line() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| TrainError::Other(e.to_string()))?;
+        let event = |step| HistoryEvent {
+            event: "resume".into(),
+            step,
+            run_id: "r".into(),
+            checkpoint: None,
+            changes: Vec::new(),
+            set_aside: Vec::new(),
+        };
+        append_history(dir.path(), &event(1))?;
+        let path = dir.path().join(HISTORY_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::io(&path, "opening", e))?;
+        f.write_all(b"{\"event\":\"res")
+            .map_err(|e| TrainError::io(&path, "writing", e))?;
+        append_history(dir.path(), &event(2))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, "reading", e))?;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let last: HistoryEvent =
+            serde_json::from_str(lines[2]).map_err(|e| TrainError::Other(e.to_string()))?;
+        assert_eq!(last, event(2));
+        Ok(())
+    }
 
     /// A kernel policy changed by the caller (a binary's kernel variables, through
     /// `ResumePlan::set_kernels`) is a change of the safe key `kernels`, reported per field.

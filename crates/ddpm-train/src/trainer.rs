@@ -333,6 +333,17 @@ fn prepare_new_run_dir(run_dir: &Path) -> Result<()> {
         return Ok(());
     }
     if run_dir.join(resume::HISTORY_FILE).is_file() {
+        if let Some(evidence) = checkpoints_were_written(run_dir) {
+            return Err(TrainError::Config(format!(
+                "{} holds an earlier run ({}) that wrote checkpoints ({evidence}), though none \
+                 is left in its checkpoints/: a new run would replace its files; if its \
+                 checkpoints were moved, put them back and continue with `--resume {}`, \
+                 otherwise choose another output directory",
+                run_dir.display(),
+                found.join(", "),
+                run_dir.display(),
+            )));
+        }
         tracing::warn!(
             run_dir = %run_dir.display(),
             files = found.join(", "),
@@ -350,6 +361,27 @@ fn prepare_new_run_dir(run_dir: &Path) -> Result<()> {
         run_dir.display(),
         found.join(", "),
     )))
+}
+
+/// What shows that the earlier run of `run_dir` wrote checkpoints, though none is listed now
+/// (moved away, into a sub-folder, or renamed): a resume in its `history.jsonl`, or an entry of
+/// `checkpoints/` other than what a run killed during its first checkpoint leaves (hidden
+/// temporary files, a tensors file without its JSON).
+fn checkpoints_were_written(run_dir: &Path) -> Option<String> {
+    let history = ddpm_fs::read_regular_text(&run_dir.join(resume::HISTORY_FILE)).ok()?;
+    if history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<HistoryEvent>(l).ok())
+        .any(|e| e.event != "start")
+    {
+        return Some(format!("its {} records a resume", resume::HISTORY_FILE));
+    }
+    let entries = std::fs::read_dir(checkpoint::checkpoint_dir(run_dir)).ok()?;
+    entries.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let orphan_tensors = name.starts_with("ckpt-") && name.ends_with(".safetensors");
+        (!name.starts_with('.') && !orphan_tensors).then(|| format!("checkpoints/ holds {name}"))
+    })
 }
 
 impl Trainer {
@@ -408,6 +440,9 @@ impl Trainer {
         record: bool,
     ) -> Result<Self> {
         fit_model_to(&mut config, &dataset);
+        if config.model.num_classes().is_some() && world.is_lead() {
+            warn_unlearnable_classes(&dataset, &config.dataset.to_string());
+        }
         if let Some(epochs) = config.epochs {
             config.resolve_epochs(dataset.len());
             tracing::info!(
@@ -447,7 +482,7 @@ impl Trainer {
                 },
             )?;
             let config_path = run_dir.join("config.toml");
-            ddpm_unet::weights::write_atomic(&config_path, toml.as_bytes())
+            ddpm_fs::write_atomic(&config_path, toml.as_bytes())
                 .map_err(|e| TrainError::io(&config_path, "writing", e))?;
         }
         Ok(trainer)
@@ -639,7 +674,7 @@ impl Trainer {
             }
             if config_file_stale {
                 let path = run_dir.join("config.toml");
-                ddpm_unet::weights::write_atomic(&path, trainer.config.to_toml()?.as_bytes())
+                ddpm_fs::write_atomic(&path, trainer.config.to_toml()?.as_bytes())
                     .map_err(|e| TrainError::io(&path, "writing", e))?;
             }
             resume::append_history(
@@ -1252,6 +1287,47 @@ fn fit_model_to(config: &mut TrainConfig, dataset: &Dataset) {
     }
 }
 
+/// The classes of a class-conditional run's training split that no image has, in label order.
+fn classes_without_images(dataset: &Dataset) -> Vec<usize> {
+    let mut counts = vec![0usize; dataset.num_classes()];
+    for &label in dataset.labels() {
+        if let Some(c) = counts.get_mut(label as usize) {
+            *c += 1;
+        }
+    }
+    (0..counts.len()).filter(|&c| counts[c] == 0).collect()
+}
+
+/// Warns when a class-conditional run cannot learn what its classes look like: its data set
+/// (`name`) has one class (the class input then carries nothing), or classes without a training
+/// image (an empty class folder, a stray large label), whose samples would be noise.
+fn warn_unlearnable_classes(dataset: &Dataset, name: &str) {
+    let n = dataset.num_classes();
+    if n <= 1 {
+        tracing::warn!(
+            dataset = name,
+            "class-conditional training on a data set of one class: the model learns nothing \
+             from its class input (train without --class-conditional, or check why the data \
+             set's labels were not read)"
+        );
+        return;
+    }
+    let empty = classes_without_images(dataset);
+    if let Some(&first) = empty.first() {
+        tracing::warn!(
+            dataset = name,
+            classes = n,
+            without_images = empty.len(),
+            first = %format!("{first} ({})", dataset.class_names()[first]),
+            "{} of the {n} classes {} no training image: the model learns nothing for them, \
+             and its samples of them are noise (remove empty class folders, or check the \
+             data set's labels)",
+            empty.len(),
+            if empty.len() == 1 { "has" } else { "have" }
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1422,6 +1498,16 @@ mod tests {
     /// A class-conditional run: the class count follows the data set (10 for MNIST, whatever
     /// the config said), label dropout 0 keeps every label and 1 replaces every one by the null
     /// label, the run trains the class embedding and its checkpoint resumes bit-exactly.
+    #[test]
+    fn classes_without_a_training_image_are_found() -> Result<()> {
+        let names = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        let ds = Dataset::from_u8(1, 1, vec![0; 4], vec![0, 3, 0, 3], names(5))?;
+        assert_eq!(classes_without_images(&ds), vec![1, 2, 4]);
+        let ds = Dataset::from_u8(1, 1, vec![0; 2], vec![1, 0], names(2))?;
+        assert!(classes_without_images(&ds).is_empty());
+        Ok(())
+    }
+
     #[test]
     fn a_class_conditional_run_trains_on_its_labels() -> Result<()> {
         let dir = tempfile::tempdir()?;

@@ -740,7 +740,7 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
 
 /// Reads a diffusers `UNet2DModel` `config.json` file, see [`unet_config_from_json`].
 pub fn read_unet_config(path: &Path) -> Result<DiffusersUnetConfig, UnetError> {
-    let text = crate::weights::read_regular_text(path).map_err(|e| UnetError::DiffusersConfig {
+    let text = ddpm_fs::read_regular_text(path).map_err(|e| UnetError::DiffusersConfig {
         path: path.to_path_buf(),
         field: "(file)".into(),
         value: "-".into(),
@@ -763,7 +763,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>, UnetError> {
         path: path.to_path_buf(),
         reason,
     };
-    crate::weights::check_regular_file(path).map_err(|e| err(e.to_string()))?;
+    ddpm_fs::check_regular_file(path).map_err(|e| err(e.to_string()))?;
     let pairs = candle_core::pickle::read_all(path).map_err(|e| {
         err(format!(
             "not a PyTorch state dict this program can read: {e}"
@@ -1118,7 +1118,7 @@ pub fn save_unet_dir(model: &DiffusionModel, dir: &Path) -> Result<UnetFiles, Un
     };
     let write = |path: &Path, bytes: &[u8]| {
         std::fs::create_dir_all(dir)
-            .and_then(|()| crate::weights::write_atomic(path, bytes))
+            .and_then(|()| ddpm_fs::write_atomic(path, bytes))
             .map_err(|e| UnetError::Weights {
                 path: path.to_path_buf(),
                 reason: format!("cannot write: {e}"),

@@ -12,9 +12,10 @@ use crate::ddpm_unet::{DdpmUnet, DdpmUnetConfig};
 use crate::init::SeededInit;
 use crate::layers::TrainRng;
 use crate::unet::{Unet, UnetConfig};
-use crate::weights::{assign_checked, read_safetensors, to_safetensors_bytes, write_atomic};
+use crate::weights::{assign_checked, read_safetensors, to_safetensors_bytes};
 use crate::KernelPolicy;
 use crate::UnetError;
+use ddpm_fs::write_atomic;
 
 /// Metadata key holding the model config (JSON) in a weights file.
 pub const CONFIG_METADATA_KEY: &str = "ddpm.model_config";

@@ -382,8 +382,7 @@ fn worker_export(a: ExportArgs) -> anyhow::Result<()> {
     ]);
     let io = a.out_dir.join("io.safetensors");
     let bytes = ddpm_unet::weights::to_safetensors_bytes(&io_tensors, metadata)?;
-    ddpm_unet::weights::write_atomic(&io, &bytes)
-        .with_context(|| format!("writing {}", io.display()))?;
+    ddpm_fs::write_atomic(&io, &bytes).with_context(|| format!("writing {}", io.display()))?;
     println!(
         "{}",
         serde_json::json!({"weights": weights, "io": io, "params": model.num_parameters()})

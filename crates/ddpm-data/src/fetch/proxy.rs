@@ -39,8 +39,8 @@ impl fmt::Debug for ProxyConfig {
 
 impl ProxyConfig {
     /// The proxy at `url` (trimmed), named by `named_by` in messages, with `no_proxy` a
-    /// comma-separated list of hosts reached directly (`host`, `.domain` or `*.domain` for its
-    /// sub-domains, `*` for all).
+    /// comma-separated list of hosts reached directly (`host`, `host:port` taken as `host`,
+    /// `.domain` or `*.domain` for its sub-domains, `*` for all).
     pub fn new(url: &str, named_by: &str, no_proxy: &str) -> Self {
         ProxyConfig {
             url: url.trim().to_string(),
@@ -132,12 +132,29 @@ impl ProxyConfig {
             builder = builder.password(password);
         }
         for entry in self.no_proxy.iter().map(String::as_str).chain(LOOPBACK) {
-            builder = builder.no_proxy(entry);
+            builder = builder.no_proxy(without_port(entry));
         }
         builder
             .build()
             .map_err(|e| bad(format!("not a proxy address ({e})")))
     }
+}
+
+/// The host part of a `NO_PROXY` entry: `host:port` and `[v6]:port` lose the port (the host is
+/// then reached directly on every port), as the HTTP client matches host names only.
+fn without_port(entry: &str) -> &str {
+    let cut = match entry.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            // A bare IPv6 address (`::1`, `fe80::1`) has colons of its own and no port.
+            if host.starts_with('[') && host.ends_with(']') || !host.contains(':') {
+                Some(host)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
+    cut.unwrap_or(entry)
 }
 
 /// `url` with the password of its user part replaced by `***` (the user part ends at the last
@@ -167,6 +184,20 @@ mod tests {
         assert_eq!(p.url, "http://s:2");
         assert_eq!(p.named_by, "HTTPS_PROXY");
         assert_eq!(p.no_proxy, ["a.example", ".b.example"]);
+    }
+
+    #[test]
+    fn no_proxy_entries_with_a_port_match_their_host() {
+        assert_eq!(without_port("hub.example:8443"), "hub.example");
+        assert_eq!(without_port("10.0.0.7:80"), "10.0.0.7");
+        assert_eq!(without_port("[::1]:8080"), "[::1]");
+        assert_eq!(without_port("fe80::1"), "fe80::1");
+        assert_eq!(without_port(".example.com"), ".example.com");
+        assert_eq!(without_port("host:"), "host:");
+        let p = ProxyConfig::new("http://p.example:3128", "HTTPS_PROXY", "hub.example:8443");
+        assert!(!p.applies_to("https://hub.example:8443/x"));
+        assert!(!p.applies_to("https://hub.example/x"));
+        assert!(p.applies_to("https://other.example/x"));
     }
 
     #[test]

@@ -116,29 +116,17 @@ fn status_hint(status: u16) -> String {
 /// Fetches files for one data set.
 pub(crate) struct Transfer<'a> {
     opts: &'a FetchOptions,
-    /// The HTTP client, or why it could not be made (a bad CA bundle or proxy), which the first
-    /// request reports: copies from a directory need no client.
-    agent: std::result::Result<ureq::Agent, [String; 4]>,
+    /// The HTTP client, or `None` when it could not be made (a bad CA bundle or proxy): each
+    /// request then tries again and reports why it fails, so that copies from a directory,
+    /// which need no client, still work.
+    agent: Option<ureq::Agent>,
     /// The `Authorization` header of every request, when there is one.
     auth: Option<String>,
 }
 
 impl<'a> Transfer<'a> {
     pub fn new(opts: &'a FetchOptions) -> Self {
-        let agent = Self::agent(opts).map_err(|e| match e {
-            DataError::HttpSetting {
-                setting,
-                value,
-                reason,
-                advice,
-            } => [setting, value, reason, advice],
-            other => [
-                String::new(),
-                String::new(),
-                other.to_string(),
-                String::new(),
-            ],
-        });
+        let agent = Self::agent(opts).ok();
         Transfer {
             opts,
             agent,
@@ -172,7 +160,7 @@ impl<'a> Transfer<'a> {
     pub fn with_agent(opts: &'a FetchOptions, agent: ureq::Agent, token: Option<&str>) -> Self {
         Transfer {
             opts,
-            agent: Ok(agent),
+            agent: Some(agent),
             auth: token.map(|t| format!("Bearer {t}")),
         }
     }
@@ -181,21 +169,24 @@ impl<'a> Transfer<'a> {
     /// not be made.
     pub fn get(&self, url: &str) -> Result<ureq::RequestBuilder<ureq::typestate::WithoutBody>> {
         let agent = match &self.agent {
-            Ok(agent) => agent,
-            Err([setting, value, reason, advice]) => {
-                return Err(DataError::HttpSetting {
-                    setting: setting.clone(),
-                    value: value.clone(),
-                    reason: reason.clone(),
-                    advice: advice.clone(),
-                })
-            }
+            Some(agent) => agent.clone(),
+            None => Self::agent(self.opts)?,
         };
         let request = agent.get(url);
         Ok(match &self.auth {
             Some(auth) => request.header("Authorization", auth),
             None => request,
         })
+    }
+
+    /// The proxy a request of `url` goes through, as messages name it (`VARIABLE=ADDRESS`, the
+    /// password hidden), or `None` when it goes directly.
+    pub fn proxy_of(&self, url: &str) -> Option<String> {
+        self.opts
+            .proxy
+            .as_ref()
+            .filter(|proxy| proxy.applies_to(url))
+            .map(|proxy| format!("{}={}", proxy.named_by, proxy.shown()))
     }
 
     /// The error of a request of `url` that got no answer: a failed TLS handshake says what was
@@ -246,6 +237,7 @@ impl<'a> Transfer<'a> {
             },
             None => DataError::Http {
                 url: url.to_string(),
+                via: self.proxy_of(url),
                 source: Box::new(e),
             },
         }
@@ -563,6 +555,7 @@ mod tests {
     fn unresolved_hosts_are_told_apart_from_failures_that_pass() {
         let http = |e: ureq::Error| DataError::Http {
             url: "http://x.invalid/f".into(),
+            via: None,
             source: Box::new(e),
         };
         assert!(is_unresolved(&http(ureq::Error::HostNotFound)));

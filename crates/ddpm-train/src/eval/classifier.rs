@@ -16,8 +16,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use ddpm_data::{Dataset, DatasetSpec, Loader};
+use ddpm_fs::write_atomic;
 use ddpm_unet::ops::{self, ConvParams};
-use ddpm_unet::weights::{assign_checked, read_safetensors, to_safetensors_bytes, write_atomic};
+use ddpm_unet::weights::{assign_checked, read_safetensors, to_safetensors_bytes};
 use indicatif::ProgressBar;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use ddpm_fs::write_atomic;
 use ddpm_schedule::{Objective, SamplerConfig, ScheduleConfig};
-use ddpm_unet::weights::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use super::nll::NllReport;

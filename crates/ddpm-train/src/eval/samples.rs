@@ -120,7 +120,7 @@ fn err(msg: String) -> TrainError {
 
 /// Decodes one image file to RGB, refusing files cut short or claiming absurd sizes.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = ddpm_unet::weights::read_regular_file(path, u64::MAX)
+    let bytes = ddpm_fs::read_regular_file(path, u64::MAX)
         .map_err(|e| TrainError::io(path, "reading", e))?;
     let bad = |why: String| err(format!("{}: {why}", path.display()));
     let (w, h) = ImageReader::new(Cursor::new(&bytes))

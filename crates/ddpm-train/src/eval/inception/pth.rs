@@ -47,7 +47,7 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> TrainError {
 /// Reads the float (`FloatStorage`, `DoubleStorage`) tensors of a state dict in a `.pth` file of
 /// either format, on the CPU, by name. Other tensors (`num_batches_tracked`) are left out.
 pub fn read_pth(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = ddpm_unet::weights::check_regular_file(path)
+    let bytes = ddpm_fs::check_regular_file(path)
         .and_then(|_| std::fs::read(path))
         .map_err(|source| TrainError::Io {
             what: "reading weights".into(),
