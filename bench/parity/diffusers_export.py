@@ -6,7 +6,9 @@ the same (docs/pretrained.md, "Export to diffusers").
    `ddpm export` into WORK/<preset>/pipeline and writes our UNet's output on a fixed input to
    WORK/<preset>/expected.safetensors (`x`, `t`, `eps`); `cifar-small-classes` is `cifar-small`
    class-conditional (10 classes and the null label: diffusers' `num_class_embeds = 11`), whose
-   input also has `labels`.
+   input also has `labels`; `cifar-small-diffusers` is `cifar-small` with diffusers' own
+   UNet2DModel defaults (16-feature attention heads, flip_sin_to_cos, freq_shift 0,
+   downsample_padding 1, norm_eps 1e-5).
 2. Loads each pipeline with `DDPMPipeline.from_pretrained` (strict: diffusers reports missing or
    unexpected keys as errors here), checks its scheduler's betas are ours (to float32 rounding:
    diffusers computes them in float32), runs its UNet on the same `x` and `t`, and prints the largest
@@ -31,13 +33,13 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", ".."))
-PRESETS = ["cifar-small", "cifar10", "cifar-small-classes"]
+PRESETS = ["cifar-small", "cifar10", "cifar-small-classes", "cifar-small-diffusers"]
 
 
 def export(work: str) -> None:
     env = dict(os.environ, DDPM_EXPORT_PARITY_DIR=os.path.abspath(work))
     cmd = [
-        "cargo", "test", "--release", "-p", "ddpm-cli", "--test", "export", "--",
+        "cargo", "test", "--release", "--workspace", "--test", "export", "--",
         "--ignored", "--exact", "parity_export_for_diffusers",
     ]
     print("+", " ".join(cmd), flush=True)

@@ -17,13 +17,17 @@ numbers; the versions used are recorded in the outputs.
      scheduler_config.json at the top) with its weights as a PyTorch pickle
      `diffusion_pytorch_model.bin` under the old attention names (query/key/value/proj_attn)
      that the google/ddpm-* .bin files use;
+   - diffusers-tiny-modern/: the same files (but flat-bin/) for a tiny UNet2DModel with
+     diffusers' own defaults (MODERN_UNET: 4-feature attention heads, flip_sin_to_cos,
+     freq_shift 0, downsample_padding 1, norm_eps 1e-5), the layout of the models diffusers'
+     training example writes;
    - expected.st (a safetensors file): a fixed input `x` (2, 3, 16, 16) and timesteps `t`, the UNet's output
      `eps` on them, and a 10-step DDIM run (eta 0, clipped x0, `use_clipped_model_output`) of
      DDIMPipeline from the initial noise `ddim_noise`: the final sample `ddim_sample` (in
      [-1, 1], before the pipeline's conversion to [0, 1]), the pipeline's own images
      `ddim_images` (NHWC in [0, 1]) and the timesteps it visited `ddim_timesteps`.
 
-Usage: python bench/pytorch/diffusers_fixtures.py [--root REPO_ROOT] [--only schedules|unet]
+Usage: python bench/pytorch/diffusers_fixtures.py [--root REPO_ROOT] [--only schedules|unet|unet-modern]
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ TINY_UNET = dict(
     freq_shift=1,
     act_fn="silu",
     time_embedding_type="positional",
+)
+
+# diffusers' own defaults (those of the models its training example train_unconditional.py
+# writes, the most common DDPMs on the Hub): heads of `attention_head_dim` features, [cos, sin]
+# time embedding with freq_shift 0, symmetric downsampling padding, GroupNorm eps 1e-5. Only
+# what makes it tiny is given; every setting below is left to diffusers.
+MODERN_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,
+    norm_num_groups=4,
 )
 
 SCHEDULE_CASES = [
@@ -138,11 +158,11 @@ def legacy_names(state: dict) -> dict:
     return out
 
 
-def tiny_fixture(root: str) -> None:
+def tiny_fixture(root: str, config: dict = TINY_UNET, flat: bool = True) -> None:
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     torch.manual_seed(0)
-    unet = UNet2DModel(**TINY_UNET)
+    unet = UNet2DModel(**config)
     randomize(unet, 1)
     unet.eval()
     scheduler = DDPMScheduler(
@@ -157,15 +177,16 @@ def tiny_fixture(root: str) -> None:
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.save_pretrained(os.path.join(root, "pipeline"), safe_serialization=True)
 
-    flat = os.path.join(root, "flat-bin")
-    os.makedirs(flat)
-    shutil.copy(os.path.join(root, "pipeline", "unet", "config.json"), os.path.join(flat, "config.json"))
-    shutil.copy(
-        os.path.join(root, "pipeline", "scheduler", "scheduler_config.json"),
-        os.path.join(flat, "scheduler_config.json"),
-    )
-    shutil.copy(os.path.join(root, "pipeline", "model_index.json"), os.path.join(flat, "model_index.json"))
-    torch.save(legacy_names(unet.state_dict()), os.path.join(flat, "diffusion_pytorch_model.bin"))
+    if flat:
+        flat_dir = os.path.join(root, "flat-bin")
+        os.makedirs(flat_dir)
+        for src, name in [
+            (("unet", "config.json"), "config.json"),
+            (("scheduler", "scheduler_config.json"), "scheduler_config.json"),
+            (("model_index.json",), "model_index.json"),
+        ]:
+            shutil.copy(os.path.join(root, "pipeline", *src), os.path.join(flat_dir, name))
+        torch.save(legacy_names(unet.state_dict()), os.path.join(flat_dir, "diffusion_pytorch_model.bin"))
 
     # The UNet on a fixed input.
     g = torch.Generator().manual_seed(2)
@@ -227,12 +248,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--root", default=os.path.normpath(os.path.join(here, "..", "..")))
-    ap.add_argument("--only", choices=["schedules", "unet"], help="write only one of the two fixtures")
+    ap.add_argument(
+        "--only", choices=["schedules", "unet", "unet-modern"], help="write only one of the fixtures"
+    )
     args = ap.parse_args()
     if args.only in (None, "schedules"):
         schedule_fixture(os.path.join(args.root, "crates/ddpm-schedule/tests/fixtures/diffusers_betas.json"))
     if args.only in (None, "unet"):
         tiny_fixture(os.path.join(args.root, "crates/ddpm-unet/tests/fixtures/diffusers-tiny"))
+    if args.only in (None, "unet-modern"):
+        tiny_fixture(
+            os.path.join(args.root, "crates/ddpm-unet/tests/fixtures/diffusers-tiny-modern"),
+            MODERN_UNET,
+            flat=False,
+        )
     print("fixtures written")
 
 

@@ -50,6 +50,45 @@ fn output(model: &ddpm_unet::DiffusionModel) -> Vec<f32> {
     values(&model.forward(&x, &t).expect("forward"))
 }
 
+/// A run trained with diffusers' own `UNet2DModel` settings (attention heads, flipped and
+/// unshifted time embedding, symmetric downsampling padding, eps 1e-5; keys of `[model]`) is
+/// exported with them, and the export computes what the run computes.
+#[test]
+fn a_run_with_diffusers_default_settings_exports_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path();
+    // Keys right after the tiny config's [model] section belong to it.
+    let modern = "attention_head_dim = 4\nnorm_eps = 1e-5\nflip_sin_to_cos = true\n\
+                  freq_shift = 0.0\ndownsample_padding = 1\n";
+    train(p, "run", "", modern);
+    let toml = std::fs::read_to_string(p.join("run/config.toml")).expect("config");
+    assert!(toml.contains("attention_head_dim = 4"), "{toml}");
+    assert_ok(&export(p, &["--checkpoint", "run", "--out", "pipe"]));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.join("pipe/unet/config.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(cfg["attention_head_dim"], 4);
+    assert_eq!(cfg["norm_eps"], 1e-5);
+    assert_eq!(cfg["flip_sin_to_cos"], true);
+    assert_eq!(cfg["freq_shift"], 0);
+    assert_eq!(cfg["downsample_padding"], 1);
+    let ema = load_model(&p.join("run"), WeightsKind::Ema, &Device::Cpu).expect("run");
+    let pipe = load_unet_dir(&p.join("pipe"), &Device::Cpu, DType::F32).expect("pipe");
+    assert_eq!(output(&ema.model), output(&pipe.model));
+    // A head width that does not divide an attention block is refused by name.
+    let mut c = ddpm(p);
+    let bad = write_tiny_config(p, "steps = 1", "attention_head_dim = 3\n");
+    c.args([
+        "train",
+        "--config",
+        bad.to_str().expect("utf-8"),
+        "--out",
+        "bad",
+    ]);
+    assert_one_clean_error(&run(&mut c), "attention_head_dim");
+}
+
 #[test]
 fn an_exported_run_samples_like_the_run_through_pretrained() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -248,16 +287,26 @@ fn parity_export_for_diffusers() {
         panic!("set DDPM_EXPORT_PARITY_DIR (bench/parity/diffusers_export.py does)");
     };
     let root = Path::new(&root);
-    for (name, preset, classes) in [
-        ("cifar-small", "cifar-small", None),
-        ("cifar10", "cifar10", None),
-        ("cifar-small-classes", "cifar-small", Some(10)),
+    for (name, preset, classes, diffusers_defaults) in [
+        ("cifar-small", "cifar-small", None, false),
+        ("cifar10", "cifar10", None, false),
+        ("cifar-small-classes", "cifar-small", Some(10), false),
+        // diffusers' own UNet2DModel defaults: 16-feature heads (4 at 64 channels), flipped
+        // and unshifted time embedding, symmetric downsampling padding, eps 1e-5.
+        ("cifar-small-diffusers", "cifar-small", None, true),
     ] {
         let dir = root.join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("parity dir");
         let mut config = ddpm_unet::ModelConfig::preset(preset).expect("preset");
         config.set_num_classes(classes);
+        if let (true, ddpm_unet::ModelConfig::DdpmUnet(c)) = (diffusers_defaults, &mut config) {
+            c.attention_head_dim = Some(16);
+            c.norm_eps = 1e-5;
+            c.flip_sin_to_cos = true;
+            c.freq_shift = 0.0;
+            c.downsample_padding = 1;
+        }
         let model =
             ddpm_unet::DiffusionModel::new(&config, 0, &Device::Cpu, DType::F32).expect("model");
         let random: std::collections::HashMap<String, Tensor> = model

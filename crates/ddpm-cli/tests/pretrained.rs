@@ -15,7 +15,7 @@ use ddpm_unet::diffusers::load_unet_dir;
 
 #[path = "../../ddpm-unet/tests/support/diffusers_fixture.rs"]
 mod diffusers_fixture;
-use diffusers_fixture::fixture;
+use diffusers_fixture::{fixture, fixture_of, MODERN, TINY};
 
 fn png_dims(path: &Path) -> (u32, u32) {
     image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -163,9 +163,17 @@ fn bad_pretrained_directories_give_one_clear_error() {
 
 /// Our DDIM loop (eta 0, clipped x_0, on the timesteps diffusers visits) from diffusers' initial
 /// noise ends where diffusers' DDIMPipeline ended, within 1/255 per pixel (and the raw samples
-/// agree to 1e-4).
+/// agree to 1e-4): for the DDPM paper's settings and for diffusers' own defaults.
 #[test]
 fn our_ddim_loop_reproduces_diffusers_ddim_pipeline() -> Result<(), Box<dyn std::error::Error>> {
+    for name in [TINY, MODERN] {
+        ddim_loop_reproduces_diffusers(name)?;
+    }
+    Ok(())
+}
+
+fn ddim_loop_reproduces_diffusers(name: &'static str) -> Result<(), Box<dyn std::error::Error>> {
+    let fixture = |rel: &str| fixture_of(name, rel);
     let want = candle_core::safetensors::load(fixture("expected.safetensors"), &Device::Cpu)?;
     let loaded = load_unet_dir(&fixture("pipeline"), &Device::Cpu, DType::F32)?;
     let text = std::fs::read_to_string(fixture("pipeline/scheduler/scheduler_config.json"))?;
@@ -204,8 +212,36 @@ fn our_ddim_loop_reproduces_diffusers_ddim_pipeline() -> Result<(), Box<dyn std:
         .max_all()?
         .to_scalar::<f32>()?;
     assert!(gap <= 1.0 / 255.0, "images differ by {gap}");
-    println!("DDIM, 10 steps: max |ours - diffusers| = {raw:.2e} (sample), {gap:.2e} (image)");
+    println!(
+        "{name}: DDIM, 10 steps: max |ours - diffusers| = {raw:.2e} (sample), {gap:.2e} (image)"
+    );
     Ok(())
+}
+
+/// `ddpm sample --pretrained` on a pipeline with diffusers' own defaults (the layout of the models
+/// its training example writes; `export.rs` exports a run trained with them).
+#[test]
+fn a_pipeline_with_diffusers_default_settings_samples() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let o = run(ddpm_bare(dir.path()).args([
+        "sample",
+        "--pretrained",
+        fixture_of(MODERN, "pipeline").to_str().expect("utf-8 path"),
+        "--num",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "5",
+        "--out",
+        "modern.png",
+        "--quiet",
+    ]));
+    assert_ok(&o);
+    assert_eq!(
+        png_dims(&dir.path().join("modern.png")),
+        (2 * 18 + 2, 18 + 2)
+    );
 }
 
 /// A pipeline with only the fp16 variant of its UNet weights (as many Hub repositories ship

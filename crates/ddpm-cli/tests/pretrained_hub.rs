@@ -342,11 +342,12 @@ fn corrupt_downloads_and_configs_we_cannot_represent_are_refused() {
         .find(|f| f.path == "unet/config.json")
         .expect("config");
     let mut json: serde_json::Value = serde_json::from_slice(&cfg.bytes).expect("json");
-    json["attention_head_dim"] = 4.into();
+    // (6-feature heads do not divide the 16 channels of its attention blocks.)
+    json["attention_head_dim"] = 6.into();
     cfg.bytes = json.to_string().into_bytes();
     hub.publish(Kind::Model, "a/multihead", "main", files);
     let o = sample(p, &hub, false, "x.png", &["--pretrained", "a/multihead"]);
-    assert_one_clean_error(&o, "`attention_head_dim` = 4");
+    assert_one_clean_error(&o, "`attention_head_dim` = 6");
 
     // A repository that is not a diffusers pipeline.
     hub.publish(

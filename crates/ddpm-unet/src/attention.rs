@@ -124,8 +124,10 @@ impl<L: SpatialLayer> PreNormResidual<L> {
     }
 }
 
-/// The DDPM paper's self-attention block: GroupNorm(32), single-head attention with 1x1
-/// `q`, `k`, `v`, `proj_out` convs, and a residual connection.
+/// The DDPM paper's self-attention block: GroupNorm, attention with 1x1 `q`, `k`, `v`,
+/// `proj_out` convs, and a residual connection. The paper's has one head; diffusers' default
+/// `UNet2DModel` splits the channels into heads of `attention_head_dim` features (the same
+/// projections and parameters).
 #[derive(Debug, Clone)]
 pub struct AttnBlock {
     norm: GroupNorm,
@@ -133,28 +135,41 @@ pub struct AttnBlock {
     k: Conv2d,
     v: Conv2d,
     proj_out: Conv2d,
+    heads: usize,
 }
 
 impl AttnBlock {
-    /// An attention block over `channels` channels normalized in `groups` groups.
-    pub fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    /// An attention block over `channels` channels normalized in `groups` groups with epsilon
+    /// `eps`, in `heads` heads (which must divide `channels`).
+    pub fn new(
+        channels: usize,
+        groups: usize,
+        eps: f64,
+        heads: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        if heads == 0 || !channels.is_multiple_of(heads) {
+            candle_core::bail!("{heads} attention heads do not divide {channels} channels");
+        }
         let conv = |name: &str| Conv2d::new(channels, channels, 1, POINTWISE, true, vb.pp(name));
         Ok(Self {
-            norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(groups, channels, eps, vb.pp("norm"))?,
             q: conv("q")?,
             k: conv("k")?,
             v: conv("v")?,
             proj_out: conv("proj_out")?,
+            heads,
         })
     }
 
     /// `x + proj_out(attention(norm(x)))` for `x` (b, c, h, w).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = x.dims4()?.1;
+        let dim_head = c / self.heads;
         // q, k and v as one 1x1 conv with the three kernels stacked: one GEMM, and the packed
         // layout the attention op takes.
         let qkv = Conv2d::forward_stacked(&[&self.q, &self.k, &self.v], &self.norm.forward(x)?)?;
-        let out = ops::attention(&qkv, 1, c, (c as f64).powf(-0.5))?;
+        let out = ops::attention(&qkv, self.heads, dim_head, (dim_head as f64).powf(-0.5))?;
         self.proj_out.forward_residual(&out, x)
     }
 }

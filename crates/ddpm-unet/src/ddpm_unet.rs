@@ -1,13 +1,16 @@
 //! The DDPM paper's U-Net (Ho et al. 2020, after PixelCNN++): ResNet blocks with additive time
-//! conditioning and dropout, single-head self-attention at chosen resolutions, strided-conv
-//! downsampling and nearest upsampling.
+//! conditioning and dropout, self-attention at chosen resolutions (single-head, or with heads
+//! of `attention_head_dim` features), strided-conv downsampling and nearest upsampling. The
+//! settings that diffusers' `UNet2DModel` changed from the paper (`norm_eps`, `flip_sin_to_cos`,
+//! `freq_shift`, `downsample_padding`, `attention_head_dim`) are fields of its config, so that
+//! both the google/ddpm-* models and those diffusers' training examples write load into it.
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::AttnBlock;
-use crate::embedding::{sinusoidal_embedding, ClassEmbedding};
+use crate::embedding::{sinusoidal_embedding_with, ClassEmbedding};
 use crate::layers::{Conv2d, GroupNorm, Linear, TrainRng};
 use crate::ops::{self, ConvParams};
 use crate::resample::{NearestUp, StridedConvDown};
@@ -47,7 +50,56 @@ pub struct DdpmUnetConfig {
     /// diffusers, `num_class_embeds = num_classes + 1`); `None` for an unconditional model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_classes: Option<usize>,
+    /// Features per attention head: each attention block has `channels / attention_head_dim`
+    /// heads (diffusers' `attention_head_dim`, whose own default is 8). `None`: one head over
+    /// all channels, the DDPM paper's attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_head_dim: Option<usize>,
+    /// Epsilon of every GroupNorm: 1e-6 in the DDPM paper's model (the default here), 1e-5 in
+    /// diffusers' default `UNet2DModel` (`norm_eps`).
+    #[serde(default = "paper_norm_eps", skip_serializing_if = "is_paper_norm_eps")]
+    pub norm_eps: f64,
+    /// The time embedding's layout: `false` (the paper's, the default) puts the sines first,
+    /// `true` the cosines (diffusers' `flip_sin_to_cos`, whose own default is `true`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flip_sin_to_cos: bool,
+    /// The time embedding's frequency shift: frequencies `exp(-ln(10000) i / (ch / 2 -
+    /// freq_shift))`; 1 in the paper's model (the default), 0 in diffusers' default
+    /// `UNet2DModel` (`freq_shift`).
+    #[serde(
+        default = "paper_freq_shift",
+        skip_serializing_if = "is_paper_freq_shift"
+    )]
+    pub freq_shift: f64,
+    /// How the stride-2 downsampling convolution pads: 0 (the paper's, the default) adds one
+    /// row and column at the bottom and right, 1 adds one on every side (diffusers'
+    /// `downsample_padding`, whose own default is 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub downsample_padding: usize,
 }
+
+fn paper_norm_eps() -> f64 {
+    PAPER_NORM_EPS
+}
+
+fn is_paper_norm_eps(eps: &f64) -> bool {
+    *eps == PAPER_NORM_EPS
+}
+
+fn paper_freq_shift() -> f64 {
+    1.0
+}
+
+fn is_paper_freq_shift(shift: &f64) -> bool {
+    *shift == 1.0
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The GroupNorm epsilon of the DDPM paper's model.
+pub const PAPER_NORM_EPS: f64 = 1e-6;
 
 impl DdpmUnetConfig {
     /// The paper's CIFAR-10 model: 128 channels, mults 1,2,2,2, two blocks per level, attention
@@ -64,6 +116,11 @@ impl DdpmUnetConfig {
             dropout: 0.1,
             groups: 32,
             num_classes: None,
+            attention_head_dim: None,
+            norm_eps: PAPER_NORM_EPS,
+            flip_sin_to_cos: false,
+            freq_shift: 1.0,
+            downsample_padding: 0,
         }
     }
 
@@ -96,7 +153,7 @@ impl DdpmUnetConfig {
             attn_resolutions: vec![16, 8],
             dropout: 0.1,
             groups: 8,
-            num_classes: None,
+            ..Self::cifar10()
         }
     }
 
@@ -115,7 +172,7 @@ impl DdpmUnetConfig {
             attn_resolutions: vec![16],
             dropout: 0.0,
             groups: 32,
-            num_classes: None,
+            ..Self::cifar10()
         }
     }
 
@@ -136,12 +193,21 @@ impl DdpmUnetConfig {
             let blocks = (2 * self.num_res_blocks + 1) as f64;
             total += blocks * 4.0 * width * area;
             if self.attn_resolutions.contains(&r) {
-                total += blocks * (3.0 * width * area + area * area);
+                let heads = self.heads(width as usize) as f64;
+                total += blocks * (3.0 * width * area + heads * area * area);
             }
         }
         let width = self.ch * self.ch_mult[res.len() - 1];
         let area = (r_mid as f64).powi(2);
-        total + 2.0 * 4.0 * width as f64 * area + 3.0 * width as f64 * area + area * area
+        let heads = self.heads(width) as f64;
+        total + 2.0 * 4.0 * width as f64 * area + 3.0 * width as f64 * area + heads * area * area
+    }
+
+    /// The attention heads of a block over `channels` channels (one without
+    /// `attention_head_dim`).
+    pub fn heads(&self, channels: usize) -> usize {
+        self.attention_head_dim
+            .map_or(1, |d| (channels / d.max(1)).max(1))
     }
 
     /// Output channels of the model.
@@ -207,6 +273,47 @@ impl DdpmUnetConfig {
                 format!("{r} is not a feature-map size of this model (sizes: {res:?})"),
             );
         }
+        if let Some(d) = self.attention_head_dim {
+            // Every attention block's width: its levels' and the middle's.
+            let attn_widths: Vec<usize> = (0..res.len())
+                .filter(|&i| self.attn_resolutions.contains(&res[i]))
+                .map(|i| self.ch * self.ch_mult[i])
+                .chain(self.ch_mult.last().map(|m| self.ch * m))
+                .collect();
+            if d == 0 || attn_widths.iter().any(|w| !w.is_multiple_of(d)) {
+                return bad(
+                    "attention_head_dim",
+                    format!(
+                        "{d} must divide the channel count of every attention block \
+                         {attn_widths:?}"
+                    ),
+                );
+            }
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return bad("norm_eps", format!("{} must be in (0, 1)", self.norm_eps));
+        }
+        let half = (self.ch / 2) as f64;
+        if !(self.freq_shift >= 0.0 && self.freq_shift < half - 1.0) {
+            return bad(
+                "freq_shift",
+                format!(
+                    "{} must be at least 0 and below ch / 2 - 1 = {}",
+                    self.freq_shift,
+                    half - 1.0
+                ),
+            );
+        }
+        if self.downsample_padding > 1 {
+            return bad(
+                "downsample_padding",
+                format!(
+                    "{} must be 0 (one row and column at the bottom and right) or 1 (one on \
+                     every side)",
+                    self.downsample_padding
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -251,6 +358,8 @@ impl DdpmUnet {
         let temb_ch = ch * 4;
         let g = cfg.groups;
         let p = cfg.dropout;
+        let eps = cfg.norm_eps;
+        let attn = |c: usize, vb: VarBuilder| AttnBlock::new(c, g, eps, cfg.heads(c), vb);
         let same3 = ConvParams {
             stride: 1,
             padding: 1,
@@ -273,17 +382,21 @@ impl DdpmUnet {
                     block_in,
                     block_out,
                     temb_ch,
-                    g,
+                    (g, eps),
                     p,
                     vb.pp(format!("block.{j}")),
                 )?);
                 block_in = block_out;
                 if with_attn(i) {
-                    attns.push(AttnBlock::new(block_in, g, vb.pp(format!("attn.{j}")))?);
+                    attns.push(attn(block_in, vb.pp(format!("attn.{j}")))?);
                 }
             }
             let resample = if i + 1 < n {
-                Some(StridedConvDown::new(block_in, vb.pp("downsample"))?)
+                Some(StridedConvDown::new(
+                    block_in,
+                    cfg.downsample_padding,
+                    vb.pp("downsample"),
+                )?)
             } else {
                 None
             };
@@ -293,11 +406,23 @@ impl DdpmUnet {
                 resample,
             });
         }
-        let mid_block_1 =
-            DdpmResnetBlock::new(block_in, block_in, temb_ch, g, p, vb.pp("mid.block_1"))?;
-        let mid_attn_1 = AttnBlock::new(block_in, g, vb.pp("mid.attn_1"))?;
-        let mid_block_2 =
-            DdpmResnetBlock::new(block_in, block_in, temb_ch, g, p, vb.pp("mid.block_2"))?;
+        let mid_block_1 = DdpmResnetBlock::new(
+            block_in,
+            block_in,
+            temb_ch,
+            (g, eps),
+            p,
+            vb.pp("mid.block_1"),
+        )?;
+        let mid_attn_1 = attn(block_in, vb.pp("mid.attn_1"))?;
+        let mid_block_2 = DdpmResnetBlock::new(
+            block_in,
+            block_in,
+            temb_ch,
+            (g, eps),
+            p,
+            vb.pp("mid.block_2"),
+        )?;
 
         let mut up: Vec<Option<Level<NearestUp>>> = (0..n).map(|_| None).collect();
         for i in (0..n).rev() {
@@ -314,13 +439,13 @@ impl DdpmUnet {
                     block_in + skip_in,
                     block_out,
                     temb_ch,
-                    g,
+                    (g, eps),
                     p,
                     vb.pp(format!("block.{j}")),
                 )?);
                 block_in = block_out;
                 if with_attn(i) {
-                    attns.push(AttnBlock::new(block_in, g, vb.pp(format!("attn.{j}")))?);
+                    attns.push(attn(block_in, vb.pp(format!("attn.{j}")))?);
                 }
             }
             let resample = if i > 0 {
@@ -349,7 +474,7 @@ impl DdpmUnet {
             mid_attn_1,
             mid_block_2,
             up,
-            norm_out: GroupNorm::new(g, block_in, 1e-6, vb.pp("norm_out"))?,
+            norm_out: GroupNorm::new(g, block_in, eps, vb.pp("norm_out"))?,
             conv_out: Conv2d::new(
                 block_in,
                 cfg.out_channels(),
@@ -377,7 +502,13 @@ impl DdpmUnet {
         mut rng: TrainRng,
     ) -> Result<Tensor> {
         // x: (b, c, s, s), t: (b,)
-        let temb = sinusoidal_embedding(t, self.cfg.ch, x.dtype())?;
+        let temb = sinusoidal_embedding_with(
+            t,
+            self.cfg.ch,
+            self.cfg.flip_sin_to_cos,
+            self.cfg.freq_shift,
+            x.dtype(),
+        )?;
         let mut temb = self
             .temb_dense1
             .forward(&ops::silu(&self.temb_dense0.forward(&temb)?)?)?;

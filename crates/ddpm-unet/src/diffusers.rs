@@ -418,24 +418,23 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
         &["positional".into()],
         "only the sinusoidal (\"positional\") time embedding is supported",
     )?;
-    f.require(
-        "flip_sin_to_cos",
-        t.clone(),
-        &[Value::Bool(false)],
-        "our time embedding is [sin, cos] (flip_sin_to_cos = false)",
-    )?;
-    f.require(
-        "freq_shift",
-        0.into(),
-        &[1.into(), Value::from(1.0)],
-        "our time embedding's frequencies are exp(-ln(10000) i / (half - 1)) (freq_shift = 1)",
-    )?;
-    f.require(
-        "downsample_padding",
-        1.into(),
-        &[0.into()],
-        "our downsampling pads one row and column at the bottom and right (downsample_padding = 0)",
-    )?;
+    // The settings diffusers changed from the paper: read into the config (its own defaults
+    // when absent, as diffusers reads them).
+    let flip_sin_to_cos = match f.get("flip_sin_to_cos", t.clone()) {
+        Value::Bool(b) => b,
+        v => return Err(f.refuse("flip_sin_to_cos", &v, "must be true or false")),
+    };
+    let freq_shift = f.f64("freq_shift", 0.0)?;
+    let downsample_padding = match f.get("downsample_padding", 1.into()).as_u64() {
+        Some(p @ (0 | 1)) => p as usize,
+        _ => {
+            return Err(f.refuse(
+                "downsample_padding",
+                &f.get("downsample_padding", 1.into()),
+                "our downsampling pads by 0 (one row and column at the bottom and right) or 1",
+            ))
+        }
+    };
     f.require(
         "downsample_type",
         "conv".into(),
@@ -509,19 +508,7 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
         &[1.into(), Value::from(1.0)],
         "the middle block's output is not rescaled in our model",
     )?;
-    let eps = f.f64("norm_eps", 1e-5)?;
-    if (eps - 1e-6).abs() > 1e-12 {
-        let absent = if map.contains_key("norm_eps") {
-            ""
-        } else {
-            " (absent: diffusers' default)"
-        };
-        return Err(f.refuse(
-            "norm_eps",
-            &Value::from(eps),
-            format!("our GroupNorms use eps 1e-6{absent}"),
-        ));
-    }
+    let norm_eps = f.f64("norm_eps", 1e-5)?;
 
     let block_out = f.get("block_out_channels", Value::from(vec![224, 448, 672, 896]));
     let channels: Vec<usize> = block_out
@@ -636,39 +623,27 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
             ),
         ));
     }
-    match map.get("attention_head_dim") {
-        None => notes.push(format!(
-            "{}: no `attention_head_dim`: read as single-head attention (the DDPM paper's model; \
-             current diffusers would default it to 8-channel heads)",
-            path.display()
-        )),
-        Some(Value::Null) => {}
-        Some(v) => {
-            for (i, _) in with_attn.iter().enumerate().filter(|(_, a)| **a) {
-                if v.as_u64() != Some(channels[i] as u64) {
-                    return Err(f.refuse(
-                        "attention_head_dim",
-                        v,
-                        format!(
-                            "our attention is single-head: only null or the channel count of every \
-                             attention level ({} at level {i}) is supported",
-                            channels[i]
-                        ),
-                    ));
-                }
-            }
-            if v.as_u64() != Some(channels[n - 1] as u64) {
+    let attention_head_dim = match map.get("attention_head_dim") {
+        None => {
+            notes.push(format!(
+                "{}: no `attention_head_dim`: read as single-head attention (the DDPM paper's \
+                 model, and diffusers' until it defaulted to 8-channel heads)",
+                path.display()
+            ));
+            None
+        }
+        Some(Value::Null) => None,
+        Some(v) => match v.as_u64().and_then(|d| usize::try_from(d).ok()) {
+            Some(d) if d > 0 => Some(d),
+            _ => {
                 return Err(f.refuse(
                     "attention_head_dim",
                     v,
-                    format!(
-                        "our middle attention is single-head: only null or {} is supported",
-                        channels[n - 1]
-                    ),
-                ));
+                    "must be a positive integer (features per head) or null (one head)",
+                ))
             }
-        }
-    }
+        },
+    };
     let dropout = f.f64("dropout", 0.0)?;
     if !(0.0..1.0).contains(&dropout) {
         return Err(f.refuse("dropout", &Value::from(dropout), "must be in [0, 1)"));
@@ -720,6 +695,16 @@ pub fn unet_config_from_json(text: &str, path: &Path) -> Result<DiffusersUnetCon
         dropout,
         groups,
         num_classes,
+        // A head as wide as its block is one head: written so, the config reads as the
+        // paper's.
+        attention_head_dim: attention_head_dim.filter(|d| {
+            let widths = (0..n).filter(|&i| with_attn[i]).map(|i| channels[i]);
+            widths.chain([channels[n - 1]]).any(|w| w != *d)
+        }),
+        norm_eps,
+        flip_sin_to_cos,
+        freq_shift,
+        downsample_padding,
     };
     config.validate().map_err(|e| match e {
         UnetError::InvalidConfig { field, reason } => {
@@ -1016,21 +1001,26 @@ pub fn unet_config_to_json(config: &DdpmUnetConfig) -> Result<Value, UnetError> 
         "_diffusers_version": EXPORT_DIFFUSERS_VERSION,
         "act_fn": "silu",
         "add_attention": true,
-        "attention_head_dim": null,
+        "attention_head_dim": config.attention_head_dim,
         "attn_norm_num_groups": null,
         "block_out_channels": channels,
         "center_input_sample": false,
         "class_embed_type": null,
         "down_block_types": down,
-        "downsample_padding": 0,
+        "downsample_padding": config.downsample_padding,
         "downsample_type": "conv",
         "dropout": config.dropout,
-        "flip_sin_to_cos": false,
-        "freq_shift": 1,
+        "flip_sin_to_cos": config.flip_sin_to_cos,
+        // An integer where it is one, as diffusers writes it.
+        "freq_shift": if config.freq_shift.fract() == 0.0 {
+            serde_json::json!(config.freq_shift as i64)
+        } else {
+            serde_json::json!(config.freq_shift)
+        },
         "in_channels": config.in_channels,
         "layers_per_block": config.num_res_blocks,
         "mid_block_scale_factor": 1,
-        "norm_eps": 1e-6,
+        "norm_eps": config.norm_eps,
         "norm_num_groups": config.groups,
         "num_class_embeds": config.num_classes.map(|n| n + 1),
         "num_train_timesteps": null,
@@ -1256,18 +1246,21 @@ mod tests {
     #[test]
     fn unsupported_values_are_refused_naming_the_field() {
         let base: Value = serde_json::from_str(cifar10_config()).expect("json");
-        let cases: [(&str, Value, &str); 12] = [
+        let cases: [(&str, Value, &str); 14] = [
             (
                 "time_embedding_type",
                 "fourier".into(),
                 "time_embedding_type",
             ),
-            ("flip_sin_to_cos", true.into(), "flip_sin_to_cos"),
-            ("freq_shift", 0.into(), "freq_shift"),
-            ("downsample_padding", 1.into(), "downsample_padding"),
-            ("norm_eps", 1e-5.into(), "norm_eps"),
+            ("flip_sin_to_cos", "yes".into(), "flip_sin_to_cos"),
+            ("freq_shift", 64.into(), "freq_shift"),
+            ("freq_shift", (-1).into(), "freq_shift"),
+            ("downsample_padding", 2.into(), "downsample_padding"),
+            ("norm_eps", 0.into(), "norm_eps"),
             ("act_fn", "gelu".into(), "act_fn"),
-            ("attention_head_dim", 8.into(), "attention_head_dim"),
+            // 96 divides the attention level's 256 channels (2.67 heads) no more than 0 does.
+            ("attention_head_dim", 96.into(), "attention_head_dim"),
+            ("attention_head_dim", 0.into(), "attention_head_dim"),
             (
                 "resnet_time_scale_shift",
                 "scale_shift".into(),
@@ -1306,14 +1299,18 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(field) && msg.contains("c.json"), "{msg}");
         }
-        // An absent key takes diffusers' default, which may be refused too (freq_shift 0).
+        // An absent key takes diffusers' default, which may be refused too (an absent
+        // act_fn is "silu", accepted; an absent time_embedding_type "positional").
         let mut cfg = base.clone();
-        cfg.as_object_mut().expect("object").remove("freq_shift");
-        let e = unet_config_from_json(&cfg.to_string(), Path::new("c.json")).expect_err("default");
-        assert!(
-            e.to_string().contains("freq_shift") && e.to_string().contains("default"),
-            "{e}"
-        );
+        cfg.as_object_mut().expect("object").remove("act_fn");
+        assert!(unet_config_from_json(&cfg.to_string(), Path::new("c.json")).is_ok());
+        let mut cfg = base.clone();
+        cfg["resnet_time_scale_shift"] = "scale_shift".into();
+        cfg.as_object_mut()
+            .expect("object")
+            .remove("time_embedding_type");
+        let e = unet_config_from_json(&cfg.to_string(), Path::new("c.json")).expect_err("shift");
+        assert!(e.to_string().contains("resnet_time_scale_shift"), "{e}");
         // Unknown keys are ignored and noted.
         let mut cfg = base.clone();
         cfg["some_new_key"] = 1.into();

@@ -252,6 +252,7 @@ mod tests {
             dropout: 0.0,
             groups: 1,
             num_classes: None,
+            ..DdpmUnetConfig::cifar10()
         };
         // 3x3 conv c_in -> c_out at side r: 2 * c_in * c_out * 9 * r^2.
         let c3 = |i: u64, o: u64, r: u64| 2 * i * o * 9 * r * r;

@@ -61,22 +61,28 @@ impl NearestUp {
 #[derive(Debug, Clone)]
 pub struct StridedConvDown {
     conv: Conv2d,
+    /// Padding 0: one row and column added at the bottom and right.
+    pad_end: bool,
 }
 
 impl StridedConvDown {
-    /// Halves the resolution of `channels` channels.
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        let p = ConvParams {
-            stride: 2,
-            padding: 0,
-        };
+    /// Halves the resolution of `channels` channels, padding as `padding` says: 0 adds one row
+    /// and column at the bottom and right (the DDPM paper's), 1 one on every side (diffusers'
+    /// default).
+    pub fn new(channels: usize, padding: usize, vb: VarBuilder) -> Result<Self> {
+        let p = ConvParams { stride: 2, padding };
         Ok(Self {
             conv: Conv2d::new(channels, channels, 3, p, true, vb.pp("conv"))?,
+            pad_end: padding == 0,
         })
     }
 
     /// (b, c, h, w) -> (b, c, h/2, w/2) for even h, w.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward_padded_end(x, 1)
+        if self.pad_end {
+            self.conv.forward_padded_end(x, 1)
+        } else {
+            self.conv.forward(x)
+        }
     }
 }

@@ -108,20 +108,21 @@ pub struct DdpmResnetBlock {
 }
 
 impl DdpmResnetBlock {
-    /// A block `c_in -> c_out` conditioned on a `temb_dim` embedding, GroupNorm in `groups`.
+    /// A block `c_in -> c_out` conditioned on a `temb_dim` embedding, its GroupNorms of
+    /// `norm = (groups, eps)`.
     pub fn new(
         c_in: usize,
         c_out: usize,
         temb_dim: usize,
-        groups: usize,
+        (groups, eps): (usize, f64),
         dropout: f64,
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(groups, c_in, 1e-6, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, c_in, eps, vb.pp("norm1"))?,
             conv1: Conv2d::new(c_in, c_out, 3, SAME_3X3, true, vb.pp("conv1"))?,
             temb_proj: Linear::new(temb_dim, c_out, vb.pp("temb_proj"))?,
-            norm2: GroupNorm::new(groups, c_out, 1e-6, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, c_out, eps, vb.pp("norm2"))?,
             conv2: Conv2d::new(c_out, c_out, 3, SAME_3X3, true, vb.pp("conv2"))?,
             nin_shortcut: if c_in != c_out {
                 Some(Conv2d::new(

@@ -38,6 +38,7 @@ fn tiny_ddpm() -> DdpmUnetConfig {
         dropout: 0.0,
         groups: 2,
         num_classes: None,
+        ..DdpmUnetConfig::cifar10()
     }
 }
 
