@@ -730,6 +730,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if do_quality {
         check_png_path(&nearest_png, "--nearest-png")?;
         check_png_path(&samples_png, "--samples-png")?;
+        crate::check_distinct_outputs(&[
+            ("--report", &report_path),
+            ("--nearest-png", &nearest_png),
+            ("--samples-png", &samples_png),
+        ])?;
     }
     let t_max = schedule.timesteps();
     if let Some(k) = a.nll_timesteps {

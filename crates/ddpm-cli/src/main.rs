@@ -329,6 +329,35 @@ pub(crate) fn check_output_file(path: &std::path::Path, flag: &str) -> anyhow::R
     ddpm_fs::check_output(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
 }
 
+/// Refuses, before any work, two outputs of one command that are one file (the same name twice,
+/// a symbolic link to the other, another spelling of its path): the one written last would
+/// silently replace the other. Each output is `(what, path)`, `what` naming it in the error
+/// (a flag such as `--gif`); paths whose directory cannot be resolved were refused by
+/// [`check_output_file`] already.
+pub(crate) fn check_distinct_outputs(outputs: &[(&str, &std::path::Path)]) -> anyhow::Result<()> {
+    let ids: Vec<_> = outputs
+        .iter()
+        .map(|(_, p)| ddpm_fs::output_identity(p).ok())
+        .collect();
+    for (i, a) in ids.iter().enumerate() {
+        for (j, b) in ids.iter().enumerate().skip(i + 1) {
+            if let (Some(a), Some(b)) = (a, b) {
+                if a == b {
+                    let ((fa, pa), (fb, pb)) = (outputs[i], outputs[j]);
+                    anyhow::bail!(
+                        "{fa} {} and {fb} {} are the same file ({}): one would replace the other, \
+                         so name them differently (nothing was written)",
+                        pa.display(),
+                        pb.display(),
+                        a.display()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The beta schedule named `word` ([`ddpm_schedule::BetaSchedule::NAMES`]) with its default
 /// parameters, or an error listing the names.
 pub(crate) fn beta_schedule(word: &str) -> anyhow::Result<ddpm_schedule::BetaSchedule> {

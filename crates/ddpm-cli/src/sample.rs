@@ -256,18 +256,24 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.pretrained.is_some() {
         crate::pretrained::check_provenance_path(&a.out)?;
     }
-    if let Some(dir) = a.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
-        anyhow::bail!(
-            "--out-dir {} is a file: name a directory (new or existing) for the samples",
-            dir.display()
-        );
-    }
     if let Some(g) = &a.gif {
         crate::require_extension(g, "--gif", "gif")?;
         crate::check_output_file(g, "--gif")?;
         if a.frames < 2 {
             anyhow::bail!("--frames must be at least 2 for a GIF");
         }
+    }
+    let provenance = a.pretrained.as_ref().map(|_| a.out.with_extension("json"));
+    let mut outputs: Vec<(&str, &Path)> = vec![("--out", &a.out)];
+    outputs.extend(a.gif.as_deref().map(|g| ("--gif", g)));
+    outputs.extend(
+        provenance
+            .as_deref()
+            .map(|p| ("the provenance record of --out", p)),
+    );
+    crate::check_distinct_outputs(&outputs)?;
+    if let Some(dir) = &a.out_dir {
+        check_out_dir(dir, a.num, &outputs)?;
     }
     let mut source = None;
     let mut run_config = None;
@@ -331,7 +337,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating --out-dir {}", dir.display()))?;
         for i in 0..a.num {
-            let p = dir.join(format!("sample-{i:05}.png"));
+            let p = dir.join(sample_name(i));
             // The error names the file.
             image_io::save_image(&samples.images.get(i)?, &p)
                 .context("writing the --out-dir images")?;
@@ -343,6 +349,65 @@ pub fn run(a: SampleArgs) -> Result<()> {
         tracing::info!(path = %gif.display(), frames = samples.frames.len(), "reverse-process GIF written");
     }
     Ok(())
+}
+
+/// Checks `--out-dir` before any work: a directory, or one that can be created; the
+/// `sample-NNNNN.png` files of the `num` samples writable there; and none of them one of the
+/// command's other `outputs` (which it would silently replace).
+fn check_out_dir(dir: &Path, num: usize, outputs: &[(&str, &Path)]) -> Result<()> {
+    if dir.is_file() {
+        anyhow::bail!(
+            "--out-dir {} is a file: name a directory (new or existing) for the samples",
+            dir.display()
+        );
+    }
+    ddpm_fs::check_output_dir(dir)
+        .map_err(|e| anyhow::anyhow!("--out-dir {}: {e}", dir.display()))?;
+    let Ok(dir_id) = std::fs::canonicalize(dir) else {
+        // Not there yet: created at the end, empty.
+        return Ok(());
+    };
+    for (flag, path) in outputs {
+        let Ok(id) = ddpm_fs::output_identity(path) else {
+            continue;
+        };
+        let index = id.file_name().and_then(sample_index);
+        if id.parent() == Some(dir_id.as_path()) && index.is_some_and(|i| i < num) {
+            anyhow::bail!(
+                "{flag} {} is one of the --out-dir {} images ({}), which would replace it: name \
+                 it differently or choose another --out-dir (nothing was written)",
+                path.display(),
+                dir.display(),
+                id.display()
+            );
+        }
+    }
+    // What is there already (a FIFO, a directory, a read-only file) of the names to be written;
+    // the directory's entries are read, not `num` names tried (`num` may be absurd here).
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading --out-dir {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if sample_index(&name).is_some_and(|i| i < num) {
+            crate::check_output_file(&dir.join(name), "--out-dir")?;
+        }
+    }
+    Ok(())
+}
+
+/// The sample whose `--out-dir` image is named `name` ([`sample_name`]), if any.
+fn sample_index(name: &std::ffi::OsStr) -> Option<usize> {
+    let digits = name
+        .to_str()?
+        .strip_prefix("sample-")?
+        .strip_suffix(".png")?;
+    let i: usize = digits.parse().ok()?;
+    (sample_name(i) == format!("sample-{digits}.png")).then_some(i)
+}
+
+/// The file name of sample `i` in `--out-dir`.
+fn sample_name(i: usize) -> String {
+    format!("sample-{i:05}.png")
 }
 
 /// Refuses a `--num` whose samples cannot be held in the available memory (every image is kept

@@ -29,6 +29,7 @@ pub const MAX_TEXT_BYTES: u64 = 16 << 20;
 /// refused, not replaced; a file that is replaced keeps its permissions.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let path = &link_target(path)?;
+    refuse_directory_name(path)?;
     let existing = existing_output(path)?;
     let tmp = path.with_file_name(temporary_name(std::process::id()));
     let result = fs::File::create(&tmp).and_then(|mut file| {
@@ -54,6 +55,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// a directory or FIFO at `path`, `PermissionDenied` for a read-only file).
 pub fn check_output(path: &Path) -> std::io::Result<()> {
     let path = &link_target(path)?;
+    refuse_directory_name(path)?;
     let dir = parent_dir(path);
     match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
@@ -76,9 +78,101 @@ pub fn check_output(path: &Path) -> std::io::Result<()> {
                 ),
             ))
         }
-        Err(e) => return Err(e),
+        // A loop of symbolic links, a name too long: said with the directory's name.
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}: name a path inside a directory", dir.display()),
+            ))
+        }
     }
     existing_output(path).map(|_| ())
+}
+
+/// Checks, before any work, that `dir` is a directory or can be made one by creating the
+/// missing directories of its path (as [`fs::create_dir_all`] does at the end of the work): no
+/// component of it is a file, a dangling symbolic link or a loop of links. The error (kind
+/// `InvalidInput`, or `NotFound` for a dangling link) names the component and what to do.
+pub fn check_output_dir(dir: &Path) -> std::io::Result<()> {
+    // Without a trailing `/`, so that a file named with one is seen as the file it is.
+    let clean: PathBuf = dir.components().collect();
+    for path in clean.ancestors() {
+        if path.as_os_str().is_empty() {
+            // The current directory.
+            return Ok(());
+        }
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(meta) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is {}, not a directory: name a directory (new or existing)",
+                        path.display(),
+                        file_kind(&meta)
+                    ),
+                ))
+            }
+            Err(e) => {
+                // Something is there that cannot be followed: a dangling link or a loop.
+                if let Ok(meta) = fs::symlink_metadata(path) {
+                    if meta.file_type().is_symlink() && e.kind() == std::io::ErrorKind::NotFound {
+                        let to = fs::read_link(path).unwrap_or_default();
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!(
+                                "{} is a symbolic link to {}, which does not exist: create it \
+                                 first, or name another directory",
+                                path.display(),
+                                to.display()
+                            ),
+                        ));
+                    }
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}: name another directory", path.display()),
+                    ));
+                }
+                // Missing (or below a file): created with its parent, which is checked next.
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The file a write of `path` replaces or creates, as one absolute name: symbolic links
+/// followed and its directory made canonical, so that two names of one file (a link and its
+/// target, `a/../b.png` and `b.png`) give the same path. Its directory must exist.
+pub fn output_identity(path: &Path) -> std::io::Result<PathBuf> {
+    let path = link_target(path)?;
+    let dir = fs::canonicalize(parent_dir(&path))?;
+    Ok(match path.file_name() {
+        Some(name) => dir.join(name),
+        None => dir,
+    })
+}
+
+/// Refuses a path that names a directory by its form whatever is there: one that is empty or
+/// ends in `/`, `/.` or `..` (a write to it would fail only at its end).
+fn refuse_directory_name(path: &Path) -> std::io::Result<()> {
+    let text = path.as_os_str().to_string_lossy();
+    let trimmed = text.strip_suffix('.').unwrap_or(&text);
+    let ends_as_dir = trimmed.is_empty()
+        || trimmed.ends_with(std::path::is_separator)
+        || !matches!(
+            path.components().next_back(),
+            Some(std::path::Component::Normal(_))
+        );
+    if ends_as_dir {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "`{}` names a directory (it is empty or ends in `/`, `.` or `..`): name a file",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The metadata of the regular, writable file at `path` (links already followed), `None` when
@@ -362,6 +456,62 @@ mod tests {
             check_output(&p.join("link.png")).unwrap();
             write_atomic(&p.join("link.png"), b"via").unwrap();
             assert_eq!(fs::read(p.join("made.png")).unwrap(), b"via");
+        }
+    }
+
+    #[test]
+    fn names_of_directories_and_unreachable_directories_are_refused_before_the_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        // A name that can only be a directory: refused by check_output, not at the write.
+        for name in ["out.png/", "out.png/.", "sub/..", "."] {
+            let path = p.join(name);
+            let e = check_output(&path).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{name}: {e}");
+            assert!(e.to_string().contains("names a directory"), "{name}: {e}");
+            let e = write_atomic(&path, b"x").unwrap_err();
+            assert!(e.to_string().contains("names a directory"), "{name}: {e}");
+        }
+        let e = check_output(Path::new("")).unwrap_err();
+        assert!(e.to_string().contains("names a directory"), "{e}");
+        assert!(!p.join("out.png").exists());
+        assert!(names(p).is_empty(), "{:?}", names(p));
+        // Output directories: existing, new (even several levels), or refused by name.
+        check_output_dir(p).unwrap();
+        check_output_dir(&p.join("new/deeper/")).unwrap();
+        check_output_dir(Path::new("relative-new-dir")).unwrap();
+        fs::write(p.join("file"), b"").unwrap();
+        for bad in ["file", "file/", "file/sub", "file/sub/deeper"] {
+            let e = check_output_dir(&p.join(bad)).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("file is a regular file, not a directory"),
+                "{bad}: {e}"
+            );
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::symlink;
+            symlink("missing/sub", p.join("dangling")).unwrap();
+            let e = check_output_dir(&p.join("dangling")).unwrap_err();
+            assert!(e.to_string().contains("which does not exist"), "{e}");
+            let e = check_output_dir(&p.join("dangling/x")).unwrap_err();
+            assert!(e.to_string().contains("which does not exist"), "{e}");
+            symlink("loop-b", p.join("loop-a")).unwrap();
+            symlink("loop-a", p.join("loop-b")).unwrap();
+            let e = check_output_dir(&p.join("loop-a/x")).unwrap_err();
+            assert!(e.to_string().contains("loop-a"), "{e}");
+            // A loop above an output file is named with the directory.
+            let e = check_output(&p.join("loop-a/x.png")).unwrap_err();
+            assert!(e.to_string().contains("loop-a: "), "{e}");
+            // One file under two names is one identity.
+            fs::write(p.join("grid.png"), b"").unwrap();
+            symlink("grid.png", p.join("anim.gif")).unwrap();
+            fs::create_dir(p.join("d")).unwrap();
+            let a = output_identity(&p.join("anim.gif")).unwrap();
+            assert_eq!(a, output_identity(&p.join("grid.png")).unwrap());
+            assert_eq!(a, output_identity(&p.join("d/../grid.png")).unwrap());
+            assert_ne!(a, output_identity(&p.join("d/grid.png")).unwrap());
         }
     }
 

@@ -132,7 +132,7 @@ impl ProxyConfig {
             builder = builder.password(password);
         }
         for entry in self.no_proxy.iter().map(String::as_str).chain(LOOPBACK) {
-            builder = builder.no_proxy(without_port(entry));
+            builder = builder.no_proxy(&bracketed(without_port(entry)));
         }
         builder
             .build()
@@ -155,6 +155,16 @@ fn without_port(entry: &str) -> &str {
         _ => None,
     };
     cut.unwrap_or(entry)
+}
+
+/// A bare IPv6 address (`fe80::1`, as curl takes it in `NO_PROXY`) in brackets, the form the
+/// HTTP client matches against a URL's host (`https://[fe80::1]/`); any other entry as it is.
+fn bracketed(host: &str) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
 }
 
 /// `url` with the password of its user part replaced by `***` (the user part ends at the last
@@ -198,6 +208,13 @@ mod tests {
         assert!(!p.applies_to("https://hub.example:8443/x"));
         assert!(!p.applies_to("https://hub.example/x"));
         assert!(p.applies_to("https://other.example/x"));
+        // A bare IPv6 address (curl's form) bypasses the proxy as its bracketed form does.
+        for entry in ["fe80::1", "[fe80::1]", "[fe80::1]:8443"] {
+            let p = ProxyConfig::new("http://p.example:3128", "HTTPS_PROXY", entry);
+            assert!(!p.applies_to("https://[fe80::1]/x"), "{entry}");
+            assert!(!p.applies_to("https://[fe80::1]:8443/x"), "{entry}");
+            assert!(p.applies_to("https://[fe80::2]/x"), "{entry}");
+        }
     }
 
     #[test]
