@@ -10,6 +10,21 @@
 //!
 //! Errors are [`std::io::Error`]s whose message says what the path is and what to do; callers
 //! add the path and the flag or file it came from.
+//!
+//! ```
+//! # fn main() -> std::io::Result<()> {
+//! let dir = tempfile::tempdir()?;
+//! let grid = dir.path().join("samples.png");
+//! // Before a long job: could its output be written at the end?
+//! ddpm_fs::check_output(&grid)?;
+//! ddpm_fs::write_atomic(&grid, b"...the encoded image...")?;
+//! assert_eq!(ddpm_fs::read_regular_file(&grid, 1 << 20)?, b"...the encoded image...");
+//! // A directory where a file is meant is named before any work.
+//! let e = ddpm_fs::check_output(dir.path()).unwrap_err();
+//! assert!(e.to_string().contains("directory"), "{e}");
+//! # Ok(())
+//! # }
+//! ```
 
 use std::fs;
 use std::io::{Read, Write};
