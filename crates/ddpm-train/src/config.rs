@@ -182,7 +182,27 @@ fn model_over_defaults<'de, D: serde::Deserializer<'de>>(
     if let serde_json::Value::Object(table) = &mut value {
         fill_model_keys(table);
     }
-    ModelConfig::deserialize(value).map_err(D::Error::custom)
+    // The table passes through JSON values, which hold no NaN or infinity: a TOML `nan` or
+    // `inf` arrives as null, and the model's own error would name no key.
+    let nulls: Vec<String> = match &value {
+        serde_json::Value::Object(table) => table
+            .iter()
+            .filter(|(_, v)| v.is_null())
+            .map(|(k, _)| format!("`{k}`"))
+            .collect(),
+        _ => Vec::new(),
+    };
+    ModelConfig::deserialize(value).map_err(|e| {
+        let e = e.to_string();
+        if e.contains("invalid type: null, expected f64") && !nulls.is_empty() {
+            D::Error::custom(format!(
+                "{} must be a finite number (nan and inf are not)",
+                nulls.join(" or ")
+            ))
+        } else {
+            D::Error::custom(e)
+        }
+    })
 }
 
 /// Fills the keys a `[model]` table leaves out that a model config cannot do without, from the
@@ -728,6 +748,24 @@ mod tests {
     /// A `[model]` section that leaves keys out takes them from the preset of its `arch` (the
     /// default model's without one); keys with defaults of their own keep them, so a full section
     /// without `num_classes` stays unconditional; unknown keys stay errors.
+    #[test]
+    fn a_non_finite_model_number_is_named() {
+        for (key, value) in [
+            ("norm_eps", "nan"),
+            ("dropout", "inf"),
+            ("freq_shift", "-inf"),
+        ] {
+            let text = format!("[model]\narch = \"ddpm_unet\"\n{key} = {value}\n");
+            let e = toml::from_str::<TrainConfig>(&text)
+                .expect_err(key)
+                .to_string();
+            assert!(
+                e.contains(&format!("`{key}` must be a finite number")),
+                "{key}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn a_partial_model_section_is_filled_from_its_preset() -> Result<()> {
         let parse = |text: &str| toml::from_str::<TrainConfig>(text);
