@@ -29,6 +29,10 @@ mod tls_front;
 
 #[path = "../../ddpm-data/tests/support/connect_proxy.rs"]
 mod connect_proxy;
+// The variables `ddpm` reads, from the binary's own list (as xtask includes it).
+#[allow(dead_code)]
+#[path = "../src/net_env.rs"]
+mod net_env;
 
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -432,22 +436,7 @@ fn a_repository_with_only_the_fp16_variant_is_read() {
 /// `endpoint` with the cache in `dir/hf`, no CA bundle or proxy from the test's own environment,
 /// and the variables `vars` set.
 fn sample_over_network(dir: &Path, endpoint: &str, vars: &[(&str, &OsStr)], out: &str) -> Output {
-    // The CA bundle and proxy variables `ddpm` reads (crates/ddpm-cli/src/net_env.rs).
-    const CA_BUNDLE_VARS: [&str; 4] = [
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "SSL_CERT_FILE",
-        "SSL_CERT_DIR",
-    ];
-    const PROXY_VARS: [&str; 6] = [
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-    ];
-    const NO_PROXY_VARS: [&str; 2] = ["NO_PROXY", "no_proxy"];
+    use net_env::{CA_BUNDLE_VARS, NO_PROXY_VARS, PROXY_VARS};
     let mut c = ddpm_bare(dir);
     c.env("HF_ENDPOINT", endpoint)
         .env("HF_HOME", dir.join("hf"))
